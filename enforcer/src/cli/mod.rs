@@ -1,0 +1,80 @@
+//! Command line: one file per subcommand.
+mod daemon;
+mod doctor;
+mod events;
+mod policy;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "enforcer", version, about = "Short-lived, intent-scoped credentials, enforced by eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground.
+    Daemon {
+        /// Config file (default /etc/enforcer/enforcer.toml; the embedded default when absent).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// What this host supports, each program type tried by a real load.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Daemon health and counters; exits non-zero when no daemon answers.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Runtime directory holding mint.sock (default from /etc/enforcer/enforcer.toml or /run/enforcer).
+        #[arg(long)]
+        runtime_dir: Option<PathBuf>,
+    },
+    /// Read the event/alert stream stored by the daemon.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        /// Only events newer than this (e.g. 10m, 2h).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// State directory holding events.jsonl (default from the config or /var/lib/enforcer).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Validate configuration and policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Check config/policy files; errors as file:line:col: message.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Daemon { config } => daemon::run(config),
+        Command::Doctor { json } => doctor::run(json),
+        Command::Status { json, runtime_dir } => status::run(json, runtime_dir),
+        Command::Events { follow, since, format, state_dir } => {
+            events::run(follow, since, &format, state_dir)
+        }
+        Command::Policy { command: PolicyCommand::Check { paths } } => policy::check(&paths),
+    }
+}

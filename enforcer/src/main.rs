@@ -1,0 +1,26 @@
+//! enforcer: one binary, daemon and CLI. main only parses arguments and dispatches.
+mod api;
+mod cli;
+mod daemon;
+mod decide;
+mod event;
+mod file;
+mod kernel;
+mod policy;
+mod proc;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("enforcer: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
