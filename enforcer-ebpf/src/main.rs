@@ -8,6 +8,7 @@
 mod connect;
 mod lineage;
 mod maps;
+mod probe;
 
 #[cfg(not(test))]
 #[panic_handler]

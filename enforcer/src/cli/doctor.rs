@@ -1,2 +1,40 @@
 use std::process::ExitCode;
-pub fn run(_json: bool) -> anyhow::Result<ExitCode> { todo!() }
+
+use serde_json::json;
+
+use crate::kernel::probe::{self, Probe};
+
+/// What this host supports, by real loads, and which backend each hook uses.
+pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
+    let probes = probe::run_all();
+    let ok = |name: &str| probes.iter().any(|p| p.name.starts_with(name) && p.ok);
+    let required = ["tracepoint", "cgroup_sock_addr", "map creation", "fanotify"];
+    let missing: Vec<&str> = required.iter().copied().filter(|r| !ok(r)).collect();
+    let lsm = ok("lsm/file_open");
+    let backends = json!({
+        "process_lineage": if ok("tracepoint") { "tracepoint" } else { "unavailable" },
+        "connect": if ok("cgroup_sock_addr") { "cgroup_sock_addr (in-kernel, inline)" } else { "unavailable" },
+        "file_open": if ok("fanotify") { "fanotify (userspace; fails open when the daemon is gone)" } else { "unavailable" },
+        "file_open_note": if lsm { "BPF-LSM loads here, but the LSM backend is not built yet; fanotify is used" } else { "BPF-LSM refused by this kernel; fanotify is the fallback" },
+    });
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&json!({"kernel": kernel, "probes": probes, "backends": backends, "ready": missing.is_empty()}))?);
+    } else {
+        println!("kernel {kernel}");
+        println!("{:<48} {:<8} {}", "probe (real load)", "result", "used for / kernel answer");
+        for Probe { name, ok, detail, used_for } in &probes {
+            let res = if *ok { "ok" } else { "refused" };
+            let info = if *ok { used_for.clone() } else { format!("{used_for}: {detail}") };
+            println!("{name:<48} {res:<8} {info}");
+        }
+        println!();
+        for k in ["process_lineage", "connect", "file_open", "file_open_note"] {
+            println!("{k:<16} {}", backends[k].as_str().unwrap_or_default());
+        }
+        if !missing.is_empty() {
+            println!("\nnot usable on this host: {} (run as root?)", missing.join(", "));
+        }
+    }
+    Ok(if missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

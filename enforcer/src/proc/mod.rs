@@ -1,1 +1,125 @@
-//! todo
+//! The daemon's view of processes: fed by the kernel's lineage records (so short-lived
+//! processes keep their exe and cmdline after they exit), seeded from /proc at start for
+//! processes that were already running.
+mod cgroup;
+mod procfs;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use cgroup::{CgroupResolver, is_within};
+
+use crate::kernel::records::Record;
+
+/// How long an exited process stays resolvable: its last file or connect events may still
+/// be queued behind its exit record.
+const EXITED_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub exe: String,
+    pub cmdline: Vec<String>,
+    pub cgroup_id: u64,
+    #[serde(skip)]
+    pub exited_at: Option<Instant>,
+}
+
+pub struct ProcessTable {
+    procs: HashMap<u32, Process>,
+    pub cgroups: CgroupResolver,
+}
+
+impl ProcessTable {
+    pub fn new(cgroup_mount: PathBuf) -> Self {
+        ProcessTable { procs: HashMap::new(), cgroups: CgroupResolver::new(cgroup_mount) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// Adds every process in /proc that the lineage records have not told us about.
+    pub fn seed_from_proc(&mut self) {
+        for pid in procfs::pids() {
+            if !self.procs.contains_key(&pid) {
+                if let Some(p) = procfs::read(pid, &mut self.cgroups) {
+                    self.procs.insert(pid, p);
+                }
+            }
+        }
+    }
+
+    pub fn apply(&mut self, rec: &Record) {
+        match rec {
+            Record::Fork { parent, child, uid, cgroup_id, .. } => {
+                let base = self.get_or_load(*parent).cloned();
+                let p = match base {
+                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, exited_at: None, ..parent_proc },
+                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, exited_at: None },
+                };
+                self.procs.insert(*child, p);
+            }
+            Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
+                let exe = resolve_exe(*tgid, filename);
+                let mut cmdline = argv.clone();
+                if *argv_truncated {
+                    cmdline.push("...".into());
+                }
+                let ppid = match self.procs.get(tgid) {
+                    Some(p) => p.ppid,
+                    None => procfs::ppid(*tgid).unwrap_or(0),
+                };
+                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, exited_at: None });
+            }
+            Record::Exit { tgid, .. } => {
+                if let Some(p) = self.procs.get_mut(tgid) {
+                    p.exited_at = Some(Instant::now());
+                }
+            }
+            Record::Connect(c) => {
+                // A process may have moved cgroups since exec; the hook saw the current one.
+                if let Some(p) = self.procs.get_mut(&c.tgid) {
+                    p.cgroup_id = c.cgroup_id;
+                }
+            }
+            Record::Malformed { .. } => {}
+        }
+    }
+
+    /// The process, from the table or (when lineage never saw it) from /proc.
+    pub fn get_or_load(&mut self, pid: u32) -> Option<&Process> {
+        if !self.procs.contains_key(&pid) {
+            let p = procfs::read(pid, &mut self.cgroups)?;
+            self.procs.insert(pid, p);
+        }
+        self.procs.get(&pid)
+    }
+
+    /// Cgroup path of a process, relative to the cgroup2 mount ("/a/b").
+    pub fn cgroup_path(&mut self, cgroup_id: u64) -> String {
+        self.cgroups.path(cgroup_id).unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"))
+    }
+
+    /// Drops processes that exited more than the grace period ago.
+    pub fn purge(&mut self) {
+        let now = Instant::now();
+        self.procs.retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < EXITED_GRACE));
+    }
+}
+
+/// The exec'd file, with symlinks resolved (so `python3` reads as the file that ran).
+/// A relative name is resolved through /proc while the process lives.
+fn resolve_exe(pid: u32, filename: &str) -> String {
+    if Path::new(filename).is_absolute() {
+        return std::fs::canonicalize(filename)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| filename.to_string());
+    }
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| filename.to_string())
+}

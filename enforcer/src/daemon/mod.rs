@@ -1,0 +1,222 @@
+//! The agent: validate config, take the single-instance lock, load and attach the kernel
+//! programs, seed processes, watch secrets, serve the API, and turn records into events
+//! until SIGTERM/SIGINT. Nothing touches the kernel before the config is valid.
+mod engine;
+mod lock;
+mod status;
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::api::{self, server::ApiState};
+use crate::file::SecretWatch;
+use crate::kernel::{self, Kernel, records};
+use crate::policy::Config;
+use crate::proc::ProcessTable;
+use crate::store::EventStore;
+use engine::Engine;
+
+/// Everything resolved from the config before the kernel is touched.
+pub struct Setup {
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub cgroup_mount: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub cgroup_scope: String,
+    pub host: String,
+}
+
+pub fn prepare(config: Config, config_path: Option<PathBuf>) -> Result<Setup> {
+    let cgroup_mount = kernel::cgroup2_mount()?;
+    let cgroup_root = match &config.cgroup_root {
+        Some(p) => p.clone(),
+        None => cgroup_mount.clone(),
+    };
+    let meta = std::fs::metadata(&cgroup_root).with_context(|| format!("cgroup_root {}", cgroup_root.display()))?;
+    if !meta.is_dir() || !cgroup_root.starts_with(&cgroup_mount) {
+        bail!("cgroup_root {} is not a directory of the cgroup2 mount {}", cgroup_root.display(), cgroup_mount.display());
+    }
+    let rel = cgroup_root.strip_prefix(&cgroup_mount).unwrap_or(Path::new(""));
+    let cgroup_scope = format!("/{}", rel.display()).trim_end_matches('/').to_string();
+    let cgroup_scope = if cgroup_scope.is_empty() { "/".into() } else { cgroup_scope };
+    let host = match &config.host {
+        Some(h) => h.clone(),
+        None => nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into()),
+    };
+    Ok(Setup { config, config_path, cgroup_mount, cgroup_root, cgroup_scope, host })
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(mode).create(path).with_context(|| format!("create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
+    Ok(())
+}
+
+pub fn run(setup: Setup) -> Result<()> {
+    let cfg = &setup.config;
+    make_dir(&cfg.runtime_dir, 0o755)?;
+    make_dir(&cfg.state_dir, 0o700)?;
+    let _lock = lock::acquire(&cfg.runtime_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run_async(setup))
+}
+
+async fn run_async(setup: Setup) -> Result<()> {
+    let started = Instant::now();
+    let cfg = setup.config.clone();
+    let (kernel, ring) = Kernel::load(&setup.cgroup_root)?;
+    // SAFETY: the ring buffer owns its fd and it is neither closed nor replaced while registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
+
+    let mut table = ProcessTable::new(setup.cgroup_mount.clone());
+    // Lineage is attached: from here no process is missed; seed the ones already running.
+    table.seed_from_proc();
+
+    let mut watch = SecretWatch::new()?;
+    watch.set_secrets(&cfg.secrets);
+    // SAFETY: an owned duplicate of the fanotify fd, kept open while registered.
+    let fan = unsafe { AsyncFd::register_with_interest(watch.fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("poll fanotify: {e}"))?;
+
+    let store = EventStore::open(&cfg.state_dir)?;
+    let mut engine = Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone());
+    engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
+
+    let api_state = Arc::new(ApiState { status: Mutex::new(serde_json::Value::Null) });
+    let status_ctx = status::Context { setup: &setup, started, kernel: &kernel };
+    *api_state.status.lock().unwrap() = status_ctx.render(&engine, &watch);
+
+    let sock_path = cfg.runtime_dir.join(api::SOCKET_NAME);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = tokio::net::UnixListener::bind(&sock_path).with_context(|| format!("bind {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(group) = &cfg.socket_group {
+        set_group(&sock_path, group)?;
+    }
+    let server = tokio::spawn(api::server::serve(listener, api_state.clone()));
+
+    engine.agent_event(
+        "agent_started",
+        "info",
+        format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len()),
+    );
+    engine.flush();
+    tracing::info!(mode = %cfg.mode, config = %cfg.source, cgroup_root = %setup.cgroup_root.display(), "enforcer ready");
+    notify_ready();
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_drops = kernel.counters().ringbuf_drops;
+    let mut cfg = cfg;
+    let reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain_ring(guard.get_inner_mut(), &mut engine);
+                guard.clear_ready();
+                engine.flush();
+            }
+            guard = fan.readable() => {
+                let mut guard = guard?;
+                // Lineage first: the opener's exec record may still be in the ring.
+                drain_ring(ring.get_mut(), &mut engine);
+                for open in watch.read() {
+                    engine.on_file_open(open);
+                }
+                guard.clear_ready();
+                engine.flush();
+            }
+            _ = tick.tick() => {
+                watch.refresh();
+                engine.table.purge();
+                let drops = kernel.counters().ringbuf_drops;
+                if drops > last_drops {
+                    engine.agent_event("events_lost", "high", format!("{} kernel records lost (ring buffer full)", drops - last_drops));
+                    last_drops = drops;
+                }
+                engine.flush();
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+            }
+            _ = sighup.recv() => {
+                match reload(&setup) {
+                    Ok(new) => {
+                        watch.set_secrets(&new.secrets);
+                        engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
+                        engine.mode = new.mode;
+                        tracing::info!("policy reloaded from {}", new.source);
+                        engine.agent_event("policy_reloaded", "info", format!("policy reloaded from {}", new.source));
+                        cfg = new;
+                    }
+                    Err(e) => {
+                        tracing::error!("policy reload refused, keeping the current policy:\n{e}");
+                        engine.agent_event("policy_reload_failed", "medium", format!("reload refused, current policy kept: {e}"));
+                    }
+                }
+                engine.flush();
+            }
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    let _ = &cfg;
+    server.abort();
+    let _ = std::fs::remove_file(&sock_path);
+    drain_ring(ring.get_mut(), &mut engine);
+    engine.agent_event("agent_stopped", "info", format!("enforcer stopping on {reason}; kernel programs detached"));
+    engine.flush();
+    drop(kernel);
+    tracing::info!("stopped on {reason}");
+    Ok(())
+}
+
+fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut Engine) {
+    // Bounded per call so a flood cannot starve signal handling; the fd stays readable.
+    for _ in 0..65_536 {
+        let Some(item) = ring.next() else { break };
+        let rec = records::decode(&item);
+        drop(item);
+        engine.on_record(rec);
+    }
+}
+
+fn reload(setup: &Setup) -> Result<Config> {
+    let cfg = crate::policy::load(setup.config_path.as_deref()).map_err(|d| anyhow::anyhow!("{d}"))?;
+    if cfg.cgroup_root != setup.config.cgroup_root || cfg.runtime_dir != setup.config.runtime_dir || cfg.state_dir != setup.config.state_dir {
+        bail!("cgroup_root, runtime_dir and state_dir apply only at start; restart the daemon to change them");
+    }
+    Ok(cfg)
+}
+
+fn set_group(path: &Path, group: &str) -> Result<()> {
+    let g = nix::unistd::Group::from_name(group)?.with_context(|| format!("socket_group {group:?}: no such group"))?;
+    nix::unistd::chown(path, None, Some(g.gid)).with_context(|| format!("chgrp {} {group}", path.display()))?;
+    Ok(())
+}
+
+/// sd_notify READY=1 when started by systemd (NOTIFY_SOCKET set); a no-op otherwise.
+fn notify_ready() {
+    let Ok(path) = std::env::var("NOTIFY_SOCKET") else { return };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let msg = b"READY=1\nSTATUS=enforcer ready";
+    let _ = if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).and_then(|a| sock.send_to_addr(msg, &a))
+    } else {
+        sock.send_to(msg, &path)
+    };
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,56 @@
+//! The status document served at GET /v1/status and printed by `enforcer status`.
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::{Setup, engine::Engine};
+use crate::file::SecretWatch;
+use crate::kernel::Kernel;
+
+pub struct Context<'a> {
+    pub setup: &'a Setup,
+    pub started: Instant,
+    pub kernel: &'a Kernel,
+}
+
+impl Context<'_> {
+    pub fn render(&self, engine: &Engine, watch: &SecretWatch) -> Value {
+        let cfg = &self.setup.config;
+        let k = self.kernel.counters();
+        json!({
+            "status": "running",
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "host": self.setup.host,
+            "mode": cfg.mode.to_string(),
+            "config": cfg.source,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "cgroup_root": self.setup.cgroup_root.display().to_string(),
+            "backends": {
+                "process_lineage": "tracepoint (task_newtask, sched_process_exec, sched_process_exit, sys_enter_execve[at])",
+                "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
+                "file_open": "fanotify (FAN_OPEN inode marks)",
+            },
+            "fail_open": [
+                "file_open: fanotify events stop when the daemon stops; nothing is recorded while it is down",
+                "connect: programs are detached when the daemon stops (pinning arrives with enforcement)",
+            ],
+            "programs": self.kernel.attached,
+            "live_grants": 0,
+            "secrets": {
+                "defined": cfg.secrets.len(),
+                "paths_watched": watch.stats().paths_watched,
+                "paths_missing": watch.stats().paths_missing,
+            },
+            "processes_tracked": engine.table.len(),
+            "events_total": engine.counts.events_total,
+            "alerts_total": engine.counts.alerts_total,
+            "counts": engine.counts,
+            "kernel": {
+                "ringbuf_drops": k.ringbuf_drops,
+                "records": k.events,
+            },
+            "fanotify_overflows": watch.overflows,
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! Decoding ring-buffer bytes into typed records. The kernel is trusted to write the
+//! layout, but sizes and string lengths are still checked: a short or odd record is
+//! reported as `Malformed`, never a panic.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
+
+#[derive(Debug, Clone)]
+pub enum Record {
+    Fork { parent: u32, child: u32, uid: u32, cgroup_id: u64, boot_ns: u64 },
+    Exec { tgid: u32, uid: u32, cgroup_id: u64, boot_ns: u64, filename: String, argv: Vec<String>, argv_truncated: bool },
+    Exit { tgid: u32, boot_ns: u64 },
+    Connect(Connect),
+    Malformed { len: usize, kind: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connect {
+    pub tgid: u32,
+    pub uid: u32,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub sendmsg: bool,
+    pub denied: bool,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Other(u8),
+}
+
+impl Protocol {
+    pub fn name(self) -> String {
+        match self {
+            Protocol::Tcp => "tcp".into(),
+            Protocol::Udp => "udp".into(),
+            Protocol::Other(n) => format!("ip-proto-{n}"),
+        }
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // Unaligned read: ring-buffer items are 8-byte aligned, but do not depend on it.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+pub fn decode(bytes: &[u8]) -> Record {
+    let k = read::<u32>(bytes).unwrap_or(0);
+    let malformed = Record::Malformed { len: bytes.len(), kind: k };
+    match k {
+        kind::FORK => match read::<ForkRecord>(bytes) {
+            Some(r) => Record::Fork { parent: r.parent_tgid, child: r.child_tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns },
+            None => malformed,
+        },
+        kind::EXEC => match read::<ExecRecord>(bytes) {
+            Some(r) => {
+                let flen = (r.filename_len as usize).min(r.filename.len());
+                let filename = c_string(&r.filename[..flen]);
+                let alen = (r.args_len as usize).min(r.args.len());
+                let argv = r.args[..alen]
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect();
+                Record::Exec { tgid: r.tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns, filename, argv, argv_truncated: r.args_truncated != 0 }
+            }
+            None => malformed,
+        },
+        kind::EXIT => match read::<ExitRecord>(bytes) {
+            Some(r) => Record::Exit { tgid: r.tgid, boot_ns: r.boot_ns },
+            None => malformed,
+        },
+        kind::CONNECT => match read::<ConnectRecord>(bytes) {
+            Some(r) => match connect(&r) {
+                Some(c) => Record::Connect(c),
+                None => malformed,
+            },
+            None => malformed,
+        },
+        _ => malformed,
+    }
+}
+
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn connect(r: &ConnectRecord) -> Option<Connect> {
+    let ip = match r.family {
+        2 => IpAddr::V4(Ipv4Addr::new(r.addr[0], r.addr[1], r.addr[2], r.addr[3])),
+        // IPv4-mapped IPv6 counts as its IPv4 address everywhere.
+        10 => {
+            let v6 = Ipv6Addr::from(r.addr);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    let protocol = match r.protocol {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        n => Protocol::Other(n),
+    };
+    Some(Connect {
+        tgid: r.tgid,
+        uid: r.uid,
+        ip,
+        port: r.port,
+        protocol,
+        sendmsg: r.op == enforcer_common::op::SENDMSG,
+        denied: r.denied != 0,
+        cgroup_id: r.cgroup_id,
+        boot_ns: r.boot_ns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<T>(v: &T) -> Vec<u8> {
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn mapped_ipv6_becomes_ipv4() {
+        let mut r = ConnectRecord { kind: kind::CONNECT, tgid: 7, family: 10, port: 443, protocol: 6, op: 1, ..Default::default() };
+        r.addr = Ipv6Addr::from(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()).octets();
+        let Record::Connect(c) = decode(&bytes(&r)) else { panic!() };
+        assert_eq!(c.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(c.protocol, Protocol::Tcp);
+        assert!(!c.sendmsg);
+    }
+
+    #[test]
+    fn ipv6_stays_ipv6() {
+        let mut r = ConnectRecord { kind: kind::CONNECT, family: 10, port: 53, protocol: 17, op: 2, ..Default::default() };
+        r.addr = Ipv6Addr::LOCALHOST.octets();
+        let Record::Connect(c) = decode(&bytes(&r)) else { panic!() };
+        assert_eq!(c.ip, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert!(c.sendmsg);
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_malformed() {
+        assert!(matches!(decode(&[1, 0]), Record::Malformed { .. }));
+        assert!(matches!(decode(&[99, 0, 0, 0, 0, 0, 0, 0]), Record::Malformed { kind: 99, .. }));
+        let r = ConnectRecord { kind: kind::CONNECT, family: 99, ..Default::default() };
+        assert!(matches!(decode(&bytes(&r)), Record::Malformed { .. }));
+    }
+
+    #[test]
+    fn exec_lengths_are_clamped() {
+        let mut r: ExecRecord = unsafe { std::mem::zeroed() };
+        r.kind = kind::EXEC;
+        r.filename_len = 10_000;
+        r.args_len = 10_000;
+        r.filename[..8].copy_from_slice(b"/bin/ls\0");
+        r.args[..9].copy_from_slice(b"ls\0-l\0/x\0");
+        let Record::Exec { filename, argv, .. } = decode(&bytes(&r)) else { panic!() };
+        assert_eq!(filename, "/bin/ls");
+        assert_eq!(argv, vec!["ls", "-l", "/x"]);
+    }
+}

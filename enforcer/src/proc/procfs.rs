@@ -1,0 +1,39 @@
+//! Reading one process from /proc. Every field can vanish mid-read (the process exits);
+//! missing pieces become empty rather than errors.
+use super::{CgroupResolver, Process};
+
+pub fn pids() -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+}
+
+pub fn ppid(pid: u32) -> Option<u32> {
+    status_field(pid, "PPid:")?.split_whitespace().next()?.parse().ok()
+}
+
+fn status_field(pid: u32, key: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
+    // Only thread-group leaders are processes.
+    let tgid: u32 = status_field(pid, "Tgid:")?.parse().ok()?;
+    if tgid != pid {
+        return None;
+    }
+    let ppid = ppid(pid).unwrap_or(0);
+    let uid = status_field(pid, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
+        .unwrap_or_default();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| b.split(|c| *c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+        .unwrap_or_default();
+    let cgroup_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+        .and_then(|path| cgroups.id_of(&path))
+        .unwrap_or(0);
+    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, exited_at: None })
+}

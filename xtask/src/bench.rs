@@ -1,0 +1,477 @@
+//! `cargo xtask bench`: overhead of the running daemon on the hooked syscalls, measured as
+//! time-with-daemon / time-without over interleaved rounds (A = stopped, B = running), and
+//! ring-buffer drops under a connect flood. Prints a table and writes target/bench.md.
+
+mod worker;
+
+pub use worker::{Kind, WorkerArgs, worker};
+
+use crate::{build, is_root, root, show};
+use anyhow::{Context, Result, anyhow, bail};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
+const FLOOD_RATE: u64 = 100_000;
+const FLOOD_SECS: f64 = 3.0;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("bench: interrupted");
+    }
+    Ok(())
+}
+
+/// One measured loop.
+struct Spec {
+    name: &'static str,
+    kind: Kind,
+    n: u64,
+    target: String,
+    /// Maximum ratio with/without, if this row has a target.
+    limit: Option<f64>,
+}
+
+pub fn run(iterations: usize) -> Result<()> {
+    if !is_root() {
+        bail!("bench: must run as root (creates a cgroup, loads kernel programs): run `sudo -E cargo xtask bench`");
+    }
+    let iterations = iterations.max(1);
+    let built = build::run(true)?;
+    // Ctrl-C reaches the workers and the daemon too (same process group); we only note it and
+    // unwind so the cleanup below runs. Handlers reset to default in exec'd children.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let t0 = Instant::now();
+    let mut bench = Bench::new(built.enforcer)?;
+    let rows = bench.measure(iterations);
+    bench.cleanup();
+    let rows = rows?;
+    let md = render(&rows, iterations);
+    println!("\n{}", render_console(&rows));
+    let out = root().join("target").join("bench.md");
+    std::fs::write(&out, md).with_context(|| format!("bench: cannot write {}", out.display()))?;
+    println!("bench: wrote {} ({:.0}s)", out.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+struct Bench {
+    enforcer: PathBuf,
+    tmp: PathBuf,
+    cgroup: PathBuf,
+    cgroup_mount: PathBuf,
+    config: PathBuf,
+    run_dir: PathBuf,
+    daemon: Option<Child>,
+    starts: usize,
+    tcp: SocketAddr,
+    udp: UdpSocket,
+    specs: Vec<Spec>,
+}
+
+impl Bench {
+    fn new(enforcer: PathBuf) -> Result<Self> {
+        let cgroup_mount = cgroup2_mount()?;
+        let id = std::process::id();
+        // Leftovers of an earlier bench killed before it could clean up.
+        remove_pins();
+        if let Ok(entries) = std::fs::read_dir(&cgroup_mount) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("enforcer-bench-") {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let tmp = std::env::temp_dir().join(format!("enforcer-bench-{id}"));
+        let cgroup = cgroup_mount.join(format!("enforcer-bench-{id}"));
+        let run_dir = tmp.join("run");
+        let config = tmp.join("enforcer.toml");
+        // Listeners first: nothing to clean up if they fail.
+        let listener = TcpListener::bind("127.0.0.1:0").context("bench: cannot bind a TCP listener")?;
+        // Deeper accept queue than std's 128, so the connect loop never waits on the acceptor.
+        // SAFETY: re-listening on a listening socket only resizes its backlog.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+        let tcp = listener.local_addr()?;
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                drop(s);
+            }
+        });
+        let udp = UdpSocket::bind("127.0.0.1:0").context("bench: cannot bind a UDP socket")?;
+        let mut b = Bench {
+            enforcer,
+            tmp,
+            cgroup,
+            cgroup_mount,
+            config,
+            run_dir,
+            daemon: None,
+            starts: 0,
+            tcp,
+            udp,
+            specs: Vec::new(),
+        };
+        b.prepare().inspect_err(|_| b.cleanup())?;
+        Ok(b)
+    }
+
+    fn prepare(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.tmp).with_context(|| format!("bench: cannot create {}", self.tmp.display()))?;
+        std::fs::create_dir(&self.cgroup).with_context(|| format!("bench: cannot create cgroup {}", self.cgroup.display()))?;
+        let plain = self.tmp.join("plain.txt");
+        let secret = self.tmp.join("secret.txt");
+        std::fs::write(&plain, "not a secret\n")?;
+        std::fs::write(&secret, "bench-secret-value\n")?;
+        let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+        let config = format!(
+            "mode = \"monitor\"\ncgroup_root = {}\nruntime_dir = {}\nstate_dir = {}\npin_dir = {}\n\n\
+             [[secret]]\nname = \"bench-secret\"\npaths = [{}]\n",
+            q(&self.cgroup),
+            q(&self.run_dir),
+            q(&self.tmp.join("state")),
+            q(Path::new(PIN_DIR)),
+            q(&secret),
+        );
+        std::fs::write(&self.config, config)?;
+        let s = |p: &Path| p.display().to_string();
+        self.specs = vec![
+            Spec { name: "connect() loopback TCP", kind: Kind::Connect, n: 20_000, target: self.tcp.to_string(), limit: Some(1.05) },
+            Spec { name: "open()+close() non-secret", kind: Kind::Open, n: 50_000, target: s(&plain), limit: Some(1.05) },
+            Spec { name: "open()+close() watched secret", kind: Kind::Open, n: 20_000, target: s(&secret), limit: None },
+            Spec { name: "fork+exec /bin/true", kind: Kind::Exec, n: 1_000, target: "/bin/true".into(), limit: Some(1.10) },
+        ];
+        Ok(())
+    }
+
+    /// A/B rounds, then the drop test while the last B round's daemon still runs.
+    fn measure(&mut self, iterations: usize) -> Result<Vec<Row>> {
+        println!("bench: warm-up");
+        for i in 0..self.specs.len() {
+            let n = (self.specs[i].n / 10).max(1);
+            self.worker(i, Some(n))?;
+        }
+        let mut per_op = vec![[Vec::new(), Vec::new()]; self.specs.len()];
+        let mut flood = None;
+        for round in 0..iterations {
+            for with in [false, true] {
+                if with {
+                    self.start_daemon()?;
+                }
+                for (i, times) in per_op.iter_mut().enumerate() {
+                    let ns = self.worker(i, None)?.0 as f64 / self.specs[i].n as f64;
+                    times[with as usize].push(ns);
+                }
+                println!(
+                    "bench: round {}/{iterations} {}: {}",
+                    round + 1,
+                    if with { "with daemon" } else { "without" },
+                    per_op.iter().map(|v| format!("{:.2}us", v[with as usize][round] / 1e3)).collect::<Vec<_>>().join(" ")
+                );
+                if with {
+                    if round + 1 == iterations {
+                        flood = Some(self.flood());
+                    }
+                    self.stop_daemon()?;
+                }
+            }
+        }
+        let mut rows: Vec<Row> = self
+            .specs
+            .iter()
+            .zip(&per_op)
+            .map(|(s, [a, b])| {
+                let (a, b) = (median(a), median(b));
+                let ratio = b / a;
+                Row {
+                    name: format!("{} (N={})", s.name, s.n),
+                    without: format!("{:.2} us", a / 1e3),
+                    with: format!("{:.2} us", b / 1e3),
+                    ratio: format!("{ratio:.3}"),
+                    target: s.limit.map_or("-".into(), |l| format!("<= {l:.2}")),
+                    pass: s.limit.map(|l| ratio <= l),
+                }
+            })
+            .collect();
+        rows.push(match flood.expect("last round ran the flood") {
+            Ok(f) => Row {
+                name: format!("ring-buffer drops, UDP sendto flood ~{}k/s for {FLOOD_SECS:.0} s", FLOOD_RATE / 1000),
+                without: "-".into(),
+                with: format!(
+                    "{} drops; {:.1}k events/s (sent {:.1}k/s)",
+                    f.drops,
+                    f.events as f64 / f.secs / 1e3,
+                    f.sent as f64 / f.secs / 1e3
+                ),
+                ratio: "-".into(),
+                target: "0 drops".into(),
+                pass: Some(f.drops == 0),
+            },
+            Err(e) => Row {
+                name: "ring-buffer drops".into(),
+                without: "-".into(),
+                with: format!("error: {e:#}"),
+                ratio: "-".into(),
+                target: "0 drops".into(),
+                pass: Some(false),
+            },
+        });
+        Ok(rows)
+    }
+
+    /// Run spec `i` in a worker process inside the bench cgroup: (elapsed ns, ops).
+    fn worker(&self, i: usize, n: Option<u64>) -> Result<(u128, u64)> {
+        let s = &self.specs[i];
+        let mut c = Command::new(std::env::current_exe()?);
+        c.arg("bench-worker")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--kind", &format!("{:?}", s.kind).to_lowercase(), "--target", &s.target])
+            .args(["--n", &n.unwrap_or(s.n).to_string()]);
+        run_worker(s.name, &mut c)
+    }
+
+    fn flood(&self) -> Result<FloodResult> {
+        let before = self.status_json()?;
+        let mut c = Command::new(std::env::current_exe()?);
+        c.arg("bench-worker")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--kind", "flood", "--target", &self.udp.local_addr()?.to_string()])
+            .args(["--rate", &FLOOD_RATE.to_string(), "--secs", &FLOOD_SECS.to_string()]);
+        let (ns, sent) = run_worker("flood", &mut c)?;
+        // Let the daemon drain what it has already received before reading its counters.
+        std::thread::sleep(Duration::from_secs(1));
+        let after = self.status_json()?;
+        let counter = |v: &serde_json::Value, p: &str| {
+            v.pointer(p).and_then(|x| x.as_u64()).ok_or_else(|| anyhow!("bench: status JSON has no {p}"))
+        };
+        Ok(FloodResult {
+            drops: counter(&after, "/kernel/ringbuf_drops")?.saturating_sub(counter(&before, "/kernel/ringbuf_drops")?),
+            events: counter(&after, "/events_total")?.saturating_sub(counter(&before, "/events_total")?),
+            sent,
+            secs: ns as f64 / 1e9,
+        })
+    }
+
+    fn status_json(&self) -> Result<serde_json::Value> {
+        let mut c = Command::new(&self.enforcer);
+        c.args(["status", "--json", "--runtime-dir"]).arg(&self.run_dir);
+        let out = c.output().with_context(|| format!("bench: cannot run `{}`", show(&c)))?;
+        if !out.status.success() {
+            bail!("bench: `{}` failed ({}): {}", show(&c), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("bench: `{}` printed no JSON", show(&c)))
+    }
+
+    fn start_daemon(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
+        let log = std::fs::File::create(&log_path)?;
+        let mut c = Command::new(&self.enforcer);
+        c.arg("daemon").arg("--config").arg(&self.config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        println!("$ {}  (log: {})", show(&c), log_path.display());
+        self.daemon = Some(c.spawn().with_context(|| format!("bench: cannot start `{}`", show(&c)))?);
+        let t0 = Instant::now();
+        loop {
+            check_interrupted()?;
+            if let Some(st) = self.daemon.as_mut().and_then(|d| d.try_wait().ok().flatten()) {
+                self.daemon = None;
+                bail!("bench: daemon exited during startup ({st}); log {}:\n{}", log_path.display(), tail(&log_path));
+            }
+            let ready = Command::new(&self.enforcer)
+                .args(["status", "--runtime-dir"])
+                .arg(&self.run_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("bench: daemon not ready after 30 s; log {}:\n{}", log_path.display(), tail(&log_path));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("bench: daemon ready in {:.2}s", t0.elapsed().as_secs_f64());
+        // Startup work after readiness (e.g. a /proc scan) must not land in the measurement.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    /// SIGTERM and wait (SIGKILL after 15 s); then remove the pins so programs are detached.
+    fn stop_daemon(&mut self) -> Result<()> {
+        let Some(mut d) = self.daemon.take() else { return Ok(()) };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as libc::pid_t, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = d.try_wait()? {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                let _ = d.kill();
+                let _ = d.wait();
+                remove_pins();
+                bail!("bench: daemon ignored SIGTERM for 15 s (killed)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        remove_pins();
+        if !status.success() {
+            println!("bench: warning: daemon exited with {status} after SIGTERM");
+        }
+        Ok(())
+    }
+
+    /// Stop the daemon, remove pins, cgroup and temporary files. Safe to call twice.
+    fn cleanup(&mut self) {
+        if let Err(e) = self.stop_daemon() {
+            eprintln!("bench: cleanup: {e:#}");
+        }
+        remove_pins();
+        if self.cgroup.exists() {
+            // Anything left inside (a worker killed mid-loop) goes back to the root cgroup.
+            if let Ok(pids) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+                for pid in pids.lines() {
+                    let _ = std::fs::write(self.cgroup_mount.join("cgroup.procs"), pid);
+                }
+            }
+            let mut ok = false;
+            for _ in 0..50 {
+                if std::fs::remove_dir(&self.cgroup).is_ok() {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !ok {
+                eprintln!("bench: cleanup: cannot remove cgroup {}", self.cgroup.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+struct FloodResult {
+    drops: u64,
+    events: u64,
+    sent: u64,
+    secs: f64,
+}
+
+fn run_worker(name: &str, c: &mut Command) -> Result<(u128, u64)> {
+    let out = c.stderr(Stdio::inherit()).output().with_context(|| format!("bench: cannot start worker `{}`", show(c)))?;
+    check_interrupted()?;
+    if !out.status.success() {
+        bail!("bench: {name}: worker failed ({}): `{}`", out.status, show(c));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u128>().ok());
+    match (field("ns="), field("ops=")) {
+        (Some(ns), Some(ops)) => Ok((ns, ops as u64)),
+        _ => bail!("bench: {name}: worker printed {text:?}"),
+    }
+}
+
+fn remove_pins() {
+    if let Err(e) = std::fs::remove_dir_all(PIN_DIR)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("bench: cannot remove {PIN_DIR}: {e}");
+    }
+}
+
+/// The cgroup2 mount point from /proc/mounts.
+fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("bench: cannot read /proc/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1].replace("\\040", " ")))
+        .context("bench: no cgroup2 mount in /proc/mounts")
+}
+
+fn tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) { (v[m - 1] + v[m]) / 2.0 } else { v[m] }
+}
+
+struct Row {
+    name: String,
+    without: String,
+    with: String,
+    ratio: String,
+    target: String,
+    pass: Option<bool>,
+}
+
+impl Row {
+    fn cells(&self) -> [String; 6] {
+        let verdict = match self.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "info",
+        };
+        [&self.name, &self.without, &self.with, &self.ratio, &self.target, verdict].map(|s| s.to_string())
+    }
+}
+
+const HEADER: [&str; 6] = ["measurement", "median without", "median with", "ratio", "target", "result"];
+
+fn render_console(rows: &[Row]) -> String {
+    let cells: Vec<_> = rows.iter().map(Row::cells).collect();
+    let width = |i: usize| cells.iter().map(|c| c[i].len()).chain([HEADER[i].len()]).max().unwrap_or(0);
+    let widths: Vec<_> = (0..6).map(width).collect();
+    let line = |c: &[String]| c.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ");
+    let mut out = line(&HEADER.map(String::from));
+    for c in &cells {
+        out += "\n";
+        out += line(c).trim_end();
+    }
+    out
+}
+
+fn render(rows: &[Row], iterations: usize) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut md = format!(
+        "# enforcer bench\n\nKernel {}, {} cores; {iterations} interleaved rounds without/with the daemon \
+         (monitor mode); per-operation medians.\n\n| {} |\n|{}\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        HEADER.join(" | "),
+        "---|".repeat(HEADER.len()),
+    );
+    for r in rows {
+        md += &format!("| {} |\n", r.cells().join(" | "));
+    }
+    md
+}

@@ -1,0 +1,171 @@
+//! `cargo xtask setup`: rust-src for nightly, a cached bpf-linker built on the nightly's own
+//! libLLVM, and the tools the integration tests call. Idempotent; a second run only checks.
+
+use crate::{cmd, on_path, output_step, run_step};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What later steps need from setup.
+pub struct Setup {
+    /// Directory holding `bpf-linker`, to prefix PATH with.
+    pub linker_bin: PathBuf,
+}
+
+pub fn run() -> Result<Setup> {
+    let t0 = Instant::now();
+    rust_src()?;
+    let linker_bin = bpf_linker()?;
+    test_tools()?;
+    println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(Setup { linker_bin })
+}
+
+fn rust_src() -> Result<()> {
+    let step = "setup: list nightly components";
+    let installed =
+        output_step(step, cmd("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        println!("setup: rust-src for nightly already installed");
+        return Ok(());
+    }
+    run_step(
+        "setup: install rust-src for nightly",
+        cmd("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )?;
+    println!("setup: installed rust-src for nightly");
+    Ok(())
+}
+
+/// Cache root: $ENFORCER_CACHE, else $XDG_CACHE_HOME/enforcer, else $HOME/.cache/enforcer.
+fn cache_root() -> Result<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = nonempty("ENFORCER_CACHE") {
+        return Ok(p);
+    }
+    if let Some(p) = nonempty("XDG_CACHE_HOME") {
+        return Ok(p.join("enforcer"));
+    }
+    let home = nonempty("HOME").context("setup: neither ENFORCER_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(home.join(".cache").join("enforcer"))
+}
+
+/// LLVM major version of the nightly rustc ("LLVM version: 22.1.4" -> "22").
+fn nightly_llvm_major() -> Result<String> {
+    let vv = output_step("setup: query nightly rustc", cmd("rustc").args(["+nightly", "-vV"]))?;
+    let ver = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .context("setup: `rustc +nightly -vV` printed no \"LLVM version:\" line")?;
+    let major = ver.trim().split('.').next().unwrap_or_default();
+    if major.is_empty() || !major.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("setup: cannot parse LLVM version {ver:?} from `rustc +nightly -vV`");
+    }
+    Ok(major.to_string())
+}
+
+fn bpf_linker() -> Result<PathBuf> {
+    let major = nightly_llvm_major()?;
+    let cache = cache_root()?;
+    let root = cache.join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm{major}"));
+    let bin = root.join("bin");
+    let linker = bin.join("bpf-linker");
+    if linker.is_file() {
+        let mut c = cmd(linker.to_str().unwrap_or("bpf-linker"));
+        c.arg("--version");
+        match c.output() {
+            Ok(o) if o.status.success() => {
+                let v = String::from_utf8_lossy(&o.stdout);
+                println!("setup: cached {} works ({})", linker.display(), v.trim());
+                return Ok(bin);
+            }
+            Ok(o) => println!(
+                "setup: cached {} does not run ({}): rebuilding\n{}",
+                linker.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim_end()
+            ),
+            Err(e) => println!("setup: cached {} does not run ({e}): rebuilding", linker.display()),
+        }
+    }
+
+    // The nightly's own libLLVM, exposed as an LLVM_PREFIX with lib/libLLVM.so + soname file.
+    let sysroot = output_step("setup: query nightly sysroot", cmd("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let prefix = format!("libLLVM.so.{major}.");
+    let soname = std::fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("setup: cannot read {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&prefix))
+        .with_context(|| format!("setup: no {prefix}* in {}", sysroot_lib.display()))?;
+    let target = sysroot_lib.join(&soname);
+    let llvm = cache.join(format!("llvm-{major}"));
+    let llvm_lib = llvm.join("lib");
+    std::fs::create_dir_all(&llvm_lib).with_context(|| format!("setup: cannot create {}", llvm_lib.display()))?;
+    for name in ["libLLVM.so", soname.as_str()] {
+        let link = llvm_lib.join(name);
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("setup: cannot replace {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("setup: cannot link {} -> {}", link.display(), target.display()))?;
+        println!("setup: {} -> {}", link.display(), target.display());
+    }
+
+    // Build into a temporary root, rename when complete: an interrupted build leaves no cache.
+    let tmp = cache.join(format!(".bpf-linker-{BPF_LINKER_VERSION}-llvm{major}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let t0 = Instant::now();
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (several minutes, once)");
+    let result = run_step(
+        "setup: build bpf-linker",
+        cmd("cargo")
+            .env("LLVM_PREFIX", &llvm)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .arg("--root")
+            .arg(&tmp),
+    );
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("setup: cannot remove stale {}", root.display()))?;
+    }
+    std::fs::rename(&tmp, &root)
+        .with_context(|| format!("setup: cannot move {} to {}", tmp.display(), root.display()))?;
+    run_step("setup: check bpf-linker", cmd(linker.to_str().unwrap_or("bpf-linker")).arg("--version"))?;
+    println!("setup: built {} in {:.0}s", linker.display(), t0.elapsed().as_secs_f64());
+    Ok(bin)
+}
+
+/// Tools the integration tests call: installed with apt only in CI, otherwise reported.
+fn test_tools() -> Result<()> {
+    let wanted = [("curl", "curl"), ("python3", "python3"), ("ip", "iproute2")];
+    let missing: Vec<_> = wanted.iter().filter(|(bin, _)| on_path(bin).is_none()).collect();
+    if missing.is_empty() {
+        println!("setup: test tools present (curl, python3, ip)");
+        return Ok(());
+    }
+    let bins: Vec<_> = missing.iter().map(|(b, _)| *b).collect();
+    let pkgs: Vec<_> = missing.iter().map(|(_, p)| *p).collect();
+    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
+        println!(
+            "setup: missing test tools: {} (install: apt-get install -y {}); integration tests that need them will fail",
+            bins.join(", "),
+            pkgs.join(" ")
+        );
+        return Ok(());
+    }
+    run_step("setup: apt-get update", cmd("apt-get").arg("update"))?;
+    run_step(
+        "setup: install test tools",
+        cmd("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y"]).args(&pkgs),
+    )?;
+    println!("setup: installed {}", pkgs.join(" "));
+    Ok(())
+}
