@@ -139,8 +139,12 @@ pub fn show(c: &Command) -> String {
     if let Some(d) = c.get_current_dir() {
         s = format!("(cd {}) {s}", d.display());
     }
+    // Rustup proxies print as their bare name (`cargo`), anything else with its full path.
     let prog = Path::new(c.get_program());
-    s += &prog.file_name().unwrap_or(prog.as_os_str()).to_string_lossy();
+    match prog.file_name() {
+        Some(n) if ["cargo", "rustc", "rustup"].iter().any(|p| n == *p) => s += &n.to_string_lossy(),
+        _ => s += &prog.to_string_lossy(),
+    }
     for a in c.get_args() {
         s.push(' ');
         s += &a.to_string_lossy();

@@ -69,9 +69,10 @@ impl SecretWatch {
     pub fn refresh(&mut self) {
         for t in &mut self.targets {
             let now = std::fs::metadata(&t.path).ok().map(|m| (m.dev(), m.ino()));
-            if now == t.inode {
+            if now == t.inode && t.checked {
                 continue;
             }
+            t.checked = true;
             match now {
                 Some(key) => {
                     match self.fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN, nix::fcntl::AT_FDCWD, Some(&t.path)) {

@@ -12,6 +12,8 @@ pub struct Target {
     /// Named literally in the policy (a missing one is worth a warning); glob and `~`
     /// expansions of the built-in catalog are not.
     pub explicit: bool,
+    /// Resolved at least once (so a path missing from the start is reported once).
+    pub checked: bool,
 }
 
 pub fn targets(secrets: &[Secret]) -> Vec<Target> {
@@ -20,7 +22,7 @@ pub fn targets(secrets: &[Secret]) -> Vec<Target> {
         let explicit_paths: Vec<&String> = s.paths.iter().filter(|p| !p.contains(['*', '?', '[']) && !p.starts_with('~')).collect();
         for path in s.expand_paths() {
             let explicit = explicit_paths.iter().any(|p| PathBuf::from(p) == path);
-            out.push(Target { secret: s.name.clone(), path, inode: None, explicit });
+            out.push(Target { secret: s.name.clone(), path, inode: None, explicit, checked: false });
         }
     }
     out

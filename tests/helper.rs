@@ -1,0 +1,105 @@
+//! Test helper: opens a file or connects through syscalls that cat, curl and python do not
+//! use, so the tests can prove attribution does not depend on the syscall.
+//!   enforcer-test-helper openat2 PATH
+//!   enforcer-test-helper uring-open PATH
+//!   enforcer-test-helper uring-connect IP PORT
+//! Prints "ok <pid>" on success, exits 1 with the error otherwise.
+use std::ffi::CString;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let r = match args.get(1).map(String::as_str) {
+        Some("openat2") => openat2(&args[2]),
+        Some("uring-open") => uring_open(&args[2]),
+        Some("uring-connect") => uring_connect(args[2].parse().expect("ip"), args[3].parse().expect("port")),
+        _ => Err("usage: openat2 PATH | uring-open PATH | uring-connect IP PORT".into()),
+    };
+    match r {
+        Ok(()) => println!("ok {}", std::process::id()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+fn openat2(path: &str) -> Result<(), String> {
+    let c = CString::new(path).unwrap();
+    let how = OpenHow { flags: libc::O_RDONLY as u64, mode: 0, resolve: 0 };
+    let fd = unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c.as_ptr(), &how as *const OpenHow, size_of::<OpenHow>()) };
+    if fd < 0 {
+        return Err(format!("openat2: {}", std::io::Error::last_os_error()));
+    }
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+fn uring_open(path: &str) -> Result<(), String> {
+    let mut ring = io_uring::IoUring::new(4).map_err(|e| e.to_string())?;
+    let c = CString::new(path).unwrap();
+    let op = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c.as_ptr()).flags(libc::O_RDONLY).build();
+    unsafe { ring.submission().push(&op).map_err(|e| e.to_string())? };
+    ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+    let cqe = ring.completion().next().ok_or("no completion")?;
+    if cqe.result() < 0 {
+        return Err(format!("io_uring openat: {}", std::io::Error::from_raw_os_error(-cqe.result())));
+    }
+    unsafe { libc::close(cqe.result()) };
+    Ok(())
+}
+
+fn uring_connect(ip: IpAddr, port: u16) -> Result<(), String> {
+    let addr = SocketAddr::new(ip, port);
+    let (domain, storage, len) = sockaddr(addr);
+    let sock = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    let mut ring = io_uring::IoUring::new(4).map_err(|e| e.to_string())?;
+    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(sock), &storage as *const _ as *const libc::sockaddr, len).build();
+    unsafe { ring.submission().push(&op).map_err(|e| e.to_string())? };
+    ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+    let cqe = ring.completion().next().ok_or("no completion")?;
+    let _ = ring.as_raw_fd();
+    unsafe { libc::close(sock) };
+    if cqe.result() < 0 {
+        return Err(format!("io_uring connect: {}", std::io::Error::from_raw_os_error(-cqe.result())));
+    }
+    Ok(())
+}
+
+fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_storage, u32) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            (libc::AF_INET, storage, size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (libc::AF_INET6, storage, size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
