@@ -15,13 +15,8 @@ pub mod kind {
 
 /// Maximum bytes of an exec'd filename kept by the kernel.
 pub const FILENAME_LEN: usize = 256;
-/// Maximum bytes of argv (NUL separated) kept by the kernel.
-pub const ARGS_LEN: usize = 1024;
-/// Per-argument cap when copying argv; `ARGS_LEN + ARG_MAX_LEN` is the buffer size so
-/// that a bounded offset plus one argument never leaves the buffer (verifier bound).
-pub const ARG_MAX_LEN: usize = 256;
-/// Maximum number of argv entries copied.
-pub const MAX_ARGS: usize = 24;
+/// Maximum bytes of argv (NUL separated) kept by the kernel; longer ones are truncated.
+pub const ARGS_LEN: usize = 2048;
 
 /// A new process (not a thread) was created: written in the parent, before the child runs.
 #[repr(C)]
@@ -35,15 +30,6 @@ pub struct ForkRecord {
     pub _pad: u32,
     pub cgroup_id: u64,
     pub boot_ns: u64,
-}
-
-/// argv captured at execve() entry, keyed by tid until the exec succeeds.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PendingArgs {
-    pub len: u32,
-    pub truncated: u32,
-    pub buf: [u8; ARGS_LEN + ARG_MAX_LEN],
 }
 
 /// A process image was replaced (successful execve/execveat).
@@ -61,7 +47,7 @@ pub struct ExecRecord {
     pub cgroup_id: u64,
     pub boot_ns: u64,
     pub filename: [u8; FILENAME_LEN],
-    pub args: [u8; ARGS_LEN + ARG_MAX_LEN],
+    pub args: [u8; ARGS_LEN],
 }
 
 /// The last thread of a process exited.
@@ -120,5 +106,4 @@ mod pod {
     unsafe impl aya::Pod for ExecRecord {}
     unsafe impl aya::Pod for ExitRecord {}
     unsafe impl aya::Pod for ConnectRecord {}
-    unsafe impl aya::Pod for PendingArgs {}
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{ConnectRecord, counter, kind, op};
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{EVENTS, count, submit_flags};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -81,7 +81,7 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
     });
-    entry.submit(0);
+    entry.submit(submit_flags());
     count(counter::EVENTS);
     ALLOW
 }

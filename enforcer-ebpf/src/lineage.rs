@@ -5,20 +5,17 @@
 use aya_ebpf::{
     Global,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_boot_ns, generated,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated,
     },
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
 };
 use core::ffi::c_void;
-use enforcer_common::{
-    ARG_MAX_LEN, ARGS_LEN, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_ARGS, counter,
-    kind,
-};
+use enforcer_common::{ARGS_LEN, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, counter, kind};
 
-use crate::maps::{ARGS_SCRATCH, EVENTS, PENDING_ARGS, count};
+use crate::maps::{EVENTS, count, submit_flags};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -33,10 +30,13 @@ static EXEC_OLD_PID_OFF: Global<u32> = Global::new(16);
 /// 0 when the kernel's sched_process_exit has no `group_dead` field.
 #[unsafe(no_mangle)]
 static EXIT_GROUP_DEAD_OFF: Global<u32> = Global::new(32);
+/// task_struct.mm, mm_struct.arg_start and mm_struct.arg_end, from kernel BTF.
 #[unsafe(no_mangle)]
-static EXECVE_ARGV_OFF: Global<u32> = Global::new(24);
+static TASK_MM_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static EXECVEAT_ARGV_OFF: Global<u32> = Global::new(32);
+static MM_ARG_START_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static MM_ARG_END_OFF: Global<u32> = Global::new(0);
 
 /// task/task_newtask runs in the parent inside copy_process, before the child can run,
 /// and (unlike sched_process_fork) tells threads from processes by clone_flags.
@@ -65,84 +65,19 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
     });
-    entry.submit(0);
+    entry.submit(submit_flags());
     count(counter::EVENTS);
     0
-}
-
-#[tracepoint]
-pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    capture_args(&ctx, EXECVE_ARGV_OFF.load() as usize);
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    capture_args(&ctx, EXECVEAT_ARGV_OFF.load() as usize);
-    0
-}
-
-/// Copies argv (NUL separated, bounded) into PENDING_ARGS[tid]. Done at syscall entry
-/// because the new image's argv is then still the caller's memory; short-lived processes
-/// that exit right after exec keep their cmdline this way.
-#[inline(always)]
-fn capture_args(ctx: &TracePointContext, argv_off: usize) {
-    let argv: u64 = match unsafe { ctx.read_at(argv_off) } {
-        Ok(v) => v,
-        Err(_) => return,
-    };
-    let Some(scratch) = ARGS_SCRATCH.get_ptr_mut(0) else { return };
-    let scratch = unsafe { &mut *scratch };
-    scratch.len = 0;
-    scratch.truncated = 0;
-    let mut off: usize = 0;
-    for i in 0..MAX_ARGS {
-        let p: u64 = match unsafe {
-            aya_ebpf::helpers::bpf_probe_read_user((argv as *const u64).wrapping_add(i))
-        } {
-            Ok(p) => p,
-            Err(_) => break,
-        };
-        if p == 0 {
-            break;
-        }
-        if off >= ARGS_LEN {
-            scratch.truncated = 1;
-            break;
-        }
-        // `off & (ARGS_LEN - 1)` proves to the verifier that one argument of at most
-        // ARG_MAX_LEN bytes stays inside the ARGS_LEN + ARG_MAX_LEN buffer.
-        let bounded = off & (ARGS_LEN - 1);
-        let n = unsafe {
-            generated::bpf_probe_read_user_str(
-                scratch.buf.as_mut_ptr().add(bounded) as *mut c_void,
-                ARG_MAX_LEN as u32,
-                p as *const c_void,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        off = bounded + n as usize;
-        if n as usize == ARG_MAX_LEN {
-            scratch.truncated = 1;
-        }
-    }
-    scratch.len = off as u32;
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = PENDING_ARGS.insert(&tid, scratch, 0);
 }
 
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    // A non-leader thread that execs takes the leader's tid: argv was stored under old_pid.
     let old_pid: i32 = unsafe { ctx.read_at(EXEC_OLD_PID_OFF.load() as usize) }.unwrap_or(0);
     let loc: u32 = unsafe { ctx.read_at(EXEC_FILENAME_OFF.load() as usize) }.unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<ExecRecord>(0) else {
         count(counter::RINGBUF_DROPS);
-        let _ = PENDING_ARGS.remove(&(old_pid as u32));
         return 0;
     };
     let rec = entry.as_mut_ptr();
@@ -162,26 +97,9 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
             fname as *const c_void,
         );
         (*rec).filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
-        let key = old_pid as u32;
-        match PENDING_ARGS.get_ptr(&key) {
-            Some(args) => {
-                generated::bpf_probe_read_kernel(
-                    (*rec).args.as_mut_ptr() as *mut c_void,
-                    (ARGS_LEN + ARG_MAX_LEN) as u32,
-                    (*args).buf.as_ptr() as *const c_void,
-                );
-                (*rec).args_len = (*args).len;
-                (*rec).args_truncated = (*args).truncated;
-                let _ = PENDING_ARGS.remove(&key);
-            }
-            None => {
-                (*rec).args_len = 0;
-                (*rec).args_truncated = 0;
-                (*rec).args[0] = 0;
-            }
-        }
+        read_args(&mut *rec);
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
     count(counter::EVENTS);
     0
 }
@@ -204,7 +122,41 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     entry.write(ExitRecord { kind: kind::EXIT, tgid, boot_ns: unsafe { bpf_ktime_get_boot_ns() } });
-    entry.submit(0);
+    entry.submit(submit_flags());
     count(counter::EVENTS);
     0
+}
+
+/// Copies the new image's argv from its own memory (mm->arg_start..arg_end), where exec
+/// has just placed it. Reading it here rather than at execve() entry keeps syscall
+/// tracepoints off: attaching any of those slows every syscall of every process.
+#[inline(always)]
+unsafe fn read_args(rec: &mut ExecRecord) {
+    rec.args_len = 0;
+    rec.args_truncated = 0;
+    rec.args[0] = 0;
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm: u64 = match unsafe { bpf_probe_read_kernel(task.add(TASK_MM_OFF.load() as usize) as *const u64) } {
+        Ok(v) if v != 0 => v,
+        _ => return,
+    };
+    let start: u64 = unsafe { bpf_probe_read_kernel((mm + MM_ARG_START_OFF.load() as u64) as *const u64) }.unwrap_or(0);
+    let end: u64 = unsafe { bpf_probe_read_kernel((mm + MM_ARG_END_OFF.load() as u64) as *const u64) }.unwrap_or(0);
+    if start == 0 || end <= start {
+        return;
+    }
+    let mut len = end - start;
+    if len > ARGS_LEN as u64 {
+        len = ARGS_LEN as u64;
+        rec.args_truncated = 1;
+    }
+    // Bounded for the verifier: 1..=ARGS_LEN.
+    let len = (len as u32) & (2 * ARGS_LEN as u32 - 1);
+    if len == 0 || len > ARGS_LEN as u32 {
+        return;
+    }
+    let r = unsafe { generated::bpf_probe_read_user(rec.args.as_mut_ptr() as *mut c_void, len, start as *const c_void) };
+    if r == 0 {
+        rec.args_len = len;
+    }
 }

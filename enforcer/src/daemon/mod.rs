@@ -23,6 +23,9 @@ use crate::proc::ProcessTable;
 use crate::store::EventStore;
 use engine::Engine;
 
+/// Longest a kernel record waits in the ring buffer before the daemon reads it.
+const DRAIN_INTERVAL_MS: u64 = 20;
+
 /// Everything resolved from the config before the kernel is touched.
 pub struct Setup {
     pub config: Config,
@@ -116,6 +119,10 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel wakes us only when a lot is pending (see submit_flags in the eBPF maps);
+    // this bounds how long a record waits otherwise.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_INTERVAL_MS));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = kernel.counters().ringbuf_drops;
     let mut cfg = cfg;
     let reason = loop {
@@ -124,6 +131,10 @@ async fn run_async(setup: Setup) -> Result<()> {
                 let mut guard = guard?;
                 drain_ring(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
+                engine.flush();
+            }
+            _ = drain_tick.tick() => {
+                drain_ring(ring.get_mut(), &mut engine);
                 engine.flush();
             }
             guard = fan.readable() => {

@@ -27,7 +27,7 @@ impl Context<'_> {
             "uptime_s": self.started.elapsed().as_secs(),
             "cgroup_root": self.setup.cgroup_root.display().to_string(),
             "backends": {
-                "process_lineage": "tracepoint (task_newtask, sched_process_exec, sched_process_exit, sys_enter_execve[at])",
+                "process_lineage": "tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
                 "file_open": "fanotify (FAN_OPEN inode marks)",
             },

@@ -1,5 +1,6 @@
 //! Loading and attaching the kernel programs. One file per concern: tracefs offsets,
 //! record decoding, feature probes.
+pub mod btf;
 pub mod probe;
 pub mod records;
 pub mod tracefs;
@@ -18,10 +19,10 @@ use enforcer_common::counter;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
 
 /// Lineage programs: (program, tracepoint category, tracepoint name).
-const TRACEPOINTS: [(&str, &str, &str); 5] = [
+/// No syscalls/* tracepoint on purpose: attaching one puts every syscall of every process
+/// on the slow tracing path.
+const TRACEPOINTS: [(&str, &str, &str); 3] = [
     ("task_newtask", "task", "task_newtask"),
-    ("sys_enter_execve", "syscalls", "sys_enter_execve"),
-    ("sys_enter_execveat", "syscalls", "sys_enter_execveat"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
@@ -60,8 +61,10 @@ impl Kernel {
         let exec_filename = off("sched", "sched_process_exec", "filename")?;
         let exec_old_pid = off("sched", "sched_process_exec", "old_pid")?;
         let exit_group_dead = tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?.unwrap_or(0);
-        let execve_argv = off("syscalls", "sys_enter_execve", "argv")?;
-        let execveat_argv = off("syscalls", "sys_enter_execveat", "argv")?;
+        let btf = btf::KernelBtf::load()?;
+        let task_mm = btf.offset("task_struct", "mm")?;
+        let mm_arg_start = btf.offset("mm_struct", "arg_start")?;
+        let mm_arg_end = btf.offset("mm_struct", "arg_end")?;
 
         let mut ebpf = EbpfLoader::new()
             .override_global("NEWTASK_PID_OFF", &newtask_pid, true)
@@ -69,8 +72,9 @@ impl Kernel {
             .override_global("EXEC_FILENAME_OFF", &exec_filename, true)
             .override_global("EXEC_OLD_PID_OFF", &exec_old_pid, true)
             .override_global("EXIT_GROUP_DEAD_OFF", &exit_group_dead, true)
-            .override_global("EXECVE_ARGV_OFF", &execve_argv, true)
-            .override_global("EXECVEAT_ARGV_OFF", &execveat_argv, true)
+            .override_global("TASK_MM_OFF", &task_mm, true)
+            .override_global("MM_ARG_START_OFF", &mm_arg_start, true)
+            .override_global("MM_ARG_END_OFF", &mm_arg_end, true)
             .load(object)
             .context("load the eBPF object (maps and globals)")?;
 

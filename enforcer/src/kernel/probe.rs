@@ -60,7 +60,7 @@ pub fn run_all() -> Vec<Probe> {
         p.load()?;
         Ok(())
     })();
-    out.push(probe("tracepoint", "process lineage (task_newtask, sched_process_exec/exit, sys_enter_execve)", r));
+    out.push(probe("tracepoint", "process lineage (task_newtask, sched_process_exec, sched_process_exit)", r));
 
     let r = (|| -> anyhow::Result<()> {
         let p: &mut CgroupSockAddr = ebpf.program_mut("connect4").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
