@@ -172,3 +172,11 @@ fn doctor_reports_backends_from_real_loads() {
     }
     assert_eq!(v["ready"], true);
 }
+
+#[test]
+fn shipped_example_policy_is_valid() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/enforcer.toml");
+    let out = enforcer(&["policy", "check", example.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 2 secrets, 2 intents, 1 agents"));
+}

@@ -13,6 +13,8 @@ pub enum Use {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Expired, Revoked and OutOfIntent are decided once grants exist (mint issue).
+#[allow(dead_code)]
 pub enum Verdict {
     Allowed,
     NoGrant,
@@ -34,6 +36,8 @@ impl Verdict {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Denied and Killed are applied by enforcement (enforce issue).
+#[allow(dead_code)]
 pub enum Action {
     Allowed,
     Alerted,

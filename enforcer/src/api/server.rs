@@ -40,6 +40,11 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
 
 async fn handle(req: Request<Incoming>, state: Arc<ApiState>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
+    // Refuse oversized bodies up front, before any of it is read.
+    let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > super::MAX_BODY) {
+        return Ok(error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &format!("request bodies are limited to {} bytes", super::MAX_BODY)));
+    }
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/health") => json_response(StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/v1/status") => {

@@ -63,6 +63,8 @@ impl Engine {
         let d = decide::decide(&Use::Connect, known, self.mode);
         let dest = DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
         let mut e = self.event("connect", &d, process);
+        // When the kernel saw it, not when the daemon got to it.
+        e.time = event::rfc3339(wall_time_of(c.boot_ns));
         e.destination = Some(dest);
         self.emit(e);
     }
@@ -151,6 +153,13 @@ impl Engine {
 
 fn ip_string(ip: IpAddr) -> String {
     ip.to_string()
+}
+
+/// Converts a boot-clock timestamp (bpf_ktime_get_boot_ns) to wall-clock time.
+fn wall_time_of(boot: u64) -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    let age = boot_ns().saturating_sub(boot);
+    now - chrono::Duration::nanoseconds(age.min(i64::MAX as u64) as i64)
 }
 
 fn boot_ns() -> u64 {

@@ -8,8 +8,8 @@ use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
 #[derive(Debug, Clone)]
 pub enum Record {
     Fork { parent: u32, child: u32, uid: u32, cgroup_id: u64, boot_ns: u64 },
-    Exec { tgid: u32, uid: u32, cgroup_id: u64, boot_ns: u64, filename: String, argv: Vec<String>, argv_truncated: bool },
-    Exit { tgid: u32, boot_ns: u64 },
+    Exec { tgid: u32, uid: u32, cgroup_id: u64, filename: String, argv: Vec<String>, argv_truncated: bool },
+    Exit { tgid: u32 },
     Connect(Connect),
     Malformed { len: usize, kind: u32 },
 }
@@ -70,12 +70,12 @@ pub fn decode(bytes: &[u8]) -> Record {
                     .filter(|s| !s.is_empty())
                     .map(|s| String::from_utf8_lossy(s).into_owned())
                     .collect();
-                Record::Exec { tgid: r.tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns, filename, argv, argv_truncated: r.args_truncated != 0 }
+                Record::Exec { tgid: r.tgid, uid: r.uid, cgroup_id: r.cgroup_id, filename, argv, argv_truncated: r.args_truncated != 0 }
             }
             None => malformed,
         },
         kind::EXIT => match read::<ExitRecord>(bytes) {
-            Some(r) => Record::Exit { tgid: r.tgid, boot_ns: r.boot_ns },
+            Some(r) => Record::Exit { tgid: r.tgid },
             None => malformed,
         },
         kind::CONNECT => match read::<ConnectRecord>(bytes) {

@@ -2,7 +2,7 @@
 //! that bpf_get_current_cgroup_id() returns.
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Bounds on a rescan so a huge or hostile cgroup tree cannot stall the daemon.
@@ -18,10 +18,6 @@ pub struct CgroupResolver {
 impl CgroupResolver {
     pub fn new(mount: PathBuf) -> Self {
         CgroupResolver { mount, by_id: HashMap::new(), last_scan: None }
-    }
-
-    pub fn mount(&self) -> &Path {
-        &self.mount
     }
 
     /// The id of a cgroup given its path relative to the mount ("/a/b").

@@ -24,6 +24,9 @@ pub struct Process {
     pub exe: String,
     pub cmdline: Vec<String>,
     pub cgroup_id: u64,
+    /// Boot-clock ns when the process was created (0 when it predates the daemon):
+    /// with the pid, the subject's identity, so a reused pid is never the same subject.
+    pub start_ns: u64,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
 }
@@ -31,11 +34,16 @@ pub struct Process {
 pub struct ProcessTable {
     procs: HashMap<u32, Process>,
     pub cgroups: CgroupResolver,
+    /// exec'd filename -> canonical path; saves the path walk on every exec of the same file.
+    exe_cache: HashMap<String, String>,
 }
+
+/// Bound on the exe cache; it is simply cleared when full.
+const EXE_CACHE_MAX: usize = 4096;
 
 impl ProcessTable {
     pub fn new(cgroup_mount: PathBuf) -> Self {
-        ProcessTable { procs: HashMap::new(), cgroups: CgroupResolver::new(cgroup_mount) }
+        ProcessTable { procs: HashMap::new(), cgroups: CgroupResolver::new(cgroup_mount), exe_cache: HashMap::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -55,25 +63,25 @@ impl ProcessTable {
 
     pub fn apply(&mut self, rec: &Record) {
         match rec {
-            Record::Fork { parent, child, uid, cgroup_id, .. } => {
+            Record::Fork { parent, child, uid, cgroup_id, boot_ns } => {
                 let base = self.get_or_load(*parent).cloned();
                 let p = match base {
-                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, exited_at: None, ..parent_proc },
-                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, exited_at: None },
+                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, start_ns: *boot_ns, exited_at: None, ..parent_proc },
+                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, exited_at: None },
                 };
                 self.procs.insert(*child, p);
             }
             Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
-                let exe = resolve_exe(*tgid, filename);
+                let exe = self.resolve_exe(*tgid, filename);
                 let mut cmdline = argv.clone();
                 if *argv_truncated {
                     cmdline.push("...".into());
                 }
-                let ppid = match self.procs.get(tgid) {
-                    Some(p) => p.ppid,
-                    None => procfs::ppid(*tgid).unwrap_or(0),
+                let (ppid, start_ns) = match self.procs.get(tgid) {
+                    Some(p) => (p.ppid, p.start_ns),
+                    None => (procfs::ppid(*tgid).unwrap_or(0), 0),
                 };
-                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, exited_at: None });
+                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, exited_at: None });
             }
             Record::Exit { tgid, .. } => {
                 if let Some(p) = self.procs.get_mut(tgid) {
@@ -102,6 +110,21 @@ impl ProcessTable {
     /// Cgroup path of a process, relative to the cgroup2 mount ("/a/b").
     pub fn cgroup_path(&mut self, cgroup_id: u64) -> String {
         self.cgroups.path(cgroup_id).unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"))
+    }
+
+    fn resolve_exe(&mut self, pid: u32, filename: &str) -> String {
+        if !Path::new(filename).is_absolute() {
+            return resolve_exe(pid, filename);
+        }
+        if let Some(exe) = self.exe_cache.get(filename) {
+            return exe.clone();
+        }
+        let exe = resolve_exe(pid, filename);
+        if self.exe_cache.len() >= EXE_CACHE_MAX {
+            self.exe_cache.clear();
+        }
+        self.exe_cache.insert(filename.to_string(), exe.clone());
+        exe
     }
 
     /// Drops processes that exited more than the grace period ago.

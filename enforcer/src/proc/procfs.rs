@@ -35,5 +35,5 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
         .and_then(|path| cgroups.id_of(&path))
         .unwrap_or(0);
-    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, exited_at: None })
+    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, exited_at: None })
 }
