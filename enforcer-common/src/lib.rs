@@ -18,6 +18,9 @@ pub const FILENAME_LEN: usize = 256;
 /// Maximum bytes of argv (NUL separated) kept by the kernel; longer ones are truncated.
 pub const ARGS_LEN: usize = 2048;
 
+/// Grants one process can hold at once (each a slot in `GRANTS`).
+pub const MAX_PROC_GRANTS: usize = 4;
+
 /// A new process (not a thread) was created: written in the parent, before the child runs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -30,6 +33,65 @@ pub struct ForkRecord {
     pub _pad: u32,
     pub cgroup_id: u64,
     pub boot_ns: u64,
+    /// Grant slots the child inherited from the parent (0 = empty).
+    pub grants: [u32; MAX_PROC_GRANTS],
+}
+
+/// PROC_GRANTS value: the grants a process (tgid) holds. Written by the daemon when it
+/// binds a grant, copied to children by the fork hook, removed by the exit hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcGrants {
+    pub grants: [u32; MAX_PROC_GRANTS],
+    /// Boot-clock ns of the process start, for the daemon's PID-reuse checks.
+    pub start_ns: u64,
+}
+
+/// Grant states in `GrantInfo.state`.
+pub mod grant_state {
+    pub const ACTIVE: u32 = 1;
+    pub const REVOKED: u32 = 2;
+}
+
+/// GRANTS value, keyed by slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrantInfo {
+    /// Deadline on the boot clock (bpf_ktime_get_boot_ns): a use at or after it is expired.
+    pub expires_ns: u64,
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// GRANT_DESTS key: an LPM-trie key over (slot, IPv6 address); IPv4 is stored as
+/// IPv4-mapped IPv6. `prefix_len` counts the 32 slot bits plus the address prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DestKey {
+    /// Slot, big-endian so that it forms the leading prefix bits.
+    pub slot_be: u32,
+    pub addr: [u8; 16],
+}
+
+/// Port ranges allowed for one (slot, network) entry.
+pub const MAX_PORT_RANGES: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PortRanges {
+    /// Inclusive (lo, hi) pairs; an unused pair is (1, 0), which matches nothing.
+    pub lo: [u16; MAX_PORT_RANGES],
+    pub hi: [u16; MAX_PORT_RANGES],
+}
+
+/// Connect verdicts decided in the kernel (`ConnectRecord.verdict`), mirroring decide.rs.
+pub mod verdict {
+    /// The process holds no grant: nothing to judge.
+    pub const NO_GRANT_HELD: u8 = 0;
+    pub const ALLOWED: u8 = 1;
+    pub const EXPIRED: u8 = 2;
+    pub const REVOKED: u8 = 3;
+    pub const OUT_OF_INTENT: u8 = 4;
 }
 
 /// A process image was replaced (successful execve/execveat).
@@ -57,6 +119,8 @@ pub struct ExitRecord {
     pub kind: u32,
     pub tgid: u32,
     pub boot_ns: u64,
+    /// Grant slots the process held when it exited.
+    pub grants: [u32; MAX_PROC_GRANTS],
 }
 
 /// Operation that produced a connect record.
@@ -83,11 +147,15 @@ pub struct ConnectRecord {
     pub op: u8,
     /// 1 when the kernel refused the operation.
     pub denied: u8,
-    pub _pad: u8,
+    /// `verdict::*` as decided in the kernel.
+    pub verdict: u8,
     /// IPv4 in the first 4 bytes (network order), or the IPv6 address.
     pub addr: [u8; 16],
     pub cgroup_id: u64,
     pub boot_ns: u64,
+    /// The grant slot the verdict was decided against (0 = none).
+    pub grant_slot: u32,
+    pub _pad2: u32,
 }
 
 /// Index of counters in the per-CPU `COUNTERS` array.
@@ -106,4 +174,8 @@ mod pod {
     unsafe impl aya::Pod for ExecRecord {}
     unsafe impl aya::Pod for ExitRecord {}
     unsafe impl aya::Pod for ConnectRecord {}
+    unsafe impl aya::Pod for ProcGrants {}
+    unsafe impl aya::Pod for GrantInfo {}
+    unsafe impl aya::Pod for DestKey {}
+    unsafe impl aya::Pod for PortRanges {}
 }

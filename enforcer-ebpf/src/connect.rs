@@ -2,8 +2,13 @@
 //!
 //! connect4/6 see TCP connect and UDP connect (also from io_uring, which goes through the
 //! same kernel path); sendmsg4/6 see UDP sendto/sendmsg with an explicit address.
-//! A dual-stack socket connecting to an IPv4-mapped address reaches connect6 only, so the
-//! daemon folds ::ffff:a.b.c.d back to IPv4.
+//! A dual-stack socket connecting to an IPv4-mapped address reaches connect6 only; it is
+//! judged (and reported) as the IPv4 address.
+//!
+//! The verdict for a process holding grants is decided here, against the grant deadlines on
+//! the boot clock, so a use one nanosecond late is already expired. It follows decide.rs:
+//! allowed if any active, unexpired grant covers the destination; otherwise revoked or
+//! expired if such a grant covers it; otherwise out_of_intent.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -12,9 +17,13 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use enforcer_common::{ConnectRecord, counter, kind, op};
+use aya_ebpf::maps::lpm_trie::Key;
+use enforcer_common::{
+    ConnectRecord, DestKey, MAX_PORT_RANGES, MAX_PROC_GRANTS, counter, grant_state, kind, op,
+    verdict,
+};
 
-use crate::maps::{EVENTS, count, submit_flags};
+use crate::maps::{EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, count, submit_flags};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -41,6 +50,54 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     record(&ctx, AF_INET6, op::SENDMSG)
 }
 
+/// Decides a connect by `tgid` to `addr` (IPv6 form, IPv4 mapped) and `port`.
+/// Returns (verdict, grant slot decided against).
+#[inline(always)]
+fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> (u8, u32) {
+    let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
+        return (verdict::NO_GRANT_HELD, 0);
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut best = verdict::OUT_OF_INTENT;
+    let mut best_slot = 0u32;
+    let mut any = false;
+    for i in 0..MAX_PROC_GRANTS {
+        let slot = pg.grants[i];
+        if slot == 0 {
+            continue;
+        }
+        let Some(g) = (unsafe { GRANTS.get(&slot) }) else { continue };
+        any = true;
+        if best_slot == 0 {
+            best_slot = slot;
+        }
+        let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
+        let Some(ports) = GRANT_DESTS.get(&key) else { continue };
+        let mut port_ok = false;
+        for j in 0..MAX_PORT_RANGES {
+            if ports.lo[j] <= port && port <= ports.hi[j] {
+                port_ok = true;
+            }
+        }
+        if !port_ok {
+            continue;
+        }
+        if g.state == grant_state::ACTIVE && now < g.expires_ns {
+            return (verdict::ALLOWED, slot);
+        }
+        // Covered but unusable: revoked outranks expired (it is the stronger statement).
+        let v = if g.state == grant_state::REVOKED { verdict::REVOKED } else { verdict::EXPIRED };
+        if best == verdict::OUT_OF_INTENT || v == verdict::REVOKED {
+            best = v;
+            best_slot = slot;
+        }
+    }
+    if !any {
+        return (verdict::NO_GRANT_HELD, 0);
+    }
+    (best, best_slot)
+}
+
 #[inline(always)]
 fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
@@ -61,6 +118,12 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     let port = u16::from_be(sa.user_port as u16);
     let protocol = sa.protocol as u8;
     let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let mut v6 = addr;
+    if family == AF_INET {
+        v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
+    }
+    let (v, slot) = judge(tgid, &v6, port);
     let ug = bpf_get_current_uid_gid();
     let Some(mut entry) = EVENTS.reserve::<ConnectRecord>(0) else {
         count(counter::RINGBUF_DROPS);
@@ -68,7 +131,7 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     };
     entry.write(ConnectRecord {
         kind: kind::CONNECT,
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         tid: pid_tgid as u32,
         uid: ug as u32,
         family: family as u16,
@@ -76,10 +139,12 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         protocol,
         op: operation,
         denied: 0,
-        _pad: 0,
+        verdict: v,
         addr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        grant_slot: slot,
+        _pad2: 0,
     });
     entry.submit(submit_flags());
     count(counter::EVENTS);

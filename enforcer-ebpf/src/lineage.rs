@@ -13,9 +13,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use core::ffi::c_void;
-use enforcer_common::{ARGS_LEN, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, counter, kind};
+use enforcer_common::{
+    ARGS_LEN, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_PROC_GRANTS, ProcGrants,
+    counter, kind,
+};
 
-use crate::maps::{EVENTS, count, submit_flags};
+use crate::maps::{EVENTS, PROC_GRANTS, count, submit_flags};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -55,15 +58,26 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let ug = bpf_get_current_uid_gid();
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // Descendants forked after a grant inherit it; this runs before the child can run,
+    // so the child never executes a single instruction without its grants.
+    let mut grants = [0u32; MAX_PROC_GRANTS];
+    if let Some(pg) = unsafe { PROC_GRANTS.get(&parent) } {
+        grants = pg.grants;
+        let inherited = ProcGrants { grants, start_ns: now };
+        let _ = PROC_GRANTS.insert(&(child as u32), &inherited, 0);
+    }
     entry.write(ForkRecord {
         kind: kind::FORK,
-        parent_tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        parent_tgid: parent,
         child_tgid: child as u32,
         uid: ug as u32,
         gid: (ug >> 32) as u32,
         _pad: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        boot_ns: now,
+        grants,
     });
     entry.submit(submit_flags());
     count(counter::EVENTS);
@@ -117,11 +131,17 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !last {
         return 0;
     }
+    let mut grants = [0u32; MAX_PROC_GRANTS];
+    if let Some(pg) = unsafe { PROC_GRANTS.get(&tgid) } {
+        grants = pg.grants;
+        // A reused pid must never find this process's grants.
+        let _ = PROC_GRANTS.remove(&tgid);
+    }
     let Some(mut entry) = EVENTS.reserve::<ExitRecord>(0) else {
         count(counter::RINGBUF_DROPS);
         return 0;
     };
-    entry.write(ExitRecord { kind: kind::EXIT, tgid, boot_ns: unsafe { bpf_ktime_get_boot_ns() } });
+    entry.write(ExitRecord { kind: kind::EXIT, tgid, boot_ns: unsafe { bpf_ktime_get_boot_ns() }, grants });
     entry.submit(submit_flags());
     count(counter::EVENTS);
     0

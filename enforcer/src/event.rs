@@ -24,6 +24,9 @@ pub struct Event {
     pub grant: Option<GrantRef>,
     #[serde(default)]
     pub decision_path: Vec<String>,
+    /// Secret names a grant covers (grant lifecycle events).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     #[serde(default)]
     pub mitre: Vec<String>,
     pub severity: String,

@@ -6,6 +6,7 @@ mod decide;
 mod event;
 mod file;
 mod kernel;
+mod mint;
 mod policy;
 mod proc;
 mod store;

@@ -1,18 +1,24 @@
-//! Routes: GET /v1/health, GET /v1/status. Every error is JSON
-//! `{"error": {"code", "message"}}`.
+//! Routes of the API socket. Every error is JSON `{"error": {"code", "message"}}`.
+//! Each connection's peer is attested by the kernel at accept (SO_PEERCRED + pidfd); the
+//! handlers never trust anything the caller says about itself.
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
 
+use super::mint::{self, MintState};
+use crate::mint::attest::{self, Requester};
+use crate::mint::request::ApiError;
+
 /// What the API serves, kept current by the daemon.
 pub struct ApiState {
     pub status: Mutex<Value>,
+    pub mint: MintState,
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
@@ -27,7 +33,15 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, state.clone()));
+            // Who is calling, from the kernel; a peer that cannot be attested gets nothing.
+            let peer = match attest::attest_peer(&stream) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!("mint.sock: peer not attested: {e}");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| handle(req, state.clone(), peer.clone()));
             // A slow or hostile client must not pin a task forever.
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -38,23 +52,46 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
     }
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<ApiState>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requester>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
     let path = req.uri().path().to_string();
-    // Refuse oversized bodies up front, before any of it is read.
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return Ok(api_error(&e)),
+    };
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let result: Result<(StatusCode, Value), ApiError> = match (&method, segments.as_slice()) {
+        (&Method::GET, ["", "v1", "health"]) => Ok((StatusCode::OK, json!({"status": "ok"}))),
+        (&Method::GET, ["", "v1", "status"]) => Ok((StatusCode::OK, state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null))),
+        (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
+        (&Method::POST, ["", "v1", "grants"]) => mint::issue(&state.mint, &peer, &body).await,
+        (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &query),
+        (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id),
+        (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id),
+        (_, ["", "v1", "health" | "status" | "keys" | "grants"] | ["", "v1", "grants", _]) => {
+            Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
+        }
+        _ => Err(ApiError::not_found("not_found", format!("no route {path}"))),
+    };
+    Ok(match result {
+        Ok((status, v)) => json_response(status, v),
+        Err(e) => api_error(&e),
+    })
+}
+
+/// Reads at most MAX_BODY bytes; a larger body is refused (413) without reading on.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::too_large("body_too_large", format!("request bodies are limited to {} bytes", super::MAX_BODY));
     let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > super::MAX_BODY) {
-        return Ok(error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &format!("request bodies are limited to {} bytes", super::MAX_BODY)));
+        return Err(too_large());
     }
-    let resp = match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/health") => json_response(StatusCode::OK, json!({"status": "ok"})),
-        (&Method::GET, "/v1/status") => {
-            let v = state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null);
-            json_response(StatusCode::OK, v)
-        }
-        (_, "/v1/health" | "/v1/status") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
-        _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no route {path}")),
-    };
-    Ok(resp)
+    match Limited::new(req.into_body(), super::MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request("bad_body", format!("reading the request body: {e}"))),
+    }
 }
 
 pub fn json_response(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
@@ -67,6 +104,11 @@ pub fn json_response(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
         .expect("static response parts")
 }
 
-pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json_response(status, json!({"error": {"code": code, "message": message}}))
+fn api_error(e: &ApiError) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_response(status, e.to_json());
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut().insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+    }
+    r
 }

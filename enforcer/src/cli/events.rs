@@ -6,7 +6,8 @@ use anyhow::{Context, bail};
 use crate::store;
 
 pub fn state_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(|| crate::policy::load(None).map(|c| c.state_dir).unwrap_or_else(|_| PathBuf::from("/var/lib/enforcer")))
+    flag.or_else(|| std::env::var_os("ENFORCER_STATE_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| crate::policy::load(None).map(|c| c.state_dir).unwrap_or_else(|_| PathBuf::from("/var/lib/enforcer")))
 }
 
 pub fn run(follow: bool, since: Option<String>, format: &str, state_dir_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {

@@ -2,7 +2,9 @@
 mod daemon;
 mod doctor;
 mod events;
+mod grant;
 mod policy;
+mod run;
 mod status;
 
 use std::path::PathBuf;
@@ -51,11 +53,51 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Request, list, revoke and verify grants.
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
+    },
+    /// Run CMD holding a grant for INTENT bound to its process subtree; revoked when it exits.
+    Run {
+        #[arg(long)]
+        intent: String,
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Validate configuration and policy files.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GrantCommand {
+    /// Ask the daemon for a grant (for this process, or --pid PID).
+    Request {
+        #[arg(long)]
+        intent: String,
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List active grants (--all: every grant in the ledger).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a grant now.
+    Revoke { id: String },
+    /// Check a grant token's signature and expiry against the daemon's key.
+    Verify { token: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,5 +118,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             events::run(follow, since, &format, state_dir)
         }
         Command::Policy { command: PolicyCommand::Check { paths } } => policy::check(&paths),
+        Command::Grant { command } => match command {
+            GrantCommand::Request { intent, ttl, pid, json } => grant::request(&intent, ttl, pid, json),
+            GrantCommand::List { json, all } => grant::list(json, all),
+            GrantCommand::Revoke { id } => grant::revoke(&id),
+            GrantCommand::Verify { token } => grant::verify(&token),
+        },
+        Command::Run { intent, ttl, cmd } => run::run(&intent, ttl, &cmd),
     }
 }

@@ -3,9 +3,15 @@ use std::process::ExitCode;
 
 use crate::api;
 
-/// Where the daemon's socket is: the flag, else the installed config's runtime_dir.
+/// Where the daemon's socket is: the flag, else $ENFORCER_RUNTIME_DIR, else the installed
+/// config's runtime_dir, else /run/enforcer.
 pub fn runtime_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(|| crate::policy::load(None).map(|c| c.runtime_dir).unwrap_or_else(|_| PathBuf::from("/run/enforcer")))
+    flag.or_else(|| std::env::var_os("ENFORCER_RUNTIME_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| crate::policy::load(None).map(|c| c.runtime_dir).unwrap_or_else(|_| PathBuf::from("/run/enforcer")))
+}
+
+pub fn socket() -> PathBuf {
+    runtime_dir(None).join(api::SOCKET_NAME)
 }
 
 pub fn run(json: bool, runtime_dir_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {

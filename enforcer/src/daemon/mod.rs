@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::api::{self, server::ApiState};
+use crate::api::{self, mint::MintState, server::ApiState};
+use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::{self, Registry}, token::Signer};
 use crate::file::SecretWatch;
 use crate::kernel::{self, Kernel, records};
 use crate::policy::Config;
@@ -74,7 +75,7 @@ pub fn run(setup: Setup) -> Result<()> {
 async fn run_async(setup: Setup) -> Result<()> {
     let started = Instant::now();
     let cfg = setup.config.clone();
-    let (kernel, ring) = Kernel::load(&setup.cgroup_root)?;
+    let (mut kernel, ring) = Kernel::load(&setup.cgroup_root)?;
     // SAFETY: the ring buffer owns its fd and it is neither closed nor replaced while registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
@@ -89,11 +90,26 @@ async fn run_async(setup: Setup) -> Result<()> {
     let fan = unsafe { AsyncFd::register_with_interest(watch.fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("poll fanotify: {e}"))?;
 
+    // Grants: signing key and ledger under the state dir, kernel maps from the object;
+    // grants that survived a restart are written back before anything is served.
+    let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let signer = Signer::load_or_create(&cfg.state_dir)?;
+    let ledger = Ledger::open(&cfg.state_dir)?;
+    let registry = Arc::new(Mutex::new(Registry::new(kernel.grant_maps()?, ledger, signer, format!("enforcer@{}", setup.host), changes_tx)));
+    let (restored, expired_while_down) = registry.lock().unwrap().restore(registry::nets_of)?;
+
     let store = EventStore::open(&cfg.state_dir)?;
-    let mut engine = Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone());
+    let mut engine = Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), registry.clone());
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
 
-    let api_state = Arc::new(ApiState { status: Mutex::new(serde_json::Value::Null) });
+    let limiter = match cfg.mint_rate_per_second {
+        0 => RateLimiter::new(f64::INFINITY, u32::MAX),
+        r => RateLimiter::new(r as f64, r.saturating_mul(2)),
+    };
+    let api_state = Arc::new(ApiState {
+        status: Mutex::new(serde_json::Value::Null),
+        mint: MintState::new(registry.clone(), Arc::new(cfg.clone()), limiter),
+    });
     let status_ctx = status::Context { setup: &setup, started, kernel: &kernel };
     *api_state.status.lock().unwrap() = status_ctx.render(&engine, &watch);
 
@@ -109,8 +125,11 @@ async fn run_async(setup: Setup) -> Result<()> {
     engine.agent_event(
         "agent_started",
         "info",
-        format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len()),
+        format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached, {restored} live grants restored, {expired_while_down} expired while down", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len()),
     );
+    while let Ok(c) = changes.try_recv() {
+        engine.on_grant_change(c);
+    }
     engine.flush();
     tracing::info!(mode = %cfg.mode, config = %cfg.source, cgroup_root = %setup.cgroup_root.display(), "enforcer ready");
     notify_ready();
@@ -135,14 +154,29 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
+                registry.lock().unwrap().expire_if_due(chrono::Utc::now());
+                engine.flush();
+            }
+            Some(change) = changes.recv() => {
+                // Lineage first, so the subject's records are in the table.
+                drain_ring(ring.get_mut(), &mut engine);
+                engine.on_grant_change(change);
+                while let Ok(c) = changes.try_recv() {
+                    engine.on_grant_change(c);
+                }
                 engine.flush();
             }
             guard = fan.readable() => {
                 let mut guard = guard?;
                 // Lineage first: the opener's exec record may still be in the ring.
                 drain_ring(ring.get_mut(), &mut engine);
-                for open in watch.read() {
-                    engine.on_file_open(open);
+                let opens: Vec<_> = watch.read().into_iter().map(|o| {
+                    let held = registry.lock().unwrap().held_by(o.pid);
+                    (o, held)
+                }).collect();
+                drain_ring(ring.get_mut(), &mut engine);
+                for (open, held) in opens {
+                    engine.on_file_open(open, held);
                 }
                 guard.clear_ready();
                 engine.flush();
@@ -165,6 +199,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                         watch.set_secrets(&new.secrets);
                         engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
                         engine.mode = new.mode;
+                        *api_state.mint.config.lock().unwrap() = Arc::new(new.clone());
                         tracing::info!("policy reloaded from {}", new.source);
                         engine.agent_event("policy_reloaded", "info", format!("policy reloaded from {}", new.source));
                         cfg = new;

@@ -36,7 +36,7 @@ impl Context<'_> {
                 "connect: programs are detached when the daemon stops (pinning arrives with enforcement)",
             ],
             "programs": self.kernel.attached,
-            "live_grants": 0,
+            "live_grants": engine.registry.lock().unwrap().live_count(),
             "secrets": {
                 "defined": cfg.secrets.len(),
                 "paths_watched": watch.stats().paths_watched,

@@ -1,6 +1,7 @@
 //! Loading and attaching the kernel programs. One file per concern: tracefs offsets,
 //! record decoding, feature probes.
 pub mod btf;
+pub mod grants;
 pub mod probe;
 pub mod records;
 pub mod tracefs;
@@ -103,6 +104,11 @@ impl Kernel {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
         Ok((Kernel { ebpf, attached }, ring))
+    }
+
+    /// Takes the grant maps out of the object, for the mint's registry.
+    pub fn grant_maps(&mut self) -> Result<grants::GrantMaps> {
+        grants::GrantMaps::take(&mut self.ebpf)
     }
 
     pub fn counters(&self) -> Counters {

@@ -7,9 +7,9 @@ use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
 
 #[derive(Debug, Clone)]
 pub enum Record {
-    Fork { parent: u32, child: u32, uid: u32, cgroup_id: u64, boot_ns: u64 },
+    Fork { parent: u32, child: u32, uid: u32, cgroup_id: u64, boot_ns: u64, grants: Vec<u32> },
     Exec { tgid: u32, uid: u32, cgroup_id: u64, filename: String, argv: Vec<String>, argv_truncated: bool },
-    Exit { tgid: u32 },
+    Exit { tgid: u32, grants: Vec<u32> },
     Connect(Connect),
     Malformed { len: usize, kind: u32 },
 }
@@ -23,6 +23,9 @@ pub struct Connect {
     pub protocol: Protocol,
     pub sendmsg: bool,
     pub denied: bool,
+    /// The kernel's verdict (`enforcer_common::verdict`), and the grant slot it used.
+    pub verdict: u8,
+    pub grant_slot: u32,
     pub cgroup_id: u64,
     pub boot_ns: u64,
 }
@@ -57,7 +60,7 @@ pub fn decode(bytes: &[u8]) -> Record {
     let malformed = Record::Malformed { len: bytes.len(), kind: k };
     match k {
         kind::FORK => match read::<ForkRecord>(bytes) {
-            Some(r) => Record::Fork { parent: r.parent_tgid, child: r.child_tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns },
+            Some(r) => Record::Fork { parent: r.parent_tgid, child: r.child_tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns, grants: slots(&r.grants) },
             None => malformed,
         },
         kind::EXEC => match read::<ExecRecord>(bytes) {
@@ -75,7 +78,7 @@ pub fn decode(bytes: &[u8]) -> Record {
             None => malformed,
         },
         kind::EXIT => match read::<ExitRecord>(bytes) {
-            Some(r) => Record::Exit { tgid: r.tgid },
+            Some(r) => Record::Exit { tgid: r.tgid, grants: slots(&r.grants) },
             None => malformed,
         },
         kind::CONNECT => match read::<ConnectRecord>(bytes) {
@@ -87,6 +90,10 @@ pub fn decode(bytes: &[u8]) -> Record {
         },
         _ => malformed,
     }
+}
+
+fn slots(g: &[u32]) -> Vec<u32> {
+    g.iter().copied().filter(|s| *s != 0).collect()
 }
 
 fn c_string(b: &[u8]) -> String {
@@ -120,6 +127,8 @@ fn connect(r: &ConnectRecord) -> Option<Connect> {
         protocol,
         sendmsg: r.op == enforcer_common::op::SENDMSG,
         denied: r.denied != 0,
+        verdict: r.verdict,
+        grant_slot: r.grant_slot,
         cgroup_id: r.cgroup_id,
         boot_ns: r.boot_ns,
     })

@@ -81,6 +81,9 @@ pub struct Config {
     /// Directory whose `*.toml` fragments were merged; None for the embedded default.
     pub policy_dir: Option<PathBuf>,
     pub socket_group: Option<String>,
+    /// Grant requests per second allowed per requesting process (burst: twice that);
+    /// 0 disables the limit.
+    pub mint_rate_per_second: u32,
     pub secrets: Vec<Secret>,
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.
@@ -90,6 +93,7 @@ pub struct Config {
 }
 
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/enforcer";
+pub const DEFAULT_MINT_RATE_PER_SECOND: u32 = 50;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
 

@@ -29,6 +29,7 @@ struct RawConfig {
     pin_dir: Option<Spanned<String>>,
     policy_dir: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
+    mint_rate_per_second: Option<Spanned<u32>>,
     // Repeated rather than `#[serde(flatten)]`ed from RawPolicy: flatten buffers values and loses
     // their spans, and does not combine with deny_unknown_fields.
     #[serde(default)]
@@ -103,6 +104,7 @@ pub(crate) struct Settings {
     pin_dir: PathBuf,
     pub policy_dir: Option<PathBuf>,
     socket_group: Option<String>,
+    mint_rate_per_second: u32,
 }
 
 impl Settings {
@@ -116,6 +118,7 @@ impl Settings {
             pin_dir: DEFAULT_PIN_DIR.into(),
             policy_dir,
             socket_group: None,
+            mint_rate_per_second: DEFAULT_MINT_RATE_PER_SECOND,
         }
     }
 }
@@ -247,6 +250,11 @@ impl Loader {
                 .as_ref()
                 .and_then(|g| self.non_empty(file, "socket_group", g))
                 .map(str::to_owned),
+            mint_rate_per_second: raw
+                .mint_rate_per_second
+                .as_ref()
+                .map(|r| *r.get_ref())
+                .unwrap_or(defaults.mint_rate_per_second),
         }
     }
 
@@ -561,6 +569,7 @@ impl Loader {
                 pin_dir: s.pin_dir,
                 policy_dir: s.policy_dir,
                 socket_group: s.socket_group,
+                mint_rate_per_second: s.mint_rate_per_second,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,

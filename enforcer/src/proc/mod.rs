@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use cgroup::{CgroupResolver, is_within};
+pub use procfs::{start_ns, subtree_since};
 
 use crate::kernel::records::Record;
 
@@ -27,6 +28,9 @@ pub struct Process {
     /// Boot-clock ns when the process was created (0 when it predates the daemon):
     /// with the pid, the subject's identity, so a reused pid is never the same subject.
     pub start_ns: u64,
+    /// Grant slots the kernel reported for this process at fork and at exit: lets a
+    /// decision made after the process is gone (fanotify notifications) see what it held.
+    pub grants: Vec<u32>,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
 }
@@ -63,11 +67,11 @@ impl ProcessTable {
 
     pub fn apply(&mut self, rec: &Record) {
         match rec {
-            Record::Fork { parent, child, uid, cgroup_id, boot_ns } => {
+            Record::Fork { parent, child, uid, cgroup_id, boot_ns, grants } => {
                 let base = self.get_or_load(*parent).cloned();
                 let p = match base {
-                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, start_ns: *boot_ns, exited_at: None, ..parent_proc },
-                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, exited_at: None },
+                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), exited_at: None, ..parent_proc },
+                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), exited_at: None },
                 };
                 self.procs.insert(*child, p);
             }
@@ -77,15 +81,16 @@ impl ProcessTable {
                 if *argv_truncated {
                     cmdline.push("...".into());
                 }
-                let (ppid, start_ns) = match self.procs.get(tgid) {
-                    Some(p) => (p.ppid, p.start_ns),
-                    None => (procfs::ppid(*tgid).unwrap_or(0), 0),
+                let (ppid, start_ns, grants) = match self.procs.get(tgid) {
+                    Some(p) => (p.ppid, p.start_ns, p.grants.clone()),
+                    None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new()),
                 };
-                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, exited_at: None });
+                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, grants, exited_at: None });
             }
-            Record::Exit { tgid, .. } => {
+            Record::Exit { tgid, grants } => {
                 if let Some(p) = self.procs.get_mut(tgid) {
                     p.exited_at = Some(Instant::now());
+                    p.grants = grants.clone();
                 }
             }
             Record::Connect(c) => {
@@ -125,6 +130,11 @@ impl ProcessTable {
         }
         self.exe_cache.insert(filename.to_string(), exe.clone());
         exe
+    }
+
+    /// Grant slots an exited process held (None while it runs: ask the kernel map).
+    pub fn exited_grants(&self, pid: u32) -> Option<Vec<u32>> {
+        self.procs.get(&pid).filter(|p| p.exited_at.is_some()).map(|p| p.grants.clone())
     }
 
     /// Drops processes that exited more than the grace period ago.

@@ -35,5 +35,43 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
         .and_then(|path| cgroups.id_of(&path))
         .unwrap_or(0);
-    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, exited_at: None })
+    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, grants: Vec::new(), exited_at: None })
+}
+
+/// Process start time in ns since boot, from /proc/<pid>/stat (field 22, clock ticks).
+/// The comm field may hold spaces and parentheses: fields are counted after the last ')'.
+pub fn start_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ')' come fields 3.. ; starttime is field 22.
+    let ticks: u64 = rest.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * (1_000_000_000 / hz))
+}
+
+/// `root` and its descendants that started at or after `since` (wall clock), from /proc.
+pub fn subtree_since(root: u32, since: chrono::DateTime<chrono::Utc>) -> Vec<u32> {
+    let btime: i64 = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0);
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
+    for pid in pids() {
+        if let Some(pp) = ppid(pid) {
+            children.entry(pp).or_default().push(pid);
+        }
+    }
+    let mut out = vec![root];
+    let mut stack = children.get(&root).cloned().unwrap_or_default();
+    while let Some(p) = stack.pop() {
+        if out.len() > 100_000 {
+            break;
+        }
+        let started = start_ns(p).map(|ns| btime * 1_000_000_000 + ns as i64).unwrap_or(i64::MAX);
+        if started >= since.timestamp_nanos_opt().unwrap_or(0) {
+            out.push(p);
+        }
+        stack.extend(children.get(&p).cloned().unwrap_or_default());
+    }
+    out
 }

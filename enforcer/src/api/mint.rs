@@ -1,0 +1,142 @@
+//! The Mint API handlers: issue, list, get, revoke grants, and the token public key.
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hyper::StatusCode;
+use serde_json::{Value, json};
+
+use crate::mint::attest::{self, Requester};
+use crate::mint::ledger::ListFilter;
+use crate::mint::model::{Grant, GrantState};
+use crate::mint::ratelimit::RateLimiter;
+use crate::mint::registry::{Registry, resolve_destinations};
+use crate::mint::request::{self, ApiError};
+use crate::policy::Config;
+
+pub struct MintState {
+    pub registry: Arc<Mutex<Registry>>,
+    /// The policy in force; replaced atomically on reload.
+    pub config: Mutex<Arc<Config>>,
+    pub limiter: Mutex<RateLimiter>,
+    /// exe sha256 by (dev, ino, size, mtime): hashing a large binary on every request
+    /// would cost milliseconds.
+    exe_hashes: Mutex<HashMap<(u64, u64, u64, i64), String>>,
+    jwks: Value,
+}
+
+impl MintState {
+    pub fn new(registry: Arc<Mutex<Registry>>, config: Arc<Config>, limiter: RateLimiter) -> Self {
+        let jwks = registry.lock().unwrap().signer.jwks();
+        MintState { registry, config: Mutex::new(config), limiter: Mutex::new(limiter), exe_hashes: Mutex::new(HashMap::new()), jwks }
+    }
+
+    pub fn jwks(&self) -> Value {
+        self.jwks.clone()
+    }
+
+    fn exe_sha256(&self, r: &Requester) -> Result<String, ApiError> {
+        let gone = || ApiError::forbidden("subject_gone", format!("process {} exited during attestation", r.pid));
+        let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
+        let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
+        if let Some(h) = self.exe_hashes.lock().unwrap().get(&key) {
+            return Ok(h.clone());
+        }
+        let h = r.exe_sha256().map_err(|_| gone())?;
+        let mut cache = self.exe_hashes.lock().unwrap();
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(key, h.clone());
+        Ok(h)
+    }
+}
+
+pub fn grant_json(g: &Grant) -> Value {
+    let mut v = json!({
+        "id": g.id,
+        "intent": g.intent,
+        "subject": {"pid": g.subject.pid, "exe": g.subject.exe, "uid": g.subject.uid, "gid": g.subject.gid,
+                    "cgroup": g.subject.cgroup, "exe_sha256": g.subject.exe_sha256, "start_ns": g.subject.start_ns},
+        "secrets": g.secrets,
+        "destinations": g.destinations,
+        "issued_at": crate::event::rfc3339(g.issued_at),
+        "expires_at": crate::event::rfc3339(g.expires_at),
+        "state": g.state.as_str(),
+        "token": g.token,
+    });
+    if let Some(c) = &g.ttl_clamped_from {
+        v["ttl_clamped"] = json!(c);
+    }
+    v
+}
+
+/// POST /v1/grants.
+pub async fn issue(m: &MintState, peer: &Requester, body: &[u8]) -> Result<(StatusCode, Value), ApiError> {
+    if let Err(retry) = m.limiter.lock().unwrap().check((peer.uid, peer.pid), Instant::now()) {
+        return Err(ApiError::too_many("rate_limited", format!("too many grant requests from pid {}; retry in {} ms", peer.pid, retry.as_millis())));
+    }
+    let req = request::parse(body)?;
+    let config = m.config.lock().unwrap().clone();
+    let intent = config.intent(&req.intent).ok_or_else(|| ApiError::not_found("unknown_intent", format!("no intent named {:?}", req.intent)))?.clone();
+    // The process that will hold the grant: the caller, or a process it may bind.
+    let target_owned;
+    let target: &Requester = match req.pid {
+        Some(pid) if pid != peer.pid => {
+            target_owned = attest::attest_pid(pid)?;
+            attest::may_bind(peer, &target_owned)?;
+            &target_owned
+        }
+        _ => peer,
+    };
+    attest::selector_allows(&intent, target)?;
+    let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
+    let sha = m.exe_sha256(target)?;
+    let subject = target.subject(sha);
+    let nets = resolve_destinations(&intent.destinations);
+    let (grant, _slot) = m.registry.lock().unwrap().issue(&intent, subject, ttl, clamped, nets)?;
+    // The pidfd still names the live process only if it did not exit meanwhile; if it did,
+    // its pid may already belong to someone else, who must not inherit the grant.
+    if target.is_gone() {
+        m.registry.lock().unwrap().abort(&grant.id);
+        return Err(ApiError::forbidden("subject_gone", format!("process {} exited before the grant was bound", target.pid)));
+    }
+    Ok((StatusCode::CREATED, grant_json(&grant)))
+}
+
+/// GET /v1/grants[?state=active&intent=NAME&limit=N].
+pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError> {
+    let mut filter = ListFilter { state: None, intent: None, limit: 1000 };
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "state" => filter.state = Some(GrantState::parse(v).ok_or_else(|| ApiError::bad_request("invalid_query", format!("unknown state {v:?}")))?),
+            "intent" => filter.intent = Some(v.to_string()),
+            "limit" => filter.limit = v.parse().ok().filter(|n| *n > 0 && *n <= 10_000).ok_or_else(|| ApiError::bad_request("invalid_query", "limit must be 1..=10000"))?,
+            _ => return Err(ApiError::bad_request("invalid_query", format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let reg = m.registry.lock().unwrap();
+    let grants = reg.ledger.list(filter).map_err(|e| ApiError::new(500, "internal", format!("{e:#}")))?;
+    // Live state (in memory) is newer than the ledger only for grants changing right now.
+    let v: Vec<Value> = grants.iter().map(|g| grant_json(&reg.get(&g.id).unwrap_or_else(|| g.clone()))).collect();
+    Ok((StatusCode::OK, json!({"grants": v})))
+}
+
+pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
+    let g = m.registry.lock().unwrap().get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    Ok((StatusCode::OK, grant_json(&g)))
+}
+
+/// DELETE /v1/grants/{id}: root, or a process of the grant subject's uid.
+pub fn revoke(m: &MintState, peer: &Requester, id: &str) -> Result<(StatusCode, Value), ApiError> {
+    let mut reg = m.registry.lock().unwrap();
+    let g = reg.get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    if peer.uid != 0 && peer.uid != g.subject.uid {
+        return Err(ApiError::forbidden("not_your_grant", format!("grant {id} belongs to uid {}", g.subject.uid)));
+    }
+    let reason = format!("revoked by pid {} (uid {})", peer.pid, peer.uid);
+    let g = reg.revoke(id, &reason)?;
+    Ok((StatusCode::OK, grant_json(&g)))
+}

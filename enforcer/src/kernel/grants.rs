@@ -1,0 +1,142 @@
+//! The kernel's grant maps, written by the daemon: which grants exist (deadline, state),
+//! where each may connect, and which process holds which. The connect hooks and the fork
+//! and exit hooks read and maintain them; userspace decisions read the same maps.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, lpm_trie::{Key, LpmTrie}},
+};
+use enforcer_common::{
+    DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, grant_state,
+};
+use ipnet::IpNet;
+
+pub struct GrantMaps {
+    procs: HashMap<MapData, u32, ProcGrants>,
+    grants: HashMap<MapData, u32, GrantInfo>,
+    dests: LpmTrie<MapData, DestKey, PortRanges>,
+}
+
+/// An address in the trie's form: IPv6, with IPv4 as IPv4-mapped.
+fn v6_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// (trie key, prefix length) of a network for one slot.
+fn dest_key(slot: u32, net: &IpNet) -> Key<DestKey> {
+    let (addr, prefix) = match net {
+        IpNet::V4(n) => (v6_octets(IpAddr::V4(n.network())), 96 + n.prefix_len() as u32),
+        IpNet::V6(n) => (v6_octets(IpAddr::V6(n.network())), n.prefix_len() as u32),
+    };
+    Key::new(32 + prefix, DestKey { slot_be: slot.to_be(), addr })
+}
+
+impl GrantMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        Ok(GrantMaps {
+            procs: HashMap::try_from(take(ebpf, "PROC_GRANTS")?)?,
+            grants: HashMap::try_from(take(ebpf, "GRANTS")?)?,
+            dests: LpmTrie::try_from(take(ebpf, "GRANT_DESTS")?)?,
+        })
+    }
+
+    /// Writes a grant: destinations first, then the grant itself, so the connect hook never
+    /// sees a grant without its destinations.
+    pub fn put_grant(&mut self, slot: u32, expires_ns: u64, dests: &[(IpNet, u16, u16)]) -> Result<()> {
+        let mut by_net: BTreeMap<String, (IpNet, Vec<(u16, u16)>)> = BTreeMap::new();
+        for (net, lo, hi) in dests {
+            by_net.entry(net.to_string()).or_insert((*net, Vec::new())).1.push((*lo, *hi));
+        }
+        for (net, ranges) in by_net.values() {
+            let mut pr = PortRanges { lo: [1; MAX_PORT_RANGES], hi: [0; MAX_PORT_RANGES] };
+            if ranges.len() > MAX_PORT_RANGES {
+                // More ranges than fit: widen to one span covering them (never narrower).
+                pr.lo[0] = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+                pr.hi[0] = ranges.iter().map(|r| r.1).max().unwrap_or(65535);
+            } else {
+                for (i, (lo, hi)) in ranges.iter().enumerate() {
+                    pr.lo[i] = *lo;
+                    pr.hi[i] = *hi;
+                }
+            }
+            self.dests.insert(&dest_key(slot, net), pr, 0).with_context(|| format!("write destination {net} of grant slot {slot}"))?;
+        }
+        let info = GrantInfo { expires_ns, state: grant_state::ACTIVE, _pad: 0 };
+        self.grants.insert(slot, info, 0).with_context(|| format!("write grant slot {slot}"))?;
+        Ok(())
+    }
+
+    pub fn revoke(&mut self, slot: u32) -> Result<()> {
+        let mut info = self.grants.get(&slot, 0).with_context(|| format!("grant slot {slot} not in the kernel"))?;
+        info.state = grant_state::REVOKED;
+        self.grants.insert(slot, info, 0)?;
+        Ok(())
+    }
+
+    /// Forgets a grant that can no longer be used by anyone (its subtree is gone).
+    pub fn remove_grant(&mut self, slot: u32, nets: &[IpNet]) {
+        let _ = self.grants.remove(&slot);
+        for n in nets {
+            let _ = self.dests.remove(&dest_key(slot, n));
+        }
+    }
+
+    /// Adds `slot` to the grants process `pid` holds.
+    pub fn bind(&mut self, pid: u32, start_ns: u64, slot: u32) -> Result<()> {
+        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns });
+        if pg.grants.contains(&slot) {
+            return Ok(());
+        }
+        let Some(free) = pg.grants.iter().position(|s| *s == 0) else {
+            bail!("process {pid} already holds {MAX_PROC_GRANTS} grants");
+        };
+        pg.grants[free] = slot;
+        self.procs.insert(pid, pg, 0).with_context(|| format!("bind grant slot {slot} to pid {pid}"))?;
+        Ok(())
+    }
+
+    /// Removes `slot` from `pid` (undo of a bind whose subject turned out to be gone).
+    pub fn unbind(&mut self, pid: u32, slot: u32) {
+        if let Ok(mut pg) = self.procs.get(&pid, 0) {
+            for s in pg.grants.iter_mut() {
+                if *s == slot {
+                    *s = 0;
+                }
+            }
+            if pg.grants.iter().all(|s| *s == 0) {
+                let _ = self.procs.remove(&pid);
+            } else {
+                let _ = self.procs.insert(pid, pg, 0);
+            }
+        }
+    }
+
+    /// Grant slots `pid` holds, as the kernel sees them now.
+    pub fn held_by(&self, pid: u32) -> Vec<u32> {
+        match self.procs.get(&pid, 0) {
+            Ok(pg) => pg.grants.iter().copied().filter(|s| *s != 0).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Boot-clock nanoseconds now (the clock bpf_ktime_get_boot_ns reads).
+pub fn boot_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A wall-clock deadline on the boot clock.
+pub fn boot_deadline(expires_at: chrono::DateTime<chrono::Utc>) -> u64 {
+    let left = expires_at - chrono::Utc::now();
+    let left_ns = left.num_nanoseconds().unwrap_or(i64::MAX);
+    if left_ns <= 0 { boot_now_ns().saturating_sub((-left_ns) as u64) } else { boot_now_ns().saturating_add(left_ns as u64) }
+}

@@ -1,0 +1,308 @@
+//! Live grants: issue, revoke, expire, and the subtree membership that ends a grant when
+//! every process holding it has exited. The kernel maps are the source of truth for who
+//! holds what; the ledger is the durable record; this registry keeps them in step.
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+
+use anyhow::Result;
+use chrono::{DateTime, Duration, Utc};
+use ipnet::IpNet;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::ledger::Ledger;
+use super::model::{Grant, GrantState, Subject};
+use super::request::ApiError;
+use super::token::Signer;
+use crate::decide::HeldGrant;
+use crate::kernel::grants::{GrantMaps, boot_deadline};
+use crate::policy::{Destination, Intent};
+
+/// A grant lifecycle change, for the event stream.
+#[derive(Debug, Clone)]
+pub enum GrantChange {
+    Issued(Grant),
+    Expired(Grant),
+    Revoked(Grant, String),
+    Ended(Grant),
+}
+
+pub struct Live {
+    pub grant: Grant,
+    pub slot: u32,
+    pub nets: Vec<(IpNet, u16, u16)>,
+    /// Live processes holding the grant (subject + descendants forked after binding).
+    pub members: u32,
+}
+
+pub struct Registry {
+    maps: GrantMaps,
+    pub ledger: Ledger,
+    pub signer: Signer,
+    issuer: String,
+    live: HashMap<String, Live>,
+    by_slot: HashMap<u32, String>,
+    /// Earliest deadline of an active grant, so the expiry check is cheap when nothing is due.
+    next_deadline: Option<DateTime<Utc>>,
+    next_slot: u32,
+    changes: UnboundedSender<GrantChange>,
+}
+
+/// Concrete networks of a grant's destinations (DNS names resolved now; wildcards cannot
+/// be resolved and are skipped with a warning).
+pub fn resolve_destinations(dests: &[Destination]) -> Vec<(IpNet, u16, u16)> {
+    let mut out = Vec::new();
+    for d in dests {
+        match d {
+            Destination::Cidr { net, ports } => out.push((*net, ports.lo, ports.hi)),
+            Destination::Dns { name, ports } => {
+                if name.starts_with("*.") {
+                    tracing::warn!(destination = %d, "wildcard DNS destinations cannot be matched by address yet; skipped");
+                    continue;
+                }
+                match (name.as_str(), 0u16).to_socket_addrs() {
+                    Ok(addrs) => {
+                        for a in addrs {
+                            out.push((IpNet::from(a.ip()), ports.lo, ports.hi));
+                        }
+                    }
+                    Err(e) => tracing::warn!(destination = %d, "cannot resolve: {e}"),
+                }
+            }
+        }
+    }
+    out
+}
+
+fn internal(message: String) -> ApiError {
+    tracing::error!("mint: {message}");
+    ApiError::new(500, "internal", message)
+}
+
+pub fn new_grant_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut raw = [0u8; 26];
+    getrandom::fill(&mut raw).expect("kernel randomness");
+    let s: String = raw.iter().map(|b| ALPHABET[(*b & 31) as usize] as char).collect();
+    format!("g_{s}")
+}
+
+impl Registry {
+    pub fn new(maps: GrantMaps, ledger: Ledger, signer: Signer, issuer: String, changes: UnboundedSender<GrantChange>) -> Self {
+        Registry { maps, ledger, signer, issuer, live: HashMap::new(), by_slot: HashMap::new(), next_deadline: None, next_slot: 1, changes }
+    }
+
+    fn alloc_slot(&mut self) -> u32 {
+        loop {
+            let s = self.next_slot;
+            self.next_slot = self.next_slot.wrapping_add(1).max(1);
+            if !self.by_slot.contains_key(&s) {
+                return s;
+            }
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.values().filter(|l| l.grant.state == GrantState::Active).count()
+    }
+
+    /// Issues a grant for `intent` bound to `subject` (already attested, its pidfd checked
+    /// by the caller after this returns). Kernel maps first, ledger second: a grant is
+    /// never recorded as issued without being enforceable.
+    pub fn issue(&mut self, intent: &Intent, subject: Subject, ttl: std::time::Duration, clamped: Option<String>, nets: Vec<(IpNet, u16, u16)>) -> Result<(Grant, u32), ApiError> {
+        let now = Utc::now();
+        let expires_at = now + Duration::from_std(ttl).map_err(|_| ApiError::bad_request("invalid_ttl", "ttl out of range"))?;
+        let mut grant = Grant {
+            id: new_grant_id(),
+            intent: intent.name.clone(),
+            subject,
+            secrets: intent.secrets.clone(),
+            destinations: intent.destinations.iter().map(|d| d.to_string()).collect(),
+            issued_at: now,
+            expires_at,
+            state: GrantState::Active,
+            token: String::new(),
+            ttl_clamped_from: clamped,
+        };
+        grant.token = self.signer.sign(&grant, &self.issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
+        let slot = self.alloc_slot();
+        self.maps.put_grant(slot, boot_deadline(expires_at), &nets).map_err(|e| internal(format!("{e:#}")))?;
+        if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
+            self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
+            return Err(ApiError::conflict("too_many_grants", format!("{e:#}")));
+        }
+        if let Err(e) = self.ledger.insert(&grant) {
+            self.maps.unbind(grant.subject.pid, slot);
+            self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
+            return Err(internal(format!("ledger: {e:#}")));
+        }
+        self.by_slot.insert(slot, grant.id.clone());
+        self.live.insert(grant.id.clone(), Live { grant: grant.clone(), slot, nets, members: 1 });
+        self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
+        let _ = self.changes.send(GrantChange::Issued(grant.clone()));
+        Ok((grant, slot))
+    }
+
+    /// Undoes an issue whose subject vanished before binding completed.
+    pub fn abort(&mut self, id: &str) {
+        if let Some(l) = self.live.remove(id) {
+            self.maps.unbind(l.grant.subject.pid, l.slot);
+            self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
+            self.by_slot.remove(&l.slot);
+            let _ = self.ledger.set_state(id, GrantState::Revoked, "subject exited before binding completed", Utc::now());
+        }
+    }
+
+    pub fn revoke(&mut self, id: &str, reason: &str) -> Result<Grant, ApiError> {
+        let Some(l) = self.live.get_mut(id) else {
+            return match self.ledger.get(id) {
+                Ok(Some(g)) => Err(ApiError::conflict("not_active", format!("grant {id} is {}", g.state.as_str()))),
+                _ => Err(ApiError::not_found("unknown_grant", format!("no grant {id}"))),
+            };
+        };
+        if l.grant.state != GrantState::Active {
+            return Err(ApiError::conflict("not_active", format!("grant {id} is {}", l.grant.state.as_str())));
+        }
+        // Kernel first: from this instant no connect is allowed under it.
+        self.maps.revoke(l.slot).map_err(|e| internal(format!("{e:#}")))?;
+        l.grant.state = GrantState::Revoked;
+        let g = l.grant.clone();
+        if let Err(e) = self.ledger.set_state(id, GrantState::Revoked, reason, Utc::now()) {
+            tracing::error!("ledger: revoke {id}: {e:#}");
+        }
+        let _ = self.changes.send(GrantChange::Revoked(g.clone(), reason.to_string()));
+        self.reap(id);
+        Ok(g)
+    }
+
+    /// `expire_due` when the earliest deadline has passed; otherwise nothing.
+    pub fn expire_if_due(&mut self, now: DateTime<Utc>) {
+        if self.next_deadline.is_some_and(|d| d <= now) {
+            self.next_deadline = self.expire_due(now);
+        }
+    }
+
+    /// Marks every active grant past its deadline as expired (the kernel already treats
+    /// it so; this records it and tells the event stream). Returns the next deadline.
+    pub fn expire_due(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let due: Vec<String> = self.live.values().filter(|l| l.grant.state == GrantState::Active && l.grant.expires_at <= now).map(|l| l.grant.id.clone()).collect();
+        for id in due {
+            if let Some(l) = self.live.get_mut(&id) {
+                l.grant.state = GrantState::Expired;
+                let g = l.grant.clone();
+                if let Err(e) = self.ledger.set_state(&id, GrantState::Expired, "ttl elapsed", now) {
+                    tracing::error!("ledger: expire {id}: {e:#}");
+                }
+                let _ = self.changes.send(GrantChange::Expired(g));
+            }
+            self.reap(&id);
+        }
+        self.live.values().filter(|l| l.grant.state == GrantState::Active).map(|l| l.grant.expires_at).min()
+    }
+
+    /// A process holding `slots` forked (the kernel already copied them to the child).
+    pub fn on_fork(&mut self, slots: &[u32]) {
+        for s in slots {
+            if let Some(l) = self.by_slot.get(s).and_then(|id| self.live.get_mut(id)) {
+                l.members += 1;
+            }
+        }
+    }
+
+    /// A process holding `slots` exited.
+    pub fn on_exit(&mut self, slots: &[u32]) {
+        for s in slots {
+            let Some(id) = self.by_slot.get(s).cloned() else { continue };
+            let Some(l) = self.live.get_mut(&id) else { continue };
+            l.members = l.members.saturating_sub(1);
+            if l.members == 0 {
+                if l.grant.state == GrantState::Active {
+                    l.grant.state = GrantState::Ended;
+                    let g = l.grant.clone();
+                    if let Err(e) = self.ledger.set_state(&id, GrantState::Ended, "subject subtree exited", Utc::now()) {
+                        tracing::error!("ledger: end {id}: {e:#}");
+                    }
+                    let _ = self.changes.send(GrantChange::Ended(g));
+                }
+                self.reap(&id);
+            }
+        }
+    }
+
+    /// Drops a grant from memory and the kernel once nobody can use it any more: not
+    /// active, and no live process holds it (holders keep getting expired/revoked verdicts).
+    fn reap(&mut self, id: &str) {
+        let done = self.live.get(id).is_some_and(|l| l.grant.state != GrantState::Active && l.members == 0);
+        if done && let Some(l) = self.live.remove(id) {
+            self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
+            self.by_slot.remove(&l.slot);
+        }
+    }
+
+    /// The grants `pid` holds (per the kernel map), for userspace decisions.
+    pub fn held_by(&self, pid: u32) -> Vec<HeldGrant> {
+        self.held_slots(&self.maps.held_by(pid))
+    }
+
+    pub fn held_slots(&self, slots: &[u32]) -> Vec<HeldGrant> {
+        slots
+            .iter()
+            .filter_map(|s| self.by_slot.get(s).and_then(|id| self.live.get(id)))
+            .map(|l| HeldGrant {
+                id: l.grant.id.clone(),
+                intent: l.grant.intent.clone(),
+                secrets: l.grant.secrets.clone(),
+                destinations: l.nets.clone(),
+                expires_at: l.grant.expires_at,
+                revoked: l.grant.state == GrantState::Revoked,
+            })
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Grant> {
+        match self.live.get(id) {
+            Some(l) => Some(l.grant.clone()),
+            None => self.ledger.get(id).ok().flatten(),
+        }
+    }
+
+    /// After a restart: grants past their deadline become expired; the others are written
+    /// back into the kernel and bound again to their subject if it is still the same
+    /// process (pid and start time), together with its descendants started since.
+    pub fn restore(&mut self, resolve: impl Fn(&Grant) -> Vec<(IpNet, u16, u16)>) -> Result<(usize, usize)> {
+        let now = Utc::now();
+        let expired = self.ledger.expire_due(now)?;
+        for g in &expired {
+            let _ = self.changes.send(GrantChange::Expired(g.clone()));
+        }
+        let mut restored = 0;
+        for grant in self.ledger.active()? {
+            let alive = crate::proc::start_ns(grant.subject.pid) == Some(grant.subject.start_ns);
+            if !alive {
+                let _ = self.ledger.set_state(&grant.id, GrantState::Ended, "subject exited while the daemon was down", now);
+                let _ = self.changes.send(GrantChange::Ended(grant));
+                continue;
+            }
+            let nets = resolve(&grant);
+            let slot = self.alloc_slot();
+            self.maps.put_grant(slot, boot_deadline(grant.expires_at), &nets)?;
+            let mut members = 0;
+            for pid in crate::proc::subtree_since(grant.subject.pid, grant.issued_at) {
+                let start = crate::proc::start_ns(pid).unwrap_or(0);
+                if self.maps.bind(pid, start, slot).is_ok() {
+                    members += 1;
+                }
+            }
+            self.by_slot.insert(slot, grant.id.clone());
+            self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
+            self.live.insert(grant.id.clone(), Live { grant, slot, nets, members });
+            restored += 1;
+        }
+        Ok((restored, expired.len()))
+    }
+}
+
+/// Resolves a stored grant's destination strings again (for restore).
+pub fn nets_of(grant: &Grant) -> Vec<(IpNet, u16, u16)> {
+    let dests: Vec<Destination> = grant.destinations.iter().filter_map(|d| d.parse().ok()).collect();
+    resolve_destinations(&dests)
+}
