@@ -283,3 +283,37 @@ pub fn python() -> String {
     let out = Command::new("python3").args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"]).output().expect("python3");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+impl Daemon {
+    /// Runs `enforcer ARGS` against this daemon (its runtime dir via ENFORCER_RUNTIME_DIR).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(enforcer_bin()).args(args).env("ENFORCER_RUNTIME_DIR", self.runtime_dir()).output().expect("run enforcer")
+    }
+
+    /// `curl --unix-socket` against the API: (HTTP status, parsed JSON body).
+    pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let sock = self.runtime_dir().join("mint.sock");
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args(["-X", method]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        cmd.arg(format!("http://localhost{path}"));
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+}
+
+/// A loopback TCP listener that accepts and drops connections (up to 64), on a free port.
+pub fn tcp_listener() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(64) {
+            drop(s);
+        }
+    });
+    port
+}

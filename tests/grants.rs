@@ -1,0 +1,415 @@
+//! Grants: minted over the socket, bound to a process subtree in the kernel, and every
+//! later secret open and connection judged against them.
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use enforcer_tests::*;
+use serde_json::Value;
+
+struct Fixture {
+    cg: TestCgroup,
+    daemon: Daemon,
+    secret: String,
+    /// Port inside the intent, and one outside it.
+    ok_port: u16,
+    bad_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn policy(secret: &str, ok_port: u16, extra: &str) -> String {
+    format!(
+        "[[secret]]\nname = \"deploy-key\"\npaths = [\"{secret}\"]\n\
+         [[intent]]\nname = \"deploy\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"deploy-key\"]\n\
+         destinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\ndefault_ttl = \"5m\"\n{extra}"
+    )
+}
+
+fn fixture(name: &str, extra: &str) -> Option<Fixture> {
+    fixture_with(name, "", extra)
+}
+
+/// `top`: daemon settings (must precede the policy tables); `extra`: more policy tables.
+fn fixture_with(name: &str, top: &str, extra: &str) -> Option<Fixture> {
+    if !root_or_skip(name) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("deploy-key.json").display().to_string();
+    std::fs::write(&secret, "{\"k\": 1}").unwrap();
+    let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
+    let cg = TestCgroup::new(name);
+    let daemon = Daemon::start(&cg, &format!("{top}{}", policy(&secret, ok_port, extra)));
+    Some(Fixture { cg, daemon, secret, ok_port, bad_port, _dir: dir })
+}
+
+/// Script for a python holder: reads commands from stdin, one per line:
+/// "open", "connect PORT", "spawn-grandchild", "exit"; answers each with its result.
+const HOLDER: &str = r#"
+import os, socket, subprocess, sys
+secret = sys.argv[1]
+print(os.getpid(), flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "open":
+        open(secret).read(); print("opened", flush=True)
+    elif cmd[0] == "connect":
+        s = socket.create_connection(("127.0.0.1", int(cmd[1]))); s.close(); print("connected", flush=True)
+    elif cmd[0] == "grandchild":
+        # child -> grandchild: reads the secret and connects, prints its pid
+        out = subprocess.check_output([sys.executable, "-c",
+            "import os, subprocess, sys; p = subprocess.run([sys.executable, '-c', 'import os, socket, sys; open(sys.argv[1]).read(); socket.create_connection((\"127.0.0.1\", int(sys.argv[2]))).close(); print(os.getpid())', sys.argv[1], sys.argv[2]], capture_output=True, text=True); print(p.stdout.strip())",
+            secret, cmd[1]], text=True)
+        print(out.strip(), flush=True)
+    elif cmd[0] == "exit":
+        break
+"#;
+
+struct Holder {
+    child: std::process::Child,
+    out: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    pid: u32,
+}
+
+impl Holder {
+    fn start(f: &Fixture) -> Holder {
+        let mut child = f.cg.command(python()).args(["-c", HOLDER, &f.secret]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let pid: u32 = out.next().unwrap().unwrap().trim().parse().unwrap();
+        assert_eq!(pid, child.id());
+        Holder { child, out, pid }
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        self.out.next().expect("holder answered").unwrap()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn grant_for(f: &Fixture, pid: u32, ttl: &str) -> Value {
+    let out = f.daemon.cli(&["grant", "request", "--intent", "deploy", "--ttl", ttl, "--pid", &pid.to_string(), "--json"]);
+    assert!(out.status.success(), "grant request failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn connect_event(f: &Fixture, pid: u32, port: u16) -> Value {
+    f.daemon.one_event("connect", move |e: &Value| by("connect", pid)(e) && e["destination"]["port"] == port)
+}
+
+#[test]
+fn holder_and_grandchild_allowed_unrelated_process_not() {
+    let Some(f) = fixture("allowed", "") else { return };
+    let mut h = Holder::start(&f);
+    let g = grant_for(&f, h.pid, "5m");
+    let id = g["id"].as_str().unwrap().to_string();
+    assert_eq!(g["state"], "active");
+    assert_eq!(g["subject"]["pid"], h.pid);
+    assert_eq!(g["subject"]["exe"], python());
+    assert_eq!(g["secrets"], serde_json::json!(["deploy-key"]));
+    assert_eq!(h.ask("open"), "opened");
+    assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
+    let gc: u32 = h.ask(&format!("grandchild {}", f.ok_port)).parse().unwrap();
+
+    let e = f.daemon.one_event("holder open", by("file_open", h.pid));
+    assert_eq!((e["verdict"].as_str(), e["action"].as_str()), (Some("allowed"), Some("allowed")), "{e}");
+    assert_eq!(e["grant"]["id"], id.as_str());
+    let e = connect_event(&f, h.pid, f.ok_port);
+    assert_eq!(e["verdict"], "allowed", "{e}");
+    assert_eq!(e["grant"]["id"], id.as_str());
+    assert!(e["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"), "{e}");
+    // The grandchild was forked after the grant: it inherits.
+    let e = f.daemon.one_event("grandchild open", by("file_open", gc));
+    assert_eq!(e["verdict"], "allowed", "{e}");
+    assert_eq!(e["grant"]["id"], id.as_str());
+    let e = connect_event(&f, gc, f.ok_port);
+    assert_eq!(e["verdict"], "allowed", "{e}");
+
+    // An unrelated process (same exe) holds nothing.
+    let (other, _) = f.cg.run(&python(), &["-c", &format!("open({:?}).read()", f.secret)]);
+    let e = f.daemon.one_event("unrelated open", by("file_open", other));
+    assert_eq!(e["verdict"], "no_grant", "{e}");
+    assert!(e["grant"].is_null());
+    let issued = f.daemon.one_event("grant_issued", |e: &Value| e["kind"] == "grant_issued");
+    assert_eq!(issued["grant"]["id"], id.as_str());
+    assert_eq!(issued["process"]["pid"], h.pid);
+}
+
+#[test]
+fn out_of_intent_connection() {
+    let Some(f) = fixture("ooi", "") else { return };
+    let mut h = Holder::start(&f);
+    let g = grant_for(&f, h.pid, "5m");
+    assert_eq!(h.ask(&format!("connect {}", f.bad_port)), "connected");
+    let e = connect_event(&f, h.pid, f.bad_port);
+    assert_eq!(e["verdict"], "out_of_intent", "{e}");
+    assert_eq!(e["action"], "alerted");
+    assert_eq!(e["grant"]["id"], g["id"]);
+    assert_eq!(e["severity"], "high");
+}
+
+#[test]
+fn expiry_is_decided_in_the_kernel() {
+    let Some(f) = fixture("expiry", "") else { return };
+    let mut h = Holder::start(&f);
+    let g = grant_for(&f, h.pid, "1s");
+    assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
+    assert_eq!(h.ask("open"), "opened");
+    let conns = f.daemon.wait_events("two connects", move |e: &Value| by("connect", h.pid)(e) && e["destination"]["port"] == f.ok_port);
+    let conns: Vec<Value> = if conns.len() < 2 { f.daemon.wait_events("second", |_| true); f.daemon.events().into_iter().filter(|e| e["kind"] == "connect" && e["process"]["pid"] == h.pid).collect() } else { conns };
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    assert_eq!(conns[0]["verdict"], "allowed");
+    let late = &conns[1];
+    assert_eq!(late["verdict"], "expired", "{late}");
+    assert!(late["grant"]["expired_for_ms"].as_u64().unwrap() >= 200, "{late}");
+    assert!(late["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"), "kernel and decide.rs must agree: {late}");
+    let e = f.daemon.one_event("open after expiry", by("file_open", h.pid));
+    assert_eq!(e["verdict"], "expired", "{e}");
+    let exp = f.daemon.one_event("grant_expired", |e: &Value| e["kind"] == "grant_expired");
+    assert_eq!(exp["grant"]["id"], g["id"]);
+    let list = f.daemon.cli(&["grant", "list", "--all", "--json"]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["grants"][0]["state"], "expired");
+}
+
+#[test]
+fn revoked_grant_is_refused_for_the_whole_subtree() {
+    let Some(f) = fixture("revoke", "") else { return };
+    let mut h = Holder::start(&f);
+    let g = grant_for(&f, h.pid, "5m");
+    let id = g["id"].as_str().unwrap();
+    let out = f.daemon.cli(&["grant", "revoke", id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
+    assert_eq!(h.ask("open"), "opened");
+    let gc: u32 = h.ask(&format!("grandchild {}", f.ok_port)).parse().unwrap();
+    assert_eq!(connect_event(&f, h.pid, f.ok_port)["verdict"], "revoked");
+    assert_eq!(f.daemon.one_event("open", by("file_open", h.pid))["verdict"], "revoked");
+    assert_eq!(connect_event(&f, gc, f.ok_port)["verdict"], "revoked");
+    f.daemon.one_event("grant_revoked", |e: &Value| e["kind"] == "grant_revoked" && e["grant"]["id"] == id);
+    // Revoking twice is a conflict, not a crash.
+    let (code, v) = f.daemon.curl("DELETE", &format!("/v1/grants/{id}"), None);
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(v["error"]["code"], "not_active");
+}
+
+#[test]
+fn grant_via_curl_and_token_verifies() {
+    let Some(f) = fixture("curl", "") else { return };
+    // curl itself is the requester: the grant is bound to curl's pid (and ends with it).
+    let (code, g) = f.daemon.curl("POST", "/v1/grants", Some(r#"{"intent": "deploy", "ttl": "2h"}"#));
+    assert_eq!(code, 201, "{g}");
+    assert_eq!(g["subject"]["exe"], which("curl"));
+    assert_eq!(g["ttl_clamped"], "requested 2h, clamped to intent max_ttl 10m", "{g}");
+    let issued = chrono_secs(&g["issued_at"]);
+    let expires = chrono_secs(&g["expires_at"]);
+    assert!((expires - issued - 600.0).abs() < 1.0, "{g}");
+    let token = g["token"].as_str().unwrap();
+    assert_eq!(token.split('.').count(), 3);
+    let out = f.daemon.cli(&["grant", "verify", token]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let claims: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["jti"], g["id"]);
+    assert_eq!(claims["intent"], "deploy");
+    // A tampered token fails.
+    let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+    parts[1] = parts[1].chars().rev().collect();
+    let out = f.daemon.cli(&["grant", "verify", &parts.join(".")]);
+    assert!(!out.status.success());
+    let (code, keys) = f.daemon.curl("GET", "/v1/keys", None);
+    assert_eq!(code, 200);
+    assert_eq!(keys["keys"][0]["crv"], "Ed25519");
+    // GET one grant, and 404 for an unknown one.
+    let (code, one) = f.daemon.curl("GET", &format!("/v1/grants/{}", g["id"].as_str().unwrap()), None);
+    assert_eq!(code, 200);
+    assert_eq!(one["id"], g["id"]);
+    assert_eq!(f.daemon.curl("GET", "/v1/grants/g_nope", None).0, 404);
+}
+
+fn chrono_secs(v: &Value) -> f64 {
+    // RFC 3339 "YYYY-MM-DDTHH:MM:SS.fffffffffZ" -> seconds of the day (same day in tests).
+    let t = v.as_str().unwrap();
+    let hms = &t[11..t.len() - 1];
+    let mut it = hms.split(':');
+    let h: f64 = it.next().unwrap().parse().unwrap();
+    let m: f64 = it.next().unwrap().parse().unwrap();
+    let s: f64 = it.next().unwrap().parse().unwrap();
+    h * 3600.0 + m * 60.0 + s
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_change_nothing() {
+    let Some(f) = fixture("badreq", "[[intent]]\nname = \"nobody\"\nagents = [{ uid = 4242 }]\nsecrets = [\"deploy-key\"]\n") else { return };
+    let cases: &[(&str, u16, &str)] = &[
+        (r#"{"intent": "deploy""#, 400, "malformed_json"),
+        (r#"["deploy"]"#, 400, "malformed_json"),
+        (r#"{"intent": "nope"}"#, 404, "unknown_intent"),
+        (r#"{"intent": "deploy", "ttl": "soon"}"#, 400, "invalid_ttl"),
+        (r#"{"intent": "deploy", "ttl": "0s"}"#, 400, "invalid_ttl"),
+        (r#"{"intent": "deploy", "pid": 0}"#, 400, "invalid_pid"),
+        (r#"{"intent": "deploy", "extra": 1}"#, 400, "invalid_request"),
+        (r#"{"intent": "nobody"}"#, 403, "agent_not_allowed"),
+        (r#"{"intent": "deploy", "pid": 1}"#, 0, ""),
+    ];
+    for (body, code, err) in cases {
+        let (got, v) = f.daemon.curl("POST", "/v1/grants", Some(body));
+        if *code == 0 {
+            // pid 1 is not curl's descendant; as root the bind is allowed, so only check no crash.
+            assert!(got == 201 || got == 403, "{body}: {got} {v}");
+            continue;
+        }
+        assert_eq!(got, *code, "{body}: {v}");
+        assert_eq!(v["error"]["code"], *err, "{body}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let big = format!(r#"{{"intent": "deploy", "pad": "{}"}}"#, "x".repeat(70 * 1024));
+    let (got, v) = f.daemon.curl("POST", "/v1/grants", Some(&big));
+    assert_eq!(got, 413, "{v}");
+    assert_eq!(v["error"]["code"], "body_too_large");
+    let (got, _) = f.daemon.curl("PUT", "/v1/grants", Some("{}"));
+    assert_eq!(got, 405);
+    // Nothing but (at most) the pid-1 grant was issued.
+    let out = f.daemon.cli(&["grant", "list", "--all", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["grants"].as_array().unwrap().len() <= 1, "{v}");
+    assert!(f.daemon.status_ok(), "daemon must survive bad input");
+}
+
+#[test]
+fn request_flood_is_rate_limited() {
+    let Some(f) = fixture_with("flood", "mint_rate_per_second = 5\n", "") else { return };
+    // One python process sends 40 requests on separate connections, as fast as it can.
+    let sock = f.daemon.runtime_dir().join("mint.sock");
+    let script = format!(
+        "import socket, json\ncodes = []\nfor i in range(40):\n    s = socket.socket(socket.AF_UNIX); s.connect({:?})\n    b = b'{{\"intent\": \"deploy\", \"ttl\": \"1m\"}}'\n    s.sendall(b'POST /v1/grants HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(b) + b)\n    r = b''\n    while True:\n        c = s.recv(65536)\n        if not c: break\n        r += c\n    codes.append(int(r.split()[1]))\nprint(json.dumps(codes))\n",
+        sock.display().to_string()
+    );
+    let (_, out) = f.cg.run(&python(), &["-c", &script]);
+    let codes: Vec<u16> = serde_json::from_str(out.trim()).unwrap();
+    let ok = codes.iter().filter(|c| **c == 201).count();
+    let full = codes.iter().filter(|c| **c == 409).count();
+    let limited = codes.iter().filter(|c| **c == 429).count();
+    assert_eq!(ok + full + limited, 40, "{codes:?}");
+    // One process holds at most 4 grants (409 too_many_grants after that); the limiter
+    // lets a burst of 10 through, then about 5/s.
+    assert_eq!(ok, 4, "{codes:?}");
+    assert!(codes[..10].iter().all(|c| *c != 429), "burst refused: {codes:?}");
+    assert!(limited >= 25, "flood not limited: {codes:?}");
+    // Every 201 is in the ledger: nothing lost, nothing extra.
+    let out = f.daemon.cli(&["grant", "list", "--all", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["grants"].as_array().unwrap().len(), ok);
+}
+
+#[test]
+fn run_binds_the_subtree_returns_status_and_revokes() {
+    let Some(f) = fixture("run", "") else { return };
+    let script = format!(
+        "import os, socket, sys\nopen({:?}).read()\nsocket.create_connection(('127.0.0.1', {})).close()\nprint(os.getpid())\nsys.exit(7)\n",
+        f.secret, f.ok_port
+    );
+    let out = f.cg.command(enforcer_bin())
+        .args(["run", "--intent", "deploy", "--ttl", "1m", "--", &python(), "-c", &script])
+        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(f.daemon.one_event("open", by("file_open", pid))["verdict"], "allowed");
+    assert_eq!(connect_event(&f, pid, f.ok_port)["verdict"], "allowed");
+    // After CMD exits the grant is over (revoked by run, or ended with its subtree).
+    std::thread::sleep(Duration::from_millis(300));
+    let v: Value = serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout).unwrap();
+    let state = v["grants"][0]["state"].as_str().unwrap().to_string();
+    assert!(state == "revoked" || state == "ended", "{v}");
+    // An intent that does not exist: CMD never runs.
+    let out = f.cg.command(enforcer_bin())
+        .args(["run", "--intent", "nope", "--", "sh", "-c", "echo ran"])
+        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_intent"));
+}
+
+#[test]
+fn run_forwards_signals() {
+    let Some(f) = fixture("runsig", "") else { return };
+    let mut child = f.cg.command(enforcer_bin())
+        .args(["run", "--intent", "deploy", "--", &python(), "-c", "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\nprint('up', flush=True)\ntime.sleep(30)\n"])
+        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(42), "SIGTERM must reach CMD and its status come back");
+}
+
+#[test]
+fn daemon_restart_keeps_live_and_expired_grants() {
+    let Some(mut f) = fixture("restart", "") else { return };
+    let mut h = Holder::start(&f);
+    let live = grant_for(&f, h.pid, "5m");
+    let mut h2 = Holder::start(&f);
+    let short = grant_for(&f, h2.pid, "1s");
+    assert!(f.daemon.stop().success());
+    std::thread::sleep(Duration::from_millis(1200));
+    let daemon = std::mem::replace(&mut f.daemon, Daemon::configure(&f.cg, ""));
+    let mut daemon = daemon;
+    daemon.child = None;
+    f.daemon = daemon.launch();
+    assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
+    let e = connect_event(&f, h.pid, f.ok_port);
+    assert_eq!(e["verdict"], "allowed", "{e}");
+    assert_eq!(e["grant"]["id"], live["id"]);
+    assert_eq!(h2.ask(&format!("connect {}", f.ok_port)), "connected");
+    let v: Value = serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout).unwrap();
+    let state_of = |id: &Value| v["grants"].as_array().unwrap().iter().find(|g| g["id"] == *id).unwrap()["state"].clone();
+    assert_eq!(state_of(&live["id"]), "active");
+    assert_eq!(state_of(&short["id"]), "expired");
+    assert_eq!(f.daemon.status_json()["live_grants"], 1);
+}
+
+#[test]
+fn pid_reuse_cannot_inherit_a_grant() {
+    let Some(f) = fixture("pidreuse", "") else { return };
+    let h = Holder::start(&f);
+    let old = h.pid;
+    let g = grant_for(&f, old, "5m");
+    drop(h); // killed and reaped: the pid is free
+    f.daemon.one_event("grant_ended", |e: &Value| e["kind"] == "grant_ended" && e["grant"]["id"] == g["id"]);
+    // Make the kernel hand out the same pid again (ns_last_pid), bounded attempts.
+    let mut reused = None;
+    for _ in 0..20 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", old - 1)).unwrap();
+        let (pid, _) = f.cg.run(&python(), &["-c", &format!("import socket; open({:?}).read(); socket.create_connection(('127.0.0.1', {})).close()", f.secret, f.ok_port)]);
+        if pid == old {
+            reused = Some(pid);
+            break;
+        }
+    }
+    let Some(pid) = reused else {
+        eprintln!("SKIP pid_reuse: could not get pid {old} reused (busy host)");
+        return;
+    };
+    let e = f.daemon.one_event("open by reused pid", by("file_open", pid));
+    assert_eq!(e["verdict"], "no_grant", "a reused pid inherited a grant: {e}");
+    let e = connect_event(&f, pid, f.ok_port);
+    assert!(e["grant"].is_null(), "{e}");
+    // And a request naming an exited pid is refused.
+    let (code, v) = f.daemon.curl("POST", "/v1/grants", Some(&format!(r#"{{"intent": "deploy", "pid": {}}}"#, 4_000_000)));
+    assert!(code == 404 || code == 400, "{code} {v}");
+}
