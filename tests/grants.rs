@@ -391,18 +391,16 @@ fn pid_reuse_cannot_inherit_a_grant() {
     let g = grant_for(&f, old, "5m");
     drop(h); // killed and reaped: the pid is free
     f.daemon.one_event("grant_ended", |e: &Value| e["kind"] == "grant_ended" && e["grant"]["id"] == g["id"]);
-    // Make the kernel hand out the same pid again (ns_last_pid), bounded attempts.
-    let mut reused = None;
-    for _ in 0..20 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", old - 1)).unwrap();
-        let (pid, _) = f.cg.run(&python(), &["-c", &format!("import socket; open({:?}).read(); socket.create_connection(('127.0.0.1', {})).close()", f.secret, f.ok_port)]);
-        if pid == old {
-            reused = Some(pid);
-            break;
-        }
-    }
+    // Make the kernel hand out the same pid again: write ns_last_pid and fork right away,
+    // from one process so nothing else on the host slips in between (bounded attempts).
+    let script = format!(
+        "import os, socket\nold = {old}\nfor _ in range(200):\n    with open('/proc/sys/kernel/ns_last_pid', 'w') as f: f.write(str(old - 1))\n    pid = os.fork()\n    if pid == 0:\n        if os.getpid() == old:\n            open({:?}).read(); socket.create_connection(('127.0.0.1', {})).close()\n        os._exit(0)\n    os.waitpid(pid, 0)\n    if pid == old:\n        print(pid); break\n",
+        f.secret, f.ok_port
+    );
+    let (_, out) = f.cg.run(&python(), &["-c", &script]);
+    let reused: Option<u32> = out.trim().parse().ok();
     let Some(pid) = reused else {
-        eprintln!("SKIP pid_reuse: could not get pid {old} reused (busy host)");
+        eprintln!("SKIP pid_reuse: could not get pid {old} reused in 200 forks (busy host)");
         return;
     };
     let e = f.daemon.one_event("open by reused pid", by("file_open", pid));
