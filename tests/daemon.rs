@@ -159,7 +159,7 @@ fn doctor_reports_backends_from_real_loads() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let probe = |n: &str| v["probes"].as_array().unwrap().iter().find(|p| p["name"].as_str().unwrap().starts_with(n)).cloned().unwrap();
-    assert_eq!(probe("tracepoint")["ok"], true);
+    assert_eq!(probe("raw_tracepoint")["ok"], true);
     assert_eq!(probe("cgroup_sock_addr")["ok"], true);
     assert_eq!(probe("fanotify")["ok"], true);
     // This kind of host refuses BPF-LSM (PLATFORM.md); where it loads, say so instead.

@@ -115,6 +115,9 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// bpffs pin dir of this daemon; removed when the test is done, so programs of a
+    /// daemon killed with SIGKILL never outlive the test.
+    pub pin_dir: PathBuf,
 }
 
 impl Daemon {
@@ -128,15 +131,18 @@ impl Daemon {
     pub fn configure(cgroup: &TestCgroup, extra: &str) -> Daemon {
         let dir = tempfile::Builder::new().prefix("enforcer-test-").tempdir().unwrap();
         let config = dir.path().join("enforcer.toml");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        // `mode` may be set by `extra` (it must then come first in it).
+        let mode = if extra.trim_start().starts_with("mode") { "" } else { "mode = \"monitor\"\n" };
         let text = format!(
-            "mode = \"monitor\"\nhost = \"test-host\"\ncgroup_root = \"{}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\npin_dir = \"/sys/fs/bpf/enforcer-test-{}\"\n{extra}\n",
+            "{mode}host = \"test-host\"\ncgroup_root = \"{}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\npin_dir = \"{}\"\n{extra}\n",
             cgroup.path.display(),
             dir.path().join("run").display(),
             dir.path().join("state").display(),
-            std::process::id(),
+            pin_dir.display(),
         );
         std::fs::write(&config, text).unwrap();
-        Daemon { child: None, dir, config }
+        Daemon { child: None, dir, config, pin_dir }
     }
 
     pub fn launch(mut self) -> Daemon {
@@ -239,12 +245,30 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    /// SIGKILL: no cleanup by the daemon; its pins stay and keep enforcing.
+    pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Removes the pins (detaching any programs a killed daemon left).
+    pub fn remove_pins(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        self.remove_pins();
     }
 }
 

@@ -45,6 +45,61 @@ pub struct ProcGrants {
     pub grants: [u32; MAX_PROC_GRANTS],
     /// Boot-clock ns of the process start, for the daemon's PID-reuse checks.
     pub start_ns: u64,
+    /// Secrets (bit = secret index) this process or an ancestor before the fork opened:
+    /// its connections may go only where every one of them is valid.
+    pub taint: u64,
+    /// `proc_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `ProcGrants.flags`.
+pub mod proc_flags {
+    /// Selected by an `[[agent]]` selector (or descended from such a process): connections
+    /// outside its grants are violations even when it holds none.
+    pub const AGENT: u32 = 1;
+}
+
+/// Most secrets a policy may define (one taint bit each).
+pub const MAX_SECRETS: usize = 64;
+
+/// Index in the GRANT_DESTS trie's slot space where secrets' own destinations live:
+/// secret i is stored under slot `SECRET_SLOT_BASE + i`.
+pub const SECRET_SLOT_BASE: u32 = 0xF000_0000;
+
+/// SECRETS value (array index = secret index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecretInfo {
+    /// 1 when the secret lists destinations of its own.
+    pub has_dests: u32,
+    /// `action::*` for violations of this secret without a grant.
+    pub action: u32,
+}
+
+/// Violation actions (GrantInfo.action, SecretInfo.action, ConnectRecord.action).
+pub mod action {
+    pub const ALLOWED: u8 = 0;
+    pub const ALERT: u8 = 1;
+    pub const DENY: u8 = 2;
+    pub const KILL: u8 = 3;
+}
+
+/// CONFIG array indices.
+pub mod config {
+    /// 1 = enforce, 0 = monitor.
+    pub const ENFORCE: u32 = 0;
+    /// Action for `[[agent]]` processes connecting outside any grant.
+    pub const AGENT_ACTION: u32 = 1;
+    pub const COUNT: u32 = 4;
+}
+
+/// AGENT_EXES key: the executable's inode, with the kernel's own device encoding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExeKey {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// Grant states in `GrantInfo.state`.
@@ -59,8 +114,21 @@ pub mod grant_state {
 pub struct GrantInfo {
     /// Deadline on the boot clock (bpf_ktime_get_boot_ns): a use at or after it is expired.
     pub expires_ns: u64,
+    /// Secrets the grant covers (bit = secret index).
+    pub secrets: u64,
+    /// Hash of the grant id, so a restarted daemon can match adopted slots to its ledger.
+    pub id_hash: u64,
     pub state: u32,
+    /// `action::*` of the grant's intent on a violation.
+    pub action: u32,
+    /// `grant_flags::*`.
+    pub flags: u32,
     pub _pad: u32,
+}
+
+pub mod grant_flags {
+    /// End the grant at the first violation (the kernel flips it to revoked itself).
+    pub const REVOKE_ON_VIOLATION: u32 = 1;
 }
 
 /// GRANT_DESTS key: an LPM-trie key over (slot, IPv6 address); IPv4 is stored as
@@ -145,8 +213,9 @@ pub struct ConnectRecord {
     pub protocol: u8,
     /// `op::CONNECT` or `op::SENDMSG`.
     pub op: u8,
-    /// 1 when the kernel refused the operation.
-    pub denied: u8,
+    /// `action::*` the kernel applied (DENY: the call failed with EPERM; KILL: denied, and
+    /// the daemon kills the process).
+    pub action: u8,
     /// `verdict::*` as decided in the kernel.
     pub verdict: u8,
     /// IPv4 in the first 4 bytes (network order), or the IPv6 address.
@@ -155,7 +224,22 @@ pub struct ConnectRecord {
     pub boot_ns: u64,
     /// The grant slot the verdict was decided against (0 = none).
     pub grant_slot: u32,
-    pub _pad2: u32,
+    /// `reason::*`: what made it a violation.
+    pub reason: u8,
+    /// For `reason::TAINT`: the secret index + 1 whose validity the destination broke.
+    pub taint_secret: u8,
+    /// 1 when the kernel revoked the grant on this violation.
+    pub revoked_now: u8,
+    pub _pad2: u8,
+}
+
+/// Why a connect verdict is what it is.
+pub mod reason {
+    pub const GRANT: u8 = 0;
+    /// The process is tainted by a secret not valid toward this destination.
+    pub const TAINT: u8 = 1;
+    /// An `[[agent]]` process holding no grant.
+    pub const AGENT: u8 = 2;
 }
 
 /// Index of counters in the per-CPU `COUNTERS` array.
@@ -178,4 +262,6 @@ mod pod {
     unsafe impl aya::Pod for GrantInfo {}
     unsafe impl aya::Pod for DestKey {}
     unsafe impl aya::Pod for PortRanges {}
+    unsafe impl aya::Pod for SecretInfo {}
+    unsafe impl aya::Pod for ExeKey {}
 }

@@ -19,16 +19,20 @@ use aya_ebpf::{
 };
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    ConnectRecord, DestKey, MAX_PORT_RANGES, MAX_PROC_GRANTS, counter, grant_state, kind, op,
-    verdict,
+    ConnectRecord, DestKey, MAX_PORT_RANGES, MAX_PROC_GRANTS, MAX_SECRETS, SECRET_SLOT_BASE,
+    action, config, counter, grant_flags, grant_state, kind, op, proc_flags, reason, verdict,
 };
 
-use crate::maps::{EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, count, submit_flags};
+use crate::maps::{
+    EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config, count, submit_flags,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// Verdict for cgroup sock_addr programs: 1 lets the call proceed.
+/// Verdicts for cgroup sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM
+/// before a packet leaves.
 const ALLOW: i32 = 1;
+const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -50,17 +54,48 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     record(&ctx, AF_INET6, op::SENDMSG)
 }
 
-/// Decides a connect by `tgid` to `addr` (IPv6 form, IPv4 mapped) and `port`.
-/// Returns (verdict, grant slot decided against).
+/// The kernel's decision for one connect.
+struct Judgement {
+    verdict: u8,
+    slot: u32,
+    action: u8,
+    reason: u8,
+    taint_secret: u8,
+    revoked_now: u8,
+}
+
+/// Does grant `slot` cover (addr, port)?
 #[inline(always)]
-fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> (u8, u32) {
+fn dest_allows(slot: u32, addr: &[u8; 16], port: u16) -> bool {
+    let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
+    let Some(ports) = GRANT_DESTS.get(&key) else { return false };
+    let mut ok = false;
+    for j in 0..MAX_PORT_RANGES {
+        if ports.lo[j] <= port && port <= ports.hi[j] {
+            ok = true;
+        }
+    }
+    ok
+}
+
+/// Decides a connect by `tgid` to `addr` (IPv6 form, IPv4 mapped) and `port`, following
+/// decide.rs: grants first (allowed > revoked > expired > out_of_intent), then the taint of
+/// secrets the process read (each must be valid toward the destination: its own
+/// destinations if it has any, and a live grant covering it that covers the destination),
+/// then `[[agent]]` processes without any grant.
+#[inline(always)]
+fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> Judgement {
+    let mut j = Judgement { verdict: verdict::NO_GRANT_HELD, slot: 0, action: action::ALLOWED, reason: reason::GRANT, taint_secret: 0, revoked_now: 0 };
     let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
-        return (verdict::NO_GRANT_HELD, 0);
+        return j;
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut any = false;
     let mut best = verdict::OUT_OF_INTENT;
     let mut best_slot = 0u32;
-    let mut any = false;
+    let mut live_slot = 0u32;
+    // Secrets covered by live grants that also cover this destination.
+    let mut live_secrets: u64 = 0;
     for i in 0..MAX_PROC_GRANTS {
         let slot = pg.grants[i];
         if slot == 0 {
@@ -71,19 +106,15 @@ fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> (u8, u32) {
         if best_slot == 0 {
             best_slot = slot;
         }
-        let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
-        let Some(ports) = GRANT_DESTS.get(&key) else { continue };
-        let mut port_ok = false;
-        for j in 0..MAX_PORT_RANGES {
-            if ports.lo[j] <= port && port <= ports.hi[j] {
-                port_ok = true;
-            }
-        }
-        if !port_ok {
+        if !dest_allows(slot, addr, port) {
             continue;
         }
         if g.state == grant_state::ACTIVE && now < g.expires_ns {
-            return (verdict::ALLOWED, slot);
+            if live_slot == 0 {
+                live_slot = slot;
+            }
+            live_secrets |= g.secrets;
+            continue;
         }
         // Covered but unusable: revoked outranks expired (it is the stronger statement).
         let v = if g.state == grant_state::REVOKED { verdict::REVOKED } else { verdict::EXPIRED };
@@ -92,10 +123,62 @@ fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> (u8, u32) {
             best_slot = slot;
         }
     }
-    if !any {
-        return (verdict::NO_GRANT_HELD, 0);
+    if live_slot != 0 {
+        j.verdict = verdict::ALLOWED;
+        j.slot = live_slot;
+    } else if any {
+        j.verdict = best;
+        j.slot = best_slot;
+    } else if pg.flags & proc_flags::AGENT != 0 {
+        j.verdict = verdict::OUT_OF_INTENT;
+        j.reason = reason::AGENT;
     }
-    (best, best_slot)
+    // History counts: every secret this process read must be valid toward here.
+    if pg.taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
+        for i in 0..MAX_SECRETS {
+            if pg.taint & (1u64 << i) == 0 {
+                continue;
+            }
+            let Some(info) = SECRETS.get(i as u32) else { continue };
+            let own_ok = info.has_dests == 0 || dest_allows(SECRET_SLOT_BASE + i as u32, addr, port);
+            let granted = live_secrets & (1u64 << i) != 0;
+            if !(own_ok && granted) {
+                j.verdict = verdict::OUT_OF_INTENT;
+                j.reason = reason::TAINT;
+                j.taint_secret = (i + 1) as u8;
+                if j.slot == 0 {
+                    j.slot = best_slot;
+                }
+                j.action = info.action as u8;
+                break;
+            }
+        }
+    }
+    if j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD {
+        j.action = action::ALLOWED;
+        return j;
+    }
+    // A violation: the action comes from the grant's intent, the tainting secret, or
+    // the agent setting; monitor mode only alerts.
+    if j.reason == reason::GRANT && j.slot != 0 {
+        if let Some(g) = GRANTS.get_ptr_mut(&j.slot) {
+            let g = unsafe { &mut *g };
+            j.action = g.action as u8;
+            if g.flags & grant_flags::REVOKE_ON_VIOLATION != 0 && g.state == grant_state::ACTIVE {
+                g.state = grant_state::REVOKED;
+                j.revoked_now = 1;
+            }
+        }
+    } else if j.reason == reason::AGENT {
+        j.action = config(config::AGENT_ACTION) as u8;
+    }
+    if j.action == action::ALLOWED {
+        j.action = action::ALERT;
+    }
+    if config(config::ENFORCE) == 0 {
+        j.action = action::ALERT;
+    }
+    j
 }
 
 #[inline(always)]
@@ -123,11 +206,13 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     if family == AF_INET {
         v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
     }
-    let (v, slot) = judge(tgid, &v6, port);
+    let j = judge(tgid, &v6, port);
+    let deny = j.action == action::DENY || j.action == action::KILL;
     let ug = bpf_get_current_uid_gid();
     let Some(mut entry) = EVENTS.reserve::<ConnectRecord>(0) else {
         count(counter::RINGBUF_DROPS);
-        return ALLOW;
+        // The decision stands even when it cannot be reported.
+        return if deny { DENY } else { ALLOW };
     };
     entry.write(ConnectRecord {
         kind: kind::CONNECT,
@@ -138,15 +223,19 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         port,
         protocol,
         op: operation,
-        denied: 0,
-        verdict: v,
+        action: j.action,
+        verdict: j.verdict,
         addr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        grant_slot: slot,
+        grant_slot: j.slot,
+        reason: j.reason,
+        taint_secret: j.taint_secret,
+        revoked_now: j.revoked_now,
         _pad2: 0,
     });
-    entry.submit(submit_flags());
+    // A kill is carried out by the daemon: wake it now rather than at the next drain.
+    entry.submit(if j.action == action::KILL { WAKEUP_NOW } else { submit_flags() });
     count(counter::EVENTS);
-    ALLOW
+    if deny { DENY } else { ALLOW }
 }

@@ -1,38 +1,50 @@
-//! Process lineage: new processes, exec and exit, from stable tracepoints.
+//! Process lineage: new processes, exec and exit, from raw tracepoints.
 //!
-//! Tracepoint field offsets differ between kernels (6.18 moved sched_process_fork's comm to
-//! __data_loc), so the daemon reads them from tracefs `format` files and sets these globals.
+//! Raw tracepoints (not perf-event tracepoints) because their links can be pinned: a
+//! daemon killed with SIGKILL leaves fork inheritance and exit cleanup of grants running.
+//! Their arguments are the TP_PROTO pointers; struct offsets come from kernel BTF via
+//! globals set by the daemon (rustc emits no CO-RE relocations).
 use aya_ebpf::{
     Global,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated,
     },
-    macros::tracepoint,
-    programs::TracePointContext,
-    EbpfContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 use core::ffi::c_void;
 use enforcer_common::{
-    ARGS_LEN, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_PROC_GRANTS, ProcGrants,
-    counter, kind,
+    ARGS_LEN, ExeKey, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_PROC_GRANTS,
+    ProcGrants, counter, kind, proc_flags,
 };
 
-use crate::maps::{EVENTS, PROC_GRANTS, count, submit_flags};
+use crate::maps::{AGENT_CGROUPS, AGENT_EXES, AGENT_UIDS, EVENTS, PROC_GRANTS, count, submit_flags};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
+/// task_struct.tgid and linux_binprm.filename, from kernel BTF.
 #[unsafe(no_mangle)]
-static NEWTASK_PID_OFF: Global<u32> = Global::new(8);
+static TASK_TGID_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static NEWTASK_FLAGS_OFF: Global<u32> = Global::new(32);
+static BPRM_FILENAME_OFF: Global<u32> = Global::new(0);
+/// 1 when sched_process_exit carries `group_dead` (its second argument).
 #[unsafe(no_mangle)]
-static EXEC_FILENAME_OFF: Global<u32> = Global::new(8);
+static EXIT_HAS_GROUP_DEAD: Global<u32> = Global::new(1);
+
+/// task_struct.mm -> mm_struct.exe_file -> file.f_inode -> inode.{i_ino, i_sb} ->
+/// super_block.s_dev: the exec'd file's inode, to match `[[agent]]` executables.
 #[unsafe(no_mangle)]
-static EXEC_OLD_PID_OFF: Global<u32> = Global::new(16);
-/// 0 when the kernel's sched_process_exit has no `group_dead` field.
+static MM_EXE_FILE_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static EXIT_GROUP_DEAD_OFF: Global<u32> = Global::new(32);
+static FILE_INODE_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static INODE_INO_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static INODE_SB_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SB_DEV_OFF: Global<u32> = Global::new(0);
+
 /// task_struct.mm, mm_struct.arg_start and mm_struct.arg_end, from kernel BTF.
 #[unsafe(no_mangle)]
 static TASK_MM_OFF: Global<u32> = Global::new(0);
@@ -41,15 +53,17 @@ static MM_ARG_START_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static MM_ARG_END_OFF: Global<u32> = Global::new(0);
 
-/// task/task_newtask runs in the parent inside copy_process, before the child can run,
-/// and (unlike sched_process_fork) tells threads from processes by clone_flags.
-#[tracepoint]
-pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let flags: u64 = unsafe { ctx.read_at(NEWTASK_FLAGS_OFF.load() as usize) }.unwrap_or(0);
-    if flags & CLONE_THREAD != 0 {
+/// task_newtask(struct task_struct *task, u64 clone_flags) runs in the parent inside
+/// copy_process, before the child can run, and (unlike sched_process_fork) tells threads
+/// from processes by clone_flags.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
+    let task: u64 = ctx.arg(0);
+    let flags: u64 = ctx.arg(1);
+    if flags & CLONE_THREAD != 0 || task == 0 {
         return 0;
     }
-    let child: i32 = match unsafe { ctx.read_at(NEWTASK_PID_OFF.load() as usize) } {
+    let child: i32 = match unsafe { bpf_probe_read_kernel((task + TASK_TGID_OFF.load() as u64) as *const i32) } {
         Ok(v) => v,
         Err(_) => return 0,
     };
@@ -65,7 +79,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let mut grants = [0u32; MAX_PROC_GRANTS];
     if let Some(pg) = unsafe { PROC_GRANTS.get(&parent) } {
         grants = pg.grants;
-        let inherited = ProcGrants { grants, start_ns: now };
+        let inherited = ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
         let _ = PROC_GRANTS.insert(&(child as u32), &inherited, 0);
     }
     entry.write(ForkRecord {
@@ -84,12 +98,19 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+/// sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let old_pid: i32 = unsafe { ctx.read_at(EXEC_OLD_PID_OFF.load() as usize) }.unwrap_or(0);
-    let loc: u32 = unsafe { ctx.read_at(EXEC_FILENAME_OFF.load() as usize) }.unwrap_or(0);
+    let old_pid: u64 = ctx.arg(1);
+    let old_pid = old_pid as i32;
+    let bprm: u64 = ctx.arg(2);
+    let fname_ptr: u64 = if bprm == 0 {
+        0
+    } else {
+        unsafe { bpf_probe_read_kernel((bprm + BPRM_FILENAME_OFF.load() as u64) as *const u64) }.unwrap_or(0)
+    };
     let Some(mut entry) = EVENTS.reserve::<ExecRecord>(0) else {
         count(counter::RINGBUF_DROPS);
         return 0;
@@ -104,7 +125,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         (*rec).gid = (ug >> 32) as u32;
         (*rec).cgroup_id = bpf_get_current_cgroup_id();
         (*rec).boot_ns = bpf_ktime_get_boot_ns();
-        let fname = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+        let fname = fname_ptr as *const u8;
         let n = generated::bpf_probe_read_kernel_str(
             (*rec).filename.as_mut_ptr() as *mut c_void,
             FILENAME_LEN as u32,
@@ -113,18 +134,21 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         (*rec).filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
         read_args(&mut *rec);
     }
+    mark_agent(tgid, (ug & 0xffff_ffff) as u32);
     entry.submit(submit_flags());
     count(counter::EVENTS);
     0
 }
 
-#[tracepoint]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+/// sched_process_exit(struct task_struct *p, bool group_dead): group_dead marks the
+/// last thread of the process.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let off = EXIT_GROUP_DEAD_OFF.load() as usize;
-    let last = if off != 0 {
-        unsafe { ctx.read_at::<u8>(off) }.unwrap_or(0) != 0
+    let last = if EXIT_HAS_GROUP_DEAD.load() != 0 {
+        let gd: u64 = ctx.arg(1);
+        gd & 0xff != 0
     } else {
         pid_tgid as u32 == tgid
     };
@@ -179,4 +203,48 @@ unsafe fn read_args(rec: &mut ExecRecord) {
     if r == 0 {
         rec.args_len = len;
     }
+}
+
+/// Flags an `[[agent]]` process (by executable inode or uid) at exec, before its first
+/// instruction runs; descendants inherit the flag through the fork hook.
+#[inline(always)]
+fn mark_agent(tgid: u32, uid: u32) {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let mut agent = unsafe { AGENT_UIDS.get(&uid) }.is_some() || unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some();
+    if !agent {
+        if let Some(key) = exe_key() {
+            agent = unsafe { AGENT_EXES.get(&key) }.is_some();
+        }
+    }
+    if !agent {
+        return;
+    }
+    let mut pg = match unsafe { PROC_GRANTS.get(&tgid) } {
+        Some(p) => *p,
+        None => ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns: unsafe { bpf_ktime_get_boot_ns() }, taint: 0, flags: 0, _pad: 0 },
+    };
+    pg.flags |= proc_flags::AGENT;
+    let _ = PROC_GRANTS.insert(&tgid, &pg, 0);
+}
+
+/// (s_dev, i_ino) of the current process's executable.
+#[inline(always)]
+fn exe_key() -> Option<ExeKey> {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let read = |p: u64, off: u32| -> Option<u64> {
+        if p == 0 {
+            return None;
+        }
+        unsafe { bpf_probe_read_kernel((p + off as u64) as *const u64) }.ok()
+    };
+    let mm = read(task as u64, TASK_MM_OFF.load())?;
+    let file = read(mm, MM_EXE_FILE_OFF.load())?;
+    let inode = read(file, FILE_INODE_OFF.load())?;
+    let ino = read(inode, INODE_INO_OFF.load())?;
+    let sb = read(inode, INODE_SB_OFF.load())?;
+    if sb == 0 {
+        return None;
+    }
+    let dev: u32 = unsafe { bpf_probe_read_kernel((sb + SB_DEV_OFF.load() as u64) as *const u32) }.ok()?;
+    Some(ExeKey { dev: dev as u64, ino })
 }

@@ -1,30 +1,55 @@
 //! Maps shared by all hook families, and the helpers that write records.
+//!
+//! Every map is pinned by name under the daemon's pin dir: a daemon killed with SIGKILL
+//! leaves the programs enforcing against these maps, and a restarted daemon adopts them.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use enforcer_common::{DestKey, GrantInfo, PortRanges, ProcGrants, counter};
+use enforcer_common::{
+    DestKey, ExeKey, GrantInfo, MAX_SECRETS, PortRanges, ProcGrants, SecretInfo, config, counter,
+};
 
 /// Every record for the daemon. 16 MiB holds well over a second of a 100k events/s burst.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::pinned(16 * 1024 * 1024, 0);
 
 /// Per-CPU counters (`enforcer_common::counter`), summed by the daemon.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
-/// tgid -> grants held. The one source of truth for who holds what (DESIGN.md): the fork
-/// hook copies it to children before they run, the exit hook removes it.
+/// tgid -> grants held, taint, flags. The one source of truth for who holds what
+/// (DESIGN.md): the fork hook copies it to children before they run, the exit hook removes it.
 #[map]
-pub static PROC_GRANTS: HashMap<u32, ProcGrants> = HashMap::with_max_entries(65_536, 0);
+pub static PROC_GRANTS: HashMap<u32, ProcGrants> = HashMap::pinned(65_536, 0);
 
-/// grant slot -> deadline and state.
+/// grant slot -> deadline, state, covered secrets, violation action.
 #[map]
-pub static GRANTS: HashMap<u32, GrantInfo> = HashMap::with_max_entries(16_384, 0);
+pub static GRANTS: HashMap<u32, GrantInfo> = HashMap::pinned(16_384, 0);
 
-/// (grant slot, destination network) -> allowed ports.
+/// (grant slot | SECRET_SLOT_BASE + secret index, destination network) -> allowed ports.
 #[map]
-pub static GRANT_DESTS: LpmTrie<DestKey, PortRanges> = LpmTrie::with_max_entries(65_536, 1);
+pub static GRANT_DESTS: LpmTrie<DestKey, PortRanges> = LpmTrie::pinned(65_536, 1);
+
+/// secret index -> whether it has destinations of its own, and its no-grant action.
+#[map]
+pub static SECRETS: Array<SecretInfo> = Array::pinned(MAX_SECRETS as u32, 0);
+
+/// `enforcer_common::config` values written by the daemon (mode, agent action).
+#[map]
+pub static CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
+
+/// Executables named by `[[agent]]` selectors, by inode.
+#[map]
+pub static AGENT_EXES: HashMap<ExeKey, u8> = HashMap::pinned(1024, 0);
+
+/// uids named by `[[agent]]` selectors.
+#[map]
+pub static AGENT_UIDS: HashMap<u32, u8> = HashMap::pinned(1024, 0);
+
+/// cgroup ids named by `[[agent]]` selectors (exact cgroup).
+#[map]
+pub static AGENT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {
@@ -32,6 +57,11 @@ pub fn count(index: u32) {
         // Per-CPU slot: no other writer on this CPU while we run.
         unsafe { *p += 1 };
     }
+}
+
+#[inline(always)]
+pub fn config(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -45,3 +75,6 @@ const WAKEUP_BYTES: u64 = 256 * 1024;
 pub fn submit_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
+
+/// Forces a wakeup: for records the daemon must act on now (a kill).
+pub const WAKEUP_NOW: u64 = BPF_RB_FORCE_WAKEUP;

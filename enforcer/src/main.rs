@@ -1,4 +1,5 @@
 //! enforcer: one binary, daemon and CLI. main only parses arguments and dispatches.
+mod alert;
 mod api;
 mod cli;
 mod daemon;
@@ -9,6 +10,7 @@ mod kernel;
 mod mint;
 mod policy;
 mod proc;
+mod report;
 mod store;
 
 use std::process::ExitCode;

@@ -1,13 +1,18 @@
 //! `cargo xtask bench`: overhead of the running daemon on the hooked syscalls, measured as
 //! time-with-daemon / time-without over interleaved rounds (A = stopped, B = running), and
-//! ring-buffer drops under a connect flood. Prints a table and writes target/bench.md.
+//! ring-buffer drops under a connect flood, and the Mint API: grant issuance latency and
+//! throughput, and connect overhead with many live grants. Prints a table and writes
+//! target/bench.md.
 
+mod grants;
 mod worker;
 
 pub use worker::{Kind, WorkerArgs, worker};
 
 use crate::{build, is_root, root, show};
 use anyhow::{Context, Result, anyhow, bail};
+use grants::{CLIENTS, GRANTS_PER_HOLDER, N_GRANTS, N_HOLDERS};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,9 @@ use std::time::{Duration, Instant};
 const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
 const FLOOD_RATE: u64 = 100_000;
 const FLOOD_SECS: f64 = 3.0;
+/// Grant issuance targets.
+const ISSUE_P99_MAX: Duration = Duration::from_millis(2);
+const ISSUE_RATE_MIN: f64 = 2_000.0;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -76,6 +84,8 @@ struct Bench {
     config: PathBuf,
     run_dir: PathBuf,
     daemon: Option<Child>,
+    /// Grant holders (`sleep 3600`) of the current round; killed and reaped on every path.
+    holders: Vec<Child>,
     starts: usize,
     tcp: SocketAddr,
     udp: UdpSocket,
@@ -119,6 +129,7 @@ impl Bench {
             config,
             run_dir,
             daemon: None,
+            holders: Vec::new(),
             starts: 0,
             tcp,
             udp,
@@ -136,14 +147,20 @@ impl Bench {
         std::fs::write(&plain, "not a secret\n")?;
         std::fs::write(&secret, "bench-secret-value\n")?;
         let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+        // Top-level keys before the first table; no mint rate limit (the bench issues grants
+        // as fast as the daemon answers).
         let config = format!(
-            "mode = \"monitor\"\ncgroup_root = {}\nruntime_dir = {}\nstate_dir = {}\npin_dir = {}\n\n\
-             [[secret]]\nname = \"bench-secret\"\npaths = [{}]\n",
+            "mode = \"monitor\"\ncgroup_root = {}\nruntime_dir = {}\nstate_dir = {}\npin_dir = {}\n\
+             mint_rate_per_second = 0\n\n\
+             [[secret]]\nname = \"bench-secret\"\npaths = [{}]\n\n\
+             [[intent]]\nname = \"{}\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"bench-secret\"]\n\
+             destinations = [\"127.0.0.1/32:1-65535\"]\nmax_ttl = \"1h\"\n",
             q(&self.cgroup),
             q(&self.run_dir),
             q(&self.tmp.join("state")),
             q(Path::new(PIN_DIR)),
             q(&secret),
+            grants::INTENT,
         );
         std::fs::write(&self.config, config)?;
         let s = |p: &Path| p.display().to_string();
@@ -165,6 +182,11 @@ impl Bench {
         }
         let mut per_op = vec![[Vec::new(), Vec::new()]; self.specs.len()];
         let mut flood = None;
+        // Connect per op (ns) after the other loops: A = no daemon, B = N_GRANTS live grants.
+        let mut loaded = [Vec::new(), Vec::new()];
+        // Connect per op (ns) by a worker that holds a grant (B) / the same worker without daemon (A).
+        let mut holder = [Vec::new(), Vec::new()];
+        let mut grant_rounds = Vec::new();
         for round in 0..iterations {
             for with in [false, true] {
                 if with {
@@ -181,10 +203,30 @@ impl Bench {
                     per_op.iter().map(|v| format!("{:.2}us", v[with as usize][round] / 1e3)).collect::<Vec<_>>().join(" ")
                 );
                 if with {
+                    let r = self.grant_round();
+                    self.release_holders();
+                    check_interrupted()?;
+                    match &r {
+                        Ok(g) => {
+                            loaded[1].push(g.loaded_ns);
+                            holder[1].push(g.holder_ns);
+                        }
+                        Err(e) => println!("bench: round {}/{iterations} grants: error: {e:#}", round + 1),
+                    }
+                    grant_rounds.push(r);
                     if round + 1 == iterations {
                         flood = Some(self.flood());
                     }
                     self.stop_daemon()?;
+                } else {
+                    loaded[0].push(self.worker(0, None)?.0 as f64 / self.specs[0].n as f64);
+                    holder[0].push(self.holder_connect(false)?);
+                    println!(
+                        "bench: round {}/{iterations} without: connect {:.2}us, connect (holder handshake) {:.2}us",
+                        round + 1,
+                        loaded[0][round] / 1e3,
+                        holder[0][round] / 1e3
+                    );
                 }
             }
         }
@@ -228,7 +270,119 @@ impl Bench {
                 pass: Some(false),
             },
         });
+        rows.extend(grant_rows(&grant_rounds, &loaded, &holder, self.specs[0].n));
         Ok(rows)
+    }
+
+    /// With the daemon running: start the holders, issue N_GRANTS grants to them, then the
+    /// connect loops with all of them live. The caller releases the holders on every path.
+    fn grant_round(&mut self) -> Result<GrantRound> {
+        let t0 = Instant::now();
+        grants::spawn_holders(N_HOLDERS, &self.cgroup, &mut self.holders, check_interrupted)?;
+        println!("bench: grants: {N_HOLDERS} holders started in {:.2}s", t0.elapsed().as_secs_f64());
+        let pids: Vec<u32> = self.holders.iter().map(Child::id).collect();
+        let sock = self.mint_sock();
+        println!("bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients");
+        let issuance = grants::issue_all(&sock, &pids, GRANTS_PER_HOLDER)?;
+        check_interrupted()?;
+        let mut sorted = issuance.latencies.clone();
+        sorted.sort_unstable();
+        println!(
+            "bench: grants: {} issued, {} failed in {:.2}s ({:.0} grants/s); p50 {}, p90 {}, p99 {}, max {}; {} requests > {} ms",
+            issuance.ok,
+            issuance.failures,
+            issuance.wall.as_secs_f64(),
+            issuance.latencies.len() as f64 / issuance.wall.as_secs_f64(),
+            grants::fmt_ns(grants::quantile(&sorted, 0.50)),
+            grants::fmt_ns(grants::quantile(&sorted, 0.90)),
+            grants::fmt_ns(grants::quantile(&sorted, 0.99)),
+            grants::fmt_ns(sorted.last().copied().unwrap_or(0)),
+            sorted.iter().filter(|&&ns| ns as u128 > ISSUE_P99_MAX.as_nanos()).count(),
+            ISSUE_P99_MAX.as_millis(),
+        );
+        for e in &issuance.errors {
+            println!("bench: grants: failure: {e}");
+        }
+        // The status document is refreshed once a second.
+        let live = grants::wait_live(&sock, Duration::from_secs(5), |n| n >= issuance.ok as u64)?;
+        println!("bench: grants: live_grants = {live}");
+        let loaded_ns = self.worker(0, None)?.0 as f64 / self.specs[0].n as f64;
+        let holder_ns = self.holder_connect(true)?;
+        println!(
+            "bench: grants: connect with {live} live grants {:.2}us, by a grant holder {:.2}us",
+            loaded_ns / 1e3,
+            holder_ns / 1e3
+        );
+        Ok(GrantRound { issuance, live, loaded_ns, holder_ns })
+    }
+
+    fn mint_sock(&self) -> PathBuf {
+        self.run_dir.join("mint.sock")
+    }
+
+    /// Kill and reap the holders; with the daemon running, wait (bounded) until it has ended
+    /// their grants, so the next measurement does not overlap that work.
+    fn release_holders(&mut self) {
+        if self.holders.is_empty() {
+            return;
+        }
+        let (n, t0) = (self.holders.len(), Instant::now());
+        grants::kill_all(&mut self.holders);
+        if self.daemon.is_some() {
+            match grants::wait_live(&self.mint_sock(), Duration::from_secs(20), |n| n == 0) {
+                Ok(0) => println!("bench: grants: {n} holders killed, all grants ended in {:.2}s", t0.elapsed().as_secs_f64()),
+                Ok(live) => println!("bench: grants: warning: {live} grants still live 20 s after their holders were killed"),
+                Err(e) => println!("bench: grants: warning: cannot read live_grants: {e:#}"),
+            }
+        }
+    }
+
+    /// The connect loop of spec 0 in a worker that stops before the loop; with `grant`, a grant
+    /// of the bench intent is bound to it meanwhile. ns per connect.
+    fn holder_connect(&self, grant: bool) -> Result<f64> {
+        let s = &self.specs[0];
+        let mut c = Command::new(std::env::current_exe()?);
+        c.arg("bench-worker")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--kind", "connect", "--target", &s.target, "--n", &s.n.to_string(), "--wait-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c.spawn().with_context(|| format!("bench: cannot start worker `{}`", show(&c)))?;
+        let mut run = || -> Result<f64> {
+            let mut out = BufReader::new(child.stdout.take().expect("piped"));
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            let pid: u32 = line
+                .trim()
+                .strip_prefix("pid=")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| anyhow!("bench: holder worker printed {line:?} instead of its pid"))?;
+            if grant {
+                let id = grants::Client::connect(&self.mint_sock())?
+                    .issue(pid)
+                    .with_context(|| format!("bench: cannot bind a grant to the connect worker (pid {pid})"))?;
+                println!("bench: grants: connect worker {pid} holds grant {id}");
+            }
+            // Dropping stdin after the line: the worker never waits on it again.
+            child.stdin.take().expect("piped").write_all(b"go\n")?;
+            let mut text = String::new();
+            out.read_to_string(&mut text)?;
+            let status = child.wait()?;
+            check_interrupted()?;
+            if !status.success() {
+                bail!("bench: connect by a grant holder: worker failed ({status}): `{}`", show(&c));
+            }
+            let (ns, ops) = parse_worker("connect by a grant holder", &text)?;
+            Ok(ns as f64 / ops.max(1) as f64)
+        };
+        let r = run();
+        if r.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        r
     }
 
     /// Run spec `i` in a worker process inside the bench cgroup: (elapsed ns, ops).
@@ -334,11 +488,22 @@ impl Bench {
         if !status.success() {
             println!("bench: warning: daemon exited with {status} after SIGTERM");
         }
+        // The log goes away with the temporary directory: show its warnings and errors now.
+        let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let bad: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
+        if !bad.is_empty() {
+            println!("bench: warning: {} WARN/ERROR lines in {}; first ones:", bad.len(), log_path.display());
+            for l in bad.iter().take(5) {
+                println!("bench:   {l}");
+            }
+        }
         Ok(())
     }
 
     /// Stop the daemon, remove pins, cgroup and temporary files. Safe to call twice.
     fn cleanup(&mut self) {
+        grants::kill_all(&mut self.holders);
         if let Err(e) = self.stop_daemon() {
             eprintln!("bench: cleanup: {e:#}");
         }
@@ -372,6 +537,86 @@ impl Drop for Bench {
     }
 }
 
+struct GrantRound {
+    issuance: grants::Issuance,
+    /// `live_grants` after issuance.
+    live: u64,
+    loaded_ns: f64,
+    holder_ns: f64,
+}
+
+/// Rows of the grant rounds: issuance latency (all rounds' requests pooled), throughput (median
+/// of rounds), connect with N_GRANTS live grants and connect by a grant holder (vs the same
+/// loops in the rounds without the daemon).
+fn grant_rows(rounds: &[Result<GrantRound>], loaded: &[Vec<f64>; 2], holder: &[Vec<f64>; 2], n: u64) -> Vec<Row> {
+    let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+    let ok: Vec<&GrantRound> = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let mut rows = Vec::new();
+    if let Some(e) = errors.first() {
+        rows.push(Row {
+            name: format!("grant rounds ({} of {} failed)", errors.len(), rounds.len()),
+            without: "-".into(),
+            with: format!("error: {e}"),
+            ratio: "-".into(),
+            target: "no error".into(),
+            pass: Some(false),
+        });
+    }
+    if ok.is_empty() {
+        return rows;
+    }
+    let mut lat: Vec<u64> = ok.iter().flat_map(|g| g.issuance.latencies.iter().copied()).collect();
+    lat.sort_unstable();
+    let failures: usize = ok.iter().map(|g| g.issuance.failures).sum();
+    let requests = lat.len();
+    let p99 = grants::quantile(&lat, 0.99);
+    let rate = median(&ok.iter().map(|g| g.issuance.latencies.len() as f64 / g.issuance.wall.as_secs_f64()).collect::<Vec<_>>());
+    rows.push(Row {
+        name: format!(
+            "grant issuance latency, POST /v1/grants ({N_GRANTS} per round on {N_HOLDERS} holders, {CLIENTS} keep-alive clients; {} rounds pooled)",
+            ok.len()
+        ),
+        without: "-".into(),
+        with: format!("p50 {}, p99 {}, max {}", grants::fmt_ns(grants::quantile(&lat, 0.5)), grants::fmt_ns(p99), grants::fmt_ns(lat.last().copied().unwrap_or(0))),
+        ratio: "-".into(),
+        target: format!("p99 <= {} ms, all 201", ISSUE_P99_MAX.as_millis()),
+        pass: Some(p99 as u128 <= ISSUE_P99_MAX.as_nanos() && failures == 0),
+    });
+    rows.push(Row {
+        name: format!("grant issuance throughput ({N_GRANTS} grants / wall time, median of rounds)"),
+        without: "-".into(),
+        with: format!("{rate:.0} grants/s; {failures} of {requests} requests failed"),
+        ratio: "-".into(),
+        target: format!(">= {ISSUE_RATE_MIN:.0}/s, 0 failures"),
+        pass: Some(rate >= ISSUE_RATE_MIN && failures == 0),
+    });
+    let compare = |a: &[f64], b: &[f64]| (!a.is_empty() && !b.is_empty()).then(|| (median(a), median(b)));
+    let lives: Vec<u64> = ok.iter().map(|g| g.live).collect();
+    let all_live = lives.iter().all(|&l| l == N_GRANTS as u64);
+    if let Some((a, b)) = compare(&loaded[0], &loaded[1]) {
+        let ratio = b / a;
+        rows.push(Row {
+            name: format!("connect() loopback TCP, {N_GRANTS} live grants, worker holds none (N={n})"),
+            without: format!("{:.2} us", a / 1e3),
+            with: if all_live { format!("{:.2} us", b / 1e3) } else { format!("{:.2} us (live_grants {lives:?})", b / 1e3) },
+            ratio: format!("{ratio:.3}"),
+            target: format!("<= 1.05, live_grants = {N_GRANTS}"),
+            pass: Some(ratio <= 1.05 && all_live),
+        });
+    }
+    if let Some((a, b)) = compare(&holder[0], &holder[1]) {
+        rows.push(Row {
+            name: format!("connect by a grant holder (kernel verdict per connect), {N_GRANTS} other grants live (N={n})"),
+            without: format!("{:.2} us", a / 1e3),
+            with: format!("{:.2} us", b / 1e3),
+            ratio: format!("{:.3}", b / a),
+            target: "-".into(),
+            pass: None,
+        });
+    }
+    rows
+}
+
 struct FloodResult {
     drops: u64,
     events: u64,
@@ -385,7 +630,11 @@ fn run_worker(name: &str, c: &mut Command) -> Result<(u128, u64)> {
     if !out.status.success() {
         bail!("bench: {name}: worker failed ({}): `{}`", out.status, show(c));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_worker(name, &String::from_utf8_lossy(&out.stdout))
+}
+
+/// The worker's `ns=<elapsed> ops=<count>` line.
+fn parse_worker(name: &str, text: &str) -> Result<(u128, u64)> {
     let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u128>().ok());
     match (field("ns="), field("ops=")) {
         (Some(ns), Some(ops)) => Ok((ns, ops as u64)),
@@ -462,9 +711,14 @@ fn render_console(rows: &[Row]) -> String {
 
 fn render(rows: &[Row], iterations: usize) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let mut md = format!(
-        "# enforcer bench\n\nKernel {}, {} cores; {iterations} interleaved rounds without/with the daemon \
-         (monitor mode); per-operation medians.\n\n| {} |\n|{}\n",
+        "# enforcer bench\n\nKernel {}, {} cores, load average at the end {load}; {iterations} interleaved rounds without/with the daemon \
+         (monitor mode); per-operation medians. Grant rows: each round with the daemon also starts \
+         {N_HOLDERS} `sleep` holders and issues {N_GRANTS} grants to them ({GRANTS_PER_HOLDER} each) over the \
+         Mint API from {CLIENTS} threads, one keep-alive connection each; the connect rows after it run \
+         with those grants live.\n\n| {} |\n|{}\n",
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         HEADER.join(" | "),

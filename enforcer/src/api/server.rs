@@ -19,6 +19,9 @@ use crate::mint::request::ApiError;
 pub struct ApiState {
     pub status: Mutex<Value>,
     pub mint: MintState,
+    /// Asks the daemon loop to reload the policy; answers with the outcome.
+    pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    pub sink_metrics: crate::alert::SinkMetrics,
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
@@ -65,11 +68,13 @@ async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requeste
         (&Method::GET, ["", "v1", "health"]) => Ok((StatusCode::OK, json!({"status": "ok"}))),
         (&Method::GET, ["", "v1", "status"]) => Ok((StatusCode::OK, state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null))),
         (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
+        (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => return Ok(metrics(&state)),
         (&Method::POST, ["", "v1", "grants"]) => mint::issue(&state.mint, &peer, &body).await,
         (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &query),
         (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id),
         (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id),
-        (_, ["", "v1", "health" | "status" | "keys" | "grants"] | ["", "v1", "grants", _]) => {
+        (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
+        (_, ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"] | ["", "v1", "grants", _] | ["", "v1", "policy", "reload"]) => {
             Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
         }
         _ => Err(ApiError::not_found("not_found", format!("no route {path}"))),
@@ -78,6 +83,41 @@ async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requeste
         Ok((status, v)) => json_response(status, v),
         Err(e) => api_error(&e),
     })
+}
+
+/// POST /v1/policy/reload (root only): the same as SIGHUP, but the caller learns the outcome.
+async fn reload(state: &ApiState, peer: &Requester) -> Result<(StatusCode, Value), ApiError> {
+    if peer.uid != 0 {
+        return Err(ApiError::forbidden("not_root", "only root may reload the policy"));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.reload.send(tx).await.map_err(|_| ApiError::new(503, "shutting_down", "the daemon is stopping"))?;
+    match rx.await {
+        Ok(Ok(source)) => Ok((StatusCode::OK, json!({"reloaded": source}))),
+        Ok(Err(msg)) => Err(ApiError::new(422, "invalid_policy", format!("reload refused, current policy kept:\n{msg}"))),
+        Err(_) => Err(ApiError::new(503, "shutting_down", "the daemon is stopping")),
+    }
+}
+
+/// Prometheus text: daemon counters from the status document, plus sink delivery.
+fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
+    let st = state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null);
+    let n = |p: &str| st.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    metric("enforcer_events_total", "Events written to the event store.", "counter", n("/events_total"));
+    metric("enforcer_alerts_total", "Events whose verdict is not allowed.", "counter", n("/alerts_total"));
+    metric("enforcer_kernel_ringbuf_drops_total", "Kernel records lost because the ring buffer was full.", "counter", n("/kernel/ringbuf_drops"));
+    metric("enforcer_live_grants", "Active grants.", "gauge", n("/live_grants"));
+    metric("enforcer_decision_mismatches_total", "Connects where the kernel and decide.rs disagreed.", "counter", n("/counts/decision_mismatches"));
+    out.push_str(&state.sink_metrics.metrics_text());
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(out)))
+        .expect("static response parts")
 }
 
 /// Reads at most MAX_BODY bytes; a larger body is refused (413) without reading on.

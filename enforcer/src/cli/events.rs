@@ -11,9 +11,11 @@ pub fn state_dir(flag: Option<PathBuf>) -> PathBuf {
 }
 
 pub fn run(follow: bool, since: Option<String>, format: &str, state_dir_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    if format != "json" {
-        bail!("--format {format:?}: only \"json\" (enforcer.event/v1 JSON Lines) is available in this build");
-    }
+    let ocsf = match format {
+        "json" => false,
+        "ocsf" => true,
+        _ => bail!("--format {format:?}: expected \"json\" (enforcer.event/v1 JSON Lines) or \"ocsf\" (OCSF 1.3 JSON Lines)"),
+    };
     let cutoff = match since {
         Some(s) => {
             let d = humantime::parse_duration(&s).with_context(|| format!("--since {s:?}: expected a duration such as 10m or 2h"))?;
@@ -34,7 +36,11 @@ pub fn run(follow: bool, since: Option<String>, format: &str, state_dir_flag: Op
         }
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")?;
+        if ocsf {
+            writeln!(out, "{}", crate::alert::ocsf::to_ocsf(e))?;
+        } else {
+            writeln!(out, "{line}")?;
+        }
         if follow {
             out.flush()?;
         }

@@ -4,6 +4,7 @@ mod doctor;
 mod events;
 mod grant;
 mod policy;
+mod report;
 mod run;
 mod status;
 
@@ -67,6 +68,11 @@ pub enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Reports over the stored events (census of credential use).
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Validate configuration and policy files.
     Policy {
         #[command(subcommand)]
@@ -101,12 +107,33 @@ pub enum GrantCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ReportCommand {
+    /// Per credential: jobs, executables, destinations, grant coverage, and a least-privilege intent.
+    Census {
+        /// Only events newer than this (e.g. 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// json, markdown or sarif (SARIF 2.1.0, for code scanning).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// State directory holding events.jsonl (default from the config or /var/lib/enforcer).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Write the report to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Check config/policy files; errors as file:line:col: message.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Ask the running daemon to reload its policy (an invalid one is refused and kept out).
+    Reload,
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -118,6 +145,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             events::run(follow, since, &format, state_dir)
         }
         Command::Policy { command: PolicyCommand::Check { paths } } => policy::check(&paths),
+        Command::Policy { command: PolicyCommand::Reload } => policy::reload(),
+        Command::Report { command: ReportCommand::Census { since, format, state_dir, output } } => report::census(since, &format, state_dir, output),
         Command::Grant { command } => match command {
             GrantCommand::Request { intent, ttl, pid, json } => grant::request(&intent, ttl, pid, json),
             GrantCommand::List { json, all } => grant::list(json, all),

@@ -26,3 +26,17 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// `enforcer policy reload`: the daemon validates and applies atomically, or refuses.
+pub fn reload() -> anyhow::Result<ExitCode> {
+    match super::grant::call("POST", "/v1/policy/reload", None) {
+        Ok(v) => {
+            println!("policy reloaded from {}", v["reloaded"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("enforcer: {e:#}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -5,7 +5,7 @@ use chrono::Utc;
 
 use std::sync::{Arc, Mutex};
 
-use crate::decide::{self, Decision, HeldGrant, Use, Verdict};
+use crate::decide::{self, Action, Decision, HeldGrant, SubjectState, Use, Verdict};
 use crate::event::{self, DestinationRef, Event, FileRef, GrantRef, ProcessRef};
 use crate::mint::model::Grant;
 use crate::mint::registry::{GrantChange, Registry};
@@ -73,67 +73,123 @@ impl Engine {
         self.counts.connects += 1;
         let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id));
         let when = wall_time_of(c.boot_ns);
-        let held = if c.verdict == enforcer_common::verdict::NO_GRANT_HELD {
-            Vec::new()
-        } else {
+        let mut subject = {
             let reg = self.registry.lock().unwrap();
-            let mut h = reg.held_by(c.tgid);
-            if h.is_empty() && c.grant_slot != 0 {
-                // The process is gone already; judge against the grant the kernel used.
-                h = reg.held_slots(&[c.grant_slot]);
-            }
-            h
+            let mut st = match reg.state_of(c.tgid) {
+                Some(pg) => reg.subject_state(Some(pg)),
+                // Gone already: rebuild what the kernel decided on from its record.
+                None => {
+                    let mut pg = enforcer_common::ProcGrants::default();
+                    pg.grants[0] = c.grant_slot;
+                    if c.reason == enforcer_common::reason::AGENT {
+                        pg.flags |= enforcer_common::proc_flags::AGENT;
+                    }
+                    if c.reason == enforcer_common::reason::TAINT && c.taint_secret > 0 {
+                        pg.taint = 1u64 << (c.taint_secret - 1);
+                    }
+                    reg.subject_state(Some(pg))
+                }
+            };
+            st.known = known;
+            st
         };
-        let mut d = decide::decide(&Use::Connect { ip: c.ip, port: c.port }, known, &held, self.mode, when);
-        if let Some(kv) = kernel_verdict(c.verdict) {
-            if kv != d.verdict {
-                // The kernel's verdict is what happened; say where the two disagreed.
-                self.counts.decision_mismatches += 1;
-                tracing::warn!(pid = c.tgid, kernel = kv.as_str(), userspace = d.verdict.as_str(), "connect verdict mismatch");
-                d.decision_path.push(format!("kernel decided {} (userspace: {})", kv.as_str(), d.verdict.as_str()));
-                d.verdict = kv;
-            } else {
-                d.decision_path.push("kernel verdict agrees".into());
-            }
+        if c.verdict == enforcer_common::verdict::NO_GRANT_HELD && subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
+            subject = SubjectState { known, ..Default::default() };
+        }
+        let mut d = decide::decide(&Use::Connect { ip: c.ip, port: c.port }, &subject, self.mode, when);
+        let kv = kernel_verdict(c.verdict).unwrap_or(Verdict::Allowed);
+        if kv != d.verdict {
+            // The kernel's verdict is what happened; say where the two disagreed.
+            self.counts.decision_mismatches += 1;
+            tracing::warn!(pid = c.tgid, kernel = kv.as_str(), userspace = d.verdict.as_str(), "connect verdict mismatch");
+            d.decision_path.push(format!("kernel decided {} (userspace: {})", kv.as_str(), d.verdict.as_str()));
+            d.verdict = kv;
+        } else if c.verdict != enforcer_common::verdict::NO_GRANT_HELD {
+            d.decision_path.push("kernel verdict agrees".into());
+        }
+        // The action is what the kernel did (deny happened before a packet left).
+        d.action = kernel_action(c.action);
+        let grant_id = c.grant_slot.checked_sub(0).filter(|s| *s != 0).and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
+        if c.revoked_now == 1 {
+            d.decision_path.push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
+        }
+        if d.action == Action::Killed {
+            kill(c.tgid, &mut d.decision_path);
         }
         let dest = DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
         let mut e = self.event("connect", &d, process);
-        e.grant = grant_ref(&d, &held);
+        e.grant = grant_ref(&d, &subject.held);
+        if let decide::Reason::Taint(secret) = &d.reason {
+            e.mitre = vec!["T1041".into(), "T1567".into()];
+            e.message = Some(format!("possible exfiltration of secret {secret:?}: connection outside where it is valid"));
+        }
         // When the kernel saw it, not when the daemon got to it.
         e.time = event::rfc3339(when);
         e.destination = Some(dest);
         self.emit(e);
+        // Ending a misused grant: kernel-revoked already (revoke_on_violation) or killed.
+        if let Some(id) = grant_id {
+            if c.revoked_now == 1 || (d.action == Action::Killed && d.reason == decide::Reason::Grant) {
+                let why = if c.revoked_now == 1 { "revoke_on_violation" } else { "holder killed on violation" };
+                let _ = self.registry.lock().unwrap().revoke(&id, why);
+            }
+        }
     }
 
-    /// `held_now`: the kernel map's answer for the opener, looked up before the last ring
-    /// drain (so if it is empty because the process exited, its exit record is processed).
-    pub fn on_file_open(&mut self, f: FileOpen, held_now: Vec<HeldGrant>) {
+    /// Decides a waiting secret open; returns whether to allow it. `state`: the kernel map's
+    /// entry for the opener, read while it waits in open().
+    pub fn on_file_open(&mut self, f: FileOpen, state: Option<enforcer_common::ProcGrants>) -> bool {
         let (process, known) = self.process_ref(f.pid, None);
         if known && !is_within(&process.cgroup, &self.cgroup_scope) {
-            return;
+            return true;
         }
         self.counts.file_opens += 1;
-        let held = match (held_now.is_empty(), self.table.exited_grants(f.pid)) {
-            // Gone before we got to its open: the kernel reported its grants at exit.
-            (true, Some(slots)) => self.registry.lock().unwrap().held_slots(&slots),
-            _ => held_now,
+        let (subject, without_grant) = {
+            let reg = self.registry.lock().unwrap();
+            let mut st = match (state, self.table.exited_grants(f.pid)) {
+                (None, Some(slots)) => SubjectState { held: reg.held_slots(&slots), ..Default::default() },
+                (pg, _) => reg.subject_state(pg),
+            };
+            st.known = known;
+            (st, crate::kernel::policy::without_grant(&reg.policy, &f.secret))
         };
-        let d = decide::decide(&Use::SecretOpen { secret: f.secret.clone() }, known, &held, self.mode, Utc::now());
+        let d = decide::decide(&Use::SecretOpen { secret: f.secret.clone(), without_grant }, &subject, self.mode, Utc::now());
+        let allow = !matches!(d.action, Action::Denied | Action::Killed);
+        let mut d = d;
+        if allow {
+            // Taint before the open returns: the opener cannot connect before this lands.
+            let start = self.table.get_or_load(f.pid).map(|p| p.start_ns).unwrap_or(0);
+            if let Err(e) = self.registry.lock().unwrap().taint(f.pid, start, &f.secret) {
+                tracing::error!("taint pid {}: {e:#}", f.pid);
+            }
+        }
+        if d.action == Action::Killed {
+            kill(f.pid, &mut d.decision_path);
+        }
         let kind = self.secret_kinds.get(&f.secret).copied().unwrap_or(SecretKind::CredentialsFile);
         let mut e = self.event("file_open", &d, process);
-        e.grant = grant_ref(&d, &held);
+        e.grant = grant_ref(&d, &subject.held);
         e.mitre = vec![match kind {
             SecretKind::PrivateKey => "T1552.004".into(),
             _ => "T1552.001".into(),
         }];
         e.file = Some(FileRef { path: f.path, dev: f.dev, ino: f.ino, secret: f.secret });
         self.emit(e);
+        if d.verdict != Verdict::Allowed {
+            if let Some(g) = d.grant.and_then(|i| subject.held.get(i)) {
+                let mut reg = self.registry.lock().unwrap();
+                if reg.revokes_on_violation(&g.id) || d.action == Action::Killed {
+                    let _ = reg.revoke(&g.id, if d.action == Action::Killed { "holder killed on violation" } else { "revoke_on_violation" });
+                }
+            }
+        }
+        allow
     }
 
     /// An event about the agent itself (started, stopped, lost events).
     pub fn agent_event(&mut self, kind: &str, severity: &str, message: String) {
         let (process, _) = self.process_ref(std::process::id(), None);
-        let d = Decision { verdict: Verdict::Allowed, action: decide::Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None };
+        let d = Decision { verdict: Verdict::Allowed, action: Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None, reason: decide::Reason::None };
         let mut e = self.event(kind, &d, process);
         e.severity = severity.into();
         e.message = Some(message);
@@ -165,7 +221,7 @@ impl Engine {
             process.exe = g.subject.exe.clone();
             process.uid = g.subject.uid;
         }
-        let d = Decision { verdict: Verdict::Allowed, action: decide::Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None };
+        let d = Decision { verdict: Verdict::Allowed, action: Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None, reason: decide::Reason::None };
         let mut e = self.event(kind, &d, process);
         e.grant = Some(grant_ref_of(&g, None));
         e.secrets = g.secrets.clone();
@@ -238,6 +294,30 @@ fn kernel_verdict(v: u8) -> Option<Verdict> {
         kv::OUT_OF_INTENT => Some(Verdict::OutOfIntent),
         _ => None,
     }
+}
+
+fn kernel_action(a: u8) -> Action {
+    use enforcer_common::action as ka;
+    match a {
+        ka::DENY => Action::Denied,
+        ka::KILL => Action::Killed,
+        ka::ALERT => Action::Alerted,
+        _ => Action::Allowed,
+    }
+}
+
+/// SIGKILL through a pidfd. For an open the process is still waiting in open(), so the
+/// pid is certainly its; for a connect (already denied in the kernel) the kill follows
+/// within milliseconds.
+fn kill(pid: u32, path: &mut Vec<String>) {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        path.push(format!("kill: process {pid} already gone"));
+        return;
+    }
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd as libc::c_int, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+    unsafe { libc::close(fd as libc::c_int) };
+    path.push(if r == 0 { format!("killed process {pid} (SIGKILL)") } else { format!("kill of {pid} failed: {}", std::io::Error::last_os_error()) });
 }
 
 fn grant_ref(d: &Decision, held: &[HeldGrant]) -> Option<GrantRef> {

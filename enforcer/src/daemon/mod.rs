@@ -16,7 +16,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{self, mint::MintState, server::ApiState};
-use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::{self, Registry}, token::Signer};
+use crate::kernel::policy::SecretIndex;
+use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::Registry, token::Signer};
 use crate::file::SecretWatch;
 use crate::kernel::{self, Kernel, records};
 use crate::policy::Config;
@@ -75,7 +76,11 @@ pub fn run(setup: Setup) -> Result<()> {
 async fn run_async(setup: Setup) -> Result<()> {
     let started = Instant::now();
     let cfg = setup.config.clone();
-    let (mut kernel, ring) = Kernel::load(&setup.cgroup_root)?;
+    let (mut kernel, ring) = Kernel::load(&setup.cgroup_root, &cfg.pin_dir)?;
+    if kernel.adopted {
+        tracing::info!(pin_dir = %cfg.pin_dir.display(), "adopted the previous daemon's pinned maps: grants and holdings carried over");
+    }
+    let mut policy_maps = kernel.policy_maps()?;
     // SAFETY: the ring buffer owns its fd and it is neither closed nor replaced while registered.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
@@ -95,10 +100,20 @@ async fn run_async(setup: Setup) -> Result<()> {
     let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let signer = Signer::load_or_create(&cfg.state_dir)?;
     let ledger = Ledger::open(&cfg.state_dir)?;
-    let registry = Arc::new(Mutex::new(Registry::new(kernel.grant_maps()?, ledger, signer, format!("enforcer@{}", setup.host), changes_tx)));
-    let (restored, expired_while_down) = registry.lock().unwrap().restore(registry::nets_of)?;
+    let policy = Arc::new(cfg.clone());
+    let index = SecretIndex::load(&cfg.state_dir);
+    let registry = Arc::new(Mutex::new(Registry::new(kernel.grant_maps()?, ledger, signer, format!("enforcer@{}", setup.host), changes_tx, policy.clone(), index)));
+    {
+        let mut reg = registry.lock().unwrap();
+        reg.set_policy(policy.clone())?;
+        policy_maps.apply(&cfg, &reg.index, &mut table.cgroups)?;
+    }
+    let (restored, expired_while_down) = registry.lock().unwrap().restore(kernel.adopted)?;
 
     let store = EventStore::open(&cfg.state_dir)?;
+    // Sinks deliver from the event store (the durable outbox) from their own cursors.
+    let sinks = crate::alert::spawn(&cfg, &cfg.state_dir, &setup.host)?;
+    let sink_metrics = sinks.metrics();
     let mut engine = Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), registry.clone());
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
 
@@ -106,7 +121,10 @@ async fn run_async(setup: Setup) -> Result<()> {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
         r => RateLimiter::new(r as f64, r.saturating_mul(2)),
     };
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
     let api_state = Arc::new(ApiState {
+        reload: reload_tx,
+        sink_metrics,
         status: Mutex::new(serde_json::Value::Null),
         mint: MintState::new(registry.clone(), Arc::new(cfg.clone()), limiter),
     });
@@ -143,7 +161,6 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_INTERVAL_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = kernel.counters().ringbuf_drops;
-    let mut cfg = cfg;
     let reason = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -170,13 +187,11 @@ async fn run_async(setup: Setup) -> Result<()> {
                 let mut guard = guard?;
                 // Lineage first: the opener's exec record may still be in the ring.
                 drain_ring(ring.get_mut(), &mut engine);
-                let opens: Vec<_> = watch.read().into_iter().map(|o| {
-                    let held = registry.lock().unwrap().held_by(o.pid);
-                    (o, held)
-                }).collect();
-                drain_ring(ring.get_mut(), &mut engine);
-                for (open, held) in opens {
-                    engine.on_file_open(open, held);
+                // Each opener waits in open() for our answer: its kernel state is stable.
+                for pending in watch.read() {
+                    let state = registry.lock().unwrap().state_of(pending.open.pid);
+                    let allow = engine.on_file_open(pending.open.clone(), state);
+                    watch.respond(pending, allow);
                 }
                 guard.clear_ready();
                 engine.flush();
@@ -184,6 +199,9 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = tick.tick() => {
                 watch.refresh();
                 engine.table.purge();
+                for n in crate::alert::take_notices() {
+                    engine.agent_event("alert_delivery_degraded", "high", n);
+                }
                 let drops = kernel.counters().ringbuf_drops;
                 if drops > last_drops {
                     engine.agent_event("events_lost", "high", format!("{} kernel records lost (ring buffer full)", drops - last_drops));
@@ -194,34 +212,35 @@ async fn run_async(setup: Setup) -> Result<()> {
                 *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
             }
             _ = sighup.recv() => {
-                match reload(&setup) {
-                    Ok(new) => {
-                        watch.set_secrets(&new.secrets);
-                        engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
-                        engine.mode = new.mode;
-                        *api_state.mint.config.lock().unwrap() = Arc::new(new.clone());
-                        tracing::info!("policy reloaded from {}", new.source);
-                        engine.agent_event("policy_reloaded", "info", format!("policy reloaded from {}", new.source));
-                        cfg = new;
-                    }
-                    Err(e) => {
-                        tracing::error!("policy reload refused, keeping the current policy:\n{e}");
-                        engine.agent_event("policy_reload_failed", "medium", format!("reload refused, current policy kept: {e}"));
-                    }
-                }
+                // logrotate: reopen file sinks.
+                sinks.reopen_files();
+                let _ = apply_reload(&setup, &registry, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 engine.flush();
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+            }
+            Some(reply) = reload_rx.recv() => {
+                let r = apply_reload(&setup, &registry, &mut policy_maps, &mut engine, &mut watch, &api_state);
+                engine.flush();
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+                let _ = reply.send(r);
             }
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
-    let _ = &cfg;
     server.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
-    engine.agent_event("agent_stopped", "info", format!("enforcer stopping on {reason}; kernel programs detached"));
+    engine.agent_event("agent_stopped", "info", format!("enforcer stopping on {reason}; kernel programs detached and pins removed"));
     engine.flush();
-    drop(kernel);
+    sinks.shutdown().await;
+    drop(policy_maps);
+    drop(engine);
+    drop(api_state);
+    drop(registry);
+    kernel.detach();
     tracing::info!("stopped on {reason}");
     Ok(())
 }
@@ -233,6 +252,43 @@ fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut En
         let rec = records::decode(&item);
         drop(item);
         engine.on_record(rec);
+    }
+}
+
+/// Loads and validates the policy again, then applies it: kernel per-secret facts and
+/// selectors first, the enforce switch last, then the secret watch. An invalid policy
+/// changes nothing. Ok(source) or Err(why).
+fn apply_reload(
+    setup: &Setup,
+    registry: &Arc<Mutex<Registry>>,
+    policy_maps: &mut crate::kernel::policy::PolicyMaps,
+    engine: &mut Engine,
+    watch: &mut SecretWatch,
+    api_state: &ApiState,
+) -> std::result::Result<String, String> {
+    let applied = reload(setup).and_then(|new| {
+        let arc = Arc::new(new.clone());
+        let mut reg = registry.lock().unwrap();
+        reg.set_policy(arc.clone())?;
+        policy_maps.apply(&new, &reg.index, &mut engine.table.cgroups)?;
+        *api_state.mint.config.lock().unwrap() = arc;
+        Ok(new)
+    });
+    match applied {
+        Ok(new) => {
+            watch.set_secrets(&new.secrets);
+            engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
+            engine.mode = new.mode;
+            tracing::info!("policy reloaded from {}", new.source);
+            engine.agent_event("policy_reloaded", "info", format!("policy reloaded from {} (mode {})", new.source, new.mode));
+            Ok(new.source)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!("policy reload refused, keeping the current policy:\n{msg}");
+            engine.agent_event("policy_reload_failed", "medium", format!("reload refused, current policy kept: {msg}"));
+            Err(msg)
+        }
     }
 }
 

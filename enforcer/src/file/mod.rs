@@ -4,6 +4,12 @@
 //! link, a relative path, /proc/self/fd/N, openat2 and io_uring all end in the same VFS
 //! open. BPF-LSM would also allow inline decisions, but this kind of host refuses it
 //! (see `enforcer doctor`), so fanotify is the backend here.
+//!
+//! Permission events (FAN_OPEN_PERM), in both modes: the opener waits in open() until the
+//! daemon answers, so its grants are read from the kernel map while it cannot change them,
+//! its taint is recorded before it can connect, and in enforce mode the answer can be
+//! FAN_DENY (open fails with EPERM). If the daemon dies, the kernel answers "allow" for it:
+//! this backend fails open, and `status` says so.
 mod resolve;
 
 use std::collections::{HashMap, HashSet};
@@ -12,10 +18,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use nix::sys::fanotify::{EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response};
 
 use crate::policy::Secret;
 pub use resolve::Target;
+
+/// An open waiting for the daemon's answer.
+pub struct PendingOpen {
+    pub open: FileOpen,
+    event: FanotifyEvent,
+}
 
 /// One open of a watched secret.
 #[derive(Debug, Clone)]
@@ -46,7 +58,7 @@ pub struct WatchStats {
 impl SecretWatch {
     pub fn new() -> Result<Self> {
         let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK | InitFlags::FAN_UNLIMITED_QUEUE,
+            InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK | InitFlags::FAN_UNLIMITED_QUEUE,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
         )
         .context("fanotify_init (secret-file backend)")?;
@@ -75,7 +87,7 @@ impl SecretWatch {
             t.checked = true;
             match now {
                 Some(key) => {
-                    match self.fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN, nix::fcntl::AT_FDCWD, Some(&t.path)) {
+                    match self.fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_PERM, nix::fcntl::AT_FDCWD, Some(&t.path)) {
                         Ok(()) => {
                             if t.inode.is_some() || self.warned_missing.remove(&t.path) {
                                 tracing::info!(secret = %t.secret, path = %t.path.display(), "secret file (re)appeared; watching its new inode");
@@ -106,8 +118,10 @@ impl SecretWatch {
         }
     }
 
-    /// Reads every queued event (non-blocking). Opens by this daemon are ignored.
-    pub fn read(&mut self) -> Vec<FileOpen> {
+    /// Reads every queued event (non-blocking). Events that are not a watched secret (a
+    /// stale inode) and opens by this daemon are answered "allow" here; the rest wait for
+    /// `respond`.
+    pub fn read(&mut self) -> Vec<PendingOpen> {
         let mut out = Vec::new();
         let me = std::process::id();
         loop {
@@ -122,17 +136,33 @@ impl SecretWatch {
                 }
                 let Some(fd) = ev.fd() else { continue };
                 let pid = ev.pid() as u32;
-                if pid == me {
+                let key = nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino));
+                let secret = key.and_then(|k| self.by_inode.get(&k).cloned());
+                let (Some(key), Some(secret), false) = (key, secret, pid == me) else {
+                    self.respond_event(&ev, true);
                     continue;
-                }
-                let Ok(st) = nix::sys::stat::fstat(fd) else { continue };
-                let key = (st.st_dev, st.st_ino);
-                let Some(secret) = self.by_inode.get(&key) else { continue };
+                };
                 let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                out.push(FileOpen { pid, path, dev: key.0, ino: key.1, secret: secret.clone() });
+                out.push(PendingOpen { open: FileOpen { pid, path, dev: key.0, ino: key.1, secret }, event: ev });
             }
+        }
+    }
+
+    /// Answers a waiting open: allow, or deny (the open fails with EPERM).
+    pub fn respond(&self, p: PendingOpen, allow: bool) {
+        self.respond_event(&p.event, allow);
+    }
+
+    fn respond_event(&self, ev: &FanotifyEvent, allow: bool) {
+        let Some(fd) = ev.fd() else { return };
+        if !ev.mask().contains(MaskFlags::FAN_OPEN_PERM) {
+            return;
+        }
+        let r = if allow { Response::FAN_ALLOW } else { Response::FAN_DENY };
+        if let Err(e) = self.fan.write_response(FanotifyResponse::new(fd, r)) {
+            tracing::error!("fanotify response for pid {}: {e}", ev.pid());
         }
     }
 }

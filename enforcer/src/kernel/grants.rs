@@ -10,8 +10,26 @@ use aya::{
     maps::{HashMap, MapData, lpm_trie::{Key, LpmTrie}},
 };
 use enforcer_common::{
-    DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, grant_state,
+    DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE,
+    grant_state,
 };
+
+/// What the kernel needs to know about a grant beyond its deadline and destinations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrantKernel {
+    /// Secrets covered (bit = secret index).
+    pub secrets: u64,
+    /// `enforcer_common::action` code of the intent's on_violation.
+    pub action: u32,
+    /// `enforcer_common::grant_flags`.
+    pub flags: u32,
+    pub id_hash: u64,
+}
+
+/// Stable 64-bit hash of a grant id (FNV-1a): identifies adopted kernel slots.
+pub fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
 use ipnet::IpNet;
 
 pub struct GrantMaps {
@@ -49,7 +67,19 @@ impl GrantMaps {
 
     /// Writes a grant: destinations first, then the grant itself, so the connect hook never
     /// sees a grant without its destinations.
-    pub fn put_grant(&mut self, slot: u32, expires_ns: u64, dests: &[(IpNet, u16, u16)]) -> Result<()> {
+    pub fn put_grant(&mut self, slot: u32, expires_ns: u64, dests: &[(IpNet, u16, u16)], k: GrantKernel) -> Result<()> {
+        self.put_dests(slot, dests)?;
+        let info = GrantInfo { expires_ns, secrets: k.secrets, id_hash: k.id_hash, state: grant_state::ACTIVE, action: k.action, flags: k.flags, _pad: 0 };
+        self.grants.insert(slot, info, 0).with_context(|| format!("write grant slot {slot}"))?;
+        Ok(())
+    }
+
+    /// A secret's own destinations (where it is valid at all), under its slot namespace.
+    pub fn put_secret_dests(&mut self, index: u32, dests: &[(IpNet, u16, u16)]) -> Result<()> {
+        self.put_dests(SECRET_SLOT_BASE + index, dests)
+    }
+
+    fn put_dests(&mut self, slot: u32, dests: &[(IpNet, u16, u16)]) -> Result<()> {
         let mut by_net: BTreeMap<String, (IpNet, Vec<(u16, u16)>)> = BTreeMap::new();
         for (net, lo, hi) in dests {
             by_net.entry(net.to_string()).or_insert((*net, Vec::new())).1.push((*lo, *hi));
@@ -66,11 +96,43 @@ impl GrantMaps {
                     pr.hi[i] = *hi;
                 }
             }
-            self.dests.insert(&dest_key(slot, net), pr, 0).with_context(|| format!("write destination {net} of grant slot {slot}"))?;
+            self.dests.insert(&dest_key(slot, net), pr, 0).with_context(|| format!("write destination {net} of slot {slot}"))?;
         }
-        let info = GrantInfo { expires_ns, state: grant_state::ACTIVE, _pad: 0 };
-        self.grants.insert(slot, info, 0).with_context(|| format!("write grant slot {slot}"))?;
         Ok(())
+    }
+
+    /// Removes destinations (of a grant slot, or a secret's namespace slot).
+    pub fn remove_dests(&mut self, slot: u32, nets: &[IpNet]) {
+        for n in nets {
+            let _ = self.dests.remove(&dest_key(slot, n));
+        }
+    }
+
+    /// Every grant in the kernel map (after adopting a previous daemon's pins).
+    pub fn grants_in_kernel(&self) -> Vec<(u32, GrantInfo)> {
+        self.grants.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// How many processes hold `slot` now.
+    pub fn holders(&self, slot: u32) -> u32 {
+        self.procs.iter().filter_map(|r| r.ok()).filter(|(_, pg)| pg.grants.contains(&slot)).count() as u32
+    }
+
+    /// Marks `pid` as having read secrets `bits` (creating its entry if needed). Called
+    /// while the opener is blocked in open(), so it cannot connect before this lands.
+    pub fn add_taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
+        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint: 0, flags: 0, _pad: 0 });
+        if pg.taint & bits == bits {
+            return Ok(());
+        }
+        pg.taint |= bits;
+        self.procs.insert(pid, pg, 0).with_context(|| format!("taint pid {pid}"))?;
+        Ok(())
+    }
+
+    /// What the kernel holds for `pid`: grants, taint, flags.
+    pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
+        self.procs.get(&pid, 0).ok()
     }
 
     pub fn revoke(&mut self, slot: u32) -> Result<()> {
@@ -83,14 +145,12 @@ impl GrantMaps {
     /// Forgets a grant that can no longer be used by anyone (its subtree is gone).
     pub fn remove_grant(&mut self, slot: u32, nets: &[IpNet]) {
         let _ = self.grants.remove(&slot);
-        for n in nets {
-            let _ = self.dests.remove(&dest_key(slot, n));
-        }
+        self.remove_dests(slot, nets);
     }
 
     /// Adds `slot` to the grants process `pid` holds.
     pub fn bind(&mut self, pid: u32, start_ns: u64, slot: u32) -> Result<()> {
-        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns });
+        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint: 0, flags: 0, _pad: 0 });
         if pg.grants.contains(&slot) {
             return Ok(());
         }
@@ -110,7 +170,7 @@ impl GrantMaps {
                     *s = 0;
                 }
             }
-            if pg.grants.iter().all(|s| *s == 0) {
+            if pg.grants.iter().all(|s| *s == 0) && pg.taint == 0 && pg.flags == 0 {
                 let _ = self.procs.remove(&pid);
             } else {
                 let _ = self.procs.insert(pid, pg, 0);
@@ -118,13 +178,6 @@ impl GrantMaps {
         }
     }
 
-    /// Grant slots `pid` holds, as the kernel sees them now.
-    pub fn held_by(&self, pid: u32) -> Vec<u32> {
-        match self.procs.get(&pid, 0) {
-            Ok(pg) => pg.grants.iter().copied().filter(|s| *s != 0).collect(),
-            Err(_) => Vec::new(),
-        }
-    }
 }
 
 /// Boot-clock nanoseconds now (the clock bpf_ktime_get_boot_ns reads).

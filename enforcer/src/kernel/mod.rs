@@ -2,31 +2,34 @@
 //! record decoding, feature probes.
 pub mod btf;
 pub mod grants;
+pub mod policy;
 pub mod probe;
 pub mod records;
 pub mod tracefs;
 
-use std::{fs::File, path::Path};
+use std::os::unix::fs::DirBuilderExt;
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint,
+        links::{FdLink, LinkError, PinnedLink},
+    },
 };
 use enforcer_common::counter;
 
 /// The eBPF object built by `cargo xtask build`, embedded by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
 
-/// Lineage programs: (program, tracepoint category, tracepoint name).
-/// No syscalls/* tracepoint on purpose: attaching one puts every syscall of every process
-/// on the slow tracing path.
-const TRACEPOINTS: [(&str, &str, &str); 3] = [
-    ("task_newtask", "task", "task_newtask"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-];
+/// Lineage programs: raw tracepoints (pinnable links). No syscalls/* tracepoint on
+/// purpose: attaching one puts every syscall of every process on the slow tracing path.
+const RAW_TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_process_exit"];
 
 /// Connect programs, attached to `cgroup_root`.
 const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
@@ -35,6 +38,10 @@ pub struct Kernel {
     ebpf: Ebpf,
     /// Names of the programs attached, for `status`.
     pub attached: Vec<String>,
+    pin_dir: PathBuf,
+    links: Vec<PinnedLink>,
+    /// The maps (grants, holdings, ring buffer) were adopted from a previous daemon's pins.
+    pub adopted: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -50,44 +57,77 @@ pub fn object() -> Result<&'static [u8]> {
     Ok(OBJECT)
 }
 
-impl Kernel {
-    /// Loads the object with this kernel's tracepoint offsets, attaches the lineage
-    /// tracepoints (host-wide) and the connect hooks on `cgroup_root`.
-    pub fn load(cgroup_root: &Path) -> Result<(Kernel, RingBuf<MapData>)> {
-        let object = object()?;
-        let tfs = tracefs::ensure_mounted()?;
-        let off = |cat: &str, name: &str, field: &str| tracefs::required_offset(&tfs, cat, name, field);
-        let newtask_pid = off("task", "task_newtask", "pid")?;
-        let newtask_flags = off("task", "task_newtask", "clone_flags")?;
-        let exec_filename = off("sched", "sched_process_exec", "filename")?;
-        let exec_old_pid = off("sched", "sched_process_exec", "old_pid")?;
-        let exit_group_dead = tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?.unwrap_or(0);
-        let btf = btf::KernelBtf::load()?;
-        let task_mm = btf.offset("task_struct", "mm")?;
-        let mm_arg_start = btf.offset("mm_struct", "arg_start")?;
-        let mm_arg_end = btf.offset("mm_struct", "arg_end")?;
+/// bpffs at /sys/fs/bpf (mounted when absent) and the pin dir in it (0700).
+pub(crate) fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if pin_dir.starts_with(bpffs) && !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).context("mount bpffs at /sys/fs/bpf")?;
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(pin_dir).with_context(|| format!("create pin dir {}", pin_dir.display()))?;
+    Ok(())
+}
 
-        let mut ebpf = EbpfLoader::new()
-            .override_global("NEWTASK_PID_OFF", &newtask_pid, true)
-            .override_global("NEWTASK_FLAGS_OFF", &newtask_flags, true)
-            .override_global("EXEC_FILENAME_OFF", &exec_filename, true)
-            .override_global("EXEC_OLD_PID_OFF", &exec_old_pid, true)
-            .override_global("EXIT_GROUP_DEAD_OFF", &exit_group_dead, true)
-            .override_global("TASK_MM_OFF", &task_mm, true)
-            .override_global("MM_ARG_START_OFF", &mm_arg_start, true)
-            .override_global("MM_ARG_END_OFF", &mm_arg_end, true)
-            .load(object)
-            .context("load the eBPF object (maps and globals)")?;
+/// Pins an attached program's link as `<pin_dir>/link-<prog>-new` (renamed into place once
+/// every new link is attached).
+fn pin_link(fd: FdLink, pin_dir: &Path, prog: &str) -> Result<PinnedLink> {
+    let path = pin_dir.join(format!("link-{prog}-new")); // bpffs refuses names with dots
+    let _ = std::fs::remove_file(&path);
+    fd.pin(&path).with_context(|| format!("pin link of {prog} at {}", path.display()))
+}
+
+impl Kernel {
+    /// Loads the object with this kernel's offsets, reusing the maps pinned in `pin_dir` by
+    /// a previous daemon (so grants, holdings and queued records survive), attaches the
+    /// lineage tracepoints (host-wide) and the connect hooks on `cgroup_root`, pins the new
+    /// links, and only then drops the previous daemon's links: enforcement never pauses.
+    pub fn load(cgroup_root: &Path, pin_dir: &Path) -> Result<(Kernel, RingBuf<MapData>)> {
+        let object = object()?;
+        ensure_pin_dir(pin_dir)?;
+        let adopted = pin_dir.join("GRANTS").exists();
+        let old_links: Vec<PinnedLink> = std::fs::read_dir(pin_dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("link-"))
+            .filter_map(|e| PinnedLink::from_pin(e.path()).ok())
+            .collect();
+        // Whether sched_process_exit has its group_dead argument (newer kernels), from the
+        // tracepoint's format; without it the thread-group leader's exit stands for the process.
+        let has_group_dead = match tracefs::ensure_mounted() {
+            Ok(tfs) => tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?.is_some() as u32,
+            Err(_) => 0,
+        };
+        let btf = btf::KernelBtf::load()?;
+        let globals: Vec<(&str, u32)> = vec![
+            ("TASK_TGID_OFF", btf.offset("task_struct", "tgid")?),
+            ("BPRM_FILENAME_OFF", btf.offset("linux_binprm", "filename")?),
+            ("EXIT_HAS_GROUP_DEAD", has_group_dead),
+            ("TASK_MM_OFF", btf.offset("task_struct", "mm")?),
+            ("MM_ARG_START_OFF", btf.offset("mm_struct", "arg_start")?),
+            ("MM_ARG_END_OFF", btf.offset("mm_struct", "arg_end")?),
+            ("MM_EXE_FILE_OFF", btf.offset("mm_struct", "exe_file")?),
+            ("FILE_INODE_OFF", btf.offset("file", "f_inode")?),
+            ("INODE_INO_OFF", btf.offset("inode", "i_ino")?),
+            ("INODE_SB_OFF", btf.offset("inode", "i_sb")?),
+            ("SB_DEV_OFF", btf.offset("super_block", "s_dev")?),
+        ];
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(object).context("load the eBPF object (maps and globals)")?;
 
         let mut attached = Vec::new();
-        for (prog, category, name) in TRACEPOINTS {
-            let p: &mut TracePoint = ebpf
+        let mut links = Vec::new();
+        for prog in RAW_TRACEPOINTS {
+            let p: &mut RawTracePoint = ebpf
                 .program_mut(prog)
                 .with_context(|| format!("program {prog} missing from the eBPF object"))?
                 .try_into()?;
-            p.load().with_context(|| format!("load program {prog} (tracepoint)"))?;
-            p.attach(category, name).with_context(|| format!("attach program {prog} to tracepoint {category}/{name}"))?;
-            attached.push(format!("tracepoint/{category}/{name}"));
+            p.load().with_context(|| format!("load program {prog} (raw_tracepoint)"))?;
+            let id = p.attach(prog).with_context(|| format!("attach program {prog} to raw tracepoint {prog}"))?;
+            links.push((prog, pin_link(p.take_link(id)?.into(), pin_dir, prog)?));
+            attached.push(format!("raw_tracepoint/{prog}"));
         }
         let cgroup = File::open(cgroup_root).with_context(|| format!("open cgroup_root {}", cgroup_root.display()))?;
         for prog in SOCK_ADDR {
@@ -98,12 +138,44 @@ impl Kernel {
             p.load().with_context(|| format!("load program {prog} (cgroup_sock_addr)"))?;
             // Attached through a bpf_link, which always coexists with other programs on the
             // cgroup (the kernel refuses BPF_F_ALLOW_MULTI on link_create: flags must be 0).
-            p.attach(&cgroup, CgroupAttachMode::Single)
+            let id = p
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attach program {prog} to cgroup {}", cgroup_root.display()))?;
+            let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| anyhow::anyhow!("program {prog}: link cannot be pinned: {e}"))?;
+            links.push((prog, pin_link(fd, pin_dir, prog)?));
             attached.push(format!("cgroup_sock_addr/{prog}"));
         }
+        // The new programs run; the previous daemon's can go.
+        for old in old_links {
+            let _ = old.unpin();
+        }
+        let mut pinned = Vec::new();
+        for (prog, link) in links {
+            let fd = link.unpin().context("re-pin link")?;
+            let path = pin_dir.join(format!("link-{prog}"));
+            pinned.push(fd.pin(&path).with_context(|| format!("pin link of {prog} at {}", path.display()))?);
+        }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
-        Ok((Kernel { ebpf, attached }, ring))
+        Ok((Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), links: pinned, adopted }, ring))
+    }
+
+    /// Clean stop: unpins links and maps so the programs detach with this process.
+    /// (Killed with SIGKILL, the daemon skips this and the pins keep enforcing.)
+    pub fn detach(self) {
+        for l in self.links {
+            let _ = l.unpin();
+        }
+        if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+
+    /// Takes the policy maps (secrets, config, agent selectors) out of the object.
+    pub fn policy_maps(&mut self) -> Result<policy::PolicyMaps> {
+        policy::PolicyMaps::take(&mut self.ebpf)
     }
 
     /// Takes the grant maps out of the object, for the mint's registry.

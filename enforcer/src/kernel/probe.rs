@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 
 use aya::{
     Btf, EbpfLoader,
-    programs::{BtfTracePoint, CgroupSockAddr, FEntry, Lsm, TracePoint},
+    programs::{BtfTracePoint, CgroupSockAddr, FEntry, Lsm, RawTracePoint},
 };
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 use serde::Serialize;
@@ -46,7 +46,26 @@ pub fn run_all() -> Vec<Probe> {
     out.push(probe("btf /sys/kernel/btf/vmlinux", "tp_btf, lsm, fentry loads", btf.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}"))));
     out.push(probe("tracefs", "tracepoint attach and field offsets", super::tracefs::ensure_mounted().map(|_| ())));
 
-    let mut ebpf = match EbpfLoader::new().load(object) {
+    // The object's maps are pinned by name: give this probe load a throwaway pin dir so it
+    // never touches (or adopts) a running daemon's maps.
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer-doctor-{}", std::process::id()));
+    if let Err(e) = super::ensure_pin_dir(&pin_dir) {
+        out.push(probe("bpffs", "pinned maps and links (fail closed)", Err(e)));
+        return out;
+    }
+    out.push(probe("bpffs", "pinned maps and links (fail closed)", Ok(())));
+    let out = probe_loads(object, &pin_dir, btf, out);
+    if let Ok(rd) = std::fs::read_dir(&pin_dir) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&pin_dir);
+    out
+}
+
+fn probe_loads(object: &[u8], pin_dir: &std::path::Path, btf: anyhow::Result<Btf>, mut out: Vec<Probe>) -> Vec<Probe> {
+    let mut ebpf = match EbpfLoader::new().default_map_pin_directory(pin_dir).load(object) {
         Ok(e) => e,
         Err(e) => {
             out.push(probe("map creation (ringbuf, hash, lru, per-cpu array)", "kernel to daemon records", Err(e.into())));
@@ -56,11 +75,11 @@ pub fn run_all() -> Vec<Probe> {
     out.push(probe("map creation (ringbuf, hash, lru, per-cpu array)", "kernel to daemon records", Ok(())));
 
     let r = (|| -> anyhow::Result<()> {
-        let p: &mut TracePoint = ebpf.program_mut("task_newtask").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut RawTracePoint = ebpf.program_mut("task_newtask").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
         p.load()?;
         Ok(())
     })();
-    out.push(probe("tracepoint", "process lineage (task_newtask, sched_process_exec, sched_process_exit)", r));
+    out.push(probe("raw_tracepoint", "process lineage (task_newtask, sched_process_exec, sched_process_exit), pinnable", r));
 
     let r = (|| -> anyhow::Result<()> {
         let p: &mut CgroupSockAddr = ebpf.program_mut("connect4").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;

@@ -22,10 +22,16 @@ pub struct Connect {
     pub port: u16,
     pub protocol: Protocol,
     pub sendmsg: bool,
-    pub denied: bool,
+    /// `enforcer_common::action` the kernel applied.
+    pub action: u8,
     /// The kernel's verdict (`enforcer_common::verdict`), and the grant slot it used.
     pub verdict: u8,
     pub grant_slot: u32,
+    /// `enforcer_common::reason`, the tainting secret index + 1, and whether the kernel
+    /// revoked the grant on this violation.
+    pub reason: u8,
+    pub taint_secret: u8,
+    pub revoked_now: u8,
     pub cgroup_id: u64,
     pub boot_ns: u64,
 }
@@ -126,9 +132,12 @@ fn connect(r: &ConnectRecord) -> Option<Connect> {
         port: r.port,
         protocol,
         sendmsg: r.op == enforcer_common::op::SENDMSG,
-        denied: r.denied != 0,
+        action: r.action,
         verdict: r.verdict,
         grant_slot: r.grant_slot,
+        reason: r.reason,
+        taint_secret: r.taint_secret,
+        revoked_now: r.revoked_now,
         cgroup_id: r.cgroup_id,
         boot_ns: r.boot_ns,
     })

@@ -2,7 +2,7 @@
 //! otherwise) and read for tracepoint field offsets, which differ between kernels.
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
@@ -30,14 +30,6 @@ pub fn field_offset(tracefs: &Path, category: &str, name: &str, field: &str) -> 
     let path = tracefs.join("events").join(category).join(name).join("format");
     let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     Ok(parse_offset(&text, field))
-}
-
-/// Like `field_offset`, but the field must exist.
-pub fn required_offset(tracefs: &Path, category: &str, name: &str, field: &str) -> Result<u32> {
-    match field_offset(tracefs, category, name, field)? {
-        Some(off) => Ok(off),
-        None => bail!("tracepoint {category}/{name} has no field {field:?} on this kernel"),
-    }
 }
 
 fn parse_offset(format: &str, field: &str) -> Option<u32> {

@@ -13,9 +13,12 @@ use super::ledger::Ledger;
 use super::model::{Grant, GrantState, Subject};
 use super::request::ApiError;
 use super::token::Signer;
-use crate::decide::HeldGrant;
-use crate::kernel::grants::{GrantMaps, boot_deadline};
-use crate::policy::{Destination, Intent};
+use crate::decide::{HeldGrant, SubjectState, Taint};
+use crate::kernel::grants::{GrantKernel, GrantMaps, boot_deadline, id_hash};
+use crate::kernel::policy::{SecretIndex, action_code, without_grant};
+use crate::policy::{Config, Destination, Intent, OnViolation};
+use enforcer_common::{ProcGrants, grant_flags, proc_flags};
+use std::sync::Arc;
 
 /// A grant lifecycle change, for the event stream.
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ pub struct Live {
     pub nets: Vec<(IpNet, u16, u16)>,
     /// Live processes holding the grant (subject + descendants forked after binding).
     pub members: u32,
+    pub on_violation: OnViolation,
+    pub revoke_on_violation: bool,
 }
 
 pub struct Registry {
@@ -43,6 +48,11 @@ pub struct Registry {
     by_slot: HashMap<u32, String>,
     /// Earliest deadline of an active grant, so the expiry check is cheap when nothing is due.
     next_deadline: Option<DateTime<Utc>>,
+    /// The policy in force and what the kernel needs of it per secret.
+    pub policy: Arc<Config>,
+    pub index: SecretIndex,
+    /// Secret name -> its own destinations, resolved.
+    secret_nets: HashMap<String, Vec<(IpNet, u16, u16)>>,
     next_slot: u32,
     changes: UnboundedSender<GrantChange>,
 }
@@ -87,8 +97,83 @@ pub fn new_grant_id() -> String {
 }
 
 impl Registry {
-    pub fn new(maps: GrantMaps, ledger: Ledger, signer: Signer, issuer: String, changes: UnboundedSender<GrantChange>) -> Self {
-        Registry { maps, ledger, signer, issuer, live: HashMap::new(), by_slot: HashMap::new(), next_deadline: None, next_slot: 1, changes }
+    pub fn new(maps: GrantMaps, ledger: Ledger, signer: Signer, issuer: String, changes: UnboundedSender<GrantChange>, policy: Arc<Config>, index: SecretIndex) -> Self {
+        Registry {
+            maps,
+            ledger,
+            signer,
+            issuer,
+            live: HashMap::new(),
+            by_slot: HashMap::new(),
+            next_deadline: None,
+            next_slot: 1,
+            changes,
+            policy,
+            index,
+            secret_nets: HashMap::new(),
+        }
+    }
+
+    /// Installs a policy: secret indices (stable), each secret's own destinations in the
+    /// kernel (new ones written before old ones are removed).
+    pub fn set_policy(&mut self, policy: Arc<Config>) -> Result<()> {
+        self.index.assign(&policy)?;
+        let mut nets = HashMap::new();
+        for s in &policy.secrets {
+            let Some(i) = self.index.by_name.get(&s.name).copied() else { continue };
+            let n = resolve_destinations(&s.destinations);
+            self.maps.put_secret_dests(i, &n)?;
+            nets.insert(s.name.clone(), n);
+        }
+        for (name, old) in &self.secret_nets {
+            let Some(i) = self.index.by_name.get(name).copied() else { continue };
+            let keep: Vec<IpNet> = nets.get(name).map(|v: &Vec<(IpNet, u16, u16)>| v.iter().map(|n| n.0).collect()).unwrap_or_default();
+            let stale: Vec<IpNet> = old.iter().map(|n| n.0).filter(|n| !keep.contains(n)).collect();
+            self.maps.remove_dests(enforcer_common::SECRET_SLOT_BASE + i, &stale);
+        }
+        self.secret_nets = nets;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Records that `pid` read `secret` (kernel taint bit; inherited by later children).
+    pub fn taint(&mut self, pid: u32, start_ns: u64, secret: &str) -> Result<()> {
+        let bits = self.index.bits(&[secret.to_string()]);
+        if bits != 0 {
+            self.maps.add_taint(pid, start_ns, bits)?;
+        }
+        Ok(())
+    }
+
+    /// The decision's view of a process, from the kernel's entry for it.
+    pub fn subject_state(&self, pg: Option<ProcGrants>) -> SubjectState {
+        let Some(pg) = pg else { return SubjectState { known: true, ..Default::default() } };
+        let slots: Vec<u32> = pg.grants.iter().copied().filter(|s| *s != 0).collect();
+        let taint = self
+            .index
+            .names(pg.taint)
+            .into_iter()
+            .map(|name| Taint {
+                destinations: self.secret_nets.get(&name).cloned().unwrap_or_default(),
+                on_violation: without_grant(&self.policy, &name),
+                secret: name,
+            })
+            .collect();
+        SubjectState { known: true, held: self.held_slots(&slots), taint, agent: pg.flags & proc_flags::AGENT != 0 }
+    }
+
+    pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
+        self.maps.state_of(pid)
+    }
+
+    /// The grant id behind a kernel slot.
+    pub fn id_of_slot(&self, slot: u32) -> Option<String> {
+        self.by_slot.get(&slot).cloned()
+    }
+
+    /// Whether grant `id` asks to be revoked at its first violation.
+    pub fn revokes_on_violation(&self, id: &str) -> bool {
+        self.live.get(id).is_some_and(|l| l.revoke_on_violation)
     }
 
     fn alloc_slot(&mut self) -> u32 {
@@ -125,7 +210,13 @@ impl Registry {
         };
         grant.token = self.signer.sign(&grant, &self.issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
         let slot = self.alloc_slot();
-        self.maps.put_grant(slot, boot_deadline(expires_at), &nets).map_err(|e| internal(format!("{e:#}")))?;
+        let k = GrantKernel {
+            secrets: self.index.bits(&intent.secrets),
+            action: action_code(intent.on_violation),
+            flags: if intent.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
+            id_hash: id_hash(&grant.id),
+        };
+        self.maps.put_grant(slot, boot_deadline(expires_at), &nets, k).map_err(|e| internal(format!("{e:#}")))?;
         if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(ApiError::conflict("too_many_grants", format!("{e:#}")));
@@ -136,7 +227,7 @@ impl Registry {
             return Err(internal(format!("ledger: {e:#}")));
         }
         self.by_slot.insert(slot, grant.id.clone());
-        self.live.insert(grant.id.clone(), Live { grant: grant.clone(), slot, nets, members: 1 });
+        self.live.insert(grant.id.clone(), Live { grant: grant.clone(), slot, nets, members: 1, on_violation: intent.on_violation, revoke_on_violation: intent.revoke_on_violation });
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
         let _ = self.changes.send(GrantChange::Issued(grant.clone()));
         Ok((grant, slot))
@@ -238,11 +329,6 @@ impl Registry {
         }
     }
 
-    /// The grants `pid` holds (per the kernel map), for userspace decisions.
-    pub fn held_by(&self, pid: u32) -> Vec<HeldGrant> {
-        self.held_slots(&self.maps.held_by(pid))
-    }
-
     pub fn held_slots(&self, slots: &[u32]) -> Vec<HeldGrant> {
         slots
             .iter()
@@ -254,6 +340,7 @@ impl Registry {
                 destinations: l.nets.clone(),
                 expires_at: l.grant.expires_at,
                 revoked: l.grant.state == GrantState::Revoked,
+                on_violation: l.on_violation,
             })
             .collect()
     }
@@ -265,26 +352,70 @@ impl Registry {
         }
     }
 
-    /// After a restart: grants past their deadline become expired; the others are written
-    /// back into the kernel and bound again to their subject if it is still the same
-    /// process (pid and start time), together with its descendants started since.
-    pub fn restore(&mut self, resolve: impl Fn(&Grant) -> Vec<(IpNet, u16, u16)>) -> Result<(usize, usize)> {
+    /// After a restart. With adopted pins, the kernel still holds every grant and who holds
+    /// it: slots are matched to the ledger by id hash and kept as they are (no window in
+    /// which a grant disappears). Without pins, grants past their deadline become expired
+    /// and the others are written back and bound again to their subject if it is still the
+    /// same process (pid and start time), together with its descendants started since.
+    pub fn restore(&mut self, adopted: bool) -> Result<(usize, usize)> {
         let now = Utc::now();
         let expired = self.ledger.expire_due(now)?;
         for g in &expired {
             let _ = self.changes.send(GrantChange::Expired(g.clone()));
         }
         let mut restored = 0;
+        if adopted {
+            let all = self.ledger.list(super::ledger::ListFilter { state: None, intent: None, limit: 0 })?;
+            let by_hash: HashMap<u64, Grant> = all.into_iter().map(|g| (id_hash(&g.id), g)).collect();
+            for (slot, info) in self.maps.grants_in_kernel() {
+                self.next_slot = self.next_slot.max(slot.wrapping_add(1));
+                let Some(grant) = by_hash.get(&info.id_hash).cloned() else { continue };
+                let members = self.maps.holders(slot);
+                if grant.state == GrantState::Active && members == 0 {
+                    let _ = self.ledger.set_state(&grant.id, GrantState::Ended, "subject subtree exited while the daemon was down", now);
+                    let _ = self.changes.send(GrantChange::Ended(grant));
+                    continue;
+                }
+                let intent = self.policy.intent(&grant.intent).cloned();
+                let nets = nets_of(&grant);
+                if grant.state == GrantState::Active {
+                    restored += 1;
+                    self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
+                }
+                self.by_slot.insert(slot, grant.id.clone());
+                self.live.insert(
+                    grant.id.clone(),
+                    Live {
+                        on_violation: intent.as_ref().map(|i| i.on_violation).unwrap_or_default(),
+                        revoke_on_violation: intent.as_ref().is_some_and(|i| i.revoke_on_violation),
+                        grant,
+                        slot,
+                        nets,
+                        members,
+                    },
+                );
+            }
+        }
         for grant in self.ledger.active()? {
+            if self.live.contains_key(&grant.id) {
+                continue;
+            }
             let alive = crate::proc::start_ns(grant.subject.pid) == Some(grant.subject.start_ns);
             if !alive {
                 let _ = self.ledger.set_state(&grant.id, GrantState::Ended, "subject exited while the daemon was down", now);
                 let _ = self.changes.send(GrantChange::Ended(grant));
                 continue;
             }
-            let nets = resolve(&grant);
+            let nets = nets_of(&grant);
             let slot = self.alloc_slot();
-            self.maps.put_grant(slot, boot_deadline(grant.expires_at), &nets)?;
+            let intent = self.policy.intent(&grant.intent).cloned();
+            let k = GrantKernel {
+                secrets: self.index.bits(&grant.secrets),
+                action: action_code(intent.as_ref().map(|i| i.on_violation).unwrap_or_default()),
+                flags: if intent.as_ref().is_some_and(|i| i.revoke_on_violation) { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
+                id_hash: id_hash(&grant.id),
+            };
+            self.maps.put_grant(slot, boot_deadline(grant.expires_at), &nets, k)?;
             let mut members = 0;
             for pid in crate::proc::subtree_since(grant.subject.pid, grant.issued_at) {
                 let start = crate::proc::start_ns(pid).unwrap_or(0);
@@ -294,7 +425,17 @@ impl Registry {
             }
             self.by_slot.insert(slot, grant.id.clone());
             self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
-            self.live.insert(grant.id.clone(), Live { grant, slot, nets, members });
+            self.live.insert(
+                grant.id.clone(),
+                Live {
+                    on_violation: intent.as_ref().map(|i| i.on_violation).unwrap_or_default(),
+                    revoke_on_violation: intent.as_ref().is_some_and(|i| i.revoke_on_violation),
+                    grant,
+                    slot,
+                    nets,
+                    members,
+                },
+            );
             restored += 1;
         }
         Ok((restored, expired.len()))

@@ -12,6 +12,7 @@ mod diag;
 mod duration;
 mod model;
 mod parse;
+mod sink;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +26,8 @@ pub use model::{
     AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR, DEFAULT_RUNTIME_DIR,
     DEFAULT_STATE_DIR, DEFAULT_TTL, Intent, Mode, OnViolation, Secret, SecretKind,
 };
+
+pub use sink::{OutboxConfig, Redacted, Severity, SinkConfig, SinkFormat, SinkKind, VERDICTS};
 
 use parse::{Loader, Origin, Settings};
 

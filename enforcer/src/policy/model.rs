@@ -84,6 +84,10 @@ pub struct Config {
     /// Grant requests per second allowed per requesting process (burst: twice that);
     /// 0 disables the limit.
     pub mint_rate_per_second: u32,
+    /// Where alerts are delivered (`[[sink]]`), each from its own cursor into the outbox.
+    pub sinks: Vec<super::sink::SinkConfig>,
+    /// Bounds of the durable outbox (`[outbox]`).
+    pub outbox: super::sink::OutboxConfig,
     pub secrets: Vec<Secret>,
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.

@@ -38,6 +38,10 @@ struct RawConfig {
     intent: Vec<Spanned<RawIntent>>,
     #[serde(default)]
     agent: Vec<Spanned<RawAgent>>,
+    /// Alert sinks and outbox bounds: daemon settings, so never in policy.d fragments.
+    #[serde(default)]
+    sink: Vec<Spanned<super::sink::RawSink>>,
+    outbox: Option<super::sink::RawOutbox>,
 }
 
 /// A policy.d file: only policy tables, never daemon settings.
@@ -105,6 +109,8 @@ pub(crate) struct Settings {
     pub policy_dir: Option<PathBuf>,
     socket_group: Option<String>,
     mint_rate_per_second: u32,
+    sinks: Vec<super::sink::SinkConfig>,
+    outbox: super::sink::OutboxConfig,
 }
 
 impl Settings {
@@ -119,6 +125,8 @@ impl Settings {
             policy_dir,
             socket_group: None,
             mint_rate_per_second: DEFAULT_MINT_RATE_PER_SECOND,
+            sinks: Vec::new(),
+            outbox: Default::default(),
         }
     }
 }
@@ -255,6 +263,8 @@ impl Loader {
                 .as_ref()
                 .map(|r| *r.get_ref())
                 .unwrap_or(defaults.mint_rate_per_second),
+            sinks: super::sink::sinks(&mut self.diags, file, &raw.sink),
+            outbox: super::sink::outbox(&mut self.diags, file, raw.outbox.as_ref()),
         }
     }
 
@@ -570,6 +580,8 @@ impl Loader {
                 policy_dir: s.policy_dir,
                 socket_group: s.socket_group,
                 mint_rate_per_second: s.mint_rate_per_second,
+                sinks: s.sinks,
+                outbox: s.outbox,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,

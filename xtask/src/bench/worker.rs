@@ -30,6 +30,10 @@ pub struct WorkerArgs {
     /// Flood: sending threads.
     #[arg(long, default_value_t = 2)]
     pub threads: u64,
+    /// After joining the cgroup, print `pid=<pid>` and wait for a line on stdin before the
+    /// loop (the bench binds a grant to this process meanwhile).
+    #[arg(long)]
+    pub wait_stdin: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -48,6 +52,16 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     let procs = a.cgroup.join("cgroup.procs");
     std::fs::write(&procs, std::process::id().to_string())
         .with_context(|| format!("bench worker: cannot join {}", procs.display()))?;
+    if a.wait_stdin {
+        use std::io::{BufRead, Write};
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "pid={}", std::process::id())?;
+        out.flush()?;
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            bail!("bench worker: stdin closed before the go line");
+        }
+    }
     let t0 = Instant::now();
     let ops = match a.kind {
         Kind::Connect => connect(a.target.parse().context("bench worker: bad address")?, a.n)?,

@@ -1,0 +1,438 @@
+//! Sinks against real receivers on loopback (TLS syslog, HTTPS HEC, files), driven through the
+//! real outbox (`store::EventStore`) and `spawn`; no root needed.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::event::{DestinationRef, FileRef, GrantRef};
+use crate::store::EventStore;
+
+fn ev(i: u64) -> Event {
+    let violation = i % 3 == 0;
+    Event {
+        schema: event::SCHEMA.into(),
+        id: format!("t-{i}"),
+        time: event::rfc3339(chrono::Utc::now()),
+        host: "test-host".into(),
+        kind: if i % 2 == 0 { "file_open" } else { "connect" }.into(),
+        verdict: if violation { "no_grant" } else { "allowed" }.into(),
+        action: if violation { "alerted" } else { "allowed" }.into(),
+        mode: "monitor".into(),
+        process: ProcessRef { pid: 100, ppid: 1, uid: 1000, exe: "/usr/bin/python3".into(), cmdline: "python3 x.py".into(), cgroup: "/t".into() },
+        file: (i % 2 == 0).then(|| FileRef { path: "/etc/k.json".into(), dev: 1, ino: 2, secret: "k".into() }),
+        destination: (i % 2 == 1).then(|| DestinationRef { ip: "127.0.0.1".into(), port: 443, protocol: "tcp".into() }),
+        grant: None,
+        decision_path: vec!["subject resolved".into()],
+        secrets: vec![],
+        mitre: if violation { vec!["T1552.001".into()] } else { vec![] },
+        severity: if violation { "high" } else { "info" }.into(),
+        message: None,
+    }
+}
+
+fn config(state: &Path, sinks_toml: &str) -> Config {
+    let text = format!("state_dir = \"{}\"\n{sinks_toml}", state.display());
+    crate::policy::load_str("/t/enforcer.toml", &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn write_events(store: &mut EventStore, range: std::ops::Range<u64>) {
+    for i in range {
+        store.append(&ev(i)).unwrap();
+    }
+    store.flush().unwrap();
+}
+
+/// Ids delivered, in arrival order (duplicates kept).
+fn ids_of_lines(text: &str) -> Vec<String> {
+    text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Every id in `0..n` arrived, and the first arrival of each is in order.
+fn assert_all_in_order(got: &[String], n: u64) {
+    let mut seen = HashSet::new();
+    let firsts: Vec<u64> = got.iter().filter(|id| seen.insert((*id).clone())).filter_map(|id| id.strip_prefix("t-")?.parse().ok()).collect();
+    let missing: Vec<u64> = (0..n).filter(|i| !seen.contains(&format!("t-{i}"))).collect();
+    assert!(missing.is_empty(), "{} ids never arrived, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(firsts.windows(2).all(|w| w[0] < w[1]), "first arrivals out of order");
+}
+
+async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_rotated(path: &Path) -> String {
+    let mut files: Vec<PathBuf> = (1..).map(|i| PathBuf::from(format!("{}.{i}", path.display()))).take_while(|p| p.exists()).collect();
+    files.reverse();
+    files.push(path.to_path_buf());
+    files.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
+}
+
+#[test]
+fn sink_config_parses_and_reports_positions() {
+    let cfg = config(
+        Path::new("/s"),
+        "[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"/var/log/enforcer/alerts.jsonl\"\nmin_severity = \"high\"\nverdicts = [\"no_grant\"]\nformat = \"ocsf\"\nrate_limit_per_second = 10\n\n[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://splunk.example:8088/services/collector/event\"\ntoken = \"s3cr3t\"\n[outbox]\nmax_backups = 5\n",
+    );
+    assert_eq!(cfg.sinks.len(), 2);
+    assert_eq!(cfg.sinks[0].min_severity, Severity::High);
+    assert_eq!(cfg.sinks[0].format, SinkFormat::Ocsf);
+    assert_eq!(cfg.outbox.max_backups, 5);
+    assert!(!format!("{cfg:?}").contains("s3cr3t"), "token must never show in Debug output");
+
+    let text = "[[sink]]\nname = \"a\"\ntype = \"webhook\"\nurl = \"http://x/y\"\n[[sink]]\nname = \"b\"\ntype = \"file\"\npath = \"/x\"\ntoken = \"t\"\n[[sink]]\nname = \"c\"\ntype = \"carrier-pigeon\"\n[[sink]]\nname = \"d\"\ntype = \"splunk_hec\"\nurl = \"https://h/services/collector/event\"\n";
+    let err = crate::policy::load_str("/t/c.toml", text).unwrap_err().to_string();
+    assert!(err.contains("/t/c.toml:4:7: url `http://x/y` must be https://"), "{err}");
+    assert!(err.contains("/t/c.toml:9:9: `token` does not apply to sink type `file`"), "{err}");
+    assert!(err.contains("/t/c.toml:12:8: invalid sink type `carrier-pigeon`"), "{err}");
+    assert!(err.contains("/t/c.toml:14:8: sink `d` of type `splunk_hec` needs `token`"), "{err}");
+}
+
+#[test]
+fn ocsf_mapping() {
+    let v = ocsf::to_ocsf(&ev(0)); // violation on a file open
+    assert_eq!(v["class_uid"], 2004);
+    assert_eq!(v["type_uid"], 200401);
+    assert_eq!(v["category_uid"], 2);
+    assert_eq!(v["disposition_id"], 19);
+    assert_eq!(v["severity_id"], 4);
+    assert_eq!(v["finding_info"]["attacks"][0]["sub_technique"]["uid"], "T1552.001");
+    assert_eq!(v["finding_info"]["attacks"][0]["technique"]["uid"], "T1552");
+    assert_eq!(v["metadata"]["product"]["name"], "enforcer");
+    assert_eq!(v["evidences"][0]["file"]["path"], "/etc/k.json");
+    assert!(v["time"].as_i64().unwrap() > 1_600_000_000_000);
+    let v = ocsf::to_ocsf(&ev(2)); // allowed file open
+    assert_eq!((v["class_uid"].as_u64(), v["activity_id"].as_u64(), v["type_uid"].as_u64()), (Some(1001), Some(14), Some(100114)));
+    assert_eq!(v["file"]["path"], "/etc/k.json");
+    let v = ocsf::to_ocsf(&ev(1)); // allowed connect
+    assert_eq!((v["class_uid"].as_u64(), v["type_uid"].as_u64()), (Some(4001), Some(400101)));
+    assert_eq!(v["dst_endpoint"]["port"], 443);
+    let mut e = ev(3);
+    e.action = "denied".into();
+    e.grant = Some(GrantRef { id: "g".into(), intent: "deploy".into(), expires_at: e.time.clone(), expired_for_ms: Some(5) });
+    let v = ocsf::to_ocsf(&e);
+    assert_eq!(v["disposition_id"], 2);
+    assert_eq!(v["unmapped"]["grant"]["expired_for_ms"], 5);
+    e.action = "killed".into();
+    assert_eq!(ocsf::to_ocsf(&e)["disposition_id"], 24);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_under_load_rotates_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let out = dir.path().join("out/alerts.jsonl");
+    let cfg = config(
+        &state,
+        &format!("[outbox]\nrotate_bytes = 1000000\nmax_backups = 2\n[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nmax_bytes = 4000000\nmax_backups = 1000\n", out.display()),
+    );
+    let mut store = EventStore::open(&state).unwrap();
+    let sinks = spawn(&cfg, &state, "test-host").unwrap();
+    let n = 100_000u64;
+    let start = Instant::now();
+    for chunk in 0..(n / 1000) {
+        write_events(&mut store, chunk * 1000..(chunk + 1) * 1000);
+    }
+    let count = || read_rotated(&out).lines().count() as u64;
+    wait_for("all events in the file sink", 60, || count() >= n).await;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("file sink: {n} events in {secs:.2}s = {:.0} alerts/s", n as f64 / secs);
+    let got = ids_of_lines(&read_rotated(&out));
+    assert_all_in_order(&got, n);
+    assert_eq!(got.len() as u64, n, "no duplicates without a failure");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(PathBuf::from(format!("{}.1", out.display())).exists(), "sink file never rotated");
+    let m = sinks.metrics_text();
+    assert!(m.contains(&format!("enforcer_sink_delivered_total{{sink=\"f\",type=\"file\"}} {n}")), "{m}");
+    assert!(m.contains("enforcer_sink_backlog_bytes{sink=\"f\",type=\"file\"} 0"), "{m}");
+    // logrotate: move the file away, then SIGHUP -> reopen_files.
+    let moved = dir.path().join("out/moved.jsonl");
+    std::fs::rename(&out, &moved).unwrap();
+    sinks.reopen_files();
+    write_events(&mut store, n..n + 10);
+    wait_for("a reopened file", 10, || std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() == 10)).await;
+    sinks.shutdown().await;
+}
+
+#[test]
+fn daemon_killed_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let cfg = config(&state, &format!("[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\n", out.display()));
+    let mut store = EventStore::open(&state).unwrap();
+    // First life: the delivery runs on its own runtime, dropped without shutdown (as a kill
+    // would leave it) while events are still arriving.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let _sinks = rt.block_on(async { spawn(&cfg, &state, "h").unwrap() });
+    for k in 0..20 {
+        write_events(&mut store, k * 500..(k + 1) * 500);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rt.shutdown_background();
+    write_events(&mut store, 10_000..20_000);
+    let first_life = ids_of_lines(&std::fs::read_to_string(&out).unwrap_or_default()).len();
+    assert!(first_life < 20_000, "the kill must come mid-stream");
+    // Second life resumes from the cursor.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let sinks = spawn(&cfg, &state, "h").unwrap();
+        wait_for("every event after restart", 30, || ids_of_lines(&std::fs::read_to_string(&out).unwrap_or_default()).iter().collect::<HashSet<_>>().len() >= 20_000).await;
+        assert_all_in_order(&ids_of_lines(&std::fs::read_to_string(&out).unwrap()), 20_000);
+        sinks.shutdown().await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_reports_suppressed_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let cfg = config(&state, &format!("[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nrate_limit_per_second = 100\nmin_severity = \"high\"\n", out.display()));
+    let mut store = EventStore::open(&state).unwrap();
+    let sinks = spawn(&cfg, &state, "h").unwrap();
+    write_events(&mut store, 0..3000); // 1000 are high severity
+    let summary = || {
+        std::fs::read_to_string(&out).unwrap_or_default().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|v| v["kind"] == "alerts_suppressed")
+    };
+    wait_for("a suppression summary", 10, || summary().is_some()).await;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let delivered = text.lines().filter(|l| l.contains("\"no_grant\"")).count();
+    let s = summary().unwrap();
+    let msg = s["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("suppressed {} events", 1000 - delivered)), "{delivered} delivered; {msg}");
+    assert_eq!(delivered, 100);
+    assert!(sinks.metrics_text().contains("enforcer_sink_suppressed_total{sink=\"f\",type=\"file\"} 900"));
+    sinks.shutdown().await;
+}
+
+#[test]
+fn rotation_keeps_what_a_lagging_sink_needs_until_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    std::fs::create_dir_all(state.join(store::CURSOR_DIR)).unwrap();
+    store::set_limits(state, 4096, 1, 1 << 30);
+    let mut s = EventStore::open(state).unwrap();
+    write_events(&mut s, 0..5);
+    // A sink that read nothing yet: its cursor is on the first generation.
+    let first = std::fs::metadata(state.join(store::FILE_NAME)).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    }).unwrap();
+    store::save_cursor(state, "lag", &Position { ino: first, offset: 0, first_id: Some("t-0".into()) }).unwrap();
+    write_events(&mut s, 5..200); // many rotations
+    let mut r = OutboxReader::new(state, Some(Position { ino: first, offset: 0, first_id: Some("t-0".into()) }));
+    let mut ids = vec![];
+    loop {
+        let lines = r.read("lag", 1000, 1 << 20).unwrap();
+        if lines.is_empty() {
+            break;
+        }
+        ids.extend(lines.iter().map(|l| serde_json::from_str::<Value>(&l.text).unwrap()["id"].as_str().unwrap().to_string()));
+    }
+    assert_all_in_order(&ids, 200);
+    // Now bound the outbox: the lagging sink's oldest file goes, with a notice.
+    let _ = store::take_notices();
+    store::set_limits(state, 4096, 1, 8192);
+    write_events(&mut s, 200..260);
+    let notices = store::take_notices();
+    assert!(notices.iter().any(|n| n.contains("sink(s) lag")), "{notices:?}");
+}
+
+// ---- TLS receivers -------------------------------------------------------------------------
+
+struct Pki {
+    ca: PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&key, &ca).unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    Pki { ca: ca_path, server: Arc::new(server) }
+}
+
+/// A TLS syslog receiver (octet-counting frames) recording event ids; aborting the handle kills
+/// it, unread data included.
+fn syslog_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, got: Arc<Mutex<Vec<String>>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            let got = got.clone();
+            conns.spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 65536];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    // "LEN SP MSG" frames.
+                    while let Some(sp) = buf.iter().position(|&b| b == b' ') {
+                        let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().expect("octet count");
+                        if buf.len() < sp + 1 + len {
+                            break;
+                        }
+                        let msg = String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap();
+                        buf.drain(..sp + 1 + len);
+                        assert!(msg.starts_with("<8") && msg[4..].starts_with("1 ") || msg.starts_with("<8") , "not RFC 5424: {msg}");
+                        let id = msg.split("id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+                        let json = &msg[msg.find("] ").unwrap() + 2..];
+                        assert_eq!(serde_json::from_str::<Value>(json).unwrap()["id"], id.as_str());
+                        got.lock().unwrap().push(id);
+                    }
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_tls_receiver_killed_and_restarted_gets_every_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let pki = pki(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let rx = syslog_receiver(listener, pki.server.clone(), got.clone());
+    let cfg = config(
+        &state,
+        &format!("[[sink]]\nname = \"sl\"\ntype = \"syslog\"\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n", addr.port(), pki.ca.display()),
+    );
+    let mut store = EventStore::open(&state).unwrap();
+    let sinks = spawn(&cfg, &state, "h").unwrap();
+    let n = 6000u64;
+    let writer = std::thread::spawn(move || {
+        for k in 0..(n / 100) {
+            write_events(&mut store, k * 100..(k + 1) * 100);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    wait_for("some ids", 10, || got.lock().unwrap().len() > 500).await;
+    rx.abort(); // the receiver dies mid-stream
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let _rx = syslog_receiver(listener, pki.server.clone(), got.clone());
+    writer.join().unwrap();
+    wait_for("every id after the receiver came back", 30, || got.lock().unwrap().iter().collect::<HashSet<_>>().len() as u64 >= n).await;
+    assert_all_in_order(&got.lock().unwrap(), n);
+    let m = sinks.metrics_text();
+    assert!(!m.contains("enforcer_sink_delivery_failures_total{sink=\"sl\",type=\"syslog\"} 0"), "the outage must show as failures:\n{m}");
+    sinks.shutdown().await;
+}
+
+/// A minimal HTTPS HEC endpoint: checks the token and the concatenated-object framing, records
+/// event ids; answers 503 while `down` is set.
+fn hec_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, got: Arc<Mutex<Vec<String>>>, down: Arc<std::sync::atomic::AtomicBool>) {
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, got, down) = (acceptor.clone(), got.clone(), down.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 65536];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap();
+                    while buf.len() < end + 4 + len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    buf.drain(..end + 4 + len);
+                    assert!(head.starts_with("POST /services/collector/event HTTP/1.1"), "{head}");
+                    let authorized = head.lines().any(|l| l == "authorization: Splunk tok-123" || l == "Authorization: Splunk tok-123");
+                    let reply = if !authorized {
+                        "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                    } else if down.load(std::sync::atomic::Ordering::Relaxed) {
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        for obj in serde_json::Deserializer::from_slice(&body).into_iter::<Value>() {
+                            let obj = obj.expect("concatenated JSON objects");
+                            assert_eq!(obj["sourcetype"], "enforcer");
+                            assert_eq!(obj["host"], "test-host");
+                            assert!(obj["time"].as_f64().unwrap() > 1.6e9);
+                            got.lock().unwrap().push(obj["event"]["id"].as_str().unwrap().to_string());
+                        }
+                        "HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n{\"text\":\"Success\",\"code\":0}"
+                    };
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splunk_hec_over_https_with_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let pki = pki(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    hec_receiver(listener, pki.server.clone(), got.clone(), down.clone());
+    let cfg = config(
+        &state,
+        &format!("[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{port}/services/collector/event\"\ntoken = \"tok-123\"\nca_file = \"{}\"\n", pki.ca.display()),
+    );
+    let mut store = EventStore::open(&state).unwrap();
+    let sinks = spawn(&cfg, &state, "test-host").unwrap();
+    write_events(&mut store, 0..1000);
+    wait_for("first events", 10, || got.lock().unwrap().len() >= 1000).await;
+    down.store(true, std::sync::atomic::Ordering::Relaxed);
+    write_events(&mut store, 1000..3000);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sinks.metrics_text().contains("enforcer_sink_up{sink=\"hec\",type=\"splunk_hec\"} 0"));
+    down.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_for("the backlog", 20, || got.lock().unwrap().len() >= 3000).await;
+    assert_all_in_order(&got.lock().unwrap(), 3000);
+    sinks.shutdown().await;
+}

@@ -1,0 +1,241 @@
+//! Census over a synthetic event stream: two jobs (one by `process.job`, one by cgroup
+//! only), a file secret with a descendant connecting, an env key, a granted use.
+use std::io::Write;
+
+use chrono::{TimeZone, Utc};
+use serde_json::{Value, json};
+
+use super::census::{self, policy_destination, slug, ttl_minutes};
+use super::{census_from_store, render};
+
+fn ev(t: i64, kind: &str, pid: u32, ppid: u32, exe: &str, cgroup: &str, extra: Value) -> String {
+    let time = crate::event::rfc3339(Utc.timestamp_opt(1_800_000_000 + t, 0).unwrap());
+    let mut v = json!({
+        "schema": "enforcer.event/v1", "id": format!("x-{t}-{pid}"), "time": time, "host": "runner-1",
+        "kind": kind, "verdict": "no_grant", "action": "alerted", "mode": "monitor",
+        "process": { "pid": pid, "ppid": ppid, "uid": 1001, "exe": exe, "cmdline": exe, "cgroup": cgroup },
+        "decision_path": [], "mitre": [], "severity": "medium"
+    });
+    merge(&mut v, extra);
+    v.to_string()
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+fn file(secret: &str, path: &str) -> Value {
+    json!({ "file": { "path": path, "dev": 1, "ino": 2, "secret": secret } })
+}
+
+fn dest(ip: &str, port: u16) -> Value {
+    json!({ "destination": { "ip": ip, "port": port, "protocol": "tcp" } })
+}
+
+fn stream() -> Vec<String> {
+    let job_a = json!({ "process": { "job": { "id": "4711", "name": "deploy", "source": "GITHUB_JOB" } } });
+    let env_b = json!({ "process": { "env_credentials": [{ "name": "AWS_SECRET_ACCESS_KEY", "fingerprint": "hmac-sha256:abcd" }] } });
+    let mut a_open = file("aws-credentials", "/home/runner/.aws/credentials");
+    merge(&mut a_open, job_a.clone());
+    let mut b_connect = dest("10.0.0.9", 443);
+    merge(&mut b_connect, env_b.clone());
+    vec![
+        ev(0, "agent_started", 1, 0, "/usr/bin/enforcer", "/system.slice/enforcer.service", json!({"verdict": "allowed", "action": "allowed"})),
+        // job A (GITHUB_JOB): python opens the broad credential file, connects twice to one
+        // destination and once to another, then a child (curl) connects to a third.
+        ev(10, "connect", 100, 1, "/usr/bin/python3", "/ci/job-a", dest("198.51.100.1", 80)), // before the open: not attributed
+        ev(20, "file_open", 100, 1, "/usr/bin/python3", "/ci/job-a", a_open),
+        ev(21, "connect", 100, 1, "/usr/bin/python3", "/ci/job-a", dest("127.0.0.1", 8443)),
+        ev(22, "connect", 100, 1, "/usr/bin/python3", "/ci/job-a", dest("127.0.0.1", 8443)),
+        ev(23, "connect", 101, 100, "/usr/bin/curl", "/ci/job-a", dest("::ffff:127.0.0.2", 9000)),
+        ev(400, "connect", 102, 100, "/usr/bin/curl", "/ci/job-a", dest("2001:db8::1", 443)),
+        // job B (cgroup only): a process carrying an env key connects.
+        ev(30, "connect", 200, 1, "/usr/bin/aws", "/ci/job-b", b_connect),
+        ev(40, "connect", 200, 1, "/usr/bin/aws", "/ci/job-b", dest("10.0.0.9", 443)),
+        // unrelated process in job B, no credential: its connect is not attributed.
+        ev(41, "connect", 201, 1, "/usr/bin/wget", "/ci/job-b", dest("192.0.2.77", 80)),
+        // a granted use of another secret
+        ev(50, "file_open", 300, 1, "/usr/local/bin/deploy", "/ci/job-c",
+           json!({ "verdict": "allowed", "action": "allowed", "file": { "path": "/etc/ci/deploy-key.json", "dev": 1, "ino": 3, "secret": "deploy-key" },
+                   "grant": { "id": "g1", "intent": "deploy", "expires_at": "2030-01-01T00:00:00Z" } })),
+    ]
+}
+
+/// A private directory removed on drop (no tempfile dev-dependency in this crate).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_store(lines: &[String]) -> TempDir {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = TempDir(std::env::temp_dir().join(format!("enforcer-census-unit-{}-{n}", std::process::id())));
+    let _ = std::fs::remove_dir_all(dir.path());
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let mut f = std::fs::File::create(dir.path().join(crate::store::FILE_NAME)).unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    dir
+}
+
+fn census() -> census::Census {
+    let dir = write_store(&stream());
+    census_from_store(dir.path(), None).unwrap()
+}
+
+fn cred<'a>(c: &'a census::Census, name: &str) -> &'a census::CredentialReport {
+    c.credentials.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no {name} in {:#?}", c.credentials))
+}
+
+#[test]
+fn file_secret_jobs_exes_and_destinations_after_the_open() {
+    let c = census();
+    let aws = cred(&c, "aws-credentials");
+    assert_eq!(aws.kind, "file");
+    assert_eq!(aws.paths, ["/home/runner/.aws/credentials"]);
+    assert_eq!(aws.jobs.len(), 1);
+    assert_eq!(aws.jobs[0].id, "4711");
+    assert_eq!(aws.jobs[0].name.as_deref(), Some("deploy"));
+    assert_eq!(aws.jobs[0].source, "GITHUB_JOB");
+    assert_eq!(aws.executables, ["/usr/bin/python3"]);
+    let d: Vec<&str> = aws.destinations.iter().map(|d| d.destination.as_str()).collect();
+    // The connect before the open is not counted; descendants' are (mapped IPv6 as IPv4).
+    assert_eq!(d, ["127.0.0.1/32:8443", "127.0.0.2/32:9000", "[2001:db8::1/128]:443"]);
+    assert_eq!(aws.destinations[0].connects, 2);
+    assert_eq!(aws.destinations[1].executables, ["/usr/bin/curl"]);
+    assert!(!aws.covered_by_grant);
+    assert_eq!(aws.uses, 1);
+    assert_eq!(aws.uses_without_grant, 1);
+    assert_eq!(aws.first_seen, aws.last_seen);
+    // Job A ran from t=10 to t=400: 390 s -> 7 minutes.
+    assert_eq!(aws.longest_job_seconds, 390.0);
+    assert_eq!(aws.proposal.max_ttl, "7m");
+    assert_eq!(aws.proposal.destinations, d);
+}
+
+#[test]
+fn env_key_attributed_by_cgroup_job() {
+    let c = census();
+    let env = cred(&c, "env:AWS_SECRET_ACCESS_KEY");
+    assert_eq!(env.kind, "env");
+    assert_eq!(env.fingerprints, ["hmac-sha256:abcd"]);
+    assert_eq!(env.jobs.len(), 1);
+    assert_eq!(env.jobs[0].id, "/ci/job-b");
+    assert_eq!(env.jobs[0].source, "cgroup");
+    assert_eq!(env.executables, ["/usr/bin/aws"]);
+    let d: Vec<&str> = env.destinations.iter().map(|d| d.destination.as_str()).collect();
+    assert_eq!(d, ["10.0.0.9/32:443"]);
+    assert_eq!(env.destinations[0].connects, 2);
+    assert_eq!(env.uses, 1);
+    assert_eq!(env.proposal.max_ttl, "5m");
+    assert_eq!(env.proposal.secret_name, "env-aws-secret-access-key");
+    assert!(env.proposal.secret_toml.as_deref().unwrap().contains("/etc/enforcer/secrets/AWS_SECRET_ACCESS_KEY"));
+}
+
+#[test]
+fn granted_use_is_covered_and_agent_events_are_not_jobs() {
+    let c = census();
+    let dk = cred(&c, "deploy-key");
+    assert!(dk.covered_by_grant);
+    assert_eq!(dk.grant_intents, ["deploy"]);
+    assert_eq!(dk.uses_without_grant, 0);
+    assert!(dk.destinations.is_empty());
+    assert_eq!(c.credentials.len(), 3);
+    assert!(c.jobs.iter().all(|j| j.id != "/system.slice/enforcer.service"), "{:#?}", c.jobs);
+    assert_eq!(c.hosts, ["runner-1"]);
+    assert_eq!(c.events_read, 11);
+}
+
+#[test]
+fn proposals_are_valid_policy() {
+    let c = census();
+    let mut text = String::from("mode = \"monitor\"\n");
+    for cr in &c.credentials {
+        if cr.proposal.secret_toml.is_none() {
+            text.push_str(&format!("[[secret]]\nname = \"{}\"\npaths = [\"/tmp/{}\"]\n", cr.name, cr.name));
+        }
+    }
+    for cr in &c.credentials {
+        if let Some(s) = &cr.proposal.secret_toml {
+            text.push_str(s);
+        }
+        text.push_str(&cr.proposal.intent_toml);
+    }
+    let cfg = crate::policy::load_str("proposal.toml", &text).unwrap_or_else(|d| panic!("{d}\n{text}"));
+    assert_eq!(cfg.intents.len(), 3);
+    let aws = cfg.intents.iter().find(|i| i.name == "aws-credentials-least-privilege").unwrap();
+    assert_eq!(aws.destinations.len(), 3);
+}
+
+#[test]
+fn since_filters_and_missing_fields_fall_back() {
+    let dir = write_store(&stream());
+    let since = Utc.timestamp_opt(1_800_000_000 + 35, 0).unwrap();
+    let c = census_from_store(dir.path(), Some(since)).unwrap();
+    // Only t >= 35: the env carrier's first event (t=30) and the aws open (t=20) are gone.
+    assert!(c.credentials.iter().all(|x| x.name == "deploy-key"), "{:#?}", c.credentials);
+    assert!(c.since.is_some());
+}
+
+#[test]
+fn clock_slack_lets_a_kernel_stamped_connect_precede_the_open_stamp() {
+    let lines = vec![
+        ev(100, "file_open", 7, 1, "/bin/sh", "/j", file("s", "/s")),
+        ev(99, "connect", 7, 1, "/bin/sh", "/j", dest("127.0.0.1", 1)), // 1 s earlier: within slack
+        ev(90, "connect", 7, 1, "/bin/sh", "/j", dest("127.0.0.1", 2)), // 10 s earlier: not
+    ];
+    let dir = write_store(&lines);
+    let c = census_from_store(dir.path(), None).unwrap();
+    let d: Vec<&str> = c.credentials[0].destinations.iter().map(|d| d.destination.as_str()).collect();
+    assert_eq!(d, ["127.0.0.1/32:1"]);
+}
+
+#[test]
+fn renderings() {
+    let c = census();
+    let j: Value = serde_json::from_str(&render::json(&c)).unwrap();
+    assert_eq!(j["schema"], "enforcer.census/v1");
+    let md = render::markdown(&c);
+    assert!(md.contains("## `env:AWS_SECRET_ACCESS_KEY`"));
+    assert!(md.contains("```toml\n"));
+    let s: Value = serde_json::from_str(&render::sarif(&c)).unwrap();
+    assert_eq!(s["version"], "2.1.0");
+    let results = s["runs"][0]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    let rules: Vec<&str> = results.iter().map(|r| r["ruleId"].as_str().unwrap()).collect();
+    assert_eq!(rules, ["ENF001", "ENF003", "ENF002"]);
+    for r in results {
+        let idx = r["ruleIndex"].as_u64().unwrap() as usize;
+        assert_eq!(s["runs"][0]["tool"]["driver"]["rules"][idx]["id"], r["ruleId"]);
+        assert!(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap().starts_with("file:///"));
+    }
+}
+
+#[test]
+fn helpers() {
+    assert_eq!(policy_destination("10.1.2.3", 443), "10.1.2.3/32:443");
+    assert_eq!(policy_destination("::1", 80), "[::1/128]:80");
+    assert_eq!(policy_destination("::ffff:10.0.0.1", 80), "10.0.0.1/32:80");
+    assert_eq!(slug("AWS_SECRET__KEY!"), "aws-secret-key");
+    assert_eq!(ttl_minutes(0.0), 5);
+    assert_eq!(ttl_minutes(301.0), 6);
+    assert_eq!(ttl_minutes(3600.0), 60);
+}
