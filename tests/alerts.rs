@@ -258,14 +258,16 @@ fn alert_ids(d: &Daemon) -> Vec<String> {
     let mut all = Vec::new();
     for p in [".3", ".2", ".1", ""] {
         let Ok(t) = std::fs::read_to_string(d.state_dir().join(format!("events.jsonl{p}"))) else { continue };
-        all.extend(t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|e| e["verdict"] != "allowed").map(|e| e["id"].as_str().unwrap().to_string()));
+        all.extend(t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|e| e["verdict"] != "allowed" && (e["kind"] == "file_open" || e["kind"] == "connect")).map(|e| e["id"].as_str().unwrap().to_string()));
     }
     all
 }
 
 fn file_ids(path: &Path) -> Vec<String> {
     let mut all = Vec::new();
-    for p in [".2", ".1", ""] {
+    // Oldest backup first (the sink keeps up to max_backups = 50).
+    let names: Vec<String> = (1..=50).rev().map(|i| format!(".{i}")).chain(std::iter::once(String::new())).collect();
+    for p in names {
         let Ok(t) = std::fs::read_to_string(format!("{}{p}", path.display())) else { continue };
         all.extend(t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).map(|e| e["id"].as_str().unwrap_or_default().to_string()));
     }
@@ -337,10 +339,20 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
 
     let want = alert_ids(&d);
     assert!(want.len() >= 200, "expected at least 200 alerts in the outbox, got {}", want.len());
-    wait_until("every alert in the file sink", 30, &d, || {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let got: HashSet<String> = file_ids(&sink_file).into_iter().collect();
-        want.iter().all(|id| got.contains(id))
-    });
+        let missing: Vec<&String> = want.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let all = std::fs::read_to_string(d.state_dir().join("events.jsonl")).unwrap_or_default();
+            let ex: Vec<&str> = all.lines().filter(|l| l.contains(missing[0].as_str())).collect();
+            panic!("file sink: {} of {} missing, e.g. {:?}\n{:?}\nlog:\n{}", missing.len(), want.len(), &missing[..missing.len().min(3)], ex, d.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_until("every alert at the syslog receiver", 30, &d, || {
         let got: HashSet<String> = syslog_got.lock().unwrap().iter().cloned().collect();
         want.iter().all(|id| got.contains(id))

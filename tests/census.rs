@@ -141,7 +141,6 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
 }
 
 #[test]
-#[ignore = "needs process.env_credentials in exec-derived events (daemon side not wired yet)"]
 fn census_names_the_env_static_key() {
     let Some(r) = setup("census-env") else { return };
     run_job_a(&r);

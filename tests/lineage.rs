@@ -48,6 +48,13 @@ fn grandchild_is_attributed_with_its_parent() {
     let e = f.daemon.one_event("file_open of grandchild", by("file_open", pids[1]));
     assert_eq!(e["process"]["ppid"], child);
     assert_eq!(e["process"]["exe"], which("cat"));
+    // An alert carries the ancestry and what exactly ran.
+    assert_eq!(e["process"]["parent_chain"][0]["pid"], child, "{e}");
+    assert_eq!(e["process"]["parent_chain"][0]["exe"], python());
+    assert_eq!(e["process"]["parent_chain"][1]["pid"], std::process::id());
+    let sum = std::process::Command::new("sha256sum").arg(which("cat")).output().unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap().to_string();
+    assert_eq!(e["process"]["exe_sha256"], sum.as_str());
     assert_eq!(e["process"]["cmdline"], format!("cat {}", f.secret));
     assert_eq!(e["process"]["cgroup"], f.cg.rel());
     assert_eq!(e["file"]["secret"], "token");
@@ -126,4 +133,30 @@ fn process_started_before_the_daemon() {
     assert_eq!(e["process"]["ppid"], std::process::id());
     assert!(e["process"]["cmdline"].as_str().unwrap().ends_with("--marker"), "{e}");
     assert_eq!(e["process"]["cgroup"], cg.rel());
+}
+
+#[test]
+fn environment_static_keys_are_reported_by_name_and_fingerprint_only() {
+    let Some(f) = fixture("envkey") else { return };
+    let value = "AKIAvalue-that-must-never-appear-0123456789";
+    let out = f.cg.command("sh")
+        .args(["-c", "exec sleep 0.2"])
+        .env("DEPLOY_API_KEY", value)
+        .env("ENFORCER_JOB_ID", "job-7")
+        .env("ENFORCER_JOB_NAME", "deploy")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let e = f.daemon.one_event("env_credential", |e: &Value| e["kind"] == "env_credential");
+    assert_eq!(e["verdict"], "no_grant");
+    assert_eq!(e["mitre"], serde_json::json!(["T1078"]));
+    assert_eq!(e["process"]["job"]["id"], "job-7");
+    assert_eq!(e["process"]["job"]["name"], "deploy");
+    let creds = e["process"]["env_credentials"].as_array().unwrap();
+    assert_eq!(creds.len(), 1, "{e}");
+    assert_eq!(creds[0]["name"], "DEPLOY_API_KEY");
+    assert_eq!(creds[0]["fingerprint"].as_str().unwrap().len(), 16);
+    let stored = std::fs::read_to_string(f.daemon.state_dir().join("events.jsonl")).unwrap();
+    assert!(!stored.contains(value), "a credential value reached the event store");
+    assert!(!f.daemon.log().contains(value), "a credential value reached the log");
 }

@@ -42,6 +42,48 @@ pub struct ProcessRef {
     pub exe: String,
     pub cmdline: String,
     pub cgroup: String,
+    /// Ancestors, parent first (alerts only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_chain: Vec<Ancestor>,
+    /// sha256 of the executable (alerts only; cached per file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_sha256: Option<String>,
+    /// systemd unit from the cgroup path (e.g. "ci-runner.service").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Container id (64 hex digits) from the cgroup path, where present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The CI job this process belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::proc::env::Job>,
+    /// Static credentials in its environment at exec: names and fingerprints, never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_credentials: Vec<crate::proc::env::EnvCredential>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ancestor {
+    pub pid: u32,
+    pub exe: String,
+}
+
+/// (unit, container id) from a cgroup path such as
+/// "/system.slice/docker-<64 hex>.scope" or "/kubepods/.../cri-containerd-<64 hex>.scope".
+pub fn cgroup_facts(cgroup: &str) -> (Option<String>, Option<String>) {
+    let mut unit = None;
+    let mut container = None;
+    for part in cgroup.split('/') {
+        if part.ends_with(".service") || part.ends_with(".scope") {
+            unit = Some(part.to_string());
+        }
+        let stem = part.trim_end_matches(".scope");
+        let tail = stem.rsplit(['-', ':']).next().unwrap_or(stem);
+        if tail.len() == 64 && tail.bytes().all(|b| b.is_ascii_hexdigit()) {
+            container = Some(tail.to_string());
+        }
+    }
+    (unit, container)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

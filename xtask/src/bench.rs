@@ -1,8 +1,11 @@
 //! `cargo xtask bench`: overhead of the running daemon on the hooked syscalls, measured as
 //! time-with-daemon / time-without over interleaved rounds (A = stopped, B = running), and
 //! ring-buffer drops under a connect flood, and the Mint API: grant issuance latency and
-//! throughput, and connect overhead with many live grants. Prints a table and writes
-//! target/bench.md.
+//! throughput, and connect overhead with many live grants. A third daemon per round runs in
+//! enforce mode: the same overhead loops (C vs A), then time from a violation to its denial:
+//! connects outside a grant's intent (in-kernel, inside the syscall) and opens of a secret
+//! (fanotify permission events: the daemon's decision latency from its status, and the open
+//! call seen by the worker). Prints a table and writes target/bench.md.
 
 mod grants;
 mod worker;
@@ -26,6 +29,13 @@ const FLOOD_SECS: f64 = 3.0;
 /// Grant issuance targets.
 const ISSUE_P99_MAX: Duration = Duration::from_millis(2);
 const ISSUE_RATE_MIN: f64 = 2_000.0;
+/// Enforce rounds: connects per worker for the per-call (denied / allowed) timings.
+const VIOLATION_CONNECTS: u64 = 5_000;
+/// Enforce rounds: opens of the secret per worker (denied without a grant, allowed with one).
+const SECRET_OPENS: u64 = 20_000;
+/// Fanotify permission-event decision latency target (p99, us).
+const DECISION_P99_MAX_US: u64 = 200;
+const EPERM: i32 = libc::EPERM;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -81,13 +91,18 @@ struct Bench {
     tmp: PathBuf,
     cgroup: PathBuf,
     cgroup_mount: PathBuf,
+    /// Monitor mode (rounds B).
     config: PathBuf,
+    /// Enforce mode, on_violation = "deny", destinations = the `tcp` listener only (rounds C).
+    config_enforce: PathBuf,
     run_dir: PathBuf,
     daemon: Option<Child>,
     /// Grant holders (`sleep 3600`) of the current round; killed and reaped on every path.
     holders: Vec<Child>,
     starts: usize,
     tcp: SocketAddr,
+    /// A second listener: outside the enforce config's intent.
+    tcp_out: SocketAddr,
     udp: UdpSocket,
     specs: Vec<Spec>,
 }
@@ -109,17 +124,10 @@ impl Bench {
         let cgroup = cgroup_mount.join(format!("enforcer-bench-{id}"));
         let run_dir = tmp.join("run");
         let config = tmp.join("enforcer.toml");
+        let config_enforce = tmp.join("enforcer-enforce.toml");
         // Listeners first: nothing to clean up if they fail.
-        let listener = TcpListener::bind("127.0.0.1:0").context("bench: cannot bind a TCP listener")?;
-        // Deeper accept queue than std's 128, so the connect loop never waits on the acceptor.
-        // SAFETY: re-listening on a listening socket only resizes its backlog.
-        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
-        let tcp = listener.local_addr()?;
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                drop(s);
-            }
-        });
+        let tcp = tcp_listener()?;
+        let tcp_out = tcp_listener()?;
         let udp = UdpSocket::bind("127.0.0.1:0").context("bench: cannot bind a UDP socket")?;
         let mut b = Bench {
             enforcer,
@@ -127,11 +135,13 @@ impl Bench {
             cgroup,
             cgroup_mount,
             config,
+            config_enforce,
             run_dir,
             daemon: None,
             holders: Vec::new(),
             starts: 0,
             tcp,
+            tcp_out,
             udp,
             specs: Vec::new(),
         };
@@ -149,20 +159,29 @@ impl Bench {
         let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
         // Top-level keys before the first table; no mint rate limit (the bench issues grants
         // as fast as the daemon answers).
-        let config = format!(
-            "mode = \"monitor\"\ncgroup_root = {}\nruntime_dir = {}\nstate_dir = {}\npin_dir = {}\n\
-             mint_rate_per_second = 0\n\n\
-             [[secret]]\nname = \"bench-secret\"\npaths = [{}]\n\n\
-             [[intent]]\nname = \"{}\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"bench-secret\"]\n\
-             destinations = [\"127.0.0.1/32:1-65535\"]\nmax_ttl = \"1h\"\n",
-            q(&self.cgroup),
-            q(&self.run_dir),
-            q(&self.tmp.join("state")),
-            q(Path::new(PIN_DIR)),
-            q(&secret),
-            grants::INTENT,
-        );
-        std::fs::write(&self.config, config)?;
+        let config = |mode: &str, destination: &str, extra: &str| {
+            format!(
+                "mode = \"{mode}\"\ncgroup_root = {}\nruntime_dir = {}\nstate_dir = {}\npin_dir = {}\n\
+                 mint_rate_per_second = 0\n\n\
+                 [[secret]]\nname = \"bench-secret\"\npaths = [{}]\n\n\
+                 [[intent]]\nname = \"{}\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"bench-secret\"]\n\
+                 destinations = [\"{destination}\"]\nmax_ttl = \"1h\"\n{extra}",
+                q(&self.cgroup),
+                q(&self.run_dir),
+                q(&self.tmp.join("state")),
+                q(Path::new(PIN_DIR)),
+                q(&secret),
+                grants::INTENT,
+            )
+        };
+        std::fs::write(&self.config, config("monitor", "127.0.0.1/32:1-65535", ""))?;
+        // Enforce: only the `tcp` listener is inside the intent; `tcp_out` is a violation, and
+        // an open of the secret without a grant is one too (denied: the intent covering the
+        // secret says deny).
+        std::fs::write(
+            &self.config_enforce,
+            config("enforce", &format!("127.0.0.1/32:{}", self.tcp.port()), "on_violation = \"deny\"\n"),
+        )?;
         let s = |p: &Path| p.display().to_string();
         self.specs = vec![
             Spec { name: "connect() loopback TCP", kind: Kind::Connect, n: 20_000, target: self.tcp.to_string(), limit: Some(1.05) },
@@ -173,7 +192,9 @@ impl Bench {
         Ok(())
     }
 
-    /// A/B rounds, then the drop test while the last B round's daemon still runs.
+    /// Rounds of A (no daemon), B (monitor mode, with the grant round, and the drop test in
+    /// the last one) and C (enforce mode: overhead loops, then violation-to-denial timings),
+    /// in an order that rotates per round.
     fn measure(&mut self, iterations: usize) -> Result<Vec<Row>> {
         println!("bench: warm-up");
         for i in 0..self.specs.len() {
@@ -181,17 +202,64 @@ impl Bench {
             self.worker(i, Some(n))?;
         }
         let mut per_op = vec![[Vec::new(), Vec::new()]; self.specs.len()];
+        // The rows with a target, again with the daemon in enforce mode (C vs A).
+        let enforce_specs: Vec<usize> = (0..self.specs.len()).filter(|&i| self.specs[i].limit.is_some()).collect();
+        let mut enforce_op = vec![Vec::new(); enforce_specs.len()];
         let mut flood = None;
         // Connect per op (ns) after the other loops: A = no daemon, B = N_GRANTS live grants.
         let mut loaded = [Vec::new(), Vec::new()];
         // Connect per op (ns) by a worker that holds a grant (B) / the same worker without daemon (A).
         let mut holder = [Vec::new(), Vec::new()];
         let mut grant_rounds = Vec::new();
+        // Per-call medians without the daemon (A): connect to `tcp`, open of the secret.
+        let mut base_connect = Vec::new();
+        let mut base_open = Vec::new();
+        let mut enforce_rounds = Vec::new();
         for round in 0..iterations {
-            for with in [false, true] {
-                if with {
-                    self.start_daemon()?;
+            // The order rotates per round, so no phase always follows the same one (e.g. the
+            // enforce loops right after the monitor round's 2500 holders were killed).
+            let mut phases = [Phase::Without, Phase::Monitor, Phase::Enforce];
+            phases.rotate_left(round % 3);
+            for phase in phases {
+                match phase {
+                    Phase::Without => {}
+                    Phase::Monitor => self.start_daemon(false)?,
+                    Phase::Enforce => self.start_daemon(true)?,
                 }
+                if phase == Phase::Enforce {
+                    for (k, &i) in enforce_specs.iter().enumerate() {
+                        enforce_op[k].push(self.worker(i, None)?.0 as f64 / self.specs[i].n as f64);
+                    }
+                    println!(
+                        "bench: round {}/{iterations} enforce mode: {}",
+                        round + 1,
+                        enforce_op.iter().map(|v| format!("{:.2}us", v[round] / 1e3)).collect::<Vec<_>>().join(" ")
+                    );
+                    let r = self.enforce_round();
+                    check_interrupted()?;
+                    match &r {
+                        Ok(e) => println!(
+                            "bench: round {}/{iterations} enforce: connect p50 allowed {:.2}us denied {:.2}us; secret open p50 \
+                             denied {:.2}us allowed {:.2}us; file_decision_us denied p50/p99/max {}/{}/{}, allowed {}/{}/{}",
+                            round + 1,
+                            e.connect_allowed as f64 / 1e3,
+                            e.connect_denied as f64 / 1e3,
+                            e.open_denied as f64 / 1e3,
+                            e.open_allowed as f64 / 1e3,
+                            e.denied.p50,
+                            e.denied.p99,
+                            e.denied.max,
+                            e.allowed.p50,
+                            e.allowed.p99,
+                            e.allowed.max,
+                        ),
+                        Err(e) => println!("bench: round {}/{iterations} enforce: error: {e:#}", round + 1),
+                    }
+                    enforce_rounds.push(r);
+                    self.stop_daemon()?;
+                    continue;
+                }
+                let with = phase == Phase::Monitor;
                 for (i, times) in per_op.iter_mut().enumerate() {
                     let ns = self.worker(i, None)?.0 as f64 / self.specs[i].n as f64;
                     times[with as usize].push(ns);
@@ -221,32 +289,41 @@ impl Bench {
                 } else {
                     loaded[0].push(self.worker(0, None)?.0 as f64 / self.specs[0].n as f64);
                     holder[0].push(self.holder_connect(false)?);
+                    let tcp = self.tcp.to_string();
+                    let secret = self.specs[SECRET_SPEC].target.clone();
+                    base_connect.push(self.bound_worker("connect per call", "connect", &tcp, VIOLATION_CONNECTS, false, None)?.p50()?);
+                    base_open.push(self.bound_worker("secret open per call", "open", &secret, SECRET_OPENS, false, None)?.p50()?);
                     println!(
-                        "bench: round {}/{iterations} without: connect {:.2}us, connect (holder handshake) {:.2}us",
+                        "bench: round {}/{iterations} without: connect {:.2}us, connect (holder handshake) {:.2}us; \
+                         per call p50: connect {:.2}us, secret open {:.2}us",
                         round + 1,
                         loaded[0][round] / 1e3,
-                        holder[0][round] / 1e3
+                        holder[0][round] / 1e3,
+                        base_connect[round] as f64 / 1e3,
+                        base_open[round] as f64 / 1e3,
                     );
                 }
             }
         }
-        let mut rows: Vec<Row> = self
-            .specs
-            .iter()
-            .zip(&per_op)
-            .map(|(s, [a, b])| {
-                let (a, b) = (median(a), median(b));
-                let ratio = b / a;
-                Row {
-                    name: format!("{} (N={})", s.name, s.n),
-                    without: format!("{:.2} us", a / 1e3),
-                    with: format!("{:.2} us", b / 1e3),
-                    ratio: format!("{ratio:.3}"),
-                    target: s.limit.map_or("-".into(), |l| format!("<= {l:.2}")),
-                    pass: s.limit.map(|l| ratio <= l),
-                }
-            })
-            .collect();
+        let ratio_row = |s: &Spec, a: &[f64], b: &[f64], suffix: &str| {
+            let (a, b) = (median(a), median(b));
+            let ratio = b / a;
+            Row {
+                name: format!("{} (N={}){suffix}", s.name, s.n),
+                without: format!("{:.2} us", a / 1e3),
+                with: format!("{:.2} us", b / 1e3),
+                ratio: format!("{ratio:.3}"),
+                target: s.limit.map_or("-".into(), |l| format!("<= {l:.2}")),
+                pass: s.limit.map(|l| ratio <= l),
+            }
+        };
+        let mut rows: Vec<Row> = self.specs.iter().zip(&per_op).map(|(s, [a, b])| ratio_row(s, a, b, "")).collect();
+        rows.extend(
+            enforce_specs
+                .iter()
+                .zip(&enforce_op)
+                .map(|(&i, c)| ratio_row(&self.specs[i], &per_op[i][0], c, ", enforce mode")),
+        );
         rows.push(match flood.expect("last round ran the flood") {
             Ok(f) => Row {
                 name: format!("ring-buffer drops, UDP sendto flood ~{}k/s for {FLOOD_SECS:.0} s", FLOOD_RATE / 1000),
@@ -271,7 +348,47 @@ impl Bench {
             },
         });
         rows.extend(grant_rows(&grant_rounds, &loaded, &holder, self.specs[0].n));
+        rows.extend(enforce_rows(&enforce_rounds, &base_connect, &base_open));
         Ok(rows)
+    }
+
+    /// With the daemon in enforce mode: per-call connects by a grant holder inside and outside
+    /// its intent, then secret opens without a grant (denied) and by a grant holder (allowed),
+    /// each followed by the daemon's `file_decision_us`.
+    fn enforce_round(&mut self) -> Result<EnforceRound> {
+        let (tcp, out) = (self.tcp.to_string(), self.tcp_out.to_string());
+        let secret = self.specs[SECRET_SPEC].target.clone();
+        let connect_allowed = self.bound_worker("connect inside the intent", "connect", &tcp, VIOLATION_CONNECTS, true, None)?.p50()?;
+        let connect_denied =
+            self.bound_worker("connect outside the intent", "connect", &out, VIOLATION_CONNECTS, true, Some(EPERM))?.p50()?;
+        let before = self.file_decisions(0)?.count;
+        let open_denied = self.bound_worker("secret open without a grant", "open", &secret, SECRET_OPENS, false, Some(EPERM))?.p50()?;
+        let denied = self.file_decisions(before + SECRET_OPENS)?;
+        let open_allowed = self.bound_worker("secret open by a grant holder", "open", &secret, SECRET_OPENS, true, None)?.p50()?;
+        let allowed = self.file_decisions(denied.count + SECRET_OPENS)?;
+        Ok(EnforceRound { connect_allowed, connect_denied, open_denied, open_allowed, denied, allowed })
+    }
+
+    /// `file_decision_us` from the status, polled (it is refreshed about once a second) until
+    /// its count reaches `min_count`.
+    fn file_decisions(&self, min_count: u64) -> Result<Decisions> {
+        let t0 = Instant::now();
+        loop {
+            let v = self.status_json()?;
+            let f = |k: &str| {
+                v.pointer(&format!("/file_decision_us/{k}"))
+                    .and_then(|x| x.as_u64())
+                    .ok_or_else(|| anyhow!("bench: status JSON has no file_decision_us.{k}"))
+            };
+            let d = Decisions { count: f("count")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? };
+            if d.count >= min_count {
+                return Ok(d);
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!("bench: file_decision_us.count is {} 5 s after the opens, expected >= {min_count}", d.count);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// With the daemon running: start the holders, issue N_GRANTS grants to them, then the
@@ -341,16 +458,30 @@ impl Bench {
     /// of the bench intent is bound to it meanwhile. ns per connect.
     fn holder_connect(&self, grant: bool) -> Result<f64> {
         let s = &self.specs[0];
-        let mut c = Command::new(std::env::current_exe()?);
+        let w = self.bound_worker("connect by a grant holder", "connect", &s.target, s.n, grant, None)?;
+        Ok(w.ns as f64 / w.ops.max(1) as f64)
+    }
+
+    /// A worker that stops before its loop; with `grant`, a grant of the bench intent is bound
+    /// to it meanwhile. With `expect_errno`, every call must fail with it; calls are timed
+    /// one by one (`--per-op`) when they may be denied or `n` is one of the per-call counts.
+    fn bound_worker(&self, name: &str, kind: &str, target: &str, n: u64, grant: bool, expect_errno: Option<i32>) -> Result<WorkerOut> {
+        let mut c = self.worker_cmd()?;
         c.arg("bench-worker")
             .arg("--cgroup")
             .arg(&self.cgroup)
-            .args(["--kind", "connect", "--target", &s.target, "--n", &s.n.to_string(), "--wait-stdin"])
+            .args(["--kind", kind, "--target", target, "--n", &n.to_string(), "--wait-stdin"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if expect_errno.is_some() || n == VIOLATION_CONNECTS || n == SECRET_OPENS {
+            c.arg("--per-op");
+        }
+        if let Some(e) = expect_errno {
+            c.args(["--expect-errno", &e.to_string()]);
+        }
         let mut child = c.spawn().with_context(|| format!("bench: cannot start worker `{}`", show(&c)))?;
-        let mut run = || -> Result<f64> {
+        let mut run = || -> Result<WorkerOut> {
             let mut out = BufReader::new(child.stdout.take().expect("piped"));
             let mut line = String::new();
             out.read_line(&mut line)?;
@@ -358,12 +489,12 @@ impl Bench {
                 .trim()
                 .strip_prefix("pid=")
                 .and_then(|p| p.parse().ok())
-                .ok_or_else(|| anyhow!("bench: holder worker printed {line:?} instead of its pid"))?;
+                .ok_or_else(|| anyhow!("bench: {name}: worker printed {line:?} instead of its pid"))?;
             if grant {
                 let id = grants::Client::connect(&self.mint_sock())?
                     .issue(pid)
-                    .with_context(|| format!("bench: cannot bind a grant to the connect worker (pid {pid})"))?;
-                println!("bench: grants: connect worker {pid} holds grant {id}");
+                    .with_context(|| format!("bench: {name}: cannot bind a grant to the worker (pid {pid})"))?;
+                println!("bench: grants: {name}: worker {pid} holds grant {id}");
             }
             // Dropping stdin after the line: the worker never waits on it again.
             child.stdin.take().expect("piped").write_all(b"go\n")?;
@@ -372,10 +503,11 @@ impl Bench {
             let status = child.wait()?;
             check_interrupted()?;
             if !status.success() {
-                bail!("bench: connect by a grant holder: worker failed ({status}): `{}`", show(&c));
+                bail!("bench: {name}: worker failed ({status}): `{}`", show(&c));
             }
-            let (ns, ops) = parse_worker("connect by a grant holder", &text)?;
-            Ok(ns as f64 / ops.max(1) as f64)
+            let (ns, ops) = parse_worker(name, &text)?;
+            let p50 = text.split_whitespace().find_map(|w| w.strip_prefix("p50=")).and_then(|v| v.parse().ok());
+            Ok(WorkerOut { name: name.to_string(), ns, ops, p50 })
         };
         let r = run();
         if r.is_err() {
@@ -385,10 +517,18 @@ impl Bench {
         r
     }
 
+    /// The bench worker command; the child joins the bench cgroup before exec (and the worker
+    /// joins it again itself, a no-op then).
+    fn worker_cmd(&self) -> Result<Command> {
+        let mut c = Command::new(std::env::current_exe()?);
+        grants::join_before_exec(&mut c, std::ffi::CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?);
+        Ok(c)
+    }
+
     /// Run spec `i` in a worker process inside the bench cgroup: (elapsed ns, ops).
     fn worker(&self, i: usize, n: Option<u64>) -> Result<(u128, u64)> {
         let s = &self.specs[i];
-        let mut c = Command::new(std::env::current_exe()?);
+        let mut c = self.worker_cmd()?;
         c.arg("bench-worker")
             .arg("--cgroup")
             .arg(&self.cgroup)
@@ -399,7 +539,7 @@ impl Bench {
 
     fn flood(&self) -> Result<FloodResult> {
         let before = self.status_json()?;
-        let mut c = Command::new(std::env::current_exe()?);
+        let mut c = self.worker_cmd()?;
         c.arg("bench-worker")
             .arg("--cgroup")
             .arg(&self.cgroup)
@@ -430,12 +570,13 @@ impl Bench {
         serde_json::from_slice(&out.stdout).with_context(|| format!("bench: `{}` printed no JSON", show(&c)))
     }
 
-    fn start_daemon(&mut self) -> Result<()> {
+    /// Starts the daemon with the monitor config, or with `enforce` the enforce config.
+    fn start_daemon(&mut self, enforce: bool) -> Result<()> {
         self.starts += 1;
         let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
         let log = std::fs::File::create(&log_path)?;
         let mut c = Command::new(&self.enforcer);
-        c.arg("daemon").arg("--config").arg(&self.config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        c.arg("daemon").arg("--config").arg(if enforce { &self.config_enforce } else { &self.config }).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         println!("$ {}  (log: {})", show(&c), log_path.display());
         self.daemon = Some(c.spawn().with_context(|| format!("bench: cannot start `{}`", show(&c)))?);
         let t0 = Instant::now();
@@ -535,6 +676,141 @@ impl Drop for Bench {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Without,
+    Monitor,
+    Enforce,
+}
+
+/// Index of the "open()+close() watched secret" spec (its target is the secret path).
+const SECRET_SPEC: usize = 2;
+
+struct WorkerOut {
+    name: String,
+    ns: u128,
+    ops: u64,
+    /// Median ns of one call (`--per-op`).
+    p50: Option<u64>,
+}
+
+impl WorkerOut {
+    fn p50(&self) -> Result<u64> {
+        self.p50.ok_or_else(|| anyhow!("bench: {}: worker printed no p50", self.name))
+    }
+}
+
+/// `file_decision_us` from the status: count (cumulative), and p50/p99/max of the last
+/// 4096 permission events.
+#[derive(Clone, Copy)]
+struct Decisions {
+    count: u64,
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// One enforce round: per-call medians (ns) and the decision latencies after each open run.
+struct EnforceRound {
+    connect_allowed: u64,
+    connect_denied: u64,
+    open_denied: u64,
+    open_allowed: u64,
+    denied: Decisions,
+    allowed: Decisions,
+}
+
+/// Rows of the enforce rounds: violation-to-denial for connects (in-kernel) and secret opens
+/// (fanotify decision latency, and the open call as the worker sees it); medians of rounds,
+/// against the per-call medians without the daemon.
+fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open: &[u64]) -> Vec<Row> {
+    let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+    let ok: Vec<&EnforceRound> = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let mut rows = Vec::new();
+    if let Some(e) = errors.first() {
+        rows.push(Row {
+            name: format!("enforce rounds ({} of {} failed)", errors.len(), rounds.len()),
+            without: "-".into(),
+            with: format!("error: {e}"),
+            ratio: "-".into(),
+            target: "no error".into(),
+            pass: Some(false),
+        });
+    }
+    if ok.is_empty() {
+        return rows;
+    }
+    let med = |v: Vec<u64>| median(&v.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let (bc, bo) = (med(base_connect.to_vec()), med(base_open.to_vec()));
+    let per_call = |name: String, b: f64, w: f64, target: &str, pass: Option<bool>| Row {
+        name,
+        without: format!("{:.2} us", b / 1e3),
+        with: format!("{:.2} us", w / 1e3),
+        ratio: format!("{:.3}", w / b),
+        target: target.into(),
+        pass,
+    };
+    let ca = med(ok.iter().map(|e| e.connect_allowed).collect());
+    let cd = med(ok.iter().map(|e| e.connect_denied).collect());
+    rows.push(per_call(
+        format!("connect() per call by a grant holder, inside its intent, enforce mode (median of N={VIOLATION_CONNECTS})"),
+        bc,
+        ca,
+        "-",
+        None,
+    ));
+    rows.push(per_call(
+        format!(
+            "time to denial, connect() outside the grant's intent, on_violation deny: EPERM from the call itself \
+             (in-kernel, synchronous; median of N={VIOLATION_CONNECTS}, all EPERM)"
+        ),
+        bc,
+        cd,
+        "EPERM inside the syscall (0 beyond it)",
+        Some(true),
+    ));
+    let od = med(ok.iter().map(|e| e.open_denied).collect());
+    let oa = med(ok.iter().map(|e| e.open_allowed).collect());
+    rows.push(per_call(
+        format!("time to denial, open() of the secret without a grant, on_violation deny (fanotify; median of N={SECRET_OPENS}, all EPERM)"),
+        bo,
+        od,
+        "EPERM",
+        Some(true),
+    ));
+    rows.push(per_call(
+        format!("open()+close() of the secret by a grant holder, enforce mode, allowed (fanotify; median of N={SECRET_OPENS})"),
+        bo,
+        oa,
+        "-",
+        None,
+    ));
+    // `max` is the daemon's lifetime maximum: after the allowed opens it covers the denied
+    // ones too.
+    let decision_row = |what: &str, max_what: &str, d: Vec<Decisions>| {
+        let p99s: Vec<u64> = d.iter().map(|x| x.p99).collect();
+        let p99 = med(p99s.clone());
+        Row {
+            name: format!(
+                "fanotify decision latency (file_decision_us: event read to answer, last 4096 of N={SECRET_OPENS}), {what}; \
+                 median of rounds"
+            ),
+            without: "-".into(),
+            with: format!(
+                "p50 {:.0} us, p99 {p99:.0} us (rounds {p99s:?}), max {} us {max_what}",
+                med(d.iter().map(|x| x.p50).collect()),
+                d.iter().map(|x| x.max).max().unwrap_or(0)
+            ),
+            ratio: "-".into(),
+            target: format!("p99 <= {DECISION_P99_MAX_US} us"),
+            pass: Some(p99 <= DECISION_P99_MAX_US as f64),
+        }
+    };
+    rows.push(decision_row("denied opens (no grant)", "(any round)", ok.iter().map(|e| e.denied).collect()));
+    rows.push(decision_row("allowed opens (grant holder)", "(any round, denied and allowed opens)", ok.iter().map(|e| e.allowed).collect()));
+    rows
 }
 
 struct GrantRound {
@@ -642,6 +918,21 @@ fn parse_worker(name: &str, text: &str) -> Result<(u128, u64)> {
     }
 }
 
+/// A loopback TCP listener that accepts and drops connections on its own thread.
+fn tcp_listener() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bench: cannot bind a TCP listener")?;
+    // Deeper accept queue than std's 128, so the connect loop never waits on the acceptor.
+    // SAFETY: re-listening on a listening socket only resizes its backlog.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    Ok(addr)
+}
+
 fn remove_pins() {
     if let Err(e) = std::fs::remove_dir_all(PIN_DIR)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -714,8 +1005,11 @@ fn render(rows: &[Row], iterations: usize) -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let mut md = format!(
-        "# enforcer bench\n\nKernel {}, {} cores, load average at the end {load}; {iterations} interleaved rounds without/with the daemon \
-         (monitor mode); per-operation medians. Grant rows: each round with the daemon also starts \
+        "# enforcer bench\n\nKernel {}, {} cores, load average at the end {load}; {iterations} interleaved rounds (order rotating per round) without the \
+         daemon, with it in monitor mode and with it in enforce mode (rows marked so; on_violation deny, the intent's destinations \
+         only the bench listener); per-operation medians. Time-to-denial rows: per-call medians of calls timed one \
+         by one (without = the same calls without the daemon); decision latency is the daemon's own \
+         `file_decision_us` from `enforcer status --json`. Grant rows: each round with the daemon also starts \
          {N_HOLDERS} `sleep` holders and issues {N_GRANTS} grants to them ({GRANTS_PER_HOLDER} each) over the \
          Mint API from {CLIENTS} threads, one keep-alive connection each; the connect rows after it run \
          with those grants live.\n\n| {} |\n|{}\n",

@@ -340,6 +340,7 @@ fn own_process() -> ProcessRef {
             .ok()
             .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)))
             .unwrap_or_default(),
+        ..Default::default()
     }
 }
 

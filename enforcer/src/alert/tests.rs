@@ -23,7 +23,7 @@ fn ev(i: u64) -> Event {
         verdict: if violation { "no_grant" } else { "allowed" }.into(),
         action: if violation { "alerted" } else { "allowed" }.into(),
         mode: "monitor".into(),
-        process: ProcessRef { pid: 100, ppid: 1, uid: 1000, exe: "/usr/bin/python3".into(), cmdline: "python3 x.py".into(), cgroup: "/t".into() },
+        process: ProcessRef { pid: 100, ppid: 1, uid: 1000, exe: "/usr/bin/python3".into(), cmdline: "python3 x.py".into(), cgroup: "/t".into(), ..Default::default() },
         file: (i % 2 == 0).then(|| FileRef { path: "/etc/k.json".into(), dev: 1, ino: 2, secret: "k".into() }),
         destination: (i % 2 == 1).then(|| DestinationRef { ip: "127.0.0.1".into(), port: 443, protocol: "tcp".into() }),
         grant: None,

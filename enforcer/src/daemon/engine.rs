@@ -24,6 +24,9 @@ pub struct Engine {
     pub cgroup_scope: String,
     pub secret_kinds: std::collections::HashMap<String, SecretKind>,
     pub registry: Arc<Mutex<Registry>>,
+    exe_hashes: ExeHashes,
+    /// (job or cgroup, variable, fingerprint) already reported: one event each.
+    env_seen: std::collections::HashSet<(String, String, String)>,
     instance: String,
     seq: u64,
     pub counts: Counts,
@@ -46,7 +49,20 @@ impl Engine {
     pub fn new(table: ProcessTable, store: EventStore, mode: Mode, host: String, cgroup_scope: String, registry: Arc<Mutex<Registry>>) -> Self {
         // Unique per daemon start: boot-time nanoseconds and pid, so ids never repeat across restarts.
         let instance = format!("{:x}-{:x}", boot_ns(), std::process::id());
-        Engine { table, store, mode, host, cgroup_scope, secret_kinds: Default::default(), registry, instance, seq: 0, counts: Counts::default() }
+        Engine {
+            table,
+            store,
+            mode,
+            host,
+            cgroup_scope,
+            secret_kinds: Default::default(),
+            registry,
+            exe_hashes: ExeHashes::default(),
+            env_seen: Default::default(),
+            instance,
+            seq: 0,
+            counts: Counts::default(),
+        }
     }
 
     pub fn on_record(&mut self, rec: Record) {
@@ -58,7 +74,10 @@ impl Engine {
         }
         match rec {
             Record::Connect(c) => self.on_connect(c),
-            Record::Exec { .. } => self.counts.execs += 1,
+            Record::Exec { tgid, .. } => {
+                self.counts.execs += 1;
+                self.report_env_credentials(tgid);
+            }
             Record::Malformed { len, kind } => {
                 self.counts.malformed_records += 1;
                 if self.counts.malformed_records <= 10 {
@@ -186,6 +205,38 @@ impl Engine {
         allow
     }
 
+    /// A static credential in a process's environment (legacy broad keys that CI jobs still
+    /// carry): one event per job (or cgroup), variable and value fingerprint.
+    fn report_env_credentials(&mut self, pid: u32) {
+        let Some(p) = self.table.get_or_load(pid).cloned() else { return };
+        if p.env_credentials.is_empty() {
+            return;
+        }
+        let cgroup = self.table.cgroup_path(p.cgroup_id);
+        if !is_within(&cgroup, &self.cgroup_scope) {
+            return;
+        }
+        let scope = p.job.as_ref().map(|j| format!("job:{}", j.id)).unwrap_or(cgroup);
+        for c in &p.env_credentials {
+            if !self.env_seen.insert((scope.clone(), c.name.clone(), c.fingerprint.clone())) {
+                continue;
+            }
+            let (process, known) = self.process_ref(pid, None);
+            let path = vec![
+                if known { "subject resolved" } else { "subject unresolved" }.to_string(),
+                format!("environment at exec holds {} (fingerprint {})", c.name, c.fingerprint),
+                "a static credential carried in the environment is covered by no grant".to_string(),
+                format!("mode {}: alert", self.mode),
+            ];
+            let d = Decision { verdict: Verdict::NoGrant, action: Action::Alerted, decision_path: path, grant: None, expired_for_ms: None, reason: decide::Reason::Grant };
+            let mut e = self.event("env_credential", &d, process);
+            e.severity = "medium".into();
+            e.mitre = vec!["T1078".into()];
+            e.message = Some(format!("static credential {} in the environment of {}", c.name, p.exe));
+            self.emit(e);
+        }
+    }
+
     /// An event about the agent itself (started, stopped, lost events).
     pub fn agent_event(&mut self, kind: &str, severity: &str, message: String) {
         let (process, _) = self.process_ref(std::process::id(), None);
@@ -233,7 +284,21 @@ impl Engine {
         match self.table.get_or_load(pid).cloned() {
             Some(p) => {
                 let cgroup = self.table.cgroup_path(cgroup_id.unwrap_or(p.cgroup_id));
-                (ProcessRef { pid, ppid: p.ppid, uid: p.uid, exe: p.exe, cmdline: event::join_cmdline(&p.cmdline), cgroup }, true)
+                let (unit, container_id) = event::cgroup_facts(&cgroup);
+                let r = ProcessRef {
+                    pid,
+                    ppid: p.ppid,
+                    uid: p.uid,
+                    exe: p.exe,
+                    cmdline: event::join_cmdline(&p.cmdline),
+                    cgroup,
+                    unit,
+                    container_id,
+                    job: p.job,
+                    env_credentials: p.env_credentials,
+                    ..Default::default()
+                };
+                (r, true)
             }
             None => {
                 let cgroup = cgroup_id.map(|id| self.table.cgroup_path(id)).unwrap_or_default();
@@ -266,7 +331,18 @@ impl Engine {
         }
     }
 
-    fn emit(&mut self, e: Event) {
+    fn emit(&mut self, mut e: Event) {
+        if e.verdict != "allowed" && e.process.pid != 0 {
+            // Alerts carry the full picture: ancestry and what exactly ran.
+            e.process.parent_chain = self.table.parent_chain(e.process.pid, 8).into_iter().map(|(pid, exe)| event::Ancestor { pid, exe }).collect();
+            e.process.exe_sha256 = self.exe_hashes.sha256(e.process.pid, &e.process.exe);
+        }
+        if let Some(d) = &e.destination {
+            if d.ip == "169.254.169.254" || d.ip == "fd00:ec2::254" {
+                // Cloud instance metadata: where instance credentials are fetched from.
+                e.mitre.push("T1552.005".into());
+            }
+        }
         self.counts.events_total += 1;
         if e.verdict != "allowed" {
             self.counts.alerts_total += 1;
@@ -344,4 +420,34 @@ fn boot_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+/// sha256 of executables, by (dev, ino, size, mtime) of /proc/<pid>/exe: hashing a binary
+/// costs milliseconds, so each file is hashed once.
+#[derive(Default)]
+struct ExeHashes {
+    cache: std::collections::HashMap<(u64, u64, u64, i64), String>,
+}
+
+impl ExeHashes {
+    fn sha256(&mut self, pid: u32, exe: &str) -> Option<String> {
+        use sha2::Digest;
+        use std::os::unix::fs::MetadataExt;
+        // The running image if the process lives, else the file at its path.
+        let path = if std::fs::metadata(format!("/proc/{pid}/exe")).is_ok() { format!("/proc/{pid}/exe") } else { exe.to_string() };
+        let md = std::fs::metadata(&path).ok()?;
+        let key = (md.dev(), md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
+        if let Some(h) = self.cache.get(&key) {
+            return Some(h.clone());
+        }
+        let mut f = std::fs::File::open(&path).ok()?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h).ok()?;
+        let hex = hex::encode(h.finalize());
+        if self.cache.len() > 4096 {
+            self.cache.clear();
+        }
+        self.cache.insert(key, hex.clone());
+        Some(hex)
+    }
 }

@@ -86,6 +86,7 @@ async fn run_async(setup: Setup) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
 
     let mut table = ProcessTable::new(setup.cgroup_mount.clone());
+    table.fingerprint_key = Some(crate::proc::env::load_key(&cfg.state_dir)?);
     // Lineage is attached: from here no process is missed; seed the ones already running.
     table.seed_from_proc();
 
@@ -199,6 +200,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = tick.tick() => {
                 watch.refresh();
                 engine.table.purge();
+                notify_watchdog();
                 for n in crate::alert::take_notices() {
                     engine.agent_event("alert_delivery_degraded", "high", n);
                 }
@@ -308,12 +310,29 @@ fn set_group(path: &Path, group: &str) -> Result<()> {
 
 /// sd_notify READY=1 when started by systemd (NOTIFY_SOCKET set); a no-op otherwise.
 fn notify_ready() {
+    sd_notify(b"READY=1\nSTATUS=enforcer ready");
+}
+
+/// WATCHDOG=1 from the main loop's 1 s tick (WatchdogSec=30s in the unit): a stuck loop
+/// stops the pings and systemd restarts the service.
+fn notify_watchdog() {
+    if std::env::var("WATCHDOG_USEC").is_err() {
+        return;
+    }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return;
+        }
+    }
+    sd_notify(b"WATCHDOG=1");
+}
+
+fn sd_notify(msg: &[u8]) {
     let Ok(path) = std::env::var("NOTIFY_SOCKET") else { return };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(_) => return,
     };
-    let msg = b"READY=1\nSTATUS=enforcer ready";
     let _ = if let Some(abstract_name) = path.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).and_then(|a| sock.send_to_addr(msg, &a))

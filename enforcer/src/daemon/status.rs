@@ -51,6 +51,12 @@ impl Context<'_> {
                 "records": k.events,
             },
             "fanotify_overflows": watch.overflows,
+            "file_decision_us": {
+                "count": watch.latencies.count,
+                "p50": watch.latencies.percentiles().0,
+                "p99": watch.latencies.percentiles().1,
+                "max": watch.latencies.max_us,
+            },
         })
     }
 }

@@ -27,6 +27,39 @@ pub use resolve::Target;
 pub struct PendingOpen {
     pub open: FileOpen,
     event: FanotifyEvent,
+    /// When the daemon read the event: decision latency runs from here to the answer.
+    pub received: std::time::Instant,
+}
+
+/// Decision latencies of permission events (last 4096 samples), for status and bench.
+#[derive(Default)]
+pub struct Latencies {
+    samples: std::collections::VecDeque<u32>,
+    pub count: u64,
+    pub max_us: u32,
+}
+
+impl Latencies {
+    pub fn record(&mut self, d: std::time::Duration) {
+        let us = d.as_micros().min(u32::MAX as u128) as u32;
+        if self.samples.len() == 4096 {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(us);
+        self.count += 1;
+        self.max_us = self.max_us.max(us);
+    }
+
+    /// (p50, p99) in microseconds over the recent samples.
+    pub fn percentiles(&self) -> (u32, u32) {
+        let mut v: Vec<u32> = self.samples.iter().copied().collect();
+        if v.is_empty() {
+            return (0, 0);
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+        (at(0.50), at(0.99))
+    }
 }
 
 /// One open of a watched secret.
@@ -47,6 +80,7 @@ pub struct SecretWatch {
     warned_missing: HashSet<PathBuf>,
     /// fanotify queue overflows (events lost); stays 0 with FAN_UNLIMITED_QUEUE.
     pub overflows: u64,
+    pub latencies: Latencies,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -62,7 +96,7 @@ impl SecretWatch {
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
         )
         .context("fanotify_init (secret-file backend)")?;
-        Ok(SecretWatch { fan, targets: Vec::new(), by_inode: HashMap::new(), warned_missing: HashSet::new(), overflows: 0 })
+        Ok(SecretWatch { fan, targets: Vec::new(), by_inode: HashMap::new(), warned_missing: HashSet::new(), overflows: 0, latencies: Latencies::default() })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -145,14 +179,15 @@ impl SecretWatch {
                 let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                out.push(PendingOpen { open: FileOpen { pid, path, dev: key.0, ino: key.1, secret }, event: ev });
+                out.push(PendingOpen { open: FileOpen { pid, path, dev: key.0, ino: key.1, secret }, event: ev, received: std::time::Instant::now() });
             }
         }
     }
 
     /// Answers a waiting open: allow, or deny (the open fails with EPERM).
-    pub fn respond(&self, p: PendingOpen, allow: bool) {
+    pub fn respond(&mut self, p: PendingOpen, allow: bool) {
         self.respond_event(&p.event, allow);
+        self.latencies.record(p.received.elapsed());
     }
 
     fn respond_event(&self, ev: &FanotifyEvent, allow: bool) {

@@ -123,6 +123,11 @@ impl Ledger {
         // the kernel maps die with the OS anyway. It keeps an insert far below 1 ms.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        // Checkpoints fsync (milliseconds each on a VM disk); run inside an insert they put
+        // that wait on the request holding the registry lock. So no automatic checkpoints
+        // here: a background thread with its own connection checkpoints once a second.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        spawn_checkpointer(&path);
         let mut ledger = Ledger { conn };
         ledger
             .migrate()
@@ -626,4 +631,21 @@ mod tests {
         );
         assert_eq!(l.active().unwrap().len(), n);
     }
+}
+
+/// Checkpoints the WAL into the database once a second, off the request path (PASSIVE: it
+/// never blocks writers). Ends when the connection cannot be opened any more.
+fn spawn_checkpointer(path: &Path) {
+    let path = path.to_path_buf();
+    let _ = std::thread::Builder::new().name("ledger-checkpoint".into()).spawn(move || {
+        let Ok(conn) = Connection::open(&path) else { return };
+        let _ = conn.busy_timeout(Duration::from_millis(100));
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if !path.exists() {
+                return;
+            }
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+    });
 }

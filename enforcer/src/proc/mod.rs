@@ -2,6 +2,7 @@
 //! processes keep their exe and cmdline after they exit), seeded from /proc at start for
 //! processes that were already running.
 mod cgroup;
+pub mod env;
 mod procfs;
 
 use std::collections::HashMap;
@@ -31,12 +32,18 @@ pub struct Process {
     /// Grant slots the kernel reported for this process at fork and at exit: lets a
     /// decision made after the process is gone (fanotify notifications) see what it held.
     pub grants: Vec<u32>,
+    /// CI job (from the environment at exec, else inherited from the parent).
+    pub job: Option<env::Job>,
+    /// Static credentials in the environment at exec (names and fingerprints only).
+    pub env_credentials: Vec<env::EnvCredential>,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
 }
 
 pub struct ProcessTable {
     procs: HashMap<u32, Process>,
+    /// Key for environment-credential fingerprints (None: environments are not read).
+    pub fingerprint_key: Option<Vec<u8>>,
     pub cgroups: CgroupResolver,
     /// exec'd filename -> canonical path; saves the path walk on every exec of the same file.
     exe_cache: HashMap<String, String>,
@@ -47,7 +54,7 @@ const EXE_CACHE_MAX: usize = 4096;
 
 impl ProcessTable {
     pub fn new(cgroup_mount: PathBuf) -> Self {
-        ProcessTable { procs: HashMap::new(), cgroups: CgroupResolver::new(cgroup_mount), exe_cache: HashMap::new() }
+        ProcessTable { procs: HashMap::new(), fingerprint_key: None, cgroups: CgroupResolver::new(cgroup_mount), exe_cache: HashMap::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -58,7 +65,11 @@ impl ProcessTable {
     pub fn seed_from_proc(&mut self) {
         for pid in procfs::pids() {
             if !self.procs.contains_key(&pid) {
-                if let Some(p) = procfs::read(pid, &mut self.cgroups) {
+                if let Some(mut p) = procfs::read(pid, &mut self.cgroups) {
+                    if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k)) {
+                        p.job = info.job;
+                        p.env_credentials = info.credentials;
+                    }
                     self.procs.insert(pid, p);
                 }
             }
@@ -71,7 +82,7 @@ impl ProcessTable {
                 let base = self.get_or_load(*parent).cloned();
                 let p = match base {
                     Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), exited_at: None, ..parent_proc },
-                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), exited_at: None },
+                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), job: None, env_credentials: Vec::new(), exited_at: None },
                 };
                 self.procs.insert(*child, p);
             }
@@ -81,11 +92,17 @@ impl ProcessTable {
                 if *argv_truncated {
                     cmdline.push("...".into());
                 }
-                let (ppid, start_ns, grants) = match self.procs.get(tgid) {
-                    Some(p) => (p.ppid, p.start_ns, p.grants.clone()),
-                    None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new()),
+                let (ppid, start_ns, grants, mut job, mut env_credentials) = match self.procs.get(tgid) {
+                    Some(p) => (p.ppid, p.start_ns, p.grants.clone(), p.job.clone(), p.env_credentials.clone()),
+                    None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new(), None, Vec::new()),
                 };
-                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, grants, exited_at: None });
+                // The new image's environment (gone already for very short-lived processes:
+                // then what the parent had, copied at fork, stands).
+                if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(*tgid, k)) {
+                    job = info.job.or(job);
+                    env_credentials = info.credentials;
+                }
+                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, grants, job, env_credentials, exited_at: None });
             }
             Record::Exit { tgid, grants } => {
                 if let Some(p) = self.procs.get_mut(tgid) {
@@ -130,6 +147,22 @@ impl ProcessTable {
         }
         self.exe_cache.insert(filename.to_string(), exe.clone());
         exe
+    }
+
+    /// The ancestors of `pid` (parent first), up to `max`, as (pid, exe).
+    pub fn parent_chain(&mut self, pid: u32, max: usize) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        let mut cur = self.procs.get(&pid).map(|p| p.ppid).unwrap_or(0);
+        while cur > 1 && out.len() < max {
+            let Some(p) = self.get_or_load(cur) else { break };
+            out.push((cur, p.exe.clone()));
+            let next = p.ppid;
+            if next == cur {
+                break;
+            }
+            cur = next;
+        }
+        out
     }
 
     /// Grant slots an exited process held (None while it runs: ask the kernel map).

@@ -35,7 +35,7 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
         .and_then(|path| cgroups.id_of(&path))
         .unwrap_or(0);
-    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, grants: Vec::new(), exited_at: None })
+    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, grants: Vec::new(), job: None, env_credentials: Vec::new(), exited_at: None })
 }
 
 /// Process start time in ns since boot, from /proc/<pid>/stat (field 22, clock ticks).

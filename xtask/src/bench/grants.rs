@@ -34,29 +34,35 @@ pub fn spawn_holders(n: usize, cgroup: &Path, out: &mut Vec<Child>, interrupted:
         if i % 500 == 0 {
             interrupted()?;
         }
-        let procs = procs.clone();
         let mut c = Command::new("sleep");
         c.arg("3600").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: between fork and exec the closure only calls open/write/close on a path
-        // prepared before the fork; no allocation, no locks.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let r = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if r != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        join_before_exec(&mut c, procs.clone());
         out.push(c.spawn().with_context(|| format!("bench: cannot start holder #{i} (`sleep 3600` in {})", cgroup.display()))?);
     }
     Ok(())
+}
+
+/// Makes the child of `c` join the cgroup whose `cgroup.procs` is `procs` before it execs, so
+/// the daemon sees it in the bench cgroup from its first instruction (a process that moves
+/// itself in after exec may stay attributed to the cgroup it was forked in).
+pub fn join_before_exec(c: &mut Command, procs: CString) {
+    // SAFETY: between fork and exec the closure only calls open/write/close on a path
+    // prepared before the fork; no allocation, no locks.
+    unsafe {
+        c.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if r != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// SIGKILL every child, then reap them all.

@@ -1,5 +1,6 @@
 //! The measured loops. Each runs in its own process that first moves itself into the bench
-//! cgroup (the daemon watches only that subtree), then prints `ns=<elapsed> ops=<count>`.
+//! cgroup (the daemon watches only that subtree), then prints `ns=<elapsed> ops=<count>`
+//! (and `p50=<ns>`, the median time of one call, with `--per-op`).
 
 use anyhow::{Context, Result, bail};
 use std::ffi::CString;
@@ -34,6 +35,13 @@ pub struct WorkerArgs {
     /// loop (the bench binds a grant to this process meanwhile).
     #[arg(long)]
     pub wait_stdin: bool,
+    /// Connect, open: every call must fail with this errno (e.g. 1 = EPERM, a denial);
+    /// a call that succeeds or fails otherwise fails the worker.
+    #[arg(long)]
+    pub expect_errno: Option<i32>,
+    /// Connect, open: time each call and print its median as `p50=<ns>`.
+    #[arg(long)]
+    pub per_op: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -62,21 +70,59 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             bail!("bench worker: stdin closed before the go line");
         }
     }
+    if a.expect_errno.is_some() && !matches!(a.kind, Kind::Connect | Kind::Open) {
+        bail!("bench worker: --expect-errno applies to connect and open only");
+    }
+    let mut samples = if a.per_op { Vec::with_capacity(a.n as usize) } else { Vec::new() };
     let t0 = Instant::now();
     let ops = match a.kind {
-        Kind::Connect => connect(a.target.parse().context("bench worker: bad address")?, a.n)?,
-        Kind::Open => open(&a.target, a.n)?,
+        Kind::Connect => {
+            let addr = a.target.parse().context("bench worker: bad address")?;
+            timed(a, &mut samples, |i| connect_one(addr, i, a.expect_errno))?
+        }
+        Kind::Open => timed(a, &mut samples, |i| open_one(&a.target, i, a.expect_errno))?,
         Kind::Exec => exec(&a.target, a.n)?,
         Kind::Flood => flood(a.target.parse().context("bench worker: bad address")?, a)?,
     };
-    println!("ns={} ops={ops}", t0.elapsed().as_nanos());
+    let ns = t0.elapsed().as_nanos();
+    if a.per_op && !samples.is_empty() {
+        samples.sort_unstable();
+        println!("ns={ns} ops={ops} p50={}", samples[samples.len() / 2]);
+    } else {
+        println!("ns={ns} ops={ops}");
+    }
     Ok(())
 }
 
-fn connect(addr: SocketAddr, n: u64) -> Result<u64> {
+/// `a.n` calls of `op`; with `--per-op`, each one timed into `samples` (the timing adds two
+/// clock reads per call, so per-op runs are not compared with plain ones).
+fn timed(a: &WorkerArgs, samples: &mut Vec<u64>, mut op: impl FnMut(u64) -> Result<()>) -> Result<u64> {
+    for i in 0..a.n {
+        if a.per_op {
+            let t = Instant::now();
+            op(i)?;
+            samples.push(t.elapsed().as_nanos() as u64);
+        } else {
+            op(i)?;
+        }
+    }
+    Ok(a.n)
+}
+
+/// The outcome of one call against `--expect-errno`.
+fn check(r: std::io::Result<()>, what: impl Fn() -> String, expect: Option<i32>) -> Result<()> {
+    match (r, expect) {
+        (Ok(()), None) => Ok(()),
+        (Err(e), None) => Err(anyhow::Error::new(e).context(what())),
+        (Err(e), Some(want)) if e.raw_os_error() == Some(want) => Ok(()),
+        (Err(e), Some(want)) => bail!("{}: expected errno {want} ({}), got: {e}", what(), std::io::Error::from_raw_os_error(want)),
+        (Ok(()), Some(want)) => bail!("{}: succeeded, expected errno {want} ({})", what(), std::io::Error::from_raw_os_error(want)),
+    }
+}
+
+fn connect_one(addr: SocketAddr, i: u64, expect: Option<i32>) -> Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    for i in 0..n {
-        let s = TcpStream::connect(addr).with_context(|| format!("bench worker: connect #{i} to {addr}"))?;
+    let r = TcpStream::connect(addr).map(|s| {
         // SAFETY: valid socket fd and a correctly sized option value.
         unsafe {
             libc::setsockopt(
@@ -87,15 +133,12 @@ fn connect(addr: SocketAddr, n: u64) -> Result<u64> {
                 size_of::<libc::linger>() as libc::socklen_t,
             );
         }
-    }
-    Ok(n)
+    });
+    check(r, || format!("bench worker: connect #{i} to {addr}"), expect)
 }
 
-fn open(path: &str, n: u64) -> Result<u64> {
-    for i in 0..n {
-        drop(std::fs::File::open(path).with_context(|| format!("bench worker: open #{i} of {path}"))?);
-    }
-    Ok(n)
+fn open_one(path: &str, i: u64, expect: Option<i32>) -> Result<()> {
+    check(std::fs::File::open(path).map(drop), || format!("bench worker: open #{i} of {path}"), expect)
 }
 
 fn exec(prog: &str, n: u64) -> Result<u64> {
