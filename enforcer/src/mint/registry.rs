@@ -382,18 +382,7 @@ impl Registry {
                     restored += 1;
                     self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
                 }
-                self.by_slot.insert(slot, grant.id.clone());
-                self.live.insert(
-                    grant.id.clone(),
-                    Live {
-                        on_violation: intent.as_ref().map(|i| i.on_violation).unwrap_or_default(),
-                        revoke_on_violation: intent.as_ref().is_some_and(|i| i.revoke_on_violation),
-                        grant,
-                        slot,
-                        nets,
-                        members,
-                    },
-                );
+                self.track(grant, slot, nets, members, intent.as_ref());
             }
         }
         for grant in self.ledger.active()? {
@@ -423,22 +412,27 @@ impl Registry {
                     members += 1;
                 }
             }
-            self.by_slot.insert(slot, grant.id.clone());
             self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
-            self.live.insert(
-                grant.id.clone(),
-                Live {
-                    on_violation: intent.as_ref().map(|i| i.on_violation).unwrap_or_default(),
-                    revoke_on_violation: intent.as_ref().is_some_and(|i| i.revoke_on_violation),
-                    grant,
-                    slot,
-                    nets,
-                    members,
-                },
-            );
+            self.track(grant, slot, nets, members, intent.as_ref());
             restored += 1;
         }
         Ok((restored, expired.len()))
+    }
+}
+
+impl Registry {
+    /// Keeps a restored grant in memory under its kernel slot.
+    fn track(&mut self, grant: Grant, slot: u32, nets: Vec<(IpNet, u16, u16)>, members: u32, intent: Option<&Intent>) {
+        self.by_slot.insert(slot, grant.id.clone());
+        let live = Live {
+            on_violation: intent.map(|i| i.on_violation).unwrap_or_default(),
+            revoke_on_violation: intent.is_some_and(|i| i.revoke_on_violation),
+            grant,
+            slot,
+            nets,
+            members,
+        };
+        self.live.insert(live.grant.id.clone(), live);
     }
 }
 
