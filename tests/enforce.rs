@@ -413,3 +413,28 @@ fn policy_reload_is_atomic_and_refuses_bad_policy() {
     assert_eq!(out, ["EPERM"], "enforce applied");
     assert_eq!(f.daemon.status_json()["mode"], "enforce");
 }
+
+#[test]
+fn a_process_that_moves_into_the_cgroup_after_exec_is_judged() {
+    let Some(f) = fixture("moved", "enforce", "") else { return };
+    // Started outside cgroup_root, joins it, then reads: it is inside when it opens.
+    let script = format!(
+        "{PRELUDE}\nopen({:?}, 'w').write(str(os.getpid()))\nread()",
+        f.cg.path.join("cgroup.procs").display().to_string()
+    );
+    let out = Command::new(python()).args(["-c", &script, &f.secret]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "EPERM", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_replaced_secret_is_re_marked_at_once() {
+    let Some(f) = fixture("replaced", "enforce", "") else { return };
+    // Rotation by rename: a new inode at the secret's path.
+    let tmp = format!("{}.rotating", f.secret);
+    std::fs::write(&tmp, "{\"k\": 2}").unwrap();
+    std::fs::rename(&tmp, &f.secret).unwrap();
+    // The directory watch re-resolves within milliseconds (the 1 s sweep is only a fallback).
+    std::thread::sleep(Duration::from_millis(150));
+    let (_, out) = py_run(&f, None, "read()");
+    assert_eq!(out, ["EPERM"], "the new inode must be watched at once");
+}

@@ -7,6 +7,7 @@
 //! (fanotify permission events: the daemon's decision latency from its status, and the open
 //! call seen by the worker). Prints a table and writes target/bench.md.
 
+mod alerts;
 mod grants;
 mod worker;
 
@@ -215,6 +216,7 @@ impl Bench {
         let mut base_connect = Vec::new();
         let mut base_open = Vec::new();
         let mut enforce_rounds = Vec::new();
+        let mut alert_rounds = Vec::new();
         for round in 0..iterations {
             // The order rotates per round, so no phase always follows the same one (e.g. the
             // enforce loops right after the monitor round's 2500 holders were killed).
@@ -304,6 +306,17 @@ impl Bench {
                     );
                 }
             }
+            // Alert stream: its own daemons (an agent cgroup and one sink each), after the
+            // round's phases.
+            for kind in [alerts::SinkKind::File, alerts::SinkKind::Hec] {
+                let r = self.alert_round(kind, round);
+                check_interrupted()?;
+                match &r {
+                    Ok(a) => println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary()),
+                    Err(e) => println!("bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}", round + 1),
+                }
+                alert_rounds.push(r);
+            }
         }
         let ratio_row = |s: &Spec, a: &[f64], b: &[f64], suffix: &str| {
             let (a, b) = (median(a), median(b));
@@ -349,6 +362,7 @@ impl Bench {
         });
         rows.extend(grant_rows(&grant_rounds, &loaded, &holder, self.specs[0].n));
         rows.extend(enforce_rows(&enforce_rounds, &base_connect, &base_open));
+        rows.extend(alerts::rows(&alert_rounds));
         Ok(rows)
     }
 
@@ -572,11 +586,16 @@ impl Bench {
 
     /// Starts the daemon with the monitor config, or with `enforce` the enforce config.
     fn start_daemon(&mut self, enforce: bool) -> Result<()> {
+        let config = if enforce { self.config_enforce.clone() } else { self.config.clone() };
+        self.start_daemon_with(&config)
+    }
+
+    fn start_daemon_with(&mut self, config: &Path) -> Result<()> {
         self.starts += 1;
         let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
         let log = std::fs::File::create(&log_path)?;
         let mut c = Command::new(&self.enforcer);
-        c.arg("daemon").arg("--config").arg(if enforce { &self.config_enforce } else { &self.config }).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        c.arg("daemon").arg("--config").arg(config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         println!("$ {}  (log: {})", show(&c), log_path.display());
         self.daemon = Some(c.spawn().with_context(|| format!("bench: cannot start `{}`", show(&c)))?);
         let t0 = Instant::now();

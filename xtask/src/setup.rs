@@ -145,7 +145,8 @@ fn bpf_linker() -> Result<PathBuf> {
 
 /// Tools the integration tests call: installed with apt only in CI, otherwise reported.
 fn test_tools() -> Result<()> {
-    let wanted = [("curl", "curl"), ("python3", "python3"), ("ip", "iproute2")];
+    // systemd-analyze: the unit-file verification in tests/deploy.rs must run in CI, not skip.
+    let wanted = [("curl", "curl"), ("python3", "python3"), ("ip", "iproute2"), ("systemd-analyze", "systemd"), ("dpkg-deb", "dpkg-dev")];
     let missing: Vec<_> = wanted.iter().filter(|(bin, _)| on_path(bin).is_none()).collect();
     if missing.is_empty() {
         println!("setup: test tools present (curl, python3, ip)");

@@ -158,7 +158,12 @@ impl Engine {
     /// Decides a waiting secret open; returns whether to allow it. `state`: the kernel map's
     /// entry for the opener, read while it waits in open().
     pub fn on_file_open(&mut self, f: FileOpen, state: Option<enforcer_common::ProcGrants>) -> bool {
-        let (process, known) = self.process_ref(f.pid, None);
+        let (mut process, known) = self.process_ref(f.pid, None);
+        // The opener waits in open(): its cgroup *now* is what counts (it may have moved
+        // since exec). Only a process provably outside cgroup_root is let through unjudged.
+        if let Some(now) = crate::proc::current_cgroup(f.pid) {
+            process.cgroup = now;
+        }
         if known && !is_within(&process.cgroup, &self.cgroup_scope) {
             return true;
         }

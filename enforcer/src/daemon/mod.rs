@@ -95,6 +95,9 @@ async fn run_async(setup: Setup) -> Result<()> {
     // SAFETY: an owned duplicate of the fanotify fd, kept open while registered.
     let fan = unsafe { AsyncFd::register_with_interest(watch.fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("poll fanotify: {e}"))?;
+    // SAFETY: an owned duplicate of the inotify fd, kept open while registered.
+    let dirs = unsafe { AsyncFd::register_with_interest(watch.dir_fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("poll inotify: {e}"))?;
 
     // Grants: signing key and ledger under the state dir, kernel maps from the object;
     // grants that survived a restart are written back before anything is served.
@@ -169,6 +172,13 @@ async fn run_async(setup: Setup) -> Result<()> {
                 drain_ring(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
                 engine.flush();
+            }
+            guard = dirs.readable() => {
+                let mut guard = guard?;
+                if watch.dirs_changed() {
+                    watch.refresh();
+                }
+                guard.clear_ready();
             }
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);

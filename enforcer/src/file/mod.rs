@@ -75,6 +75,10 @@ pub struct FileOpen {
 
 pub struct SecretWatch {
     fan: Fanotify,
+    /// Parent directories of secret paths: a file created, renamed or deleted there triggers
+    /// an immediate re-resolution (the 1 s sweep is the fallback), so a replaced secret is
+    /// re-marked within milliseconds.
+    dirs: nix::sys::inotify::Inotify,
     targets: Vec<Target>,
     by_inode: HashMap<(u64, u64), String>,
     warned_missing: HashSet<PathBuf>,
@@ -96,7 +100,9 @@ impl SecretWatch {
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
         )
         .context("fanotify_init (secret-file backend)")?;
-        Ok(SecretWatch { fan, targets: Vec::new(), by_inode: HashMap::new(), warned_missing: HashSet::new(), overflows: 0, latencies: Latencies::default() })
+        let dirs = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC)
+            .context("inotify_init (secret directories)")?;
+        Ok(SecretWatch { fan, dirs, targets: Vec::new(), by_inode: HashMap::new(), warned_missing: HashSet::new(), overflows: 0, latencies: Latencies::default() })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -108,7 +114,30 @@ impl SecretWatch {
         let _ = self.fan.mark(MarkFlags::FAN_MARK_FLUSH, MaskFlags::empty(), nix::fcntl::AT_FDCWD, None::<&str>);
         self.by_inode.clear();
         self.targets = resolve::targets(secrets);
+        let parents: HashSet<PathBuf> = self.targets.iter().filter_map(|t| t.path.parent().map(PathBuf::from)).collect();
+        use nix::sys::inotify::AddWatchFlags as W;
+        for dir in parents {
+            // Missing directories are covered by the periodic sweep.
+            let _ = self.dirs.add_watch(&dir, W::IN_CREATE | W::IN_MOVED_TO | W::IN_MOVED_FROM | W::IN_DELETE | W::IN_ONLYDIR);
+        }
         self.refresh();
+    }
+
+    /// The inotify fd to poll: readable when a secret's directory changed.
+    pub fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.dirs.as_fd()
+    }
+
+    /// Drains directory-change notifications; true when something changed.
+    pub fn dirs_changed(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(ev) = self.dirs.read_events() {
+            if ev.is_empty() {
+                break;
+            }
+            any = true;
+        }
+        any
     }
 
     /// Re-resolves every path: marks files that appeared or were replaced (new inode).

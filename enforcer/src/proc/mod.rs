@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use cgroup::{CgroupResolver, is_within};
-pub use procfs::{start_ns, subtree_since};
+pub use procfs::{current_cgroup, start_ns, subtree_since};
 
 use crate::kernel::records::Record;
 

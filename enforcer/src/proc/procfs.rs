@@ -38,6 +38,12 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
     Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, grants: Vec::new(), job: None, env_credentials: Vec::new(), exited_at: None })
 }
 
+/// The cgroup v2 path a process is in right now (the `0::` line of /proc/<pid>/cgroup).
+pub fn current_cgroup(pid: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))
+}
+
 /// Process start time in ns since boot, from /proc/<pid>/stat (field 22, clock ticks).
 /// The comm field may hold spaces and parentheses: fields are counted after the last ')'.
 pub fn start_ns(pid: u32) -> Option<u64> {
