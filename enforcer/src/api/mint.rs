@@ -95,7 +95,12 @@ pub async fn issue(m: &MintState, peer: &Requester, body: &[u8]) -> Result<(Stat
     let sha = m.exe_sha256(target)?;
     let subject = target.subject(sha);
     let nets = resolve_destinations(&intent.destinations);
-    let (grant, _slot) = m.registry.lock().unwrap().issue(&intent, subject, ttl, clamped, nets)?;
+    let (signer, issuer) = {
+        let reg = m.registry.lock().unwrap();
+        (reg.signer.clone(), reg.issuer.clone())
+    };
+    let prepared = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
+    let (grant, _slot) = m.registry.lock().unwrap().issue(prepared, &intent, nets)?;
     // The pidfd still names the live process only if it did not exit meanwhile; if it did,
     // its pid may already belong to someone else, who must not inherit the grant.
     if target.is_gone() {

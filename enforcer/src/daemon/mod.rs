@@ -113,6 +113,9 @@ async fn run_async(setup: Setup) -> Result<()> {
         policy_maps.apply(&cfg, &reg.index, &mut table.cgroups)?;
     }
     let (restored, expired_while_down) = registry.lock().unwrap().restore(kernel.adopted)?;
+    // Loading parsed the kernel's whole BTF (tens of MB of heap, now freed): give it back
+    // to the OS so the daemon's resident size reflects what it keeps.
+    unsafe { libc::malloc_trim(0) };
 
     let store = EventStore::open(&cfg.state_dir)?;
     // Sinks deliver from the event store (the durable outbox) from their own cursors.

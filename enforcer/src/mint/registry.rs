@@ -42,8 +42,9 @@ pub struct Live {
 pub struct Registry {
     maps: GrantMaps,
     pub ledger: Ledger,
-    pub signer: Signer,
-    issuer: String,
+    /// Shared so tokens are signed outside the registry lock.
+    pub signer: Arc<Signer>,
+    pub issuer: String,
     live: HashMap<String, Live>,
     by_slot: HashMap<u32, String>,
     /// Earliest deadline of an active grant, so the expiry check is cheap when nothing is due.
@@ -101,7 +102,7 @@ impl Registry {
         Registry {
             maps,
             ledger,
-            signer,
+            signer: Arc::new(signer),
             issuer,
             live: HashMap::new(),
             by_slot: HashMap::new(),
@@ -193,7 +194,8 @@ impl Registry {
     /// Issues a grant for `intent` bound to `subject` (already attested, its pidfd checked
     /// by the caller after this returns). Kernel maps first, ledger second: a grant is
     /// never recorded as issued without being enforceable.
-    pub fn issue(&mut self, intent: &Intent, subject: Subject, ttl: std::time::Duration, clamped: Option<String>, nets: Vec<(IpNet, u16, u16)>) -> Result<(Grant, u32), ApiError> {
+    /// Builds and signs a grant; needs no lock (signing is the slowest step of an issue).
+    pub fn prepare(signer: &Signer, issuer: &str, intent: &Intent, subject: Subject, ttl: std::time::Duration, clamped: Option<String>) -> Result<Grant, ApiError> {
         let now = Utc::now();
         let expires_at = now + Duration::from_std(ttl).map_err(|_| ApiError::bad_request("invalid_ttl", "ttl out of range"))?;
         let mut grant = Grant {
@@ -208,7 +210,13 @@ impl Registry {
             token: String::new(),
             ttl_clamped_from: clamped,
         };
-        grant.token = self.signer.sign(&grant, &self.issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
+        grant.token = signer.sign(&grant, issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
+        Ok(grant)
+    }
+
+    /// Makes a prepared grant live: kernel maps first, ledger second.
+    pub fn issue(&mut self, grant: Grant, intent: &Intent, nets: Vec<(IpNet, u16, u16)>) -> Result<(Grant, u32), ApiError> {
+        let expires_at = grant.expires_at;
         let slot = self.alloc_slot();
         let k = GrantKernel {
             secrets: self.index.bits(&intent.secrets),

@@ -59,6 +59,8 @@ pub struct AlertRound {
     caught_up: bool,
     /// Seconds from the end of the flood until the sink had caught up.
     lag_secs: f64,
+    /// VmRSS just before the flood.
+    idle_rss_kb: u64,
     max_rss_kb: u64,
     hwm_kb: u64,
 }
@@ -73,7 +75,7 @@ impl AlertRound {
     pub fn summary(&self) -> String {
         format!(
             "{}: sent {:.1}k/s, outbox {} events ({} alerts) at {:.1}k/s, delivered {} at {:.1}k/s{} (caught up {:.1}s after the flood), \
-             {} drops, max VmRSS {:.1} MB, VmHWM {:.1} MB",
+             {} drops, VmRSS idle {:.1} MB, max {:.1} MB, VmHWM {:.1} MB",
             self.sink.name(),
             self.sent as f64 / self.send_secs / 1e3,
             self.outbox,
@@ -84,6 +86,7 @@ impl AlertRound {
             if self.caught_up { "" } else { " (NOT caught up)" },
             self.lag_secs,
             self.drops,
+            self.idle_rss_kb as f64 / 1024.0,
             self.max_rss_kb as f64 / 1024.0,
             self.hwm_kb as f64 / 1024.0,
         )
@@ -189,6 +192,8 @@ struct HecReceiver {
     rejected: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Connection errors while running (printed after the round).
+    errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl HecReceiver {
@@ -217,8 +222,10 @@ impl HecReceiver {
             rejected: Arc::default(),
             stop: Arc::default(),
             conns: Arc::default(),
+            errors: Arc::default(),
         };
         let (stop, conns, events, rejected) = (r.stop.clone(), r.conns.clone(), r.events.clone(), r.rejected.clone());
+        let errors = r.errors.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match l.accept() {
@@ -227,11 +234,15 @@ impl HecReceiver {
                         if let Ok(c) = s.try_clone() {
                             conns.lock().unwrap().push(c);
                         }
-                        let (tls, events, rejected) = (tls.clone(), events.clone(), rejected.clone());
+                        let (tls, events, rejected, errors, stop) = (tls.clone(), events.clone(), rejected.clone(), errors.clone(), stop.clone());
                         std::thread::spawn(move || {
                             let Ok(conn) = rustls::ServerConnection::new(tls) else { return };
                             let mut s = rustls::StreamOwned::new(conn, s);
-                            let _ = serve_hec(&mut s, &events, &rejected);
+                            if let Err(e) = serve_hec(&mut s, &events, &rejected)
+                                && !stop.load(Ordering::SeqCst)
+                            {
+                                errors.lock().unwrap().push(e.to_string());
+                            }
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -448,6 +459,7 @@ impl Bench {
                 deliver_secs: growth_span(&samples, from, |s| s.sink).unwrap_or(0.0),
                 caught_up: done,
                 lag_secs,
+                idle_rss_kb: samples[from].rss_kb,
                 max_rss_kb: samples[from..].iter().map(|s| s.rss_kb).max().unwrap_or(0),
                 hwm_kb,
             })
@@ -456,6 +468,9 @@ impl Bench {
         let _ = sampler.join();
         if let Some(h) = &hec {
             h.stop();
+            for e in h.errors.lock().unwrap().iter().take(3) {
+                println!("bench: alerts: HEC receiver: connection ended with an error: {e}");
+            }
         }
         result
     }
@@ -525,6 +540,7 @@ pub fn rows(rounds: &[Result<AlertRound>]) -> Vec<Row> {
         let max_of = |k: SinkKind| ok.iter().filter(|r| r.sink == k).map(|r| r.max_rss_kb).max();
         let max_rss = ok.iter().map(|r| r.max_rss_kb).max().unwrap_or(0);
         let hwm = ok.iter().map(|r| r.hwm_kb).max().unwrap_or(0);
+        let idle = median(&ok.iter().map(|r| r.idle_rss_kb as f64).collect::<Vec<_>>());
         let part = |k: SinkKind| max_of(k).map(|v| format!("{} {:.1} MB", k.name(), mb(v)));
         rows.push(Row {
             name: format!(
@@ -533,10 +549,11 @@ pub fn rows(rounds: &[Result<AlertRound>]) -> Vec<Row> {
             ),
             without: "-".into(),
             with: format!(
-                "max {:.1} MB ({}); VmHWM (lifetime peak) {:.1} MB",
+                "max {:.1} MB ({}); VmHWM (lifetime peak) {:.1} MB; idle before the flood {:.1} MB (median)",
                 mb(max_rss),
                 [part(SinkKind::File), part(SinkKind::Hec)].into_iter().flatten().collect::<Vec<_>>().join(", "),
-                mb(hwm)
+                mb(hwm),
+                idle / 1024.0
             ),
             ratio: "-".into(),
             target: format!("<= {RSS_MAX_MB:.0} MB"),
