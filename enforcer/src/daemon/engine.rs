@@ -25,6 +25,8 @@ pub struct Engine {
     pub secret_kinds: std::collections::HashMap<String, SecretKind>,
     pub registry: Arc<Mutex<Registry>>,
     exe_hashes: ExeHashes,
+    /// pid -> (exe, parent chain, exe sha256) for alerts; dropped when the process exits.
+    alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, Option<String>)>,
     /// (job or cgroup, variable, fingerprint) already reported: one event each.
     env_seen: std::collections::HashSet<(String, String, String)>,
     instance: String,
@@ -58,6 +60,7 @@ impl Engine {
             secret_kinds: Default::default(),
             registry,
             exe_hashes: ExeHashes::default(),
+            alert_facts: Default::default(),
             env_seen: Default::default(),
             instance,
             seq: 0,
@@ -71,6 +74,9 @@ impl Engine {
             Record::Fork { grants, .. } if !grants.is_empty() => self.registry.lock().unwrap().on_fork(grants),
             Record::Exit { grants, .. } if !grants.is_empty() => self.registry.lock().unwrap().on_exit(grants),
             _ => {}
+        }
+        if let Record::Exit { tgid, .. } = &rec {
+            self.alert_facts.remove(tgid);
         }
         match rec {
             Record::Connect(c) => self.on_connect(c),
@@ -92,7 +98,12 @@ impl Engine {
         self.counts.connects += 1;
         let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id));
         let when = wall_time_of(c.boot_ns);
-        let mut subject = {
+        // The common case: the kernel found nothing to judge (no grant, no taint violation,
+        // not an agent). Userspace would agree; skip the map lookup and the lock.
+        let plain = c.verdict == enforcer_common::verdict::NO_GRANT_HELD;
+        let mut subject = if plain {
+            SubjectState { known, ..Default::default() }
+        } else {
             let reg = self.registry.lock().unwrap();
             let mut st = match reg.state_of(c.tgid) {
                 Some(pg) => reg.subject_state(Some(pg)),
@@ -112,7 +123,7 @@ impl Engine {
             st.known = known;
             st
         };
-        if c.verdict == enforcer_common::verdict::NO_GRANT_HELD && subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
+        if plain && subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
             subject = SubjectState { known, ..Default::default() };
         }
         let mut d = decide::decide(&Use::Connect { ip: c.ip, port: c.port }, &subject, self.mode, when);
@@ -338,9 +349,23 @@ impl Engine {
 
     fn emit(&mut self, mut e: Event) {
         if e.verdict != "allowed" && e.process.pid != 0 {
-            // Alerts carry the full picture: ancestry and what exactly ran.
-            e.process.parent_chain = self.table.parent_chain(e.process.pid, 8).into_iter().map(|(pid, exe)| event::Ancestor { pid, exe }).collect();
-            e.process.exe_sha256 = self.exe_hashes.sha256(e.process.pid, &e.process.exe);
+            // Alerts carry the full picture: ancestry and what exactly ran. Cached per
+            // (pid, exe): a flood of alerts from one process costs one lookup.
+            let pid = e.process.pid;
+            let (chain, sha) = match self.alert_facts.get(&pid).filter(|v| v.0 == e.process.exe) {
+                Some(v) => (v.1.clone(), v.2.clone()),
+                None => {
+                    let chain: Vec<event::Ancestor> = self.table.parent_chain(e.process.pid, 8).into_iter().map(|(pid, exe)| event::Ancestor { pid, exe }).collect();
+                    let sha = self.exe_hashes.sha256(e.process.pid, &e.process.exe);
+                    if self.alert_facts.len() > 8192 {
+                        self.alert_facts.clear();
+                    }
+                    self.alert_facts.insert(pid, (e.process.exe.clone(), chain.clone(), sha.clone()));
+                    (chain, sha)
+                }
+            };
+            e.process.parent_chain = chain;
+            e.process.exe_sha256 = sha;
         }
         if let Some(d) = &e.destination {
             if d.ip == "169.254.169.254" || d.ip == "fd00:ec2::254" {
