@@ -158,9 +158,9 @@ fn out_of_intent_connection() {
 fn expiry_is_decided_in_the_kernel() {
     let Some(f) = fixture("expiry", "") else { return };
     let mut h = Holder::start(&f);
-    let g = grant_for(&f, h.pid, "1s");
+    let g = grant_for(&f, h.pid, "2s");
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
-    std::thread::sleep(Duration::from_millis(1300));
+    std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
     assert_eq!(h.ask("open"), "opened");
     let conns = f.daemon.wait_events("two connects", move |e: &Value| by("connect", h.pid)(e) && e["destination"]["port"] == f.ok_port);
@@ -302,7 +302,8 @@ fn request_flood_is_rate_limited() {
     // lets a burst of 10 through, then about 5/s.
     assert_eq!(ok, 4, "{codes:?}");
     assert!(codes[..10].iter().all(|c| *c != 429), "burst refused: {codes:?}");
-    assert!(limited >= 25, "flood not limited: {codes:?}");
+    // At most 5/s refill on top of the burst: even a slow host sees most of the rest refused.
+    assert!(limited >= 15, "flood not limited: {codes:?}");
     // Every 201 is in the ledger: nothing lost, nothing extra.
     let out = f.daemon.cli(&["grant", "list", "--all", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
