@@ -72,7 +72,7 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
     assert_eq!(status["programs"].as_array().unwrap().len(), 7, "{status}");
     assert_eq!(status["kernel"]["ringbuf_drops"], 0);
-    assert_eq!(status["backends"]["file_open"], "fanotify (FAN_OPEN inode marks)");
+    assert_eq!(status["backends"]["file_open"], "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)");
     let st = d.stop();
     assert!(st.success(), "daemon exit on SIGTERM: {st}\n{}", d.log());
     assert!(!d.runtime_dir().join("mint.sock").exists(), "socket left behind");

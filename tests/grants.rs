@@ -139,6 +139,12 @@ fn holder_and_grandchild_allowed_unrelated_process_not() {
     let issued = f.daemon.one_event("grant_issued", |e: &Value| e["kind"] == "grant_issued");
     assert_eq!(issued["grant"]["id"], id.as_str());
     assert_eq!(issued["process"]["pid"], h.pid);
+    // The ledger records the grant's life: issued, then its use.
+    let (code, one) = f.daemon.curl("GET", &format!("/v1/grants/{id}"), None);
+    assert_eq!(code, 200);
+    let kinds: Vec<&str> = one["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"issued"), "{one}");
+    assert!(kinds.contains(&"used"), "{one}");
 }
 
 #[test]

@@ -129,9 +129,20 @@ pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError>
     Ok((StatusCode::OK, json!({"grants": v})))
 }
 
+/// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).
 pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
-    let g = m.registry.lock().unwrap().get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
-    Ok((StatusCode::OK, grant_json(&g)))
+    let reg = m.registry.lock().unwrap();
+    let g = reg.get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    let mut v = grant_json(&g);
+    let history: Vec<Value> = reg
+        .ledger
+        .events(id)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| json!({"time": crate::event::rfc3339(e.time), "kind": e.kind, "detail": e.detail}))
+        .collect();
+    v["history"] = json!(history);
+    Ok((StatusCode::OK, v))
 }
 
 /// DELETE /v1/grants/{id}: root, or a process of the grant subject's uid.

@@ -348,6 +348,16 @@ impl Engine {
     }
 
     fn emit(&mut self, mut e: Event) {
+        if let Some(g) = &e.grant {
+            if e.kind == "connect" || e.kind == "file_open" {
+                let what = match (&e.file, &e.destination) {
+                    (Some(f), _) => format!("{} of secret {} by pid {}: {}", e.kind, f.secret, e.process.pid, e.verdict),
+                    (_, Some(d)) => format!("{} to {}:{} by pid {}: {}", e.kind, d.ip, d.port, e.process.pid, e.verdict),
+                    _ => e.kind.clone(),
+                };
+                self.registry.lock().unwrap().note_use(&g.id, &what);
+            }
+        }
         if e.verdict != "allowed" && e.process.pid != 0 {
             // Alerts carry the full picture: ancestry and what exactly ran. Cached per
             // (pid, exe): a flood of alerts from one process costs one lookup.

@@ -29,10 +29,10 @@ impl Context<'_> {
             "backends": {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
-                "file_open": "fanotify (FAN_OPEN inode marks)",
+                "file_open": "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)",
             },
             "fail_open": [
-                "file_open: fanotify events stop when the daemon stops; nothing is recorded while it is down",
+                "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)",
                 "connect and lineage: links and maps are pinned; killed with SIGKILL the kernel keeps enforcing connects and expiry (SIGTERM unpins and detaches)",
             ],
             "programs": self.kernel.attached,

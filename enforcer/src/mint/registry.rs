@@ -54,6 +54,9 @@ pub struct Registry {
     pub index: SecretIndex,
     /// Secret name -> its own destinations, resolved.
     secret_nets: HashMap<String, Vec<(IpNet, u16, u16)>>,
+    /// Last 'used' ledger entry per grant: uses are recorded at most once a second each,
+    /// so a connect flood cannot turn into a write flood.
+    last_use: HashMap<String, std::time::Instant>,
     next_slot: u32,
     changes: UnboundedSender<GrantChange>,
 }
@@ -112,6 +115,22 @@ impl Registry {
             policy,
             index,
             secret_nets: HashMap::new(),
+            last_use: HashMap::new(),
+        }
+    }
+
+    /// Records a use of grant `id` in the ledger (throttled to one entry a second).
+    pub fn note_use(&mut self, id: &str, detail: &str) {
+        let now = std::time::Instant::now();
+        if self.last_use.get(id).is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        if self.last_use.len() > 20_000 {
+            self.last_use.clear();
+        }
+        self.last_use.insert(id.to_string(), now);
+        if let Err(e) = self.ledger.record_use(id, detail) {
+            tracing::warn!("ledger: record use of {id}: {e:#}");
         }
     }
 
