@@ -378,27 +378,11 @@ fn grant_from_row(r: &Row) -> rusqlite::Result<Grant> {
 mod tests {
     use super::*;
     use crate::mint::model::Subject;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A scratch dir removed on drop (no tempfile crate needed for this).
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "enforcer-ledger-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    use tempfile::TempDir;
+
+    fn scratch() -> TempDir {
+        tempfile::Builder::new().prefix("enforcer-mint-test-").tempdir().unwrap()
     }
 
     fn grant(id: &str, intent: &str, issued: DateTime<Utc>, ttl_s: i64) -> Grant {
@@ -427,7 +411,7 @@ mod tests {
 
     #[test]
     fn insert_reopen_read_back_exactly() {
-        let dir = TempDir::new();
+        let dir = scratch();
         let now = Utc::now();
         let mut g1 = grant("g_one", "deploy", now, 300);
         g1.ttl_clamped_from = Some("2h".into());
@@ -438,15 +422,15 @@ mod tests {
             300,
         );
         {
-            let mut l = Ledger::open(&dir.0).unwrap();
+            let mut l = Ledger::open(&dir.path()).unwrap();
             l.insert(&g1).unwrap();
             l.insert(&g2).unwrap();
             assert!(l.insert(&g1).is_err(), "duplicate id must fail");
         }
-        let meta = std::fs::metadata(dir.0.join(LEDGER_FILE)).unwrap();
+        let meta = std::fs::metadata(dir.path().join(LEDGER_FILE)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
 
-        let l = Ledger::open(&dir.0).unwrap();
+        let l = Ledger::open(&dir.path()).unwrap();
         assert_eq!(l.get("g_one").unwrap().unwrap(), g1);
         assert_eq!(l.get("g_two").unwrap().unwrap(), g2);
         assert_eq!(l.get("g_nope").unwrap(), None);
@@ -462,8 +446,8 @@ mod tests {
 
     #[test]
     fn set_state_only_from_active() {
-        let dir = TempDir::new();
-        let mut l = Ledger::open(&dir.0).unwrap();
+        let dir = scratch();
+        let mut l = Ledger::open(&dir.path()).unwrap();
         let now = Utc::now();
         l.insert(&grant("g_a", "deploy", now, 300)).unwrap();
         assert!(
@@ -503,10 +487,10 @@ mod tests {
 
     #[test]
     fn expire_due_catches_downtime_expiries() {
-        let dir = TempDir::new();
+        let dir = scratch();
         let t0 = Utc::now();
         {
-            let mut l = Ledger::open(&dir.0).unwrap();
+            let mut l = Ledger::open(&dir.path()).unwrap();
             l.insert(&grant("g_short", "deploy", t0, 1)).unwrap();
             l.insert(&grant("g_long", "deploy", t0, 3600)).unwrap();
             l.insert(&grant("g_rev", "deploy", t0, 1)).unwrap();
@@ -516,7 +500,7 @@ mod tests {
         }
         // "Daemon down" for a minute, then restart.
         let later = t0 + chrono::Duration::seconds(60);
-        let mut l = Ledger::open(&dir.0).unwrap();
+        let mut l = Ledger::open(&dir.path()).unwrap();
         let exp = l.expire_due(later).unwrap();
         assert_eq!(exp.len(), 1);
         assert_eq!(exp[0].id, "g_short");
@@ -548,8 +532,8 @@ mod tests {
 
     #[test]
     fn list_filters_and_hostile_input() {
-        let dir = TempDir::new();
-        let mut l = Ledger::open(&dir.0).unwrap();
+        let dir = scratch();
+        let mut l = Ledger::open(&dir.path()).unwrap();
         let t0 = Utc::now();
         for i in 0..5 {
             let intent = if i % 2 == 0 { "deploy" } else { "backup" };
@@ -596,26 +580,26 @@ mod tests {
     #[test]
     fn refuses_newer_schema_and_loose_mode() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = TempDir::new();
-        drop(Ledger::open(&dir.0).unwrap());
-        let path = dir.0.join(LEDGER_FILE);
+        let dir = scratch();
+        drop(Ledger::open(&dir.path()).unwrap());
+        let path = dir.path().join(LEDGER_FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Ledger::open(&dir.0).err().unwrap().to_string();
+        let err = Ledger::open(&dir.path()).err().unwrap().to_string();
         assert!(err.contains("0644"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         Connection::open(&path)
             .unwrap()
             .pragma_update(None, "user_version", 99)
             .unwrap();
-        let err = format!("{:#}", Ledger::open(&dir.0).err().unwrap());
+        let err = format!("{:#}", Ledger::open(&dir.path()).err().unwrap());
         assert!(err.contains("newer"), "{err}");
     }
 
     /// Not a gate (timing varies by machine): prints the insert rate. Run with --nocapture.
     #[test]
     fn insert_rate() {
-        let dir = TempDir::new();
-        let mut l = Ledger::open(&dir.0).unwrap();
+        let dir = scratch();
+        let mut l = Ledger::open(&dir.path()).unwrap();
         let t0 = Utc::now();
         let n = 2_000;
         let start = std::time::Instant::now();

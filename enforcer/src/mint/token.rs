@@ -410,27 +410,11 @@ mod tests {
     use super::*;
     use crate::mint::model::GrantState;
     use std::os::unix::fs::PermissionsExt;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A scratch dir removed on drop (no tempfile crate needed for this).
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "enforcer-token-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&p);
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    use tempfile::TempDir;
+
+    fn scratch() -> TempDir {
+        tempfile::Builder::new().prefix("enforcer-mint-test-").tempdir().unwrap()
     }
 
     fn grant(issued: DateTime<Utc>, ttl_s: i64) -> Grant {
@@ -457,8 +441,8 @@ mod tests {
     }
 
     fn setup() -> (TempDir, Signer, Grant, String) {
-        let dir = TempDir::new();
-        let signer = Signer::load_or_create(&dir.0).unwrap();
+        let dir = scratch();
+        let signer = Signer::load_or_create(&dir.path()).unwrap();
         let g = grant(Utc::now(), 300);
         let tok = signer.sign(&g, "enforcer@host1").unwrap();
         (dir, signer, g, tok)
@@ -558,8 +542,8 @@ mod tests {
     #[test]
     fn wrong_key_rejected() {
         let (_d, _signer, _g, tok) = setup();
-        let other_dir = TempDir::new();
-        let other = Signer::load_or_create(&other_dir.0).unwrap();
+        let other_dir = scratch();
+        let other = Signer::load_or_create(&other_dir.path()).unwrap();
         assert!(matches!(
             other.verify(&tok, Utc::now()),
             Err(TokenError::UnknownKid(_))
@@ -639,17 +623,17 @@ mod tests {
 
     #[test]
     fn key_file_created_0600_and_reused() {
-        let dir = TempDir::new();
-        let a = Signer::load_or_create(&dir.0).unwrap();
-        let path = dir.0.join(KEY_FILE);
+        let dir = scratch();
+        let a = Signer::load_or_create(&dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o600);
         assert_eq!(meta.len(), 32);
-        let b = Signer::load_or_create(&dir.0).unwrap();
+        let b = Signer::load_or_create(&dir.path()).unwrap();
         assert_eq!(a.kid(), b.kid());
         assert_eq!(a.jwk(), b.jwk());
         // No temp file left behind.
-        assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(&dir.path()).unwrap().count(), 1);
         // A token from the first load verifies with the second.
         let tok = a.sign(&grant(Utc::now(), 60), "enforcer@h").unwrap();
         assert!(b.verify(&tok, Utc::now()).is_ok());
@@ -658,26 +642,26 @@ mod tests {
 
     #[test]
     fn key_file_with_loose_mode_refused() {
-        let dir = TempDir::new();
-        Signer::load_or_create(&dir.0).unwrap();
-        let path = dir.0.join(KEY_FILE);
+        let dir = scratch();
+        Signer::load_or_create(&dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
         for mode in [0o644, 0o640, 0o400, 0o4600] {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-            let err = Signer::load_or_create(&dir.0).unwrap_err().to_string();
+            let err = Signer::load_or_create(&dir.path()).unwrap_err().to_string();
             assert!(err.contains("must be 0600"), "{mode:o}: {err}");
         }
         // A wrong-sized key is refused, not silently replaced.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&path, b"short").unwrap();
-        let err = Signer::load_or_create(&dir.0).unwrap_err().to_string();
+        let err = Signer::load_or_create(&dir.path()).unwrap_err().to_string();
         assert!(err.contains("32-byte"), "{err}");
     }
 
     #[test]
     fn key_symlink_refused() {
-        let dir = TempDir::new();
-        fs::create_dir_all(&dir.0).unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", dir.0.join(KEY_FILE)).unwrap();
-        assert!(Signer::load_or_create(&dir.0).is_err());
+        let dir = scratch();
+        fs::create_dir_all(&dir.path()).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join(KEY_FILE)).unwrap();
+        assert!(Signer::load_or_create(&dir.path()).is_err());
     }
 }
