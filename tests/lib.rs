@@ -100,12 +100,24 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // cgroup.kill covers the whole subtree; then child cgroups go first (a cgroup with
+        // children cannot be removed), deepest first.
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
+        let mut dirs = vec![self.path.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
