@@ -742,15 +742,14 @@ struct EnforceRound {
 }
 
 /// Rows of the enforce rounds: violation-to-denial for connects (in-kernel) and secret opens
-/// (fanotify decision latency, and the open call as the worker sees it); medians of rounds,
-/// against the per-call medians without the daemon.
-fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open: &[u64]) -> Vec<Row> {
+/// The rounds that succeeded, and a failing row naming the first error when any did not.
+fn split_rounds<'a, T>(rounds: &'a [Result<T>], what: &str) -> (Vec<&'a T>, Vec<Row>) {
     let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
-    let ok: Vec<&EnforceRound> = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let ok = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
     let mut rows = Vec::new();
     if let Some(e) = errors.first() {
         rows.push(Row {
-            name: format!("enforce rounds ({} of {} failed)", errors.len(), rounds.len()),
+            name: format!("{what} rounds ({} of {} failed)", errors.len(), rounds.len()),
             without: "-".into(),
             with: format!("error: {e}"),
             ratio: "-".into(),
@@ -758,6 +757,13 @@ fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open
             pass: Some(false),
         });
     }
+    (ok, rows)
+}
+
+/// (fanotify decision latency, and the open call as the worker sees it); medians of rounds,
+/// against the per-call medians without the daemon.
+fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open: &[u64]) -> Vec<Row> {
+    let (ok, mut rows) = split_rounds(rounds, "enforce");
     if ok.is_empty() {
         return rows;
     }
@@ -844,19 +850,7 @@ struct GrantRound {
 /// of rounds), connect with N_GRANTS live grants and connect by a grant holder (vs the same
 /// loops in the rounds without the daemon).
 fn grant_rows(rounds: &[Result<GrantRound>], loaded: &[Vec<f64>; 2], holder: &[Vec<f64>; 2], n: u64) -> Vec<Row> {
-    let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
-    let ok: Vec<&GrantRound> = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
-    let mut rows = Vec::new();
-    if let Some(e) = errors.first() {
-        rows.push(Row {
-            name: format!("grant rounds ({} of {} failed)", errors.len(), rounds.len()),
-            without: "-".into(),
-            with: format!("error: {e}"),
-            ratio: "-".into(),
-            target: "no error".into(),
-            pass: Some(false),
-        });
-    }
+    let (ok, mut rows) = split_rounds(rounds, "grant");
     if ok.is_empty() {
         return rows;
     }

@@ -478,19 +478,7 @@ impl Bench {
 
 /// Rows: alerts/s to the file sink and to HEC (median of rounds), daemon RSS under that load.
 pub fn rows(rounds: &[Result<AlertRound>]) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
-    if let Some(e) = errors.first() {
-        rows.push(Row {
-            name: format!("alert rounds ({} of {} failed)", errors.len(), rounds.len()),
-            without: "-".into(),
-            with: format!("error: {e}"),
-            ratio: "-".into(),
-            target: "no error".into(),
-            pass: Some(false),
-        });
-    }
-    let ok: Vec<&AlertRound> = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let (ok, mut rows) = super::split_rounds(rounds, "alert");
     for kind in [SinkKind::File, SinkKind::Hec] {
         let rs: Vec<&&AlertRound> = ok.iter().filter(|r| r.sink == kind).collect();
         if rs.is_empty() {
