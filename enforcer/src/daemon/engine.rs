@@ -139,7 +139,7 @@ impl Engine {
         }
         // The action is what the kernel did (deny happened before a packet left).
         d.action = kernel_action(c.action);
-        let grant_id = c.grant_slot.checked_sub(0).filter(|s| *s != 0).and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
+        let grant_id = Some(c.grant_slot).filter(|s| *s != 0).and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
         if c.revoked_now == 1 {
             d.decision_path.push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
         }
@@ -224,10 +224,8 @@ impl Engine {
     /// A static credential in a process's environment (legacy broad keys that CI jobs still
     /// carry): one event per job (or cgroup), variable and value fingerprint.
     fn report_env_credentials(&mut self, pid: u32) {
-        let Some(p) = self.table.get_or_load(pid).cloned() else { return };
-        if p.env_credentials.is_empty() {
-            return;
-        }
+        // Per exec: look before cloning anything; most processes carry no static key.
+        let Some(p) = self.table.get_or_load(pid).filter(|p| !p.env_credentials.is_empty()).cloned() else { return };
         let cgroup = self.table.cgroup_path(p.cgroup_id);
         if !is_within(&cgroup, &self.cgroup_scope) {
             return;

@@ -535,29 +535,12 @@ impl Loader {
     ) -> Result<Config, Diagnostics> {
         let mut first: HashMap<&str, (usize, Range<usize>)> = HashMap::new();
         for def in &self.secrets {
-            let name = def.value.name.as_str();
-            if let Some((f, span)) = first.get(name) {
-                let msg = format!(
-                    "duplicate secret `{name}` (first defined at {})",
-                    self.diags.locate(*f, span)
-                );
-                self.diags.error(def.file, def.name_span.clone(), msg);
-            } else {
-                first.insert(name, (def.file, def.name_span.clone()));
-            }
+            note_name(&mut self.diags, &mut first, "secret", &def.value.name, def.file, &def.name_span);
         }
         let mut first_intent: HashMap<&str, (usize, Range<usize>)> = HashMap::new();
         for (def, refs) in &self.intents {
             let name = def.value.name.as_str();
-            if let Some((f, span)) = first_intent.get(name) {
-                let msg = format!(
-                    "duplicate intent `{name}` (first defined at {})",
-                    self.diags.locate(*f, span)
-                );
-                self.diags.error(def.file, def.name_span.clone(), msg);
-            } else {
-                first_intent.insert(name, (def.file, def.name_span.clone()));
-            }
+            note_name(&mut self.diags, &mut first_intent, "intent", name, def.file, &def.name_span);
             if self.incomplete {
                 continue;
             }
@@ -589,5 +572,22 @@ impl Loader {
             }),
             _ => Err(self.diags.into_diagnostics()),
         }
+    }
+}
+
+/// Records where `name` was first defined, or reports a duplicate pointing back at it.
+fn note_name<'a>(
+    diags: &mut Collector,
+    first: &mut HashMap<&'a str, (usize, Range<usize>)>,
+    what: &str,
+    name: &'a str,
+    file: usize,
+    span: &Range<usize>,
+) {
+    if let Some((f, s)) = first.get(name) {
+        let msg = format!("duplicate {what} `{name}` (first defined at {})", diags.locate(*f, s));
+        diags.error(file, span.clone(), msg);
+    } else {
+        first.insert(name, (file, span.clone()));
     }
 }
