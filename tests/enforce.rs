@@ -22,9 +22,7 @@ fn fixture(name: &str, mode: &str, extra: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("key.json").display().to_string();
-    std::fs::write(&secret, "{\"k\": 1}").unwrap();
+    let (dir, secret) = secret_file("key.json", "{\"k\": 1}");
     let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
     let intent = |name: &str, secret: &str, on: &str, more: &str| {
         format!("[[intent]]\nname = \"{name}\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"{on}\"\n{more}")
@@ -224,9 +222,7 @@ fn fixture_with_secret_dest(name: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("key.json").display().to_string();
-    std::fs::write(&secret, "{\"k\": 1}").unwrap();
+    let (dir, secret) = secret_file("key.json", "{\"k\": 1}");
     let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
     let policy = format!(
         "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\n\
@@ -322,9 +318,7 @@ fn process_started_before_the_daemon_is_enforced() {
     if !root_or_skip("before") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("key").display().to_string();
-    std::fs::write(&secret, "k").unwrap();
+    let (_dir, secret) = secret_file("key", "k");
     let cg = TestCgroup::new("before-enf");
     let mut child = cg.command(python())
         .args(["-c", &format!("{PRELUDE}\ninput()\nread()"), &secret])

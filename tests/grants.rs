@@ -34,9 +34,7 @@ fn fixture_with(name: &str, top: &str, extra: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("deploy-key.json").display().to_string();
-    std::fs::write(&secret, "{\"k\": 1}").unwrap();
+    let (dir, secret) = secret_file("deploy-key.json", "{\"k\": 1}");
     let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
     let cg = TestCgroup::new(name);
     let daemon = Daemon::start(&cg, &format!("{top}{}", policy(&secret, ok_port, extra)));

@@ -353,3 +353,11 @@ pub fn tcp_listener() -> u16 {
     });
     port
 }
+
+/// A secret file `name` with `content` in a fresh temp dir: (dir guard, path).
+pub fn secret_file(name: &str, content: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name).display().to_string();
+    std::fs::write(&path, content).unwrap();
+    (dir, path)
+}

@@ -17,18 +17,15 @@ fn config(secret: &str) -> String {
     format!("[[secret]]\nname = \"token\"\nkind = \"token\"\npaths = [\"{secret}\"]\n")
 }
 
-fn secret_file() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("token");
-    std::fs::write(&p, "t0k3n").unwrap();
-    (dir, p.display().to_string())
+fn token_file() -> (tempfile::TempDir, String) {
+    secret_file("token", "t0k3n")
 }
 
 fn fixture(name: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
-    let (dir, secret) = secret_file();
+    let (dir, secret) = token_file();
     let cg = TestCgroup::new(name);
     let daemon = Daemon::start(&cg, &config(&secret));
     Some(Fixture { cg, daemon, secret, _dir: dir })
@@ -111,7 +108,7 @@ fn process_started_before_the_daemon() {
     if !root_or_skip("before_daemon") {
         return;
     }
-    let (_dir, secret) = secret_file();
+    let (_dir, secret) = token_file();
     let cg = TestCgroup::new("before");
     let script = format!(
         "import os, sys\nsys.stdout.write('ready\\n'); sys.stdout.flush()\nsys.stdin.readline()\nopen({secret:?}).read()\nprint(os.getpid())\n"
