@@ -180,3 +180,29 @@ fn shipped_example_policy_is_valid() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 2 secrets, 2 intents, 1 agents"));
 }
+
+#[test]
+fn metrics_and_sighup_reload() {
+    if !root_or_skip("metrics") {
+        return;
+    }
+    let cg = TestCgroup::new("metrics");
+    let d = Daemon::start(&cg, "");
+    // Prometheus text on the socket.
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", "--unix-socket"])
+        .arg(d.runtime_dir().join("mint.sock"))
+        .arg("http://localhost/v1/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# TYPE enforcer_events_total counter"), "{text}");
+    assert!(text.contains("enforcer_kernel_ringbuf_drops_total 0"), "{text}");
+    assert!(text.contains("enforcer_live_grants 0"), "{text}");
+    // SIGHUP re-reads the config: here it switches the mode.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace("mode = \"monitor\"", "mode = \"enforce\"")).unwrap();
+    unsafe { libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    d.one_event("policy_reloaded", |e: &Value| e["kind"] == "policy_reloaded");
+    assert_eq!(d.status_json()["mode"], "enforce");
+}
