@@ -17,37 +17,60 @@ use serde_json::Value;
 fn schema_validator() -> jsonschema::Validator {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/enforcer.event.v1.json");
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    jsonschema::draft202012::options().should_validate_formats(true).build(&schema).expect("schema compiles")
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles")
 }
 
 fn assert_schema_valid(v: &jsonschema::Validator, e: &Value) {
-    let errors: Vec<String> = v.iter_errors(e).map(|err| format!("{} at {}", err, err.instance_path())).collect();
+    let errors: Vec<String> =
+        v.iter_errors(e).map(|err| format!("{} at {}", err, err.instance_path())).collect();
     assert!(errors.is_empty(), "event violates enforcer.event/v1: {errors:?}\n{e}");
 }
 
 /// OCSF 1.x base-event required attributes, plus what each class used here requires.
 fn assert_ocsf(o: &Value) {
-    for f in ["class_uid", "category_uid", "activity_id", "type_uid", "time", "severity_id", "metadata"] {
+    for f in
+        ["class_uid", "category_uid", "activity_id", "type_uid", "time", "severity_id", "metadata"]
+    {
         assert!(!o[f].is_null(), "OCSF object lacks {f}: {o}");
     }
     let (class, activity) = (o["class_uid"].as_u64().unwrap(), o["activity_id"].as_u64().unwrap());
     assert_eq!(o["type_uid"].as_u64().unwrap(), class * 100 + activity, "{o}");
     assert_eq!(o["category_uid"].as_u64().unwrap(), class / 1000, "{o}");
-    assert!(o["time"].as_i64().unwrap() > 1_600_000_000_000, "time must be ms since the epoch: {o}");
+    assert!(
+        o["time"].as_i64().unwrap() > 1_600_000_000_000,
+        "time must be ms since the epoch: {o}"
+    );
     assert_eq!(o["metadata"]["product"]["name"], "enforcer");
     assert!(o["metadata"]["version"].as_str().unwrap().starts_with("1."), "{o}");
     match class {
-        1001 => assert!(o["file"]["path"].is_string() && o["actor"]["process"].is_object() && o["device"].is_object(), "{o}"),
+        1001 => assert!(
+            o["file"]["path"].is_string()
+                && o["actor"]["process"].is_object()
+                && o["device"].is_object(),
+            "{o}"
+        ),
         4001 => assert!(o["dst_endpoint"].is_object(), "{o}"),
         2004 => {
-            assert!(o["finding_info"]["uid"].is_string() && o["finding_info"]["title"].is_string(), "{o}");
-            assert!(o["disposition_id"].as_u64().is_some_and(|d| [1, 2, 19, 24].contains(&d)), "{o}");
+            assert!(
+                o["finding_info"]["uid"].is_string() && o["finding_info"]["title"].is_string(),
+                "{o}"
+            );
+            assert!(
+                o["disposition_id"].as_u64().is_some_and(|d| [1, 2, 19, 24].contains(&d)),
+                "{o}"
+            );
         }
         _ => {}
     }
 }
 
-fn secret_fixture(name: &str, extra: &str) -> Option<(TestCgroup, Daemon, PathBuf, tempfile::TempDir)> {
+fn secret_fixture(
+    name: &str,
+    extra: &str,
+) -> Option<(TestCgroup, Daemon, PathBuf, tempfile::TempDir)> {
     if !root_or_skip(name) {
         return None;
     }
@@ -56,7 +79,10 @@ fn secret_fixture(name: &str, extra: &str) -> Option<(TestCgroup, Daemon, PathBu
     std::fs::write(&secret, "{\"key\": \"not-a-real-secret\"}\n").unwrap();
     let cg = TestCgroup::new(name);
     // Top-level keys must precede tables: `extra` holds only tables.
-    let d = Daemon::start(&cg, &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n{extra}", secret.display()));
+    let d = Daemon::start(
+        &cg,
+        &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n{extra}", secret.display()),
+    );
     Some((cg, d, secret, dir))
 }
 
@@ -74,21 +100,34 @@ fn every_event_validates_against_the_schema_and_renders_as_ocsf() {
 
     let v = schema_validator();
     let events = d.events();
-    assert!(events.len() >= 3, "expected agent_started, file_open, agent_stopped at least: {events:?}");
+    assert!(
+        events.len() >= 3,
+        "expected agent_started, file_open, agent_stopped at least: {events:?}"
+    );
     for e in &events {
         assert_schema_valid(&v, e);
     }
     let alerts = events.iter().filter(|e| e["verdict"] != "allowed").count();
     assert!(alerts >= 1, "the unauthorised open must be an alert");
 
-    let out = Command::new(enforcer_bin()).args(["events", "--format", "ocsf", "--state-dir"]).arg(d.state_dir()).output().unwrap();
+    let out = Command::new(enforcer_bin())
+        .args(["events", "--format", "ocsf", "--state-dir"])
+        .arg(d.state_dir())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ocsf: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ocsf: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(ocsf.len(), events.len());
     for o in &ocsf {
         assert_ocsf(o);
     }
-    let finding = ocsf.iter().find(|o| o["class_uid"] == 2004 && o["unmapped"]["kind"] == "file_open").expect("a Detection Finding for the open");
+    let finding = ocsf
+        .iter()
+        .find(|o| o["class_uid"] == 2004 && o["unmapped"]["kind"] == "file_open")
+        .expect("a Detection Finding for the open");
     assert_eq!(finding["finding_info"]["attacks"][0]["sub_technique"]["uid"], "T1552.001");
     assert_eq!(finding["disposition_id"], 19, "monitor mode: Alert");
     assert_eq!(finding["evidences"][0]["file"]["path"], path);
@@ -108,15 +147,23 @@ fn tls(dir: &Path) -> Tls {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&key, &ca).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
     Tls { ca: ca_path, server: Arc::new(server) }
 }
 
@@ -128,10 +175,18 @@ struct Receiver {
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
-type Serve = fn(&mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, &Mutex<Vec<String>>) -> std::io::Result<()>;
+type Serve = fn(
+    &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    &Mutex<Vec<String>>,
+) -> std::io::Result<()>;
 
 impl Receiver {
-    fn start(port: u16, tls: Arc<rustls::ServerConfig>, got: Arc<Mutex<Vec<String>>>, serve: Serve) -> Receiver {
+    fn start(
+        port: u16,
+        tls: Arc<rustls::ServerConfig>,
+        got: Arc<Mutex<Vec<String>>>,
+        serve: Serve,
+    ) -> Receiver {
         let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
         l.set_nonblocking(true).unwrap();
         let port = l.local_addr().unwrap().port();
@@ -168,7 +223,10 @@ impl Receiver {
 }
 
 /// RFC 5425 octet-counted RFC 5424 messages; records the SD `id` of each.
-fn serve_syslog(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, got: &Mutex<Vec<String>>) -> std::io::Result<()> {
+fn serve_syslog(
+    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    got: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 65536];
     loop {
@@ -186,14 +244,18 @@ fn serve_syslog(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>
             buf.drain(..sp + 1 + len);
             let version = msg.split_once('>').map(|(_, r)| r.starts_with("1 ")).unwrap_or(false);
             assert!(msg.starts_with('<') && version, "not RFC 5424: {msg}");
-            let id = msg.split("id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+            let id =
+                msg.split("id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
             got.lock().unwrap().push(id);
         }
     }
 }
 
 /// HEC: `Authorization: Splunk <token>` and concatenated `{"time","host","sourcetype","event"}`.
-fn serve_hec(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, got: &Mutex<Vec<String>>) -> std::io::Result<()> {
+fn serve_hec(
+    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    got: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 65536];
     loop {
@@ -208,7 +270,14 @@ fn serve_hec(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, g
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        let len: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
         while buf.len() < end + 4 + len {
             let n = s.read(&mut chunk)?;
             if n == 0 {
@@ -249,16 +318,33 @@ fn assert_delivered(sink: &str, want: &[String], got: &[String]) {
     let mut seen = HashSet::new();
     let firsts: Vec<&String> = got.iter().filter(|id| seen.insert(*id)).collect();
     let missing: Vec<&String> = want.iter().filter(|id| !seen.contains(id)).collect();
-    assert!(missing.is_empty(), "{sink}: {} of {} alerts never arrived: {:?}", missing.len(), want.len(), &missing[..missing.len().min(5)]);
-    let order: Vec<usize> = firsts.iter().filter_map(|id| want.iter().position(|w| w == *id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{sink}: {} of {} alerts never arrived: {:?}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let order: Vec<usize> =
+        firsts.iter().filter_map(|id| want.iter().position(|w| w == *id)).collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{sink}: first arrivals out of outbox order");
 }
 
 fn alert_ids(d: &Daemon) -> Vec<String> {
     let mut all = Vec::new();
     for p in [".3", ".2", ".1", ""] {
-        let Ok(t) = std::fs::read_to_string(d.state_dir().join(format!("events.jsonl{p}"))) else { continue };
-        all.extend(t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|e| e["verdict"] != "allowed" && (e["kind"] == "file_open" || e["kind"] == "connect")).map(|e| e["id"].as_str().unwrap().to_string()));
+        let Ok(t) = std::fs::read_to_string(d.state_dir().join(format!("events.jsonl{p}"))) else {
+            continue;
+        };
+        all.extend(
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| {
+                    e["verdict"] != "allowed"
+                        && (e["kind"] == "file_open" || e["kind"] == "connect")
+                })
+                .map(|e| e["id"].as_str().unwrap().to_string()),
+        );
     }
     all
 }
@@ -266,10 +352,15 @@ fn alert_ids(d: &Daemon) -> Vec<String> {
 fn file_ids(path: &Path) -> Vec<String> {
     let mut all = Vec::new();
     // Oldest backup first (the sink keeps up to max_backups = 50).
-    let names: Vec<String> = (1..=50).rev().map(|i| format!(".{i}")).chain(std::iter::once(String::new())).collect();
+    let names: Vec<String> =
+        (1..=50).rev().map(|i| format!(".{i}")).chain(std::iter::once(String::new())).collect();
     for p in names {
         let Ok(t) = std::fs::read_to_string(format!("{}{p}", path.display())) else { continue };
-        all.extend(t.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).map(|e| e["id"].as_str().unwrap_or_default().to_string()));
+        all.extend(
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|e| e["id"].as_str().unwrap_or_default().to_string()),
+        );
     }
     all
 }
@@ -325,7 +416,10 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
         let p = path.clone();
         std::thread::spawn(move || {
             for _ in 0..100 {
-                let _ = Command::new("sh").arg("-c").arg(format!("echo 0 > {}/cgroup.procs; cat {p} >/dev/null", cgpath.display())).status();
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("echo 0 > {}/cgroup.procs; cat {p} >/dev/null", cgpath.display()))
+                    .status();
             }
         })
     };
@@ -347,9 +441,17 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
             break;
         }
         if Instant::now() > deadline {
-            let all = std::fs::read_to_string(d.state_dir().join("events.jsonl")).unwrap_or_default();
+            let all =
+                std::fs::read_to_string(d.state_dir().join("events.jsonl")).unwrap_or_default();
             let ex: Vec<&str> = all.lines().filter(|l| l.contains(missing[0].as_str())).collect();
-            panic!("file sink: {} of {} missing, e.g. {:?}\n{:?}\nlog:\n{}", missing.len(), want.len(), &missing[..missing.len().min(3)], ex, d.log());
+            panic!(
+                "file sink: {} of {} missing, e.g. {:?}\n{:?}\nlog:\n{}",
+                missing.len(),
+                want.len(),
+                &missing[..missing.len().min(3)],
+                ex,
+                d.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

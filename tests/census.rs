@@ -29,7 +29,10 @@ fn run_in(cg: &std::path::Path, script: &str, env: &[(&str, &str)]) {
     use std::os::unix::process::CommandExt;
     let procs = std::fs::File::options().write(true).open(cg.join("cgroup.procs")).unwrap();
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", script]).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(["-c", script])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(procs.as_raw_fd(), b"0".as_ptr() as *const libc::c_void, 1) != 1 {
@@ -51,7 +54,8 @@ fn setup(name: &str) -> Option<Runner> {
     std::fs::write(&secret, "{\"type\": \"service_account\", \"private_key\": \"...\"}").unwrap();
     let ports = (tcp_listener(), tcp_listener(), tcp_listener());
     let cg = TestCgroup::new(name);
-    let daemon = Daemon::start(&cg, &format!("[[secret]]\nname = \"legacy-sa\"\npaths = [\"{secret}\"]\n"));
+    let daemon =
+        Daemon::start(&cg, &format!("[[secret]]\nname = \"legacy-sa\"\npaths = [\"{secret}\"]\n"));
     let job_a = sub_cgroup(&cg, "job-a");
     let job_b = sub_cgroup(&cg, "job-b");
     Some(Runner { _cg: cg, job_a, job_b, daemon, ports, _dir: dir, secret })
@@ -68,7 +72,12 @@ fn census(d: &Daemon, format: &str) -> String {
 }
 
 fn cred<'a>(c: &'a Value, name: &str) -> &'a Value {
-    c["credentials"].as_array().unwrap().iter().find(|x| x["name"] == name).unwrap_or_else(|| panic!("no {name} in census:\n{c:#}"))
+    c["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in census:\n{c:#}"))
 }
 
 /// Job A: a shell (the job) runs python, which reads the legacy file, connects to one
@@ -86,7 +95,11 @@ fn run_job_a(r: &Runner) {
     );
     let dir = r._dir.path().join("job-a.py");
     std::fs::write(&dir, code).unwrap();
-    run_in(&r.job_a, &format!("{py} {}", dir.display()), &[("GITHUB_JOB", "deploy"), ("GITHUB_RUN_ID", "4711")]);
+    run_in(
+        &r.job_a,
+        &format!("{py} {}", dir.display()),
+        &[("GITHUB_JOB", "deploy"), ("GITHUB_RUN_ID", "4711")],
+    );
 }
 
 #[test]
@@ -94,17 +107,35 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
     let Some(r) = setup("census-file") else { return };
     run_job_a(&r);
     // An unrelated process in the same runner connecting elsewhere must not widen the proposal.
-    run_in(&r.job_b, &format!("{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {})).close()'", python(), r.ports.2), &[]);
-    r.daemon.wait_events("connect to the third port", |e| e["kind"] == "connect" && e["destination"]["port"] == r.ports.2);
-    r.daemon.wait_events("file_open of legacy-sa", |e| e["kind"] == "file_open" && e["file"]["secret"] == "legacy-sa");
+    run_in(
+        &r.job_b,
+        &format!(
+            "{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {})).close()'",
+            python(),
+            r.ports.2
+        ),
+        &[],
+    );
+    r.daemon.wait_events("connect to the third port", |e| {
+        e["kind"] == "connect" && e["destination"]["port"] == r.ports.2
+    });
+    r.daemon.wait_events("file_open of legacy-sa", |e| {
+        e["kind"] == "file_open" && e["file"]["secret"] == "legacy-sa"
+    });
 
     let c: Value = serde_json::from_str(&census(&r.daemon, "json")).unwrap();
     let sa = cred(&c, "legacy-sa");
     assert_eq!(sa["kind"], "file");
     assert_eq!(sa["covered_by_grant"], false);
-    let mut dests: Vec<String> = sa["proposal"]["destinations"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
+    let mut dests: Vec<String> = sa["proposal"]["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
     dests.sort();
-    let mut want = vec![format!("127.0.0.1/32:{}", r.ports.0), format!("127.0.0.1/32:{}", r.ports.1)];
+    let mut want =
+        vec![format!("127.0.0.1/32:{}", r.ports.0), format!("127.0.0.1/32:{}", r.ports.1)];
     want.sort();
     assert_eq!(dests, want, "census:\n{c:#}");
     let job_a_rel = format!("{}/job-a", r._cg.rel());
@@ -112,7 +143,13 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     // The job is the GITHUB_JOB once the daemon records `process.job`, else job A's cgroup.
     assert!(jobs[0]["id"] == job_a_rel.as_str() || jobs[0]["source"] != "cgroup", "{jobs:?}");
-    assert!(sa["executables"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().contains("python")));
+    assert!(
+        sa["executables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("python"))
+    );
     let intent = sa["proposal"]["intent_toml"].as_str().unwrap();
     assert!(intent.contains("max_ttl = \"5m\""), "{intent}");
     assert!(!intent.contains(&r.ports.2.to_string()), "{intent}");
@@ -120,24 +157,43 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
     // The proposal is valid policy together with the secret it covers.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("proposal.toml");
-    std::fs::write(&p, format!("mode = \"monitor\"\n[[secret]]\nname = \"legacy-sa\"\npaths = [\"{}\"]\n{intent}", r.secret)).unwrap();
+    std::fs::write(
+        &p,
+        format!(
+            "mode = \"monitor\"\n[[secret]]\nname = \"legacy-sa\"\npaths = [\"{}\"]\n{intent}",
+            r.secret
+        ),
+    )
+    .unwrap();
     let out = Command::new(enforcer_bin()).args(["policy", "check"]).arg(&p).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Markdown names it; SARIF validates against the official 2.1.0 schema.
     assert!(census(&r.daemon, "markdown").contains("## `legacy-sa`"));
     let sarif: Value = serde_json::from_str(&census(&r.daemon, "sarif")).unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sarif-schema-2.1.0.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/sarif-schema-2.1.0.json"
+    ))
+    .unwrap();
     // The published schema's `run.language` pattern has a stray `]` (a known erratum) that
     // fails the meta-schema's regex check; the census never emits `language`.
-    let text = text.replace(r#""^[a-zA-Z]{2}|^[a-zA-Z]{2}-[a-zA-Z]{2}]?$""#, r#""^[a-zA-Z]{2}(-[a-zA-Z]{2})?$""#);
+    let text = text.replace(
+        r#""^[a-zA-Z]{2}|^[a-zA-Z]{2}-[a-zA-Z]{2}]?$""#,
+        r#""^[a-zA-Z]{2}(-[a-zA-Z]{2})?$""#,
+    );
     let schema: Value = serde_json::from_str(&text).unwrap();
     let validator = jsonschema::validator_for(&schema).expect("SARIF schema compiles");
-    let errors: Vec<String> = validator.iter_errors(&sarif).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    let errors: Vec<String> =
+        validator.iter_errors(&sarif).map(|e| format!("{} at {}", e, e.instance_path())).collect();
     assert!(errors.is_empty(), "SARIF invalid:\n{}\n{sarif:#}", errors.join("\n"));
-    assert!(!validator.is_valid(&serde_json::json!({"version": "2.0.0", "runs": []})), "the schema check must be able to fail");
+    assert!(
+        !validator.is_valid(&serde_json::json!({"version": "2.0.0", "runs": []})),
+        "the schema check must be able to fail"
+    );
     let results = sarif["runs"][0]["results"].as_array().unwrap();
-    assert!(results.iter().any(|x| x["ruleId"] == "ENF001" && x["partialFingerprints"]["enforcerCredential/v1"] == "legacy-sa"));
+    assert!(results.iter().any(|x| x["ruleId"] == "ENF001"
+        && x["partialFingerprints"]["enforcerCredential/v1"] == "legacy-sa"));
 }
 
 #[test]
@@ -146,10 +202,19 @@ fn census_names_the_env_static_key() {
     run_job_a(&r);
     run_in(
         &r.job_b,
-        &format!("{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {})).close()'", python(), r.ports.2),
-        &[("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"), ("CI_JOB_ID", "99")],
+        &format!(
+            "{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {})).close()'",
+            python(),
+            r.ports.2
+        ),
+        &[
+            ("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+            ("CI_JOB_ID", "99"),
+        ],
     );
-    r.daemon.wait_events("connect to the third port", |e| e["kind"] == "connect" && e["destination"]["port"] == r.ports.2);
+    r.daemon.wait_events("connect to the third port", |e| {
+        e["kind"] == "connect" && e["destination"]["port"] == r.ports.2
+    });
     let text = census(&r.daemon, "json");
     assert!(!text.contains("wJalrXUtnFEMI"), "the census must never carry a value");
     let c: Value = serde_json::from_str(&text).unwrap();
@@ -157,8 +222,15 @@ fn census_names_the_env_static_key() {
     let env = cred(&c, "env:AWS_SECRET_ACCESS_KEY");
     assert_eq!(env["kind"], "env");
     assert!(!env["fingerprints"].as_array().unwrap().is_empty());
-    let dests: Vec<&str> = env["proposal"]["destinations"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let dests: Vec<&str> = env["proposal"]["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
     assert_eq!(dests, [format!("127.0.0.1/32:{}", r.ports.2)]);
     let sarif: Value = serde_json::from_str(&census(&r.daemon, "sarif")).unwrap();
-    assert!(sarif["runs"][0]["results"].as_array().unwrap().iter().any(|x| x["ruleId"] == "ENF002"));
+    assert!(
+        sarif["runs"][0]["results"].as_array().unwrap().iter().any(|x| x["ruleId"] == "ENF002")
+    );
 }

@@ -31,7 +31,9 @@ fn http_listener(addr: &str) -> u16 {
 }
 
 fn assert_connect(d: &Daemon, pid: u32, exe: &str, ip: &str, port: u16, proto: &str) -> Value {
-    let e = d.one_event("connect", move |e: &Value| by("connect", pid)(e) && e["destination"]["port"] == port);
+    let e = d.one_event("connect", move |e: &Value| {
+        by("connect", pid)(e) && e["destination"]["port"] == port
+    });
     assert_required_fields(&e);
     assert_eq!(e["destination"]["ip"], ip, "{e}");
     assert_eq!(e["destination"]["protocol"], proto, "{e}");
@@ -73,7 +75,12 @@ fn udp_sendto_without_connect_ipv4() {
     let Some((cg, d)) = daemon("udp4") else { return };
     let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = rx.local_addr().unwrap().port();
-    let pid = py(&cg, &format!("s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('127.0.0.1', {port}))"));
+    let pid = py(
+        &cg,
+        &format!(
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('127.0.0.1', {port}))"
+        ),
+    );
     assert_connect(&d, pid, &python(), "127.0.0.1", port, "udp");
     let mut buf = [0u8; 4];
     rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
@@ -85,7 +92,12 @@ fn udp_connect_ipv6() {
     let Some((cg, d)) = daemon("udp6") else { return };
     let rx = UdpSocket::bind("[::1]:0").unwrap();
     let port = rx.local_addr().unwrap().port();
-    let pid = py(&cg, &format!("s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.connect(('::1', {port})); s.send(b'x')"));
+    let pid = py(
+        &cg,
+        &format!(
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.connect(('::1', {port})); s.send(b'x')"
+        ),
+    );
     assert_connect(&d, pid, &python(), "::1", port, "udp");
 }
 
@@ -93,7 +105,12 @@ fn udp_connect_ipv6() {
 fn ipv4_mapped_ipv6_is_reported_as_ipv4() {
     let Some((cg, d)) = daemon("mapped") else { return };
     let port = http_listener("127.0.0.1:0");
-    let pid = py(&cg, &format!("s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.connect(('::ffff:127.0.0.1', {port})); s.close()"));
+    let pid = py(
+        &cg,
+        &format!(
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.connect(('::ffff:127.0.0.1', {port})); s.close()"
+        ),
+    );
     assert_connect(&d, pid, &python(), "127.0.0.1", port, "tcp");
 }
 
@@ -101,20 +118,38 @@ fn ipv4_mapped_ipv6_is_reported_as_ipv4() {
 fn io_uring_connect() {
     let Some((cg, d)) = daemon("uringconn") else { return };
     let port = http_listener("127.0.0.1:0");
-    let (pid, out) = cg.run(helper_bin().to_str().unwrap(), &["uring-connect", "127.0.0.1", &port.to_string()]);
+    let (pid, out) =
+        cg.run(helper_bin().to_str().unwrap(), &["uring-connect", "127.0.0.1", &port.to_string()]);
     assert_eq!(out.trim(), format!("ok {pid}"));
-    assert_connect(&d, pid, &helper_bin().canonicalize().unwrap().display().to_string(), "127.0.0.1", port, "tcp");
+    assert_connect(
+        &d,
+        pid,
+        &helper_bin().canonicalize().unwrap().display().to_string(),
+        "127.0.0.1",
+        port,
+        "tcp",
+    );
 }
 
 #[test]
 fn connections_outside_cgroup_root_are_not_seen() {
     let Some((cg, d)) = daemon("outside") else { return };
     let port = http_listener("127.0.0.1:0");
-    let outside = Command::new("curl").args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/")]).output().unwrap();
+    let outside = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/")])
+        .output()
+        .unwrap();
     assert!(outside.status.success());
-    let marker = py(&cg, &format!("s = socket.create_connection(('127.0.0.1', {port})); s.close()"));
-    d.one_event("marker", move |e: &Value| by("connect", marker)(e) && e["destination"]["port"] == port);
-    let from_outside: Vec<Value> = d.events().into_iter().filter(|e| e["kind"] == "connect" && e["process"]["pid"] != marker).collect();
+    let marker =
+        py(&cg, &format!("s = socket.create_connection(('127.0.0.1', {port})); s.close()"));
+    d.one_event("marker", move |e: &Value| {
+        by("connect", marker)(e) && e["destination"]["port"] == port
+    });
+    let from_outside: Vec<Value> = d
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "connect" && e["process"]["pid"] != marker)
+        .collect();
     assert!(from_outside.is_empty(), "connects outside cgroup_root reported: {from_outside:?}");
 }
 
@@ -132,12 +167,17 @@ impl NetNs {
             let st = Command::new("sh").args(["-c", c]).status().unwrap();
             assert!(st.success(), "{c}");
         };
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(std::process::Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         sh(&format!("ip netns add {name}"));
         sh(&format!("ip link add {host_if} type veth peer name {ns_if}"));
         sh(&format!("ip link set {ns_if} netns {name}"));
         sh(&format!("ip addr add 10.231.77.1/30 dev {host_if} && ip link set {host_if} up"));
-        sh(&format!("ip -n {name} addr add 10.231.77.2/30 dev {ns_if} && ip -n {name} link set {ns_if} up && ip -n {name} link set lo up"));
+        sh(&format!(
+            "ip -n {name} addr add 10.231.77.2/30 dev {ns_if} && ip -n {name} link set {ns_if} up && ip -n {name} link set lo up"
+        ));
         NetNs { name }
     }
 }

@@ -39,7 +39,11 @@ fn policy_check_reports_and_accepts() {
     let out = enforcer(&["policy", "check", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[secret]]\nname = \"k\"\npaths = [\"/etc/k\"]\ndestinations = [\"10.0.0.0/33:443\"]\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[[secret]]\nname = \"k\"\npaths = [\"/etc/k\"]\ndestinations = [\"10.0.0.0/33:443\"]\n",
+    )
+    .unwrap();
     let out = enforcer(&["policy", "check", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -72,7 +76,10 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
     assert_eq!(status["programs"].as_array().unwrap().len(), 7, "{status}");
     assert_eq!(status["kernel"]["ringbuf_drops"], 0);
-    assert_eq!(status["backends"]["file_open"], "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)");
+    assert_eq!(
+        status["backends"]["file_open"],
+        "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)"
+    );
     let st = d.stop();
     assert!(st.success(), "daemon exit on SIGTERM: {st}\n{}", d.log());
     assert!(!d.runtime_dir().join("mint.sock").exists(), "socket left behind");
@@ -80,9 +87,13 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     let out = enforcer(&["status", "--runtime-dir", d.runtime_dir().to_str().unwrap()]);
     assert!(!out.status.success());
     // Stored events outlive the daemon.
-    let out = enforcer(&["events", "--since", "10m", "--state-dir", d.state_dir().to_str().unwrap()]);
+    let out =
+        enforcer(&["events", "--since", "10m", "--state-dir", d.state_dir().to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"agent_started"), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&"agent_stopped"), "{kinds:?}");
@@ -105,7 +116,13 @@ fn status_fails_without_daemon_and_bad_cli_input_is_refused() {
     let out = enforcer(&["status", "--runtime-dir", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon answering"));
-    let out = enforcer(&["events", "--since", "yesterday-ish", "--state-dir", dir.path().to_str().unwrap()]);
+    let out = enforcer(&[
+        "events",
+        "--since",
+        "yesterday-ish",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
     let out = enforcer(&["events", "--format", "xml", "--state-dir", dir.path().to_str().unwrap()]);
@@ -128,7 +145,10 @@ fn events_since_filters_and_follow_tails() {
         .unwrap();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let (pid, _) = cg.run(&python(), &["-c", &format!("import socket; socket.create_connection(('127.0.0.1', {port})).close()")]);
+    let (pid, _) = cg.run(
+        &python(),
+        &["-c", &format!("import socket; socket.create_connection(('127.0.0.1', {port})).close()")],
+    );
     use std::io::BufRead;
     let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
     let mut seen = false;
@@ -144,7 +164,8 @@ fn events_since_filters_and_follow_tails() {
     let _ = follow.wait();
     assert!(seen, "--follow did not show the connect of {pid}");
     // --since 0s excludes everything older than now.
-    let out = enforcer(&["events", "--since", "1ns", "--state-dir", d.state_dir().to_str().unwrap()]);
+    let out =
+        enforcer(&["events", "--since", "1ns", "--state-dir", d.state_dir().to_str().unwrap()]);
     std::thread::sleep(std::time::Duration::from_millis(10));
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() <= 1);
@@ -158,7 +179,15 @@ fn doctor_reports_backends_from_real_loads() {
     let out = enforcer(&["doctor", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let probe = |n: &str| v["probes"].as_array().unwrap().iter().find(|p| p["name"].as_str().unwrap().starts_with(n)).cloned().unwrap();
+    let probe = |n: &str| {
+        v["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str().unwrap().starts_with(n))
+            .cloned()
+            .unwrap()
+    };
     assert_eq!(probe("raw_tracepoint")["ok"], true);
     assert_eq!(probe("cgroup_sock_addr")["ok"], true);
     assert_eq!(probe("fanotify")["ok"], true);
@@ -175,7 +204,8 @@ fn doctor_reports_backends_from_real_loads() {
 
 #[test]
 fn shipped_example_policy_is_valid() {
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/enforcer.toml");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/enforcer.toml");
     let out = enforcer(&["policy", "check", example.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 2 secrets, 2 intents, 1 agents"));

@@ -13,12 +13,20 @@ fn repo() -> PathBuf {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null 2>&1")]).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The exposure score documented in deploy/systemd/README.md (`<!-- exposure-score: N -->`).
@@ -34,7 +42,11 @@ fn documented_score() -> f64 {
 fn unit_copy(dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("deploy/systemd/enforcer.service")).unwrap();
     let bin = enforcer_bin();
-    let exe = if bin.exists() { std::fs::canonicalize(&bin).unwrap().display().to_string() } else { "/bin/true".into() };
+    let exe = if bin.exists() {
+        std::fs::canonicalize(&bin).unwrap().display().to_string()
+    } else {
+        "/bin/true".into()
+    };
     let path = dir.join("enforcer.service");
     std::fs::write(&path, text.replace("/usr/bin/enforcer", &exe)).unwrap();
     path
@@ -48,30 +60,54 @@ fn systemd_unit_verifies_and_scores_within_the_documented_exposure() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_copy(dir.path());
-    let (ok, out, err) = run(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit));
+    let (ok, out, err) =
+        run(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit));
     assert!(ok, "systemd-analyze verify failed:\n{out}\n{err}");
     let noise: Vec<&str> = err.lines().filter(|l| l.contains("enforcer.service")).collect();
     assert!(noise.is_empty(), "verify warnings about the unit:\n{}", noise.join("\n"));
 
-    let (_, out, err) = run(Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit));
-    let line = out.lines().chain(err.lines()).find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no score:\n{out}\n{err}"));
-    let score: f64 = line.split(':').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let (_, out, err) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit));
+    let line = out
+        .lines()
+        .chain(err.lines())
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no score:\n{out}\n{err}"));
+    let score: f64 =
+        line.split(':').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     let documented = documented_score();
     eprintln!("systemd-analyze security: {score} (documented {documented})");
-    assert!(score <= documented, "exposure {score} is worse than the documented {documented}:\n{out}");
+    assert!(
+        score <= documented,
+        "exposure {score} is worse than the documented {documented}:\n{out}"
+    );
     // The options the README argues for are really there.
     let text = std::fs::read_to_string(&unit).unwrap();
     for opt in [
-        "Type=notify", "WatchdogSec=", "Restart=on-failure", "RuntimeDirectory=enforcer", "StateDirectory=enforcer",
-        "ConfigurationDirectory=enforcer", "ProtectSystem=strict", "ProtectHome=read-only", "NoNewPrivileges=yes",
-        "SystemCallArchitectures=native", "MemoryDenyWriteExecute=yes", "ProtectControlGroups=yes",
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "RuntimeDirectory=enforcer",
+        "StateDirectory=enforcer",
+        "ConfigurationDirectory=enforcer",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        "NoNewPrivileges=yes",
+        "SystemCallArchitectures=native",
+        "MemoryDenyWriteExecute=yes",
+        "ProtectControlGroups=yes",
     ] {
         assert!(text.lines().any(|l| l.starts_with(opt)), "unit lacks {opt}");
     }
     let caps = text.lines().find(|l| l.starts_with("CapabilityBoundingSet=")).unwrap();
-    let mut caps: Vec<&str> = caps.trim_start_matches("CapabilityBoundingSet=").split_whitespace().collect();
+    let mut caps: Vec<&str> =
+        caps.trim_start_matches("CapabilityBoundingSet=").split_whitespace().collect();
     caps.sort();
-    assert_eq!(caps, ["CAP_BPF", "CAP_DAC_READ_SEARCH", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]);
+    assert_eq!(
+        caps,
+        ["CAP_BPF", "CAP_DAC_READ_SEARCH", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
+    );
 }
 
 #[test]
@@ -85,17 +121,24 @@ fn packaged_config_is_valid_and_keeps_the_default_catalog() {
     let (ok, out, err) = run(Command::new(&bin).args(["policy", "check"]).arg(&cfg));
     assert!(ok, "policy check {}: {out}{err}", cfg.display());
     let names = |text: &str| -> Vec<String> {
-        text.lines().filter_map(|l| l.trim().strip_prefix("name = ")).map(|s| s.trim_matches('"').to_string()).collect()
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("name = "))
+            .map(|s| s.trim_matches('"').to_string())
+            .collect()
     };
     let packaged = names(&std::fs::read_to_string(&cfg).unwrap());
-    for n in names(&std::fs::read_to_string(repo().join("enforcer/src/policy/default.toml")).unwrap()) {
+    for n in
+        names(&std::fs::read_to_string(repo().join("enforcer/src/policy/default.toml")).unwrap())
+    {
         assert!(packaged.contains(&n), "packaged config lacks the default catalog's secret {n:?}");
     }
     assert!(std::fs::read_to_string(&cfg).unwrap().contains("socket_group = \"enforcer\""));
 }
 
 fn cargo_deb() -> Option<PathBuf> {
-    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
     let local = home.join("bin/cargo-deb");
     if local.exists() {
         return Some(local);
@@ -104,9 +147,15 @@ fn cargo_deb() -> Option<PathBuf> {
         return Some("cargo-deb".into());
     }
     // Measured on a 2-core machine: about 1 minute (limit for installing from a test: 4).
-    eprintln!("cargo-deb missing: installing it (cargo install cargo-deb --locked, about 1 minute)");
+    eprintln!(
+        "cargo-deb missing: installing it (cargo install cargo-deb --locked, about 1 minute)"
+    );
     let t = Instant::now();
-    let ok = Command::new("cargo").args(["install", "cargo-deb", "--locked"]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("cargo")
+        .args(["install", "cargo-deb", "--locked"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     eprintln!("cargo install cargo-deb: {:?} ({:.0} s)", ok, t.elapsed().as_secs_f64());
     if ok && local.exists() { Some(local) } else { None }
 }
@@ -139,12 +188,21 @@ fn debian_package_contents_modes_and_scripts() {
         .current_dir(repo()));
     assert!(ok, "cargo deb failed:\n{out}\n{err}");
     eprintln!("cargo deb: {:.1} s", t.elapsed().as_secs_f64());
-    let deb = std::fs::read_dir(out_dir.path()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")).expect("a .deb");
+    let deb = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb");
 
     let (ok, listing, err) = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
     assert!(ok, "{err}");
     let entry = |path: &str| -> String {
-        listing.lines().find(|l| l.ends_with(&format!(" .{path}"))).unwrap_or_else(|| panic!("{path} not in the package:\n{listing}")).to_string()
+        listing
+            .lines()
+            .find(|l| l.ends_with(&format!(" .{path}")))
+            .unwrap_or_else(|| panic!("{path} not in the package:\n{listing}"))
+            .to_string()
     };
     let mode_owner = |path: &str, mode: &str| {
         let e = entry(path);
@@ -166,9 +224,15 @@ fn debian_package_contents_modes_and_scripts() {
     assert!(info.contains("Section: admin"), "{info}");
     for script in ["postinst", "prerm", "postrm"] {
         // " 1970 bytes, 49 lines * postinst #!/bin/sh": present and executable.
-        assert!(info.lines().any(|l| l.contains(" * ") && l.split_whitespace().any(|w| w == script)), "control lacks executable {script}:\n{info}");
+        assert!(
+            info.lines().any(|l| l.contains(" * ") && l.split_whitespace().any(|w| w == script)),
+            "control lacks executable {script}:\n{info}"
+        );
     }
-    assert!(info.lines().any(|l| l.split_whitespace().last() == Some("conffiles")), "no conffiles:\n{info}");
+    assert!(
+        info.lines().any(|l| l.split_whitespace().last() == Some("conffiles")),
+        "no conffiles:\n{info}"
+    );
     let field = |name: &str| -> String {
         let (ok, out, err) = run(Command::new("dpkg-deb").arg("-I").arg(&deb).arg(name));
         assert!(ok, "dpkg-deb -I {name}: {err}");
@@ -176,8 +240,14 @@ fn debian_package_contents_modes_and_scripts() {
     };
     assert_eq!(field("conffiles").trim(), "/etc/enforcer/enforcer.toml");
     let postinst = field("postinst");
-    assert!(postinst.contains("addgroup --system enforcer") || postinst.contains("groupadd --system enforcer"));
-    assert!(postinst.contains("[ -d /run/systemd/system ]"), "postinst must start only under systemd");
+    assert!(
+        postinst.contains("addgroup --system enforcer")
+            || postinst.contains("groupadd --system enforcer")
+    );
+    assert!(
+        postinst.contains("[ -d /run/systemd/system ]"),
+        "postinst must start only under systemd"
+    );
     assert!(postinst.contains("systemctl start enforcer.service"));
     let prerm = field("prerm");
     assert!(prerm.contains("systemctl stop enforcer.service"));
@@ -204,7 +274,11 @@ fn kubernetes_validate() -> Option<String> {
     if have("kubernetes-validate") {
         return Some("kubernetes-validate".into());
     }
-    let ok = Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "kubernetes-validate"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if ok && have("kubernetes-validate") { Some("kubernetes-validate".into()) } else { None }
 }
 
@@ -222,17 +296,33 @@ fn kubernetes_daemonset_validates_against_the_schema() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, text.replace("imagePullPolicy: IfNotPresent", "imagePullPolicy: IfNotPresent\n          bogusField: 1")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace(
+            "imagePullPolicy: IfNotPresent",
+            "imagePullPolicy: IfNotPresent\n          bogusField: 1",
+        ),
+    )
+    .unwrap();
     let (ok, _, _) = run(Command::new(&tool).arg("--strict").arg(&bad));
     assert!(!ok, "kubernetes-validate accepted an unknown field");
     // The minimal security context: capabilities, not privileged.
     assert!(text.contains("hostPID: true"));
     assert!(text.contains("privileged: false"));
     assert!(text.contains("drop: [\"ALL\"]"));
-    for m in ["/sys/fs/bpf", "/sys/fs/cgroup", "/sys/kernel/tracing", "/run/enforcer", "/var/lib/enforcer"] {
+    for m in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/sys/kernel/tracing",
+        "/run/enforcer",
+        "/var/lib/enforcer",
+    ] {
         assert!(text.contains(&format!("path: {m}")), "no hostPath {m}");
     }
-    assert!(text.contains("\"status\", \"--runtime-dir\", \"/run/enforcer\""), "readiness via enforcer status");
+    assert!(
+        text.contains("\"status\", \"--runtime-dir\", \"/run/enforcer\""),
+        "readiness via enforcer status"
+    );
 }
 
 #[test]

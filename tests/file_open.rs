@@ -18,7 +18,10 @@ fn fixture(name: &str) -> Option<Fixture> {
     let secret = dir.path().join("deploy-key.json");
     std::fs::write(&secret, "{\"key\": \"not-a-real-secret\"}\n").unwrap();
     let cg = TestCgroup::new(name);
-    let daemon = Daemon::start(&cg, &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n", secret.display()));
+    let daemon = Daemon::start(
+        &cg,
+        &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n", secret.display()),
+    );
     Some(Fixture { cg, daemon, secret, _dir: dir })
 }
 
@@ -75,8 +78,13 @@ fn hard_link_is_the_same_inode() {
 #[test]
 fn relative_path() {
     let Some(f) = fixture("relative") else { return };
-    let child = f.cg.command("cat").arg("deploy-key.json").current_dir(f.secret.parent().unwrap())
-        .stdout(std::process::Stdio::null()).spawn().unwrap();
+    let child =
+        f.cg.command("cat")
+            .arg("deploy-key.json")
+            .current_dir(f.secret.parent().unwrap())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
     let pid = child.id();
     assert!(child.wait_with_output().unwrap().status.success());
     let e = assert_open(&f, pid, &which("cat"), f.secret.to_str().unwrap());
@@ -100,17 +108,29 @@ fn proc_self_fd_reopen() {
 #[test]
 fn openat2_syscall() {
     let Some(f) = fixture("openat2") else { return };
-    let (pid, out) = f.cg.run(helper_bin().to_str().unwrap(), &["openat2", f.secret.to_str().unwrap()]);
+    let (pid, out) =
+        f.cg.run(helper_bin().to_str().unwrap(), &["openat2", f.secret.to_str().unwrap()]);
     assert_eq!(out.trim(), format!("ok {pid}"));
-    assert_open(&f, pid, &helper_bin().canonicalize().unwrap().display().to_string(), f.secret.to_str().unwrap());
+    assert_open(
+        &f,
+        pid,
+        &helper_bin().canonicalize().unwrap().display().to_string(),
+        f.secret.to_str().unwrap(),
+    );
 }
 
 #[test]
 fn io_uring_open() {
     let Some(f) = fixture("uring") else { return };
-    let (pid, out) = f.cg.run(helper_bin().to_str().unwrap(), &["uring-open", f.secret.to_str().unwrap()]);
+    let (pid, out) =
+        f.cg.run(helper_bin().to_str().unwrap(), &["uring-open", f.secret.to_str().unwrap()]);
     assert_eq!(out.trim(), format!("ok {pid}"));
-    assert_open(&f, pid, &helper_bin().canonicalize().unwrap().display().to_string(), f.secret.to_str().unwrap());
+    assert_open(
+        &f,
+        pid,
+        &helper_bin().canonicalize().unwrap().display().to_string(),
+        f.secret.to_str().unwrap(),
+    );
 }
 
 #[test]
@@ -120,15 +140,25 @@ fn non_secret_files_and_other_cgroups_are_not_reported() {
     std::fs::write(&other, "hello").unwrap();
     let (pid_other, _) = f.cg.run("cat", &[other.to_str().unwrap()]);
     // The test process itself is outside the watched cgroup.
-    let outside = std::process::Command::new("cat").arg(&f.secret).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let outside = std::process::Command::new("cat")
+        .arg(&f.secret)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let pid_outside = outside.id();
     outside.wait_with_output().unwrap();
     // A marker open from inside proves the daemon processed everything before it.
     let (marker, _) = f.cg.run("cat", &[f.secret.to_str().unwrap()]);
     f.daemon.one_event("marker", by("file_open", marker));
     let events = f.daemon.events();
-    assert!(!events.iter().any(|e| e["process"]["pid"] == pid_other && e["kind"] == "file_open"), "non-secret open reported");
-    assert!(!events.iter().any(|e| e["process"]["pid"] == pid_outside && e["kind"] == "file_open"), "open outside cgroup_root reported");
+    assert!(
+        !events.iter().any(|e| e["process"]["pid"] == pid_other && e["kind"] == "file_open"),
+        "non-secret open reported"
+    );
+    assert!(
+        !events.iter().any(|e| e["process"]["pid"] == pid_outside && e["kind"] == "file_open"),
+        "open outside cgroup_root reported"
+    );
 }
 
 #[test]
@@ -139,8 +169,15 @@ fn missing_secret_is_watched_when_it_appears() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("later.key");
     let cg = TestCgroup::new("missing");
-    let daemon = Daemon::start(&cg, &format!("[[secret]]\nname = \"later\"\npaths = [\"{}\"]\n", secret.display()));
-    assert!(daemon.log().contains("secret file missing"), "no warning for the missing path:\n{}", daemon.log());
+    let daemon = Daemon::start(
+        &cg,
+        &format!("[[secret]]\nname = \"later\"\npaths = [\"{}\"]\n", secret.display()),
+    );
+    assert!(
+        daemon.log().contains("secret file missing"),
+        "no warning for the missing path:\n{}",
+        daemon.log()
+    );
     assert_eq!(daemon.status_json()["secrets"]["paths_missing"], 1);
     std::fs::write(&secret, "k").unwrap();
     // The daemon re-resolves paths every second; open until it has caught one (bounded).
@@ -153,7 +190,8 @@ fn missing_secret_is_watched_when_it_appears() {
             break;
         }
     }
-    let pid = caught.unwrap_or_else(|| panic!("secret created after start never watched:\n{}", daemon.log()));
+    let pid = caught
+        .unwrap_or_else(|| panic!("secret created after start never watched:\n{}", daemon.log()));
     let e = daemon.one_event("file_open", by("file_open", pid));
     assert_eq!(e["file"]["secret"], "later");
     assert_eq!(e["file"]["ino"], dev_ino(&secret).1);
@@ -170,7 +208,8 @@ fn replaced_secret_is_re_resolved() {
     for _ in 0..50 {
         let (pid, _) = f.cg.run("cat", &[f.secret.to_str().unwrap()]);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        if f.daemon.events().iter().any(|e| e["kind"] == "file_open" && e["process"]["pid"] == pid) {
+        if f.daemon.events().iter().any(|e| e["kind"] == "file_open" && e["process"]["pid"] == pid)
+        {
             caught = Some(pid);
             break;
         }

@@ -71,7 +71,13 @@ struct Holder {
 
 impl Holder {
     fn start(f: &Fixture) -> Holder {
-        let mut child = f.cg.command(python()).args(["-c", HOLDER, &f.secret]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut child =
+            f.cg.command(python())
+                .args(["-c", HOLDER, &f.secret])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
         let pid: u32 = out.next().unwrap().unwrap().trim().parse().unwrap();
         assert_eq!(pid, child.id());
@@ -92,13 +98,25 @@ impl Drop for Holder {
 }
 
 fn grant_for(f: &Fixture, pid: u32, ttl: &str) -> Value {
-    let out = f.daemon.cli(&["grant", "request", "--intent", "deploy", "--ttl", ttl, "--pid", &pid.to_string(), "--json"]);
+    let out = f.daemon.cli(&[
+        "grant",
+        "request",
+        "--intent",
+        "deploy",
+        "--ttl",
+        ttl,
+        "--pid",
+        &pid.to_string(),
+        "--json",
+    ]);
     assert!(out.status.success(), "grant request failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn connect_event(f: &Fixture, pid: u32, port: u16) -> Value {
-    f.daemon.one_event("connect", move |e: &Value| by("connect", pid)(e) && e["destination"]["port"] == port)
+    f.daemon.one_event("connect", move |e: &Value| {
+        by("connect", pid)(e) && e["destination"]["port"] == port
+    })
 }
 
 #[test]
@@ -116,12 +134,19 @@ fn holder_and_grandchild_allowed_unrelated_process_not() {
     let gc: u32 = h.ask(&format!("grandchild {}", f.ok_port)).parse().unwrap();
 
     let e = f.daemon.one_event("holder open", by("file_open", h.pid));
-    assert_eq!((e["verdict"].as_str(), e["action"].as_str()), (Some("allowed"), Some("allowed")), "{e}");
+    assert_eq!(
+        (e["verdict"].as_str(), e["action"].as_str()),
+        (Some("allowed"), Some("allowed")),
+        "{e}"
+    );
     assert_eq!(e["grant"]["id"], id.as_str());
     let e = connect_event(&f, h.pid, f.ok_port);
     assert_eq!(e["verdict"], "allowed", "{e}");
     assert_eq!(e["grant"]["id"], id.as_str());
-    assert!(e["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"), "{e}");
+    assert!(
+        e["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"),
+        "{e}"
+    );
     // The grandchild was forked after the grant: it inherits.
     let e = f.daemon.one_event("grandchild open", by("file_open", gc));
     assert_eq!(e["verdict"], "allowed", "{e}");
@@ -140,7 +165,8 @@ fn holder_and_grandchild_allowed_unrelated_process_not() {
     // The ledger records the grant's life: issued, then its use.
     let (code, one) = f.daemon.curl("GET", &format!("/v1/grants/{id}"), None);
     assert_eq!(code, 200);
-    let kinds: Vec<&str> = one["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> =
+        one["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"issued"), "{one}");
     assert!(kinds.contains(&"used"), "{one}");
 }
@@ -167,14 +193,28 @@ fn expiry_is_decided_in_the_kernel() {
     std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
     assert_eq!(h.ask("open"), "opened");
-    let conns = f.daemon.wait_events("two connects", move |e: &Value| by("connect", h.pid)(e) && e["destination"]["port"] == f.ok_port);
-    let conns: Vec<Value> = if conns.len() < 2 { f.daemon.wait_events("second", |_| true); f.daemon.events().into_iter().filter(|e| e["kind"] == "connect" && e["process"]["pid"] == h.pid).collect() } else { conns };
+    let conns = f.daemon.wait_events("two connects", move |e: &Value| {
+        by("connect", h.pid)(e) && e["destination"]["port"] == f.ok_port
+    });
+    let conns: Vec<Value> = if conns.len() < 2 {
+        f.daemon.wait_events("second", |_| true);
+        f.daemon
+            .events()
+            .into_iter()
+            .filter(|e| e["kind"] == "connect" && e["process"]["pid"] == h.pid)
+            .collect()
+    } else {
+        conns
+    };
     assert_eq!(conns.len(), 2, "{conns:#?}");
     assert_eq!(conns[0]["verdict"], "allowed");
     let late = &conns[1];
     assert_eq!(late["verdict"], "expired", "{late}");
     assert!(late["grant"]["expired_for_ms"].as_u64().unwrap() >= 200, "{late}");
-    assert!(late["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"), "kernel and decide.rs must agree: {late}");
+    assert!(
+        late["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"),
+        "kernel and decide.rs must agree: {late}"
+    );
     let e = f.daemon.one_event("open after expiry", by("file_open", h.pid));
     assert_eq!(e["verdict"], "expired", "{e}");
     let exp = f.daemon.one_event("grant_expired", |e: &Value| e["kind"] == "grant_expired");
@@ -198,7 +238,9 @@ fn revoked_grant_is_refused_for_the_whole_subtree() {
     assert_eq!(connect_event(&f, h.pid, f.ok_port)["verdict"], "revoked");
     assert_eq!(f.daemon.one_event("open", by("file_open", h.pid))["verdict"], "revoked");
     assert_eq!(connect_event(&f, gc, f.ok_port)["verdict"], "revoked");
-    f.daemon.one_event("grant_revoked", |e: &Value| e["kind"] == "grant_revoked" && e["grant"]["id"] == id);
+    f.daemon.one_event("grant_revoked", |e: &Value| {
+        e["kind"] == "grant_revoked" && e["grant"]["id"] == id
+    });
     // Revoking twice is a conflict, not a crash.
     let (code, v) = f.daemon.curl("DELETE", &format!("/v1/grants/{id}"), None);
     assert_eq!(code, 409, "{v}");
@@ -209,7 +251,8 @@ fn revoked_grant_is_refused_for_the_whole_subtree() {
 fn grant_via_curl_and_token_verifies() {
     let Some(f) = fixture("curl", "") else { return };
     // curl itself is the requester: the grant is bound to curl's pid (and ends with it).
-    let (code, g) = f.daemon.curl("POST", "/v1/grants", Some(r#"{"intent": "deploy", "ttl": "2h"}"#));
+    let (code, g) =
+        f.daemon.curl("POST", "/v1/grants", Some(r#"{"intent": "deploy", "ttl": "2h"}"#));
     assert_eq!(code, 201, "{g}");
     assert_eq!(g["subject"]["exe"], which("curl"));
     assert_eq!(g["ttl_clamped"], "requested 2h, clamped to intent max_ttl 10m", "{g}");
@@ -232,7 +275,8 @@ fn grant_via_curl_and_token_verifies() {
     assert_eq!(code, 200);
     assert_eq!(keys["keys"][0]["crv"], "Ed25519");
     // GET one grant, and 404 for an unknown one.
-    let (code, one) = f.daemon.curl("GET", &format!("/v1/grants/{}", g["id"].as_str().unwrap()), None);
+    let (code, one) =
+        f.daemon.curl("GET", &format!("/v1/grants/{}", g["id"].as_str().unwrap()), None);
     assert_eq!(code, 200);
     assert_eq!(one["id"], g["id"]);
     assert_eq!(f.daemon.curl("GET", "/v1/grants/g_nope", None).0, 404);
@@ -251,7 +295,12 @@ fn chrono_secs(v: &Value) -> f64 {
 
 #[test]
 fn bad_requests_get_json_errors_and_change_nothing() {
-    let Some(f) = fixture("badreq", "[[intent]]\nname = \"nobody\"\nagents = [{ uid = 4242 }]\nsecrets = [\"deploy-key\"]\n") else { return };
+    let Some(f) = fixture(
+        "badreq",
+        "[[intent]]\nname = \"nobody\"\nagents = [{ uid = 4242 }]\nsecrets = [\"deploy-key\"]\n",
+    ) else {
+        return;
+    };
     let cases: &[(&str, u16, &str)] = &[
         (r#"{"intent": "deploy""#, 400, "malformed_json"),
         (r#"["deploy"]"#, 400, "malformed_json"),
@@ -321,26 +370,30 @@ fn run_binds_the_subtree_returns_status_and_revokes() {
         "import os, socket, sys\nopen({:?}).read()\nsocket.create_connection(('127.0.0.1', {})).close()\nprint(os.getpid())\nsys.exit(7)\n",
         f.secret, f.ok_port
     );
-    let out = f.cg.command(enforcer_bin())
-        .args(["run", "--intent", "deploy", "--ttl", "1m", "--", &python(), "-c", &script])
-        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
-        .output()
-        .unwrap();
+    let out =
+        f.cg.command(enforcer_bin())
+            .args(["run", "--intent", "deploy", "--ttl", "1m", "--", &python(), "-c", &script])
+            .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+            .output()
+            .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert_eq!(f.daemon.one_event("open", by("file_open", pid))["verdict"], "allowed");
     assert_eq!(connect_event(&f, pid, f.ok_port)["verdict"], "allowed");
     // After CMD exits the grant is over (revoked by run, or ended with its subtree).
     std::thread::sleep(Duration::from_millis(300));
-    let v: Value = serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout).unwrap();
+    let v: Value =
+        serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout)
+            .unwrap();
     let state = v["grants"][0]["state"].as_str().unwrap().to_string();
     assert!(state == "revoked" || state == "ended", "{v}");
     // An intent that does not exist: CMD never runs.
-    let out = f.cg.command(enforcer_bin())
-        .args(["run", "--intent", "nope", "--", "sh", "-c", "echo ran"])
-        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
-        .output()
-        .unwrap();
+    let out =
+        f.cg.command(enforcer_bin())
+            .args(["run", "--intent", "nope", "--", "sh", "-c", "echo ran"])
+            .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+            .output()
+            .unwrap();
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_intent"));
@@ -381,8 +434,12 @@ fn daemon_restart_keeps_live_and_expired_grants() {
     assert_eq!(e["verdict"], "allowed", "{e}");
     assert_eq!(e["grant"]["id"], live["id"]);
     assert_eq!(h2.ask(&format!("connect {}", f.ok_port)), "connected");
-    let v: Value = serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout).unwrap();
-    let state_of = |id: &Value| v["grants"].as_array().unwrap().iter().find(|g| g["id"] == *id).unwrap()["state"].clone();
+    let v: Value =
+        serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout)
+            .unwrap();
+    let state_of = |id: &Value| {
+        v["grants"].as_array().unwrap().iter().find(|g| g["id"] == *id).unwrap()["state"].clone()
+    };
     assert_eq!(state_of(&live["id"]), "active");
     assert_eq!(state_of(&short["id"]), "expired");
     assert_eq!(f.daemon.status_json()["live_grants"], 1);
@@ -395,7 +452,9 @@ fn pid_reuse_cannot_inherit_a_grant() {
     let old = h.pid;
     let g = grant_for(&f, old, "5m");
     drop(h); // killed and reaped: the pid is free
-    f.daemon.one_event("grant_ended", |e: &Value| e["kind"] == "grant_ended" && e["grant"]["id"] == g["id"]);
+    f.daemon.one_event("grant_ended", |e: &Value| {
+        e["kind"] == "grant_ended" && e["grant"]["id"] == g["id"]
+    });
     // Make the kernel hand out the same pid again: write ns_last_pid and fork right away,
     // from one process so nothing else on the host slips in between (bounded attempts).
     let script = format!(
@@ -413,6 +472,10 @@ fn pid_reuse_cannot_inherit_a_grant() {
     let e = connect_event(&f, pid, f.ok_port);
     assert!(e["grant"].is_null(), "{e}");
     // And a request naming an exited pid is refused.
-    let (code, v) = f.daemon.curl("POST", "/v1/grants", Some(&format!(r#"{{"intent": "deploy", "pid": {}}}"#, 4_000_000)));
+    let (code, v) = f.daemon.curl(
+        "POST",
+        "/v1/grants",
+        Some(&format!(r#"{{"intent": "deploy", "pid": {}}}"#, 4_000_000)),
+    );
     assert!(code == 404 || code == 400, "{code} {v}");
 }

@@ -13,7 +13,9 @@ fn main() {
     let r = match args.get(1).map(String::as_str) {
         Some("openat2") => openat2(&args[2]),
         Some("uring-open") => uring_open(&args[2]),
-        Some("uring-connect") => uring_connect(args[2].parse().expect("ip"), args[3].parse().expect("port")),
+        Some("uring-connect") => {
+            uring_connect(args[2].parse().expect("ip"), args[3].parse().expect("port"))
+        }
         _ => Err("usage: openat2 PATH | uring-open PATH | uring-connect IP PORT".into()),
     };
     match r {
@@ -35,7 +37,15 @@ struct OpenHow {
 fn openat2(path: &str) -> Result<(), String> {
     let c = CString::new(path).unwrap();
     let how = OpenHow { flags: libc::O_RDONLY as u64, mode: 0, resolve: 0 };
-    let fd = unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, c.as_ptr(), &how as *const OpenHow, size_of::<OpenHow>()) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            size_of::<OpenHow>(),
+        )
+    };
     if fd < 0 {
         return Err(format!("openat2: {}", std::io::Error::last_os_error()));
     }
@@ -46,12 +56,17 @@ fn openat2(path: &str) -> Result<(), String> {
 fn uring_open(path: &str) -> Result<(), String> {
     let mut ring = io_uring::IoUring::new(4).map_err(|e| e.to_string())?;
     let c = CString::new(path).unwrap();
-    let op = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c.as_ptr()).flags(libc::O_RDONLY).build();
+    let op = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c.as_ptr())
+        .flags(libc::O_RDONLY)
+        .build();
     unsafe { ring.submission().push(&op).map_err(|e| e.to_string())? };
     ring.submit_and_wait(1).map_err(|e| e.to_string())?;
     let cqe = ring.completion().next().ok_or("no completion")?;
     if cqe.result() < 0 {
-        return Err(format!("io_uring openat: {}", std::io::Error::from_raw_os_error(-cqe.result())));
+        return Err(format!(
+            "io_uring openat: {}",
+            std::io::Error::from_raw_os_error(-cqe.result())
+        ));
     }
     unsafe { libc::close(cqe.result()) };
     Ok(())
@@ -65,14 +80,22 @@ fn uring_connect(ip: IpAddr, port: u16) -> Result<(), String> {
         return Err(std::io::Error::last_os_error().to_string());
     }
     let mut ring = io_uring::IoUring::new(4).map_err(|e| e.to_string())?;
-    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(sock), &storage as *const _ as *const libc::sockaddr, len).build();
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(sock),
+        &storage as *const _ as *const libc::sockaddr,
+        len,
+    )
+    .build();
     unsafe { ring.submission().push(&op).map_err(|e| e.to_string())? };
     ring.submit_and_wait(1).map_err(|e| e.to_string())?;
     let cqe = ring.completion().next().ok_or("no completion")?;
     let _ = ring.as_raw_fd();
     unsafe { libc::close(sock) };
     if cqe.result() < 0 {
-        return Err(format!("io_uring connect: {}", std::io::Error::from_raw_os_error(-cqe.result())));
+        return Err(format!(
+            "io_uring connect: {}",
+            std::io::Error::from_raw_os_error(-cqe.result())
+        ));
     }
     Ok(())
 }

@@ -35,7 +35,11 @@ pub fn root_or_skip(test: &str) -> bool {
         return false;
     }
     let bin = enforcer_bin();
-    assert!(bin.exists(), "{} missing: run `cargo xtask test` (it builds the daemon with its eBPF object)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask test` (it builds the daemon with its eBPF object)",
+        bin.display()
+    );
     true
 }
 
@@ -73,7 +77,10 @@ impl TestCgroup {
 
     /// A command whose process joins this cgroup between fork and exec.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let procs = File::options().write(true).open(self.path.join("cgroup.procs")).expect("open cgroup.procs");
+        let procs = File::options()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
         let mut cmd = Command::new(program);
         unsafe {
             cmd.pre_exec(move || {
@@ -89,11 +96,20 @@ impl TestCgroup {
 
     /// Runs a command in the cgroup to completion; returns (pid, stdout).
     pub fn run(&self, program: &str, args: &[&str]) -> (u32, String) {
-        let child = self.command(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+        let child = self
+            .command(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (pid, String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
@@ -107,7 +123,11 @@ impl Drop for TestCgroup {
         let mut i = 0;
         while i < dirs.len() {
             if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                dirs.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
             }
             i += 1;
         }
@@ -143,7 +163,11 @@ impl Daemon {
     pub fn configure(cgroup: &TestCgroup, extra: &str) -> Daemon {
         let dir = tempfile::Builder::new().prefix("enforcer-test-").tempdir().unwrap();
         let config = dir.path().join("enforcer.toml");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/enforcer-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         // `mode` may be set by `extra` (it must then come first in it).
         let mode = if extra.trim_start().starts_with("mode") { "" } else { "mode = \"monitor\"\n" };
         let text = format!(
@@ -204,7 +228,11 @@ impl Daemon {
     }
 
     pub fn status_json(&self) -> Value {
-        let out = Command::new(enforcer_bin()).args(["status", "--json", "--runtime-dir"]).arg(self.runtime_dir()).output().unwrap();
+        let out = Command::new(enforcer_bin())
+            .args(["status", "--json", "--runtime-dir"])
+            .arg(self.runtime_dir())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -212,7 +240,12 @@ impl Daemon {
     /// Every stored event, parsed.
     pub fn events(&self) -> Vec<Value> {
         let Ok(f) = File::open(self.state_dir().join("events.jsonl")) else { return Vec::new() };
-        BufReader::new(f).lines().map_while(Result::ok).filter(|l| !l.is_empty()).map(|l| serde_json::from_str(&l).unwrap()).collect()
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect()
     }
 
     /// Waits (up to 10 s) for events matching `pred`; returns them all once at least one
@@ -225,7 +258,12 @@ impl Daemon {
                 std::thread::sleep(Duration::from_millis(300));
                 return self.events().into_iter().filter(|e| pred(e)).collect();
             }
-            assert!(Instant::now() < deadline, "no event {what} within 10 s; events:\n{}\nlog:\n{}", self.dump(), self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no event {what} within 10 s; events:\n{}\nlog:\n{}",
+                self.dump(),
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -311,26 +349,38 @@ pub fn dev_ino(path: &Path) -> (u64, u64) {
 pub fn which(prog: &str) -> String {
     let out = Command::new("sh").args(["-c", &format!("command -v {prog}")]).output().unwrap();
     let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("{prog} not found ({p}): {e}")).display().to_string()
+    std::fs::canonicalize(&p)
+        .unwrap_or_else(|e| panic!("{prog} not found ({p}): {e}"))
+        .display()
+        .to_string()
 }
 
 /// The python3 interpreter's real path (not a pyenv shim), for commands and exe assertions.
 pub fn python() -> String {
-    let out = Command::new("python3").args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"]).output().expect("python3");
+    let out = Command::new("python3")
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()
+        .expect("python3");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl Daemon {
     /// Runs `enforcer ARGS` against this daemon (its runtime dir via ENFORCER_RUNTIME_DIR).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(enforcer_bin()).args(args).env("ENFORCER_RUNTIME_DIR", self.runtime_dir()).output().expect("run enforcer")
+        Command::new(enforcer_bin())
+            .args(args)
+            .env("ENFORCER_RUNTIME_DIR", self.runtime_dir())
+            .output()
+            .expect("run enforcer")
     }
 
     /// `curl --unix-socket` against the API: (HTTP status, parsed JSON body).
     pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let sock = self.runtime_dir().join("mint.sock");
         let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args(["-X", method]);
+        cmd.args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&sock)
+            .args(["-X", method]);
         if let Some(b) = body {
             cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
         }

@@ -100,7 +100,10 @@ fn cmdline_arguments_with_spaces_are_quoted() {
     let script = "import os, sys\nopen(sys.argv[1]).read()\nprint(os.getpid())";
     let (pid, _) = f.cg.run(&python(), &["-c", script, &f.secret, "two words"]);
     let e = f.daemon.one_event("file_open", by("file_open", pid));
-    assert_eq!(e["process"]["cmdline"], format!("{} -c {script:?} {} \"two words\"", python(), f.secret));
+    assert_eq!(
+        e["process"]["cmdline"],
+        format!("{} -c {script:?} {} \"two words\"", python(), f.secret)
+    );
 }
 
 #[test]
@@ -113,7 +116,13 @@ fn process_started_before_the_daemon() {
     let script = format!(
         "import os, sys\nsys.stdout.write('ready\\n'); sys.stdout.flush()\nsys.stdin.readline()\nopen({secret:?}).read()\nprint(os.getpid())\n"
     );
-    let mut child = cg.command(python()).args(["-c", &script, "--marker"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = cg
+        .command(python())
+        .args(["-c", &script, "--marker"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
@@ -136,13 +145,14 @@ fn process_started_before_the_daemon() {
 fn environment_static_keys_are_reported_by_name_and_fingerprint_only() {
     let Some(f) = fixture("envkey") else { return };
     let value = "AKIAvalue-that-must-never-appear-0123456789";
-    let out = f.cg.command("sh")
-        .args(["-c", "exec sleep 0.2"])
-        .env("DEPLOY_API_KEY", value)
-        .env("ENFORCER_JOB_ID", "job-7")
-        .env("ENFORCER_JOB_NAME", "deploy")
-        .output()
-        .unwrap();
+    let out =
+        f.cg.command("sh")
+            .args(["-c", "exec sleep 0.2"])
+            .env("DEPLOY_API_KEY", value)
+            .env("ENFORCER_JOB_ID", "job-7")
+            .env("ENFORCER_JOB_NAME", "deploy")
+            .output()
+            .unwrap();
     assert!(out.status.success());
     let e = f.daemon.one_event("env_credential", |e: &Value| e["kind"] == "env_credential");
     assert_eq!(e["verdict"], "no_grant");

@@ -9,6 +9,7 @@
 //! the boot clock, so a use one nanosecond late is already expired. It follows decide.rs:
 //! allowed if any active, unexpired grant covers the destination; otherwise revoked or
 //! expired if such a grant covers it; otherwise out_of_intent.
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -17,7 +18,6 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     ConnectRecord, DestKey, MAX_PORT_RANGES, MAX_PROC_GRANTS, MAX_SECRETS, SECRET_SLOT_BASE,
     action, config, counter, grant_flags, grant_state, kind, op, proc_flags, reason, verdict,
@@ -85,7 +85,14 @@ fn dest_allows(slot: u32, addr: &[u8; 16], port: u16) -> bool {
 /// then `[[agent]]` processes without any grant.
 #[inline(always)]
 fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> Judgement {
-    let mut j = Judgement { verdict: verdict::NO_GRANT_HELD, slot: 0, action: action::ALLOWED, reason: reason::GRANT, taint_secret: 0, revoked_now: 0 };
+    let mut j = Judgement {
+        verdict: verdict::NO_GRANT_HELD,
+        slot: 0,
+        action: action::ALLOWED,
+        reason: reason::GRANT,
+        taint_secret: 0,
+        revoked_now: 0,
+    };
     let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
         return j;
     };
@@ -140,7 +147,8 @@ fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> Judgement {
                 continue;
             }
             let Some(info) = SECRETS.get(i as u32) else { continue };
-            let own_ok = info.has_dests == 0 || dest_allows(SECRET_SLOT_BASE + i as u32, addr, port);
+            let own_ok =
+                info.has_dests == 0 || dest_allows(SECRET_SLOT_BASE + i as u32, addr, port);
             let granted = live_secrets & (1u64 << i) != 0;
             if !(own_ok && granted) {
                 j.verdict = verdict::OUT_OF_INTENT;

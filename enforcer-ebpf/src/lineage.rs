@@ -19,7 +19,9 @@ use enforcer_common::{
     ProcGrants, counter, kind, proc_flags,
 };
 
-use crate::maps::{AGENT_CGROUPS, AGENT_EXES, AGENT_UIDS, EVENTS, PROC_GRANTS, count, submit_flags};
+use crate::maps::{
+    AGENT_CGROUPS, AGENT_EXES, AGENT_UIDS, EVENTS, PROC_GRANTS, count, submit_flags,
+};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -63,7 +65,9 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
     if flags & CLONE_THREAD != 0 || task == 0 {
         return 0;
     }
-    let child: i32 = match unsafe { bpf_probe_read_kernel((task + TASK_TGID_OFF.load() as u64) as *const i32) } {
+    let child: i32 = match unsafe {
+        bpf_probe_read_kernel((task + TASK_TGID_OFF.load() as u64) as *const i32)
+    } {
         Ok(v) => v,
         Err(_) => return 0,
     };
@@ -79,7 +83,8 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
     let mut grants = [0u32; MAX_PROC_GRANTS];
     if let Some(pg) = unsafe { PROC_GRANTS.get(&parent) } {
         grants = pg.grants;
-        let inherited = ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
+        let inherited =
+            ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
         let _ = PROC_GRANTS.insert(&(child as u32), &inherited, 0);
     }
     entry.write(ForkRecord {
@@ -109,7 +114,8 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let fname_ptr: u64 = if bprm == 0 {
         0
     } else {
-        unsafe { bpf_probe_read_kernel((bprm + BPRM_FILENAME_OFF.load() as u64) as *const u64) }.unwrap_or(0)
+        unsafe { bpf_probe_read_kernel((bprm + BPRM_FILENAME_OFF.load() as u64) as *const u64) }
+            .unwrap_or(0)
     };
     let Some(mut entry) = EVENTS.reserve::<ExecRecord>(0) else {
         count(counter::RINGBUF_DROPS);
@@ -165,7 +171,12 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
         count(counter::RINGBUF_DROPS);
         return 0;
     };
-    entry.write(ExitRecord { kind: kind::EXIT, tgid, boot_ns: unsafe { bpf_ktime_get_boot_ns() }, grants });
+    entry.write(ExitRecord {
+        kind: kind::EXIT,
+        tgid,
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        grants,
+    });
     entry.submit(submit_flags());
     count(counter::EVENTS);
     0
@@ -180,12 +191,18 @@ unsafe fn read_args(rec: &mut ExecRecord) {
     rec.args_truncated = 0;
     rec.args[0] = 0;
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let mm: u64 = match unsafe { bpf_probe_read_kernel(task.add(TASK_MM_OFF.load() as usize) as *const u64) } {
-        Ok(v) if v != 0 => v,
-        _ => return,
-    };
-    let start: u64 = unsafe { bpf_probe_read_kernel((mm + MM_ARG_START_OFF.load() as u64) as *const u64) }.unwrap_or(0);
-    let end: u64 = unsafe { bpf_probe_read_kernel((mm + MM_ARG_END_OFF.load() as u64) as *const u64) }.unwrap_or(0);
+    let mm: u64 =
+        match unsafe { bpf_probe_read_kernel(task.add(TASK_MM_OFF.load() as usize) as *const u64) }
+        {
+            Ok(v) if v != 0 => v,
+            _ => return,
+        };
+    let start: u64 =
+        unsafe { bpf_probe_read_kernel((mm + MM_ARG_START_OFF.load() as u64) as *const u64) }
+            .unwrap_or(0);
+    let end: u64 =
+        unsafe { bpf_probe_read_kernel((mm + MM_ARG_END_OFF.load() as u64) as *const u64) }
+            .unwrap_or(0);
     if start == 0 || end <= start {
         return;
     }
@@ -199,7 +216,13 @@ unsafe fn read_args(rec: &mut ExecRecord) {
     if len == 0 || len > ARGS_LEN as u32 {
         return;
     }
-    let r = unsafe { generated::bpf_probe_read_user(rec.args.as_mut_ptr() as *mut c_void, len, start as *const c_void) };
+    let r = unsafe {
+        generated::bpf_probe_read_user(
+            rec.args.as_mut_ptr() as *mut c_void,
+            len,
+            start as *const c_void,
+        )
+    };
     if r == 0 {
         rec.args_len = len;
     }
@@ -210,7 +233,8 @@ unsafe fn read_args(rec: &mut ExecRecord) {
 #[inline(always)]
 fn mark_agent(tgid: u32, uid: u32) {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let mut agent = unsafe { AGENT_UIDS.get(&uid) }.is_some() || unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some();
+    let mut agent = unsafe { AGENT_UIDS.get(&uid) }.is_some()
+        || unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some();
     if !agent {
         if let Some(key) = exe_key() {
             agent = unsafe { AGENT_EXES.get(&key) }.is_some();
@@ -221,7 +245,13 @@ fn mark_agent(tgid: u32, uid: u32) {
     }
     let mut pg = match unsafe { PROC_GRANTS.get(&tgid) } {
         Some(p) => *p,
-        None => ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns: unsafe { bpf_ktime_get_boot_ns() }, taint: 0, flags: 0, _pad: 0 },
+        None => ProcGrants {
+            grants: [0; MAX_PROC_GRANTS],
+            start_ns: unsafe { bpf_ktime_get_boot_ns() },
+            taint: 0,
+            flags: 0,
+            _pad: 0,
+        },
     };
     pg.flags |= proc_flags::AGENT;
     let _ = PROC_GRANTS.insert(&tgid, &pg, 0);
@@ -245,6 +275,7 @@ fn exe_key() -> Option<ExeKey> {
     if sb == 0 {
         return None;
     }
-    let dev: u32 = unsafe { bpf_probe_read_kernel((sb + SB_DEV_OFF.load() as u64) as *const u32) }.ok()?;
+    let dev: u32 =
+        unsafe { bpf_probe_read_kernel((sb + SB_DEV_OFF.load() as u64) as *const u32) }.ok()?;
     Some(ExeKey { dev: dev as u64, ino })
 }

@@ -23,8 +23,14 @@ use crate::policy::{Mode, OnViolation};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Use {
     /// `without_grant`: the strictest on_violation among intents covering the secret.
-    SecretOpen { secret: String, without_grant: OnViolation },
-    Connect { ip: IpAddr, port: u16 },
+    SecretOpen {
+        secret: String,
+        without_grant: OnViolation,
+    },
+    Connect {
+        ip: IpAddr,
+        port: u16,
+    },
 }
 
 /// A secret the process (or an ancestor before forking it) opened.
@@ -169,20 +175,39 @@ fn what(u: &Use) -> String {
 pub fn decide(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -> Decision {
     let d = decide_grants(u, subject, mode, now);
     match (u, d.verdict) {
-        (Use::Connect { ip, port }, Verdict::Allowed) => check_taint(d, *ip, *port, subject, mode, now),
+        (Use::Connect { ip, port }, Verdict::Allowed) => {
+            check_taint(d, *ip, *port, subject, mode, now)
+        }
         _ => d,
     }
 }
 
-fn decision(verdict: Verdict, action: Action, path: Vec<String>, grant: Option<usize>, reason: Reason) -> Decision {
+fn decision(
+    verdict: Verdict,
+    action: Action,
+    path: Vec<String>,
+    grant: Option<usize>,
+    reason: Reason,
+) -> Decision {
     Decision { verdict, action, decision_path: path, grant, expired_for_ms: None, reason }
 }
 
 fn decide_grants(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -> Decision {
     let held = &subject.held;
-    let mut path = vec![if subject.known { "subject resolved" } else { "subject unresolved (exited before attribution)" }.to_string()];
+    let mut path = vec![
+        if subject.known {
+            "subject resolved"
+        } else {
+            "subject unresolved (exited before attribution)"
+        }
+        .to_string(),
+    ];
     let ids: Vec<&str> = held.iter().map(|g| g.id.as_str()).collect();
-    path.push(format!("grants held: {}{}", held.len(), if ids.is_empty() { String::new() } else { format!(" ({})", ids.join(", ")) }));
+    path.push(format!(
+        "grants held: {}{}",
+        held.len(),
+        if ids.is_empty() { String::new() } else { format!(" ({})", ids.join(", ")) }
+    ));
     if held.is_empty() {
         return match u {
             Use::SecretOpen { without_grant, .. } => {
@@ -214,13 +239,23 @@ fn decide_grants(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>
         return decision(Verdict::Allowed, Action::Allowed, path, Some(i), Reason::None);
     }
     if let Some(&i) = covering.iter().find(|i| held[**i].revoked) {
-        path.push(format!("grant {} (intent {}) covers {} but was revoked", held[i].id, held[i].intent, what(u)));
+        path.push(format!(
+            "grant {} (intent {}) covers {} but was revoked",
+            held[i].id,
+            held[i].intent,
+            what(u)
+        ));
         let action = act(mode, held[i].on_violation, &mut path);
         return decision(Verdict::Revoked, action, path, Some(i), Reason::Grant);
     }
     let i = covering[0];
     let late = (now - held[i].expires_at).num_milliseconds().max(0) as u64;
-    path.push(format!("grant {} (intent {}) covers {} but expired {late} ms ago", held[i].id, held[i].intent, what(u)));
+    path.push(format!(
+        "grant {} (intent {}) covers {} but expired {late} ms ago",
+        held[i].id,
+        held[i].intent,
+        what(u)
+    ));
     let action = act(mode, held[i].on_violation, &mut path);
     let mut d = decision(Verdict::Expired, action, path, Some(i), Reason::Grant);
     d.expired_for_ms = Some(late);
@@ -230,10 +265,22 @@ fn decide_grants(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>
 /// A connection allowed by the grants is still a violation if a secret the process read
 /// is not valid toward it: its own destinations (when it has any) and a live grant that
 /// covers both the secret and the destination.
-fn check_taint(mut d: Decision, ip: IpAddr, port: u16, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -> Decision {
+fn check_taint(
+    mut d: Decision,
+    ip: IpAddr,
+    port: u16,
+    subject: &SubjectState,
+    mode: Mode,
+    now: DateTime<Utc>,
+) -> Decision {
     for t in &subject.taint {
         let own_ok = t.destinations.is_empty() || in_nets(&t.destinations, ip, port);
-        let granted = subject.held.iter().any(|g| !g.revoked && now < g.expires_at && g.secrets.contains(&t.secret) && in_nets(&g.destinations, ip, port));
+        let granted = subject.held.iter().any(|g| {
+            !g.revoked
+                && now < g.expires_at
+                && g.secrets.contains(&t.secret)
+                && in_nets(&g.destinations, ip, port)
+        });
         if own_ok && granted {
             continue;
         }
@@ -256,7 +303,14 @@ mod tests {
     use super::*;
     use chrono::Duration;
 
-    fn grant(id: &str, secrets: &[&str], dests: &[&str], expires_in_s: i64, revoked: bool, now: DateTime<Utc>) -> HeldGrant {
+    fn grant(
+        id: &str,
+        secrets: &[&str],
+        dests: &[&str],
+        expires_in_s: i64,
+        revoked: bool,
+        now: DateTime<Utc>,
+    ) -> HeldGrant {
         HeldGrant {
             id: id.into(),
             intent: format!("intent-{id}"),
@@ -290,20 +344,67 @@ mod tests {
             ("no grant, connect", c("10.1.1.1", 443), vec![], Allowed, None),
             ("live grant, secret", s("key"), vec![live.clone()], Allowed, Some("a")),
             ("live grant, connect", c("10.1.1.1", 443), vec![live.clone()], Allowed, Some("a")),
-            ("live grant, mapped v6", c("::ffff:10.1.1.1", 443), vec![live.clone()], Allowed, Some("a")),
-            ("live grant, wrong port", c("10.1.1.1", 80), vec![live.clone()], OutOfIntent, Some("a")),
-            ("live grant, wrong net", c("192.0.2.1", 443), vec![live.clone()], OutOfIntent, Some("a")),
+            (
+                "live grant, mapped v6",
+                c("::ffff:10.1.1.1", 443),
+                vec![live.clone()],
+                Allowed,
+                Some("a"),
+            ),
+            (
+                "live grant, wrong port",
+                c("10.1.1.1", 80),
+                vec![live.clone()],
+                OutOfIntent,
+                Some("a"),
+            ),
+            (
+                "live grant, wrong net",
+                c("192.0.2.1", 443),
+                vec![live.clone()],
+                OutOfIntent,
+                Some("a"),
+            ),
             ("live grant, other secret", s("other"), vec![live.clone()], OutOfIntent, Some("a")),
             ("expired", s("key"), vec![expired.clone()], Expired, Some("b")),
             ("expired connect", c("10.0.0.1", 443), vec![expired.clone()], Expired, Some("b")),
             ("revoked", s("key"), vec![revoked.clone()], Revoked, Some("c")),
-            ("revoked beats expired", c("10.0.0.1", 443), vec![expired.clone(), revoked.clone()], Revoked, Some("c")),
-            ("live beats expired", s("key"), vec![expired.clone(), live.clone()], Allowed, Some("a")),
-            ("second grant covers", s("other"), vec![live.clone(), other.clone()], Allowed, Some("d")),
-            ("two grants, none covers", c("203.0.113.1", 443), vec![live.clone(), other.clone()], OutOfIntent, Some("a")),
+            (
+                "revoked beats expired",
+                c("10.0.0.1", 443),
+                vec![expired.clone(), revoked.clone()],
+                Revoked,
+                Some("c"),
+            ),
+            (
+                "live beats expired",
+                s("key"),
+                vec![expired.clone(), live.clone()],
+                Allowed,
+                Some("a"),
+            ),
+            (
+                "second grant covers",
+                s("other"),
+                vec![live.clone(), other.clone()],
+                Allowed,
+                Some("d"),
+            ),
+            (
+                "two grants, none covers",
+                c("203.0.113.1", 443),
+                vec![live.clone(), other.clone()],
+                OutOfIntent,
+                Some("a"),
+            ),
         ];
         for (name, u, held, verdict, gid) in cases {
-            let d = decide(&u, &SubjectState { known: true, held: held.clone(), ..Default::default() }, Mode::Monitor, now);
+            let d = decide(
+                &u,
+                &SubjectState { known: true, held: held.clone(), ..Default::default() },
+                Mode::Monitor,
+                now,
+            );
             assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
             assert_eq!(d.grant.map(|i| held[i].id.as_str()), gid, "{name}");
             let expect_action = if verdict == Allowed { Action::Allowed } else { Action::Alerted };
@@ -338,23 +439,113 @@ mod tests {
             destinations: dests.iter().map(|d| (d.parse().unwrap(), 443, 443)).collect(),
             on_violation: on,
         };
-        let subj = |held: Vec<HeldGrant>, taint: Vec<Taint>, agent: bool| SubjectState { known: true, held, taint, agent };
+        let subj = |held: Vec<HeldGrant>, taint: Vec<Taint>, agent: bool| SubjectState {
+            known: true,
+            held,
+            taint,
+            agent,
+        };
         use Verdict::*;
         let cases: Vec<(&str, Use, SubjectState, Mode, Verdict, Action, Reason)> = vec![
-            ("grant violation, enforce kill", c("192.0.2.1", 443), subj(vec![live.clone()], vec![], false), Mode::Enforce, OutOfIntent, Action::Killed, Reason::Grant),
-            ("grant violation, monitor", c("192.0.2.1", 443), subj(vec![live.clone()], vec![], false), Mode::Monitor, OutOfIntent, Action::Alerted, Reason::Grant),
-            ("no grant open, enforce deny", Use::SecretOpen { secret: "key".into(), without_grant: OnViolation::Deny }, subj(vec![], vec![], false), Mode::Enforce, NoGrant, Action::Denied, Reason::Grant),
-            ("agent without grant", c("10.0.0.1", 443), subj(vec![], vec![], true), Mode::Enforce, OutOfIntent, Action::Denied, Reason::Agent),
-            ("agent with covering grant", c("10.0.0.1", 443), subj(vec![live.clone()], vec![], true), Mode::Enforce, Allowed, Action::Allowed, Reason::None),
-            ("tainted, no grant: nowhere", c("10.0.0.1", 443), subj(vec![], vec![taint(&[], OnViolation::Deny)], false), Mode::Enforce, OutOfIntent, Action::Denied, Reason::Taint("key".into())),
-            ("tainted, grant covers secret and dest", c("10.0.0.1", 443), subj(vec![live.clone()], vec![taint(&[], OnViolation::Deny)], false), Mode::Enforce, Allowed, Action::Allowed, Reason::None),
-            ("tainted, dest outside secret's own", c("10.0.0.1", 443), subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false), Mode::Enforce, OutOfIntent, Action::Denied, Reason::Taint("key".into())),
-            ("tainted, inside both", c("10.9.1.1", 443), subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false), Mode::Enforce, Allowed, Action::Allowed, Reason::None),
-            ("tainted, monitor alerts", c("10.0.0.1", 443), subj(vec![], vec![taint(&[], OnViolation::Kill)], false), Mode::Monitor, OutOfIntent, Action::Alerted, Reason::Taint("key".into())),
+            (
+                "grant violation, enforce kill",
+                c("192.0.2.1", 443),
+                subj(vec![live.clone()], vec![], false),
+                Mode::Enforce,
+                OutOfIntent,
+                Action::Killed,
+                Reason::Grant,
+            ),
+            (
+                "grant violation, monitor",
+                c("192.0.2.1", 443),
+                subj(vec![live.clone()], vec![], false),
+                Mode::Monitor,
+                OutOfIntent,
+                Action::Alerted,
+                Reason::Grant,
+            ),
+            (
+                "no grant open, enforce deny",
+                Use::SecretOpen { secret: "key".into(), without_grant: OnViolation::Deny },
+                subj(vec![], vec![], false),
+                Mode::Enforce,
+                NoGrant,
+                Action::Denied,
+                Reason::Grant,
+            ),
+            (
+                "agent without grant",
+                c("10.0.0.1", 443),
+                subj(vec![], vec![], true),
+                Mode::Enforce,
+                OutOfIntent,
+                Action::Denied,
+                Reason::Agent,
+            ),
+            (
+                "agent with covering grant",
+                c("10.0.0.1", 443),
+                subj(vec![live.clone()], vec![], true),
+                Mode::Enforce,
+                Allowed,
+                Action::Allowed,
+                Reason::None,
+            ),
+            (
+                "tainted, no grant: nowhere",
+                c("10.0.0.1", 443),
+                subj(vec![], vec![taint(&[], OnViolation::Deny)], false),
+                Mode::Enforce,
+                OutOfIntent,
+                Action::Denied,
+                Reason::Taint("key".into()),
+            ),
+            (
+                "tainted, grant covers secret and dest",
+                c("10.0.0.1", 443),
+                subj(vec![live.clone()], vec![taint(&[], OnViolation::Deny)], false),
+                Mode::Enforce,
+                Allowed,
+                Action::Allowed,
+                Reason::None,
+            ),
+            (
+                "tainted, dest outside secret's own",
+                c("10.0.0.1", 443),
+                subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false),
+                Mode::Enforce,
+                OutOfIntent,
+                Action::Denied,
+                Reason::Taint("key".into()),
+            ),
+            (
+                "tainted, inside both",
+                c("10.9.1.1", 443),
+                subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false),
+                Mode::Enforce,
+                Allowed,
+                Action::Allowed,
+                Reason::None,
+            ),
+            (
+                "tainted, monitor alerts",
+                c("10.0.0.1", 443),
+                subj(vec![], vec![taint(&[], OnViolation::Kill)], false),
+                Mode::Monitor,
+                OutOfIntent,
+                Action::Alerted,
+                Reason::Taint("key".into()),
+            ),
         ];
         for (name, u, s, mode, verdict, action, reason) in cases {
             let d = decide(&u, &s, mode, now);
-            assert_eq!((d.verdict, d.action, d.reason.clone()), (verdict, action, reason), "{name}: {:?}", d.decision_path);
+            assert_eq!(
+                (d.verdict, d.action, d.reason.clone()),
+                (verdict, action, reason),
+                "{name}: {:?}",
+                d.decision_path
+            );
         }
     }
 }

@@ -118,7 +118,13 @@ pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
 /// Joins argv for the `cmdline` field; arguments with spaces are quoted so the line reads back.
 pub fn join_cmdline(argv: &[String]) -> String {
     argv.iter()
-        .map(|a| if a.is_empty() || a.contains(char::is_whitespace) { format!("{a:?}") } else { a.clone() })
+        .map(|a| {
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                format!("{a:?}")
+            } else {
+                a.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }

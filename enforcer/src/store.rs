@@ -32,11 +32,16 @@ struct Limits {
     max_total_bytes: u64,
 }
 
-const DEFAULT_LIMITS: Limits = Limits { rotate_bytes: 64 * 1024 * 1024, max_backups: 3, max_total_bytes: 1024 * 1024 * 1024 };
+const DEFAULT_LIMITS: Limits =
+    Limits { rotate_bytes: 64 * 1024 * 1024, max_backups: 3, max_total_bytes: 1024 * 1024 * 1024 };
 static LIMITS: Mutex<Vec<(PathBuf, Limits)>> = Mutex::new(Vec::new());
 
 pub fn set_limits(state_dir: &Path, rotate_bytes: u64, max_backups: u32, max_total_bytes: u64) {
-    let l = Limits { rotate_bytes: rotate_bytes.max(4096), max_backups: max_backups.max(1), max_total_bytes };
+    let l = Limits {
+        rotate_bytes: rotate_bytes.max(4096),
+        max_backups: max_backups.max(1),
+        max_total_bytes,
+    };
     let mut all = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
     all.retain(|(d, _)| d != state_dir);
     all.push((state_dir.to_path_buf(), l));
@@ -90,7 +95,13 @@ impl EventStore {
         let f = open_append(&path)?;
         let size = f.metadata()?.len();
         let rotate_bytes = limits(state_dir).rotate_bytes;
-        Ok(EventStore { path, dir: state_dir.to_path_buf(), rotate_bytes, out: BufWriter::new(f), size })
+        Ok(EventStore {
+            path,
+            dir: state_dir.to_path_buf(),
+            rotate_bytes,
+            out: BufWriter::new(f),
+            size,
+        })
     }
 
     pub fn append(&mut self, e: &Event) -> Result<()> {
@@ -125,12 +136,19 @@ impl EventStore {
             }
         }
         let cursors = read_cursors(dir);
-        let needed = |ino: u64| cursors.iter().filter(|(_, p)| p.ino == ino).map(|(n, _)| n.as_str()).collect::<Vec<_>>();
+        let needed = |ino: u64| {
+            cursors
+                .iter()
+                .filter(|(_, p)| p.ino == ino)
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+        };
         let max_backups = lim.max_backups as usize;
         let max_total = lim.max_total_bytes;
         // Keep what no sink needs up to max_backups; keep older ones while some sink still
         // reads from them, but never past the byte bound.
-        let oldest_needed = shifted.iter().rposition(|(_, ino, _)| !needed(*ino).is_empty()).map_or(0, |i| i + 1);
+        let oldest_needed =
+            shifted.iter().rposition(|(_, ino, _)| !needed(*ino).is_empty()).map_or(0, |i| i + 1);
         let mut keep = max_backups.max(oldest_needed).min(shifted.len());
         while keep > max_backups && shifted[..keep].iter().map(|f| f.2).sum::<u64>() > max_total {
             keep -= 1;
@@ -195,7 +213,12 @@ pub fn save_cursor<T: Serialize>(state_dir: &Path, sink: &str, pos: &T) -> Resul
     let path = cursor_path(state_dir, sink);
     let tmp = path.with_extension("cursor.tmp");
     {
-        let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
             .with_context(|| format!("write {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec(pos)?)?;
     }
@@ -271,7 +294,11 @@ impl OutboxReader {
             self.file = Some((File::open(p)?, p.clone()));
             return Ok(());
         }
-        let oldest = gens.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| self.state_dir.join(FILE_NAME));
+        let oldest = gens
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .unwrap_or_else(|| self.state_dir.join(FILE_NAME));
         if self.pos.ino != 0 {
             notice(format!(
                 "sink {sink}: its place in the alert outbox was rotated away before delivery; resuming at the oldest stored event (events in between were lost for this sink)"
@@ -293,7 +320,8 @@ impl OutboxReader {
             }
             let (f, path) = self.file.as_mut().expect("located");
             let live = path.file_name().is_some_and(|n| n == FILE_NAME);
-            let still_live = live && std::fs::metadata(&*path).is_ok_and(|m| m.ino() == self.pos.ino);
+            let still_live =
+                live && std::fs::metadata(&*path).is_ok_and(|m| m.ino() == self.pos.ino);
             if f.metadata()?.len() < self.pos.offset {
                 // Truncated under us (not something the store does): start that file over.
                 self.pos.offset = 0;
@@ -324,7 +352,9 @@ impl OutboxReader {
             // This generation was rotated and is read to its end (rotation flushed it whole):
             // go on with the next newer one.
             let gens = generations(&self.state_dir);
-            let me = gens.iter().position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == self.pos.ino));
+            let me = gens
+                .iter()
+                .position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == self.pos.ino));
             let next = match me {
                 Some(i) if i + 1 < gens.len() => gens[i + 1].clone(),
                 _ => return Ok(out),
@@ -366,7 +396,11 @@ pub fn read_all(state_dir: &Path, mut f: impl FnMut(&str, &Event) -> Result<()>)
     Ok(offset)
 }
 
-fn read_lines(r: &mut BufReader<File>, path: &Path, f: &mut impl FnMut(&str, &Event) -> Result<()>) -> Result<u64> {
+fn read_lines(
+    r: &mut BufReader<File>,
+    path: &Path,
+    f: &mut impl FnMut(&str, &Event) -> Result<()>,
+) -> Result<u64> {
     let mut line = String::new();
     loop {
         let pos = r.stream_position()?;
@@ -382,13 +416,19 @@ fn read_lines(r: &mut BufReader<File>, path: &Path, f: &mut impl FnMut(&str, &Ev
         }
         match serde_json::from_str::<Event>(text) {
             Ok(e) => f(text, &e)?,
-            Err(err) => eprintln!("enforcer: skipping unreadable line in {}: {err}", path.display()),
+            Err(err) => {
+                eprintln!("enforcer: skipping unreadable line in {}: {err}", path.display())
+            }
         }
     }
 }
 
 /// Follows the live file from `offset`, reopening it after rotation, until `f` errors.
-pub fn follow(state_dir: &Path, mut offset: u64, mut f: impl FnMut(&str, &Event) -> Result<()>) -> Result<()> {
+pub fn follow(
+    state_dir: &Path,
+    mut offset: u64,
+    mut f: impl FnMut(&str, &Event) -> Result<()>,
+) -> Result<()> {
     let live = state_dir.join(FILE_NAME);
     let mut current: Option<(File, u64)> = None;
     loop {
@@ -420,4 +460,3 @@ pub fn follow(state_dir: &Path, mut offset: u64, mut f: impl FnMut(&str, &Event)
         std::thread::sleep(Duration::from_millis(200));
     }
 }
-

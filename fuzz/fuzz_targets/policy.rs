@@ -12,11 +12,7 @@ fuzz_target!(|text: &str| {
         Ok(cfg) => {
             // Validation guarantees these; the mint relies on them.
             for i in &cfg.intents {
-                assert!(
-                    !i.default_ttl.is_zero() && i.default_ttl <= i.max_ttl,
-                    "{}",
-                    i.name
-                );
+                assert!(!i.default_ttl.is_zero() && i.default_ttl <= i.max_ttl, "{}", i.name);
             }
         }
         Err(diags) => {

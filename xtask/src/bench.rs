@@ -63,7 +63,9 @@ struct Spec {
 
 pub fn run(iterations: usize) -> Result<()> {
     if !is_root() {
-        bail!("bench: must run as root (creates a cgroup, loads kernel programs): run `sudo -E cargo xtask bench`");
+        bail!(
+            "bench: must run as root (creates a cgroup, loads kernel programs): run `sudo -E cargo xtask bench`"
+        );
     }
     let iterations = iterations.max(1);
     let built = build::run(true)?;
@@ -151,13 +153,17 @@ impl Bench {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        std::fs::create_dir_all(&self.tmp).with_context(|| format!("bench: cannot create {}", self.tmp.display()))?;
-        std::fs::create_dir(&self.cgroup).with_context(|| format!("bench: cannot create cgroup {}", self.cgroup.display()))?;
+        std::fs::create_dir_all(&self.tmp)
+            .with_context(|| format!("bench: cannot create {}", self.tmp.display()))?;
+        std::fs::create_dir(&self.cgroup)
+            .with_context(|| format!("bench: cannot create cgroup {}", self.cgroup.display()))?;
         let plain = self.tmp.join("plain.txt");
         let secret = self.tmp.join("secret.txt");
         std::fs::write(&plain, "not a secret\n")?;
         std::fs::write(&secret, "bench-secret-value\n")?;
-        let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+        let q = |p: &Path| {
+            format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""))
+        };
         // Top-level keys before the first table; no mint rate limit (the bench issues grants
         // as fast as the daemon answers).
         let config = |mode: &str, destination: &str, extra: &str| {
@@ -181,14 +187,42 @@ impl Bench {
         // secret says deny).
         std::fs::write(
             &self.config_enforce,
-            config("enforce", &format!("127.0.0.1/32:{}", self.tcp.port()), "on_violation = \"deny\"\n"),
+            config(
+                "enforce",
+                &format!("127.0.0.1/32:{}", self.tcp.port()),
+                "on_violation = \"deny\"\n",
+            ),
         )?;
         let s = |p: &Path| p.display().to_string();
         self.specs = vec![
-            Spec { name: "connect() loopback TCP", kind: Kind::Connect, n: 20_000, target: self.tcp.to_string(), limit: Some(1.05) },
-            Spec { name: "open()+close() non-secret", kind: Kind::Open, n: 50_000, target: s(&plain), limit: Some(1.05) },
-            Spec { name: "open()+close() watched secret", kind: Kind::Open, n: 20_000, target: s(&secret), limit: None },
-            Spec { name: "fork+exec /bin/true", kind: Kind::Exec, n: 1_000, target: "/bin/true".into(), limit: Some(1.10) },
+            Spec {
+                name: "connect() loopback TCP",
+                kind: Kind::Connect,
+                n: 20_000,
+                target: self.tcp.to_string(),
+                limit: Some(1.05),
+            },
+            Spec {
+                name: "open()+close() non-secret",
+                kind: Kind::Open,
+                n: 50_000,
+                target: s(&plain),
+                limit: Some(1.05),
+            },
+            Spec {
+                name: "open()+close() watched secret",
+                kind: Kind::Open,
+                n: 20_000,
+                target: s(&secret),
+                limit: None,
+            },
+            Spec {
+                name: "fork+exec /bin/true",
+                kind: Kind::Exec,
+                n: 1_000,
+                target: "/bin/true".into(),
+                limit: Some(1.10),
+            },
         ];
         Ok(())
     }
@@ -204,7 +238,8 @@ impl Bench {
         }
         let mut per_op = vec![[Vec::new(), Vec::new()]; self.specs.len()];
         // The rows with a target, again with the daemon in enforce mode (C vs A).
-        let enforce_specs: Vec<usize> = (0..self.specs.len()).filter(|&i| self.specs[i].limit.is_some()).collect();
+        let enforce_specs: Vec<usize> =
+            (0..self.specs.len()).filter(|&i| self.specs[i].limit.is_some()).collect();
         let mut enforce_op = vec![Vec::new(); enforce_specs.len()];
         let mut flood = None;
         // Connect per op (ns) after the other loops: A = no daemon, B = N_GRANTS live grants.
@@ -235,7 +270,11 @@ impl Bench {
                     println!(
                         "bench: round {}/{iterations} enforce mode: {}",
                         round + 1,
-                        enforce_op.iter().map(|v| format!("{:.2}us", v[round] / 1e3)).collect::<Vec<_>>().join(" ")
+                        enforce_op
+                            .iter()
+                            .map(|v| format!("{:.2}us", v[round] / 1e3))
+                            .collect::<Vec<_>>()
+                            .join(" ")
                     );
                     let r = self.enforce_round();
                     check_interrupted()?;
@@ -255,7 +294,10 @@ impl Bench {
                             e.allowed.p99,
                             e.allowed.max,
                         ),
-                        Err(e) => println!("bench: round {}/{iterations} enforce: error: {e:#}", round + 1),
+                        Err(e) => println!(
+                            "bench: round {}/{iterations} enforce: error: {e:#}",
+                            round + 1
+                        ),
                     }
                     enforce_rounds.push(r);
                     self.stop_daemon()?;
@@ -270,7 +312,11 @@ impl Bench {
                     "bench: round {}/{iterations} {}: {}",
                     round + 1,
                     if with { "with daemon" } else { "without" },
-                    per_op.iter().map(|v| format!("{:.2}us", v[with as usize][round] / 1e3)).collect::<Vec<_>>().join(" ")
+                    per_op
+                        .iter()
+                        .map(|v| format!("{:.2}us", v[with as usize][round] / 1e3))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 );
                 if with {
                     let r = self.grant_round();
@@ -281,7 +327,9 @@ impl Bench {
                             loaded[1].push(g.loaded_ns);
                             holder[1].push(g.holder_ns);
                         }
-                        Err(e) => println!("bench: round {}/{iterations} grants: error: {e:#}", round + 1),
+                        Err(e) => {
+                            println!("bench: round {}/{iterations} grants: error: {e:#}", round + 1)
+                        }
                     }
                     grant_rounds.push(r);
                     if round + 1 == iterations {
@@ -293,8 +341,28 @@ impl Bench {
                     holder[0].push(self.holder_connect(false)?);
                     let tcp = self.tcp.to_string();
                     let secret = self.specs[SECRET_SPEC].target.clone();
-                    base_connect.push(self.bound_worker("connect per call", "connect", &tcp, VIOLATION_CONNECTS, false, None)?.p50()?);
-                    base_open.push(self.bound_worker("secret open per call", "open", &secret, SECRET_OPENS, false, None)?.p50()?);
+                    base_connect.push(
+                        self.bound_worker(
+                            "connect per call",
+                            "connect",
+                            &tcp,
+                            VIOLATION_CONNECTS,
+                            false,
+                            None,
+                        )?
+                        .p50()?,
+                    );
+                    base_open.push(
+                        self.bound_worker(
+                            "secret open per call",
+                            "open",
+                            &secret,
+                            SECRET_OPENS,
+                            false,
+                            None,
+                        )?
+                        .p50()?,
+                    );
                     println!(
                         "bench: round {}/{iterations} without: connect {:.2}us, connect (holder handshake) {:.2}us; \
                          per call p50: connect {:.2}us, secret open {:.2}us",
@@ -312,8 +380,13 @@ impl Bench {
                 let r = self.alert_round(kind, round);
                 check_interrupted()?;
                 match &r {
-                    Ok(a) => println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary()),
-                    Err(e) => println!("bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}", round + 1),
+                    Ok(a) => {
+                        println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary())
+                    }
+                    Err(e) => println!(
+                        "bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}",
+                        round + 1
+                    ),
                 }
                 alert_rounds.push(r);
             }
@@ -330,7 +403,8 @@ impl Bench {
                 pass: s.limit.map(|l| ratio <= l),
             }
         };
-        let mut rows: Vec<Row> = self.specs.iter().zip(&per_op).map(|(s, [a, b])| ratio_row(s, a, b, "")).collect();
+        let mut rows: Vec<Row> =
+            self.specs.iter().zip(&per_op).map(|(s, [a, b])| ratio_row(s, a, b, "")).collect();
         rows.extend(
             enforce_specs
                 .iter()
@@ -339,7 +413,10 @@ impl Bench {
         );
         rows.push(match flood.expect("last round ran the flood") {
             Ok(f) => Row {
-                name: format!("ring-buffer drops, UDP sendto flood ~{}k/s for {FLOOD_SECS:.0} s", FLOOD_RATE / 1000),
+                name: format!(
+                    "ring-buffer drops, UDP sendto flood ~{}k/s for {FLOOD_SECS:.0} s",
+                    FLOOD_RATE / 1000
+                ),
                 without: "-".into(),
                 with: format!(
                     "{} drops; {:.1}k events/s (sent {:.1}k/s)",
@@ -372,15 +449,57 @@ impl Bench {
     fn enforce_round(&mut self) -> Result<EnforceRound> {
         let (tcp, out) = (self.tcp.to_string(), self.tcp_out.to_string());
         let secret = self.specs[SECRET_SPEC].target.clone();
-        let connect_allowed = self.bound_worker("connect inside the intent", "connect", &tcp, VIOLATION_CONNECTS, true, None)?.p50()?;
-        let connect_denied =
-            self.bound_worker("connect outside the intent", "connect", &out, VIOLATION_CONNECTS, true, Some(EPERM))?.p50()?;
+        let connect_allowed = self
+            .bound_worker(
+                "connect inside the intent",
+                "connect",
+                &tcp,
+                VIOLATION_CONNECTS,
+                true,
+                None,
+            )?
+            .p50()?;
+        let connect_denied = self
+            .bound_worker(
+                "connect outside the intent",
+                "connect",
+                &out,
+                VIOLATION_CONNECTS,
+                true,
+                Some(EPERM),
+            )?
+            .p50()?;
         let before = self.file_decisions(0)?.count;
-        let open_denied = self.bound_worker("secret open without a grant", "open", &secret, SECRET_OPENS, false, Some(EPERM))?.p50()?;
+        let open_denied = self
+            .bound_worker(
+                "secret open without a grant",
+                "open",
+                &secret,
+                SECRET_OPENS,
+                false,
+                Some(EPERM),
+            )?
+            .p50()?;
         let denied = self.file_decisions(before + SECRET_OPENS)?;
-        let open_allowed = self.bound_worker("secret open by a grant holder", "open", &secret, SECRET_OPENS, true, None)?.p50()?;
+        let open_allowed = self
+            .bound_worker(
+                "secret open by a grant holder",
+                "open",
+                &secret,
+                SECRET_OPENS,
+                true,
+                None,
+            )?
+            .p50()?;
         let allowed = self.file_decisions(denied.count + SECRET_OPENS)?;
-        Ok(EnforceRound { connect_allowed, connect_denied, open_denied, open_allowed, denied, allowed })
+        Ok(EnforceRound {
+            connect_allowed,
+            connect_denied,
+            open_denied,
+            open_allowed,
+            denied,
+            allowed,
+        })
     }
 
     /// `file_decision_us` from the status, polled (it is refreshed about once a second) until
@@ -394,12 +513,16 @@ impl Bench {
                     .and_then(|x| x.as_u64())
                     .ok_or_else(|| anyhow!("bench: status JSON has no file_decision_us.{k}"))
             };
-            let d = Decisions { count: f("count")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? };
+            let d =
+                Decisions { count: f("count")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? };
             if d.count >= min_count {
                 return Ok(d);
             }
             if t0.elapsed() > Duration::from_secs(5) {
-                bail!("bench: file_decision_us.count is {} 5 s after the opens, expected >= {min_count}", d.count);
+                bail!(
+                    "bench: file_decision_us.count is {} 5 s after the opens, expected >= {min_count}",
+                    d.count
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -410,10 +533,15 @@ impl Bench {
     fn grant_round(&mut self) -> Result<GrantRound> {
         let t0 = Instant::now();
         grants::spawn_holders(N_HOLDERS, &self.cgroup, &mut self.holders, check_interrupted)?;
-        println!("bench: grants: {N_HOLDERS} holders started in {:.2}s", t0.elapsed().as_secs_f64());
+        println!(
+            "bench: grants: {N_HOLDERS} holders started in {:.2}s",
+            t0.elapsed().as_secs_f64()
+        );
         let pids: Vec<u32> = self.holders.iter().map(Child::id).collect();
         let sock = self.mint_sock();
-        println!("bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients");
+        println!(
+            "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients"
+        );
         let issuance = grants::issue_all(&sock, &pids, GRANTS_PER_HOLDER)?;
         check_interrupted()?;
         let mut sorted = issuance.latencies.clone();
@@ -461,8 +589,13 @@ impl Bench {
         grants::kill_all(&mut self.holders);
         if self.daemon.is_some() {
             match grants::wait_live(&self.mint_sock(), Duration::from_secs(20), |n| n == 0) {
-                Ok(0) => println!("bench: grants: {n} holders killed, all grants ended in {:.2}s", t0.elapsed().as_secs_f64()),
-                Ok(live) => println!("bench: grants: warning: {live} grants still live 20 s after their holders were killed"),
+                Ok(0) => println!(
+                    "bench: grants: {n} holders killed, all grants ended in {:.2}s",
+                    t0.elapsed().as_secs_f64()
+                ),
+                Ok(live) => println!(
+                    "bench: grants: warning: {live} grants still live 20 s after their holders were killed"
+                ),
                 Err(e) => println!("bench: grants: warning: cannot read live_grants: {e:#}"),
             }
         }
@@ -472,14 +605,23 @@ impl Bench {
     /// of the bench intent is bound to it meanwhile. ns per connect.
     fn holder_connect(&self, grant: bool) -> Result<f64> {
         let s = &self.specs[0];
-        let w = self.bound_worker("connect by a grant holder", "connect", &s.target, s.n, grant, None)?;
+        let w =
+            self.bound_worker("connect by a grant holder", "connect", &s.target, s.n, grant, None)?;
         Ok(w.ns as f64 / w.ops.max(1) as f64)
     }
 
     /// A worker that stops before its loop; with `grant`, a grant of the bench intent is bound
     /// to it meanwhile. With `expect_errno`, every call must fail with it; calls are timed
     /// one by one (`--per-op`) when they may be denied or `n` is one of the per-call counts.
-    fn bound_worker(&self, name: &str, kind: &str, target: &str, n: u64, grant: bool, expect_errno: Option<i32>) -> Result<WorkerOut> {
+    fn bound_worker(
+        &self,
+        name: &str,
+        kind: &str,
+        target: &str,
+        n: u64,
+        grant: bool,
+        expect_errno: Option<i32>,
+    ) -> Result<WorkerOut> {
         let mut c = self.worker_cmd()?;
         c.arg("bench-worker")
             .arg("--cgroup")
@@ -494,20 +636,21 @@ impl Bench {
         if let Some(e) = expect_errno {
             c.args(["--expect-errno", &e.to_string()]);
         }
-        let mut child = c.spawn().with_context(|| format!("bench: cannot start worker `{}`", show(&c)))?;
+        let mut child =
+            c.spawn().with_context(|| format!("bench: cannot start worker `{}`", show(&c)))?;
         let mut run = || -> Result<WorkerOut> {
             let mut out = BufReader::new(child.stdout.take().expect("piped"));
             let mut line = String::new();
             out.read_line(&mut line)?;
-            let pid: u32 = line
-                .trim()
-                .strip_prefix("pid=")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| anyhow!("bench: {name}: worker printed {line:?} instead of its pid"))?;
+            let pid: u32 =
+                line.trim().strip_prefix("pid=").and_then(|p| p.parse().ok()).ok_or_else(|| {
+                    anyhow!("bench: {name}: worker printed {line:?} instead of its pid")
+                })?;
             if grant {
-                let id = grants::Client::connect(&self.mint_sock())?
-                    .issue(pid)
-                    .with_context(|| format!("bench: {name}: cannot bind a grant to the worker (pid {pid})"))?;
+                let id =
+                    grants::Client::connect(&self.mint_sock())?.issue(pid).with_context(|| {
+                        format!("bench: {name}: cannot bind a grant to the worker (pid {pid})")
+                    })?;
                 println!("bench: grants: {name}: worker {pid} holds grant {id}");
             }
             // Dropping stdin after the line: the worker never waits on it again.
@@ -520,7 +663,10 @@ impl Bench {
                 bail!("bench: {name}: worker failed ({status}): `{}`", show(&c));
             }
             let (ns, ops) = parse_worker(name, &text)?;
-            let p50 = text.split_whitespace().find_map(|w| w.strip_prefix("p50=")).and_then(|v| v.parse().ok());
+            let p50 = text
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("p50="))
+                .and_then(|v| v.parse().ok());
             Ok(WorkerOut { name: name.to_string(), ns, ops, p50 })
         };
         let r = run();
@@ -535,7 +681,12 @@ impl Bench {
     /// joins it again itself, a no-op then).
     fn worker_cmd(&self) -> Result<Command> {
         let mut c = Command::new(std::env::current_exe()?);
-        grants::join_before_exec(&mut c, std::ffi::CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?);
+        grants::join_before_exec(
+            &mut c,
+            std::ffi::CString::new(
+                self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+            )?,
+        );
         Ok(c)
     }
 
@@ -564,11 +715,15 @@ impl Bench {
         std::thread::sleep(Duration::from_secs(1));
         let after = self.status_json()?;
         let counter = |v: &serde_json::Value, p: &str| {
-            v.pointer(p).and_then(|x| x.as_u64()).ok_or_else(|| anyhow!("bench: status JSON has no {p}"))
+            v.pointer(p)
+                .and_then(|x| x.as_u64())
+                .ok_or_else(|| anyhow!("bench: status JSON has no {p}"))
         };
         Ok(FloodResult {
-            drops: counter(&after, "/kernel/ringbuf_drops")?.saturating_sub(counter(&before, "/kernel/ringbuf_drops")?),
-            events: counter(&after, "/events_total")?.saturating_sub(counter(&before, "/events_total")?),
+            drops: counter(&after, "/kernel/ringbuf_drops")?
+                .saturating_sub(counter(&before, "/kernel/ringbuf_drops")?),
+            events: counter(&after, "/events_total")?
+                .saturating_sub(counter(&before, "/events_total")?),
             sent,
             secs: ns as f64 / 1e9,
         })
@@ -579,9 +734,15 @@ impl Bench {
         c.args(["status", "--json", "--runtime-dir"]).arg(&self.run_dir);
         let out = c.output().with_context(|| format!("bench: cannot run `{}`", show(&c)))?;
         if !out.status.success() {
-            bail!("bench: `{}` failed ({}): {}", show(&c), out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "bench: `{}` failed ({}): {}",
+                show(&c),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        serde_json::from_slice(&out.stdout).with_context(|| format!("bench: `{}` printed no JSON", show(&c)))
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bench: `{}` printed no JSON", show(&c)))
     }
 
     /// Starts the daemon with the monitor config, or with `enforce` the enforce config.
@@ -595,15 +756,25 @@ impl Bench {
         let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
         let log = std::fs::File::create(&log_path)?;
         let mut c = Command::new(&self.enforcer);
-        c.arg("daemon").arg("--config").arg(config).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        c.arg("daemon")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         println!("$ {}  (log: {})", show(&c), log_path.display());
-        self.daemon = Some(c.spawn().with_context(|| format!("bench: cannot start `{}`", show(&c)))?);
+        self.daemon =
+            Some(c.spawn().with_context(|| format!("bench: cannot start `{}`", show(&c)))?);
         let t0 = Instant::now();
         loop {
             check_interrupted()?;
             if let Some(st) = self.daemon.as_mut().and_then(|d| d.try_wait().ok().flatten()) {
                 self.daemon = None;
-                bail!("bench: daemon exited during startup ({st}); log {}:\n{}", log_path.display(), tail(&log_path));
+                bail!(
+                    "bench: daemon exited during startup ({st}); log {}:\n{}",
+                    log_path.display(),
+                    tail(&log_path)
+                );
             }
             let ready = Command::new(&self.enforcer)
                 .args(["status", "--runtime-dir"])
@@ -616,7 +787,11 @@ impl Bench {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(30) {
-                bail!("bench: daemon not ready after 30 s; log {}:\n{}", log_path.display(), tail(&log_path));
+                bail!(
+                    "bench: daemon not ready after 30 s; log {}:\n{}",
+                    log_path.display(),
+                    tail(&log_path)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -651,9 +826,14 @@ impl Bench {
         // The log goes away with the temporary directory: show its warnings and errors now.
         let log_path = self.tmp.join(format!("daemon-{}.log", self.starts));
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let bad: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
+        let bad: Vec<&str> =
+            log.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
         if !bad.is_empty() {
-            println!("bench: warning: {} WARN/ERROR lines in {}; first ones:", bad.len(), log_path.display());
+            println!(
+                "bench: warning: {} WARN/ERROR lines in {}; first ones:",
+                bad.len(),
+                log_path.display()
+            );
             for l in bad.iter().take(5) {
                 println!("bench:   {l}");
             }
@@ -744,7 +924,8 @@ struct EnforceRound {
 /// Rows of the enforce rounds: violation-to-denial for connects (in-kernel) and secret opens
 /// The rounds that succeeded, and a failing row naming the first error when any did not.
 fn split_rounds<'a, T>(rounds: &'a [Result<T>], what: &str) -> (Vec<&'a T>, Vec<Row>) {
-    let errors: Vec<String> = rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+    let errors: Vec<String> =
+        rounds.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
     let ok = rounds.iter().filter_map(|r| r.as_ref().ok()).collect();
     let mut rows = Vec::new();
     if let Some(e) = errors.first() {
@@ -762,7 +943,11 @@ fn split_rounds<'a, T>(rounds: &'a [Result<T>], what: &str) -> (Vec<&'a T>, Vec<
 
 /// (fanotify decision latency, and the open call as the worker sees it); medians of rounds,
 /// against the per-call medians without the daemon.
-fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open: &[u64]) -> Vec<Row> {
+fn enforce_rows(
+    rounds: &[Result<EnforceRound>],
+    base_connect: &[u64],
+    base_open: &[u64],
+) -> Vec<Row> {
     let (ok, mut rows) = split_rounds(rounds, "enforce");
     if ok.is_empty() {
         return rows;
@@ -833,8 +1018,16 @@ fn enforce_rows(rounds: &[Result<EnforceRound>], base_connect: &[u64], base_open
             pass: Some(p99 <= DECISION_P99_MAX_US as f64),
         }
     };
-    rows.push(decision_row("denied opens (no grant)", "(any round)", ok.iter().map(|e| e.denied).collect()));
-    rows.push(decision_row("allowed opens (grant holder)", "(any round, denied and allowed opens)", ok.iter().map(|e| e.allowed).collect()));
+    rows.push(decision_row(
+        "denied opens (no grant)",
+        "(any round)",
+        ok.iter().map(|e| e.denied).collect(),
+    ));
+    rows.push(decision_row(
+        "allowed opens (grant holder)",
+        "(any round, denied and allowed opens)",
+        ok.iter().map(|e| e.allowed).collect(),
+    ));
     rows
 }
 
@@ -849,7 +1042,12 @@ struct GrantRound {
 /// Rows of the grant rounds: issuance latency (all rounds' requests pooled), throughput (median
 /// of rounds), connect with N_GRANTS live grants and connect by a grant holder (vs the same
 /// loops in the rounds without the daemon).
-fn grant_rows(rounds: &[Result<GrantRound>], loaded: &[Vec<f64>; 2], holder: &[Vec<f64>; 2], n: u64) -> Vec<Row> {
+fn grant_rows(
+    rounds: &[Result<GrantRound>],
+    loaded: &[Vec<f64>; 2],
+    holder: &[Vec<f64>; 2],
+    n: u64,
+) -> Vec<Row> {
     let (ok, mut rows) = split_rounds(rounds, "grant");
     if ok.is_empty() {
         return rows;
@@ -859,7 +1057,11 @@ fn grant_rows(rounds: &[Result<GrantRound>], loaded: &[Vec<f64>; 2], holder: &[V
     let failures: usize = ok.iter().map(|g| g.issuance.failures).sum();
     let requests = lat.len();
     let p99 = grants::quantile(&lat, 0.99);
-    let rate = median(&ok.iter().map(|g| g.issuance.latencies.len() as f64 / g.issuance.wall.as_secs_f64()).collect::<Vec<_>>());
+    let rate = median(
+        &ok.iter()
+            .map(|g| g.issuance.latencies.len() as f64 / g.issuance.wall.as_secs_f64())
+            .collect::<Vec<_>>(),
+    );
     rows.push(Row {
         name: format!(
             "grant issuance latency, POST /v1/grants ({N_GRANTS} per round on {N_HOLDERS} holders, {CLIENTS} keep-alive clients; {} rounds pooled)",
@@ -872,22 +1074,31 @@ fn grant_rows(rounds: &[Result<GrantRound>], loaded: &[Vec<f64>; 2], holder: &[V
         pass: Some(p99 as u128 <= ISSUE_P99_MAX.as_nanos() && failures == 0),
     });
     rows.push(Row {
-        name: format!("grant issuance throughput ({N_GRANTS} grants / wall time, median of rounds)"),
+        name: format!(
+            "grant issuance throughput ({N_GRANTS} grants / wall time, median of rounds)"
+        ),
         without: "-".into(),
         with: format!("{rate:.0} grants/s; {failures} of {requests} requests failed"),
         ratio: "-".into(),
         target: format!(">= {ISSUE_RATE_MIN:.0}/s, 0 failures"),
         pass: Some(rate >= ISSUE_RATE_MIN && failures == 0),
     });
-    let compare = |a: &[f64], b: &[f64]| (!a.is_empty() && !b.is_empty()).then(|| (median(a), median(b)));
+    let compare =
+        |a: &[f64], b: &[f64]| (!a.is_empty() && !b.is_empty()).then(|| (median(a), median(b)));
     let lives: Vec<u64> = ok.iter().map(|g| g.live).collect();
     let all_live = lives.iter().all(|&l| l == N_GRANTS as u64);
     if let Some((a, b)) = compare(&loaded[0], &loaded[1]) {
         let ratio = b / a;
         rows.push(Row {
-            name: format!("connect() loopback TCP, {N_GRANTS} live grants, worker holds none (N={n})"),
+            name: format!(
+                "connect() loopback TCP, {N_GRANTS} live grants, worker holds none (N={n})"
+            ),
             without: format!("{:.2} us", a / 1e3),
-            with: if all_live { format!("{:.2} us", b / 1e3) } else { format!("{:.2} us (live_grants {lives:?})", b / 1e3) },
+            with: if all_live {
+                format!("{:.2} us", b / 1e3)
+            } else {
+                format!("{:.2} us (live_grants {lives:?})", b / 1e3)
+            },
             ratio: format!("{ratio:.3}"),
             target: format!("<= 1.05, live_grants = {N_GRANTS}"),
             pass: Some(ratio <= 1.05 && all_live),
@@ -914,7 +1125,10 @@ struct FloodResult {
 }
 
 fn run_worker(name: &str, c: &mut Command) -> Result<(u128, u64)> {
-    let out = c.stderr(Stdio::inherit()).output().with_context(|| format!("bench: cannot start worker `{}`", show(c)))?;
+    let out = c
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("bench: cannot start worker `{}`", show(c)))?;
     check_interrupted()?;
     if !out.status.success() {
         bail!("bench: {name}: worker failed ({}): `{}`", out.status, show(c));
@@ -924,7 +1138,9 @@ fn run_worker(name: &str, c: &mut Command) -> Result<(u128, u64)> {
 
 /// The worker's `ns=<elapsed> ops=<count>` line.
 fn parse_worker(name: &str, text: &str) -> Result<(u128, u64)> {
-    let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u128>().ok());
+    let field = |k: &str| {
+        text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u128>().ok())
+    };
     match (field("ns="), field("ops=")) {
         (Some(ns), Some(ops)) => Ok((ns, ops as u64)),
         _ => bail!("bench: {name}: worker printed {text:?}"),
@@ -956,7 +1172,8 @@ fn remove_pins() {
 
 /// The cgroup2 mount point from /proc/mounts.
 fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("bench: cannot read /proc/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").context("bench: cannot read /proc/mounts")?;
     mounts
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
@@ -994,17 +1211,22 @@ impl Row {
             Some(false) => "MISS",
             None => "info",
         };
-        [&self.name, &self.without, &self.with, &self.ratio, &self.target, verdict].map(|s| s.to_string())
+        [&self.name, &self.without, &self.with, &self.ratio, &self.target, verdict]
+            .map(|s| s.to_string())
     }
 }
 
-const HEADER: [&str; 6] = ["measurement", "median without", "median with", "ratio", "target", "result"];
+const HEADER: [&str; 6] =
+    ["measurement", "median without", "median with", "ratio", "target", "result"];
 
 fn render_console(rows: &[Row]) -> String {
     let cells: Vec<_> = rows.iter().map(Row::cells).collect();
-    let width = |i: usize| cells.iter().map(|c| c[i].len()).chain([HEADER[i].len()]).max().unwrap_or(0);
+    let width =
+        |i: usize| cells.iter().map(|c| c[i].len()).chain([HEADER[i].len()]).max().unwrap_or(0);
     let widths: Vec<_> = (0..6).map(width).collect();
-    let line = |c: &[String]| c.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ");
+    let line = |c: &[String]| {
+        c.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ")
+    };
     let mut out = line(&HEADER.map(String::from));
     for c in &cells {
         out += "\n";

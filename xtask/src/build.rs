@@ -23,16 +23,26 @@ pub fn run(release: bool) -> Result<Built> {
 
 fn ebpf(setup: &setup::Setup) -> Result<PathBuf> {
     let dir = root().join("enforcer-ebpf");
-    let mut path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect::<Vec<_>>();
+    let mut path =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect::<Vec<_>>();
     path.insert(0, setup.linker_bin.clone());
-    let path = std::env::join_paths(path).context("build: cannot form PATH with the bpf-linker directory")?;
+    let path = std::env::join_paths(path)
+        .context("build: cannot form PATH with the bpf-linker directory")?;
     let t0 = Instant::now();
     let mut c = cmd("cargo");
     c.current_dir(&dir)
         // Host RUSTFLAGS (e.g. target-cpu) must not leak into the BPF target.
         .env_remove("RUSTFLAGS")
         .env("PATH", path)
-        .args(["+nightly", "build", "-Z", "build-std=core", "--target", "bpfel-unknown-none", "--release"]);
+        .args([
+            "+nightly",
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ]);
     run_step("build: eBPF object (enforcer-ebpf, nightly)", &mut c)?;
     let obj = dir.join("target/bpfel-unknown-none/release/enforcer");
     if !obj.is_file() {
@@ -50,7 +60,8 @@ fn userspace(bpf_obj: &std::path::Path, release: bool) -> Result<PathBuf> {
         c.arg("--release");
     }
     run_step("build: enforcer binary", &mut c)?;
-    let bin = root().join("target").join(if release { "release" } else { "debug" }).join("enforcer");
+    let bin =
+        root().join("target").join(if release { "release" } else { "debug" }).join("enforcer");
     if !bin.is_file() {
         bail!("build: enforcer build succeeded but {} is missing", bin.display());
     }

@@ -142,7 +142,9 @@ pub fn show(c: &Command) -> String {
     // Rustup proxies print as their bare name (`cargo`), anything else with its full path.
     let prog = Path::new(c.get_program());
     match prog.file_name() {
-        Some(n) if ["cargo", "rustc", "rustup"].iter().any(|p| n == *p) => s += &n.to_string_lossy(),
+        Some(n) if ["cargo", "rustc", "rustup"].iter().any(|p| n == *p) => {
+            s += &n.to_string_lossy()
+        }
         _ => s += &prog.to_string_lossy(),
     }
     for a in c.get_args() {

@@ -15,7 +15,9 @@ pub fn run(args: &[String]) -> Result<()> {
         c.arg("-E").arg(&built.enforcer);
         c
     } else {
-        bail!("run: the daemon must run as root and sudo is not available; run `cargo xtask run` as root");
+        bail!(
+            "run: the daemon must run as root and sudo is not available; run `cargo xtask run` as root"
+        );
     };
     c.arg("daemon").args(args);
     println!("$ {}", show(&c));

@@ -25,8 +25,10 @@ pub fn run() -> Result<Setup> {
 
 fn rust_src() -> Result<()> {
     let step = "setup: list nightly components";
-    let installed =
-        output_step(step, cmd("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output_step(
+        step,
+        cmd("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]),
+    )?;
     if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
         println!("setup: rust-src for nightly already installed");
         return Ok(());
@@ -48,7 +50,8 @@ fn cache_root() -> Result<PathBuf> {
     if let Some(p) = nonempty("XDG_CACHE_HOME") {
         return Ok(p.join("enforcer"));
     }
-    let home = nonempty("HOME").context("setup: neither ENFORCER_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    let home = nonempty("HOME")
+        .context("setup: neither ENFORCER_CACHE, XDG_CACHE_HOME nor HOME is set")?;
     Ok(home.join(".cache").join("enforcer"))
 }
 
@@ -92,7 +95,10 @@ fn bpf_linker() -> Result<PathBuf> {
     }
 
     // The nightly's own libLLVM, exposed as an LLVM_PREFIX with lib/libLLVM.so + soname file.
-    let sysroot = output_step("setup: query nightly sysroot", cmd("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot = output_step(
+        "setup: query nightly sysroot",
+        cmd("rustc").args(["+nightly", "--print", "sysroot"]),
+    )?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");
     let prefix = format!("libLLVM.so.{major}.");
     let soname = std::fs::read_dir(&sysroot_lib)
@@ -104,22 +110,28 @@ fn bpf_linker() -> Result<PathBuf> {
     let target = sysroot_lib.join(&soname);
     let llvm = cache.join(format!("llvm-{major}"));
     let llvm_lib = llvm.join("lib");
-    std::fs::create_dir_all(&llvm_lib).with_context(|| format!("setup: cannot create {}", llvm_lib.display()))?;
+    std::fs::create_dir_all(&llvm_lib)
+        .with_context(|| format!("setup: cannot create {}", llvm_lib.display()))?;
     for name in ["libLLVM.so", soname.as_str()] {
         let link = llvm_lib.join(name);
         if link.symlink_metadata().is_ok() {
-            std::fs::remove_file(&link).with_context(|| format!("setup: cannot replace {}", link.display()))?;
+            std::fs::remove_file(&link)
+                .with_context(|| format!("setup: cannot replace {}", link.display()))?;
         }
-        std::os::unix::fs::symlink(&target, &link)
-            .with_context(|| format!("setup: cannot link {} -> {}", link.display(), target.display()))?;
+        std::os::unix::fs::symlink(&target, &link).with_context(|| {
+            format!("setup: cannot link {} -> {}", link.display(), target.display())
+        })?;
         println!("setup: {} -> {}", link.display(), target.display());
     }
 
     // Build into a temporary root, rename when complete: an interrupted build leaves no cache.
-    let tmp = cache.join(format!(".bpf-linker-{BPF_LINKER_VERSION}-llvm{major}.tmp-{}", std::process::id()));
+    let tmp = cache
+        .join(format!(".bpf-linker-{BPF_LINKER_VERSION}-llvm{major}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let t0 = Instant::now();
-    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (several minutes, once)");
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (several minutes, once)"
+    );
     let result = run_step(
         "setup: build bpf-linker",
         cmd("cargo")
@@ -134,11 +146,15 @@ fn bpf_linker() -> Result<PathBuf> {
         return Err(e);
     }
     if root.exists() {
-        std::fs::remove_dir_all(&root).with_context(|| format!("setup: cannot remove stale {}", root.display()))?;
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("setup: cannot remove stale {}", root.display()))?;
     }
     std::fs::rename(&tmp, &root)
         .with_context(|| format!("setup: cannot move {} to {}", tmp.display(), root.display()))?;
-    run_step("setup: check bpf-linker", cmd(linker.to_str().unwrap_or("bpf-linker")).arg("--version"))?;
+    run_step(
+        "setup: check bpf-linker",
+        cmd(linker.to_str().unwrap_or("bpf-linker")).arg("--version"),
+    )?;
     println!("setup: built {} in {:.0}s", linker.display(), t0.elapsed().as_secs_f64());
     Ok(bin)
 }
@@ -146,7 +162,13 @@ fn bpf_linker() -> Result<PathBuf> {
 /// Tools the integration tests call: installed with apt only in CI, otherwise reported.
 fn test_tools() -> Result<()> {
     // systemd-analyze: the unit-file verification in tests/deploy.rs must run in CI, not skip.
-    let wanted = [("curl", "curl"), ("python3", "python3"), ("ip", "iproute2"), ("systemd-analyze", "systemd"), ("dpkg-deb", "dpkg-dev")];
+    let wanted = [
+        ("curl", "curl"),
+        ("python3", "python3"),
+        ("ip", "iproute2"),
+        ("systemd-analyze", "systemd"),
+        ("dpkg-deb", "dpkg-dev"),
+    ];
     let missing: Vec<_> = wanted.iter().filter(|(bin, _)| on_path(bin).is_none()).collect();
     if missing.is_empty() {
         println!("setup: test tools present (curl, python3, ip)");

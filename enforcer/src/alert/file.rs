@@ -21,14 +21,24 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn new(path: PathBuf, max_bytes: u64, max_backups: u32) -> FileSink {
-        FileSink { path, max_bytes, max_backups, out: None, reopen: Arc::new(AtomicBool::new(false)) }
+        FileSink {
+            path,
+            max_bytes,
+            max_backups,
+            out: None,
+            reopen: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     fn open(&mut self) -> Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
-        let f = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)
             .with_context(|| format!("open {}", self.path.display()))?;
         let size = f.metadata()?.len();
         self.out = Some((BufWriter::with_capacity(256 * 1024, f), size));
@@ -46,7 +56,8 @@ impl FileSink {
             for i in (1..self.max_backups).rev() {
                 let _ = std::fs::rename(numbered(&self.path, i), numbered(&self.path, i + 1));
             }
-            std::fs::rename(&self.path, numbered(&self.path, 1)).with_context(|| format!("rotate {}", self.path.display()))?;
+            std::fs::rename(&self.path, numbered(&self.path, 1))
+                .with_context(|| format!("rotate {}", self.path.display()))?;
         }
         self.open()
     }

@@ -14,7 +14,9 @@ pub struct HecSink {
 impl HecSink {
     pub fn new(s: &SinkConfig) -> Result<HecSink> {
         let token = s.token.as_ref().map(|t| t.0.clone()).unwrap_or_default();
-        Ok(HecSink { client: Client::new(s, vec![("Authorization".into(), format!("Splunk {token}"))])? })
+        Ok(HecSink {
+            client: Client::new(s, vec![("Authorization".into(), format!("Splunk {token}"))])?,
+        })
     }
 
     pub async fn send(&mut self, batch: &[Item]) -> Result<()> {
@@ -25,7 +27,12 @@ impl HecSink {
                 .map(|t| t.timestamp_micros() as f64 / 1e6)
                 .unwrap_or(0.0);
             let host = serde_json::to_string(&item.event.host)?;
-            body.extend_from_slice(format!("{{\"time\":{time:.6},\"host\":{host},\"sourcetype\":\"enforcer\",\"event\":").as_bytes());
+            body.extend_from_slice(
+                format!(
+                    "{{\"time\":{time:.6},\"host\":{host},\"sourcetype\":\"enforcer\",\"event\":"
+                )
+                .as_bytes(),
+            );
             body.extend_from_slice(item.payload.as_bytes());
             body.push(b'}');
         }

@@ -79,7 +79,8 @@ impl Client {
                 .await
                 .with_context(|| format!("connect {}:{}", self.url.host, self.url.port))?;
             tcp.set_nodelay(true)?;
-            let tls = self.tls.connect(self.server_name.clone(), tcp).await.context("TLS handshake")?;
+            let tls =
+                self.tls.connect(self.server_name.clone(), tcp).await.context("TLS handshake")?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -100,7 +101,11 @@ impl Client {
     }
 
     async fn post_inner(&mut self, content_type: &str, body: Vec<u8>) -> Result<()> {
-        let host = if self.url.port == 443 { self.url.host.clone() } else { format!("{}:{}", self.url.host, self.url.port) };
+        let host = if self.url.port == 443 {
+            self.url.host.clone()
+        } else {
+            format!("{}:{}", self.url.host, self.url.port)
+        };
         let mut req = hyper::Request::post(&self.url.path)
             .header(hyper::header::HOST, host)
             .header(hyper::header::CONTENT_TYPE, content_type)

@@ -14,10 +14,10 @@ pub mod http;
 pub mod ocsf;
 mod stdout;
 mod syslog;
-mod tls;
-mod webhook;
 #[cfg(test)]
 mod tests;
+mod tls;
+mod webhook;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -60,7 +60,11 @@ enum Transport {
 impl Transport {
     fn new(s: &SinkConfig) -> Result<Transport> {
         Ok(match s.kind {
-            SinkKind::File => Transport::File(file::FileSink::new(s.path.clone().context("file sink without path")?, s.max_bytes, s.max_backups)),
+            SinkKind::File => Transport::File(file::FileSink::new(
+                s.path.clone().context("file sink without path")?,
+                s.max_bytes,
+                s.max_backups,
+            )),
             SinkKind::Stdout => Transport::Stdout,
             SinkKind::Syslog => Transport::Syslog(syslog::SyslogSink::new(s)?),
             SinkKind::Webhook => Transport::Webhook(webhook::WebhookSink::new(s)?),
@@ -150,7 +154,11 @@ impl Limiter {
             self.count += 1;
             return true;
         }
-        let s = self.pending.get_or_insert_with(|| Suppressed { first_id: e.id.clone(), first_time: e.time.clone(), ..Default::default() });
+        let s = self.pending.get_or_insert_with(|| Suppressed {
+            first_id: e.id.clone(),
+            first_time: e.time.clone(),
+            ..Default::default()
+        });
         s.count += 1;
         s.last_time = e.time.clone();
         false
@@ -213,7 +221,9 @@ impl Delivery {
             return false;
         }
         let is_use = matches!(e.kind.as_str(), "file_open" | "connect");
-        !(is_use && !self.cfg.verdicts.is_empty() && !self.cfg.verdicts.iter().any(|v| *v == e.verdict))
+        !(is_use
+            && !self.cfg.verdicts.is_empty()
+            && !self.cfg.verdicts.iter().any(|v| *v == e.verdict))
     }
 
     fn render(&self, e: Event, line: Option<String>) -> Item {
@@ -247,7 +257,12 @@ impl Delivery {
             severity: "medium".into(),
             message: Some(format!(
                 "sink {}: rate limit of {}/s suppressed {} events between {} and {} (first id {}); they remain in the outbox and in `enforcer events`",
-                self.cfg.name, self.cfg.rate_limit_per_second, s.count, s.first_time, s.last_time, s.first_id
+                self.cfg.name,
+                self.cfg.rate_limit_per_second,
+                s.count,
+                s.first_time,
+                s.last_time,
+                s.first_id
             )),
         };
         self.render(e, None)
@@ -306,7 +321,10 @@ impl Delivery {
             let e: Event = match serde_json::from_str(&line.text) {
                 Ok(e) => e,
                 Err(err) => {
-                    store::notice(format!("sink {}: skipping an unreadable outbox line: {err}", self.cfg.name));
+                    store::notice(format!(
+                        "sink {}: skipping an unreadable outbox line: {err}",
+                        self.cfg.name
+                    ));
                     continue;
                 }
             };
@@ -449,15 +467,22 @@ pub fn spawn(config: &Config, state_dir: &Path, host: &str) -> Result<Sinks> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     }
     let (stop, stop_rx) = watch::channel(false);
-    let mut sinks = Sinks { stop, tasks: vec![], stats: vec![], reopen: vec![], state_dir: state_dir.to_path_buf() };
+    let mut sinks = Sinks {
+        stop,
+        tasks: vec![],
+        stats: vec![],
+        reopen: vec![],
+        state_dir: state_dir.to_path_buf(),
+    };
     for s in &config.sinks {
         let transport = Transport::new(s).with_context(|| format!("sink {}", s.name))?;
         if let Transport::File(f) = &transport {
             sinks.reopen.push(f.reopen.clone());
         }
-        let saved: Option<CursorFile> = std::fs::read_to_string(store::cursor_path(state_dir, &s.name))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
+        let saved: Option<CursorFile> =
+            std::fs::read_to_string(store::cursor_path(state_dir, &s.name))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
         let fresh = saved.is_none();
         let reader = OutboxReader::new(state_dir, saved.as_ref().map(|c| c.pos.clone()));
         let stats = Arc::new(Stats {
@@ -551,24 +576,68 @@ impl SinkMetrics {
             })
             .collect();
         let total: u64 = gens.iter().map(|g| g.1).sum();
-        let _ = writeln!(out, "# HELP enforcer_outbox_bytes Bytes held in the alert outbox (events.jsonl and its backups).");
+        let _ = writeln!(
+            out,
+            "# HELP enforcer_outbox_bytes Bytes held in the alert outbox (events.jsonl and its backups)."
+        );
         let _ = writeln!(out, "# TYPE enforcer_outbox_bytes gauge");
         let _ = writeln!(out, "enforcer_outbox_bytes {total}");
         type Metric = (&'static str, &'static str, &'static str, fn(&Stats, &[(u64, u64)]) -> u64);
         let metrics: [Metric; 7] = [
-            ("enforcer_sink_up", "gauge", "1 while the sink's last delivery attempt succeeded.", |s, _| s.up.load(Ordering::Relaxed) as u64),
-            ("enforcer_sink_backlog_bytes", "gauge", "Outbox bytes not yet delivered to the sink.", |s, g| backlog(&s.committed.lock().unwrap(), g)),
-            ("enforcer_sink_delivered_total", "counter", "Events delivered to the sink (since start).", |s, _| s.delivered.load(Ordering::Relaxed)),
-            ("enforcer_sink_delivery_failures_total", "counter", "Failed delivery attempts (each is retried).", |s, _| s.failures.load(Ordering::Relaxed)),
-            ("enforcer_sink_suppressed_total", "counter", "Events held back by the sink's rate limit (reported in summary events).", |s, _| s.suppressed.load(Ordering::Relaxed)),
-            ("enforcer_sink_filtered_total", "counter", "Events not sent because of the sink's severity/verdict filter.", |s, _| s.filtered.load(Ordering::Relaxed)),
-            ("enforcer_sink_last_success_timestamp_seconds", "gauge", "Unix time of the last successful delivery.", |s, _| s.last_success.load(Ordering::Relaxed)),
+            (
+                "enforcer_sink_up",
+                "gauge",
+                "1 while the sink's last delivery attempt succeeded.",
+                |s, _| s.up.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "enforcer_sink_backlog_bytes",
+                "gauge",
+                "Outbox bytes not yet delivered to the sink.",
+                |s, g| backlog(&s.committed.lock().unwrap(), g),
+            ),
+            (
+                "enforcer_sink_delivered_total",
+                "counter",
+                "Events delivered to the sink (since start).",
+                |s, _| s.delivered.load(Ordering::Relaxed),
+            ),
+            (
+                "enforcer_sink_delivery_failures_total",
+                "counter",
+                "Failed delivery attempts (each is retried).",
+                |s, _| s.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "enforcer_sink_suppressed_total",
+                "counter",
+                "Events held back by the sink's rate limit (reported in summary events).",
+                |s, _| s.suppressed.load(Ordering::Relaxed),
+            ),
+            (
+                "enforcer_sink_filtered_total",
+                "counter",
+                "Events not sent because of the sink's severity/verdict filter.",
+                |s, _| s.filtered.load(Ordering::Relaxed),
+            ),
+            (
+                "enforcer_sink_last_success_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful delivery.",
+                |s, _| s.last_success.load(Ordering::Relaxed),
+            ),
         ];
         for (name, kind, help, get) in metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for s in &self.stats {
-                let _ = writeln!(out, "{name}{{sink=\"{}\",type=\"{}\"}} {}", s.name, s.kind, get(s, &gens));
+                let _ = writeln!(
+                    out,
+                    "{name}{{sink=\"{}\",type=\"{}\"}} {}",
+                    s.name,
+                    s.kind,
+                    get(s, &gens)
+                );
             }
         }
         out
@@ -578,7 +647,9 @@ impl SinkMetrics {
 /// Bytes after `pos` in the outbox: the rest of its file plus every newer file.
 fn backlog(pos: &Position, gens: &[(u64, u64)]) -> u64 {
     match gens.iter().position(|g| g.0 == pos.ino) {
-        Some(i) => gens[i].1.saturating_sub(pos.offset) + gens[i + 1..].iter().map(|g| g.1).sum::<u64>(),
+        Some(i) => {
+            gens[i].1.saturating_sub(pos.offset) + gens[i + 1..].iter().map(|g| g.1).sum::<u64>()
+        }
         None => gens.iter().map(|g| g.1).sum(),
     }
 }

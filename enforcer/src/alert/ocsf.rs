@@ -27,7 +27,10 @@ pub fn severity_id(s: &str) -> u8 {
 }
 
 fn severity_label(id: u8) -> &'static str {
-    ["Unknown", "Informational", "Low", "Medium", "High", "Critical"].get(id as usize).copied().unwrap_or("Unknown")
+    ["Unknown", "Informational", "Low", "Medium", "High", "Critical"]
+        .get(id as usize)
+        .copied()
+        .unwrap_or("Unknown")
 }
 
 /// OCSF disposition of an action: what the control did about the use.
@@ -46,9 +49,13 @@ pub fn disposition(action: &str) -> (u8, &'static str) {
 fn technique(id: &str) -> Value {
     let (name, tactic_uid, tactic) = match id {
         "T1552" => ("Unsecured Credentials", "TA0006", "Credential Access"),
-        "T1552.001" => ("Unsecured Credentials: Credentials In Files", "TA0006", "Credential Access"),
+        "T1552.001" => {
+            ("Unsecured Credentials: Credentials In Files", "TA0006", "Credential Access")
+        }
         "T1552.004" => ("Unsecured Credentials: Private Keys", "TA0006", "Credential Access"),
-        "T1552.005" => ("Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access"),
+        "T1552.005" => {
+            ("Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access")
+        }
         "T1078" => ("Valid Accounts", "TA0005", "Defense Evasion"),
         "T1078.004" => ("Valid Accounts: Cloud Accounts", "TA0005", "Defense Evasion"),
         _ => ("", "", ""),
@@ -145,19 +152,41 @@ fn title(e: &Event) -> String {
 pub fn to_ocsf(e: &Event) -> Value {
     let sev = severity_id(&e.severity);
     let violation = e.verdict != "allowed";
-    let (class_uid, category_uid, activity_id, activity, class_name, category_name): (u32, u32, u32, &str, &str, &str) =
-        match (violation, e.kind.as_str()) {
-            (true, _) => (2004, 2, 1, "Create", "Detection Finding", "Findings"),
-            (false, "file_open") => (1001, 1, 14, "Open", "File System Activity", "System Activity"),
-            (false, "connect") => (4001, 4, 1, "Open", "Network Activity", "Network Activity"),
-            (false, "grant_issued") => (3005, 3, 1, "Assign Privileges", "User Access Management", "Identity & Access Management"),
-            (false, k) if k.starts_with("grant_") => {
-                (3005, 3, 2, "Revoke Privileges", "User Access Management", "Identity & Access Management")
-            }
-            (false, "agent_started") => (6002, 6, 3, "Start", "Application Lifecycle", "Application Activity"),
-            (false, "agent_stopped") => (6002, 6, 4, "Stop", "Application Lifecycle", "Application Activity"),
-            (false, _) => (6002, 6, 99, "Other", "Application Lifecycle", "Application Activity"),
-        };
+    let (class_uid, category_uid, activity_id, activity, class_name, category_name): (
+        u32,
+        u32,
+        u32,
+        &str,
+        &str,
+        &str,
+    ) = match (violation, e.kind.as_str()) {
+        (true, _) => (2004, 2, 1, "Create", "Detection Finding", "Findings"),
+        (false, "file_open") => (1001, 1, 14, "Open", "File System Activity", "System Activity"),
+        (false, "connect") => (4001, 4, 1, "Open", "Network Activity", "Network Activity"),
+        (false, "grant_issued") => (
+            3005,
+            3,
+            1,
+            "Assign Privileges",
+            "User Access Management",
+            "Identity & Access Management",
+        ),
+        (false, k) if k.starts_with("grant_") => (
+            3005,
+            3,
+            2,
+            "Revoke Privileges",
+            "User Access Management",
+            "Identity & Access Management",
+        ),
+        (false, "agent_started") => {
+            (6002, 6, 3, "Start", "Application Lifecycle", "Application Activity")
+        }
+        (false, "agent_stopped") => {
+            (6002, 6, 4, "Stop", "Application Lifecycle", "Application Activity")
+        }
+        (false, _) => (6002, 6, 99, "Other", "Application Lifecycle", "Application Activity"),
+    };
     let mut o = json!({
         "class_uid": class_uid,
         "class_name": class_name,
@@ -209,7 +238,9 @@ pub fn to_ocsf(e: &Event) -> Value {
             });
         }
         3005 => {
-            o["privileges"] = json!(e.grant.as_ref().map(|g| vec![format!("intent:{}", g.intent)]).unwrap_or_default());
+            o["privileges"] = json!(
+                e.grant.as_ref().map(|g| vec![format!("intent:{}", g.intent)]).unwrap_or_default()
+            );
             o["user"] = json!({ "uid": e.process.uid.to_string() });
         }
         2004 => {

@@ -31,7 +31,10 @@ impl SyslogSink {
         let address = s.address.clone().ok_or_else(|| anyhow!("syslog sink without address"))?;
         let tls = if s.tls {
             let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address);
-            Some((tokio_rustls::TlsConnector::from(super::tls::client_config(s)?), super::tls::server_name(s, host)?))
+            Some((
+                tokio_rustls::TlsConnector::from(super::tls::client_config(s)?),
+                super::tls::server_name(s, host)?,
+            ))
         } else {
             None
         };
@@ -39,10 +42,14 @@ impl SyslogSink {
     }
 
     async fn connect(&mut self) -> Result<()> {
-        let tcp = tokio::net::TcpStream::connect(&self.address).await.with_context(|| format!("connect {}", self.address))?;
+        let tcp = tokio::net::TcpStream::connect(&self.address)
+            .await
+            .with_context(|| format!("connect {}", self.address))?;
         tcp.set_nodelay(true)?;
         self.conn = Some(match &self.tls {
-            Some((c, name)) => Box::pin(c.connect(name.clone(), tcp).await.context("TLS handshake")?),
+            Some((c, name)) => {
+                Box::pin(c.connect(name.clone(), tcp).await.context("TLS handshake")?)
+            }
             None => Box::pin(tcp),
         });
         Ok(())
@@ -50,7 +57,9 @@ impl SyslogSink {
 
     pub async fn send(&mut self, batch: &[Item]) -> Result<()> {
         if self.conn.is_none() {
-            tokio::time::timeout(Duration::from_secs(10), self.connect()).await.map_err(|_| anyhow!("connect timed out"))??;
+            tokio::time::timeout(Duration::from_secs(10), self.connect())
+                .await
+                .map_err(|_| anyhow!("connect timed out"))??;
         }
         let mut buf = Vec::with_capacity(batch.iter().map(|i| i.payload.len() + 200).sum());
         for item in batch {
@@ -83,7 +92,7 @@ impl SyslogSink {
         let Some(conn) = self.conn.as_mut() else { return false };
         let mut b = [0u8; 256];
         match tokio::time::timeout(Duration::from_millis(1), conn.read(&mut b)).await {
-            Err(_) => true,       // nothing to read: still connected
+            Err(_) => true,             // nothing to read: still connected
             Ok(Ok(n)) if n > 0 => true, // a chatty receiver; ignore what it says
             _ => {
                 self.conn = None;

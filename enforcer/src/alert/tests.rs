@@ -23,9 +23,26 @@ fn ev(i: u64) -> Event {
         verdict: if violation { "no_grant" } else { "allowed" }.into(),
         action: if violation { "alerted" } else { "allowed" }.into(),
         mode: "monitor".into(),
-        process: ProcessRef { pid: 100, ppid: 1, uid: 1000, exe: "/usr/bin/python3".into(), cmdline: "python3 x.py".into(), cgroup: "/t".into(), ..Default::default() },
-        file: (i % 2 == 0).then(|| FileRef { path: "/etc/k.json".into(), dev: 1, ino: 2, secret: "k".into() }),
-        destination: (i % 2 == 1).then(|| DestinationRef { ip: "127.0.0.1".into(), port: 443, protocol: "tcp".into() }),
+        process: ProcessRef {
+            pid: 100,
+            ppid: 1,
+            uid: 1000,
+            exe: "/usr/bin/python3".into(),
+            cmdline: "python3 x.py".into(),
+            cgroup: "/t".into(),
+            ..Default::default()
+        },
+        file: (i % 2 == 0).then(|| FileRef {
+            path: "/etc/k.json".into(),
+            dev: 1,
+            ino: 2,
+            secret: "k".into(),
+        }),
+        destination: (i % 2 == 1).then(|| DestinationRef {
+            ip: "127.0.0.1".into(),
+            port: 443,
+            protocol: "tcp".into(),
+        }),
         grant: None,
         decision_path: vec!["subject resolved".into()],
         secrets: vec![],
@@ -49,15 +66,27 @@ fn write_events(store: &mut EventStore, range: std::ops::Range<u64>) {
 
 /// Ids delivered, in arrival order (duplicates kept).
 fn ids_of_lines(text: &str) -> Vec<String> {
-    text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_string()).collect()
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Every id in `0..n` arrived, and the first arrival of each is in order.
 fn assert_all_in_order(got: &[String], n: u64) {
     let mut seen = HashSet::new();
-    let firsts: Vec<u64> = got.iter().filter(|id| seen.insert((*id).clone())).filter_map(|id| id.strip_prefix("t-")?.parse().ok()).collect();
+    let firsts: Vec<u64> = got
+        .iter()
+        .filter(|id| seen.insert((*id).clone()))
+        .filter_map(|id| id.strip_prefix("t-")?.parse().ok())
+        .collect();
     let missing: Vec<u64> = (0..n).filter(|i| !seen.contains(&format!("t-{i}"))).collect();
-    assert!(missing.is_empty(), "{} ids never arrived, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} ids never arrived, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     assert!(firsts.windows(2).all(|w| w[0] < w[1]), "first arrivals out of order");
 }
 
@@ -70,7 +99,10 @@ async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 fn read_rotated(path: &Path) -> String {
-    let mut files: Vec<PathBuf> = (1..).map(|i| PathBuf::from(format!("{}.{i}", path.display()))).take_while(|p| p.exists()).collect();
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|i| PathBuf::from(format!("{}.{i}", path.display())))
+        .take_while(|p| p.exists())
+        .collect();
     files.reverse();
     files.push(path.to_path_buf());
     files.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
@@ -110,14 +142,22 @@ fn ocsf_mapping() {
     assert_eq!(v["evidences"][0]["file"]["path"], "/etc/k.json");
     assert!(v["time"].as_i64().unwrap() > 1_600_000_000_000);
     let v = ocsf::to_ocsf(&ev(2)); // allowed file open
-    assert_eq!((v["class_uid"].as_u64(), v["activity_id"].as_u64(), v["type_uid"].as_u64()), (Some(1001), Some(14), Some(100114)));
+    assert_eq!(
+        (v["class_uid"].as_u64(), v["activity_id"].as_u64(), v["type_uid"].as_u64()),
+        (Some(1001), Some(14), Some(100114))
+    );
     assert_eq!(v["file"]["path"], "/etc/k.json");
     let v = ocsf::to_ocsf(&ev(1)); // allowed connect
     assert_eq!((v["class_uid"].as_u64(), v["type_uid"].as_u64()), (Some(4001), Some(400101)));
     assert_eq!(v["dst_endpoint"]["port"], 443);
     let mut e = ev(3);
     e.action = "denied".into();
-    e.grant = Some(GrantRef { id: "g".into(), intent: "deploy".into(), expires_at: e.time.clone(), expired_for_ms: Some(5) });
+    e.grant = Some(GrantRef {
+        id: "g".into(),
+        intent: "deploy".into(),
+        expires_at: e.time.clone(),
+        expired_for_ms: Some(5),
+    });
     let v = ocsf::to_ocsf(&e);
     assert_eq!(v["disposition_id"], 2);
     assert_eq!(v["unmapped"]["grant"]["expired_for_ms"], 5);
@@ -133,7 +173,10 @@ async fn file_sink_under_load_rotates_and_keeps_order() {
     let out = dir.path().join("out/alerts.jsonl");
     let cfg = config(
         &state,
-        &format!("[outbox]\nrotate_bytes = 1000000\nmax_backups = 2\n[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nmax_bytes = 4000000\nmax_backups = 1000\n", out.display()),
+        &format!(
+            "[outbox]\nrotate_bytes = 1000000\nmax_backups = 2\n[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nmax_bytes = 4000000\nmax_backups = 1000\n",
+            out.display()
+        ),
     );
     let mut store = EventStore::open(&state).unwrap();
     let sinks = spawn(&cfg, &state, "test-host").unwrap();
@@ -153,14 +196,20 @@ async fn file_sink_under_load_rotates_and_keeps_order() {
     assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
     assert!(PathBuf::from(format!("{}.1", out.display())).exists(), "sink file never rotated");
     let m = sinks.metrics_text();
-    assert!(m.contains(&format!("enforcer_sink_delivered_total{{sink=\"f\",type=\"file\"}} {n}")), "{m}");
+    assert!(
+        m.contains(&format!("enforcer_sink_delivered_total{{sink=\"f\",type=\"file\"}} {n}")),
+        "{m}"
+    );
     assert!(m.contains("enforcer_sink_backlog_bytes{sink=\"f\",type=\"file\"} 0"), "{m}");
     // logrotate: move the file away, then SIGHUP -> reopen_files.
     let moved = dir.path().join("out/moved.jsonl");
     std::fs::rename(&out, &moved).unwrap();
     sinks.reopen_files();
     write_events(&mut store, n..n + 10);
-    wait_for("a reopened file", 10, || std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() == 10)).await;
+    wait_for("a reopened file", 10, || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.lines().count() == 10)
+    })
+    .await;
     sinks.shutdown().await;
 }
 
@@ -170,11 +219,15 @@ fn daemon_killed_mid_stream_loses_nothing() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let out = dir.path().join("alerts.jsonl");
-    let cfg = config(&state, &format!("[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\n", out.display()));
+    let cfg = config(
+        &state,
+        &format!("[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\n", out.display()),
+    );
     let mut store = EventStore::open(&state).unwrap();
     // First life: the delivery runs on its own runtime, dropped without shutdown (as a kill
     // would leave it) while events are still arriving.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let _sinks = rt.block_on(async { spawn(&cfg, &state, "h").unwrap() });
     for k in 0..20 {
         write_events(&mut store, k * 500..(k + 1) * 500);
@@ -186,10 +239,18 @@ fn daemon_killed_mid_stream_loses_nothing() {
     // second must deliver the rest, in order. The real-daemon SIGKILL test in
     // tests/alerts.rs covers the kill itself.
     // Second life resumes from the cursor.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let sinks = spawn(&cfg, &state, "h").unwrap();
-        wait_for("every event after restart", 30, || ids_of_lines(&std::fs::read_to_string(&out).unwrap_or_default()).iter().collect::<HashSet<_>>().len() >= 20_000).await;
+        wait_for("every event after restart", 30, || {
+            ids_of_lines(&std::fs::read_to_string(&out).unwrap_or_default())
+                .iter()
+                .collect::<HashSet<_>>()
+                .len()
+                >= 20_000
+        })
+        .await;
         assert_all_in_order(&ids_of_lines(&std::fs::read_to_string(&out).unwrap()), 20_000);
         sinks.shutdown().await;
     });
@@ -201,21 +262,38 @@ async fn rate_limit_reports_suppressed_count() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let out = dir.path().join("alerts.jsonl");
-    let cfg = config(&state, &format!("[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nrate_limit_per_second = 100\nmin_severity = \"high\"\n", out.display()));
+    let cfg = config(
+        &state,
+        &format!(
+            "[[sink]]\nname = \"f\"\ntype = \"file\"\npath = \"{}\"\nrate_limit_per_second = 100\nmin_severity = \"high\"\n",
+            out.display()
+        ),
+    );
     let mut store = EventStore::open(&state).unwrap();
     let sinks = spawn(&cfg, &state, "h").unwrap();
     write_events(&mut store, 0..3000); // 1000 are high severity
     let summary = || {
-        std::fs::read_to_string(&out).unwrap_or_default().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|v| v["kind"] == "alerts_suppressed")
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["kind"] == "alerts_suppressed")
     };
     wait_for("a suppression summary", 10, || summary().is_some()).await;
     let text = std::fs::read_to_string(&out).unwrap();
     let delivered = text.lines().filter(|l| l.contains("\"no_grant\"")).count();
     let s = summary().unwrap();
     let msg = s["message"].as_str().unwrap();
-    assert!(msg.contains(&format!("suppressed {} events", 1000 - delivered)), "{delivered} delivered; {msg}");
+    assert!(
+        msg.contains(&format!("suppressed {} events", 1000 - delivered)),
+        "{delivered} delivered; {msg}"
+    );
     assert_eq!(delivered, 100);
-    assert!(sinks.metrics_text().contains("enforcer_sink_suppressed_total{sink=\"f\",type=\"file\"} 900"));
+    assert!(
+        sinks
+            .metrics_text()
+            .contains("enforcer_sink_suppressed_total{sink=\"f\",type=\"file\"} 900")
+    );
     sinks.shutdown().await;
 }
 
@@ -228,20 +306,32 @@ fn rotation_keeps_what_a_lagging_sink_needs_until_the_bound() {
     let mut s = EventStore::open(state).unwrap();
     write_events(&mut s, 0..5);
     // A sink that read nothing yet: its cursor is on the first generation.
-    let first = std::fs::metadata(state.join(store::FILE_NAME)).map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.ino()
-    }).unwrap();
-    store::save_cursor(state, "lag", &Position { ino: first, offset: 0, first_id: Some("t-0".into()) }).unwrap();
+    let first = std::fs::metadata(state.join(store::FILE_NAME))
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        })
+        .unwrap();
+    store::save_cursor(
+        state,
+        "lag",
+        &Position { ino: first, offset: 0, first_id: Some("t-0".into()) },
+    )
+    .unwrap();
     write_events(&mut s, 5..200); // many rotations
-    let mut r = OutboxReader::new(state, Some(Position { ino: first, offset: 0, first_id: Some("t-0".into()) }));
+    let mut r = OutboxReader::new(
+        state,
+        Some(Position { ino: first, offset: 0, first_id: Some("t-0".into()) }),
+    );
     let mut ids = vec![];
     loop {
         let lines = r.read("lag", 1000, 1 << 20).unwrap();
         if lines.is_empty() {
             break;
         }
-        ids.extend(lines.iter().map(|l| serde_json::from_str::<Value>(&l.text).unwrap()["id"].as_str().unwrap().to_string()));
+        ids.extend(lines.iter().map(|l| {
+            serde_json::from_str::<Value>(&l.text).unwrap()["id"].as_str().unwrap().to_string()
+        }));
     }
     assert_all_in_order(&ids, 200);
     // Now bound the outbox: the lagging sink's oldest file goes, with a notice.
@@ -265,7 +355,10 @@ fn pki(dir: &Path) -> Pki {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&key, &ca).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -273,14 +366,21 @@ fn pki(dir: &Path) -> Pki {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
         .unwrap();
     Pki { ca: ca_path, server: Arc::new(server) }
 }
 
 /// A TLS syslog receiver (octet-counting frames) recording event ids; aborting the handle kills
 /// it, unread data included.
-fn syslog_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, got: Arc<Mutex<Vec<String>>>) -> tokio::task::JoinHandle<()> {
+fn syslog_receiver(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    got: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let mut conns = tokio::task::JoinSet::new();
@@ -300,14 +400,24 @@ fn syslog_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
                     buf.extend_from_slice(&chunk[..n]);
                     // "LEN SP MSG" frames.
                     while let Some(sp) = buf.iter().position(|&b| b == b' ') {
-                        let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().expect("octet count");
+                        let len: usize =
+                            std::str::from_utf8(&buf[..sp]).unwrap().parse().expect("octet count");
                         if buf.len() < sp + 1 + len {
                             break;
                         }
                         let msg = String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap();
                         buf.drain(..sp + 1 + len);
-                        assert!(msg.starts_with("<8") && msg[4..].starts_with("1 ") || msg.starts_with("<8") , "not RFC 5424: {msg}");
-                        let id = msg.split("id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+                        assert!(
+                            msg.starts_with("<8") && msg[4..].starts_with("1 ")
+                                || msg.starts_with("<8"),
+                            "not RFC 5424: {msg}"
+                        );
+                        let id = msg
+                            .split("id=\"")
+                            .nth(1)
+                            .and_then(|r| r.split('"').next())
+                            .unwrap()
+                            .to_string();
                         let json = &msg[msg.find("] ").unwrap() + 2..];
                         assert_eq!(serde_json::from_str::<Value>(json).unwrap()["id"], id.as_str());
                         got.lock().unwrap().push(id);
@@ -330,7 +440,11 @@ async fn syslog_tls_receiver_killed_and_restarted_gets_every_id() {
     let rx = syslog_receiver(listener, pki.server.clone(), got.clone());
     let cfg = config(
         &state,
-        &format!("[[sink]]\nname = \"sl\"\ntype = \"syslog\"\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n", addr.port(), pki.ca.display()),
+        &format!(
+            "[[sink]]\nname = \"sl\"\ntype = \"syslog\"\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n",
+            addr.port(),
+            pki.ca.display()
+        ),
     );
     let mut store = EventStore::open(&state).unwrap();
     let sinks = spawn(&cfg, &state, "h").unwrap();
@@ -347,16 +461,27 @@ async fn syslog_tls_receiver_killed_and_restarted_gets_every_id() {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let _rx = syslog_receiver(listener, pki.server.clone(), got.clone());
     writer.join().unwrap();
-    wait_for("every id after the receiver came back", 30, || got.lock().unwrap().iter().collect::<HashSet<_>>().len() as u64 >= n).await;
+    wait_for("every id after the receiver came back", 30, || {
+        got.lock().unwrap().iter().collect::<HashSet<_>>().len() as u64 >= n
+    })
+    .await;
     assert_all_in_order(&got.lock().unwrap(), n);
     let m = sinks.metrics_text();
-    assert!(!m.contains("enforcer_sink_delivery_failures_total{sink=\"sl\",type=\"syslog\"} 0"), "the outage must show as failures:\n{m}");
+    assert!(
+        !m.contains("enforcer_sink_delivery_failures_total{sink=\"sl\",type=\"syslog\"} 0"),
+        "the outage must show as failures:\n{m}"
+    );
     sinks.shutdown().await;
 }
 
 /// A minimal HTTPS HEC endpoint: checks the token and the concatenated-object framing, records
 /// event ids; answers 503 while `down` is set.
-fn hec_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, got: Arc<Mutex<Vec<String>>>, down: Arc<std::sync::atomic::AtomicBool>) {
+fn hec_receiver(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    got: Arc<Mutex<Vec<String>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+) {
     tokio::spawn(async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         loop {
@@ -375,7 +500,14 @@ fn hec_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig
                         continue;
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap();
                     while buf.len() < end + 4 + len {
                         match s.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
@@ -385,18 +517,23 @@ fn hec_receiver(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig
                     let body = buf[end + 4..end + 4 + len].to_vec();
                     buf.drain(..end + 4 + len);
                     assert!(head.starts_with("POST /services/collector/event HTTP/1.1"), "{head}");
-                    let authorized = head.lines().any(|l| l == "authorization: Splunk tok-123" || l == "Authorization: Splunk tok-123");
+                    let authorized = head.lines().any(|l| {
+                        l == "authorization: Splunk tok-123" || l == "Authorization: Splunk tok-123"
+                    });
                     let reply = if !authorized {
                         "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
                     } else if down.load(std::sync::atomic::Ordering::Relaxed) {
                         "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
                     } else {
-                        for obj in serde_json::Deserializer::from_slice(&body).into_iter::<Value>() {
+                        for obj in serde_json::Deserializer::from_slice(&body).into_iter::<Value>()
+                        {
                             let obj = obj.expect("concatenated JSON objects");
                             assert_eq!(obj["sourcetype"], "enforcer");
                             assert_eq!(obj["host"], "test-host");
                             assert!(obj["time"].as_f64().unwrap() > 1.6e9);
-                            got.lock().unwrap().push(obj["event"]["id"].as_str().unwrap().to_string());
+                            got.lock()
+                                .unwrap()
+                                .push(obj["event"]["id"].as_str().unwrap().to_string());
                         }
                         "HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n{\"text\":\"Success\",\"code\":0}"
                     };
@@ -422,7 +559,10 @@ async fn splunk_hec_over_https_with_outage() {
     hec_receiver(listener, pki.server.clone(), got.clone(), down.clone());
     let cfg = config(
         &state,
-        &format!("[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{port}/services/collector/event\"\ntoken = \"tok-123\"\nca_file = \"{}\"\n", pki.ca.display()),
+        &format!(
+            "[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{port}/services/collector/event\"\ntoken = \"tok-123\"\nca_file = \"{}\"\n",
+            pki.ca.display()
+        ),
     );
     let mut store = EventStore::open(&state).unwrap();
     let sinks = spawn(&cfg, &state, "test-host").unwrap();

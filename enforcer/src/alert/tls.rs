@@ -14,7 +14,9 @@ pub fn client_config(s: &SinkConfig) -> Result<Arc<ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     match &s.ca_file {
         Some(ca) => {
-            for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("read ca_file {}", ca.display()))? {
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("read ca_file {}", ca.display()))?
+            {
                 roots.add(c.with_context(|| format!("parse ca_file {}", ca.display()))?)?;
             }
         }
@@ -47,10 +49,14 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn key_of(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).with_context(|| format!("read private key {}", path.display()))
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("read private key {}", path.display()))
 }
 
 pub fn server_name(s: &SinkConfig, host: &str) -> Result<ServerName<'static>> {
-    let name = s.server_name.clone().unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+    let name = s
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
     ServerName::try_from(name.clone()).with_context(|| format!("invalid TLS server name {name:?}"))
 }

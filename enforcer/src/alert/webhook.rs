@@ -15,7 +15,8 @@ impl WebhookSink {
     }
 
     pub async fn send(&mut self, batch: &[Item]) -> Result<()> {
-        let mut body = Vec::with_capacity(batch.iter().map(|i| i.payload.len() + 1).sum::<usize>() + 2);
+        let mut body =
+            Vec::with_capacity(batch.iter().map(|i| i.payload.len() + 1).sum::<usize>() + 2);
         body.push(b'[');
         for (i, item) in batch.iter().enumerate() {
             if i > 0 {

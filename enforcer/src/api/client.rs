@@ -8,7 +8,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-pub fn request(socket: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<(u16, serde_json::Value)> {
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), request_async(socket, method, path, body))
@@ -17,7 +22,12 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<serde_json:
     })
 }
 
-async fn request_async(socket: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<(u16, serde_json::Value)> {
+async fn request_async(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value)> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("connect to the daemon at {}", socket.display()))?;
@@ -36,6 +46,10 @@ async fn request_async(socket: &Path, method: &str, path: &str, body: Option<ser
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
-    let v = if body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&body).context("daemon answered with invalid JSON")? };
+    let v = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body).context("daemon answered with invalid JSON")?
+    };
     Ok((status, v))
 }

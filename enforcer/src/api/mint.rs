@@ -29,7 +29,13 @@ pub struct MintState {
 impl MintState {
     pub fn new(registry: Arc<Mutex<Registry>>, config: Arc<Config>, limiter: RateLimiter) -> Self {
         let jwks = registry.lock().unwrap().signer.jwks();
-        MintState { registry, config: Mutex::new(config), limiter: Mutex::new(limiter), exe_hashes: Mutex::new(HashMap::new()), jwks }
+        MintState {
+            registry,
+            config: Mutex::new(config),
+            limiter: Mutex::new(limiter),
+            exe_hashes: Mutex::new(HashMap::new()),
+            jwks,
+        }
     }
 
     pub fn jwks(&self) -> Value {
@@ -37,7 +43,12 @@ impl MintState {
     }
 
     fn exe_sha256(&self, r: &Requester) -> Result<String, ApiError> {
-        let gone = || ApiError::forbidden("subject_gone", format!("process {} exited during attestation", r.pid));
+        let gone = || {
+            ApiError::forbidden(
+                "subject_gone",
+                format!("process {} exited during attestation", r.pid),
+            )
+        };
         let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
         let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
         if let Some(h) = self.exe_hashes.lock().unwrap().get(&key) {
@@ -73,13 +84,29 @@ pub fn grant_json(g: &Grant) -> Value {
 }
 
 /// POST /v1/grants.
-pub async fn issue(m: &MintState, peer: &Requester, body: &[u8]) -> Result<(StatusCode, Value), ApiError> {
+pub async fn issue(
+    m: &MintState,
+    peer: &Requester,
+    body: &[u8],
+) -> Result<(StatusCode, Value), ApiError> {
     if let Err(retry) = m.limiter.lock().unwrap().check((peer.uid, peer.pid), Instant::now()) {
-        return Err(ApiError::too_many("rate_limited", format!("too many grant requests from pid {}; retry in {} ms", peer.pid, retry.as_millis())));
+        return Err(ApiError::too_many(
+            "rate_limited",
+            format!(
+                "too many grant requests from pid {}; retry in {} ms",
+                peer.pid,
+                retry.as_millis()
+            ),
+        ));
     }
     let req = request::parse(body)?;
     let config = m.config.lock().unwrap().clone();
-    let intent = config.intent(&req.intent).ok_or_else(|| ApiError::not_found("unknown_intent", format!("no intent named {:?}", req.intent)))?.clone();
+    let intent = config
+        .intent(&req.intent)
+        .ok_or_else(|| {
+            ApiError::not_found("unknown_intent", format!("no intent named {:?}", req.intent))
+        })?
+        .clone();
     // The process that will hold the grant: the caller, or a process it may bind.
     let target_owned;
     let target: &Requester = match req.pid {
@@ -105,7 +132,10 @@ pub async fn issue(m: &MintState, peer: &Requester, body: &[u8]) -> Result<(Stat
     // its pid may already belong to someone else, who must not inherit the grant.
     if target.is_gone() {
         m.registry.lock().unwrap().abort(&grant.id);
-        return Err(ApiError::forbidden("subject_gone", format!("process {} exited before the grant was bound", target.pid)));
+        return Err(ApiError::forbidden(
+            "subject_gone",
+            format!("process {} exited before the grant was bound", target.pid),
+        ));
     }
     Ok((StatusCode::CREATED, grant_json(&grant)))
 }
@@ -116,23 +146,41 @@ pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError>
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "state" => filter.state = Some(GrantState::parse(v).ok_or_else(|| ApiError::bad_request("invalid_query", format!("unknown state {v:?}")))?),
+            "state" => {
+                filter.state = Some(GrantState::parse(v).ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", format!("unknown state {v:?}"))
+                })?)
+            }
             "intent" => filter.intent = Some(v.to_string()),
-            "limit" => filter.limit = v.parse().ok().filter(|n| *n > 0 && *n <= 10_000).ok_or_else(|| ApiError::bad_request("invalid_query", "limit must be 1..=10000"))?,
-            _ => return Err(ApiError::bad_request("invalid_query", format!("unknown query parameter {k:?}"))),
+            "limit" => {
+                filter.limit =
+                    v.parse().ok().filter(|n| *n > 0 && *n <= 10_000).ok_or_else(|| {
+                        ApiError::bad_request("invalid_query", "limit must be 1..=10000")
+                    })?
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown query parameter {k:?}"),
+                ));
+            }
         }
     }
     let reg = m.registry.lock().unwrap();
-    let grants = reg.ledger.list(filter).map_err(|e| ApiError::new(500, "internal", format!("{e:#}")))?;
+    let grants =
+        reg.ledger.list(filter).map_err(|e| ApiError::new(500, "internal", format!("{e:#}")))?;
     // Live state (in memory) is newer than the ledger only for grants changing right now.
-    let v: Vec<Value> = grants.iter().map(|g| grant_json(&reg.get(&g.id).unwrap_or_else(|| g.clone()))).collect();
+    let v: Vec<Value> =
+        grants.iter().map(|g| grant_json(&reg.get(&g.id).unwrap_or_else(|| g.clone()))).collect();
     Ok((StatusCode::OK, json!({"grants": v})))
 }
 
 /// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).
 pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
     let reg = m.registry.lock().unwrap();
-    let g = reg.get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    let g = reg
+        .get(id)
+        .ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
     let mut v = grant_json(&g);
     let history: Vec<Value> = reg
         .ledger
@@ -148,9 +196,14 @@ pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
 /// DELETE /v1/grants/{id}: root, or a process of the grant subject's uid.
 pub fn revoke(m: &MintState, peer: &Requester, id: &str) -> Result<(StatusCode, Value), ApiError> {
     let mut reg = m.registry.lock().unwrap();
-    let g = reg.get(id).ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    let g = reg
+        .get(id)
+        .ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
     if peer.uid != 0 && peer.uid != g.subject.uid {
-        return Err(ApiError::forbidden("not_your_grant", format!("grant {id} belongs to uid {}", g.subject.uid)));
+        return Err(ApiError::forbidden(
+            "not_your_grant",
+            format!("grant {id} belongs to uid {}", g.subject.uid),
+        ));
     }
     let reason = format!("revoked by pid {} (uid {})", peer.pid, peer.uid);
     let g = reg.revoke(id, &reason)?;

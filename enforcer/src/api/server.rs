@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
@@ -55,7 +57,11 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
     }
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requester>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<ApiState>,
+    peer: Arc<Requester>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -66,7 +72,9 @@ async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requeste
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let result: Result<(StatusCode, Value), ApiError> = match (&method, segments.as_slice()) {
         (&Method::GET, ["", "v1", "health"]) => Ok((StatusCode::OK, json!({"status": "ok"}))),
-        (&Method::GET, ["", "v1", "status"]) => Ok((StatusCode::OK, state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null))),
+        (&Method::GET, ["", "v1", "status"]) => {
+            Ok((StatusCode::OK, state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null)))
+        }
         (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
         (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => return Ok(metrics(&state)),
         (&Method::POST, ["", "v1", "grants"]) => mint::issue(&state.mint, &peer, &body).await,
@@ -74,7 +82,12 @@ async fn handle(req: Request<Incoming>, state: Arc<ApiState>, peer: Arc<Requeste
         (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id),
         (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id),
         (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
-        (_, ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"] | ["", "v1", "grants", _] | ["", "v1", "policy", "reload"]) => {
+        (
+            _,
+            ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"]
+            | ["", "v1", "grants", _]
+            | ["", "v1", "policy", "reload"],
+        ) => {
             Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
         }
         _ => Err(ApiError::not_found("not_found", format!("no route {path}"))),
@@ -91,10 +104,18 @@ async fn reload(state: &ApiState, peer: &Requester) -> Result<(StatusCode, Value
         return Err(ApiError::forbidden("not_root", "only root may reload the policy"));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    state.reload.send(tx).await.map_err(|_| ApiError::new(503, "shutting_down", "the daemon is stopping"))?;
+    state
+        .reload
+        .send(tx)
+        .await
+        .map_err(|_| ApiError::new(503, "shutting_down", "the daemon is stopping"))?;
     match rx.await {
         Ok(Ok(source)) => Ok((StatusCode::OK, json!({"reloaded": source}))),
-        Ok(Err(msg)) => Err(ApiError::new(422, "invalid_policy", format!("reload refused, current policy kept:\n{msg}"))),
+        Ok(Err(msg)) => Err(ApiError::new(
+            422,
+            "invalid_policy",
+            format!("reload refused, current policy kept:\n{msg}"),
+        )),
         Err(_) => Err(ApiError::new(503, "shutting_down", "the daemon is stopping")),
     }
 }
@@ -107,11 +128,31 @@ fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
     let mut metric = |name: &str, help: &str, kind: &str, v: u64| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
     };
-    metric("enforcer_events_total", "Events written to the event store.", "counter", n("/events_total"));
-    metric("enforcer_alerts_total", "Events whose verdict is not allowed.", "counter", n("/alerts_total"));
-    metric("enforcer_kernel_ringbuf_drops_total", "Kernel records lost because the ring buffer was full.", "counter", n("/kernel/ringbuf_drops"));
+    metric(
+        "enforcer_events_total",
+        "Events written to the event store.",
+        "counter",
+        n("/events_total"),
+    );
+    metric(
+        "enforcer_alerts_total",
+        "Events whose verdict is not allowed.",
+        "counter",
+        n("/alerts_total"),
+    );
+    metric(
+        "enforcer_kernel_ringbuf_drops_total",
+        "Kernel records lost because the ring buffer was full.",
+        "counter",
+        n("/kernel/ringbuf_drops"),
+    );
     metric("enforcer_live_grants", "Active grants.", "gauge", n("/live_grants"));
-    metric("enforcer_decision_mismatches_total", "Connects where the kernel and decide.rs disagreed.", "counter", n("/counts/decision_mismatches"));
+    metric(
+        "enforcer_decision_mismatches_total",
+        "Connects where the kernel and decide.rs disagreed.",
+        "counter",
+        n("/counts/decision_mismatches"),
+    );
     out.push_str(&state.sink_metrics.metrics_text());
     Response::builder()
         .status(StatusCode::OK)
@@ -122,8 +163,16 @@ fn metrics(state: &ApiState) -> Response<Full<Bytes>> {
 
 /// Reads at most MAX_BODY bytes; a larger body is refused (413) without reading on.
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::too_large("body_too_large", format!("request bodies are limited to {} bytes", super::MAX_BODY));
-    let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let too_large = || {
+        ApiError::too_large(
+            "body_too_large",
+            format!("request bodies are limited to {} bytes", super::MAX_BODY),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > super::MAX_BODY) {
         return Err(too_large());
     }

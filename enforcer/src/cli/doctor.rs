@@ -17,9 +17,16 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         "file_open": if ok("fanotify") { "fanotify (userspace; fails open when the daemon is gone)" } else { "unavailable" },
         "file_open_note": if lsm { "BPF-LSM loads here, but the LSM backend is not built yet; fanotify is used" } else { "BPF-LSM refused by this kernel; fanotify is the fallback" },
     });
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&json!({"kernel": kernel, "probes": probes, "backends": backends, "ready": missing.is_empty()}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"kernel": kernel, "probes": probes, "backends": backends, "ready": missing.is_empty()})
+            )?
+        );
     } else {
         println!("kernel {kernel}");
         println!("{:<48} {:<8} {}", "probe (real load)", "result", "used for / kernel answer");

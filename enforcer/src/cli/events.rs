@@ -6,19 +6,32 @@ use anyhow::{Context, bail};
 use crate::store;
 
 pub fn state_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("ENFORCER_STATE_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| crate::policy::load(None).map(|c| c.state_dir).unwrap_or_else(|_| PathBuf::from("/var/lib/enforcer")))
+    flag.or_else(|| std::env::var_os("ENFORCER_STATE_DIR").map(PathBuf::from)).unwrap_or_else(
+        || {
+            crate::policy::load(None)
+                .map(|c| c.state_dir)
+                .unwrap_or_else(|_| PathBuf::from("/var/lib/enforcer"))
+        },
+    )
 }
 
-pub fn run(follow: bool, since: Option<String>, format: &str, state_dir_flag: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    follow: bool,
+    since: Option<String>,
+    format: &str,
+    state_dir_flag: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let ocsf = match format {
         "json" => false,
         "ocsf" => true,
-        _ => bail!("--format {format:?}: expected \"json\" (enforcer.event/v1 JSON Lines) or \"ocsf\" (OCSF 1.3 JSON Lines)"),
+        _ => bail!(
+            "--format {format:?}: expected \"json\" (enforcer.event/v1 JSON Lines) or \"ocsf\" (OCSF 1.3 JSON Lines)"
+        ),
     };
     let cutoff = match since {
         Some(s) => {
-            let d = humantime::parse_duration(&s).with_context(|| format!("--since {s:?}: expected a duration such as 10m or 2h"))?;
+            let d = humantime::parse_duration(&s)
+                .with_context(|| format!("--since {s:?}: expected a duration such as 10m or 2h"))?;
             Some(chrono::Utc::now() - chrono::Duration::from_std(d).context("--since too large")?)
         }
         None => None,
@@ -29,7 +42,8 @@ pub fn run(follow: bool, since: Option<String>, format: &str, state_dir_flag: Op
     }
     let print = |line: &str, e: &crate::event::Event| -> anyhow::Result<()> {
         if let Some(c) = cutoff {
-            let t = chrono::DateTime::parse_from_rfc3339(&e.time).map(|t| t.with_timezone(&chrono::Utc));
+            let t = chrono::DateTime::parse_from_rfc3339(&e.time)
+                .map(|t| t.with_timezone(&chrono::Utc));
             if t.is_ok_and(|t| t < c) {
                 return Ok(());
             }

@@ -18,7 +18,12 @@ pub fn call(method: &str, path: &str, body: Option<Value>) -> Result<Value> {
     Ok(v)
 }
 
-pub fn request(intent: &str, ttl: Option<String>, pid: Option<u32>, json_out: bool) -> Result<ExitCode> {
+pub fn request(
+    intent: &str,
+    ttl: Option<String>,
+    pid: Option<u32>,
+    json_out: bool,
+) -> Result<ExitCode> {
     let mut body = json!({"intent": intent});
     if let Some(t) = ttl {
         body["ttl"] = json!(t);
@@ -50,7 +55,10 @@ pub fn list(json_out: bool, all: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let grants = v["grants"].as_array().cloned().unwrap_or_default();
-    println!("{:<30} {:<16} {:<8} {:>8} {:<32} {}", "ID", "INTENT", "STATE", "PID", "EXPIRES", "EXE");
+    println!(
+        "{:<30} {:<16} {:<8} {:>8} {:<32} {}",
+        "ID", "INTENT", "STATE", "PID", "EXPIRES", "EXE"
+    );
     for g in &grants {
         println!(
             "{:<30} {:<16} {:<8} {:>8} {:<32} {}",
@@ -96,6 +104,12 @@ pub fn verify(token: &str) -> Result<ExitCode> {
 /// Grant ids are [a-z0-9_]; anything else is percent-encoded rather than trusted in a path.
 fn encode(id: &str) -> String {
     id.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }

@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "enforcer", version, about = "Short-lived, intent-scoped credentials, enforced by eBPF")]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Short-lived, intent-scoped credentials, enforced by eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -146,9 +150,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { command: PolicyCommand::Check { paths } } => policy::check(&paths),
         Command::Policy { command: PolicyCommand::Reload } => policy::reload(),
-        Command::Report { command: ReportCommand::Census { since, format, state_dir, output } } => report::census(since, &format, state_dir, output),
+        Command::Report { command: ReportCommand::Census { since, format, state_dir, output } } => {
+            report::census(since, &format, state_dir, output)
+        }
         Command::Grant { command } => match command {
-            GrantCommand::Request { intent, ttl, pid, json } => grant::request(&intent, ttl, pid, json),
+            GrantCommand::Request { intent, ttl, pid, json } => {
+                grant::request(&intent, ttl, pid, json)
+            }
             GrantCommand::List { json, all } => grant::list(json, all),
             GrantCommand::Revoke { id } => grant::revoke(&id),
             GrantCommand::Verify { token } => grant::verify(&token),

@@ -7,7 +7,12 @@ use anyhow::{Context, bail};
 
 use crate::report::{self, render};
 
-pub fn census(since: Option<String>, format: &str, state_dir: Option<PathBuf>, output: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn census(
+    since: Option<String>,
+    format: &str,
+    state_dir: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let render_fn: fn(&report::census::Census) -> String = match format {
         "json" => render::json,
         "markdown" | "md" => render::markdown,
@@ -16,7 +21,8 @@ pub fn census(since: Option<String>, format: &str, state_dir: Option<PathBuf>, o
     };
     let cutoff = match since {
         Some(s) => {
-            let d = humantime::parse_duration(&s).with_context(|| format!("--since {s:?}: expected a duration such as 10m or 2h"))?;
+            let d = humantime::parse_duration(&s)
+                .with_context(|| format!("--since {s:?}: expected a duration such as 10m or 2h"))?;
             Some(chrono::Utc::now() - chrono::Duration::from_std(d).context("--since too large")?)
         }
         None => None,

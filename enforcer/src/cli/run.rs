@@ -29,13 +29,24 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-const FORWARDED: [Signal; 6] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 pub fn run(intent: &str, ttl: Option<String>, cmd: &[String]) -> Result<ExitCode> {
     if cmd.is_empty() {
         bail!("no command given: enforcer run --intent NAME -- CMD [ARGS...]");
     }
-    let argv: Vec<CString> = cmd.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().context("argument contains a NUL byte")?;
+    let argv: Vec<CString> = cmd
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("argument contains a NUL byte")?;
     let (go_r, go_w) = pipe()?;
     // Fork before any thread exists (the API client's runtime is created per call and dropped).
     match unsafe { fork() }.context("fork")? {
@@ -65,7 +76,13 @@ fn child(go: OwnedFd, argv: &[CString]) -> ! {
     unsafe { libc::_exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 }) }
 }
 
-fn parent(child: Pid, go: OwnedFd, intent: &str, ttl: Option<String>, program: &str) -> Result<ExitCode> {
+fn parent(
+    child: Pid,
+    go: OwnedFd,
+    intent: &str,
+    ttl: Option<String>,
+    program: &str,
+) -> Result<ExitCode> {
     let mut body = json!({"intent": intent, "pid": child.as_raw()});
     if let Some(t) = ttl {
         body["ttl"] = json!(t);
@@ -79,9 +96,13 @@ fn parent(child: Pid, go: OwnedFd, intent: &str, ttl: Option<String>, program: &
         }
     };
     let id = grant["id"].as_str().unwrap_or_default().to_string();
-    eprintln!("enforcer run: grant {id} (intent {intent}) until {}", grant["expires_at"].as_str().unwrap_or_default());
+    eprintln!(
+        "enforcer run: grant {id} (intent {intent}) until {}",
+        grant["expires_at"].as_str().unwrap_or_default()
+    );
     for s in FORWARDED {
-        unsafe { signal::signal(s, SigHandler::Handler(forward)) }.context("install signal forwarding")?;
+        unsafe { signal::signal(s, SigHandler::Handler(forward)) }
+            .context("install signal forwarding")?;
     }
     nix::unistd::write(&go, b"g").context("release the child")?;
     drop(go);

@@ -6,8 +6,13 @@ use crate::api;
 /// Where the daemon's socket is: the flag, else $ENFORCER_RUNTIME_DIR, else the installed
 /// config's runtime_dir, else /run/enforcer.
 pub fn runtime_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("ENFORCER_RUNTIME_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| crate::policy::load(None).map(|c| c.runtime_dir).unwrap_or_else(|_| PathBuf::from("/run/enforcer")))
+    flag.or_else(|| std::env::var_os("ENFORCER_RUNTIME_DIR").map(PathBuf::from)).unwrap_or_else(
+        || {
+            crate::policy::load(None)
+                .map(|c| c.runtime_dir)
+                .unwrap_or_else(|_| PathBuf::from("/run/enforcer"))
+        },
+    )
 }
 
 pub fn socket() -> PathBuf {
@@ -31,8 +36,16 @@ pub fn run(json: bool, runtime_dir_flag: Option<PathBuf>) -> anyhow::Result<Exit
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let g = |p: &str| v.pointer(p).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
-    println!("enforcer {} running (pid {}, up {} s) on {}", g("/version"), g("/pid"), g("/uptime_s"), g("/host"));
+    let g = |p: &str| {
+        v.pointer(p).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default()
+    };
+    println!(
+        "enforcer {} running (pid {}, up {} s) on {}",
+        g("/version"),
+        g("/pid"),
+        g("/uptime_s"),
+        g("/host")
+    );
     println!("  mode           {}", g("/mode"));
     println!("  config         {}", g("/config"));
     println!("  cgroup_root    {}", g("/cgroup_root"));
@@ -41,9 +54,18 @@ pub fn run(json: bool, runtime_dir_flag: Option<PathBuf>) -> anyhow::Result<Exit
     println!("                 file:    {}", g("/backends/file_open"));
     println!("  programs       {}", v["programs"].as_array().map(|a| a.len()).unwrap_or(0));
     println!("  live grants    {}", g("/live_grants"));
-    println!("  secrets        {} defined, {} paths watched, {} missing", g("/secrets/defined"), g("/secrets/paths_watched"), g("/secrets/paths_missing"));
+    println!(
+        "  secrets        {} defined, {} paths watched, {} missing",
+        g("/secrets/defined"),
+        g("/secrets/paths_watched"),
+        g("/secrets/paths_missing")
+    );
     println!("  events         {} ({} alerts)", g("/events_total"), g("/alerts_total"));
-    println!("  kernel drops   {} ring buffer, {} fanotify overflows", g("/kernel/ringbuf_drops"), g("/fanotify_overflows"));
+    println!(
+        "  kernel drops   {} ring buffer, {} fanotify overflows",
+        g("/kernel/ringbuf_drops"),
+        g("/fanotify_overflows")
+    );
     if let Some(fo) = v["fail_open"].as_array() {
         println!("  fails open when the daemon is gone:");
         for f in fo {

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::decide::{self, Action, Decision, HeldGrant, SubjectState, Use, Verdict};
 use crate::event::{self, DestinationRef, Event, FileRef, GrantRef, ProcessRef};
-use crate::mint::model::Grant;
-use crate::mint::registry::{GrantChange, Registry};
 use crate::file::FileOpen;
 use crate::kernel::records::{Connect, Record};
+use crate::mint::model::Grant;
+use crate::mint::registry::{GrantChange, Registry};
 use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
 use crate::store::EventStore;
@@ -48,7 +48,14 @@ pub struct Counts {
 }
 
 impl Engine {
-    pub fn new(table: ProcessTable, store: EventStore, mode: Mode, host: String, cgroup_scope: String, registry: Arc<Mutex<Registry>>) -> Self {
+    pub fn new(
+        table: ProcessTable,
+        store: EventStore,
+        mode: Mode,
+        host: String,
+        cgroup_scope: String,
+        registry: Arc<Mutex<Registry>>,
+    ) -> Self {
         // Unique per daemon start: boot-time nanoseconds and pid, so ids never repeat across restarts.
         let instance = format!("{:x}-{:x}", boot_ns(), std::process::id());
         Engine {
@@ -71,8 +78,12 @@ impl Engine {
     pub fn on_record(&mut self, rec: Record) {
         self.table.apply(&rec);
         match &rec {
-            Record::Fork { grants, .. } if !grants.is_empty() => self.registry.lock().unwrap().on_fork(grants),
-            Record::Exit { grants, .. } if !grants.is_empty() => self.registry.lock().unwrap().on_exit(grants),
+            Record::Fork { grants, .. } if !grants.is_empty() => {
+                self.registry.lock().unwrap().on_fork(grants)
+            }
+            Record::Exit { grants, .. } if !grants.is_empty() => {
+                self.registry.lock().unwrap().on_exit(grants)
+            }
             _ => {}
         }
         if let Record::Exit { tgid, .. } = &rec {
@@ -126,32 +137,48 @@ impl Engine {
         if plain && subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
             subject = SubjectState { known, ..Default::default() };
         }
-        let mut d = decide::decide(&Use::Connect { ip: c.ip, port: c.port }, &subject, self.mode, when);
+        let mut d =
+            decide::decide(&Use::Connect { ip: c.ip, port: c.port }, &subject, self.mode, when);
         let kv = kernel_verdict(c.verdict).unwrap_or(Verdict::Allowed);
         if kv != d.verdict {
             // The kernel's verdict is what happened; say where the two disagreed.
             self.counts.decision_mismatches += 1;
-            tracing::warn!(pid = c.tgid, kernel = kv.as_str(), userspace = d.verdict.as_str(), "connect verdict mismatch");
-            d.decision_path.push(format!("kernel decided {} (userspace: {})", kv.as_str(), d.verdict.as_str()));
+            tracing::warn!(
+                pid = c.tgid,
+                kernel = kv.as_str(),
+                userspace = d.verdict.as_str(),
+                "connect verdict mismatch"
+            );
+            d.decision_path.push(format!(
+                "kernel decided {} (userspace: {})",
+                kv.as_str(),
+                d.verdict.as_str()
+            ));
             d.verdict = kv;
         } else if c.verdict != enforcer_common::verdict::NO_GRANT_HELD {
             d.decision_path.push("kernel verdict agrees".into());
         }
         // The action is what the kernel did (deny happened before a packet left).
         d.action = kernel_action(c.action);
-        let grant_id = Some(c.grant_slot).filter(|s| *s != 0).and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
+        let grant_id = Some(c.grant_slot)
+            .filter(|s| *s != 0)
+            .and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
         if c.revoked_now == 1 {
-            d.decision_path.push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
+            d.decision_path
+                .push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
         }
         if d.action == Action::Killed {
             kill(c.tgid, &mut d.decision_path);
         }
-        let dest = DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
+        let dest =
+            DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
         let mut e = self.event("connect", &d, process);
         e.grant = grant_ref(&d, &subject.held);
         if let decide::Reason::Taint(secret) = &d.reason {
             e.mitre = vec!["T1041".into(), "T1567".into()];
-            e.message = Some(format!("possible exfiltration of secret {secret:?}: connection outside where it is valid"));
+            e.message = Some(format!(
+                "possible exfiltration of secret {secret:?}: connection outside where it is valid"
+            ));
         }
         // When the kernel saw it, not when the daemon got to it.
         e.time = event::rfc3339(when);
@@ -159,8 +186,14 @@ impl Engine {
         self.emit(e);
         // Ending a misused grant: kernel-revoked already (revoke_on_violation) or killed.
         if let Some(id) = grant_id {
-            if c.revoked_now == 1 || (d.action == Action::Killed && d.reason == decide::Reason::Grant) {
-                let why = if c.revoked_now == 1 { "revoke_on_violation" } else { "holder killed on violation" };
+            if c.revoked_now == 1
+                || (d.action == Action::Killed && d.reason == decide::Reason::Grant)
+            {
+                let why = if c.revoked_now == 1 {
+                    "revoke_on_violation"
+                } else {
+                    "holder killed on violation"
+                };
                 let _ = self.registry.lock().unwrap().revoke(&id, why);
             }
         }
@@ -168,7 +201,11 @@ impl Engine {
 
     /// Decides a waiting secret open; returns whether to allow it. `state`: the kernel map's
     /// entry for the opener, read while it waits in open().
-    pub fn on_file_open(&mut self, f: FileOpen, state: Option<enforcer_common::ProcGrants>) -> bool {
+    pub fn on_file_open(
+        &mut self,
+        f: FileOpen,
+        state: Option<enforcer_common::ProcGrants>,
+    ) -> bool {
         let (mut process, known) = self.process_ref(f.pid, None);
         // The opener waits in open(): its cgroup *now* is what counts (it may have moved
         // since exec). Only a process provably outside cgroup_root is let through unjudged.
@@ -182,13 +219,20 @@ impl Engine {
         let (subject, without_grant) = {
             let reg = self.registry.lock().unwrap();
             let mut st = match (state, self.table.exited_grants(f.pid)) {
-                (None, Some(slots)) => SubjectState { held: reg.held_slots(&slots), ..Default::default() },
+                (None, Some(slots)) => {
+                    SubjectState { held: reg.held_slots(&slots), ..Default::default() }
+                }
                 (pg, _) => reg.subject_state(pg),
             };
             st.known = known;
             (st, crate::kernel::policy::without_grant(&reg.policy, &f.secret))
         };
-        let d = decide::decide(&Use::SecretOpen { secret: f.secret.clone(), without_grant }, &subject, self.mode, Utc::now());
+        let d = decide::decide(
+            &Use::SecretOpen { secret: f.secret.clone(), without_grant },
+            &subject,
+            self.mode,
+            Utc::now(),
+        );
         let allow = !matches!(d.action, Action::Denied | Action::Killed);
         let mut d = d;
         if allow {
@@ -214,7 +258,14 @@ impl Engine {
             if let Some(g) = d.grant.and_then(|i| subject.held.get(i)) {
                 let mut reg = self.registry.lock().unwrap();
                 if reg.revokes_on_violation(&g.id) || d.action == Action::Killed {
-                    let _ = reg.revoke(&g.id, if d.action == Action::Killed { "holder killed on violation" } else { "revoke_on_violation" });
+                    let _ = reg.revoke(
+                        &g.id,
+                        if d.action == Action::Killed {
+                            "holder killed on violation"
+                        } else {
+                            "revoke_on_violation"
+                        },
+                    );
                 }
             }
         }
@@ -225,7 +276,11 @@ impl Engine {
     /// carry): one event per job (or cgroup), variable and value fingerprint.
     fn report_env_credentials(&mut self, pid: u32) {
         // Per exec: look before cloning anything; most processes carry no static key.
-        let Some(p) = self.table.get_or_load(pid).filter(|p| !p.env_credentials.is_empty()).cloned() else { return };
+        let Some(p) =
+            self.table.get_or_load(pid).filter(|p| !p.env_credentials.is_empty()).cloned()
+        else {
+            return;
+        };
         let cgroup = self.table.cgroup_path(p.cgroup_id);
         if !is_within(&cgroup, &self.cgroup_scope) {
             return;
@@ -242,11 +297,19 @@ impl Engine {
                 "a static credential carried in the environment is covered by no grant".to_string(),
                 format!("mode {}: alert", self.mode),
             ];
-            let d = Decision { verdict: Verdict::NoGrant, action: Action::Alerted, decision_path: path, grant: None, expired_for_ms: None, reason: decide::Reason::Grant };
+            let d = Decision {
+                verdict: Verdict::NoGrant,
+                action: Action::Alerted,
+                decision_path: path,
+                grant: None,
+                expired_for_ms: None,
+                reason: decide::Reason::Grant,
+            };
             let mut e = self.event("env_credential", &d, process);
             e.severity = "medium".into();
             e.mitre = vec!["T1078".into()];
-            e.message = Some(format!("static credential {} in the environment of {}", c.name, p.exe));
+            e.message =
+                Some(format!("static credential {} in the environment of {}", c.name, p.exe));
             self.emit(e);
         }
     }
@@ -254,7 +317,14 @@ impl Engine {
     /// An event about the agent itself (started, stopped, lost events).
     pub fn agent_event(&mut self, kind: &str, severity: &str, message: String) {
         let (process, _) = self.process_ref(std::process::id(), None);
-        let d = Decision { verdict: Verdict::Allowed, action: Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None, reason: decide::Reason::None };
+        let d = Decision {
+            verdict: Verdict::Allowed,
+            action: Action::Allowed,
+            decision_path: vec![],
+            grant: None,
+            expired_for_ms: None,
+            reason: decide::Reason::None,
+        };
         let mut e = self.event(kind, &d, process);
         e.severity = severity.into();
         e.message = Some(message);
@@ -265,7 +335,14 @@ impl Engine {
     pub fn on_grant_change(&mut self, change: GrantChange) {
         let (kind, g, message) = match change {
             GrantChange::Issued(g) => {
-                let m = format!("grant {} issued for intent {} to pid {} until {}{}", g.id, g.intent, g.subject.pid, g.expires_at.to_rfc3339(), g.ttl_clamped_from.as_ref().map(|c| format!(" ({c})")).unwrap_or_default());
+                let m = format!(
+                    "grant {} issued for intent {} to pid {} until {}{}",
+                    g.id,
+                    g.intent,
+                    g.subject.pid,
+                    g.expires_at.to_rfc3339(),
+                    g.ttl_clamped_from.as_ref().map(|c| format!(" ({c})")).unwrap_or_default()
+                );
                 ("grant_issued", g, m)
             }
             GrantChange::Expired(g) => {
@@ -277,7 +354,10 @@ impl Engine {
                 ("grant_revoked", g, m)
             }
             GrantChange::Ended(g) => {
-                let m = format!("grant {} (intent {}) ended: every process holding it exited", g.id, g.intent);
+                let m = format!(
+                    "grant {} (intent {}) ended: every process holding it exited",
+                    g.id, g.intent
+                );
                 ("grant_ended", g, m)
             }
         };
@@ -286,7 +366,14 @@ impl Engine {
             process.exe = g.subject.exe.clone();
             process.uid = g.subject.uid;
         }
-        let d = Decision { verdict: Verdict::Allowed, action: Action::Allowed, decision_path: vec![], grant: None, expired_for_ms: None, reason: decide::Reason::None };
+        let d = Decision {
+            verdict: Verdict::Allowed,
+            action: Action::Allowed,
+            decision_path: vec![],
+            grant: None,
+            expired_for_ms: None,
+            reason: decide::Reason::None,
+        };
         let mut e = self.event(kind, &d, process);
         e.grant = Some(grant_ref_of(&g, None));
         e.secrets = g.secrets.clone();
@@ -349,8 +436,14 @@ impl Engine {
         if let Some(g) = &e.grant {
             if e.kind == "connect" || e.kind == "file_open" {
                 let what = match (&e.file, &e.destination) {
-                    (Some(f), _) => format!("{} of secret {} by pid {}: {}", e.kind, f.secret, e.process.pid, e.verdict),
-                    (_, Some(d)) => format!("{} to {}:{} by pid {}: {}", e.kind, d.ip, d.port, e.process.pid, e.verdict),
+                    (Some(f), _) => format!(
+                        "{} of secret {} by pid {}: {}",
+                        e.kind, f.secret, e.process.pid, e.verdict
+                    ),
+                    (_, Some(d)) => format!(
+                        "{} to {}:{} by pid {}: {}",
+                        e.kind, d.ip, d.port, e.process.pid, e.verdict
+                    ),
                     _ => e.kind.clone(),
                 };
                 self.registry.lock().unwrap().note_use(&g.id, &what);
@@ -363,12 +456,18 @@ impl Engine {
             let (chain, sha) = match self.alert_facts.get(&pid).filter(|v| v.0 == e.process.exe) {
                 Some(v) => (v.1.clone(), v.2.clone()),
                 None => {
-                    let chain: Vec<event::Ancestor> = self.table.parent_chain(e.process.pid, 8).into_iter().map(|(pid, exe)| event::Ancestor { pid, exe }).collect();
+                    let chain: Vec<event::Ancestor> = self
+                        .table
+                        .parent_chain(e.process.pid, 8)
+                        .into_iter()
+                        .map(|(pid, exe)| event::Ancestor { pid, exe })
+                        .collect();
                     let sha = self.exe_hashes.sha256(e.process.pid, &e.process.exe);
                     if self.alert_facts.len() > 8192 {
                         self.alert_facts.clear();
                     }
-                    self.alert_facts.insert(pid, (e.process.exe.clone(), chain.clone(), sha.clone()));
+                    self.alert_facts
+                        .insert(pid, (e.process.exe.clone(), chain.clone(), sha.clone()));
                     (chain, sha)
                 }
             };
@@ -429,18 +528,40 @@ fn kill(pid: u32, path: &mut Vec<String>) {
         path.push(format!("kill: process {pid} already gone"));
         return;
     }
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd as libc::c_int, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd as libc::c_int,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
     unsafe { libc::close(fd as libc::c_int) };
-    path.push(if r == 0 { format!("killed process {pid} (SIGKILL)") } else { format!("kill of {pid} failed: {}", std::io::Error::last_os_error()) });
+    path.push(if r == 0 {
+        format!("killed process {pid} (SIGKILL)")
+    } else {
+        format!("kill of {pid} failed: {}", std::io::Error::last_os_error())
+    });
 }
 
 fn grant_ref(d: &Decision, held: &[HeldGrant]) -> Option<GrantRef> {
     let g = held.get(d.grant?)?;
-    Some(GrantRef { id: g.id.clone(), intent: g.intent.clone(), expires_at: event::rfc3339(g.expires_at), expired_for_ms: d.expired_for_ms })
+    Some(GrantRef {
+        id: g.id.clone(),
+        intent: g.intent.clone(),
+        expires_at: event::rfc3339(g.expires_at),
+        expired_for_ms: d.expired_for_ms,
+    })
 }
 
 fn grant_ref_of(g: &Grant, expired_for_ms: Option<u64>) -> GrantRef {
-    GrantRef { id: g.id.clone(), intent: g.intent.clone(), expires_at: event::rfc3339(g.expires_at), expired_for_ms }
+    GrantRef {
+        id: g.id.clone(),
+        intent: g.intent.clone(),
+        expires_at: event::rfc3339(g.expires_at),
+        expired_for_ms,
+    }
 }
 
 fn ip_string(ip: IpAddr) -> String {
@@ -472,7 +593,11 @@ impl ExeHashes {
         use sha2::Digest;
         use std::os::unix::fs::MetadataExt;
         // The running image if the process lives, else the file at its path.
-        let path = if std::fs::metadata(format!("/proc/{pid}/exe")).is_ok() { format!("/proc/{pid}/exe") } else { exe.to_string() };
+        let path = if std::fs::metadata(format!("/proc/{pid}/exe")).is_ok() {
+            format!("/proc/{pid}/exe")
+        } else {
+            exe.to_string()
+        };
         let md = std::fs::metadata(&path).ok()?;
         let key = (md.dev(), md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
         if let Some(h) = self.cache.get(&key) {

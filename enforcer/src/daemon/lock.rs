@@ -10,7 +10,13 @@ use nix::fcntl::{Flock, FlockArg};
 
 pub fn acquire(runtime_dir: &Path) -> Result<Flock<std::fs::File>> {
     let path = runtime_dir.join("enforcer.pid");
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path)
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
@@ -22,7 +28,11 @@ pub fn acquire(runtime_dir: &Path) -> Result<Flock<std::fs::File>> {
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
-            bail!("another enforcer daemon is running (pid {}, lock {}); refusing to start a second one", pid.trim(), path.display())
+            bail!(
+                "another enforcer daemon is running (pid {}, lock {}); refusing to start a second one",
+                pid.trim(),
+                path.display()
+            )
         }
         Err((_, e)) => bail!("lock {}: {e}", path.display()),
     }

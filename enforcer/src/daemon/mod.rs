@@ -16,10 +16,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{self, mint::MintState, server::ApiState};
-use crate::kernel::policy::SecretIndex;
-use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::Registry, token::Signer};
 use crate::file::SecretWatch;
+use crate::kernel::policy::SecretIndex;
 use crate::kernel::{self, Kernel, records};
+use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::Registry, token::Signer};
 use crate::policy::Config;
 use crate::proc::ProcessTable;
 use crate::store::EventStore;
@@ -44,23 +44,35 @@ pub fn prepare(config: Config, config_path: Option<PathBuf>) -> Result<Setup> {
         Some(p) => p.clone(),
         None => cgroup_mount.clone(),
     };
-    let meta = std::fs::metadata(&cgroup_root).with_context(|| format!("cgroup_root {}", cgroup_root.display()))?;
+    let meta = std::fs::metadata(&cgroup_root)
+        .with_context(|| format!("cgroup_root {}", cgroup_root.display()))?;
     if !meta.is_dir() || !cgroup_root.starts_with(&cgroup_mount) {
-        bail!("cgroup_root {} is not a directory of the cgroup2 mount {}", cgroup_root.display(), cgroup_mount.display());
+        bail!(
+            "cgroup_root {} is not a directory of the cgroup2 mount {}",
+            cgroup_root.display(),
+            cgroup_mount.display()
+        );
     }
     let rel = cgroup_root.strip_prefix(&cgroup_mount).unwrap_or(Path::new(""));
     let cgroup_scope = format!("/{}", rel.display()).trim_end_matches('/').to_string();
     let cgroup_scope = if cgroup_scope.is_empty() { "/".into() } else { cgroup_scope };
     let host = match &config.host {
         Some(h) => h.clone(),
-        None => nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into()),
+        None => nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into()),
     };
     Ok(Setup { config, config_path, cgroup_mount, cgroup_root, cgroup_scope, host })
 }
 
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(mode).create(path).with_context(|| format!("create {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))?;
     Ok(())
 }
 
@@ -93,11 +105,21 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut watch = SecretWatch::new()?;
     watch.set_secrets(&cfg.secrets);
     // SAFETY: an owned duplicate of the fanotify fd, kept open while registered.
-    let fan = unsafe { AsyncFd::register_with_interest(watch.fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("poll fanotify: {e}"))?;
+    let fan = unsafe {
+        AsyncFd::register_with_interest(
+            watch.fd().try_clone_to_owned()?,
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("poll fanotify: {e}"))?;
     // SAFETY: an owned duplicate of the inotify fd, kept open while registered.
-    let dirs = unsafe { AsyncFd::register_with_interest(watch.dir_fd().try_clone_to_owned()?, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("poll inotify: {e}"))?;
+    let dirs = unsafe {
+        AsyncFd::register_with_interest(
+            watch.dir_fd().try_clone_to_owned()?,
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("poll inotify: {e}"))?;
 
     // Grants: signing key and ledger under the state dir, kernel maps from the object;
     // grants that survived a restart are written back before anything is served.
@@ -106,7 +128,15 @@ async fn run_async(setup: Setup) -> Result<()> {
     let ledger = Ledger::open(&cfg.state_dir)?;
     let policy = Arc::new(cfg.clone());
     let index = SecretIndex::load(&cfg.state_dir);
-    let registry = Arc::new(Mutex::new(Registry::new(kernel.grant_maps()?, ledger, signer, format!("enforcer@{}", setup.host), changes_tx, policy.clone(), index)));
+    let registry = Arc::new(Mutex::new(Registry::new(
+        kernel.grant_maps()?,
+        ledger,
+        signer,
+        format!("enforcer@{}", setup.host),
+        changes_tx,
+        policy.clone(),
+        index,
+    )));
     {
         let mut reg = registry.lock().unwrap();
         reg.set_policy(policy.clone())?;
@@ -121,7 +151,14 @@ async fn run_async(setup: Setup) -> Result<()> {
     // Sinks deliver from the event store (the durable outbox) from their own cursors.
     let sinks = crate::alert::spawn(&cfg, &cfg.state_dir, &setup.host)?;
     let sink_metrics = sinks.metrics();
-    let mut engine = Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), registry.clone());
+    let mut engine = Engine::new(
+        table,
+        store,
+        cfg.mode,
+        setup.host.clone(),
+        setup.cgroup_scope.clone(),
+        registry.clone(),
+    );
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
 
     let limiter = match cfg.mint_rate_per_second {
@@ -140,7 +177,8 @@ async fn run_async(setup: Setup) -> Result<()> {
 
     let sock_path = cfg.runtime_dir.join(api::SOCKET_NAME);
     let _ = std::fs::remove_file(&sock_path);
-    let listener = tokio::net::UnixListener::bind(&sock_path).with_context(|| format!("bind {}", sock_path.display()))?;
+    let listener = tokio::net::UnixListener::bind(&sock_path)
+        .with_context(|| format!("bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(group) = &cfg.socket_group {
         set_group(&sock_path, group)?;
@@ -248,7 +286,11 @@ async fn run_async(setup: Setup) -> Result<()> {
     server.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
-    engine.agent_event("agent_stopped", "info", format!("enforcer stopping on {reason}; kernel programs detached and pins removed"));
+    engine.agent_event(
+        "agent_stopped",
+        "info",
+        format!("enforcer stopping on {reason}; kernel programs detached and pins removed"),
+    );
     engine.flush();
     sinks.shutdown().await;
     drop(policy_maps);
@@ -295,29 +337,45 @@ fn apply_reload(
             engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
             engine.mode = new.mode;
             tracing::info!("policy reloaded from {}", new.source);
-            engine.agent_event("policy_reloaded", "info", format!("policy reloaded from {} (mode {})", new.source, new.mode));
+            engine.agent_event(
+                "policy_reloaded",
+                "info",
+                format!("policy reloaded from {} (mode {})", new.source, new.mode),
+            );
             Ok(new.source)
         }
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::error!("policy reload refused, keeping the current policy:\n{msg}");
-            engine.agent_event("policy_reload_failed", "medium", format!("reload refused, current policy kept: {msg}"));
+            engine.agent_event(
+                "policy_reload_failed",
+                "medium",
+                format!("reload refused, current policy kept: {msg}"),
+            );
             Err(msg)
         }
     }
 }
 
 fn reload(setup: &Setup) -> Result<Config> {
-    let cfg = crate::policy::load(setup.config_path.as_deref()).map_err(|d| anyhow::anyhow!("{d}"))?;
-    if cfg.cgroup_root != setup.config.cgroup_root || cfg.runtime_dir != setup.config.runtime_dir || cfg.state_dir != setup.config.state_dir {
-        bail!("cgroup_root, runtime_dir and state_dir apply only at start; restart the daemon to change them");
+    let cfg =
+        crate::policy::load(setup.config_path.as_deref()).map_err(|d| anyhow::anyhow!("{d}"))?;
+    if cfg.cgroup_root != setup.config.cgroup_root
+        || cfg.runtime_dir != setup.config.runtime_dir
+        || cfg.state_dir != setup.config.state_dir
+    {
+        bail!(
+            "cgroup_root, runtime_dir and state_dir apply only at start; restart the daemon to change them"
+        );
     }
     Ok(cfg)
 }
 
 fn set_group(path: &Path, group: &str) -> Result<()> {
-    let g = nix::unistd::Group::from_name(group)?.with_context(|| format!("socket_group {group:?}: no such group"))?;
-    nix::unistd::chown(path, None, Some(g.gid)).with_context(|| format!("chgrp {} {group}", path.display()))?;
+    let g = nix::unistd::Group::from_name(group)?
+        .with_context(|| format!("socket_group {group:?}: no such group"))?;
+    nix::unistd::chown(path, None, Some(g.gid))
+        .with_context(|| format!("chgrp {} {group}", path.display()))?;
     Ok(())
 }
 
@@ -348,7 +406,8 @@ fn sd_notify(msg: &[u8]) {
     };
     let _ = if let Some(abstract_name) = path.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).and_then(|a| sock.send_to_addr(msg, &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|a| sock.send_to_addr(msg, &a))
     } else {
         sock.send_to(msg, &path)
     };

@@ -18,7 +18,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use nix::sys::fanotify::{EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response};
+use nix::sys::fanotify::{
+    EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
+    Response,
+};
 
 use crate::policy::Secret;
 pub use resolve::Target;
@@ -96,13 +99,26 @@ pub struct WatchStats {
 impl SecretWatch {
     pub fn new() -> Result<Self> {
         let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK | InitFlags::FAN_UNLIMITED_QUEUE,
+            InitFlags::FAN_CLASS_CONTENT
+                | InitFlags::FAN_CLOEXEC
+                | InitFlags::FAN_NONBLOCK
+                | InitFlags::FAN_UNLIMITED_QUEUE,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
         )
         .context("fanotify_init (secret-file backend)")?;
-        let dirs = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC)
-            .context("inotify_init (secret directories)")?;
-        Ok(SecretWatch { fan, dirs, targets: Vec::new(), by_inode: HashMap::new(), warned_missing: HashSet::new(), overflows: 0, latencies: Latencies::default() })
+        let dirs = nix::sys::inotify::Inotify::init(
+            nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC,
+        )
+        .context("inotify_init (secret directories)")?;
+        Ok(SecretWatch {
+            fan,
+            dirs,
+            targets: Vec::new(),
+            by_inode: HashMap::new(),
+            warned_missing: HashSet::new(),
+            overflows: 0,
+            latencies: Latencies::default(),
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -111,14 +127,23 @@ impl SecretWatch {
 
     /// Replaces the watched set: drops every mark, then resolves and marks each path.
     pub fn set_secrets(&mut self, secrets: &[Secret]) {
-        let _ = self.fan.mark(MarkFlags::FAN_MARK_FLUSH, MaskFlags::empty(), nix::fcntl::AT_FDCWD, None::<&str>);
+        let _ = self.fan.mark(
+            MarkFlags::FAN_MARK_FLUSH,
+            MaskFlags::empty(),
+            nix::fcntl::AT_FDCWD,
+            None::<&str>,
+        );
         self.by_inode.clear();
         self.targets = resolve::targets(secrets);
-        let parents: HashSet<PathBuf> = self.targets.iter().filter_map(|t| t.path.parent().map(PathBuf::from)).collect();
+        let parents: HashSet<PathBuf> =
+            self.targets.iter().filter_map(|t| t.path.parent().map(PathBuf::from)).collect();
         use nix::sys::inotify::AddWatchFlags as W;
         for dir in parents {
             // Missing directories are covered by the periodic sweep.
-            let _ = self.dirs.add_watch(&dir, W::IN_CREATE | W::IN_MOVED_TO | W::IN_MOVED_FROM | W::IN_DELETE | W::IN_ONLYDIR);
+            let _ = self.dirs.add_watch(
+                &dir,
+                W::IN_CREATE | W::IN_MOVED_TO | W::IN_MOVED_FROM | W::IN_DELETE | W::IN_ONLYDIR,
+            );
         }
         self.refresh();
     }
@@ -150,7 +175,12 @@ impl SecretWatch {
             t.checked = true;
             match now {
                 Some(key) => {
-                    match self.fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_PERM, nix::fcntl::AT_FDCWD, Some(&t.path)) {
+                    match self.fan.mark(
+                        MarkFlags::FAN_MARK_ADD,
+                        MaskFlags::FAN_OPEN_PERM,
+                        nix::fcntl::AT_FDCWD,
+                        Some(&t.path),
+                    ) {
                         Ok(()) => {
                             if t.inode.is_some() || self.warned_missing.remove(&t.path) {
                                 tracing::info!(secret = %t.secret, path = %t.path.display(), "secret file (re)appeared; watching its new inode");
@@ -158,7 +188,9 @@ impl SecretWatch {
                             self.by_inode.insert(key, t.secret.clone());
                             t.inode = Some(key);
                         }
-                        Err(e) => tracing::warn!(secret = %t.secret, path = %t.path.display(), "cannot watch secret file: {e}"),
+                        Err(e) => {
+                            tracing::warn!(secret = %t.secret, path = %t.path.display(), "cannot watch secret file: {e}")
+                        }
                     }
                 }
                 None => {
@@ -208,7 +240,11 @@ impl SecretWatch {
                 let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                out.push(PendingOpen { open: FileOpen { pid, path, dev: key.0, ino: key.1, secret }, event: ev, received: std::time::Instant::now() });
+                out.push(PendingOpen {
+                    open: FileOpen { pid, path, dev: key.0, ino: key.1, secret },
+                    event: ev,
+                    received: std::time::Instant::now(),
+                });
             }
         }
     }

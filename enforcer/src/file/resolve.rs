@@ -19,10 +19,20 @@ pub struct Target {
 pub fn targets(secrets: &[Secret]) -> Vec<Target> {
     let mut out = Vec::new();
     for s in secrets {
-        let explicit_paths: Vec<&String> = s.paths.iter().filter(|p| !p.contains(['*', '?', '[']) && !p.starts_with('~')).collect();
+        let explicit_paths: Vec<&String> = s
+            .paths
+            .iter()
+            .filter(|p| !p.contains(['*', '?', '[']) && !p.starts_with('~'))
+            .collect();
         for path in s.expand_paths() {
             let explicit = explicit_paths.iter().any(|p| PathBuf::from(p) == path);
-            out.push(Target { secret: s.name.clone(), path, inode: None, explicit, checked: false });
+            out.push(Target {
+                secret: s.name.clone(),
+                path,
+                inode: None,
+                explicit,
+                checked: false,
+            });
         }
     }
     out

@@ -13,7 +13,9 @@ impl Readable for Bytes {
                 buffer.copy_from_slice(src);
                 Ok(())
             }
-            None => Err(btfparse::Error::new(btfparse::ErrorKind::IOError, "read past the end of BTF")),
+            None => {
+                Err(btfparse::Error::new(btfparse::ErrorKind::IOError, "read past the end of BTF"))
+            }
         }
     }
 }
@@ -25,14 +27,17 @@ pub struct KernelBtf {
 impl KernelBtf {
     pub fn load() -> Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(path).with_context(|| format!("read {path} (kernel BTF is required)"))?;
-        let types = TypeInformation::new(&Bytes(data)).map_err(|e| anyhow!("parse {path}: {e:?}"))?;
+        let data =
+            std::fs::read(path).with_context(|| format!("read {path} (kernel BTF is required)"))?;
+        let types =
+            TypeInformation::new(&Bytes(data)).map_err(|e| anyhow!("parse {path}: {e:?}"))?;
         Ok(KernelBtf { types })
     }
 
     /// Byte offset of `path` (e.g. "mm" or "arg_start", through anonymous members) in `struct name`.
     pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
-        let id = self.types.id_of(name).ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
+        let id =
+            self.types.id_of(name).ok_or_else(|| anyhow!("struct {name} not in kernel BTF"))?;
         match self.types.offset_of(id, path) {
             Ok((_, Offset::ByteOffset(off))) => Ok(off),
             Ok((_, Offset::BitOffsetAndSize(..))) => bail!("{name}.{path} is a bitfield"),

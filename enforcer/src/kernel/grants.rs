@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use enforcer_common::{
     DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE,
@@ -57,7 +60,9 @@ fn dest_key(slot: u32, net: &IpNet) -> Key<DestKey> {
 
 impl GrantMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+        };
         Ok(GrantMaps {
             procs: HashMap::try_from(take(ebpf, "PROC_GRANTS")?)?,
             grants: HashMap::try_from(take(ebpf, "GRANTS")?)?,
@@ -67,9 +72,23 @@ impl GrantMaps {
 
     /// Writes a grant: destinations first, then the grant itself, so the connect hook never
     /// sees a grant without its destinations.
-    pub fn put_grant(&mut self, slot: u32, expires_ns: u64, dests: &[(IpNet, u16, u16)], k: GrantKernel) -> Result<()> {
+    pub fn put_grant(
+        &mut self,
+        slot: u32,
+        expires_ns: u64,
+        dests: &[(IpNet, u16, u16)],
+        k: GrantKernel,
+    ) -> Result<()> {
         self.put_dests(slot, dests)?;
-        let info = GrantInfo { expires_ns, secrets: k.secrets, id_hash: k.id_hash, state: grant_state::ACTIVE, action: k.action, flags: k.flags, _pad: 0 };
+        let info = GrantInfo {
+            expires_ns,
+            secrets: k.secrets,
+            id_hash: k.id_hash,
+            state: grant_state::ACTIVE,
+            action: k.action,
+            flags: k.flags,
+            _pad: 0,
+        };
         self.grants.insert(slot, info, 0).with_context(|| format!("write grant slot {slot}"))?;
         Ok(())
     }
@@ -96,7 +115,9 @@ impl GrantMaps {
                     pr.hi[i] = *hi;
                 }
             }
-            self.dests.insert(&dest_key(slot, net), pr, 0).with_context(|| format!("write destination {net} of slot {slot}"))?;
+            self.dests
+                .insert(&dest_key(slot, net), pr, 0)
+                .with_context(|| format!("write destination {net} of slot {slot}"))?;
         }
         Ok(())
     }
@@ -115,13 +136,20 @@ impl GrantMaps {
 
     /// How many processes hold `slot` now.
     pub fn holders(&self, slot: u32) -> u32 {
-        self.procs.iter().filter_map(|r| r.ok()).filter(|(_, pg)| pg.grants.contains(&slot)).count() as u32
+        self.procs.iter().filter_map(|r| r.ok()).filter(|(_, pg)| pg.grants.contains(&slot)).count()
+            as u32
     }
 
     /// Marks `pid` as having read secrets `bits` (creating its entry if needed). Called
     /// while the opener is blocked in open(), so it cannot connect before this lands.
     pub fn add_taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
-        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint: 0, flags: 0, _pad: 0 });
+        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants {
+            grants: [0; MAX_PROC_GRANTS],
+            start_ns,
+            taint: 0,
+            flags: 0,
+            _pad: 0,
+        });
         if pg.taint & bits == bits {
             return Ok(());
         }
@@ -136,7 +164,10 @@ impl GrantMaps {
     }
 
     pub fn revoke(&mut self, slot: u32) -> Result<()> {
-        let mut info = self.grants.get(&slot, 0).with_context(|| format!("grant slot {slot} not in the kernel"))?;
+        let mut info = self
+            .grants
+            .get(&slot, 0)
+            .with_context(|| format!("grant slot {slot} not in the kernel"))?;
         info.state = grant_state::REVOKED;
         self.grants.insert(slot, info, 0)?;
         Ok(())
@@ -150,7 +181,13 @@ impl GrantMaps {
 
     /// Adds `slot` to the grants process `pid` holds.
     pub fn bind(&mut self, pid: u32, start_ns: u64, slot: u32) -> Result<()> {
-        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint: 0, flags: 0, _pad: 0 });
+        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants {
+            grants: [0; MAX_PROC_GRANTS],
+            start_ns,
+            taint: 0,
+            flags: 0,
+            _pad: 0,
+        });
         if pg.grants.contains(&slot) {
             return Ok(());
         }
@@ -158,7 +195,9 @@ impl GrantMaps {
             bail!("process {pid} already holds {MAX_PROC_GRANTS} grants");
         };
         pg.grants[free] = slot;
-        self.procs.insert(pid, pg, 0).with_context(|| format!("bind grant slot {slot} to pid {pid}"))?;
+        self.procs
+            .insert(pid, pg, 0)
+            .with_context(|| format!("bind grant slot {slot} to pid {pid}"))?;
         Ok(())
     }
 
@@ -177,7 +216,6 @@ impl GrantMaps {
             }
         }
     }
-
 }
 
 /// Boot-clock nanoseconds now (the clock bpf_ktime_get_boot_ns reads).
@@ -191,5 +229,9 @@ pub fn boot_now_ns() -> u64 {
 pub fn boot_deadline(expires_at: chrono::DateTime<chrono::Utc>) -> u64 {
     let left = expires_at - chrono::Utc::now();
     let left_ns = left.num_nanoseconds().unwrap_or(i64::MAX);
-    if left_ns <= 0 { boot_now_ns().saturating_sub((-left_ns) as u64) } else { boot_now_ns().saturating_add(left_ns as u64) }
+    if left_ns <= 0 {
+        boot_now_ns().saturating_sub((-left_ns) as u64)
+    } else {
+        boot_now_ns().saturating_add(left_ns as u64)
+    }
 }

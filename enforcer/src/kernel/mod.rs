@@ -52,7 +52,9 @@ pub struct Counters {
 
 pub fn object() -> Result<&'static [u8]> {
     if OBJECT.is_empty() {
-        bail!("this enforcer binary was built without its eBPF object; build it with `cargo xtask build`");
+        bail!(
+            "this enforcer binary was built without its eBPF object; build it with `cargo xtask build`"
+        );
     }
     Ok(OBJECT)
 }
@@ -61,10 +63,26 @@ pub fn object() -> Result<&'static [u8]> {
 pub(crate) fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     let bpffs = Path::new("/sys/fs/bpf");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if pin_dir.starts_with(bpffs) && !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
-        nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).context("mount bpffs at /sys/fs/bpf")?;
+    if pin_dir.starts_with(bpffs)
+        && !mounts.lines().any(|l| {
+            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")
+        })
+    {
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mount bpffs at /sys/fs/bpf")?;
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(pin_dir).with_context(|| format!("create pin dir {}", pin_dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("create pin dir {}", pin_dir.display()))?;
     Ok(())
 }
 
@@ -93,7 +111,8 @@ impl Kernel {
         // Whether sched_process_exit has its group_dead argument (newer kernels), from the
         // tracepoint's format; without it the thread-group leader's exit stands for the process.
         let has_group_dead = match tracefs::ensure_mounted() {
-            Ok(tfs) => tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?.is_some() as u32,
+            Ok(tfs) => tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?
+                .is_some() as u32,
             Err(_) => 0,
         };
         let btf = btf::KernelBtf::load()?;
@@ -125,11 +144,14 @@ impl Kernel {
                 .with_context(|| format!("program {prog} missing from the eBPF object"))?
                 .try_into()?;
             p.load().with_context(|| format!("load program {prog} (raw_tracepoint)"))?;
-            let id = p.attach(prog).with_context(|| format!("attach program {prog} to raw tracepoint {prog}"))?;
+            let id = p
+                .attach(prog)
+                .with_context(|| format!("attach program {prog} to raw tracepoint {prog}"))?;
             links.push((prog, pin_link(p.take_link(id)?.into(), pin_dir, prog)?));
             attached.push(format!("raw_tracepoint/{prog}"));
         }
-        let cgroup = File::open(cgroup_root).with_context(|| format!("open cgroup_root {}", cgroup_root.display()))?;
+        let cgroup = File::open(cgroup_root)
+            .with_context(|| format!("open cgroup_root {}", cgroup_root.display()))?;
         for prog in SOCK_ADDR {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(prog)
@@ -138,10 +160,12 @@ impl Kernel {
             p.load().with_context(|| format!("load program {prog} (cgroup_sock_addr)"))?;
             // Attached through a bpf_link, which always coexists with other programs on the
             // cgroup (the kernel refuses BPF_F_ALLOW_MULTI on link_create: flags must be 0).
-            let id = p
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attach program {prog} to cgroup {}", cgroup_root.display()))?;
-            let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| anyhow::anyhow!("program {prog}: link cannot be pinned: {e}"))?;
+            let id = p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| {
+                format!("attach program {prog} to cgroup {}", cgroup_root.display())
+            })?;
+            let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| {
+                anyhow::anyhow!("program {prog}: link cannot be pinned: {e}")
+            })?;
             links.push((prog, pin_link(fd, pin_dir, prog)?));
             attached.push(format!("cgroup_sock_addr/{prog}"));
         }
@@ -153,10 +177,16 @@ impl Kernel {
         for (prog, link) in links {
             let fd = link.unpin().context("re-pin link")?;
             let path = pin_dir.join(format!("link-{prog}"));
-            pinned.push(fd.pin(&path).with_context(|| format!("pin link of {prog} at {}", path.display()))?);
+            pinned.push(
+                fd.pin(&path)
+                    .with_context(|| format!("pin link of {prog} at {}", path.display()))?,
+            );
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
-        Ok((Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), links: pinned, adopted }, ring))
+        Ok((
+            Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), links: pinned, adopted },
+            ring,
+        ))
     }
 
     /// Clean stop: unpins links and maps so the programs detach with this process.

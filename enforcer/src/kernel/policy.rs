@@ -51,7 +51,10 @@ pub struct SecretIndex {
 impl SecretIndex {
     pub fn load(state_dir: &Path) -> Self {
         let path = state_dir.join("secret-index.json");
-        let by_name = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let by_name = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         SecretIndex { path, by_name }
     }
 
@@ -67,11 +70,14 @@ impl SecretIndex {
                 Some(i) => {
                     self.by_name.insert(s.name.clone(), i);
                 }
-                None => tracing::warn!(secret = %s.name, "more than {MAX_SECRETS} secrets: this one cannot taint processes"),
+                None => {
+                    tracing::warn!(secret = %s.name, "more than {MAX_SECRETS} secrets: this one cannot taint processes")
+                }
             }
         }
         let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&self.by_name)?).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec(&self.by_name)?)
+            .with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.path)?;
         Ok(())
     }
@@ -81,9 +87,12 @@ impl SecretIndex {
     }
 
     pub fn names(&self, bits: u64) -> Vec<String> {
-        self.by_name.iter().filter(|(_, i)| bits & (1u64 << **i) != 0).map(|(n, _)| n.clone()).collect()
+        self.by_name
+            .iter()
+            .filter(|(_, i)| bits & (1u64 << **i) != 0)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
-
 }
 
 pub struct PolicyMaps {
@@ -104,7 +113,9 @@ fn kernel_dev(st_dev: u64) -> u64 {
 
 impl PolicyMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+        };
         Ok(PolicyMaps {
             secrets: Array::try_from(take(ebpf, "SECRETS")?)?,
             config: Array::try_from(take(ebpf, "CONFIG")?)?,
@@ -116,10 +127,18 @@ impl PolicyMaps {
 
     /// Writes the policy. Order matters for a reload: per-secret facts and selectors first,
     /// the enforce switch last, so no use is decided against half of each.
-    pub fn apply(&mut self, cfg: &Config, index: &SecretIndex, cgroups: &mut crate::proc::CgroupResolver) -> Result<()> {
+    pub fn apply(
+        &mut self,
+        cfg: &Config,
+        index: &SecretIndex,
+        cgroups: &mut crate::proc::CgroupResolver,
+    ) -> Result<()> {
         for s in &cfg.secrets {
             let Some(i) = index.by_name.get(&s.name) else { continue };
-            let info = SecretInfo { has_dests: (!s.destinations.is_empty()) as u32, action: action_code(without_grant(cfg, &s.name)) };
+            let info = SecretInfo {
+                has_dests: (!s.destinations.is_empty()) as u32,
+                action: action_code(without_grant(cfg, &s.name)),
+            };
             self.secrets.set(*i, info, 0).with_context(|| format!("write secret {}", s.name))?;
         }
         // Agent selectors the kernel can check at exec: executable inode, uid, cgroup.
@@ -130,7 +149,9 @@ impl PolicyMaps {
             if let Some(exe) = &a.exe {
                 match std::fs::metadata(exe) {
                     Ok(m) => exes.push(ExeKey { dev: kernel_dev(m.dev()), ino: m.ino() }),
-                    Err(e) => tracing::warn!(exe = %exe.display(), "agent executable not found ({e}); selector inactive until reload"),
+                    Err(e) => {
+                        tracing::warn!(exe = %exe.display(), "agent executable not found ({e}); selector inactive until reload")
+                    }
                 }
             }
             if let Some(u) = a.uid {
@@ -139,11 +160,15 @@ impl PolicyMaps {
             if let Some(c) = &a.cgroup {
                 match cgroups.id_of(c) {
                     Some(id) => cgs.push(id),
-                    None => tracing::warn!(cgroup = %c, "agent cgroup not found; selector inactive until reload"),
+                    None => {
+                        tracing::warn!(cgroup = %c, "agent cgroup not found; selector inactive until reload")
+                    }
                 }
             }
             if a.exe_sha256.is_some() && a.exe.is_none() {
-                tracing::warn!("agent selector by exe_sha256 alone cannot be checked at exec in the kernel; it is not enforced for connections");
+                tracing::warn!(
+                    "agent selector by exe_sha256 alone cannot be checked at exec in the kernel; it is not enforced for connections"
+                );
             }
         }
         replace(&mut self.agent_exes, &exes)?;

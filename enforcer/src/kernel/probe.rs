@@ -43,12 +43,21 @@ pub fn run_all() -> Vec<Probe> {
         }
     };
     let btf = Btf::from_sys_fs().map_err(anyhow::Error::from);
-    out.push(probe("btf /sys/kernel/btf/vmlinux", "tp_btf, lsm, fentry loads", btf.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}"))));
-    out.push(probe("tracefs", "tracepoint attach and field offsets", super::tracefs::ensure_mounted().map(|_| ())));
+    out.push(probe(
+        "btf /sys/kernel/btf/vmlinux",
+        "tp_btf, lsm, fentry loads",
+        btf.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}")),
+    ));
+    out.push(probe(
+        "tracefs",
+        "tracepoint attach and field offsets",
+        super::tracefs::ensure_mounted().map(|_| ()),
+    ));
 
     // The object's maps are pinned by name: give this probe load a throwaway pin dir so it
     // never touches (or adopts) a running daemon's maps.
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer-doctor-{}", std::process::id()));
+    let pin_dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer-doctor-{}", std::process::id()));
     if let Err(e) = super::ensure_pin_dir(&pin_dir) {
         out.push(probe("bpffs", "pinned maps and links (fail closed)", Err(e)));
         return out;
@@ -64,29 +73,54 @@ pub fn run_all() -> Vec<Probe> {
     out
 }
 
-fn probe_loads(object: &[u8], pin_dir: &std::path::Path, btf: anyhow::Result<Btf>, mut out: Vec<Probe>) -> Vec<Probe> {
+fn probe_loads(
+    object: &[u8],
+    pin_dir: &std::path::Path,
+    btf: anyhow::Result<Btf>,
+    mut out: Vec<Probe>,
+) -> Vec<Probe> {
     let mut ebpf = match EbpfLoader::new().default_map_pin_directory(pin_dir).load(object) {
         Ok(e) => e,
         Err(e) => {
-            out.push(probe("map creation (ringbuf, hash, lru, per-cpu array)", "kernel to daemon records", Err(e.into())));
+            out.push(probe(
+                "map creation (ringbuf, hash, lru, per-cpu array)",
+                "kernel to daemon records",
+                Err(e.into()),
+            ));
             return out;
         }
     };
-    out.push(probe("map creation (ringbuf, hash, lru, per-cpu array)", "kernel to daemon records", Ok(())));
+    out.push(probe(
+        "map creation (ringbuf, hash, lru, per-cpu array)",
+        "kernel to daemon records",
+        Ok(()),
+    ));
 
     let r = (|| -> anyhow::Result<()> {
-        let p: &mut RawTracePoint = ebpf.program_mut("task_newtask").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut RawTracePoint = ebpf
+            .program_mut("task_newtask")
+            .ok_or_else(|| anyhow::anyhow!("missing"))?
+            .try_into()?;
         p.load()?;
         Ok(())
     })();
-    out.push(probe("raw_tracepoint", "process lineage (task_newtask, sched_process_exec, sched_process_exit), pinnable", r));
+    out.push(probe(
+        "raw_tracepoint",
+        "process lineage (task_newtask, sched_process_exec, sched_process_exit), pinnable",
+        r,
+    ));
 
     let r = (|| -> anyhow::Result<()> {
-        let p: &mut CgroupSockAddr = ebpf.program_mut("connect4").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut CgroupSockAddr =
+            ebpf.program_mut("connect4").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
         p.load()?;
         Ok(())
     })();
-    out.push(probe("cgroup_sock_addr/connect4", "outbound connection attribution and in-kernel deny", r));
+    out.push(probe(
+        "cgroup_sock_addr/connect4",
+        "outbound connection attribution and in-kernel deny",
+        r,
+    ));
 
     let btf = btf.ok();
     let with_btf = |f: &mut dyn FnMut(&Btf) -> anyhow::Result<()>| -> anyhow::Result<()> {
@@ -96,33 +130,54 @@ fn probe_loads(object: &[u8], pin_dir: &std::path::Path, btf: anyhow::Result<Btf
         }
     };
     let r = with_btf(&mut |b| {
-        let p: &mut BtfTracePoint = ebpf.program_mut("probe_tp_btf").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut("probe_tp_btf")
+            .ok_or_else(|| anyhow::anyhow!("missing"))?
+            .try_into()?;
         p.load("sched_process_exec", b)?;
         Ok(())
     });
     out.push(probe("tp_btf/sched_process_exec", "not needed: stable tracepoints cover lineage", r));
     let r = with_btf(&mut |b| {
-        let p: &mut Lsm = ebpf.program_mut("probe_lsm_file_open").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut Lsm = ebpf
+            .program_mut("probe_lsm_file_open")
+            .ok_or_else(|| anyhow::anyhow!("missing"))?
+            .try_into()?;
         p.load("file_open", b)?;
         Ok(())
     });
     out.push(probe("lsm/file_open (BPF-LSM)", "inline secret-open decisions in the kernel", r));
     let r = with_btf(&mut |b| {
-        let p: &mut FEntry = ebpf.program_mut("probe_fentry").ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        let p: &mut FEntry = ebpf
+            .program_mut("probe_fentry")
+            .ok_or_else(|| anyhow::anyhow!("missing"))?
+            .try_into()?;
         p.load("do_sys_openat2", b)?;
         Ok(())
     });
     out.push(probe("fentry/do_sys_openat2", "not needed", r));
-    out.push(probe("fanotify FAN_OPEN_PERM inode mark", "secret-file open attribution (and deny)", fanotify_probe()));
+    out.push(probe(
+        "fanotify FAN_OPEN_PERM inode mark",
+        "secret-file open attribution (and deny)",
+        fanotify_probe(),
+    ));
     out
 }
 
 /// A permission-class group with an inode mark on a temp file: what the file backend needs.
 fn fanotify_probe() -> anyhow::Result<()> {
-    let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)?;
+    let fan = Fanotify::init(
+        InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
+        EventFFlags::O_RDONLY,
+    )?;
     let dir = std::env::temp_dir().join(format!("enforcer-probe-{}", std::process::id()));
     std::fs::write(&dir, b"")?;
-    let r = fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_PERM, nix::fcntl::AT_FDCWD, Some(&dir));
+    let r = fan.mark(
+        MarkFlags::FAN_MARK_ADD,
+        MaskFlags::FAN_OPEN_PERM,
+        nix::fcntl::AT_FDCWD,
+        Some(&dir),
+    );
     let _ = std::fs::remove_file(&dir);
     let _ = fan.as_fd();
     r?;

@@ -7,11 +7,31 @@ use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
 
 #[derive(Debug, Clone)]
 pub enum Record {
-    Fork { parent: u32, child: u32, uid: u32, cgroup_id: u64, boot_ns: u64, grants: Vec<u32> },
-    Exec { tgid: u32, uid: u32, cgroup_id: u64, filename: String, argv: Vec<String>, argv_truncated: bool },
-    Exit { tgid: u32, grants: Vec<u32> },
+    Fork {
+        parent: u32,
+        child: u32,
+        uid: u32,
+        cgroup_id: u64,
+        boot_ns: u64,
+        grants: Vec<u32>,
+    },
+    Exec {
+        tgid: u32,
+        uid: u32,
+        cgroup_id: u64,
+        filename: String,
+        argv: Vec<String>,
+        argv_truncated: bool,
+    },
+    Exit {
+        tgid: u32,
+        grants: Vec<u32>,
+    },
     Connect(Connect),
-    Malformed { len: usize, kind: u32 },
+    Malformed {
+        len: usize,
+        kind: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +86,14 @@ pub fn decode(bytes: &[u8]) -> Record {
     let malformed = Record::Malformed { len: bytes.len(), kind: k };
     match k {
         kind::FORK => match read::<ForkRecord>(bytes) {
-            Some(r) => Record::Fork { parent: r.parent_tgid, child: r.child_tgid, uid: r.uid, cgroup_id: r.cgroup_id, boot_ns: r.boot_ns, grants: slots(&r.grants) },
+            Some(r) => Record::Fork {
+                parent: r.parent_tgid,
+                child: r.child_tgid,
+                uid: r.uid,
+                cgroup_id: r.cgroup_id,
+                boot_ns: r.boot_ns,
+                grants: slots(&r.grants),
+            },
             None => malformed,
         },
         kind::EXEC => match read::<ExecRecord>(bytes) {
@@ -79,7 +106,14 @@ pub fn decode(bytes: &[u8]) -> Record {
                     .filter(|s| !s.is_empty())
                     .map(|s| String::from_utf8_lossy(s).into_owned())
                     .collect();
-                Record::Exec { tgid: r.tgid, uid: r.uid, cgroup_id: r.cgroup_id, filename, argv, argv_truncated: r.args_truncated != 0 }
+                Record::Exec {
+                    tgid: r.tgid,
+                    uid: r.uid,
+                    cgroup_id: r.cgroup_id,
+                    filename,
+                    argv,
+                    argv_truncated: r.args_truncated != 0,
+                }
             }
             None => malformed,
         },
@@ -153,7 +187,15 @@ mod tests {
 
     #[test]
     fn mapped_ipv6_becomes_ipv4() {
-        let mut r = ConnectRecord { kind: kind::CONNECT, tgid: 7, family: 10, port: 443, protocol: 6, op: 1, ..Default::default() };
+        let mut r = ConnectRecord {
+            kind: kind::CONNECT,
+            tgid: 7,
+            family: 10,
+            port: 443,
+            protocol: 6,
+            op: 1,
+            ..Default::default()
+        };
         r.addr = Ipv6Addr::from(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()).octets();
         let Record::Connect(c) = decode(&bytes(&r)) else { panic!() };
         assert_eq!(c.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -163,7 +205,14 @@ mod tests {
 
     #[test]
     fn ipv6_stays_ipv6() {
-        let mut r = ConnectRecord { kind: kind::CONNECT, family: 10, port: 53, protocol: 17, op: 2, ..Default::default() };
+        let mut r = ConnectRecord {
+            kind: kind::CONNECT,
+            family: 10,
+            port: 53,
+            protocol: 17,
+            op: 2,
+            ..Default::default()
+        };
         r.addr = Ipv6Addr::LOCALHOST.octets();
         let Record::Connect(c) = decode(&bytes(&r)) else { panic!() };
         assert_eq!(c.ip, IpAddr::V6(Ipv6Addr::LOCALHOST));

@@ -26,9 +26,15 @@ pub fn ensure_mounted() -> Result<PathBuf> {
 }
 
 /// Offset of `field` in the record of tracepoint `category/name`, from its `format` file.
-pub fn field_offset(tracefs: &Path, category: &str, name: &str, field: &str) -> Result<Option<u32>> {
+pub fn field_offset(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+    field: &str,
+) -> Result<Option<u32>> {
     let path = tracefs.join("events").join(category).join(name).join("format");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     Ok(parse_offset(&text, field))
 }
 

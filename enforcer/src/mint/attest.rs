@@ -48,10 +48,7 @@ impl Requester {
         // and not re-exec'd since attestation.
         let now = read_exe(self.pid)?;
         if exited(&self.pidfd) || now != self.exe {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "process exited or exec'd",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, "process exited or exec'd"));
         }
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -90,10 +87,7 @@ pub fn attest_peer(stream: &tokio::net::UnixStream) -> Result<Requester, ApiErro
         .peer_cred()
         .map_err(|e| ApiError::forbidden("attestation_failed", format!("SO_PEERCRED: {e}")))?;
     let pid = cred.pid().filter(|p| *p > 0).ok_or_else(|| {
-        ApiError::forbidden(
-            "attestation_failed",
-            "peer has no pid in this pid namespace",
-        )
+        ApiError::forbidden("attestation_failed", "peer has no pid in this pid namespace")
     })? as u32;
     // SO_PEERPIDFD (Linux 6.5+) names the process that connected, with no window for pid reuse.
     // Older kernels: pidfd_open on the pid, which leaves the window between connect and here.
@@ -110,10 +104,7 @@ pub fn attest_peer(stream: &tokio::net::UnixStream) -> Result<Requester, ApiErro
 /// A target process named with `--pid`; ids come from /proc/<pid>/status.
 pub fn attest_pid(pid: u32) -> Result<Requester, ApiError> {
     if pid == 0 || pid > i32::MAX as u32 {
-        return Err(ApiError::bad_request(
-            "invalid_pid",
-            format!("invalid pid {pid}"),
-        ));
+        return Err(ApiError::bad_request("invalid_pid", format!("invalid pid {pid}")));
     }
     let pidfd = pidfd_open(pid).map_err(|e| match e.raw_os_error() {
         Some(libc::ESRCH) => ApiError::not_found("no_such_process", format!("no process {pid}")),
@@ -141,10 +132,7 @@ fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester
             .to_string();
         // An exec between the first readlink and here would mix two images' facts.
         if read_exe(pid)? != exe {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "exec during attestation",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, "exec during attestation"));
         }
         Ok((exe, start_ns, uid, gid, cgroup))
     };
@@ -157,15 +145,7 @@ fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester
         io::ErrorKind::NotFound => gone(pid),
         _ => ApiError::forbidden("attestation_failed", format!("reading /proc/{pid}: {e}")),
     })?;
-    Ok(Requester {
-        pid,
-        start_ns,
-        exe,
-        uid,
-        gid,
-        cgroup,
-        pidfd,
-    })
+    Ok(Requester { pid, start_ns, exe, uid, gid, cgroup, pidfd })
 }
 
 fn gone(pid: u32) -> ApiError {
@@ -228,18 +208,13 @@ pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), ApiError> {
     if intent.agents.is_empty() {
         return Err(ApiError::forbidden(
             "no_agents",
-            format!(
-                "intent {} names no agents; nobody may request it",
-                intent.name
-            ),
+            format!("intent {} names no agents; nobody may request it", intent.name),
         ));
     }
     let sha: OnceCell<Option<String>> = OnceCell::new();
     let exe = Path::new(&r.exe);
     if intent.agents.iter().any(|a| {
-        a.matches(exe, r.uid, &r.cgroup, || {
-            sha.get_or_init(|| r.exe_sha256().ok()).clone()
-        })
+        a.matches(exe, r.uid, &r.cgroup, || sha.get_or_init(|| r.exe_sha256().ok()).clone())
     }) {
         return Ok(());
     }
@@ -257,11 +232,7 @@ pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), ApiError> {
             intent.agents.len(),
             r.exe,
             r.uid,
-            if r.cgroup.is_empty() {
-                "unknown"
-            } else {
-                &r.cgroup
-            },
+            if r.cgroup.is_empty() { "unknown" } else { &r.cgroup },
         ),
     ))
 }
@@ -297,11 +268,7 @@ fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
 /// A pidfd polls readable once its process has exited (zombie included). Errors count as
 /// exited: attestation fails closed.
 fn exited(pidfd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     loop {
         // SAFETY: one valid pollfd, zero timeout.
         let n = unsafe { libc::poll(&mut p, 1, 0) };
@@ -313,9 +280,7 @@ fn exited(pidfd: &OwnedFd) -> bool {
 }
 
 fn read_exe(pid: u32) -> io::Result<String> {
-    Ok(std::fs::read_link(format!("/proc/{pid}/exe"))?
-        .to_string_lossy()
-        .into_owned())
+    Ok(std::fs::read_link(format!("/proc/{pid}/exe"))?.to_string_lossy().into_owned())
 }
 
 fn read_start_ns(pid: u32) -> io::Result<u64> {
@@ -358,11 +323,7 @@ mod tests {
     }
 
     fn sleeper() -> std::process::Child {
-        Command::new("sleep")
-            .arg("30")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap()
+        Command::new("sleep").arg("30").stdin(Stdio::null()).spawn().unwrap()
     }
 
     #[tokio::test]
@@ -391,15 +352,9 @@ mod tests {
         let mut c = sleeper();
         let r = attest_pid(c.id()).unwrap();
         let h = r.exe_sha256().unwrap();
-        assert_eq!(
-            h,
-            hex::encode(Sha256::digest(std::fs::read(&r.exe).unwrap()))
-        );
+        assert_eq!(h, hex::encode(Sha256::digest(std::fs::read(&r.exe).unwrap())));
         let s = r.subject(h.clone());
-        assert_eq!(
-            (s.pid, s.start_ns, s.exe_sha256, s.exe),
-            (r.pid, r.start_ns, h, r.exe.clone())
-        );
+        assert_eq!((s.pid, s.start_ns, s.exe_sha256, s.exe), (r.pid, r.start_ns, h, r.exe.clone()));
         c.kill().unwrap();
         c.wait().unwrap();
     }
@@ -444,18 +399,11 @@ mod tests {
         // As a non-root caller: own child and self are bindable, the parent is not.
         assert!(may_bind_as(1000, &me, &child).is_ok());
         assert!(may_bind_as(1000, &me, &me).is_ok());
-        assert_eq!(
-            may_bind_as(1000, &child, &me).unwrap_err().code,
-            "not_your_process"
-        );
+        assert_eq!(may_bind_as(1000, &child, &me).unwrap_err().code, "not_your_process");
         // Unrelated processes (init, our own parent) are not descendants. (Walked directly:
         // /proc/1/exe may be unreadable even to root in a container.)
         assert!(!is_descendant(me.pid, me.start_ns, 1));
-        assert!(!is_descendant(
-            me.pid,
-            me.start_ns,
-            std::os::unix::process::parent_id()
-        ));
+        assert!(!is_descendant(me.pid, me.start_ns, std::os::unix::process::parent_id()));
         assert!(is_descendant(me.pid, me.start_ns, child.pid));
         // A caller whose pid matches but whose start time does not is a different process.
         let stale = Requester {
@@ -470,23 +418,14 @@ mod tests {
         assert!(may_bind_as(0, &child, &me).is_ok());
         c.kill().unwrap();
         c.wait().unwrap();
-        assert_eq!(
-            may_bind_as(1000, &me, &child).unwrap_err().code,
-            "subject_gone"
-        );
+        assert_eq!(may_bind_as(1000, &me, &child).unwrap_err().code, "subject_gone");
     }
 
     #[test]
     fn stat_parsing() {
         let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
-        assert_eq!(
-            stat_start_ticks(&format!("42 (sleep) {tail}")),
-            Some(987654)
-        );
-        assert_eq!(
-            stat_start_ticks(&format!("42 (a) (b) 1 2 ) {tail}")),
-            Some(987654)
-        );
+        assert_eq!(stat_start_ticks(&format!("42 (sleep) {tail}")), Some(987654));
+        assert_eq!(stat_start_ticks(&format!("42 (a) (b) 1 2 ) {tail}")), Some(987654));
         assert_eq!(stat_start_ticks(&format!("42 ( ) {tail}\n")), Some(987654));
         assert_eq!(stat_start_ticks("42 (x) S 1 2"), None);
         assert_eq!(stat_start_ticks("garbage"), None);
@@ -512,15 +451,9 @@ mod tests {
         let e = selector_allows(&intent(vec![]), &r).unwrap_err();
         assert_eq!(
             (e.code, e.message.as_str()),
-            (
-                "no_agents",
-                "intent deploy names no agents; nobody may request it"
-            )
+            ("no_agents", "intent deploy names no agents; nobody may request it")
         );
-        let by_exe = AgentSelector {
-            exe: Some(r.exe.clone().into()),
-            ..Default::default()
-        };
+        let by_exe = AgentSelector { exe: Some(r.exe.clone().into()), ..Default::default() };
         assert!(selector_allows(&intent(vec![by_exe]), &r).is_ok());
         let other = AgentSelector {
             exe: Some("/usr/bin/nope".into()),
@@ -529,23 +462,14 @@ mod tests {
         };
         let e = selector_allows(&intent(vec![other.clone()]), &r).unwrap_err();
         assert_eq!(e.code, "agent_not_allowed");
-        assert!(
-            e.message.contains(&r.exe) && e.message.contains("deploy"),
-            "{e}"
-        );
-        assert!(
-            !e.message.contains("sha256"),
-            "hash computed needlessly: {e}"
-        );
+        assert!(e.message.contains(&r.exe) && e.message.contains("deploy"), "{e}");
+        assert!(!e.message.contains("sha256"), "hash computed needlessly: {e}");
         let by_hash = AgentSelector {
             exe_sha256: Some(r.exe_sha256().unwrap().to_uppercase()),
             ..Default::default()
         };
         assert!(selector_allows(&intent(vec![other, by_hash]), &r).is_ok());
-        let wrong_hash = AgentSelector {
-            exe_sha256: Some("00".repeat(32)),
-            ..Default::default()
-        };
+        let wrong_hash = AgentSelector { exe_sha256: Some("00".repeat(32)), ..Default::default() };
         let e = selector_allows(&intent(vec![wrong_hash]), &r).unwrap_err();
         assert!(e.message.contains("exe sha256"), "{e}");
         c.kill().unwrap();

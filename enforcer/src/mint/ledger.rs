@@ -112,10 +112,7 @@ impl Ledger {
         conn.busy_timeout(Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            bail!(
-                "ledger {}: could not enable WAL (journal_mode {mode})",
-                path.display()
-            );
+            bail!("ledger {}: could not enable WAL (journal_mode {mode})", path.display());
         }
         // WAL + synchronous=NORMAL: a commit is in the WAL file once the call returns, so it
         // survives a crash or kill of the daemon; only an OS crash or power loss can drop the
@@ -129,16 +126,12 @@ impl Ledger {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         spawn_checkpointer(&path);
         let mut ledger = Ledger { conn };
-        ledger
-            .migrate()
-            .with_context(|| format!("migrating ledger {}", path.display()))?;
+        ledger.migrate().with_context(|| format!("migrating ledger {}", path.display()))?;
         Ok(ledger)
     }
 
     fn migrate(&mut self) -> anyhow::Result<()> {
-        let version: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             bail!("schema version {version} is newer than this enforcer's ({SCHEMA_VERSION})");
         }
@@ -213,9 +206,8 @@ impl Ledger {
     }
 
     pub fn get(&self, id: &str) -> anyhow::Result<Option<Grant>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("SELECT {GRANT_COLS} FROM grants WHERE id = ?1"))?;
+        let mut stmt =
+            self.conn.prepare_cached(&format!("SELECT {GRANT_COLS} FROM grants WHERE id = ?1"))?;
         Ok(stmt.query_row([id], grant_from_row).optional()?)
     }
 
@@ -227,11 +219,7 @@ impl Ledger {
              WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR intent = ?2) \
              ORDER BY issued_at DESC, rowid DESC LIMIT ?3"
         ))?;
-        let limit = if filter.limit == 0 {
-            -1
-        } else {
-            i64::try_from(filter.limit).unwrap_or(-1)
-        };
+        let limit = if filter.limit == 0 { -1 } else { i64::try_from(filter.limit).unwrap_or(-1) };
         let rows = stmt.query_map(
             params![filter.state.map(GrantState::as_str), filter.intent, limit],
             grant_from_row,
@@ -262,11 +250,7 @@ impl Ledger {
             let rows = stmt.query_map([unix_ns(now)], grant_from_row)?;
             rows.collect::<Result<_, _>>()?
         };
-        expired.sort_by(|a, b| {
-            a.expires_at
-                .cmp(&b.expires_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        expired.sort_by(|a, b| a.expires_at.cmp(&b.expires_at).then_with(|| a.id.cmp(&b.id)));
         let detail = format!("ttl elapsed; recorded at {}", ts(now));
         for g in &expired {
             add_event(&tx, &g.id, g.expires_at, "expired", &detail)?;
@@ -326,11 +310,7 @@ fn ts(t: DateTime<Utc>) -> String {
 
 /// Beyond year 2262 a grant is as good as never-expiring; saturate rather than fail.
 fn unix_ns(t: DateTime<Utc>) -> i64 {
-    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
-        i64::MIN
-    } else {
-        i64::MAX
-    })
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn conversion_err(
@@ -364,10 +344,7 @@ fn grant_from_row(r: &Row) -> rusqlite::Result<Grant> {
         issued_at: parse_ts(r, 5)?,
         expires_at: parse_ts(r, 6)?,
         state: GrantState::parse(&state).ok_or_else(|| {
-            conversion_err(
-                7,
-                std::io::Error::other(format!("unknown grant state {state:?}")),
-            )
+            conversion_err(7, std::io::Error::other(format!("unknown grant state {state:?}")))
         })?,
         token: r.get(8)?,
         ttl_clamped_from: r.get(9)?,
@@ -415,12 +392,7 @@ mod tests {
         let now = Utc::now();
         let mut g1 = grant("g_one", "deploy", now, 300);
         g1.ttl_clamped_from = Some("2h".into());
-        let g2 = grant(
-            "g_two",
-            "backup",
-            now + chrono::Duration::milliseconds(1),
-            300,
-        );
+        let g2 = grant("g_two", "backup", now + chrono::Duration::milliseconds(1), 300);
         {
             let mut l = Ledger::open(&dir.path()).unwrap();
             l.insert(&g1).unwrap();
@@ -435,10 +407,7 @@ mod tests {
         assert_eq!(l.get("g_two").unwrap().unwrap(), g2);
         assert_eq!(l.get("g_nope").unwrap(), None);
         assert_eq!(l.active().unwrap(), vec![g1.clone(), g2.clone()]);
-        assert_eq!(
-            l.list(ListFilter::default()).unwrap(),
-            vec![g2.clone(), g1.clone()]
-        );
+        assert_eq!(l.list(ListFilter::default()).unwrap(), vec![g2.clone(), g1.clone()]);
         let ev = l.events("g_one").unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!((ev[0].kind.as_str(), ev[0].time), ("issued", g1.issued_at));
@@ -450,39 +419,22 @@ mod tests {
         let mut l = Ledger::open(&dir.path()).unwrap();
         let now = Utc::now();
         l.insert(&grant("g_a", "deploy", now, 300)).unwrap();
-        assert!(
-            l.set_state("g_a", GrantState::Revoked, "revoked by uid 0", now)
-                .unwrap()
-        );
+        assert!(l.set_state("g_a", GrantState::Revoked, "revoked by uid 0", now).unwrap());
         // Second ending of the same grant loses and writes nothing.
         assert!(!l.set_state("g_a", GrantState::Expired, "ttl", now).unwrap());
-        assert!(
-            !l.set_state("g_missing", GrantState::Revoked, "x", now)
-                .unwrap()
-        );
+        assert!(!l.set_state("g_missing", GrantState::Revoked, "x", now).unwrap());
         assert!(l.set_state("g_a", GrantState::Active, "x", now).is_err());
         assert_eq!(l.get("g_a").unwrap().unwrap().state, GrantState::Revoked);
-        let kinds: Vec<_> = l
-            .events("g_a")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds: Vec<_> = l.events("g_a").unwrap().into_iter().map(|e| e.kind).collect();
         assert_eq!(kinds, ["issued", "revoked"]);
 
         l.insert(&grant("g_b", "deploy", now, 300)).unwrap();
-        assert!(
-            l.set_state("g_b", GrantState::Ended, "subtree exited", now)
-                .unwrap()
-        );
+        assert!(l.set_state("g_b", GrantState::Ended, "subtree exited", now).unwrap());
         assert_eq!(l.events("g_b").unwrap()[1].kind, "subtree_ended");
 
         l.record_use("g_b", "connect 192.0.2.10:443").unwrap();
         assert_eq!(l.events("g_b").unwrap()[2].detail, "connect 192.0.2.10:443");
-        assert!(
-            l.record_use("g_missing", "x").is_err(),
-            "events need a known grant"
-        );
+        assert!(l.record_use("g_missing", "x").is_err(), "events need a known grant");
     }
 
     #[test]
@@ -494,8 +446,7 @@ mod tests {
             l.insert(&grant("g_short", "deploy", t0, 1)).unwrap();
             l.insert(&grant("g_long", "deploy", t0, 3600)).unwrap();
             l.insert(&grant("g_rev", "deploy", t0, 1)).unwrap();
-            l.set_state("g_rev", GrantState::Revoked, "cli", t0)
-                .unwrap();
+            l.set_state("g_rev", GrantState::Revoked, "cli", t0).unwrap();
             assert!(l.expire_due(t0).unwrap().is_empty());
         }
         // "Daemon down" for a minute, then restart.
@@ -509,25 +460,15 @@ mod tests {
         let active: Vec<_> = l.active().unwrap().into_iter().map(|g| g.id).collect();
         assert_eq!(active, ["g_long"]);
         let ev = l.events("g_short").unwrap();
-        assert_eq!(
-            (ev[1].kind.as_str(), ev[1].time),
-            ("expired", exp[0].expires_at)
-        );
+        assert_eq!((ev[1].kind.as_str(), ev[1].time), ("expired", exp[0].expires_at));
 
         // Exactly at expires_at it is due (a use at expiry is already a violation).
         let g = l.get("g_long").unwrap().unwrap();
-        assert!(
-            l.expire_due(g.expires_at - chrono::Duration::nanoseconds(1))
-                .unwrap()
-                .is_empty()
-        );
+        assert!(l.expire_due(g.expires_at - chrono::Duration::nanoseconds(1)).unwrap().is_empty());
         assert_eq!(l.expire_due(g.expires_at).unwrap().len(), 1);
 
         let counts = l.count_by_state().unwrap();
-        assert_eq!(
-            counts,
-            vec![("expired".to_string(), 2), ("revoked".to_string(), 1)]
-        );
+        assert_eq!(counts, vec![("expired".to_string(), 2), ("revoked".to_string(), 1)]);
     }
 
     #[test]
@@ -537,13 +478,8 @@ mod tests {
         let t0 = Utc::now();
         for i in 0..5 {
             let intent = if i % 2 == 0 { "deploy" } else { "backup" };
-            l.insert(&grant(
-                &format!("g_{i}"),
-                intent,
-                t0 + chrono::Duration::seconds(i),
-                300,
-            ))
-            .unwrap();
+            l.insert(&grant(&format!("g_{i}"), intent, t0 + chrono::Duration::seconds(i), 300))
+                .unwrap();
         }
         l.set_state("g_4", GrantState::Revoked, "x", t0).unwrap();
         let ids = |v: Vec<Grant>| v.into_iter().map(|g| g.id).collect::<Vec<_>>();
@@ -553,20 +489,12 @@ mod tests {
             limit,
         };
         assert_eq!(ids(l.list(f(None, None, 2)).unwrap()), ["g_4", "g_3"]);
+        assert_eq!(ids(l.list(f(None, Some("deploy"), 0)).unwrap()), ["g_4", "g_2", "g_0"]);
         assert_eq!(
-            ids(l.list(f(None, Some("deploy"), 0)).unwrap()),
-            ["g_4", "g_2", "g_0"]
-        );
-        assert_eq!(
-            ids(l
-                .list(f(Some(GrantState::Active), Some("deploy"), 0))
-                .unwrap()),
+            ids(l.list(f(Some(GrantState::Active), Some("deploy"), 0)).unwrap()),
             ["g_2", "g_0"]
         );
-        assert_eq!(
-            ids(l.list(f(Some(GrantState::Revoked), None, 10)).unwrap()),
-            ["g_4"]
-        );
+        assert_eq!(ids(l.list(f(Some(GrantState::Revoked), None, 10)).unwrap()), ["g_4"]);
 
         // Injection attempts are just strange strings.
         let evil = "g_x'; DROP TABLE grants; --";
@@ -587,10 +515,7 @@ mod tests {
         let err = Ledger::open(&dir.path()).err().unwrap().to_string();
         assert!(err.contains("0644"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let err = format!("{:#}", Ledger::open(&dir.path()).err().unwrap());
         assert!(err.contains("newer"), "{err}");
     }
@@ -604,8 +529,7 @@ mod tests {
         let n = 2_000;
         let start = std::time::Instant::now();
         for i in 0..n {
-            l.insert(&grant(&format!("g_{i:026}"), "deploy", t0, 300))
-                .unwrap();
+            l.insert(&grant(&format!("g_{i:026}"), "deploy", t0, 300)).unwrap();
         }
         let el = start.elapsed();
         println!(

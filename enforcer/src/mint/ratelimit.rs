@@ -35,11 +35,7 @@ impl RateLimiter {
     /// a zero burst: those are programming errors, not input.
     pub fn new(per_second: f64, burst: u32) -> Self {
         assert!(per_second > 0.0 && burst >= 1, "invalid rate limit");
-        RateLimiter {
-            per_second,
-            burst: burst as f64,
-            buckets: HashMap::new(),
-        }
+        RateLimiter { per_second, burst: burst as f64, buckets: HashMap::new() }
     }
 
     /// Takes one token for `key` (uid, pid). Err carries how long until a token is available.
@@ -51,10 +47,7 @@ impl RateLimiter {
             self.evict(now);
         }
         let (rate, burst) = (self.per_second, self.burst);
-        let b = self.buckets.entry(key).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
+        let b = self.buckets.entry(key).or_insert(Bucket { tokens: burst, last: now });
         b.tokens = refill(b, rate, burst, now);
         // `last` never moves backwards, so an out-of-order `now` cannot mint tokens.
         b.last = b.last.max(now);
@@ -78,8 +71,7 @@ impl RateLimiter {
     /// keeps a flood of new keys from paying a full sweep each.
     fn evict(&mut self, now: Instant) {
         let (rate, burst) = (self.per_second, self.burst);
-        self.buckets
-            .retain(|_, b| refill(b, rate, burst, now) < burst);
+        self.buckets.retain(|_, b| refill(b, rate, burst, now) < burst);
         if self.buckets.len() >= MAX_KEYS {
             let mut by_age: Vec<(Instant, (u32, u32))> =
                 self.buckets.iter().map(|(k, b)| (b.last, *k)).collect();

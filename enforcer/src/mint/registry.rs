@@ -101,7 +101,15 @@ pub fn new_grant_id() -> String {
 }
 
 impl Registry {
-    pub fn new(maps: GrantMaps, ledger: Ledger, signer: Signer, issuer: String, changes: UnboundedSender<GrantChange>, policy: Arc<Config>, index: SecretIndex) -> Self {
+    pub fn new(
+        maps: GrantMaps,
+        ledger: Ledger,
+        signer: Signer,
+        issuer: String,
+        changes: UnboundedSender<GrantChange>,
+        policy: Arc<Config>,
+        index: SecretIndex,
+    ) -> Self {
         Registry {
             maps,
             ledger,
@@ -122,7 +130,11 @@ impl Registry {
     /// Records a use of grant `id` in the ledger (throttled to one entry a second).
     pub fn note_use(&mut self, id: &str, detail: &str) {
         let now = std::time::Instant::now();
-        if self.last_use.get(id).is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1)) {
+        if self
+            .last_use
+            .get(id)
+            .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1))
+        {
             return;
         }
         if self.last_use.len() > 20_000 {
@@ -147,7 +159,10 @@ impl Registry {
         }
         for (name, old) in &self.secret_nets {
             let Some(i) = self.index.by_name.get(name).copied() else { continue };
-            let keep: Vec<IpNet> = nets.get(name).map(|v: &Vec<(IpNet, u16, u16)>| v.iter().map(|n| n.0).collect()).unwrap_or_default();
+            let keep: Vec<IpNet> = nets
+                .get(name)
+                .map(|v: &Vec<(IpNet, u16, u16)>| v.iter().map(|n| n.0).collect())
+                .unwrap_or_default();
             let stale: Vec<IpNet> = old.iter().map(|n| n.0).filter(|n| !keep.contains(n)).collect();
             self.maps.remove_dests(enforcer_common::SECRET_SLOT_BASE + i, &stale);
         }
@@ -179,7 +194,12 @@ impl Registry {
                 secret: name,
             })
             .collect();
-        SubjectState { known: true, held: self.held_slots(&slots), taint, agent: pg.flags & proc_flags::AGENT != 0 }
+        SubjectState {
+            known: true,
+            held: self.held_slots(&slots),
+            taint,
+            agent: pg.flags & proc_flags::AGENT != 0,
+        }
     }
 
     pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
@@ -214,9 +234,18 @@ impl Registry {
     /// by the caller after this returns). Kernel maps first, ledger second: a grant is
     /// never recorded as issued without being enforceable.
     /// Builds and signs a grant; needs no lock (signing is the slowest step of an issue).
-    pub fn prepare(signer: &Signer, issuer: &str, intent: &Intent, subject: Subject, ttl: std::time::Duration, clamped: Option<String>) -> Result<Grant, ApiError> {
+    pub fn prepare(
+        signer: &Signer,
+        issuer: &str,
+        intent: &Intent,
+        subject: Subject,
+        ttl: std::time::Duration,
+        clamped: Option<String>,
+    ) -> Result<Grant, ApiError> {
         let now = Utc::now();
-        let expires_at = now + Duration::from_std(ttl).map_err(|_| ApiError::bad_request("invalid_ttl", "ttl out of range"))?;
+        let expires_at = now
+            + Duration::from_std(ttl)
+                .map_err(|_| ApiError::bad_request("invalid_ttl", "ttl out of range"))?;
         let mut grant = Grant {
             id: new_grant_id(),
             intent: intent.name.clone(),
@@ -229,12 +258,18 @@ impl Registry {
             token: String::new(),
             ttl_clamped_from: clamped,
         };
-        grant.token = signer.sign(&grant, issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
+        grant.token =
+            signer.sign(&grant, issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
         Ok(grant)
     }
 
     /// Makes a prepared grant live: kernel maps first, ledger second.
-    pub fn issue(&mut self, grant: Grant, intent: &Intent, nets: Vec<(IpNet, u16, u16)>) -> Result<(Grant, u32), ApiError> {
+    pub fn issue(
+        &mut self,
+        grant: Grant,
+        intent: &Intent,
+        nets: Vec<(IpNet, u16, u16)>,
+    ) -> Result<(Grant, u32), ApiError> {
         let expires_at = grant.expires_at;
         let slot = self.alloc_slot();
         let k = GrantKernel {
@@ -243,7 +278,9 @@ impl Registry {
             flags: if intent.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
             id_hash: id_hash(&grant.id),
         };
-        self.maps.put_grant(slot, boot_deadline(expires_at), &nets, k).map_err(|e| internal(format!("{e:#}")))?;
+        self.maps
+            .put_grant(slot, boot_deadline(expires_at), &nets, k)
+            .map_err(|e| internal(format!("{e:#}")))?;
         if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(ApiError::conflict("too_many_grants", format!("{e:#}")));
@@ -254,7 +291,17 @@ impl Registry {
             return Err(internal(format!("ledger: {e:#}")));
         }
         self.by_slot.insert(slot, grant.id.clone());
-        self.live.insert(grant.id.clone(), Live { grant: grant.clone(), slot, nets, members: 1, on_violation: intent.on_violation, revoke_on_violation: intent.revoke_on_violation });
+        self.live.insert(
+            grant.id.clone(),
+            Live {
+                grant: grant.clone(),
+                slot,
+                nets,
+                members: 1,
+                on_violation: intent.on_violation,
+                revoke_on_violation: intent.revoke_on_violation,
+            },
+        );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
         let _ = self.changes.send(GrantChange::Issued(grant.clone()));
         Ok((grant, slot))
@@ -266,19 +313,30 @@ impl Registry {
             self.maps.unbind(l.grant.subject.pid, l.slot);
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
-            let _ = self.ledger.set_state(id, GrantState::Revoked, "subject exited before binding completed", Utc::now());
+            let _ = self.ledger.set_state(
+                id,
+                GrantState::Revoked,
+                "subject exited before binding completed",
+                Utc::now(),
+            );
         }
     }
 
     pub fn revoke(&mut self, id: &str, reason: &str) -> Result<Grant, ApiError> {
         let Some(l) = self.live.get_mut(id) else {
             return match self.ledger.get(id) {
-                Ok(Some(g)) => Err(ApiError::conflict("not_active", format!("grant {id} is {}", g.state.as_str()))),
+                Ok(Some(g)) => Err(ApiError::conflict(
+                    "not_active",
+                    format!("grant {id} is {}", g.state.as_str()),
+                )),
                 _ => Err(ApiError::not_found("unknown_grant", format!("no grant {id}"))),
             };
         };
         if l.grant.state != GrantState::Active {
-            return Err(ApiError::conflict("not_active", format!("grant {id} is {}", l.grant.state.as_str())));
+            return Err(ApiError::conflict(
+                "not_active",
+                format!("grant {id} is {}", l.grant.state.as_str()),
+            ));
         }
         // Kernel first: from this instant no connect is allowed under it.
         self.maps.revoke(l.slot).map_err(|e| internal(format!("{e:#}")))?;
@@ -302,19 +360,29 @@ impl Registry {
     /// Marks every active grant past its deadline as expired (the kernel already treats
     /// it so; this records it and tells the event stream). Returns the next deadline.
     pub fn expire_due(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let due: Vec<String> = self.live.values().filter(|l| l.grant.state == GrantState::Active && l.grant.expires_at <= now).map(|l| l.grant.id.clone()).collect();
+        let due: Vec<String> = self
+            .live
+            .values()
+            .filter(|l| l.grant.state == GrantState::Active && l.grant.expires_at <= now)
+            .map(|l| l.grant.id.clone())
+            .collect();
         for id in due {
             if let Some(l) = self.live.get_mut(&id) {
                 l.grant.state = GrantState::Expired;
                 let g = l.grant.clone();
-                if let Err(e) = self.ledger.set_state(&id, GrantState::Expired, "ttl elapsed", now) {
+                if let Err(e) = self.ledger.set_state(&id, GrantState::Expired, "ttl elapsed", now)
+                {
                     tracing::error!("ledger: expire {id}: {e:#}");
                 }
                 let _ = self.changes.send(GrantChange::Expired(g));
             }
             self.reap(&id);
         }
-        self.live.values().filter(|l| l.grant.state == GrantState::Active).map(|l| l.grant.expires_at).min()
+        self.live
+            .values()
+            .filter(|l| l.grant.state == GrantState::Active)
+            .map(|l| l.grant.expires_at)
+            .min()
     }
 
     /// A process holding `slots` forked (the kernel already copied them to the child).
@@ -336,7 +404,12 @@ impl Registry {
                 if l.grant.state == GrantState::Active {
                     l.grant.state = GrantState::Ended;
                     let g = l.grant.clone();
-                    if let Err(e) = self.ledger.set_state(&id, GrantState::Ended, "subject subtree exited", Utc::now()) {
+                    if let Err(e) = self.ledger.set_state(
+                        &id,
+                        GrantState::Ended,
+                        "subject subtree exited",
+                        Utc::now(),
+                    ) {
                         tracing::error!("ledger: end {id}: {e:#}");
                     }
                     let _ = self.changes.send(GrantChange::Ended(g));
@@ -349,7 +422,10 @@ impl Registry {
     /// Drops a grant from memory and the kernel once nobody can use it any more: not
     /// active, and no live process holds it (holders keep getting expired/revoked verdicts).
     fn reap(&mut self, id: &str) {
-        let done = self.live.get(id).is_some_and(|l| l.grant.state != GrantState::Active && l.members == 0);
+        let done = self
+            .live
+            .get(id)
+            .is_some_and(|l| l.grant.state != GrantState::Active && l.members == 0);
         if done && let Some(l) = self.live.remove(id) {
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
@@ -392,14 +468,24 @@ impl Registry {
         }
         let mut restored = 0;
         if adopted {
-            let all = self.ledger.list(super::ledger::ListFilter { state: None, intent: None, limit: 0 })?;
-            let by_hash: HashMap<u64, Grant> = all.into_iter().map(|g| (id_hash(&g.id), g)).collect();
+            let all = self.ledger.list(super::ledger::ListFilter {
+                state: None,
+                intent: None,
+                limit: 0,
+            })?;
+            let by_hash: HashMap<u64, Grant> =
+                all.into_iter().map(|g| (id_hash(&g.id), g)).collect();
             for (slot, info) in self.maps.grants_in_kernel() {
                 self.next_slot = self.next_slot.max(slot.wrapping_add(1));
                 let Some(grant) = by_hash.get(&info.id_hash).cloned() else { continue };
                 let members = self.maps.holders(slot);
                 if grant.state == GrantState::Active && members == 0 {
-                    let _ = self.ledger.set_state(&grant.id, GrantState::Ended, "subject subtree exited while the daemon was down", now);
+                    let _ = self.ledger.set_state(
+                        &grant.id,
+                        GrantState::Ended,
+                        "subject subtree exited while the daemon was down",
+                        now,
+                    );
                     let _ = self.changes.send(GrantChange::Ended(grant));
                     continue;
                 }
@@ -407,7 +493,9 @@ impl Registry {
                 let nets = nets_of(&grant);
                 if grant.state == GrantState::Active {
                     restored += 1;
-                    self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
+                    self.next_deadline = Some(
+                        self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)),
+                    );
                 }
                 self.track(grant, slot, nets, members, intent.as_ref());
             }
@@ -418,7 +506,12 @@ impl Registry {
             }
             let alive = crate::proc::start_ns(grant.subject.pid) == Some(grant.subject.start_ns);
             if !alive {
-                let _ = self.ledger.set_state(&grant.id, GrantState::Ended, "subject exited while the daemon was down", now);
+                let _ = self.ledger.set_state(
+                    &grant.id,
+                    GrantState::Ended,
+                    "subject exited while the daemon was down",
+                    now,
+                );
                 let _ = self.changes.send(GrantChange::Ended(grant));
                 continue;
             }
@@ -428,7 +521,11 @@ impl Registry {
             let k = GrantKernel {
                 secrets: self.index.bits(&grant.secrets),
                 action: action_code(intent.as_ref().map(|i| i.on_violation).unwrap_or_default()),
-                flags: if intent.as_ref().is_some_and(|i| i.revoke_on_violation) { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
+                flags: if intent.as_ref().is_some_and(|i| i.revoke_on_violation) {
+                    grant_flags::REVOKE_ON_VIOLATION
+                } else {
+                    0
+                },
                 id_hash: id_hash(&grant.id),
             };
             self.maps.put_grant(slot, boot_deadline(grant.expires_at), &nets, k)?;
@@ -439,7 +536,8 @@ impl Registry {
                     members += 1;
                 }
             }
-            self.next_deadline = Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
+            self.next_deadline =
+                Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
             self.track(grant, slot, nets, members, intent.as_ref());
             restored += 1;
         }
@@ -449,7 +547,14 @@ impl Registry {
 
 impl Registry {
     /// Keeps a restored grant in memory under its kernel slot.
-    fn track(&mut self, grant: Grant, slot: u32, nets: Vec<(IpNet, u16, u16)>, members: u32, intent: Option<&Intent>) {
+    fn track(
+        &mut self,
+        grant: Grant,
+        slot: u32,
+        nets: Vec<(IpNet, u16, u16)>,
+        members: u32,
+        intent: Option<&Intent>,
+    ) {
         self.by_slot.insert(slot, grant.id.clone());
         let live = Live {
             on_violation: intent.map(|i| i.on_violation).unwrap_or_default(),
@@ -465,6 +570,7 @@ impl Registry {
 
 /// Resolves a stored grant's destination strings again (for restore).
 pub fn nets_of(grant: &Grant) -> Vec<(IpNet, u16, u16)> {
-    let dests: Vec<Destination> = grant.destinations.iter().filter_map(|d| d.parse().ok()).collect();
+    let dests: Vec<Destination> =
+        grant.destinations.iter().filter_map(|d| d.parse().ok()).collect();
     resolve_destinations(&dests)
 }

@@ -39,11 +39,7 @@ pub struct ApiError {
 #[allow(dead_code)]
 impl ApiError {
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(400, code, message)
@@ -94,20 +90,14 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
     if body.len() > MAX_BODY {
         return Err(ApiError::too_large(
             "body_too_large",
-            format!(
-                "request body is {} bytes; the limit is {MAX_BODY}",
-                body.len()
-            ),
+            format!("request body is {} bytes; the limit is {MAX_BODY}", body.len()),
         ));
     }
     // First pass: syntax (serde_json enforces UTF-8 and a nesting limit of 128, so deep nesting
     // is an error, not a stack overflow). An array would also satisfy the derived struct visitor,
     // hence the explicit object check.
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {e}"),
-        )
+        ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {e}"))
     })?;
     if !value.is_object() {
         return Err(ApiError::bad_request(
@@ -121,10 +111,7 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
     let intent = match raw.intent {
         Some(Value::String(s)) if !s.is_empty() => s,
         Some(Value::String(_)) | None => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "`intent` is required",
-            ));
+            return Err(ApiError::bad_request("invalid_request", "`intent` is required"));
         }
         Some(v) => {
             return Err(ApiError::bad_request(
@@ -160,10 +147,7 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
         Some(v) => {
             return Err(ApiError::bad_request(
                 "invalid_ttl",
-                format!(
-                    "invalid ttl {}: give a string such as \"5m\"",
-                    echo(&v.to_string())
-                ),
+                format!("invalid ttl {}: give a string such as \"5m\"", echo(&v.to_string())),
             ));
         }
     };
@@ -179,10 +163,7 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
 /// "every process" to kill(2).
 fn parse_pid(v: &Value) -> Result<u32, ApiError> {
     let bad = |why: &str| {
-        ApiError::bad_request(
-            "invalid_pid",
-            format!("invalid pid {}: {why}", echo(&v.to_string())),
-        )
+        ApiError::bad_request("invalid_pid", format!("invalid pid {}: {why}", echo(&v.to_string())))
     };
     match v.as_u64() {
         Some(0) => Err(bad("must be a positive integer")),
@@ -196,8 +177,7 @@ fn parse_pid(v: &Value) -> Result<u32, ApiError> {
 /// paths, logs and token claims.
 pub fn valid_intent_name(s: &str) -> bool {
     (1..=MAX_INTENT_LEN).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -251,12 +231,7 @@ mod tests {
     fn good_bodies() {
         let cases: &[(&str, &str, Option<u64>, Option<u32>)] = &[
             (r#"{"intent":"deploy"}"#, "deploy", None, None),
-            (
-                r#"{"intent":"deploy","ttl":"5m"}"#,
-                "deploy",
-                Some(300),
-                None,
-            ),
+            (r#"{"intent":"deploy","ttl":"5m"}"#, "deploy", Some(300), None),
             (
                 r#" {"pid": 123, "intent": "a.b_c-D9", "ttl": "1h 30m"} "#,
                 "a.b_c-D9",
@@ -264,12 +239,7 @@ mod tests {
                 Some(123),
             ),
             (r#"{"intent":"x","ttl":null,"pid":null}"#, "x", None, None),
-            (
-                r#"{"intent":"x","pid":2147483647}"#,
-                "x",
-                None,
-                Some(i32::MAX as u32),
-            ),
+            (r#"{"intent":"x","pid":2147483647}"#, "x", None, Some(i32::MAX as u32)),
             ("{\n\"intent\":\"x\"\n}", "x", None, None),
         ];
         for (body, intent, ttl, pid) in cases {
@@ -284,11 +254,8 @@ mod tests {
 
     #[test]
     fn bad_bodies() {
-        let deep = format!(
-            r#"{{"intent":"x","ttl":{}{}}}"#,
-            "[".repeat(10_000),
-            "]".repeat(10_000)
-        );
+        let deep =
+            format!(r#"{{"intent":"x","ttl":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
         let long = format!(r#"{{"intent":"{}"}}"#, "a".repeat(129));
         let cases: Vec<(&[u8], u16, &str)> = vec![
             (b"", 400, "malformed_json"),
@@ -318,22 +285,14 @@ mod tests {
             (br#"{"intent":"x","ttl":""}"#, 400, "invalid_ttl"),
             (br#"{"intent":"x","ttl":"5 parsecs"}"#, 400, "invalid_ttl"),
             (br#"{"intent":"x","ttl":300}"#, 400, "invalid_ttl"),
-            (
-                br#"{"intent":"x","ttl":"99999999999999999999999h"}"#,
-                400,
-                "invalid_ttl",
-            ),
+            (br#"{"intent":"x","ttl":"99999999999999999999999h"}"#, 400, "invalid_ttl"),
             (br#"{"intent":"x","pid":0}"#, 400, "invalid_pid"),
             (br#"{"intent":"x","pid":-1}"#, 400, "invalid_pid"),
             (br#"{"intent":"x","pid":1.5}"#, 400, "invalid_pid"),
             (br#"{"intent":"x","pid":"123"}"#, 400, "invalid_pid"),
             (br#"{"intent":"x","pid":4294967296}"#, 400, "invalid_pid"),
             (br#"{"intent":"x","pid":2147483648}"#, 400, "invalid_pid"),
-            (
-                br#"{"intent":"x","pid":99999999999999999999999999}"#,
-                400,
-                "invalid_pid",
-            ),
+            (br#"{"intent":"x","pid":99999999999999999999999999}"#, 400, "invalid_pid"),
         ];
         for (body, status, code) in cases {
             let e = parse(body).expect_err(&String::from_utf8_lossy(body));
@@ -397,24 +356,15 @@ mod tests {
     fn ttl_resolution() {
         let i = intent(900, 300);
         assert_eq!(resolve_ttl(&i, None), (Duration::from_secs(300), None));
-        assert_eq!(
-            resolve_ttl(&i, Some(Duration::from_secs(60))),
-            (Duration::from_secs(60), None)
-        );
+        assert_eq!(resolve_ttl(&i, Some(Duration::from_secs(60))), (Duration::from_secs(60), None));
         assert_eq!(
             resolve_ttl(&i, Some(Duration::from_secs(900))),
             (Duration::from_secs(900), None)
         );
         let (d, note) = resolve_ttl(&i, Some(Duration::from_secs(7200)));
         assert_eq!(d, Duration::from_secs(900));
-        assert_eq!(
-            note.as_deref(),
-            Some("requested 2h, clamped to intent max_ttl 15m")
-        );
+        assert_eq!(note.as_deref(), Some("requested 2h, clamped to intent max_ttl 15m"));
         // A default above max never widens.
-        assert_eq!(
-            resolve_ttl(&intent(60, 300), None).0,
-            Duration::from_secs(60)
-        );
+        assert_eq!(resolve_ttl(&intent(60, 300), None).0, Duration::from_secs(60));
     }
 }

@@ -116,9 +116,7 @@ pub struct Signer {
 // By hand so the seed can never end up in a log line.
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("kid", &self.kid)
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive()
     }
 }
 
@@ -176,9 +174,7 @@ impl Signer {
 
     fn from_file(mut file: File, path: &Path) -> anyhow::Result<Signer> {
         // fstat the handle we read from, so the checked file is the used file.
-        let meta = file
-            .metadata()
-            .with_context(|| format!("stat {}", path.display()))?;
+        let meta = file.metadata().with_context(|| format!("stat {}", path.display()))?;
         if !meta.file_type().is_file() {
             bail!("signing key {} is not a regular file", path.display());
         }
@@ -253,11 +249,7 @@ impl Signer {
             iat: grant.issued_at.timestamp(),
             exp: grant.expires_at.timestamp(),
         };
-        let header = HeaderOut {
-            alg: ALG,
-            typ: "JWT",
-            kid: &self.kid,
-        };
+        let header = HeaderOut { alg: ALG, typ: "JWT", kid: &self.kid };
         let mut out = B64.encode(serde_json::to_vec(&header)?);
         out.push('.');
         out.push_str(&B64.encode(serde_json::to_vec(&claims)?));
@@ -266,10 +258,7 @@ impl Signer {
         out.push_str(&B64.encode(sig.to_bytes()));
         if out.len() > MAX_TOKEN_BYTES {
             // Our own verifier would reject it: fail at issue time, not at check time.
-            bail!(
-                "grant token would be {} bytes, over {MAX_TOKEN_BYTES}",
-                out.len()
-            );
+            bail!("grant token would be {} bytes, over {MAX_TOKEN_BYTES}", out.len());
         }
         Ok(out)
     }
@@ -290,9 +279,7 @@ pub fn verify_with_jwk(
     let header = parse_header(header_b64)?;
     let jwk = match jwk.get("keys") {
         Some(keys) => {
-            let keys = keys
-                .as_array()
-                .ok_or_else(|| bad_key("\"keys\" is not an array"))?;
+            let keys = keys.as_array().ok_or_else(|| bad_key("\"keys\" is not an array"))?;
             let want = header.kid.as_deref().unwrap_or_default();
             keys.iter()
                 .find(|k| k.get("kid").and_then(|v| v.as_str()) == Some(want))
@@ -310,15 +297,10 @@ pub fn verify_with_jwk(
     let x = B64
         .decode(field("x").ok_or_else(|| bad_key("missing \"x\""))?)
         .map_err(|_| bad_key("\"x\" is not base64url"))?;
-    let x: [u8; 32] = x
-        .as_slice()
-        .try_into()
-        .map_err(|_| bad_key("\"x\" is not 32 bytes"))?;
+    let x: [u8; 32] = x.as_slice().try_into().map_err(|_| bad_key("\"x\" is not 32 bytes"))?;
     let key = VerifyingKey::from_bytes(&x).map_err(|_| bad_key("\"x\" is not a curve point"))?;
     // A JWK without a kid is trusted under the kid we would have given it.
-    let kid = field("kid")
-        .map(str::to_owned)
-        .unwrap_or_else(|| kid_of(&key));
+    let kid = field("kid").map(str::to_owned).unwrap_or_else(|| kid_of(&key));
     verify_with_key(token, &key, &kid, now)
 }
 
@@ -333,10 +315,7 @@ fn kid_of(key: &VerifyingKey) -> String {
 
 /// Opens an existing file without following a symlink planted at the key path.
 fn open_existing(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
 }
 
 /// Returns the (header, signature) parts, after the size and shape checks.
@@ -349,25 +328,19 @@ fn split(token: &str) -> Result<(&str, &str), TokenError> {
         (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() && !s.is_empty() => {
             Ok((h, s))
         }
-        _ => Err(TokenError::Malformed(
-            "expected three non-empty dot-separated parts",
-        )),
+        _ => Err(TokenError::Malformed("expected three non-empty dot-separated parts")),
     }
 }
 
 fn parse_header(header_b64: &str) -> Result<HeaderIn, TokenError> {
-    let raw = B64
-        .decode(header_b64)
-        .map_err(|_| TokenError::BadBase64("header"))?;
+    let raw = B64.decode(header_b64).map_err(|_| TokenError::BadBase64("header"))?;
     let header: HeaderIn =
         serde_json::from_slice(&raw).map_err(|e| TokenError::BadJson("header", e.to_string()))?;
     if header.alg != ALG {
         return Err(TokenError::UnsupportedAlg(header.alg));
     }
     if header.crit.is_some() {
-        return Err(TokenError::Malformed(
-            "header has unsupported \"crit\" extensions",
-        ));
+        return Err(TokenError::Malformed("header has unsupported \"crit\" extensions"));
     }
     Ok(header)
 }
@@ -386,18 +359,13 @@ fn verify_with_key(
     if header.kid.as_deref() != Some(kid) {
         return Err(TokenError::UnknownKid(header.kid.unwrap_or_default()));
     }
-    let sig = B64
-        .decode(sig_b64)
-        .map_err(|_| TokenError::BadBase64("signature"))?;
+    let sig = B64.decode(sig_b64).map_err(|_| TokenError::BadBase64("signature"))?;
     let sig = Signature::from_slice(&sig).map_err(|_| TokenError::BadSignature)?;
     // verify_strict: rejects small-order keys and non-canonical signatures, so one message has
     // exactly one valid token encoding.
-    key.verify_strict(signing_input.as_bytes(), &sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    key.verify_strict(signing_input.as_bytes(), &sig).map_err(|_| TokenError::BadSignature)?;
     // Only signed bytes are parsed past this point.
-    let raw = B64
-        .decode(payload_b64)
-        .map_err(|_| TokenError::BadBase64("payload"))?;
+    let raw = B64.decode(payload_b64).map_err(|_| TokenError::BadBase64("payload"))?;
     let claims: Claims =
         serde_json::from_slice(&raw).map_err(|e| TokenError::BadJson("payload", e.to_string()))?;
     // Valid while now < exp (RFC 7519 §4.1.4).
@@ -468,23 +436,10 @@ mod tests {
         // Header as specified.
         let h: serde_json::Value =
             serde_json::from_slice(&B64.decode(tok.split('.').next().unwrap()).unwrap()).unwrap();
-        assert_eq!(
-            h,
-            serde_json::json!({"alg":"EdDSA","typ":"JWT","kid":signer.kid()})
-        );
+        assert_eq!(h, serde_json::json!({"alg":"EdDSA","typ":"JWT","kid":signer.kid()}));
         // Same result through the published keys, as a JWK and as a JWKS.
-        assert_eq!(
-            verify_with_jwk(&tok, &signer.jwk(), Utc::now())
-                .unwrap()
-                .claims,
-            c
-        );
-        assert_eq!(
-            verify_with_jwk(&tok, &signer.jwks(), Utc::now())
-                .unwrap()
-                .claims,
-            c
-        );
+        assert_eq!(verify_with_jwk(&tok, &signer.jwk(), Utc::now()).unwrap().claims, c);
+        assert_eq!(verify_with_jwk(&tok, &signer.jwks(), Utc::now()).unwrap().claims, c);
         let jwk = signer.jwk();
         assert_eq!(jwk["kty"], "OKP");
         assert_eq!(jwk["crv"], "Ed25519");
@@ -499,10 +454,7 @@ mod tests {
             serde_json::from_slice(&B64.decode(parts[1]).unwrap()).unwrap();
         claims["exp"] = serde_json::json!(9_999_999_999i64);
         let forged = format!("{}.{}.{}", parts[0], b64json(&claims), parts[2]);
-        assert_eq!(
-            signer.verify(&forged, Utc::now()),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(signer.verify(&forged, Utc::now()), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -512,16 +464,10 @@ mod tests {
         for alg in ["none", "HS256", "ES256", "eddsa"] {
             let h = b64json(&serde_json::json!({"alg":alg,"typ":"JWT","kid":signer.kid()}));
             // Unsigned form, and with the original signature kept.
-            for forged in [
-                format!("{h}.{}.", parts[1]),
-                format!("{h}.{}.{}", parts[1], parts[2]),
-            ] {
+            for forged in [format!("{h}.{}.", parts[1]), format!("{h}.{}.{}", parts[1], parts[2])] {
                 let err = signer.verify(&forged, Utc::now()).unwrap_err();
                 assert!(
-                    matches!(
-                        err,
-                        TokenError::UnsupportedAlg(_) | TokenError::Malformed(_)
-                    ),
+                    matches!(err, TokenError::UnsupportedAlg(_) | TokenError::Malformed(_)),
                     "{alg}: {err:?}"
                 );
             }
@@ -533,10 +479,7 @@ mod tests {
         }
         let crit = b64json(&serde_json::json!({"alg":"EdDSA","kid":signer.kid(),"crit":["x"]}));
         let forged = format!("{crit}.{}.{}", parts[1], parts[2]);
-        assert!(matches!(
-            signer.verify(&forged, Utc::now()),
-            Err(TokenError::Malformed(_))
-        ));
+        assert!(matches!(signer.verify(&forged, Utc::now()), Err(TokenError::Malformed(_))));
     }
 
     #[test]
@@ -544,10 +487,7 @@ mod tests {
         let (_d, _signer, _g, tok) = setup();
         let other_dir = scratch();
         let other = Signer::load_or_create(&other_dir.path()).unwrap();
-        assert!(matches!(
-            other.verify(&tok, Utc::now()),
-            Err(TokenError::UnknownKid(_))
-        ));
+        assert!(matches!(other.verify(&tok, Utc::now()), Err(TokenError::UnknownKid(_))));
         assert!(matches!(
             verify_with_jwk(&tok, &other.jwks(), Utc::now()),
             Err(TokenError::UnknownKid(_))
@@ -555,10 +495,7 @@ mod tests {
         // The other key published under the right kid: the signature is what fails.
         let mut jwk = other.jwk();
         jwk["kid"] = serde_json::json!(_signer.kid());
-        assert_eq!(
-            verify_with_jwk(&tok, &jwk, Utc::now()),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(verify_with_jwk(&tok, &jwk, Utc::now()), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -568,57 +505,28 @@ mod tests {
         let truncated = &tok[..tok.len() - 10];
         assert_eq!(signer.verify(truncated, now), Err(TokenError::BadSignature));
         let two_parts = &tok[..tok.rfind('.').unwrap()];
-        assert!(matches!(
-            signer.verify(two_parts, now),
-            Err(TokenError::Malformed(_))
-        ));
-        assert!(matches!(
-            signer.verify("", now),
-            Err(TokenError::Malformed(_))
-        ));
-        assert!(matches!(
-            signer.verify(&format!("{tok}.x"), now),
-            Err(TokenError::Malformed(_))
-        ));
+        assert!(matches!(signer.verify(two_parts, now), Err(TokenError::Malformed(_))));
+        assert!(matches!(signer.verify("", now), Err(TokenError::Malformed(_))));
+        assert!(matches!(signer.verify(&format!("{tok}.x"), now), Err(TokenError::Malformed(_))));
         let bad_b64 = format!("{}!{}", &tok[..5], &tok[6..]);
-        assert_eq!(
-            signer.verify(&bad_b64, now),
-            Err(TokenError::BadBase64("header"))
-        );
-        let not_json = format!(
-            "{}.{}",
-            B64.encode(b"{nope"),
-            tok.split_once('.').unwrap().1
-        );
-        assert!(matches!(
-            signer.verify(&not_json, now),
-            Err(TokenError::BadJson("header", _))
-        ));
+        assert_eq!(signer.verify(&bad_b64, now), Err(TokenError::BadBase64("header")));
+        let not_json = format!("{}.{}", B64.encode(b"{nope"), tok.split_once('.').unwrap().1);
+        assert!(matches!(signer.verify(&not_json, now), Err(TokenError::BadJson("header", _))));
         let huge = format!("{tok}{}", "A".repeat(MAX_TOKEN_BYTES));
-        assert_eq!(
-            signer.verify(&huge, now),
-            Err(TokenError::TooLarge(huge.len()))
-        );
+        assert_eq!(signer.verify(&huge, now), Err(TokenError::TooLarge(huge.len())));
         assert_eq!(TokenError::TooLarge(1).code(), "too_large");
     }
 
     #[test]
     fn expired_flagged_not_rejected() {
         let (_d, signer, g, tok) = setup();
-        let v = signer
-            .verify(&tok, g.expires_at + chrono::Duration::minutes(3))
-            .unwrap();
+        let v = signer.verify(&tok, g.expires_at + chrono::Duration::minutes(3)).unwrap();
         assert!(v.expired);
         assert_eq!(v.claims.jti, g.id);
         // Exactly at exp it is already expired; a second before, not.
         let exp = DateTime::from_timestamp(v.claims.exp, 0).unwrap();
         assert!(signer.verify(&tok, exp).unwrap().expired);
-        assert!(
-            !signer
-                .verify(&tok, exp - chrono::Duration::seconds(1))
-                .unwrap()
-                .expired
-        );
+        assert!(!signer.verify(&tok, exp - chrono::Duration::seconds(1)).unwrap().expired);
     }
 
     #[test]

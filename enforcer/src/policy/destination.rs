@@ -18,10 +18,7 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ANY: PortRange = PortRange {
-        lo: 0,
-        hi: u16::MAX,
-    };
+    pub const ANY: PortRange = PortRange { lo: 0, hi: u16::MAX };
 
     pub fn single(port: u16) -> Self {
         PortRange { lo: port, hi: port }
@@ -67,9 +64,7 @@ impl FromStr for PortRange {
             }
         };
         if lo > hi {
-            return Err(format!(
-                "port range `{s}` is reversed (low port above high port)"
-            ));
+            return Err(format!("port range `{s}` is reversed (low port above high port)"));
         }
         Ok(PortRange { lo, hi })
     }
@@ -157,28 +152,18 @@ impl FromStr for Destination {
             0 => (t, PortRange::ANY),
             1 => {
                 let (host, ports) = t.split_once(':').expect("one colon");
-                (
-                    host,
-                    ports
-                        .parse()
-                        .map_err(|e| format!("invalid destination `{t}`: {e}"))?,
-                )
+                (host, ports.parse().map_err(|e| format!("invalid destination `{t}`: {e}"))?)
             }
             // Several colons and no brackets: a bare IPv6 address or network, any port.
             _ => {
                 let net = parse_net(t).map_err(|e| {
                     format!("invalid destination `{t}`: {e} (write an IPv6 address with a port as `[2001:db8::1]:443`)")
                 })?;
-                return Ok(Destination::Cidr {
-                    net,
-                    ports: PortRange::ANY,
-                });
+                return Ok(Destination::Cidr { net, ports: PortRange::ANY });
             }
         };
         if host.is_empty() {
-            return Err(format!(
-                "invalid destination `{t}`: missing address or name before `:`"
-            ));
+            return Err(format!("invalid destination `{t}`: missing address or name before `:`"));
         }
         if host.contains('/') || host.parse::<IpAddr>().is_ok() {
             let net = parse_net(host).map_err(|e| format!("invalid destination `{t}`: {e}"))?;
@@ -194,26 +179,18 @@ impl FromStr for Destination {
 fn parse_net(s: &str) -> Result<IpNet, String> {
     let net = match s.split_once('/') {
         Some((addr, prefix)) => {
-            let ip: IpAddr = addr
-                .parse()
-                .map_err(|_| format!("invalid IP address `{addr}`"))?;
+            let ip: IpAddr = addr.parse().map_err(|_| format!("invalid IP address `{addr}`"))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let len: u8 = prefix.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
                 format!("invalid prefix length `/{prefix}` (0-{max} for this address)")
             })?;
             let net = IpNet::new(ip, len).expect("prefix length checked");
             if net.trunc() != net {
-                return Err(format!(
-                    "`{s}` has host bits set; the network is `{}`",
-                    net.trunc()
-                ));
+                return Err(format!("`{s}` has host bits set; the network is `{}`", net.trunc()));
             }
             net
         }
-        None => IpNet::from(
-            s.parse::<IpAddr>()
-                .map_err(|_| format!("invalid IP address `{s}`"))?,
-        ),
+        None => IpNet::from(s.parse::<IpAddr>().map_err(|_| format!("invalid IP address `{s}`"))?),
     };
     Ok(canonical_net(net))
 }
@@ -243,9 +220,7 @@ fn parse_dns_name(host: &str) -> Result<String, String> {
     }
     for label in rest.split('.') {
         let ok = (1..=63).contains(&label.len())
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -253,11 +228,7 @@ fn parse_dns_name(host: &str) -> Result<String, String> {
         }
     }
     // An all-numeric last label is a mistyped IPv4 address (`300.1.1.1`, `10.0.0`), not a name.
-    if rest
-        .rsplit('.')
-        .next()
-        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if rest.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
         return Err(format!("invalid IP address `{host}`"));
     }
     Ok(name)
@@ -266,10 +237,9 @@ fn parse_dns_name(host: &str) -> Result<String, String> {
 impl fmt::Display for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Destination::Cidr {
-                net: net @ IpNet::V6(_),
-                ports,
-            } if !ports.is_any() => write!(f, "[{net}]:{ports}"),
+            Destination::Cidr { net: net @ IpNet::V6(_), ports } if !ports.is_any() => {
+                write!(f, "[{net}]:{ports}")
+            }
             Destination::Cidr { net, ports } if !ports.is_any() => write!(f, "{net}:{ports}"),
             Destination::Cidr { net, .. } => write!(f, "{net}"),
             Destination::Dns { name, ports } if !ports.is_any() => write!(f, "{name}:{ports}"),
@@ -297,82 +267,32 @@ mod tests {
     use super::*;
 
     fn cidr(net: &str, lo: u16, hi: u16) -> Destination {
-        Destination::Cidr {
-            net: net.parse().unwrap(),
-            ports: PortRange { lo, hi },
-        }
+        Destination::Cidr { net: net.parse().unwrap(), ports: PortRange { lo, hi } }
     }
 
     fn dns(name: &str, lo: u16, hi: u16) -> Destination {
-        Destination::Dns {
-            name: name.into(),
-            ports: PortRange { lo, hi },
-        }
+        Destination::Dns { name: name.into(), ports: PortRange { lo, hi } }
     }
 
     #[test]
     fn good_destinations() {
         let cases = [
-            (
-                "192.0.2.10/32:443",
-                cidr("192.0.2.10/32", 443, 443),
-                "192.0.2.10/32:443",
-            ),
-            (
-                "192.0.2.10:443",
-                cidr("192.0.2.10/32", 443, 443),
-                "192.0.2.10/32:443",
-            ),
-            (
-                "10.0.0.0/8:1000-2000",
-                cidr("10.0.0.0/8", 1000, 2000),
-                "10.0.0.0/8:1000-2000",
-            ),
+            ("192.0.2.10/32:443", cidr("192.0.2.10/32", 443, 443), "192.0.2.10/32:443"),
+            ("192.0.2.10:443", cidr("192.0.2.10/32", 443, 443), "192.0.2.10/32:443"),
+            ("10.0.0.0/8:1000-2000", cidr("10.0.0.0/8", 1000, 2000), "10.0.0.0/8:1000-2000"),
             ("10.0.0.0/8", cidr("10.0.0.0/8", 0, 65535), "10.0.0.0/8"),
             ("10.0.0.0/8:any", cidr("10.0.0.0/8", 0, 65535), "10.0.0.0/8"),
             ("0.0.0.0/0:53", cidr("0.0.0.0/0", 53, 53), "0.0.0.0/0:53"),
-            (
-                "192.0.2.10",
-                cidr("192.0.2.10/32", 0, 65535),
-                "192.0.2.10/32",
-            ),
-            (
-                "[2001:db8::/32]:443",
-                cidr("2001:db8::/32", 443, 443),
-                "[2001:db8::/32]:443",
-            ),
+            ("192.0.2.10", cidr("192.0.2.10/32", 0, 65535), "192.0.2.10/32"),
+            ("[2001:db8::/32]:443", cidr("2001:db8::/32", 443, 443), "[2001:db8::/32]:443"),
             ("[::1]:8080", cidr("::1/128", 8080, 8080), "[::1/128]:8080"),
             ("::1", cidr("::1/128", 0, 65535), "::1/128"),
-            (
-                "2001:db8::/32",
-                cidr("2001:db8::/32", 0, 65535),
-                "2001:db8::/32",
-            ),
-            (
-                "[2001:db8::1]",
-                cidr("2001:db8::1/128", 0, 65535),
-                "2001:db8::1/128",
-            ),
-            (
-                "[::ffff:192.0.2.10]:443",
-                cidr("192.0.2.10/32", 443, 443),
-                "192.0.2.10/32:443",
-            ),
-            (
-                "::ffff:10.0.0.0/104",
-                cidr("10.0.0.0/8", 0, 65535),
-                "10.0.0.0/8",
-            ),
-            (
-                "deploy.internal:443",
-                dns("deploy.internal", 443, 443),
-                "deploy.internal:443",
-            ),
-            (
-                "*.example.com:443",
-                dns("*.example.com", 443, 443),
-                "*.example.com:443",
-            ),
+            ("2001:db8::/32", cidr("2001:db8::/32", 0, 65535), "2001:db8::/32"),
+            ("[2001:db8::1]", cidr("2001:db8::1/128", 0, 65535), "2001:db8::1/128"),
+            ("[::ffff:192.0.2.10]:443", cidr("192.0.2.10/32", 443, 443), "192.0.2.10/32:443"),
+            ("::ffff:10.0.0.0/104", cidr("10.0.0.0/8", 0, 65535), "10.0.0.0/8"),
+            ("deploy.internal:443", dns("deploy.internal", 443, 443), "deploy.internal:443"),
+            ("*.example.com:443", dns("*.example.com", 443, 443), "*.example.com:443"),
             (
                 "API.Example.COM.:8000-8100",
                 dns("api.example.com", 8000, 8100),
@@ -384,11 +304,7 @@ mod tests {
                 dns("registry.npmjs.org", 443, 443),
                 "registry.npmjs.org:443",
             ),
-            (
-                "1.2.3.4:65535",
-                cidr("1.2.3.4/32", 65535, 65535),
-                "1.2.3.4/32:65535",
-            ),
+            ("1.2.3.4:65535", cidr("1.2.3.4/32", 65535, 65535), "1.2.3.4/32:65535"),
         ];
         for (input, want, shown) in cases {
             let got: Destination = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));

@@ -15,11 +15,7 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.col, self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
     }
 }
 
@@ -92,12 +88,7 @@ impl Collector {
                 .map(|(file, offset, message)| {
                     let src = &self.sources[file];
                     let (line, col) = line_col(&src.text, offset);
-                    Diagnostic {
-                        file: src.name.clone(),
-                        line,
-                        col,
-                        message,
-                    }
+                    Diagnostic { file: src.name.clone(), line, col, message }
                 })
                 .collect(),
         )

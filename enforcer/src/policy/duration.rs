@@ -44,24 +44,10 @@ mod tests {
 
     #[test]
     fn bad_durations() {
-        for s in [
-            "",
-            "  ",
-            "0s",
-            "0",
-            "5",
-            "abc",
-            "5 parsecs",
-            "-5m",
-            "5m garbage",
-        ] {
+        for s in ["", "  ", "0s", "0", "5", "abc", "5 parsecs", "-5m", "5m garbage"] {
             assert!(parse_duration(s).is_err(), "{s:?} should be rejected");
         }
-        assert!(
-            parse_duration("0s")
-                .unwrap_err()
-                .contains("greater than zero")
-        );
+        assert!(parse_duration("0s").unwrap_err().contains("greater than zero"));
     }
 
     #[test]

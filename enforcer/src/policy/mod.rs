@@ -74,11 +74,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
 
 fn embedded(loader: &mut Loader) -> (Option<Settings>, String) {
     (
-        loader.config(
-            EMBEDDED_SOURCE.into(),
-            DEFAULT_TOML.into(),
-            Origin::Embedded,
-        ),
+        loader.config(EMBEDDED_SOURCE.into(), DEFAULT_TOML.into(), Origin::Embedded),
         EMBEDDED_SOURCE.into(),
     )
 }

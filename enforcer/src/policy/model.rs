@@ -134,11 +134,8 @@ impl Secret {
 fn home_dirs() -> Vec<PathBuf> {
     let mut homes = vec![PathBuf::from("/root")];
     if let Ok(entries) = std::fs::read_dir("/home") {
-        let mut users: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
+        let mut users: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
         users.sort();
         homes.extend(users);
     }
@@ -239,10 +236,7 @@ impl AgentSelector {
     ) -> bool {
         self.exe.as_deref().is_none_or(|e| e == exe)
             && self.uid.is_none_or(|u| u == uid)
-            && self
-                .cgroup
-                .as_deref()
-                .is_none_or(|c| Path::new(cgroup).starts_with(c))
+            && self.cgroup.as_deref().is_none_or(|c| Path::new(cgroup).starts_with(c))
             && self
                 .exe_sha256
                 .as_deref()

@@ -157,14 +157,7 @@ impl Loader {
         let file = self.diags.add_source(name, text);
         let raw: RawConfig = self.deserialize(file, false)?;
         let settings = self.settings(file, &raw, origin);
-        self.policy(
-            file,
-            RawPolicy {
-                secret: raw.secret,
-                intent: raw.intent,
-                agent: raw.agent,
-            },
-        );
+        self.policy(file, RawPolicy { secret: raw.secret, intent: raw.intent, agent: raw.agent });
         Some(settings)
     }
 
@@ -179,8 +172,7 @@ impl Loader {
     /// A file that could not be read: reported at its first line.
     pub fn unreadable(&mut self, name: String, err: &std::io::Error) {
         let file = self.diags.add_source(name, String::new());
-        self.diags
-            .error(file, 0..0, format!("cannot read file: {err}"));
+        self.diags.error(file, 0..0, format!("cannot read file: {err}"));
         self.incomplete = true;
     }
 
@@ -219,9 +211,9 @@ impl Loader {
         };
         let policy_dir = match (&raw.policy_dir, config_dir) {
             // Relative to the config file, like `policy.d` itself, not to the daemon's cwd.
-            (Some(p), dir) => self
-                .non_empty(file, "policy_dir", p)
-                .map(|p| dir.unwrap_or(Path::new("")).join(p)),
+            (Some(p), dir) => {
+                self.non_empty(file, "policy_dir", p).map(|p| dir.unwrap_or(Path::new("")).join(p))
+            }
             (None, Some(dir)) => Some(dir.join("policy.d")),
             (None, None) => None,
         };
@@ -285,11 +277,7 @@ impl Loader {
     fn secret(&mut self, file: usize, raw: RawSecret) {
         let name = self.name(file, "secret", &raw.name);
         if raw.paths.is_empty() {
-            self.diags.error(
-                file,
-                raw.name.span(),
-                format!("secret `{name}` has no paths"),
-            );
+            self.diags.error(file, raw.name.span(), format!("secret `{name}` has no paths"));
         }
         let mut paths = Vec::new();
         for p in &raw.paths {
@@ -301,11 +289,7 @@ impl Loader {
                     format!("secret path `{s}` must be absolute or start with `~/`"),
                 );
             } else if let Err(e) = glob::Pattern::new(s) {
-                self.diags.error(
-                    file,
-                    p.span(),
-                    format!("invalid glob pattern `{s}`: {}", e.msg),
-                );
+                self.diags.error(file, p.span(), format!("invalid glob pattern `{s}`: {}", e.msg));
             } else {
                 paths.push(s.clone());
             }
@@ -327,20 +311,12 @@ impl Loader {
                 )
                 .unwrap_or_default(),
         };
-        self.secrets.push(Def {
-            value: secret,
-            file,
-            name_span: raw.name.span(),
-        });
+        self.secrets.push(Def { value: secret, file, name_span: raw.name.span() });
     }
 
     fn intent(&mut self, file: usize, raw: RawIntent) {
         let name = self.name(file, "intent", &raw.name);
-        let agents = raw
-            .agents
-            .into_iter()
-            .filter_map(|a| self.agent(file, a))
-            .collect();
+        let agents = raw.agents.into_iter().filter_map(|a| self.agent(file, a)).collect();
         let max_ttl = raw
             .max_ttl
             .as_ref()
@@ -383,14 +359,7 @@ impl Loader {
             revoke_on_violation: raw.revoke_on_violation.unwrap_or(false),
         };
         let refs = raw.secrets.iter().map(Spanned::span).collect();
-        self.intents.push((
-            Def {
-                value: intent,
-                file,
-                name_span: raw.name.span(),
-            },
-            refs,
-        ));
+        self.intents.push((Def { value: intent, file, name_span: raw.name.span() }, refs));
     }
 
     fn agent(&mut self, file: usize, raw: Spanned<RawAgent>) -> Option<AgentSelector> {
@@ -411,17 +380,9 @@ impl Loader {
                 None
             }
         });
-        let cgroup = raw
-            .cgroup
-            .as_ref()
-            .and_then(|c| self.non_empty(file, "cgroup", c))
-            .map(str::to_owned);
-        let selector = AgentSelector {
-            exe,
-            exe_sha256,
-            cgroup,
-            uid: raw.uid,
-        };
+        let cgroup =
+            raw.cgroup.as_ref().and_then(|c| self.non_empty(file, "cgroup", c)).map(str::to_owned);
+        let selector = AgentSelector { exe, exe_sha256, cgroup, uid: raw.uid };
         if raw.exe.is_none()
             && raw.exe_sha256.is_none()
             && raw.cgroup.is_none()
@@ -441,8 +402,7 @@ impl Loader {
     fn name(&mut self, file: usize, what: &str, name: &Spanned<String>) -> String {
         let s = name.get_ref();
         let ok = s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok {
             self.diags.error(
                 file,
@@ -471,10 +431,7 @@ impl Loader {
         d: &Spanned<String>,
     ) -> Option<std::time::Duration> {
         parse_duration(d.get_ref())
-            .map_err(|e| {
-                self.diags
-                    .error(file, d.span(), format!("invalid {key}: {e}"))
-            })
+            .map_err(|e| self.diags.error(file, d.span(), format!("invalid {key}: {e}")))
             .ok()
     }
 
@@ -491,25 +448,18 @@ impl Loader {
         if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
             return Some(*v);
         }
-        let expected: Vec<String> = options
-            .iter()
-            .map(|(name, _)| format!("`{name}`"))
-            .collect();
+        let expected: Vec<String> = options.iter().map(|(name, _)| format!("`{name}`")).collect();
         self.diags.error(
             file,
             raw.span(),
-            format!(
-                "invalid {key} `{s}`: expected one of {}",
-                expected.join(", ")
-            ),
+            format!("invalid {key} `{s}`: expected one of {}", expected.join(", ")),
         );
         None
     }
 
     fn non_empty<'a>(&mut self, file: usize, key: &str, v: &'a Spanned<String>) -> Option<&'a str> {
         if v.get_ref().trim().is_empty() {
-            self.diags
-                .error(file, v.span(), format!("{key} must not be empty"));
+            self.diags.error(file, v.span(), format!("{key} must not be empty"));
             return None;
         }
         Some(v.get_ref())
@@ -535,7 +485,14 @@ impl Loader {
     ) -> Result<Config, Diagnostics> {
         let mut first: HashMap<&str, (usize, Range<usize>)> = HashMap::new();
         for def in &self.secrets {
-            note_name(&mut self.diags, &mut first, "secret", &def.value.name, def.file, &def.name_span);
+            note_name(
+                &mut self.diags,
+                &mut first,
+                "secret",
+                &def.value.name,
+                def.file,
+                &def.name_span,
+            );
         }
         let mut first_intent: HashMap<&str, (usize, Range<usize>)> = HashMap::new();
         for (def, refs) in &self.intents {

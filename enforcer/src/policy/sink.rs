@@ -117,7 +117,11 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { rotate_bytes: 64 * 1024 * 1024, max_backups: 3, max_bytes: 1024 * 1024 * 1024 }
+        OutboxConfig {
+            rotate_bytes: 64 * 1024 * 1024,
+            max_backups: 3,
+            max_bytes: 1024 * 1024 * 1024,
+        }
     }
 }
 
@@ -185,7 +189,11 @@ pub(crate) fn outbox(diags: &mut Collector, file: usize, raw: Option<&RawOutbox>
 }
 
 /// Checks every sink; returns those without errors (the load fails anyway if any had one).
-pub(crate) fn sinks(diags: &mut Collector, file: usize, raw: &[Spanned<RawSink>]) -> Vec<SinkConfig> {
+pub(crate) fn sinks(
+    diags: &mut Collector,
+    file: usize,
+    raw: &[Spanned<RawSink>],
+) -> Vec<SinkConfig> {
     let mut out = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
     for s in raw {
@@ -194,7 +202,11 @@ pub(crate) fn sinks(diags: &mut Collector, file: usize, raw: &[Spanned<RawSink>]
         let name = s.get_ref().name.get_ref();
         if let Some(first) = seen.get(name) {
             let at = diags.locate(file, first);
-            diags.error(file, s.get_ref().name.span(), format!("duplicate sink `{name}` (first defined at {at})"));
+            diags.error(
+                file,
+                s.get_ref().name.span(),
+                format!("duplicate sink `{name}` (first defined at {at})"),
+            );
         } else {
             seen.insert(name.clone(), s.get_ref().name.span());
         }
@@ -205,13 +217,23 @@ pub(crate) fn sinks(diags: &mut Collector, file: usize, raw: &[Spanned<RawSink>]
     out
 }
 
-fn choice<T: Copy>(diags: &mut Collector, file: usize, key: &str, raw: &Spanned<String>, options: &[(&str, T)]) -> Option<T> {
+fn choice<T: Copy>(
+    diags: &mut Collector,
+    file: usize,
+    key: &str,
+    raw: &Spanned<String>,
+    options: &[(&str, T)],
+) -> Option<T> {
     let s = raw.get_ref().as_str();
     if let Some((_, v)) = options.iter().find(|(n, _)| *n == s) {
         return Some(*v);
     }
     let expected: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
-    diags.error(file, raw.span(), format!("invalid {key} `{s}`: expected one of {}", expected.join(", ")));
+    diags.error(
+        file,
+        raw.span(),
+        format!("invalid {key} `{s}`: expected one of {}", expected.join(", ")),
+    );
     None
 }
 
@@ -237,20 +259,40 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
             ("splunk_hec", SinkKind::SplunkHec),
         ],
     );
-    let min_severity = r.min_severity.as_ref().and_then(|v| choice(diags, file, "min_severity", v, &Severity::ALL)).unwrap_or(Severity::Info);
+    let min_severity = r
+        .min_severity
+        .as_ref()
+        .and_then(|v| choice(diags, file, "min_severity", v, &Severity::ALL))
+        .unwrap_or(Severity::Info);
     let mut verdicts = Vec::new();
     for v in &r.verdicts {
         if VERDICTS.contains(&v.get_ref().as_str()) {
             verdicts.push(v.get_ref().clone());
         } else {
             let expected: Vec<String> = VERDICTS.iter().map(|n| format!("`{n}`")).collect();
-            diags.error(file, v.span(), format!("invalid verdict `{}`: expected one of {}", v.get_ref(), expected.join(", ")));
+            diags.error(
+                file,
+                v.span(),
+                format!(
+                    "invalid verdict `{}`: expected one of {}",
+                    v.get_ref(),
+                    expected.join(", ")
+                ),
+            );
         }
     }
     let format = r
         .format
         .as_ref()
-        .and_then(|v| choice(diags, file, "format", v, &[("json", SinkFormat::Json), ("ocsf", SinkFormat::Ocsf)]))
+        .and_then(|v| {
+            choice(
+                diags,
+                file,
+                "format",
+                v,
+                &[("json", SinkFormat::Json), ("ocsf", SinkFormat::Ocsf)],
+            )
+        })
         .unwrap_or_default();
     let kind = kind?;
 
@@ -260,7 +302,11 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     let mut only = |key: &str, span: Option<Range<usize>>, allowed: &[SinkKind]| {
         if let Some(span) = span {
             if !allowed.contains(&kind) {
-                diags.error(file, span, format!("`{key}` does not apply to sink type `{type_name}`"));
+                diags.error(
+                    file,
+                    span,
+                    format!("`{key}` does not apply to sink type `{type_name}`"),
+                );
             }
         }
     };
@@ -281,7 +327,11 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     let abs = |diags: &mut Collector, key: &str, v: &Option<Spanned<String>>| -> Option<PathBuf> {
         let v = v.as_ref()?;
         if !v.get_ref().starts_with('/') {
-            diags.error(file, v.span(), format!("{key} `{}` must be an absolute path", v.get_ref()));
+            diags.error(
+                file,
+                v.span(),
+                format!("{key} `{}` must be an absolute path", v.get_ref()),
+            );
             return None;
         }
         Some(PathBuf::from(v.get_ref()))
@@ -291,11 +341,20 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     let client_cert = abs(diags, "client_cert", &r.client_cert);
     let client_key = abs(diags, "client_key", &r.client_key);
     if r.client_cert.is_some() != r.client_key.is_some() {
-        let span = r.client_cert.as_ref().or(r.client_key.as_ref()).map(Spanned::span).unwrap_or(raw.span());
+        let span = r
+            .client_cert
+            .as_ref()
+            .or(r.client_key.as_ref())
+            .map(Spanned::span)
+            .unwrap_or(raw.span());
         diags.error(file, span, "`client_cert` and `client_key` go together");
     }
     let missing = |diags: &mut Collector, key: &str| {
-        diags.error(file, r.name.span(), format!("sink `{name}` of type `{type_name}` needs `{key}`"));
+        diags.error(
+            file,
+            r.name.span(),
+            format!("sink `{name}` of type `{type_name}` needs `{key}`"),
+        );
     };
     if kind == File && r.path.is_none() {
         missing(diags, "path");
@@ -304,9 +363,16 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
         match &r.address {
             None => missing(diags, "address"),
             Some(a) => {
-                let ok = a.get_ref().rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                let ok = a
+                    .get_ref()
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
                 if !ok {
-                    diags.error(file, a.span(), format!("syslog address `{}` must be host:port", a.get_ref()));
+                    diags.error(
+                        file,
+                        a.span(),
+                        format!("syslog address `{}` must be host:port", a.get_ref()),
+                    );
                 }
             }
         }
@@ -317,7 +383,11 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
             Some(u) => {
                 // Alerts name processes, secrets and hosts: never send them in clear text.
                 if crate::alert::http::Url::parse(u.get_ref()).is_err() {
-                    diags.error(file, u.span(), format!("url `{}` must be https://host[:port]/path", u.get_ref()));
+                    diags.error(
+                        file,
+                        u.span(),
+                        format!("url `{}` must be https://host[:port]/path", u.get_ref()),
+                    );
                 }
             }
         }
@@ -325,14 +395,17 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     if kind == SplunkHec {
         match &r.token {
             None => missing(diags, "token"),
-            Some(t) if t.get_ref().trim().is_empty() => diags.error(file, t.span(), "token must not be empty"),
+            Some(t) if t.get_ref().trim().is_empty() => {
+                diags.error(file, t.span(), "token must not be empty")
+            }
             Some(_) => {}
         }
     }
     let mut headers = Vec::new();
     if let Some(h) = &r.headers {
         for (k, v) in h.get_ref() {
-            let bad_name = k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+            let bad_name = k.is_empty()
+                || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
             if bad_name || v.get_ref().contains(['\r', '\n']) {
                 diags.error(file, v.span(), format!("invalid header `{k}`"));
             } else {
@@ -340,7 +413,8 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
             }
         }
     }
-    let max_backups = r.max_backups.as_ref().map(|v| *v.get_ref()).unwrap_or(DEFAULT_SINK_MAX_BACKUPS);
+    let max_backups =
+        r.max_backups.as_ref().map(|v| *v.get_ref()).unwrap_or(DEFAULT_SINK_MAX_BACKUPS);
     let max_bytes = match &r.max_bytes {
         Some(v) if *v.get_ref() < 4096 => {
             diags.error(file, v.span(), "max_bytes must be at least 4096");

@@ -90,50 +90,32 @@ fn example_config_parses() {
     assert_eq!(cfg.mode, Mode::Enforce);
     assert_eq!(cfg.mode.to_string(), "enforce");
     assert_eq!(cfg.host.as_deref(), Some("ci-runner-1"));
-    assert_eq!(
-        cfg.cgroup_root.as_deref(),
-        Some(Path::new("/sys/fs/cgroup/unified/test"))
-    );
+    assert_eq!(cfg.cgroup_root.as_deref(), Some(Path::new("/sys/fs/cgroup/unified/test")));
     assert_eq!(cfg.runtime_dir, Path::new("/tmp/x/run"));
     assert_eq!(cfg.state_dir, Path::new("/tmp/x/state"));
     assert_eq!(cfg.pin_dir, Path::new("/sys/fs/bpf/enforcer-test"));
-    assert_eq!(
-        cfg.policy_dir.as_deref(),
-        Some(Path::new("/etc/enforcer/policy.d"))
-    );
+    assert_eq!(cfg.policy_dir.as_deref(), Some(Path::new("/etc/enforcer/policy.d")));
     assert_eq!(cfg.socket_group.as_deref(), Some("enforcer"));
     assert_eq!(cfg.source, "/etc/enforcer/enforcer.toml");
 
     let s = cfg.secret("deploy-key").unwrap();
     assert_eq!(s.paths, ["/etc/ci/deploy-key.json"]);
-    assert_eq!(
-        s.destinations,
-        ["192.0.2.10/32:443".parse::<Destination>().unwrap()]
-    );
+    assert_eq!(s.destinations, ["192.0.2.10/32:443".parse::<Destination>().unwrap()]);
     assert_eq!(s.kind, SecretKind::CredentialsFile);
 
     let i = cfg.intent("deploy").unwrap();
     assert_eq!(
         i.agents,
         [
-            AgentSelector {
-                exe: Some("/usr/bin/python3".into()),
-                ..Default::default()
-            },
-            AgentSelector {
-                uid: Some(1001),
-                ..Default::default()
-            },
+            AgentSelector { exe: Some("/usr/bin/python3".into()), ..Default::default() },
+            AgentSelector { uid: Some(1001), ..Default::default() },
         ]
     );
     assert_eq!(i.secrets, ["deploy-key"]);
     assert_eq!(i.destinations.len(), 2);
     assert_eq!(
         i.destinations[1],
-        Destination::Dns {
-            name: "deploy.internal".into(),
-            ports: PortRange::single(443)
-        }
+        Destination::Dns { name: "deploy.internal".into(), ports: PortRange::single(443) }
     );
     assert_eq!(i.max_ttl, Duration::from_secs(900));
     assert_eq!(i.default_ttl, Duration::from_secs(300));
@@ -142,10 +124,7 @@ fn example_config_parses() {
 
     assert_eq!(
         cfg.agents,
-        [AgentSelector {
-            exe: Some("/usr/local/bin/agent-runner".into()),
-            ..Default::default()
-        }]
+        [AgentSelector { exe: Some("/usr/local/bin/agent-runner".into()), ..Default::default() }]
     );
 }
 
@@ -159,10 +138,7 @@ fn defaults_when_keys_are_absent() {
     assert_eq!(cfg.state_dir, Path::new("/var/lib/enforcer"));
     assert_eq!(cfg.pin_dir, Path::new("/sys/fs/bpf/enforcer"));
     // policy.d next to the config file; relative policy_dir resolves against it too.
-    assert_eq!(
-        cfg.policy_dir.as_deref(),
-        Some(Path::new("/etc/enforcer/policy.d"))
-    );
+    assert_eq!(cfg.policy_dir.as_deref(), Some(Path::new("/etc/enforcer/policy.d")));
     let cfg = load_str("/opt/e/enforcer.toml", "policy_dir = \"rules\"").unwrap();
     assert_eq!(cfg.policy_dir.as_deref(), Some(Path::new("/opt/e/rules")));
     assert!(cfg.secrets.is_empty() && cfg.intents.is_empty() && cfg.agents.is_empty());
@@ -191,9 +167,7 @@ fn embedded_default_has_the_catalog() {
     assert_eq!(cfg.policy_dir, None);
     assert!(cfg.intents.is_empty());
     let has = |name: &str, kind: SecretKind, path: &str| {
-        let s = cfg
-            .secret(name)
-            .unwrap_or_else(|| panic!("catalog lacks {name}"));
+        let s = cfg.secret(name).unwrap_or_else(|| panic!("catalog lacks {name}"));
         assert_eq!(s.kind, kind, "{name}");
         assert!(s.paths.iter().any(|p| p == path), "{name} lacks {path}");
     };
@@ -205,37 +179,17 @@ fn embedded_default_has_the_catalog() {
         CredentialsFile,
         "~/.config/gcloud/application_default_credentials.json",
     );
-    has(
-        "gcp-credentials",
-        CredentialsFile,
-        "~/.config/gcloud/legacy_credentials/*/adc.json",
-    );
-    has(
-        "azure-credentials",
-        CredentialsFile,
-        "~/.azure/msal_token_cache.json",
-    );
+    has("gcp-credentials", CredentialsFile, "~/.config/gcloud/legacy_credentials/*/adc.json");
+    has("azure-credentials", CredentialsFile, "~/.azure/msal_token_cache.json");
     has("kubeconfig", CredentialsFile, "~/.kube/config");
     has("kubeconfig", CredentialsFile, "/etc/kubernetes/admin.conf");
-    has(
-        "k8s-service-account-token",
-        Token,
-        "/var/run/secrets/kubernetes.io/serviceaccount/token",
-    );
-    has(
-        "k8s-service-account-token",
-        Token,
-        "/run/secrets/kubernetes.io/serviceaccount/token",
-    );
+    has("k8s-service-account-token", Token, "/var/run/secrets/kubernetes.io/serviceaccount/token");
+    has("k8s-service-account-token", Token, "/run/secrets/kubernetes.io/serviceaccount/token");
     has("docker-config", CredentialsFile, "~/.docker/config.json");
     has("npm-credentials", CredentialsFile, "~/.npmrc");
     has("pypi-credentials", CredentialsFile, "~/.pypirc");
     has("git-credentials", CredentialsFile, "~/.git-credentials");
-    has(
-        "git-credentials",
-        CredentialsFile,
-        "~/.config/git/credentials",
-    );
+    has("git-credentials", CredentialsFile, "~/.config/git/credentials");
     has("netrc", CredentialsFile, "~/.netrc");
     has("ssh-private-keys", PrivateKey, "~/.ssh/id_ed25519");
     has("ssh-private-keys", PrivateKey, "/etc/ssh/ssh_host_*_key");
@@ -243,21 +197,11 @@ fn embedded_default_has_the_catalog() {
     has("vault-token", Token, "~/.vault-token");
     has("mcp-client-configs", CredentialsFile, "~/.cursor/mcp.json");
     has("mcp-client-configs", CredentialsFile, "~/.claude.json");
-    has(
-        "mcp-client-configs",
-        CredentialsFile,
-        "~/.codeium/windsurf/mcp_config.json",
-    );
-    has(
-        "terraform-credentials",
-        CredentialsFile,
-        "~/.terraform.d/credentials.tfrc.json",
-    );
+    has("mcp-client-configs", CredentialsFile, "~/.codeium/windsurf/mcp_config.json");
+    has("terraform-credentials", CredentialsFile, "~/.terraform.d/credentials.tfrc.json");
     for s in &cfg.secrets {
         assert!(
-            s.name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            s.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
             "{}",
             s.name
         );
@@ -268,28 +212,14 @@ fn embedded_default_has_the_catalog() {
 fn load_missing_file_is_an_error() {
     let d = load(Some(Path::new("/nonexistent/enforcer.toml"))).unwrap_err();
     assert_eq!(d.0.len(), 1);
-    assert!(
-        d.to_string()
-            .starts_with("/nonexistent/enforcer.toml:1:1: cannot read file"),
-        "{d}"
-    );
+    assert!(d.to_string().starts_with("/nonexistent/enforcer.toml:1:1: cannot read file"), "{d}");
 }
 
 #[test]
 fn diagnostics_display() {
     let d = Diagnostics(vec![
-        Diagnostic {
-            file: "a.toml".into(),
-            line: 3,
-            col: 7,
-            message: "bad".into(),
-        },
-        Diagnostic {
-            file: "b.toml".into(),
-            line: 1,
-            col: 1,
-            message: "worse".into(),
-        },
+        Diagnostic { file: "a.toml".into(), line: 3, col: 7, message: "bad".into() },
+        Diagnostic { file: "b.toml".into(), line: 1, col: 1, message: "worse".into() },
     ]);
     assert_eq!(d.0[0].to_string(), "a.toml:3:7: bad");
     assert_eq!(d.to_string(), "a.toml:3:7: bad\nb.toml:1:1: worse");
@@ -302,20 +232,12 @@ fn diagnostics_display() {
 fn toml_syntax_error() {
     assert_error("mode = \"monitor\"\nhost = \"x\n", "2:10", "");
     assert_error("[[secret]\nname = \"a\"\n", "1:10", "expected `]`");
-    assert_error(
-        "mode = \"monitor\"\nmode = \"enforce\"\n",
-        "2:1",
-        "duplicate key",
-    );
+    assert_error("mode = \"monitor\"\nmode = \"enforce\"\n", "2:1", "duplicate key");
 }
 
 #[test]
 fn unknown_keys() {
-    assert_error(
-        "mode = \"monitor\"\nverbose = true\n",
-        "2:1",
-        "unknown field `verbose`",
-    );
+    assert_error("mode = \"monitor\"\nverbose = true\n", "2:1", "unknown field `verbose`");
     assert_error(
         "[[secret]]\nname = \"a\"\npaths = [\"/a\"]\npath = \"/b\"\n",
         "4:1",
@@ -331,11 +253,7 @@ fn unknown_keys() {
 #[test]
 fn wrong_types() {
     assert_error("mode = 5\n", "1:8", "invalid type");
-    assert_error(
-        "[[secret]]\nname = \"a\"\npaths = \"/a\"\n",
-        "3:9",
-        "invalid type",
-    );
+    assert_error("[[secret]]\nname = \"a\"\npaths = \"/a\"\n", "3:9", "invalid type");
     assert_error("[[agent]]\nuid = \"root\"\n", "2:7", "invalid type");
     assert_error("[[agent]]\nuid = -1\n", "2:7", "");
     assert_error(
@@ -343,11 +261,7 @@ fn wrong_types() {
         "3:23",
         "invalid type",
     );
-    assert_error(
-        "[[secret]]\npaths = [\"/a\"]\n",
-        "1:1",
-        "missing field `name`",
-    );
+    assert_error("[[secret]]\npaths = [\"/a\"]\n", "1:1", "missing field `name`");
 }
 
 #[test]
@@ -362,16 +276,8 @@ fn bad_values_point_at_the_value() {
         "3:34",
         "invalid destination `192.0.2.1:0`: port 0",
     );
-    assert_error(
-        "[[intent]]\nname = \"i\"\nmax_ttl = \"soon\"\n",
-        "3:11",
-        "invalid max_ttl",
-    );
-    assert_error(
-        "[[intent]]\nname = \"i\"\ndefault_ttl = \"0s\"\n",
-        "3:15",
-        "greater than zero",
-    );
+    assert_error("[[intent]]\nname = \"i\"\nmax_ttl = \"soon\"\n", "3:11", "invalid max_ttl");
+    assert_error("[[intent]]\nname = \"i\"\ndefault_ttl = \"0s\"\n", "3:15", "greater than zero");
     assert_error(
         "[[intent]]\nname = \"i\"\non_violation = \"block\"\n",
         "3:16",
@@ -387,36 +293,16 @@ fn bad_values_point_at_the_value() {
         "3:16",
         "must be absolute or start with `~/`",
     );
-    assert_error(
-        "[[secret]]\nname = \"a\"\npaths = [\"/a/[b\"]\n",
-        "3:10",
-        "invalid glob pattern",
-    );
-    assert_error(
-        "[[secret]]\nname = \"a\"\npaths = []\n",
-        "2:8",
-        "secret `a` has no paths",
-    );
+    assert_error("[[secret]]\nname = \"a\"\npaths = [\"/a/[b\"]\n", "3:10", "invalid glob pattern");
+    assert_error("[[secret]]\nname = \"a\"\npaths = []\n", "2:8", "secret `a` has no paths");
     assert_error(
         "[[secret]]\nname = \"a b\"\npaths = [\"/a\"]\n",
         "2:8",
         "invalid secret name `a b`",
     );
-    assert_error(
-        "runtime_dir = \"run\"\n",
-        "1:15",
-        "runtime_dir `run` must be an absolute path",
-    );
-    assert_error(
-        "[[agent]]\nexe_sha256 = \"abc\"\n",
-        "2:14",
-        "64 hexadecimal",
-    );
-    assert_error(
-        "[[agent]]\nexe = \"python3\"\n",
-        "2:7",
-        "exe `python3` must be an absolute path",
-    );
+    assert_error("runtime_dir = \"run\"\n", "1:15", "runtime_dir `run` must be an absolute path");
+    assert_error("[[agent]]\nexe_sha256 = \"abc\"\n", "2:14", "64 hexadecimal");
+    assert_error("[[agent]]\nexe = \"python3\"\n", "2:7", "exe `python3` must be an absolute path");
 }
 
 #[test]
@@ -429,17 +315,9 @@ fn undefined_secret() {
 fn duplicate_names() {
     let text =
         "[[secret]]\nname = \"a\"\npaths = [\"/a\"]\n[[secret]]\nname = \"a\"\npaths = [\"/b\"]\n";
-    assert_error(
-        text,
-        "5:8",
-        "duplicate secret `a` (first defined at t.toml:2:8)",
-    );
+    assert_error(text, "5:8", "duplicate secret `a` (first defined at t.toml:2:8)");
     let text = "[[intent]]\nname = \"i\"\n[[intent]]\n  name = \"i\"\n";
-    assert_error(
-        text,
-        "4:10",
-        "duplicate intent `i` (first defined at t.toml:2:8)",
-    );
+    assert_error(text, "4:10", "duplicate intent `i` (first defined at t.toml:2:8)");
 }
 
 #[test]
@@ -449,11 +327,7 @@ fn empty_agent_selector() {
         "3:24",
         "empty agent selector",
     );
-    assert_error(
-        "mode = \"monitor\"\n\n[[agent]]\n",
-        "3:1",
-        "empty agent selector",
-    );
+    assert_error("mode = \"monitor\"\n\n[[agent]]\n", "3:1", "empty agent selector");
 }
 
 #[test]
@@ -528,13 +402,7 @@ fn policy_dir_is_merged() {
     let names: Vec<&str> = cfg.secrets.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["base", "extra"]);
     assert_eq!(cfg.intents[0].secrets, ["base", "extra"]);
-    assert_eq!(
-        cfg.agents,
-        [AgentSelector {
-            uid: Some(7),
-            ..Default::default()
-        }]
-    );
+    assert_eq!(cfg.agents, [AgentSelector { uid: Some(7), ..Default::default() }]);
 
     // A fragment may not carry settings, and errors name the fragment file.
     let bad = dir.write(
@@ -546,12 +414,7 @@ fn policy_dir_is_merged() {
     assert_eq!(d.0[0].file, bad.display().to_string());
     assert_eq!((d.0[0].line, d.0[0].col), (5, 1));
     assert!(d.0[0].message.contains("unknown field `mode`"), "{d}");
-    assert!(
-        d.0[0]
-            .message
-            .contains("may hold only [[secret]], [[intent]] and [[agent]]"),
-        "{d}"
-    );
+    assert!(d.0[0].message.contains("may hold only [[secret]], [[intent]] and [[agent]]"), "{d}");
 
     // Once it parses, the duplicate is reported in the fragment, pointing back at the config.
     fs::write(&bad, "[[secret]]\nname = \"base\"\npaths = [\"/again\"]\n").unwrap();
@@ -570,66 +433,34 @@ fn policy_dir_is_merged() {
 fn syntax_error_in_one_file_suppresses_only_reference_errors() {
     let dir = TempDir::new("partial");
     let a = dir.write("a.toml", "[[secret]\nname = \"s\"\n");
-    let b = dir.write(
-        "b.toml",
-        "[[intent]]\nname = \"i\"\nsecrets = [\"s\"]\nmax_ttl = \"x\"\n",
-    );
+    let b = dir.write("b.toml", "[[intent]]\nname = \"i\"\nsecrets = [\"s\"]\nmax_ttl = \"x\"\n");
     let d = check_files(&[a.clone(), b.clone()]).unwrap_err();
     let lines: Vec<String> =
-        d.0.iter()
-            .map(|d| format!("{}:{}:{}", d.file, d.line, d.col))
-            .collect();
+        d.0.iter().map(|d| format!("{}:{}:{}", d.file, d.line, d.col)).collect();
     // The syntax error and b's own bad value; not "undefined secret s", which may live in a.
-    assert_eq!(
-        lines,
-        [
-            format!("{}:1:10", a.display()),
-            format!("{}:4:11", b.display())
-        ]
-    );
+    assert_eq!(lines, [format!("{}:1:10", a.display()), format!("{}:4:11", b.display())]);
 }
 
 #[test]
 fn check_files_resolves_across_the_set() {
     let dir = TempDir::new("check");
     let cfg = dir.write("enforcer.toml", "mode = \"enforce\"\n");
-    let secrets = dir.write(
-        "secrets.toml",
-        "[[secret]]\nname = \"k\"\npaths = [\"~/.k\"]\n",
-    );
-    let intents = dir.write(
-        "intents.toml",
-        "[[intent]]\nname = \"i\"\nsecrets = [\"k\"]\n",
-    );
+    let secrets = dir.write("secrets.toml", "[[secret]]\nname = \"k\"\npaths = [\"~/.k\"]\n");
+    let intents = dir.write("intents.toml", "[[intent]]\nname = \"i\"\nsecrets = [\"k\"]\n");
     let ok = check_files(&[cfg.clone(), secrets.clone(), intents.clone()]).unwrap();
-    assert_eq!(
-        (ok.mode, ok.secrets.len(), ok.intents.len()),
-        (Mode::Enforce, 1, 1)
-    );
+    assert_eq!((ok.mode, ok.secrets.len(), ok.intents.len()), (Mode::Enforce, 1, 1));
 
     // A single fragment alone is valid; alone, the intent's reference is undefined.
-    assert_eq!(
-        check_files(std::slice::from_ref(&secrets))
-            .unwrap()
-            .secrets
-            .len(),
-        1
-    );
+    assert_eq!(check_files(std::slice::from_ref(&secrets)).unwrap().secrets.len(), 1);
     let d = check_files(std::slice::from_ref(&intents)).unwrap_err();
     assert_eq!(
         d.to_string(),
-        format!(
-            "{}:3:12: intent `i` names undefined secret `k`",
-            intents.display()
-        )
+        format!("{}:3:12: intent `i` names undefined secret `k`", intents.display())
     );
 
     // Settings are only allowed in the first file.
     let d = check_files(&[secrets.clone(), cfg.clone()]).unwrap_err();
-    assert_eq!(
-        (d.0[0].file.as_str(), d.0[0].line, d.0[0].col),
-        (cfg.to_str().unwrap(), 1, 1)
-    );
+    assert_eq!((d.0[0].file.as_str(), d.0[0].line, d.0[0].col), (cfg.to_str().unwrap(), 1, 1));
 
     // A directory stands for its *.toml files, all fragments.
     let pd = TempDir::new("check-dir");
@@ -678,18 +509,9 @@ fn expand_paths_expands_home() {
     let dir = TempDir::new("homes");
     let alice = dir.0.join("home/alice");
     let odd = dir.0.join("home/b[o]b"); // glob characters in a home are taken literally
-    dir.write(
-        "home/alice/.config/gcloud/legacy_credentials/a@x/adc.json",
-        "",
-    );
-    dir.write(
-        "home/alice/.config/gcloud/legacy_credentials/b@x/adc.json",
-        "",
-    );
-    dir.write(
-        "home/b[o]b/.config/gcloud/legacy_credentials/c@x/adc.json",
-        "",
-    );
+    dir.write("home/alice/.config/gcloud/legacy_credentials/a@x/adc.json", "");
+    dir.write("home/alice/.config/gcloud/legacy_credentials/b@x/adc.json", "");
+    dir.write("home/b[o]b/.config/gcloud/legacy_credentials/c@x/adc.json", "");
     let homes = [alice.clone(), odd.clone()];
     let patterns = [
         "~/.aws/credentials".to_string(),
@@ -712,10 +534,7 @@ fn expand_paths_expands_home() {
         destinations: vec![],
         kind: SecretKind::CredentialsFile,
     };
-    assert!(
-        s.expand_paths()
-            .contains(&PathBuf::from("/root/.aws/credentials"))
-    );
+    assert!(s.expand_paths().contains(&PathBuf::from("/root/.aws/credentials")));
 }
 
 #[test]
@@ -731,10 +550,7 @@ fn agent_selector_matching() {
     assert!(!sel.matches(Path::new("/usr/bin/python3"), 0, "/ci/jobber", no_hash));
     assert!(!sel.matches(Path::new("/usr/bin/perl"), 0, "/ci/job", no_hash));
     let h = "ab".repeat(32);
-    let sel = AgentSelector {
-        exe_sha256: Some(h.clone()),
-        ..Default::default()
-    };
+    let sel = AgentSelector { exe_sha256: Some(h.clone()), ..Default::default() };
     assert!(sel.matches(Path::new("/x"), 1, "/", || Some(h.to_uppercase())));
     assert!(!sel.matches(Path::new("/x"), 1, "/", || None));
 }

@@ -49,7 +49,10 @@ impl CgroupResolver {
                 break;
             }
             let Ok(md) = std::fs::metadata(&dir) else { continue };
-            let rel = dir.strip_prefix(&self.mount).map(|p| format!("/{}", p.display())).unwrap_or_else(|_| "/".into());
+            let rel = dir
+                .strip_prefix(&self.mount)
+                .map(|p| format!("/{}", p.display()))
+                .unwrap_or_else(|_| "/".into());
             self.by_id.insert(md.ino(), normalize(&rel));
             let Ok(rd) = std::fs::read_dir(&dir) else { continue };
             for e in rd.flatten() {
@@ -63,7 +66,13 @@ impl CgroupResolver {
 
 fn normalize(rel: &str) -> String {
     let t = rel.trim_end_matches('/');
-    if t.is_empty() { "/".into() } else if t.starts_with('/') { t.into() } else { format!("/{t}") }
+    if t.is_empty() {
+        "/".into()
+    } else if t.starts_with('/') {
+        t.into()
+    } else {
+        format!("/{t}")
+    }
 }
 
 /// True when cgroup path `path` is `root` or below it (both relative to the mount).

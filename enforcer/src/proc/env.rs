@@ -38,21 +38,46 @@ pub struct EnvInfo {
 /// Variable names that hold credentials by convention.
 fn is_credential(name: &str) -> bool {
     const EXACT: [&str; 12] = [
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN", "GH_TOKEN",
-        "GITLAB_TOKEN", "NPM_TOKEN", "VAULT_TOKEN", "AZURE_CLIENT_SECRET", "DOCKER_PASSWORD",
-        "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "GITHUB_TOKEN",
+        "GH_TOKEN",
+        "GITLAB_TOKEN",
+        "NPM_TOKEN",
+        "VAULT_TOKEN",
+        "AZURE_CLIENT_SECRET",
+        "DOCKER_PASSWORD",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
     ];
-    const SUFFIXES: [&str; 9] = ["_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD", "_PASSWD", "_API_KEY", "_ACCESS_KEY", "_PRIVATE_KEY", "_CREDENTIALS"];
+    const SUFFIXES: [&str; 9] = [
+        "_TOKEN",
+        "_SECRET",
+        "_SECRET_KEY",
+        "_PASSWORD",
+        "_PASSWD",
+        "_API_KEY",
+        "_ACCESS_KEY",
+        "_PRIVATE_KEY",
+        "_CREDENTIALS",
+    ];
     // CI systems' own per-job tokens are short-lived by design: not legacy static keys.
-    const IGNORE: [&str; 3] = ["CI_JOB_TOKEN", "ACTIONS_RUNTIME_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_TOKEN"];
+    const IGNORE: [&str; 3] =
+        ["CI_JOB_TOKEN", "ACTIONS_RUNTIME_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_TOKEN"];
     let upper = name.to_ascii_uppercase();
-    !IGNORE.contains(&upper.as_str()) && (EXACT.contains(&upper.as_str()) || SUFFIXES.iter().any(|s| upper.ends_with(s)))
+    !IGNORE.contains(&upper.as_str())
+        && (EXACT.contains(&upper.as_str()) || SUFFIXES.iter().any(|s| upper.ends_with(s)))
 }
 
 /// Reads /proc/<pid>/environ; None when the process is gone or unreadable.
 pub fn read(pid: u32, key: &[u8]) -> Option<EnvInfo> {
     let mut buf = Vec::new();
-    std::fs::File::open(format!("/proc/{pid}/environ")).ok()?.take(MAX_ENVIRON).read_to_end(&mut buf).ok()?;
+    std::fs::File::open(format!("/proc/{pid}/environ"))
+        .ok()?
+        .take(MAX_ENVIRON)
+        .read_to_end(&mut buf)
+        .ok()?;
     Some(parse(&buf, key))
 }
 
@@ -63,11 +88,17 @@ pub fn parse(environ: &[u8], key: &[u8]) -> EnvInfo {
         let name = String::from_utf8_lossy(&kv[..eq]).into_owned();
         vars.insert(name, &kv[eq + 1..]);
     }
-    let get = |n: &str| vars.get(n).map(|v| String::from_utf8_lossy(v).into_owned()).filter(|v| !v.is_empty());
+    let get = |n: &str| {
+        vars.get(n).map(|v| String::from_utf8_lossy(v).into_owned()).filter(|v| !v.is_empty())
+    };
     let job = if let Some(id) = get("ENFORCER_JOB_ID") {
         Some(Job { id, name: get("ENFORCER_JOB_NAME"), source: "ENFORCER_JOB_ID".into() })
     } else if let (Some(run), Some(job)) = (get("GITHUB_RUN_ID"), get("GITHUB_JOB")) {
-        Some(Job { id: format!("{run}/{job}/{}", get("GITHUB_RUN_ATTEMPT").unwrap_or_else(|| "1".into())), name: Some(job), source: "GITHUB_JOB".into() })
+        Some(Job {
+            id: format!("{run}/{job}/{}", get("GITHUB_RUN_ATTEMPT").unwrap_or_else(|| "1".into())),
+            name: Some(job),
+            source: "GITHUB_JOB".into(),
+        })
     } else {
         get("CI_JOB_ID").map(|id| Job { id, name: get("CI_JOB_NAME"), source: "CI_JOB_ID".into() })
     };
@@ -114,14 +145,27 @@ mod tests {
     fn finds_jobs_and_credentials_without_values() {
         let env = b"PATH=/bin\0AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI\0DEPLOY_API_KEY=abc\0EMPTY_TOKEN=\0CI_JOB_TOKEN=x\0GITHUB_RUN_ID=77\0GITHUB_JOB=deploy\0HOME=/root\0";
         let info = parse(env, b"k");
-        assert_eq!(info.job, Some(Job { id: "77/deploy/1".into(), name: Some("deploy".into()), source: "GITHUB_JOB".into() }));
+        assert_eq!(
+            info.job,
+            Some(Job {
+                id: "77/deploy/1".into(),
+                name: Some("deploy".into()),
+                source: "GITHUB_JOB".into()
+            })
+        );
         let names: Vec<&str> = info.credentials.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["AWS_SECRET_ACCESS_KEY", "DEPLOY_API_KEY"]);
         let debug = format!("{info:?}");
-        assert!(!debug.contains("wJalrXUtnFEMI") && !debug.contains("abc\""), "a value leaked: {debug}");
+        assert!(
+            !debug.contains("wJalrXUtnFEMI") && !debug.contains("abc\""),
+            "a value leaked: {debug}"
+        );
         // Same value, same key: same fingerprint; other key: different.
         assert_eq!(parse(env, b"k").credentials, info.credentials);
-        assert_ne!(parse(env, b"other").credentials[0].fingerprint, info.credentials[0].fingerprint);
+        assert_ne!(
+            parse(env, b"other").credentials[0].fingerprint,
+            info.credentials[0].fingerprint
+        );
         assert_eq!(info.credentials[0].fingerprint.len(), 16);
     }
 

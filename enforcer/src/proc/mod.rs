@@ -54,7 +54,12 @@ const EXE_CACHE_MAX: usize = 4096;
 
 impl ProcessTable {
     pub fn new(cgroup_mount: PathBuf) -> Self {
-        ProcessTable { procs: HashMap::new(), fingerprint_key: None, cgroups: CgroupResolver::new(cgroup_mount), exe_cache: HashMap::new() }
+        ProcessTable {
+            procs: HashMap::new(),
+            fingerprint_key: None,
+            cgroups: CgroupResolver::new(cgroup_mount),
+            exe_cache: HashMap::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -66,7 +71,9 @@ impl ProcessTable {
         for pid in procfs::pids() {
             if !self.procs.contains_key(&pid) {
                 if let Some(mut p) = procfs::read(pid, &mut self.cgroups) {
-                    if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k)) {
+                    if let Some(info) =
+                        self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k))
+                    {
                         p.job = info.job;
                         p.env_credentials = info.credentials;
                     }
@@ -81,8 +88,29 @@ impl ProcessTable {
             Record::Fork { parent, child, uid, cgroup_id, boot_ns, grants } => {
                 let base = self.get_or_load(*parent).cloned();
                 let p = match base {
-                    Some(parent_proc) => Process { pid: *child, ppid: *parent, uid: *uid, cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), exited_at: None, ..parent_proc },
-                    None => Process { pid: *child, ppid: *parent, uid: *uid, exe: String::new(), cmdline: Vec::new(), cgroup_id: *cgroup_id, start_ns: *boot_ns, grants: grants.clone(), job: None, env_credentials: Vec::new(), exited_at: None },
+                    Some(parent_proc) => Process {
+                        pid: *child,
+                        ppid: *parent,
+                        uid: *uid,
+                        cgroup_id: *cgroup_id,
+                        start_ns: *boot_ns,
+                        grants: grants.clone(),
+                        exited_at: None,
+                        ..parent_proc
+                    },
+                    None => Process {
+                        pid: *child,
+                        ppid: *parent,
+                        uid: *uid,
+                        exe: String::new(),
+                        cmdline: Vec::new(),
+                        cgroup_id: *cgroup_id,
+                        start_ns: *boot_ns,
+                        grants: grants.clone(),
+                        job: None,
+                        env_credentials: Vec::new(),
+                        exited_at: None,
+                    },
                 };
                 self.procs.insert(*child, p);
             }
@@ -92,17 +120,41 @@ impl ProcessTable {
                 if *argv_truncated {
                     cmdline.push("...".into());
                 }
-                let (ppid, start_ns, grants, mut job, mut env_credentials) = match self.procs.get(tgid) {
-                    Some(p) => (p.ppid, p.start_ns, p.grants.clone(), p.job.clone(), p.env_credentials.clone()),
-                    None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new(), None, Vec::new()),
-                };
+                let (ppid, start_ns, grants, mut job, mut env_credentials) =
+                    match self.procs.get(tgid) {
+                        Some(p) => (
+                            p.ppid,
+                            p.start_ns,
+                            p.grants.clone(),
+                            p.job.clone(),
+                            p.env_credentials.clone(),
+                        ),
+                        None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new(), None, Vec::new()),
+                    };
                 // The new image's environment (gone already for very short-lived processes:
                 // then what the parent had, copied at fork, stands).
-                if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(*tgid, k)) {
+                if let Some(info) =
+                    self.fingerprint_key.as_deref().and_then(|k| env::read(*tgid, k))
+                {
                     job = info.job.or(job);
                     env_credentials = info.credentials;
                 }
-                self.procs.insert(*tgid, Process { pid: *tgid, ppid, uid: *uid, exe, cmdline, cgroup_id: *cgroup_id, start_ns, grants, job, env_credentials, exited_at: None });
+                self.procs.insert(
+                    *tgid,
+                    Process {
+                        pid: *tgid,
+                        ppid,
+                        uid: *uid,
+                        exe,
+                        cmdline,
+                        cgroup_id: *cgroup_id,
+                        start_ns,
+                        grants,
+                        job,
+                        env_credentials,
+                        exited_at: None,
+                    },
+                );
             }
             Record::Exit { tgid, grants } => {
                 if let Some(p) = self.procs.get_mut(tgid) {

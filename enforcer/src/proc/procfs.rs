@@ -23,19 +23,38 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
         return None;
     }
     let ppid = ppid(pid).unwrap_or(0);
-    let uid = status_field(pid, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let uid = status_field(pid, "Uid:")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
         .unwrap_or_default();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| b.split(|c| *c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     let cgroup_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
         .and_then(|path| cgroups.id_of(&path))
         .unwrap_or(0);
-    Some(Process { pid, ppid, uid, exe, cmdline, cgroup_id, start_ns: 0, grants: Vec::new(), job: None, env_credentials: Vec::new(), exited_at: None })
+    Some(Process {
+        pid,
+        ppid,
+        uid,
+        exe,
+        cmdline,
+        cgroup_id,
+        start_ns: 0,
+        grants: Vec::new(),
+        job: None,
+        env_credentials: Vec::new(),
+        exited_at: None,
+    })
 }
 
 /// The cgroup v2 path a process is in right now (the `0::` line of /proc/<pid>/cgroup).
@@ -59,7 +78,9 @@ pub fn start_ns(pid: u32) -> Option<u64> {
 pub fn subtree_since(root: u32, since: chrono::DateTime<chrono::Utc>) -> Vec<u32> {
     let btime: i64 = std::fs::read_to_string("/proc/stat")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))
+        })
         .unwrap_or(0);
     let mut children: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
     for pid in pids() {

@@ -74,7 +74,12 @@ impl Record {
         let time = DateTime::parse_from_rfc3339(&event.time).ok()?.with_timezone(&Utc);
         let extra: Extra = serde_json::from_str(line).unwrap_or_default();
         let job = extra.process.job.filter(|j| !j.id.is_empty());
-        Some(Record { event: event.clone(), time, job, env_credentials: extra.process.env_credentials })
+        Some(Record {
+            event: event.clone(),
+            time,
+            job,
+            env_credentials: extra.process.env_credentials,
+        })
     }
 }
 
@@ -221,14 +226,20 @@ fn touch(first: &mut Option<DateTime<Utc>>, last: &mut Option<DateTime<Utc>>, t:
 
 /// Kinds about the agent itself, not about a job's processes.
 fn is_agent_kind(kind: &str) -> bool {
-    kind.starts_with("agent_") || kind.starts_with("policy_") || kind == "events_lost" || kind.starts_with("grant_")
+    kind.starts_with("agent_")
+        || kind.starts_with("policy_")
+        || kind == "events_lost"
+        || kind.starts_with("grant_")
 }
 
 /// Builds the census from records (any order). `since` is only echoed into the report.
 pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Census {
     records.sort_by_key(|r| r.time);
     let events_read = records.len() as u64;
-    let records: Vec<Record> = records.into_iter().filter(|r| !is_agent_kind(&r.event.kind) && r.event.process.pid != 0).collect();
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| !is_agent_kind(&r.event.kind) && r.event.process.pid != 0)
+        .collect();
     let hosts: BTreeSet<String> = records.iter().map(|r| r.event.host.clone()).collect();
 
     // Pass 1: the process tree, each process's own job, and what each process holds since when.
@@ -263,10 +274,18 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
     let job_of = |key: &ProcKey, cgroup: &str| -> JobKey {
         for a in ancestry(key) {
             if let Some(j) = own_job.get(&a) {
-                return JobKey { id: j.id.clone(), name: j.name.clone(), source: j.source.clone().unwrap_or_else(|| "job".into()) };
+                return JobKey {
+                    id: j.id.clone(),
+                    name: j.name.clone(),
+                    source: j.source.clone().unwrap_or_else(|| "job".into()),
+                };
             }
         }
-        let cg = if cgroup.is_empty() { cgroup_of.get(key).cloned().unwrap_or_else(|| "/".into()) } else { cgroup.to_string() };
+        let cg = if cgroup.is_empty() {
+            cgroup_of.get(key).cloned().unwrap_or_else(|| "/".into())
+        } else {
+            cgroup.to_string()
+        };
         JobKey { id: cg, name: None, source: "cgroup".into() }
     };
 
@@ -279,7 +298,12 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
         let e = &r.event;
         let key = (e.host.clone(), e.process.pid);
         let job = job_of(&key, &e.process.cgroup);
-        let ja = jobs.entry(job.clone()).or_insert_with(|| JobAcc { cgroups: BTreeSet::new(), first: r.time, last: r.time, creds: BTreeSet::new() });
+        let ja = jobs.entry(job.clone()).or_insert_with(|| JobAcc {
+            cgroups: BTreeSet::new(),
+            first: r.time,
+            last: r.time,
+            creds: BTreeSet::new(),
+        });
         if !e.process.cgroup.is_empty() {
             ja.cgroups.insert(e.process.cgroup.clone());
         }
@@ -288,7 +312,9 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
 
         for env in &r.env_credentials {
             let name = format!("env:{}", env.name);
-            let acc = creds.entry(name.clone()).or_insert_with(|| CredAcc { kind: "env", ..Default::default() });
+            let acc = creds
+                .entry(name.clone())
+                .or_insert_with(|| CredAcc { kind: "env", ..Default::default() });
             if let Some(f) = &env.fingerprint {
                 acc.fingerprints.insert(f.clone());
             }
@@ -305,7 +331,9 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
         if e.kind == "file_open"
             && let Some(f) = e.file.as_ref().filter(|f| !f.secret.is_empty())
         {
-            let acc = creds.entry(f.secret.clone()).or_insert_with(|| CredAcc { kind: "file", ..Default::default() });
+            let acc = creds
+                .entry(f.secret.clone())
+                .or_insert_with(|| CredAcc { kind: "file", ..Default::default() });
             acc.paths.insert(f.path.clone());
             acc.uses += 1;
             *acc.verdicts.entry(e.verdict.clone()).or_default() += 1;
@@ -318,7 +346,11 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
             }
             record_use(acc, &job, e, r.time);
             ja.creds.insert(f.secret.clone());
-            let since = holdings.entry(key.clone()).or_default().entry(f.secret.clone()).or_insert(Some(r.time));
+            let since = holdings
+                .entry(key.clone())
+                .or_default()
+                .entry(f.secret.clone())
+                .or_insert(Some(r.time));
             if let Some(s) = since {
                 *s = (*s).min(r.time);
             }
@@ -339,14 +371,17 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
                     continue;
                 }
                 let acc = creds.get_mut(cred).expect("held credential has an accumulator");
-                let da = acc.dests.entry((policy_destination(&d.ip, d.port), d.protocol.clone())).or_insert_with(|| DestAcc {
-                    ip: canonical_ip(&d.ip),
-                    port: d.port,
-                    connects: 0,
-                    exes: BTreeSet::new(),
-                    first: r.time,
-                    last: r.time,
-                });
+                let da = acc
+                    .dests
+                    .entry((policy_destination(&d.ip, d.port), d.protocol.clone()))
+                    .or_insert_with(|| DestAcc {
+                        ip: canonical_ip(&d.ip),
+                        port: d.port,
+                        connects: 0,
+                        exes: BTreeSet::new(),
+                        first: r.time,
+                        last: r.time,
+                    });
                 da.connects += 1;
                 if !e.process.exe.is_empty() {
                     da.exes.insert(e.process.exe.clone());
@@ -374,7 +409,12 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
     let credentials = creds
         .into_iter()
         .map(|(name, a)| {
-            let longest = a.jobs.iter().filter_map(|j| jobs.get(j)).map(|j| secs(j.last - j.first)).fold(0.0, f64::max);
+            let longest = a
+                .jobs
+                .iter()
+                .filter_map(|j| jobs.get(j))
+                .map(|j| secs(j.last - j.first))
+                .fold(0.0, f64::max);
             let destinations: Vec<DestinationUse> = a
                 .dests
                 .iter()
@@ -391,12 +431,21 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
                 .collect();
             let exes: Vec<String> = a.exes.iter().cloned().collect();
             let uids: Vec<u32> = a.uids.iter().copied().collect();
-            let proposal = propose(&name, a.kind, &destinations, &exes, &uids, longest, a.jobs.len());
+            let proposal =
+                propose(&name, a.kind, &destinations, &exes, &uids, longest, a.jobs.len());
             CredentialReport {
                 kind: a.kind.to_string(),
                 paths: a.paths.into_iter().collect(),
                 fingerprints: a.fingerprints.into_iter().collect(),
-                jobs: a.jobs.iter().map(|j| JobRef { id: j.id.clone(), name: j.name.clone(), source: j.source.clone() }).collect(),
+                jobs: a
+                    .jobs
+                    .iter()
+                    .map(|j| JobRef {
+                        id: j.id.clone(),
+                        name: j.name.clone(),
+                        source: j.source.clone(),
+                    })
+                    .collect(),
                 executables: exes,
                 uids,
                 destinations,
@@ -441,7 +490,9 @@ fn secs(d: chrono::Duration) -> f64 {
 /// The address as written in reports: IPv4-mapped IPv6 as IPv4.
 fn canonical_ip(ip: &str) -> String {
     match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| v6.to_string()),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| v6.to_string())
+        }
         Ok(a) => a.to_string(),
         Err(_) => ip.to_string(),
     }
@@ -483,7 +534,15 @@ fn toml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-fn propose(name: &str, kind: &str, dests: &[DestinationUse], exes: &[String], uids: &[u32], longest: f64, njobs: usize) -> Proposal {
+fn propose(
+    name: &str,
+    kind: &str,
+    dests: &[DestinationUse],
+    exes: &[String],
+    uids: &[u32],
+    longest: f64,
+    njobs: usize,
+) -> Proposal {
     let (secret_name, secret_toml) = match name.strip_prefix("env:") {
         Some(var) => {
             let s = format!("env-{}", slug(var));
@@ -503,7 +562,8 @@ fn propose(name: &str, kind: &str, dests: &[DestinationUse], exes: &[String], ui
         let set: BTreeSet<String> = dests.iter().map(|d| d.destination.clone()).collect();
         set.into_iter().collect()
     };
-    let mut agents: Vec<String> = exes.iter().map(|e| format!("{{ exe = {} }}", toml_str(e))).collect();
+    let mut agents: Vec<String> =
+        exes.iter().map(|e| format!("{{ exe = {} }}", toml_str(e))).collect();
     if agents.is_empty() {
         agents = uids.iter().map(|u| format!("{{ uid = {u} }}")).collect();
     }
@@ -517,5 +577,12 @@ fn propose(name: &str, kind: &str, dests: &[DestinationUse], exes: &[String], ui
         toml_str(&secret_name),
         destinations.iter().map(|d| toml_str(d)).collect::<Vec<_>>().join(", "),
     );
-    Proposal { intent_name, secret_name, destinations, max_ttl: format!("{ttl}m"), secret_toml, intent_toml }
+    Proposal {
+        intent_name,
+        secret_name,
+        destinations,
+        max_ttl: format!("{ttl}m"),
+        secret_toml,
+        intent_toml,
+    }
 }

@@ -31,7 +31,10 @@ pub fn markdown(c: &Census) -> String {
         let _ = writeln!(out, "No credential use was recorded.");
         return out;
     }
-    let _ = writeln!(out, "| credential | kind | jobs | executables | destinations | grant | first seen | last seen |");
+    let _ = writeln!(
+        out,
+        "| credential | kind | jobs | executables | destinations | grant | first seen | last seen |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for cr in &c.credentials {
         let _ = writeln!(
@@ -50,30 +53,62 @@ pub fn markdown(c: &Census) -> String {
     for cr in &c.credentials {
         let _ = writeln!(out, "\n## `{}`\n", md_escape(&cr.name));
         if !cr.paths.is_empty() {
-            let _ = writeln!(out, "- files: {}", cr.paths.iter().map(|p| format!("`{}`", md_escape(p))).collect::<Vec<_>>().join(", "));
+            let _ = writeln!(
+                out,
+                "- files: {}",
+                cr.paths
+                    .iter()
+                    .map(|p| format!("`{}`", md_escape(p)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         if !cr.fingerprints.is_empty() {
-            let _ = writeln!(out, "- value fingerprints: {}", cr.fingerprints.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", "));
+            let _ = writeln!(
+                out,
+                "- value fingerprints: {}",
+                cr.fingerprints.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+            );
         }
-        let jobs: Vec<String> = cr.jobs.iter().map(|j| match &j.name {
-            Some(n) => format!("`{}` ({}, {})", md_escape(n), md_escape(&j.id), j.source),
-            None => format!("`{}` ({})", md_escape(&j.id), j.source),
-        }).collect();
+        let jobs: Vec<String> = cr
+            .jobs
+            .iter()
+            .map(|j| match &j.name {
+                Some(n) => format!("`{}` ({}, {})", md_escape(n), md_escape(&j.id), j.source),
+                None => format!("`{}` ({})", md_escape(&j.id), j.source),
+            })
+            .collect();
         let _ = writeln!(out, "- jobs: {}", jobs.join(", "));
-        let _ = writeln!(out, "- executables: {}", cr.executables.iter().map(|p| format!("`{}`", md_escape(p))).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            out,
+            "- executables: {}",
+            cr.executables
+                .iter()
+                .map(|p| format!("`{}`", md_escape(p)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let _ = writeln!(
             out,
             "- uses: {} ({} without a grant){}",
             cr.uses,
             cr.uses_without_grant,
-            if cr.grant_intents.is_empty() { String::new() } else { format!("; covered by intents {}", cr.grant_intents.join(", ")) }
+            if cr.grant_intents.is_empty() {
+                String::new()
+            } else {
+                format!("; covered by intents {}", cr.grant_intents.join(", "))
+            }
         );
         if cr.destinations.is_empty() {
             let _ = writeln!(out, "- destinations contacted afterwards: none");
         } else {
             let _ = writeln!(out, "- destinations contacted afterwards:");
             for d in &cr.destinations {
-                let _ = writeln!(out, "  - `{}` ({}, {} connect(s))", d.destination, d.protocol, d.connects);
+                let _ = writeln!(
+                    out,
+                    "  - `{}` ({}, {} connect(s))",
+                    d.destination, d.protocol, d.connects
+                );
             }
         }
         let _ = writeln!(out, "\nProposed least-privilege policy:\n\n```toml");
@@ -154,7 +189,8 @@ fn result(cr: &CredentialReport) -> Value {
         cr.proposal.max_ttl
     );
     // A file secret is located at its file; an env key at the first executable that carried it.
-    let where_ = cr.paths.first().or_else(|| cr.executables.first()).cloned().unwrap_or_else(|| "/".into());
+    let where_ =
+        cr.paths.first().or_else(|| cr.executables.first()).cloned().unwrap_or_else(|| "/".into());
     let mut fix = String::new();
     if let Some(s) = &cr.proposal.secret_toml {
         fix.push_str(s);

@@ -40,14 +40,23 @@ fn dest(ip: &str, port: u16) -> Value {
 }
 
 fn stream() -> Vec<String> {
-    let job_a = json!({ "process": { "job": { "id": "4711", "name": "deploy", "source": "GITHUB_JOB" } } });
+    let job_a =
+        json!({ "process": { "job": { "id": "4711", "name": "deploy", "source": "GITHUB_JOB" } } });
     let env_b = json!({ "process": { "env_credentials": [{ "name": "AWS_SECRET_ACCESS_KEY", "fingerprint": "hmac-sha256:abcd" }] } });
     let mut a_open = file("aws-credentials", "/home/runner/.aws/credentials");
     merge(&mut a_open, job_a.clone());
     let mut b_connect = dest("10.0.0.9", 443);
     merge(&mut b_connect, env_b.clone());
     vec![
-        ev(0, "agent_started", 1, 0, "/usr/bin/enforcer", "/system.slice/enforcer.service", json!({"verdict": "allowed", "action": "allowed"})),
+        ev(
+            0,
+            "agent_started",
+            1,
+            0,
+            "/usr/bin/enforcer",
+            "/system.slice/enforcer.service",
+            json!({"verdict": "allowed", "action": "allowed"}),
+        ),
         // job A (GITHUB_JOB): python opens the broad credential file, connects twice to one
         // destination and once to another, then a child (curl) connects to a third.
         ev(10, "connect", 100, 1, "/usr/bin/python3", "/ci/job-a", dest("198.51.100.1", 80)), // before the open: not attributed
@@ -62,9 +71,16 @@ fn stream() -> Vec<String> {
         // unrelated process in job B, no credential: its connect is not attributed.
         ev(41, "connect", 201, 1, "/usr/bin/wget", "/ci/job-b", dest("192.0.2.77", 80)),
         // a granted use of another secret
-        ev(50, "file_open", 300, 1, "/usr/local/bin/deploy", "/ci/job-c",
-           json!({ "verdict": "allowed", "action": "allowed", "file": { "path": "/etc/ci/deploy-key.json", "dev": 1, "ino": 3, "secret": "deploy-key" },
-                   "grant": { "id": "g1", "intent": "deploy", "expires_at": "2030-01-01T00:00:00Z" } })),
+        ev(
+            50,
+            "file_open",
+            300,
+            1,
+            "/usr/local/bin/deploy",
+            "/ci/job-c",
+            json!({ "verdict": "allowed", "action": "allowed", "file": { "path": "/etc/ci/deploy-key.json", "dev": 1, "ino": 3, "secret": "deploy-key" },
+                   "grant": { "id": "g1", "intent": "deploy", "expires_at": "2030-01-01T00:00:00Z" } }),
+        ),
     ]
 }
 
@@ -86,7 +102,9 @@ impl Drop for TempDir {
 fn write_store(lines: &[String]) -> TempDir {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let dir = TempDir(std::env::temp_dir().join(format!("enforcer-census-unit-{}-{n}", std::process::id())));
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("enforcer-census-unit-{}-{n}", std::process::id())),
+    );
     let _ = std::fs::remove_dir_all(dir.path());
     std::fs::create_dir_all(dir.path()).unwrap();
     let mut f = std::fs::File::create(dir.path().join(crate::store::FILE_NAME)).unwrap();
@@ -102,7 +120,10 @@ fn census() -> census::Census {
 }
 
 fn cred<'a>(c: &'a census::Census, name: &str) -> &'a census::CredentialReport {
-    c.credentials.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no {name} in {:#?}", c.credentials))
+    c.credentials
+        .iter()
+        .find(|x| x.name == name)
+        .unwrap_or_else(|| panic!("no {name} in {:#?}", c.credentials))
 }
 
 #[test]
@@ -147,7 +168,13 @@ fn env_key_attributed_by_cgroup_job() {
     assert_eq!(env.uses, 1);
     assert_eq!(env.proposal.max_ttl, "5m");
     assert_eq!(env.proposal.secret_name, "env-aws-secret-access-key");
-    assert!(env.proposal.secret_toml.as_deref().unwrap().contains("/etc/enforcer/secrets/AWS_SECRET_ACCESS_KEY"));
+    assert!(
+        env.proposal
+            .secret_toml
+            .as_deref()
+            .unwrap()
+            .contains("/etc/enforcer/secrets/AWS_SECRET_ACCESS_KEY")
+    );
 }
 
 #[test]
@@ -170,7 +197,10 @@ fn proposals_are_valid_policy() {
     let mut text = String::from("mode = \"monitor\"\n");
     for cr in &c.credentials {
         if cr.proposal.secret_toml.is_none() {
-            text.push_str(&format!("[[secret]]\nname = \"{}\"\npaths = [\"/tmp/{}\"]\n", cr.name, cr.name));
+            text.push_str(&format!(
+                "[[secret]]\nname = \"{}\"\npaths = [\"/tmp/{}\"]\n",
+                cr.name, cr.name
+            ));
         }
     }
     for cr in &c.credentials {
@@ -179,7 +209,8 @@ fn proposals_are_valid_policy() {
         }
         text.push_str(&cr.proposal.intent_toml);
     }
-    let cfg = crate::policy::load_str("proposal.toml", &text).unwrap_or_else(|d| panic!("{d}\n{text}"));
+    let cfg =
+        crate::policy::load_str("proposal.toml", &text).unwrap_or_else(|d| panic!("{d}\n{text}"));
     assert_eq!(cfg.intents.len(), 3);
     let aws = cfg.intents.iter().find(|i| i.name == "aws-credentials-least-privilege").unwrap();
     assert_eq!(aws.destinations.len(), 3);
@@ -204,7 +235,8 @@ fn clock_slack_lets_a_kernel_stamped_connect_precede_the_open_stamp() {
     ];
     let dir = write_store(&lines);
     let c = census_from_store(dir.path(), None).unwrap();
-    let d: Vec<&str> = c.credentials[0].destinations.iter().map(|d| d.destination.as_str()).collect();
+    let d: Vec<&str> =
+        c.credentials[0].destinations.iter().map(|d| d.destination.as_str()).collect();
     assert_eq!(d, ["127.0.0.1/32:1"]);
 }
 
@@ -225,7 +257,12 @@ fn renderings() {
     for r in results {
         let idx = r["ruleIndex"].as_u64().unwrap() as usize;
         assert_eq!(s["runs"][0]["tool"]["driver"]["rules"][idx]["id"], r["ruleId"]);
-        assert!(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap().starts_with("file:///"));
+        assert!(
+            r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+                .as_str()
+                .unwrap()
+                .starts_with("file:///")
+        );
     }
 }
 

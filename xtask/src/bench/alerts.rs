@@ -126,7 +126,11 @@ fn count_lines(live: &Path, needle: &[u8]) -> Result<(u64, u64)> {
         let mut f = match std::fs::File::open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("bench: cannot read {}", p.display()))),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("bench: cannot read {}", p.display()))
+                );
+            }
         };
         let mut buf = vec![0u8; 1 << 20];
         let mut line: Vec<u8> = Vec::new();
@@ -155,7 +159,9 @@ fn proc_status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix(key).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -169,7 +175,9 @@ fn cursor(state: &Path, sink: &str) -> Option<(u64, u64)> {
 /// The sink has delivered everything in the outbox: its cursor is at the end of the live file.
 fn caught_up(state: &Path, sink: &str) -> bool {
     let live = state.join("events.jsonl");
-    let (Ok(m), Some((ino, off))) = (std::fs::metadata(&live), cursor(state, sink)) else { return false };
+    let (Ok(m), Some((ino, off))) = (std::fs::metadata(&live), cursor(state, sink)) else {
+        return false;
+    };
     m.ino() == ino && m.len() == off
 }
 
@@ -207,10 +215,15 @@ impl HecReceiver {
         let ca_path = dir.join("hec-ca.pem");
         std::fs::write(&ca_path, ca.pem())?;
         let tls = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))?,
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?,
         );
         let l = TcpListener::bind("127.0.0.1:0").context("bench: cannot bind the HEC receiver")?;
         l.set_nonblocking(true)?;
@@ -224,7 +237,8 @@ impl HecReceiver {
             conns: Arc::default(),
             errors: Arc::default(),
         };
-        let (stop, conns, events, rejected) = (r.stop.clone(), r.conns.clone(), r.events.clone(), r.rejected.clone());
+        let (stop, conns, events, rejected) =
+            (r.stop.clone(), r.conns.clone(), r.events.clone(), r.rejected.clone());
         let errors = r.errors.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
@@ -234,7 +248,13 @@ impl HecReceiver {
                         if let Ok(c) = s.try_clone() {
                             conns.lock().unwrap().push(c);
                         }
-                        let (tls, events, rejected, errors, stop) = (tls.clone(), events.clone(), rejected.clone(), errors.clone(), stop.clone());
+                        let (tls, events, rejected, errors, stop) = (
+                            tls.clone(),
+                            events.clone(),
+                            rejected.clone(),
+                            errors.clone(),
+                            stop.clone(),
+                        );
                         std::thread::spawn(move || {
                             let Ok(conn) = rustls::ServerConnection::new(tls) else { return };
                             let mut s = rustls::StreamOwned::new(conn, s);
@@ -266,7 +286,11 @@ impl Drop for HecReceiver {
     }
 }
 
-fn serve_hec(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, events: &AtomicU64, rejected: &AtomicU64) -> std::io::Result<()> {
+fn serve_hec(
+    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    events: &AtomicU64,
+    rejected: &AtomicU64,
+) -> std::io::Result<()> {
     const OBJECT: &[u8] = b"\"sourcetype\":\"enforcer\"";
     let auth = format!("authorization: splunk {HEC_TOKEN}").to_ascii_lowercase();
     let mut buf = Vec::new();
@@ -283,8 +307,10 @@ fn serve_hec(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, e
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize =
-            head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok())).unwrap_or(0);
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0);
         while buf.len() < end + 4 + len {
             let n = s.read(&mut chunk)?;
             if n == 0 {
@@ -292,7 +318,8 @@ fn serve_hec(s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>, e
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        let ok = head.starts_with("post /services/collector/event http/1.1") && head.lines().any(|l| l.trim() == auth);
+        let ok = head.starts_with("post /services/collector/event http/1.1")
+            && head.lines().any(|l| l.trim() == auth);
         let body = &buf[end + 4..end + 4 + len];
         let reply: &[u8] = if ok {
             let n = body.windows(OBJECT.len()).filter(|w| *w == OBJECT).count();
@@ -313,7 +340,8 @@ impl Bench {
     /// UDP flood by an agent worker without a grant; measured until the sink caught up.
     pub(super) fn alert_round(&mut self, kind: SinkKind, n: usize) -> Result<AlertRound> {
         let dir = self.tmp.join(format!("alerts-{}-{n}", kind.name()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("bench: cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("bench: cannot create {}", dir.display()))?;
         let r = self.alert_round_in(kind, &dir);
         let _ = self.stop_daemon();
         let _ = std::fs::remove_dir_all(&dir);
@@ -335,7 +363,10 @@ impl Bench {
         if !base.contains(&old_state) {
             bail!("bench: the monitor config has no `{old_state}` line");
         }
-        let rel = self.cgroup.strip_prefix(&self.cgroup_mount).context("bench: cgroup outside the cgroup2 mount")?;
+        let rel = self
+            .cgroup
+            .strip_prefix(&self.cgroup_mount)
+            .context("bench: cgroup outside the cgroup2 mount")?;
         let mut config = base.replace(&old_state, &format!("state_dir = {}", toml_str(&state)));
         config += &format!(
             "\n[outbox]\nrotate_bytes = 268435456\nmax_backups = 16\nmax_bytes = 17179869184\n\n\
@@ -343,7 +374,10 @@ impl Bench {
             toml_str(&Path::new("/").join(rel))
         );
         config += &match &hec {
-            None => format!("[[sink]]\nname = \"file\"\ntype = \"file\"\npath = {}\nmax_bytes = 1073741824\n", toml_str(&sink_file)),
+            None => format!(
+                "[[sink]]\nname = \"file\"\ntype = \"file\"\npath = {}\nmax_bytes = 1073741824\n",
+                toml_str(&sink_file)
+            ),
             Some(h) => format!(
                 "[[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{}/services/collector/event\"\n\
                  token = \"{HEC_TOKEN}\"\nca_file = {}\n",
@@ -358,7 +392,8 @@ impl Bench {
             SinkKind::Hec => "hec",
         };
         self.start_daemon_with(&config_path)?;
-        let pid = self.daemon.as_ref().map(|d| d.id()).ok_or_else(|| anyhow!("bench: no daemon"))?;
+        let pid =
+            self.daemon.as_ref().map(|d| d.id()).ok_or_else(|| anyhow!("bench: no daemon"))?;
         let outbox = state.join("events.jsonl");
         // Startup events delivered first, so the baseline is quiet.
         let t0 = Instant::now();
@@ -386,7 +421,8 @@ impl Bench {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
         let sampler = {
-            let (stop, samples, outbox, progress) = (stop.clone(), samples.clone(), outbox.clone(), progress.clone());
+            let (stop, samples, outbox, progress) =
+                (stop.clone(), samples.clone(), outbox.clone(), progress.clone());
             let t0 = Instant::now();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
@@ -409,7 +445,14 @@ impl Bench {
                 .arg("--cgroup")
                 .arg(&self.cgroup)
                 .args(["--kind", "flood", "--target", &self.udp.local_addr()?.to_string()])
-                .args(["--rate", &ALERT_RATE.to_string(), "--secs", &ALERT_SECS.to_string(), "--threads", &ALERT_THREADS.to_string()]);
+                .args([
+                    "--rate",
+                    &ALERT_RATE.to_string(),
+                    "--secs",
+                    &ALERT_SECS.to_string(),
+                    "--threads",
+                    &ALERT_THREADS.to_string(),
+                ]);
             let (ns, sent) = run_worker("alert flood", &mut c)?;
             let flood_end = Instant::now();
             // Caught up: the cursor at the end of the live outbox, twice 300 ms apart with the
@@ -435,16 +478,21 @@ impl Bench {
             std::thread::sleep(SAMPLE_EVERY * 3);
             let hwm_kb = proc_status_kb(pid, "VmHWM:");
             let after = self.status_json()?;
-            let counter = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
-            let drops = counter(&after, "/kernel/ringbuf_drops").saturating_sub(counter(&before, "/kernel/ringbuf_drops"));
+            let counter =
+                |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+            let drops = counter(&after, "/kernel/ringbuf_drops")
+                .saturating_sub(counter(&before, "/kernel/ringbuf_drops"));
             stop.store(true, Ordering::SeqCst);
             let samples = samples.lock().unwrap().clone();
-            let (outbox_lines, alert_lines) = count_lines(&outbox, b"\"verdict\":\"out_of_intent\"")?;
+            let (outbox_lines, alert_lines) =
+                count_lines(&outbox, b"\"verdict\":\"out_of_intent\"")?;
             let delivered = sink_count(&sink_file)?.saturating_sub(sink_base);
             if let Some(h) = &hec {
                 let rej = h.rejected.load(Ordering::SeqCst);
                 if rej > 0 {
-                    bail!("bench: the HEC receiver rejected {rej} requests (method, path or token)");
+                    bail!(
+                        "bench: the HEC receiver rejected {rej} requests (method, path or token)"
+                    );
                 }
             }
             Ok(AlertRound {
@@ -489,9 +537,13 @@ pub fn rows(rounds: &[Result<AlertRound>]) -> Vec<Row> {
         let sent = median(&rs.iter().map(|r| r.sent as f64 / r.send_secs).collect::<Vec<_>>());
         let complete = rs.iter().all(|r| r.caught_up && r.delivered >= r.outbox);
         let drops: u64 = rs.iter().map(|r| r.drops).sum();
-        let per_round: Vec<String> = rs.iter().map(|r| format!("{:.1}k", r.deliver_rate() / 1e3)).collect();
+        let per_round: Vec<String> =
+            rs.iter().map(|r| format!("{:.1}k", r.deliver_rate() / 1e3)).collect();
         let (target, pass) = match kind {
-            SinkKind::File => (format!(">= {:.0}k/s, all delivered", FILE_RATE_MIN / 1e3), Some(rate >= FILE_RATE_MIN && complete)),
+            SinkKind::File => (
+                format!(">= {:.0}k/s, all delivered", FILE_RATE_MIN / 1e3),
+                Some(rate >= FILE_RATE_MIN && complete),
+            ),
             SinkKind::Hec => ("all delivered".to_string(), Some(complete)),
         };
         rows.push(Row {

@@ -28,7 +28,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Spawns `n` `sleep 3600` processes, each placed in `cgroup` before it execs. Spawned children
 /// are pushed to `out` as they start, so the caller can reap them even if this fails midway.
-pub fn spawn_holders(n: usize, cgroup: &Path, out: &mut Vec<Child>, interrupted: impl Fn() -> Result<()>) -> Result<()> {
+pub fn spawn_holders(
+    n: usize,
+    cgroup: &Path,
+    out: &mut Vec<Child>,
+    interrupted: impl Fn() -> Result<()>,
+) -> Result<()> {
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
     for i in 0..n {
         if i % 500 == 0 {
@@ -37,7 +42,9 @@ pub fn spawn_holders(n: usize, cgroup: &Path, out: &mut Vec<Child>, interrupted:
         let mut c = Command::new("sleep");
         c.arg("3600").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         join_before_exec(&mut c, procs.clone());
-        out.push(c.spawn().with_context(|| format!("bench: cannot start holder #{i} (`sleep 3600` in {})", cgroup.display()))?);
+        out.push(c.spawn().with_context(|| {
+            format!("bench: cannot start holder #{i} (`sleep 3600` in {})", cgroup.display())
+        })?);
     }
     Ok(())
 }
@@ -96,7 +103,8 @@ impl Client {
 
     fn reconnect(&mut self) -> Result<()> {
         self.conn = None;
-        let s = UnixStream::connect(&self.path).with_context(|| format!("bench: cannot connect to {}", self.path.display()))?;
+        let s = UnixStream::connect(&self.path)
+            .with_context(|| format!("bench: cannot connect to {}", self.path.display()))?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         self.conn = Some(BufReader::new(s));
@@ -116,7 +124,12 @@ impl Client {
         r.map(|(resp, _)| resp)
     }
 
-    fn exchange(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(Response, bool)> {
+    fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(Response, bool)> {
         let conn = self.conn.as_mut().expect("connected");
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
         if let Some(b) = body {
@@ -149,14 +162,16 @@ impl Client {
             let Some((k, v)) = h.split_once(':') else { bail!("bad header line {h:?}") };
             let (k, v) = (k.trim(), v.trim());
             if k.eq_ignore_ascii_case("content-length") {
-                length = Some(v.parse::<usize>().with_context(|| format!("bad content-length {v:?}"))?);
+                length =
+                    Some(v.parse::<usize>().with_context(|| format!("bad content-length {v:?}"))?);
             } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
                 close = true;
             } else if k.eq_ignore_ascii_case("transfer-encoding") {
                 bail!("unsupported transfer-encoding {v:?}");
             }
         }
-        let length = length.ok_or_else(|| anyhow!("response without content-length (status {status})"))?;
+        let length =
+            length.ok_or_else(|| anyhow!("response without content-length (status {status})"))?;
         let mut body = vec![0; length];
         conn.read_exact(&mut body).context("read body")?;
         Ok((Response { status, body }, close))
@@ -169,17 +184,25 @@ impl Client {
         if r.status != 201 {
             bail!("status {}: {}", r.status, String::from_utf8_lossy(&r.body).trim());
         }
-        let v: serde_json::Value = serde_json::from_slice(&r.body).context("201 without a JSON body")?;
-        v["id"].as_str().map(String::from).ok_or_else(|| anyhow!("201 without an id: {}", String::from_utf8_lossy(&r.body).trim()))
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body).context("201 without a JSON body")?;
+        v["id"].as_str().map(String::from).ok_or_else(|| {
+            anyhow!("201 without an id: {}", String::from_utf8_lossy(&r.body).trim())
+        })
     }
 
     /// `live_grants` from GET /v1/status.
     pub fn live_grants(&mut self) -> Result<u64> {
         let r = self.request("GET", "/v1/status", None)?;
         if r.status != 200 {
-            bail!("GET /v1/status: status {}: {}", r.status, String::from_utf8_lossy(&r.body).trim());
+            bail!(
+                "GET /v1/status: status {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body).trim()
+            );
         }
-        let v: serde_json::Value = serde_json::from_slice(&r.body).context("GET /v1/status: not JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body).context("GET /v1/status: not JSON")?;
         v["live_grants"].as_u64().ok_or_else(|| anyhow!("GET /v1/status has no live_grants"))
     }
 }
@@ -249,7 +272,8 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize) -> Result<Issuanc
     });
     let mut out = Issuance { latencies: Vec::new(), wall, ok: 0, failures: 0, errors: Vec::new() };
     for r in results {
-        let (lat, failures, errors) = r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;
+        let (lat, failures, errors) =
+            r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;
         out.ok += lat.len() - failures;
         out.failures += failures;
         out.latencies.extend(lat);
@@ -270,5 +294,9 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 /// 412 us, 1.31 ms.
 pub fn fmt_ns(ns: u64) -> String {
-    if ns < 1_000_000 { format!("{:.0} us", ns as f64 / 1e3) } else { format!("{:.2} ms", ns as f64 / 1e6) }
+    if ns < 1_000_000 {
+        format!("{:.0} us", ns as f64 / 1e3)
+    } else {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    }
 }

@@ -96,7 +96,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
 
 /// `a.n` calls of `op`; with `--per-op`, each one timed into `samples` (the timing adds two
 /// clock reads per call, so per-op runs are not compared with plain ones).
-fn timed(a: &WorkerArgs, samples: &mut Vec<u64>, mut op: impl FnMut(u64) -> Result<()>) -> Result<u64> {
+fn timed(
+    a: &WorkerArgs,
+    samples: &mut Vec<u64>,
+    mut op: impl FnMut(u64) -> Result<()>,
+) -> Result<u64> {
     for i in 0..a.n {
         if a.per_op {
             let t = Instant::now();
@@ -115,8 +119,16 @@ fn check(r: std::io::Result<()>, what: impl Fn() -> String, expect: Option<i32>)
         (Ok(()), None) => Ok(()),
         (Err(e), None) => Err(anyhow::Error::new(e).context(what())),
         (Err(e), Some(want)) if e.raw_os_error() == Some(want) => Ok(()),
-        (Err(e), Some(want)) => bail!("{}: expected errno {want} ({}), got: {e}", what(), std::io::Error::from_raw_os_error(want)),
-        (Ok(()), Some(want)) => bail!("{}: succeeded, expected errno {want} ({})", what(), std::io::Error::from_raw_os_error(want)),
+        (Err(e), Some(want)) => bail!(
+            "{}: expected errno {want} ({}), got: {e}",
+            what(),
+            std::io::Error::from_raw_os_error(want)
+        ),
+        (Ok(()), Some(want)) => bail!(
+            "{}: succeeded, expected errno {want} ({})",
+            what(),
+            std::io::Error::from_raw_os_error(want)
+        ),
     }
 }
 
@@ -138,7 +150,11 @@ fn connect_one(addr: SocketAddr, i: u64, expect: Option<i32>) -> Result<()> {
 }
 
 fn open_one(path: &str, i: u64, expect: Option<i32>) -> Result<()> {
-    check(std::fs::File::open(path).map(drop), || format!("bench worker: open #{i} of {path}"), expect)
+    check(
+        std::fs::File::open(path).map(drop),
+        || format!("bench worker: open #{i} of {path}"),
+        expect,
+    )
 }
 
 fn exec(prog: &str, n: u64) -> Result<u64> {
