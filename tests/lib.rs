@@ -327,7 +327,7 @@ pub fn by(kind: &'static str, pid: u32) -> impl Fn(&Value) -> bool {
     move |e| e["kind"] == kind && e["process"]["pid"] == pid
 }
 
-/// Fields every event must carry (DESIGN.md "Event stream").
+/// Fields every event must carry (docs/contracts.md, "Events").
 pub fn assert_required_fields(e: &Value) {
     for f in ["schema", "time", "host", "kind", "verdict", "action", "mode", "process"] {
         assert!(!e[f].is_null(), "event lacks {f}: {e}");

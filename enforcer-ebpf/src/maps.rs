@@ -19,7 +19,8 @@ pub static EVENTS: RingBuf = RingBuf::pinned(16 * 1024 * 1024, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
 /// tgid -> grants held, taint, flags. The one source of truth for who holds what
-/// (DESIGN.md): the fork hook copies it to children before they run, the exit hook removes it.
+/// (docs/architecture.md): the fork hook copies it to children before they run, the exit hook
+/// removes it.
 #[map]
 pub static PROC_GRANTS: HashMap<u32, ProcGrants> = HashMap::pinned(65_536, 0);
 

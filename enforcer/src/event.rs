@@ -1,4 +1,4 @@
-//! The event stream record, `enforcer.event/v1` (DESIGN.md "Event stream"). Field names
+//! The event stream record, `enforcer.event/v1` (docs/contracts.md, "Events"). Field names
 //! are a contract with SIEM pipelines: change them only together with the schema version.
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,5 @@
-//! Who is calling, as the kernel says (DESIGN.md, "Mint API": never what the caller claims).
+//! Who is calling, as the kernel says (docs/threat-model.md, "Trust boundaries": never what the
+//! caller claims).
 //!
 //! The identity is pinned by a pidfd taken before /proc is read; after reading, the pidfd must
 //! still refer to a live process. A live process keeps its pid, so everything read from

@@ -1,6 +1,6 @@
 //! The grant ledger: the durable record of every grant and what happened to it. The kernel maps
-//! are the live truth (DESIGN.md); this is what they are rebuilt from after a restart that lost
-//! the pins, and what `grant list` and audits read.
+//! are the live truth (docs/architecture.md); this is what they are rebuilt from after a restart
+//! that lost the pins, and what `grant list` and audits read.
 //!
 //! Every value reaches SQL as a bound parameter: ids, intents and reasons come from callers we
 //! do not trust.

@@ -1,5 +1,5 @@
 //! The grant: "this process subtree may use secrets S, toward destinations D, until T, for
-//! intent I". Serialized exactly as the Mint API's grant JSON (DESIGN.md).
+//! intent I". Serialized exactly as the Mint API's grant JSON (docs/contracts.md).
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 

@@ -60,7 +60,7 @@ impl ApiError {
         Self::new(429, code, message)
     }
 
-    /// `{"error": {"code": .., "message": ..}}` (DESIGN.md, Mint API).
+    /// `{"error": {"code": .., "message": ..}}` (docs/contracts.md, "Mint API").
     pub fn to_json(&self) -> Value {
         serde_json::json!({"error": {"code": self.code, "message": self.message}})
     }

@@ -27,7 +27,7 @@ pub const KEY_FILE: &str = "signing-key.ed25519";
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const ALG: &str = "EdDSA";
 
-/// The claims of a grant token; they mirror the grant (DESIGN.md "Mint API").
+/// The claims of a grant token; they mirror the grant (docs/contracts.md, "Mint API").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
     pub iss: String,
