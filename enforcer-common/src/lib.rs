@@ -5,6 +5,8 @@
 //! uninitialised stack, and userspace must never see stale kernel memory).
 #![no_std]
 
+pub mod judge;
+
 /// Ring-buffer record kinds; the first `u32` of every record.
 pub mod kind {
     pub const FORK: u32 = 1;

@@ -5,10 +5,10 @@
 //! A dual-stack socket connecting to an IPv4-mapped address reaches connect6 only; it is
 //! judged (and reported) as the IPv4 address.
 //!
-//! The verdict for a process holding grants is decided here, against the grant deadlines on
-//! the boot clock, so a use one nanosecond late is already expired. It follows decide.rs:
-//! allowed if any active, unexpired grant covers the destination; otherwise revoked or
-//! expired if such a grant covers it; otherwise out_of_intent.
+//! The verdict for a process holding grants, tainted by a secret or marked as an agent is
+//! decided here, against the grant deadlines on the boot clock (a use one nanosecond late is
+//! already expired), by the shared judge `enforcer_common::judge::judge`: the same function
+//! the daemon's decide.rs calls, so its table tests cover this code.
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::{
@@ -19,8 +19,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ConnectRecord, DestKey, MAX_PORT_RANGES, MAX_PROC_GRANTS, MAX_SECRETS, SECRET_SLOT_BASE,
-    action, config, counter, grant_flags, grant_state, kind, op, proc_flags, reason, verdict,
+    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, SecretInfo, action, config, counter,
+    grant_state, kind, op,
+    judge::{Facts, Judgement, Settings, judge},
 };
 
 use crate::maps::{
@@ -54,139 +55,56 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     record(&ctx, AF_INET6, op::SENDMSG)
 }
 
-/// The kernel's decision for one connect.
-struct Judgement {
-    verdict: u8,
-    slot: u32,
-    action: u8,
-    reason: u8,
-    taint_secret: u8,
-    revoked_now: u8,
-}
+/// The kernel maps as the shared judge's facts.
+struct Maps;
 
-/// Does grant `slot` cover (addr, port)?
-#[inline(always)]
-fn dest_allows(slot: u32, addr: &[u8; 16], port: u16) -> bool {
-    let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
-    let Some(ports) = GRANT_DESTS.get(&key) else { return false };
-    let mut ok = false;
-    for j in 0..MAX_PORT_RANGES {
-        if ports.lo[j] <= port && port <= ports.hi[j] {
-            ok = true;
-        }
+impl Facts for Maps {
+    #[inline(always)]
+    fn grant(&self, slot: u32) -> Option<GrantInfo> {
+        unsafe { GRANTS.get(&slot) }.copied()
     }
-    ok
+
+    #[inline(always)]
+    fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool {
+        let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
+        let Some(ports) = GRANT_DESTS.get(&key) else { return false };
+        let mut ok = false;
+        for j in 0..MAX_PORT_RANGES {
+            if ports.lo[j] <= port && port <= ports.hi[j] {
+                ok = true;
+            }
+        }
+        ok
+    }
+
+    #[inline(always)]
+    fn secret(&self, index: u32) -> Option<SecretInfo> {
+        SECRETS.get(index).copied()
+    }
 }
 
-/// Decides a connect by `tgid` to `addr` (IPv6 form, IPv4 mapped) and `port`, following
-/// decide.rs: grants first (allowed > revoked > expired > out_of_intent), then the taint of
-/// secrets the process read (each must be valid toward the destination: its own
-/// destinations if it has any, and a live grant covering it that covers the destination),
-/// then `[[agent]]` processes without any grant.
+/// Decides a connect by `tgid` with the shared judge (enforcer_common::judge, the code
+/// decide.rs runs too) and applies a revoke-on-violation to the grant in the map.
 #[inline(always)]
-fn judge(tgid: u32, addr: &[u8; 16], port: u16) -> Judgement {
-    let mut j = Judgement {
-        verdict: verdict::NO_GRANT_HELD,
-        slot: 0,
-        action: action::ALLOWED,
-        reason: reason::GRANT,
-        taint_secret: 0,
-        revoked_now: 0,
-    };
+fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16) -> (Judgement, u8) {
     let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
-        return j;
+        return (Judgement::default(), 0);
     };
+    let settings =
+        Settings { enforce: config(config::ENFORCE) != 0, agent_action: config(config::AGENT_ACTION) as u8 };
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let mut any = false;
-    let mut best = verdict::OUT_OF_INTENT;
-    let mut best_slot = 0u32;
-    let mut live_slot = 0u32;
-    // Secrets covered by live grants that also cover this destination.
-    let mut live_secrets: u64 = 0;
-    for i in 0..MAX_PROC_GRANTS {
-        let slot = pg.grants[i];
-        if slot == 0 {
-            continue;
-        }
-        let Some(g) = (unsafe { GRANTS.get(&slot) }) else { continue };
-        any = true;
-        if best_slot == 0 {
-            best_slot = slot;
-        }
-        if !dest_allows(slot, addr, port) {
-            continue;
-        }
-        if g.state == grant_state::ACTIVE && now < g.expires_ns {
-            if live_slot == 0 {
-                live_slot = slot;
-            }
-            live_secrets |= g.secrets;
-            continue;
-        }
-        // Covered but unusable: revoked outranks expired (it is the stronger statement).
-        let v = if g.state == grant_state::REVOKED { verdict::REVOKED } else { verdict::EXPIRED };
-        if best == verdict::OUT_OF_INTENT || v == verdict::REVOKED {
-            best = v;
-            best_slot = slot;
-        }
-    }
-    if live_slot != 0 {
-        j.verdict = verdict::ALLOWED;
-        j.slot = live_slot;
-    } else if any {
-        j.verdict = best;
-        j.slot = best_slot;
-    } else if pg.flags & proc_flags::AGENT != 0 {
-        j.verdict = verdict::OUT_OF_INTENT;
-        j.reason = reason::AGENT;
-    }
-    // History counts: every secret this process read must be valid toward here.
-    if pg.taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
-        for i in 0..MAX_SECRETS {
-            if pg.taint & (1u64 << i) == 0 {
-                continue;
-            }
-            let Some(info) = SECRETS.get(i as u32) else { continue };
-            let own_ok =
-                info.has_dests == 0 || dest_allows(SECRET_SLOT_BASE + i as u32, addr, port);
-            let granted = live_secrets & (1u64 << i) != 0;
-            if !(own_ok && granted) {
-                j.verdict = verdict::OUT_OF_INTENT;
-                j.reason = reason::TAINT;
-                j.taint_secret = (i + 1) as u8;
-                if j.slot == 0 {
-                    j.slot = best_slot;
-                }
-                j.action = info.action as u8;
-                break;
-            }
-        }
-    }
-    if j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD {
-        j.action = action::ALLOWED;
-        return j;
-    }
-    // A violation: the action comes from the grant's intent, the tainting secret, or
-    // the agent setting; monitor mode only alerts.
-    if j.reason == reason::GRANT && j.slot != 0 {
+    let j = judge(&Maps, pg, addr, port, now, settings);
+    let mut revoked_now = 0;
+    if j.revoke {
         if let Some(g) = GRANTS.get_ptr_mut(&j.slot) {
             let g = unsafe { &mut *g };
-            j.action = g.action as u8;
-            if g.flags & grant_flags::REVOKE_ON_VIOLATION != 0 && g.state == grant_state::ACTIVE {
+            if g.state == grant_state::ACTIVE {
                 g.state = grant_state::REVOKED;
-                j.revoked_now = 1;
+                revoked_now = 1;
             }
         }
-    } else if j.reason == reason::AGENT {
-        j.action = config(config::AGENT_ACTION) as u8;
     }
-    if j.action == action::ALLOWED {
-        j.action = action::ALERT;
-    }
-    if config(config::ENFORCE) == 0 {
-        j.action = action::ALERT;
-    }
-    j
+    (j, revoked_now)
 }
 
 #[inline(always)]
@@ -214,8 +132,8 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     if family == AF_INET {
         v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
     }
-    let j = judge(tgid, &v6, port);
-    let deny = j.action == action::DENY || j.action == action::KILL;
+    let (j, revoked_now) = judge_connect(tgid, &v6, port);
+    let deny = !j.lets_through();
     let ug = bpf_get_current_uid_gid();
     let Some(mut entry) = EVENTS.reserve::<ConnectRecord>(0) else {
         count(counter::RINGBUF_DROPS);
@@ -239,7 +157,7 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         grant_slot: j.slot,
         reason: j.reason,
         taint_secret: j.taint_secret,
-        revoked_now: j.revoked_now,
+        revoked_now,
         _pad2: 0,
     });
     // A kill is carried out by the daemon: wake it now rather than at the next drain.

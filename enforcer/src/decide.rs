@@ -1,7 +1,9 @@
 //! The decision: one pure function from a use (a secret-file open or a connection), the
 //! grants the subject holds and the clock, to a verdict, an action and the ordered checks
-//! that led there. No I/O: the caller passes `now`. The kernel's connect hook implements
-//! the same rules (enforcer-ebpf/src/connect.rs); the engine checks they agree.
+//! that led there. No I/O: the caller passes `now`. Connections are judged by the shared
+//! judge `enforcer_common::judge::judge`, the very function the kernel's connect hook runs
+//! (enforcer-ebpf/src/connect.rs), over an in-memory copy of the facts the kernel maps hold;
+//! the engine checks the kernel's verdict, grant and action against this one.
 //!
 //! Precedence when several grants are held: allowed (an active, unexpired grant covers the
 //! use) > revoked (a covering grant was revoked) > expired (a covering grant expired) >
@@ -11,13 +13,19 @@
 //! the process read a secret that is not valid toward it (possible exfiltration).
 //!
 //! The action of a violation: monitor mode alerts; enforce mode applies the on_violation of
-//! the grant's intent, of the tainting secret's strictest intent, or `deny` for agents.
+//! the grant's intent, of the tainting secret's strictest intent, or `AGENT_ON_VIOLATION`
+//! for agents.
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
+use enforcer_common::judge::{Facts, Judgement, Settings, judge};
+use enforcer_common::{
+    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SLOT_BASE, SecretInfo, action,
+    grant_flags, grant_state, proc_flags, reason, verdict,
+};
 use ipnet::IpNet;
 
-use crate::policy::{Mode, OnViolation};
+use crate::policy::{AGENT_ON_VIOLATION, Mode, OnViolation};
 
 /// What was used.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,8 +71,10 @@ pub enum Reason {
 
 /// A grant as the decision sees it. `destinations` are concrete networks with inclusive
 /// port ranges (DNS names already resolved): exactly what the kernel map holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct HeldGrant {
+    /// The grant's slot in the kernel maps (0: not known to the kernel).
+    pub slot: u32,
     pub id: String,
     pub intent: String,
     pub secrets: Vec<String>,
@@ -72,6 +82,8 @@ pub struct HeldGrant {
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
     pub on_violation: OnViolation,
+    /// The grant ends at its first violation.
+    pub revoke_on_violation: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +108,6 @@ impl Verdict {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-// Denied and Killed are applied by enforcement (the enforce issue).
-#[allow(dead_code)]
 pub enum Action {
     Allowed,
     Alerted,
@@ -140,13 +150,6 @@ fn in_nets(nets: &[(IpNet, u16, u16)], ip: IpAddr, port: u16) -> bool {
     nets.iter().any(|(net, lo, hi)| net.contains(&ip) && *lo <= port && port <= *hi)
 }
 
-fn covers(g: &HeldGrant, u: &Use) -> bool {
-    match u {
-        Use::SecretOpen { secret, .. } => g.secrets.iter().any(|s| s == secret),
-        Use::Connect { ip, port } => in_nets(&g.destinations, *ip, *port),
-    }
-}
-
 /// The action a violation gets.
 fn act(mode: Mode, on_violation: OnViolation, path: &mut Vec<String>) -> Action {
     match mode {
@@ -156,11 +159,7 @@ fn act(mode: Mode, on_violation: OnViolation, path: &mut Vec<String>) -> Action 
         }
         Mode::Enforce => {
             path.push(format!("mode enforce: on_violation {on_violation}"));
-            match on_violation {
-                OnViolation::Alert => Action::Alerted,
-                OnViolation::Deny => Action::Denied,
-                OnViolation::Kill => Action::Killed,
-            }
+            action_of(on_violation.action_code())
         }
     }
 }
@@ -173,12 +172,11 @@ fn what(u: &Use) -> String {
 }
 
 pub fn decide(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -> Decision {
-    let d = decide_grants(u, subject, mode, now);
-    match (u, d.verdict) {
-        (Use::Connect { ip, port }, Verdict::Allowed) => {
-            check_taint(d, *ip, *port, subject, mode, now)
+    match u {
+        Use::Connect { ip, port } => decide_connect(*ip, *port, subject, mode, now),
+        Use::SecretOpen { secret, without_grant } => {
+            decide_open(u, secret, *without_grant, subject, mode, now)
         }
-        _ => d,
     }
 }
 
@@ -192,41 +190,45 @@ fn decision(
     Decision { verdict, action, decision_path: path, grant, expired_for_ms: None, reason }
 }
 
-fn decide_grants(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -> Decision {
+/// The first lines of every decision path: who, and what they hold.
+fn subject_lines(subject: &SubjectState) -> Vec<String> {
     let held = &subject.held;
-    let mut path = vec![
-        if subject.known {
-            "subject resolved"
-        } else {
-            "subject unresolved (exited before attribution)"
-        }
-        .to_string(),
-    ];
+    let who = if subject.known {
+        "subject resolved"
+    } else {
+        "subject unresolved (exited before attribution)"
+    };
     let ids: Vec<&str> = held.iter().map(|g| g.id.as_str()).collect();
-    path.push(format!(
-        "grants held: {}{}",
-        held.len(),
-        if ids.is_empty() { String::new() } else { format!(" ({})", ids.join(", ")) }
-    ));
+    vec![
+        who.to_string(),
+        format!(
+            "grants held: {}{}",
+            held.len(),
+            if ids.is_empty() { String::new() } else { format!(" ({})", ids.join(", ")) }
+        ),
+    ]
+}
+
+/// A secret open, with the connect judge's precedence: allowed (an active, unexpired grant
+/// covers the secret) > the first covering grant revoked > the first covering grant expired
+/// > out_of_intent against the first held grant; holding none is `no_grant`.
+fn decide_open(
+    u: &Use,
+    secret: &str,
+    without_grant: OnViolation,
+    subject: &SubjectState,
+    mode: Mode,
+    now: DateTime<Utc>,
+) -> Decision {
+    let held = &subject.held;
+    let mut path = subject_lines(subject);
     if held.is_empty() {
-        return match u {
-            Use::SecretOpen { without_grant, .. } => {
-                path.push(format!("{} requires a grant; none held", what(u)));
-                let action = act(mode, *without_grant, &mut path);
-                decision(Verdict::NoGrant, action, path, None, Reason::Grant)
-            }
-            Use::Connect { .. } if subject.agent => {
-                path.push("agent process (selected by [[agent]]) holds no grant".into());
-                let action = act(mode, OnViolation::Deny, &mut path);
-                decision(Verdict::OutOfIntent, action, path, None, Reason::Agent)
-            }
-            Use::Connect { .. } => {
-                path.push("no grant held: plain connection".into());
-                decision(Verdict::Allowed, Action::Allowed, path, None, Reason::None)
-            }
-        };
+        path.push(format!("{} requires a grant; none held", what(u)));
+        let action = act(mode, without_grant, &mut path);
+        return decision(Verdict::NoGrant, action, path, None, Reason::Grant);
     }
-    let covering: Vec<usize> = (0..held.len()).filter(|i| covers(&held[*i], u)).collect();
+    let covering: Vec<usize> =
+        (0..held.len()).filter(|i| held[*i].secrets.iter().any(|s| s == secret)).collect();
     if covering.is_empty() {
         path.push(format!("no held grant covers {}", what(u)));
         let action = act(mode, held[0].on_violation, &mut path);
@@ -239,62 +241,243 @@ fn decide_grants(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>
         return decision(Verdict::Allowed, Action::Allowed, path, Some(i), Reason::None);
     }
     if let Some(&i) = covering.iter().find(|i| held[**i].revoked) {
-        path.push(format!(
-            "grant {} (intent {}) covers {} but was revoked",
-            held[i].id,
-            held[i].intent,
-            what(u)
-        ));
+        path.push(revoked_line(&held[i], u));
         let action = act(mode, held[i].on_violation, &mut path);
         return decision(Verdict::Revoked, action, path, Some(i), Reason::Grant);
     }
     let i = covering[0];
-    let late = (now - held[i].expires_at).num_milliseconds().max(0) as u64;
-    path.push(format!(
-        "grant {} (intent {}) covers {} but expired {late} ms ago",
-        held[i].id,
-        held[i].intent,
-        what(u)
-    ));
+    let late = late_ms(&held[i], now);
+    path.push(expired_line(&held[i], u, late));
     let action = act(mode, held[i].on_violation, &mut path);
     let mut d = decision(Verdict::Expired, action, path, Some(i), Reason::Grant);
     d.expired_for_ms = Some(late);
     d
 }
 
-/// A connection allowed by the grants is still a violation if a secret the process read
-/// is not valid toward it: its own destinations (when it has any) and a live grant that
-/// covers both the secret and the destination.
-fn check_taint(
-    mut d: Decision,
+fn late_ms(g: &HeldGrant, now: DateTime<Utc>) -> u64 {
+    (now - g.expires_at).num_milliseconds().max(0) as u64
+}
+
+fn revoked_line(g: &HeldGrant, u: &Use) -> String {
+    format!("grant {} (intent {}) covers {} but was revoked", g.id, g.intent, what(u))
+}
+
+fn expired_line(g: &HeldGrant, u: &Use, late: u64) -> String {
+    format!("grant {} (intent {}) covers {} but expired {late} ms ago", g.id, g.intent, what(u))
+}
+
+/// The boot-clock instant that stands for `now` when the judge runs in userspace: grant
+/// deadlines are placed relative to it, so the judge compares exactly what the kernel does.
+const NOW_NS: u64 = 1 << 62;
+
+/// A subject's grants and taint laid out as the kernel maps hold them: held grant `i` in
+/// slot `i + 1`, taint entry `i` as secret index `i`.
+struct SubjectFacts<'a> {
+    subject: &'a SubjectState,
+    grants: Vec<GrantInfo>,
+}
+
+impl<'a> SubjectFacts<'a> {
+    fn new(subject: &'a SubjectState, now: DateTime<Utc>) -> (Self, ProcGrants) {
+        let mut proc = ProcGrants::default();
+        let taint = &subject.taint[..subject.taint.len().min(MAX_SECRETS)];
+        for i in 0..taint.len() {
+            proc.taint |= 1u64 << i;
+        }
+        if subject.agent {
+            proc.flags |= proc_flags::AGENT;
+        }
+        let mut grants = Vec::new();
+        for (i, g) in subject.held.iter().take(MAX_PROC_GRANTS).enumerate() {
+            proc.grants[i] = i as u32 + 1;
+            let left = (g.expires_at - now).num_nanoseconds().unwrap_or(if g.expires_at > now {
+                i64::MAX
+            } else {
+                i64::MIN
+            });
+            let secrets = taint
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| g.secrets.contains(&t.secret))
+                .fold(0u64, |bits, (k, _)| bits | 1u64 << k);
+            grants.push(GrantInfo {
+                expires_ns: (NOW_NS as i128 + left as i128).clamp(0, u64::MAX as i128) as u64,
+                secrets,
+                state: if g.revoked { grant_state::REVOKED } else { grant_state::ACTIVE },
+                action: g.on_violation.action_code() as u32,
+                flags: if g.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
+                ..Default::default()
+            });
+        }
+        (SubjectFacts { subject, grants }, proc)
+    }
+}
+
+impl Facts for SubjectFacts<'_> {
+    fn grant(&self, slot: u32) -> Option<GrantInfo> {
+        self.grants.get((slot as usize).checked_sub(1)?).copied()
+    }
+
+    fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool {
+        let ip = IpAddr::from(*addr);
+        if slot >= SECRET_SLOT_BASE {
+            let t = self.subject.taint.get((slot - SECRET_SLOT_BASE) as usize);
+            return t.is_some_and(|t| in_nets(&t.destinations, ip, port));
+        }
+        let g = (slot as usize).checked_sub(1).and_then(|i| self.subject.held.get(i));
+        g.is_some_and(|g| in_nets(&g.destinations, ip, port))
+    }
+
+    fn secret(&self, index: u32) -> Option<SecretInfo> {
+        let t = self.subject.taint.get(index as usize)?;
+        Some(SecretInfo {
+            has_dests: !t.destinations.is_empty() as u32,
+            action: t.on_violation.action_code() as u32,
+        })
+    }
+}
+
+/// The IPv6 form the kernel judges (IPv4 as IPv4-mapped).
+fn kernel_addr(ip: IpAddr) -> [u8; 16] {
+    match canonical(ip) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The `Action` an `action::*` code stands for.
+pub fn action_of(code: u8) -> Action {
+    match code {
+        action::ALLOWED => Action::Allowed,
+        action::DENY => Action::Denied,
+        action::KILL => Action::Killed,
+        _ => Action::Alerted,
+    }
+}
+
+/// The `Verdict` a kernel `verdict::*` code stands for (NO_GRANT_HELD is a plain connection,
+/// which is allowed); None for a code the kernel never writes.
+pub fn verdict_of(code: u8) -> Option<Verdict> {
+    Some(match code {
+        verdict::NO_GRANT_HELD | verdict::ALLOWED => Verdict::Allowed,
+        verdict::EXPIRED => Verdict::Expired,
+        verdict::REVOKED => Verdict::Revoked,
+        verdict::OUT_OF_INTENT => Verdict::OutOfIntent,
+        _ => return None,
+    })
+}
+
+/// The on_violation an action code came from, for the decision path.
+fn on_violation_of(code: u8) -> OnViolation {
+    match code {
+        action::DENY => OnViolation::Deny,
+        action::KILL => OnViolation::Kill,
+        _ => OnViolation::Alert,
+    }
+}
+
+/// The kernel's judgement of a connection, from the subject's state as decide.rs sees it.
+pub fn judge_connect(
+    ip: IpAddr,
+    port: u16,
+    subject: &SubjectState,
+    mode: Mode,
+    now: DateTime<Utc>,
+) -> Judgement {
+    if subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
+        // No map entry in the kernel: the hook answers without judging.
+        return Judgement::default();
+    }
+    let (facts, proc) = SubjectFacts::new(subject, now);
+    let settings =
+        Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() };
+    judge(&facts, &proc, &kernel_addr(ip), port, NOW_NS, settings)
+}
+
+/// Judges a connection with the kernel's judge and explains the judgement.
+fn decide_connect(
     ip: IpAddr,
     port: u16,
     subject: &SubjectState,
     mode: Mode,
     now: DateTime<Utc>,
 ) -> Decision {
-    for t in &subject.taint {
-        let own_ok = t.destinations.is_empty() || in_nets(&t.destinations, ip, port);
-        let granted = subject.held.iter().any(|g| {
-            !g.revoked
-                && now < g.expires_at
-                && g.secrets.contains(&t.secret)
-                && in_nets(&g.destinations, ip, port)
-        });
-        if own_ok && granted {
-            continue;
+    let j = judge_connect(ip, port, subject, mode, now);
+    explain(&j, ip, port, subject, mode, now)
+}
+
+/// The decision (and its path, in words) for a connect judgement.
+pub fn explain(
+    j: &Judgement,
+    ip: IpAddr,
+    port: u16,
+    subject: &SubjectState,
+    mode: Mode,
+    now: DateTime<Utc>,
+) -> Decision {
+    let u = Use::Connect { ip, port };
+    let held = &subject.held;
+    let mut path = subject_lines(subject);
+    let grant = (j.slot as usize).checked_sub(1).filter(|i| *i < held.len());
+    let verdict = verdict_of(j.verdict).unwrap_or(Verdict::OutOfIntent);
+    let mut d = decision(verdict, action_of(j.action), Vec::new(), grant, Reason::None);
+    match (j.reason, grant) {
+        (reason::AGENT, _) => {
+            path.push("agent process (selected by [[agent]]) holds no grant".into());
+            d.reason = Reason::Agent;
         }
-        d.decision_path.push(format!(
-            "process read secret {:?}, which is not valid toward {} port {port}{}: possible exfiltration",
+        (_, None) => path.push("no grant held: plain connection".into()),
+        (_, Some(i)) => {
+            let g = &held[i];
+            // A taint violation overrides what the grants allowed.
+            let by_grants = if j.reason == reason::TAINT { verdict::ALLOWED } else { j.verdict };
+            match by_grants {
+                verdict::ALLOWED => {
+                    path.push(format!("grant {} (intent {}) covers {}", g.id, g.intent, what(&u)));
+                    path.push(format!("grant active until {}", g.expires_at.to_rfc3339()));
+                }
+                verdict::REVOKED => path.push(revoked_line(g, &u)),
+                verdict::EXPIRED => {
+                    let late = late_ms(g, now);
+                    path.push(expired_line(g, &u, late));
+                    d.expired_for_ms = Some(late);
+                }
+                _ => path.push(format!("no held grant covers {}", what(&u))),
+            }
+            if j.reason == reason::GRANT && verdict != Verdict::Allowed {
+                d.reason = Reason::Grant;
+            }
+        }
+    }
+    let taint = (j.taint_secret as usize).checked_sub(1).and_then(|i| subject.taint.get(i));
+    if let (reason::TAINT, Some(t)) = (j.reason, taint) {
+        let own_ok = t.destinations.is_empty() || in_nets(&t.destinations, ip, port);
+        path.push(format!(
+            "process read secret {:?}, which is not valid toward {} port {port}{}: possible \
+             exfiltration",
             t.secret,
             canonical(ip),
-            if !own_ok { " (outside the secret's destinations)" } else { " (no live grant covers it there)" }
+            if own_ok {
+                " (no live grant covers it there)"
+            } else {
+                " (outside the secret's destinations)"
+            }
         ));
-        d.verdict = Verdict::OutOfIntent;
-        d.action = act(mode, t.on_violation, &mut d.decision_path);
         d.reason = Reason::Taint(t.secret.clone());
-        return d;
     }
+    if d.verdict != Verdict::Allowed {
+        match mode {
+            Mode::Monitor => path.push("mode monitor: alert".into()),
+            Mode::Enforce => {
+                let on = match d.reason {
+                    Reason::Agent => AGENT_ON_VIOLATION,
+                    _ => on_violation_of(j.action),
+                };
+                path.push(format!("mode enforce: on_violation {on}"));
+            }
+        }
+    }
+    d.decision_path = path;
     d
 }
 
@@ -326,6 +509,7 @@ mod tests {
             expires_at: now + Duration::seconds(expires_in_s),
             revoked,
             on_violation: OnViolation::Deny,
+            ..Default::default()
         }
     }
 
@@ -547,5 +731,150 @@ mod tests {
                 d.decision_path
             );
         }
+    }
+
+    /// Cases where the kernel and decide.rs once disagreed, now one judge: the grant named
+    /// and the action are asserted, not only the verdict.
+    #[test]
+    fn drift_cases_name_the_same_grant_and_action() {
+        let now = Utc::now();
+        let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+        let net = &["10.0.0.0/8 443-443"];
+        let rev1 = grant("r1", &["key"], net, 60, true, now);
+        let rev2 = grant("r2", &["key"], net, 60, true, now);
+        let exp1 = grant("e1", &["key"], net, -5, false, now);
+        let exp2 = grant("e2", &["key"], net, -5, false, now);
+        let mut kill = grant("k", &["key"], &["192.0.2.0/24 1-65535"], 60, false, now);
+        kill.on_violation = OnViolation::Kill;
+        let subj = |held: Vec<HeldGrant>, agent: bool| SubjectState {
+            known: true,
+            held,
+            agent,
+            ..Default::default()
+        };
+        use Verdict::*;
+        let cases: Vec<(&str, SubjectState, Mode, Verdict, Option<&str>, Action)> = vec![
+            // The kernel used to name the last revoked grant, decide.rs the first.
+            (
+                "two revoked: the first",
+                subj(vec![rev1.clone(), rev2.clone()], false),
+                Mode::Enforce,
+                Revoked,
+                Some("r1"),
+                Action::Denied,
+            ),
+            (
+                "two expired: the first",
+                subj(vec![exp1.clone(), exp2.clone()], false),
+                Mode::Enforce,
+                Expired,
+                Some("e1"),
+                Action::Denied,
+            ),
+            (
+                "expired then revoked: the revoked",
+                subj(vec![exp1.clone(), rev2.clone()], false),
+                Mode::Enforce,
+                Revoked,
+                Some("r2"),
+                Action::Denied,
+            ),
+            (
+                "revoked then expired: the revoked",
+                subj(vec![rev1.clone(), exp2.clone()], false),
+                Mode::Enforce,
+                Revoked,
+                Some("r1"),
+                Action::Denied,
+            ),
+            (
+                "none covers: the first held, its action",
+                subj(vec![kill.clone(), rev1.clone()], false),
+                Mode::Enforce,
+                Revoked,
+                Some("r1"),
+                Action::Denied,
+            ),
+            (
+                "none covers: first held kills",
+                subj(vec![kill.clone()], false),
+                Mode::Enforce,
+                OutOfIntent,
+                Some("k"),
+                Action::Killed,
+            ),
+            // The agent action was hard-coded twice; now AGENT_ON_VIOLATION feeds both.
+            (
+                "agent without grant",
+                subj(vec![], true),
+                Mode::Enforce,
+                OutOfIntent,
+                None,
+                action_of(AGENT_ON_VIOLATION.action_code()),
+            ),
+            (
+                "agent without grant, monitor",
+                subj(vec![], true),
+                Mode::Monitor,
+                OutOfIntent,
+                None,
+                Action::Alerted,
+            ),
+        ];
+        for (name, s, mode, verdict, gid, action) in cases {
+            let d = decide(&c("10.1.2.3", 443), &s, mode, now);
+            assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+            assert_eq!(d.grant.map(|i| s.held[i].id.as_str()), gid, "{name}");
+            assert_eq!(d.action, action, "{name}: {:?}", d.decision_path);
+        }
+    }
+
+    /// revoke_on_violation: the judge asks for the revoke only for an active grant decided
+    /// against (what the kernel applies to the map), never for an allowed use.
+    #[test]
+    fn revoke_on_violation_is_asked_for_active_grants_only() {
+        let now = Utc::now();
+        let ip = "10.1.2.3".parse().unwrap();
+        let mut g = grant("a", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+        g.revoke_on_violation = true;
+        let s = |g: HeldGrant| SubjectState { known: true, held: vec![g], ..Default::default() };
+        let j = judge_connect(ip, 80, &s(g.clone()), Mode::Enforce, now);
+        assert_eq!((j.verdict, j.slot, j.revoke), (verdict::OUT_OF_INTENT, 1, true));
+        let j = judge_connect(ip, 443, &s(g.clone()), Mode::Enforce, now);
+        assert_eq!((j.verdict, j.revoke), (verdict::ALLOWED, false));
+        let mut revoked = g.clone();
+        revoked.revoked = true;
+        let j = judge_connect(ip, 443, &s(revoked), Mode::Enforce, now);
+        assert_eq!((j.verdict, j.revoke), (verdict::REVOKED, false));
+        // Monitor mode still revokes (the grant's own setting), but only alerts.
+        let j = judge_connect(ip, 80, &s(g), Mode::Monitor, now);
+        assert_eq!((j.action, j.revoke), (action::ALERT, true));
+    }
+
+    /// Taint: the tainting secret is named by its index, its action applies, and a secret
+    /// the live grant does not cover breaks validity even where the grant allows.
+    #[test]
+    fn taint_names_the_first_invalid_secret() {
+        let now = Utc::now();
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let live = grant("a", &["b"], &["10.0.0.0/8 443-443"], 60, false, now);
+        let t = |name: &str, on: OnViolation| Taint {
+            secret: name.into(),
+            destinations: vec![],
+            on_violation: on,
+        };
+        let s = SubjectState {
+            known: true,
+            held: vec![live],
+            taint: vec![t("a", OnViolation::Kill), t("b", OnViolation::Deny)],
+            agent: false,
+        };
+        let j = judge_connect(ip, 443, &s, Mode::Enforce, now);
+        assert_eq!(
+            (j.verdict, j.reason, j.taint_secret, j.action, j.slot),
+            (verdict::OUT_OF_INTENT, reason::TAINT, 1, action::KILL, 1)
+        );
+        let d = decide(&Use::Connect { ip, port: 443 }, &s, Mode::Enforce, now);
+        assert_eq!((d.reason, d.action), (Reason::Taint("a".into()), Action::Killed));
     }
 }

@@ -11,16 +11,12 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use enforcer_common::{ExeKey, MAX_SECRETS, SecretInfo, action, config};
+use enforcer_common::{ExeKey, MAX_SECRETS, SecretInfo, config};
 
-use crate::policy::{Config, Mode, OnViolation};
+use crate::policy::{AGENT_ON_VIOLATION, Config, Mode, OnViolation};
 
 pub fn action_code(o: OnViolation) -> u32 {
-    (match o {
-        OnViolation::Alert => action::ALERT,
-        OnViolation::Deny => action::DENY,
-        OnViolation::Kill => action::KILL,
-    }) as u32
+    o.action_code() as u32
 }
 
 fn strictness(o: OnViolation) -> u8 {
@@ -174,7 +170,7 @@ impl PolicyMaps {
         replace(&mut self.agent_exes, &exes)?;
         replace(&mut self.agent_uids, &uids)?;
         replace(&mut self.agent_cgroups, &cgs)?;
-        self.config.set(config::AGENT_ACTION, action::DENY as u32, 0)?;
+        self.config.set(config::AGENT_ACTION, action_code(AGENT_ON_VIOLATION), 0)?;
         self.config.set(config::ENFORCE, (cfg.mode == Mode::Enforce) as u32, 0)?;
         Ok(())
     }

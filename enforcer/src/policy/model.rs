@@ -39,6 +39,21 @@ pub enum OnViolation {
     Kill,
 }
 
+impl OnViolation {
+    /// The kernel's `enforcer_common::action::*` code for this on_violation.
+    pub const fn action_code(self) -> u8 {
+        match self {
+            OnViolation::Alert => enforcer_common::action::ALERT,
+            OnViolation::Deny => enforcer_common::action::DENY,
+            OnViolation::Kill => enforcer_common::action::KILL,
+        }
+    }
+}
+
+/// What an `[[agent]]` process connecting outside any grant gets in enforce mode. One
+/// definition: the daemon writes it to the kernel's CONFIG map and decide.rs reads it.
+pub const AGENT_ON_VIOLATION: OnViolation = OnViolation::Deny;
+
 impl fmt::Display for OnViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

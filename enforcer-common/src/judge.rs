@@ -1,0 +1,192 @@
+//! The connect judge: the one decision for an outbound connection, compiled into the eBPF
+//! connect hooks (`enforcer-ebpf/src/connect.rs`) and called by the daemon's `decide.rs`,
+//! so the daemon's table tests exercise the very code the kernel runs.
+//!
+//! It reads its facts through [`Facts`] (the kernel maps in eBPF; an in-memory copy in the
+//! daemon), takes the clock as an argument and writes nothing: applying a revoke-on-violation
+//! is the caller's job ([`Judgement::revoke`]).
+//!
+//! Rules, in order:
+//! 1. Grants: allowed if any active, unexpired grant covers the destination; otherwise the
+//!    first covering grant that was revoked (revoked), else the first covering grant that
+//!    expired (expired); otherwise, when grants are held, out_of_intent against the first
+//!    held grant. A process holding no grant is not judged by grants (`NO_GRANT_HELD`),
+//!    unless it is an `[[agent]]` process: then out_of_intent (reason AGENT).
+//! 2. History counts: a connection that rule 1 lets through is out_of_intent (reason TAINT)
+//!    when the process read a secret that is not valid there: outside the secret's own
+//!    destinations (if it has any), or not covered by a live grant that covers the secret.
+//! 3. The action of a violation: the grant's intent's on_violation (reason GRANT), the
+//!    tainting secret's (TAINT) or the agent action (AGENT); never "allowed" for a violation;
+//!    monitor mode only alerts.
+use crate::{
+    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SLOT_BASE, SecretInfo, action,
+    grant_flags, grant_state, proc_flags, reason, verdict,
+};
+
+/// What the judge reads. Each lookup is a map read in the kernel.
+pub trait Facts {
+    /// The grant in `slot` (None: no such grant).
+    fn grant(&self, slot: u32) -> Option<GrantInfo>;
+    /// Whether the destinations stored under `slot` (a grant slot, or `SECRET_SLOT_BASE + i`
+    /// for secret i's own destinations) include `addr` (IPv6 form, IPv4 mapped) and `port`.
+    fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool;
+    /// Secret `index`'s facts (None: no such secret).
+    fn secret(&self, index: u32) -> Option<SecretInfo>;
+}
+
+/// Host-wide settings (the kernel's CONFIG map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub enforce: bool,
+    /// `action::*` for `[[agent]]` processes connecting outside any grant.
+    pub agent_action: u8,
+}
+
+/// The judge's answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Judgement {
+    /// `verdict::*`.
+    pub verdict: u8,
+    /// The grant slot decided against (0 = none).
+    pub slot: u32,
+    /// `action::*` to apply.
+    pub action: u8,
+    /// `reason::*`.
+    pub reason: u8,
+    /// For `reason::TAINT`: the secret index + 1 whose validity the destination broke.
+    pub taint_secret: u8,
+    /// The grant in `slot` is to be revoked now (revoke_on_violation on an active grant).
+    pub revoke: bool,
+}
+
+impl Judgement {
+    /// Whether the connection is let through (the action is not deny or kill).
+    #[inline(always)]
+    pub fn lets_through(&self) -> bool {
+        self.action != action::DENY && self.action != action::KILL
+    }
+}
+
+/// The verdict for a process with map entry `proc` connecting to (`addr`, `port`) at
+/// `now_ns` (boot clock). A process without a map entry holds nothing: the caller answers
+/// `NO_GRANT_HELD` without calling the judge.
+#[inline(always)]
+pub fn judge<F: Facts>(
+    facts: &F,
+    proc: &ProcGrants,
+    addr: &[u8; 16],
+    port: u16,
+    now_ns: u64,
+    settings: Settings,
+) -> Judgement {
+    let mut j = Judgement {
+        verdict: verdict::NO_GRANT_HELD,
+        slot: 0,
+        action: action::ALLOWED,
+        reason: reason::GRANT,
+        taint_secret: 0,
+        revoke: false,
+    };
+    let mut any = false;
+    let mut first_slot = 0u32;
+    let mut best = verdict::OUT_OF_INTENT;
+    let mut best_slot = 0u32;
+    let mut live_slot = 0u32;
+    // Secrets covered by live grants that also cover this destination.
+    let mut live_secrets: u64 = 0;
+    // (action, revocable) of the grants a violation may be decided against: kept small, as
+    // the kernel's stack is 512 bytes.
+    let mut chosen = (0u32, false);
+    let mut best_info = (0u32, false);
+    let mut first_info = (0u32, false);
+    for i in 0..MAX_PROC_GRANTS {
+        let slot = proc.grants[i];
+        if slot == 0 {
+            continue;
+        }
+        let Some(g) = facts.grant(slot) else { continue };
+        let facts_of_g = (g.action, revocable(&g));
+        if !any {
+            first_slot = slot;
+            first_info = facts_of_g;
+        }
+        any = true;
+        if !facts.covers(slot, addr, port) {
+            continue;
+        }
+        if g.state == grant_state::ACTIVE && now_ns < g.expires_ns {
+            if live_slot == 0 {
+                live_slot = slot;
+            }
+            live_secrets |= g.secrets;
+            continue;
+        }
+        // Covered but unusable: the first revoked one outranks any expired one (it is the
+        // stronger statement); among equals, the first held wins.
+        let v = if g.state == grant_state::REVOKED { verdict::REVOKED } else { verdict::EXPIRED };
+        if best == verdict::OUT_OF_INTENT || (v == verdict::REVOKED && best != verdict::REVOKED) {
+            best = v;
+            best_slot = slot;
+            best_info = facts_of_g;
+        }
+    }
+    if live_slot != 0 {
+        j.verdict = verdict::ALLOWED;
+        j.slot = live_slot;
+    } else if best_slot != 0 {
+        j.verdict = best;
+        j.slot = best_slot;
+        chosen = best_info;
+    } else if any {
+        j.verdict = verdict::OUT_OF_INTENT;
+        j.slot = first_slot;
+        chosen = first_info;
+    } else if proc.flags & proc_flags::AGENT != 0 {
+        j.verdict = verdict::OUT_OF_INTENT;
+        j.reason = reason::AGENT;
+    }
+    // History counts: every secret this process read must be valid toward here.
+    if proc.taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
+        for i in 0..MAX_SECRETS {
+            if proc.taint & (1u64 << i) == 0 {
+                continue;
+            }
+            let Some(info) = facts.secret(i as u32) else { continue };
+            let own_ok =
+                info.has_dests == 0 || facts.covers(SECRET_SLOT_BASE + i as u32, addr, port);
+            let granted = live_secrets & (1u64 << i) != 0;
+            if !(own_ok && granted) {
+                j.verdict = verdict::OUT_OF_INTENT;
+                j.reason = reason::TAINT;
+                j.taint_secret = (i + 1) as u8;
+                j.action = info.action as u8;
+                break;
+            }
+        }
+    }
+    if j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD {
+        j.action = action::ALLOWED;
+        return j;
+    }
+    // A violation: the action comes from the grant's intent, the tainting secret or the
+    // agent setting; monitor mode only alerts.
+    if j.reason == reason::GRANT {
+        j.action = chosen.0 as u8;
+        j.revoke = chosen.1;
+    } else if j.reason == reason::AGENT {
+        j.action = settings.agent_action;
+    }
+    if j.action == action::ALLOWED {
+        j.action = action::ALERT;
+    }
+    if !settings.enforce {
+        j.action = action::ALERT;
+    }
+    j
+}
+
+/// Whether a violation against `g` ends it now (revoke_on_violation on an active grant).
+#[inline(always)]
+fn revocable(g: &GrantInfo) -> bool {
+    g.flags & grant_flags::REVOKE_ON_VIOLATION != 0 && g.state == grant_state::ACTIVE
+}
