@@ -7,12 +7,14 @@ use std::time::Instant;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
+use super::error::ApiError;
 use crate::mint::attest::{self, Requester};
+use crate::mint::error::MintError;
 use crate::mint::ledger::ListFilter;
 use crate::mint::model::{Grant, GrantState};
 use crate::mint::ratelimit::RateLimiter;
 use crate::mint::registry::{Registry, resolve_destinations};
-use crate::mint::request::{self, ApiError};
+use crate::mint::request;
 use crate::policy::Config;
 
 pub struct MintState {
@@ -42,13 +44,9 @@ impl MintState {
         self.jwks.clone()
     }
 
-    fn exe_sha256(&self, r: &Requester) -> Result<String, ApiError> {
-        let gone = || {
-            ApiError::forbidden(
-                "subject_gone",
-                format!("process {} exited during attestation", r.pid),
-            )
-        };
+    fn exe_sha256(&self, r: &Requester) -> Result<String, MintError> {
+        let gone =
+            || MintError::SubjectGone(format!("process {} exited during attestation", r.pid));
         let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
         let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
         if let Some(h) = self.exe_hashes.lock().unwrap().get(&key) {
@@ -90,22 +88,13 @@ pub async fn issue(
     body: &[u8],
 ) -> Result<(StatusCode, Value), ApiError> {
     if let Err(retry) = m.limiter.lock().unwrap().check((peer.uid, peer.pid), Instant::now()) {
-        return Err(ApiError::too_many(
-            "rate_limited",
-            format!(
-                "too many grant requests from pid {}; retry in {} ms",
-                peer.pid,
-                retry.as_millis()
-            ),
-        ));
+        return Err(MintError::RateLimited { pid: peer.pid, retry }.into());
     }
     let req = request::parse(body)?;
     let config = m.config.lock().unwrap().clone();
     let intent = config
         .intent(&req.intent)
-        .ok_or_else(|| {
-            ApiError::not_found("unknown_intent", format!("no intent named {:?}", req.intent))
-        })?
+        .ok_or_else(|| MintError::UnknownIntent(req.intent.clone()))?
         .clone();
     // The process that will hold the grant: the caller, or a process it may bind.
     let target_owned;
@@ -132,10 +121,11 @@ pub async fn issue(
     // its pid may already belong to someone else, who must not inherit the grant.
     if target.is_gone() {
         m.registry.lock().unwrap().abort(&grant.id);
-        return Err(ApiError::forbidden(
-            "subject_gone",
-            format!("process {} exited before the grant was bound", target.pid),
-        ));
+        return Err(MintError::SubjectGone(format!(
+            "process {} exited before the grant was bound",
+            target.pid
+        ))
+        .into());
     }
     Ok((StatusCode::CREATED, grant_json(&grant)))
 }
@@ -178,9 +168,7 @@ pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError>
 /// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).
 pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
     let reg = m.registry.lock().unwrap();
-    let g = reg
-        .get(id)
-        .ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    let g = reg.get(id).ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
     let mut v = grant_json(&g);
     let history: Vec<Value> = reg
         .ledger
@@ -196,14 +184,13 @@ pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
 /// DELETE /v1/grants/{id}: root, or a process of the grant subject's uid.
 pub fn revoke(m: &MintState, peer: &Requester, id: &str) -> Result<(StatusCode, Value), ApiError> {
     let mut reg = m.registry.lock().unwrap();
-    let g = reg
-        .get(id)
-        .ok_or_else(|| ApiError::not_found("unknown_grant", format!("no grant {id}")))?;
+    let g = reg.get(id).ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
     if peer.uid != 0 && peer.uid != g.subject.uid {
-        return Err(ApiError::forbidden(
-            "not_your_grant",
-            format!("grant {id} belongs to uid {}", g.subject.uid),
-        ));
+        return Err(MintError::NotYourGrant(format!(
+            "grant {id} belongs to uid {}",
+            g.subject.uid
+        ))
+        .into());
     }
     let reason = format!("revoked by pid {} (uid {})", peer.pid, peer.uid);
     let g = reg.revoke(id, &reason)?;

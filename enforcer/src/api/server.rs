@@ -13,9 +13,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
 
+use super::error::ApiError;
 use super::mint::{self, MintState};
 use crate::mint::attest::{self, Requester};
-use crate::mint::request::ApiError;
 
 /// What the API serves, kept current by the daemon.
 pub struct ApiState {

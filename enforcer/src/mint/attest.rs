@@ -13,8 +13,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::error::MintError;
 use super::model::Subject;
-use super::request::ApiError;
 use crate::policy::Intent;
 
 /// Parent-chain walks stop here: deeper trees are refused rather than walked without bound.
@@ -83,12 +83,12 @@ impl Requester {
 }
 
 /// The peer of a mint-socket connection.
-pub fn attest_peer(stream: &tokio::net::UnixStream) -> Result<Requester, ApiError> {
+pub fn attest_peer(stream: &tokio::net::UnixStream) -> Result<Requester, MintError> {
     let cred = stream
         .peer_cred()
-        .map_err(|e| ApiError::forbidden("attestation_failed", format!("SO_PEERCRED: {e}")))?;
+        .map_err(|e| MintError::AttestationFailed(format!("SO_PEERCRED: {e}")))?;
     let pid = cred.pid().filter(|p| *p > 0).ok_or_else(|| {
-        ApiError::forbidden("attestation_failed", "peer has no pid in this pid namespace")
+        MintError::AttestationFailed("peer has no pid in this pid namespace".into())
     })? as u32;
     // SO_PEERPIDFD (Linux 6.5+) names the process that connected, with no window for pid reuse.
     // Older kernels: pidfd_open on the pid, which leaves the window between connect and here.
@@ -96,29 +96,28 @@ pub fn attest_peer(stream: &tokio::net::UnixStream) -> Result<Requester, ApiErro
         Some(fd) => fd,
         None => pidfd_open(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ESRCH) => gone(pid),
-            _ => ApiError::forbidden("attestation_failed", format!("pidfd_open({pid}): {e}")),
+            _ => MintError::AttestationFailed(format!("pidfd_open({pid}): {e}")),
         })?,
     };
     attest(pid, pidfd, Some((cred.uid(), cred.gid())))
 }
 
 /// A target process named with `--pid`; ids come from /proc/<pid>/status.
-pub fn attest_pid(pid: u32) -> Result<Requester, ApiError> {
+pub fn attest_pid(pid: u32) -> Result<Requester, MintError> {
     if pid == 0 || pid > i32::MAX as u32 {
-        return Err(ApiError::bad_request("invalid_pid", format!("invalid pid {pid}")));
+        return Err(MintError::InvalidPid(format!("invalid pid {pid}")));
     }
     let pidfd = pidfd_open(pid).map_err(|e| match e.raw_os_error() {
-        Some(libc::ESRCH) => ApiError::not_found("no_such_process", format!("no process {pid}")),
-        Some(libc::EINVAL) => ApiError::bad_request(
-            "invalid_pid",
-            format!("pid {pid} is a thread, not a process (give its thread-group id)"),
-        ),
-        _ => ApiError::forbidden("attestation_failed", format!("pidfd_open({pid}): {e}")),
+        Some(libc::ESRCH) => MintError::NoSuchProcess(format!("no process {pid}")),
+        Some(libc::EINVAL) => MintError::InvalidPid(format!(
+            "pid {pid} is a thread, not a process (give its thread-group id)"
+        )),
+        _ => MintError::AttestationFailed(format!("pidfd_open({pid}): {e}")),
     })?;
     attest(pid, pidfd, None)
 }
 
-fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester, ApiError> {
+fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester, MintError> {
     let read = || -> io::Result<(String, u64, u32, u32, String)> {
         let exe = read_exe(pid)?;
         let start_ns = read_start_ns(pid)?;
@@ -144,27 +143,26 @@ fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester
     }
     let (exe, start_ns, uid, gid, cgroup) = result.map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => gone(pid),
-        _ => ApiError::forbidden("attestation_failed", format!("reading /proc/{pid}: {e}")),
+        _ => MintError::AttestationFailed(format!("reading /proc/{pid}: {e}")),
     })?;
     Ok(Requester { pid, start_ns, exe, uid, gid, cgroup, pidfd })
 }
 
-fn gone(pid: u32) -> ApiError {
-    ApiError::forbidden(
-        "subject_gone",
-        format!("process {pid} exited or was replaced while it was being identified"),
-    )
+fn gone(pid: u32) -> MintError {
+    MintError::SubjectGone(format!(
+        "process {pid} exited or was replaced while it was being identified"
+    ))
 }
 
 /// Whether `caller` may have a grant bound to `target`: root may bind anything, others only
 /// themselves or their descendants.
-pub fn may_bind(caller: &Requester, target: &Requester) -> Result<(), ApiError> {
+pub fn may_bind(caller: &Requester, target: &Requester) -> Result<(), MintError> {
     may_bind_as(caller.uid, caller, target)
 }
 
 /// `may_bind` with the caller's uid given explicitly, so tests running as root can exercise the
 /// descendant walk.
-fn may_bind_as(uid: u32, caller: &Requester, target: &Requester) -> Result<(), ApiError> {
+fn may_bind_as(uid: u32, caller: &Requester, target: &Requester) -> Result<(), MintError> {
     if uid == 0 {
         return Ok(());
     }
@@ -176,13 +174,10 @@ fn may_bind_as(uid: u32, caller: &Requester, target: &Requester) -> Result<(), A
     if ok {
         Ok(())
     } else {
-        Err(ApiError::forbidden(
-            "not_your_process",
-            format!(
-                "process {} is not a descendant of the caller (pid {}, uid {uid}); only root may bind grants to other processes",
-                target.pid, caller.pid
-            ),
-        ))
+        Err(MintError::NotYourProcess(format!(
+            "process {} is not a descendant of the caller (pid {}, uid {uid}); only root may bind grants to other processes",
+            target.pid, caller.pid
+        )))
     }
 }
 
@@ -205,12 +200,12 @@ fn is_descendant(ancestor: u32, ancestor_start_ns: u64, pid: u32) -> bool {
 
 /// Whether one of the intent's agent selectors matches `r`. The exe hash is only computed if a
 /// selector asks for it, and at most once. Messages name what did not match, never secrets.
-pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), ApiError> {
+pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), MintError> {
     if intent.agents.is_empty() {
-        return Err(ApiError::forbidden(
-            "no_agents",
-            format!("intent {} names no agents; nobody may request it", intent.name),
-        ));
+        return Err(MintError::NoAgents(format!(
+            "intent {} names no agents; nobody may request it",
+            intent.name
+        )));
     }
     let sha: OnceCell<Option<String>> = OnceCell::new();
     let exe = Path::new(&r.exe);
@@ -224,18 +219,15 @@ pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), ApiError> {
         Some(None) => ", exe sha256 unavailable".into(),
         Some(Some(h)) => format!(", exe sha256 {h}"),
     };
-    Err(ApiError::forbidden(
-        "agent_not_allowed",
-        format!(
-            "intent {}: process {} matches none of its {} agent selector(s) (exe {}, uid {}, cgroup {}{hash})",
-            intent.name,
-            r.pid,
-            intent.agents.len(),
-            r.exe,
-            r.uid,
-            if r.cgroup.is_empty() { "unknown" } else { &r.cgroup },
-        ),
-    ))
+    Err(MintError::AgentNotAllowed(format!(
+        "intent {}: process {} matches none of its {} agent selector(s) (exe {}, uid {}, cgroup {}{hash})",
+        intent.name,
+        r.pid,
+        intent.agents.len(),
+        r.exe,
+        r.uid,
+        if r.cgroup.is_empty() { "unknown" } else { &r.cgroup },
+    )))
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -371,11 +363,11 @@ mod tests {
             assert!(t.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(attest_pid(pid).unwrap_err().code, "subject_gone");
+        assert!(matches!(attest_pid(pid).unwrap_err(), MintError::SubjectGone(_)));
         c.wait().unwrap();
         // Reaped: no such process (unless the pid was reused, which would then be a new one).
         if let Err(e) = attest_pid(pid) {
-            assert_eq!(e.code, "no_such_process");
+            assert!(matches!(e, MintError::NoSuchProcess(_)), "{e:?}");
         }
         let mut c = sleeper();
         let r = attest_pid(c.id()).unwrap();
@@ -388,8 +380,8 @@ mod tests {
 
     #[test]
     fn bad_pids() {
-        assert_eq!(attest_pid(0).unwrap_err().code, "invalid_pid");
-        assert_eq!(attest_pid(u32::MAX).unwrap_err().code, "invalid_pid");
+        assert!(matches!(attest_pid(0).unwrap_err(), MintError::InvalidPid(_)));
+        assert!(matches!(attest_pid(u32::MAX).unwrap_err(), MintError::InvalidPid(_)));
     }
 
     #[test]
@@ -400,7 +392,10 @@ mod tests {
         // As a non-root caller: own child and self are bindable, the parent is not.
         assert!(may_bind_as(1000, &me, &child).is_ok());
         assert!(may_bind_as(1000, &me, &me).is_ok());
-        assert_eq!(may_bind_as(1000, &child, &me).unwrap_err().code, "not_your_process");
+        assert!(matches!(
+            may_bind_as(1000, &child, &me).unwrap_err(),
+            MintError::NotYourProcess(_)
+        ));
         // Unrelated processes (init, our own parent) are not descendants. (Walked directly:
         // /proc/1/exe may be unreadable even to root in a container.)
         assert!(!is_descendant(me.pid, me.start_ns, 1));
@@ -419,7 +414,7 @@ mod tests {
         assert!(may_bind_as(0, &child, &me).is_ok());
         c.kill().unwrap();
         c.wait().unwrap();
-        assert_eq!(may_bind_as(1000, &me, &child).unwrap_err().code, "subject_gone");
+        assert!(matches!(may_bind_as(1000, &me, &child).unwrap_err(), MintError::SubjectGone(_)));
     }
 
     #[test]
@@ -451,8 +446,8 @@ mod tests {
         let r = attest_pid(c.id()).unwrap();
         let e = selector_allows(&intent(vec![]), &r).unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
-            ("no_agents", "intent deploy names no agents; nobody may request it")
+            e,
+            MintError::NoAgents("intent deploy names no agents; nobody may request it".into())
         );
         let by_exe = AgentSelector { exe: Some(r.exe.clone().into()), ..Default::default() };
         assert!(selector_allows(&intent(vec![by_exe]), &r).is_ok());
@@ -462,9 +457,9 @@ mod tests {
             ..Default::default()
         };
         let e = selector_allows(&intent(vec![other.clone()]), &r).unwrap_err();
-        assert_eq!(e.code, "agent_not_allowed");
-        assert!(e.message.contains(&r.exe) && e.message.contains("deploy"), "{e}");
-        assert!(!e.message.contains("sha256"), "hash computed needlessly: {e}");
+        assert!(matches!(e, MintError::AgentNotAllowed(_)), "{e:?}");
+        assert!(e.to_string().contains(&r.exe) && e.to_string().contains("deploy"), "{e}");
+        assert!(!e.to_string().contains("sha256"), "hash computed needlessly: {e}");
         let by_hash = AgentSelector {
             exe_sha256: Some(r.exe_sha256().unwrap().to_uppercase()),
             ..Default::default()
@@ -472,7 +467,7 @@ mod tests {
         assert!(selector_allows(&intent(vec![other, by_hash]), &r).is_ok());
         let wrong_hash = AgentSelector { exe_sha256: Some("00".repeat(32)), ..Default::default() };
         let e = selector_allows(&intent(vec![wrong_hash]), &r).unwrap_err();
-        assert!(e.message.contains("exe sha256"), "{e}");
+        assert!(e.to_string().contains("exe sha256"), "{e}");
         c.kill().unwrap();
         c.wait().unwrap();
     }

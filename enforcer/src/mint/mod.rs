@@ -1,4 +1,5 @@
 pub mod attest;
+pub mod error;
 pub mod ledger;
 pub mod model;
 pub mod ratelimit;

@@ -9,9 +9,9 @@ use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::error::MintError;
 use super::ledger::Ledger;
 use super::model::{Grant, GrantState, Subject};
-use super::request::ApiError;
 use super::token::Signer;
 use crate::decide::{HeldGrant, SubjectState, Taint};
 use crate::kernel::grants::{GrantKernel, GrantMaps, boot_deadline, id_hash};
@@ -85,11 +85,6 @@ pub fn resolve_destinations(dests: &[Destination]) -> Vec<(IpNet, u16, u16)> {
         }
     }
     out
-}
-
-fn internal(message: String) -> ApiError {
-    tracing::error!("mint: {message}");
-    ApiError::new(500, "internal", message)
 }
 
 pub fn new_grant_id() -> String {
@@ -241,11 +236,11 @@ impl Registry {
         subject: Subject,
         ttl: std::time::Duration,
         clamped: Option<String>,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, MintError> {
         let now = Utc::now();
         let expires_at = now
             + Duration::from_std(ttl)
-                .map_err(|_| ApiError::bad_request("invalid_ttl", "ttl out of range"))?;
+                .map_err(|_| MintError::InvalidTtl("ttl out of range".into()))?;
         let mut grant = Grant {
             id: new_grant_id(),
             intent: intent.name.clone(),
@@ -258,8 +253,9 @@ impl Registry {
             token: String::new(),
             ttl_clamped_from: clamped,
         };
-        grant.token =
-            signer.sign(&grant, issuer).map_err(|e| internal(format!("sign token: {e:#}")))?;
+        grant.token = signer
+            .sign(&grant, issuer)
+            .map_err(|e| MintError::internal(format!("sign token: {e:#}")))?;
         Ok(grant)
     }
 
@@ -269,7 +265,7 @@ impl Registry {
         grant: Grant,
         intent: &Intent,
         nets: Vec<(IpNet, u16, u16)>,
-    ) -> Result<(Grant, u32), ApiError> {
+    ) -> Result<(Grant, u32), MintError> {
         let expires_at = grant.expires_at;
         let slot = self.alloc_slot();
         let k = GrantKernel {
@@ -280,15 +276,15 @@ impl Registry {
         };
         self.maps
             .put_grant(slot, boot_deadline(expires_at), &nets, k)
-            .map_err(|e| internal(format!("{e:#}")))?;
+            .map_err(|e| MintError::internal(format!("{e:#}")))?;
         if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
-            return Err(ApiError::conflict("too_many_grants", format!("{e:#}")));
+            return Err(MintError::TooManyGrants(format!("{e:#}")));
         }
         if let Err(e) = self.ledger.insert(&grant) {
             self.maps.unbind(grant.subject.pid, slot);
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
-            return Err(internal(format!("ledger: {e:#}")));
+            return Err(MintError::internal(format!("ledger: {e:#}")));
         }
         self.by_slot.insert(slot, grant.id.clone());
         self.live.insert(
@@ -322,24 +318,18 @@ impl Registry {
         }
     }
 
-    pub fn revoke(&mut self, id: &str, reason: &str) -> Result<Grant, ApiError> {
+    pub fn revoke(&mut self, id: &str, reason: &str) -> Result<Grant, MintError> {
         let Some(l) = self.live.get_mut(id) else {
             return match self.ledger.get(id) {
-                Ok(Some(g)) => Err(ApiError::conflict(
-                    "not_active",
-                    format!("grant {id} is {}", g.state.as_str()),
-                )),
-                _ => Err(ApiError::not_found("unknown_grant", format!("no grant {id}"))),
+                Ok(Some(g)) => Err(MintError::NotActive { id: id.to_string(), state: g.state }),
+                _ => Err(MintError::UnknownGrant(id.to_string())),
             };
         };
         if l.grant.state != GrantState::Active {
-            return Err(ApiError::conflict(
-                "not_active",
-                format!("grant {id} is {}", l.grant.state.as_str()),
-            ));
+            return Err(MintError::NotActive { id: id.to_string(), state: l.grant.state });
         }
         // Kernel first: from this instant no connect is allowed under it.
-        self.maps.revoke(l.slot).map_err(|e| internal(format!("{e:#}")))?;
+        self.maps.revoke(l.slot).map_err(|e| MintError::internal(format!("{e:#}")))?;
         l.grant.state = GrantState::Revoked;
         let g = l.grant.clone();
         if let Err(e) = self.ledger.set_state(id, GrantState::Revoked, reason, Utc::now()) {
@@ -437,6 +427,7 @@ impl Registry {
             .iter()
             .filter_map(|s| self.by_slot.get(s).and_then(|id| self.live.get(id)))
             .map(|l| HeldGrant {
+                slot: l.slot,
                 id: l.grant.id.clone(),
                 intent: l.grant.intent.clone(),
                 secrets: l.grant.secrets.clone(),
@@ -444,6 +435,7 @@ impl Registry {
                 expires_at: l.grant.expires_at,
                 revoked: l.grant.state == GrantState::Revoked,
                 on_violation: l.on_violation,
+                revoke_on_violation: l.revoke_on_violation,
             })
             .collect()
     }

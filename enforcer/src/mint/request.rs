@@ -1,5 +1,5 @@
-//! The body of `POST /v1/grants`, parsed and validated without any I/O, and the Mint API's error
-//! type. Everything here is pure so the fuzz crate (`fuzz/`) can include this file by path; keep
+//! The body of `POST /v1/grants`, parsed and validated without any I/O, and why a body is
+//! refused. Everything here is pure so the fuzz crate (`fuzz/`) can include this file by path; keep
 //! its dependencies to `crate::policy`, serde and serde_json.
 
 use std::fmt;
@@ -27,52 +27,50 @@ pub struct GrantRequest {
     pub pid: Option<u32>,
 }
 
-/// A Mint API error: HTTP status, stable machine code, human message.
+/// Why a request body was refused. The Mint API turns the kind into an HTTP status and its
+/// stable error code (`crate::api::error`); `code()` is that code, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestErrorKind {
+    /// Larger than MAX_BODY.
+    TooLarge,
+    /// Not JSON, or not a JSON object.
+    MalformedJson,
+    /// Missing, unknown, duplicate or ill-typed fields; invalid intent name.
+    InvalidRequest,
+    InvalidTtl,
+    InvalidPid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: u16,
-    pub code: &'static str,
+pub struct RequestError {
+    pub kind: RequestErrorKind,
     pub message: String,
 }
 
-// Some constructors are for the server's routes (404/409/429), wired up separately.
-#[allow(dead_code)]
-impl ApiError {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
-    }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(400, code, message)
-    }
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(403, code, message)
-    }
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(404, code, message)
-    }
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(409, code, message)
-    }
-    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(413, code, message)
-    }
-    pub fn too_many(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(429, code, message)
+impl RequestError {
+    pub fn new(kind: RequestErrorKind, message: impl Into<String>) -> Self {
+        RequestError { kind, message: message.into() }
     }
 
-    /// `{"error": {"code": .., "message": ..}}` (docs/contracts.md, "Mint API").
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    /// The stable machine code of the kind.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            RequestErrorKind::TooLarge => "body_too_large",
+            RequestErrorKind::MalformedJson => "malformed_json",
+            RequestErrorKind::InvalidRequest => "invalid_request",
+            RequestErrorKind::InvalidTtl => "invalid_ttl",
+            RequestErrorKind::InvalidPid => "invalid_pid",
+        }
     }
 }
 
-impl fmt::Display for ApiError {
+impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.status, self.code, self.message)
+        write!(f, "{}: {}", self.code(), self.message)
     }
 }
 
-impl std::error::Error for ApiError {}
+impl std::error::Error for RequestError {}
 
 /// Second pass over an already valid JSON object: the derived visitor rejects unknown and
 /// duplicate keys (a `Value` map would silently keep the last duplicate, and a proxy or logger
@@ -86,10 +84,10 @@ struct RawRequest {
     pid: Option<Value>,
 }
 
-pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
+pub fn parse(body: &[u8]) -> Result<GrantRequest, RequestError> {
     if body.len() > MAX_BODY {
-        return Err(ApiError::too_large(
-            "body_too_large",
+        return Err(RequestError::new(
+            RequestErrorKind::TooLarge,
             format!("request body is {} bytes; the limit is {MAX_BODY}", body.len()),
         ));
     }
@@ -97,32 +95,38 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
     // is an error, not a stack overflow). An array would also satisfy the derived struct visitor,
     // hence the explicit object check.
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {e}"))
+        RequestError::new(
+            RequestErrorKind::MalformedJson,
+            format!("request body is not valid JSON: {e}"),
+        )
     })?;
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "malformed_json",
+        return Err(RequestError::new(
+            RequestErrorKind::MalformedJson,
             format!("request body must be a JSON object, not {}", kind(&value)),
         ));
     }
     let raw: RawRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("{e}")))?;
+        .map_err(|e| RequestError::new(RequestErrorKind::InvalidRequest, format!("{e}")))?;
 
     let intent = match raw.intent {
         Some(Value::String(s)) if !s.is_empty() => s,
         Some(Value::String(_)) | None => {
-            return Err(ApiError::bad_request("invalid_request", "`intent` is required"));
+            return Err(RequestError::new(
+                RequestErrorKind::InvalidRequest,
+                "`intent` is required",
+            ));
         }
         Some(v) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
+            return Err(RequestError::new(
+                RequestErrorKind::InvalidRequest,
                 format!("`intent` must be a string, not {}", kind(&v)),
             ));
         }
     };
     if !valid_intent_name(&intent) {
-        return Err(ApiError::bad_request(
-            "invalid_request",
+        return Err(RequestError::new(
+            RequestErrorKind::InvalidRequest,
             format!(
                 "invalid intent name {:?}: use 1-{MAX_INTENT_LEN} characters from A-Z a-z 0-9 . _ -",
                 echo(&intent)
@@ -134,19 +138,18 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
         None => None,
         Some(Value::String(s)) => {
             if s.chars().count() > ECHO_MAX {
-                return Err(ApiError::bad_request(
-                    "invalid_ttl",
+                return Err(RequestError::new(
+                    RequestErrorKind::InvalidTtl,
                     format!("invalid ttl {:?}", echo(&s)),
                 ));
             }
-            Some(
-                parse_duration(&s)
-                    .map_err(|e| ApiError::bad_request("invalid_ttl", format!("ttl: {e}")))?,
-            )
+            Some(parse_duration(&s).map_err(|e| {
+                RequestError::new(RequestErrorKind::InvalidTtl, format!("ttl: {e}"))
+            })?)
         }
         Some(v) => {
-            return Err(ApiError::bad_request(
-                "invalid_ttl",
+            return Err(RequestError::new(
+                RequestErrorKind::InvalidTtl,
                 format!("invalid ttl {}: give a string such as \"5m\"", echo(&v.to_string())),
             ));
         }
@@ -161,9 +164,12 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, ApiError> {
 
 /// pid_t is i32: anything above i32::MAX would turn negative in the syscalls, where -1 means
 /// "every process" to kill(2).
-fn parse_pid(v: &Value) -> Result<u32, ApiError> {
+fn parse_pid(v: &Value) -> Result<u32, RequestError> {
     let bad = |why: &str| {
-        ApiError::bad_request("invalid_pid", format!("invalid pid {}: {why}", echo(&v.to_string())))
+        RequestError::new(
+            RequestErrorKind::InvalidPid,
+            format!("invalid pid {}: {why}", echo(&v.to_string())),
+        )
     };
     match v.as_u64() {
         Some(0) => Err(bad("must be a positive integer")),
@@ -257,51 +263,47 @@ mod tests {
         let deep =
             format!(r#"{{"intent":"x","ttl":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
         let long = format!(r#"{{"intent":"{}"}}"#, "a".repeat(129));
-        let cases: Vec<(&[u8], u16, &str)> = vec![
-            (b"", 400, "malformed_json"),
-            (b"{", 400, "malformed_json"),
-            (b"not json", 400, "malformed_json"),
-            (b"[\"deploy\", null, null]", 400, "malformed_json"),
-            (b"\"deploy\"", 400, "malformed_json"),
-            (b"null", 400, "malformed_json"),
-            (b"{\"intent\":\"\xff\"}", 400, "malformed_json"),
-            (b"{\"intent\":\"x\"} trailing", 400, "malformed_json"),
-            (deep.as_bytes(), 400, "malformed_json"),
-            (br#"{"intent":"x","pid":1e400}"#, 400, "malformed_json"),
-            (b"{}", 400, "invalid_request"),
-            (br#"{"intent":""}"#, 400, "invalid_request"),
-            (br#"{"intent":null}"#, 400, "invalid_request"),
-            (br#"{"intent":5}"#, 400, "invalid_request"),
-            (br#"{"intent":["x"]}"#, 400, "invalid_request"),
-            (br#"{"intent":"x","extra":1}"#, 400, "invalid_request"),
-            (br#"{"intent":"x","intent":"y"}"#, 400, "invalid_request"),
-            (br#"{"intent":"de\u0000ploy"}"#, 400, "invalid_request"),
-            (br#"{"intent":"../etc"}"#, 400, "invalid_request"),
-            (br#"{"intent":"a b"}"#, 400, "invalid_request"),
-            (br#"{"intent":"d\u00e9ploy"}"#, 400, "invalid_request"),
-            (long.as_bytes(), 400, "invalid_request"),
-            (br#"{"intent":"x","ttl":"0s"}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","ttl":"-5m"}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","ttl":""}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","ttl":"5 parsecs"}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","ttl":300}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","ttl":"99999999999999999999999h"}"#, 400, "invalid_ttl"),
-            (br#"{"intent":"x","pid":0}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":-1}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":1.5}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":"123"}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":4294967296}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":2147483648}"#, 400, "invalid_pid"),
-            (br#"{"intent":"x","pid":99999999999999999999999999}"#, 400, "invalid_pid"),
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"", "malformed_json"),
+            (b"{", "malformed_json"),
+            (b"not json", "malformed_json"),
+            (b"[\"deploy\", null, null]", "malformed_json"),
+            (b"\"deploy\"", "malformed_json"),
+            (b"null", "malformed_json"),
+            (b"{\"intent\":\"\xff\"}", "malformed_json"),
+            (b"{\"intent\":\"x\"} trailing", "malformed_json"),
+            (deep.as_bytes(), "malformed_json"),
+            (br#"{"intent":"x","pid":1e400}"#, "malformed_json"),
+            (b"{}", "invalid_request"),
+            (br#"{"intent":""}"#, "invalid_request"),
+            (br#"{"intent":null}"#, "invalid_request"),
+            (br#"{"intent":5}"#, "invalid_request"),
+            (br#"{"intent":["x"]}"#, "invalid_request"),
+            (br#"{"intent":"x","extra":1}"#, "invalid_request"),
+            (br#"{"intent":"x","intent":"y"}"#, "invalid_request"),
+            (br#"{"intent":"de\u0000ploy"}"#, "invalid_request"),
+            (br#"{"intent":"../etc"}"#, "invalid_request"),
+            (br#"{"intent":"a b"}"#, "invalid_request"),
+            (br#"{"intent":"d\u00e9ploy"}"#, "invalid_request"),
+            (long.as_bytes(), "invalid_request"),
+            (br#"{"intent":"x","ttl":"0s"}"#, "invalid_ttl"),
+            (br#"{"intent":"x","ttl":"-5m"}"#, "invalid_ttl"),
+            (br#"{"intent":"x","ttl":""}"#, "invalid_ttl"),
+            (br#"{"intent":"x","ttl":"5 parsecs"}"#, "invalid_ttl"),
+            (br#"{"intent":"x","ttl":300}"#, "invalid_ttl"),
+            (br#"{"intent":"x","ttl":"99999999999999999999999h"}"#, "invalid_ttl"),
+            (br#"{"intent":"x","pid":0}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":-1}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":1.5}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":"123"}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":4294967296}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":2147483648}"#, "invalid_pid"),
+            (br#"{"intent":"x","pid":99999999999999999999999999}"#, "invalid_pid"),
         ];
-        for (body, status, code) in cases {
+        for (body, code) in cases {
             let e = parse(body).expect_err(&String::from_utf8_lossy(body));
-            assert_eq!(
-                (e.status, e.code),
-                (status, code),
-                "{}: {e}",
-                String::from_utf8_lossy(body)
-            );
+            assert_ne!(e.kind, RequestErrorKind::TooLarge);
+            assert_eq!(e.code(), code, "{}: {e}", String::from_utf8_lossy(body));
             assert!(e.message.len() < 400, "message echoes too much: {e}");
         }
     }
@@ -322,21 +324,11 @@ mod tests {
     fn body_size_limit() {
         let pad = " ".repeat(MAX_BODY);
         let e = parse(format!(r#"{{"intent":"x"}}{pad}"#).as_bytes()).unwrap_err();
-        assert_eq!((e.status, e.code), (413, "body_too_large"));
+        assert_eq!((e.kind, e.code()), (RequestErrorKind::TooLarge, "body_too_large"));
         // Exactly at the limit is fine.
         let body = format!(r#"{{"intent":"x"}}"#);
         let padded = format!("{body}{}", " ".repeat(MAX_BODY - body.len()));
         assert_eq!(ok(&padded).intent, "x");
-    }
-
-    #[test]
-    fn error_json_shape() {
-        let e = ApiError::forbidden("no_agents", "nobody");
-        assert_eq!(
-            e.to_json(),
-            serde_json::json!({"error": {"code": "no_agents", "message": "nobody"}})
-        );
-        assert_eq!(ApiError::too_many("rate_limited", "").status, 429);
     }
 
     fn intent(max: u64, default: u64) -> Intent {
