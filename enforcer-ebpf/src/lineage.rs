@@ -81,11 +81,11 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
     // Descendants forked after a grant inherit it; this runs before the child can run,
     // so the child never executes a single instruction without its grants.
     let mut grants = [0u32; MAX_PROC_GRANTS];
-    if let Some(pg) = unsafe { PROC_GRANTS.get(&parent) } {
+    if let Some(pg) = unsafe { PROC_GRANTS.get(parent) } {
         grants = pg.grants;
         let inherited =
             ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
-        let _ = PROC_GRANTS.insert(&(child as u32), &inherited, 0);
+        let _ = PROC_GRANTS.insert(child as u32, inherited, 0);
     }
     entry.write(ForkRecord {
         kind: kind::FORK,
@@ -162,10 +162,10 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let mut grants = [0u32; MAX_PROC_GRANTS];
-    if let Some(pg) = unsafe { PROC_GRANTS.get(&tgid) } {
+    if let Some(pg) = unsafe { PROC_GRANTS.get(tgid) } {
         grants = pg.grants;
         // A reused pid must never find this process's grants.
-        let _ = PROC_GRANTS.remove(&tgid);
+        let _ = PROC_GRANTS.remove(tgid);
     }
     let Some(mut entry) = EVENTS.reserve::<ExitRecord>(0) else {
         count(counter::RINGBUF_DROPS);
@@ -233,17 +233,15 @@ unsafe fn read_args(rec: &mut ExecRecord) {
 #[inline(always)]
 fn mark_agent(tgid: u32, uid: u32) {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let mut agent = unsafe { AGENT_UIDS.get(&uid) }.is_some()
-        || unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some();
-    if !agent {
-        if let Some(key) = exe_key() {
-            agent = unsafe { AGENT_EXES.get(&key) }.is_some();
-        }
+    let mut agent =
+        unsafe { AGENT_UIDS.get(uid) }.is_some() || unsafe { AGENT_CGROUPS.get(cgroup) }.is_some();
+    if !agent && let Some(key) = exe_key() {
+        agent = unsafe { AGENT_EXES.get(key) }.is_some();
     }
     if !agent {
         return;
     }
-    let mut pg = match unsafe { PROC_GRANTS.get(&tgid) } {
+    let mut pg = match unsafe { PROC_GRANTS.get(tgid) } {
         Some(p) => *p,
         None => ProcGrants {
             grants: [0; MAX_PROC_GRANTS],
@@ -254,7 +252,7 @@ fn mark_agent(tgid: u32, uid: u32) {
         },
     };
     pg.flags |= proc_flags::AGENT;
-    let _ = PROC_GRANTS.insert(&tgid, &pg, 0);
+    let _ = PROC_GRANTS.insert(tgid, pg, 0);
 }
 
 /// (s_dev, i_ino) of the current process's executable.
