@@ -29,7 +29,7 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!("kernel {kernel}");
-        println!("{:<48} {:<8} {}", "probe (real load)", "result", "used for / kernel answer");
+        println!("{:<48} {:<8} used for / kernel answer", "probe (real load)", "result");
         for Probe { name, ok, detail, used_for } in &probes {
             let res = if *ok { "ok" } else { "refused" };
             let info = if *ok { used_for.clone() } else { format!("{used_for}: {detail}") };

@@ -55,10 +55,7 @@ pub fn list(json_out: bool, all: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let grants = v["grants"].as_array().cloned().unwrap_or_default();
-    println!(
-        "{:<30} {:<16} {:<8} {:>8} {:<32} {}",
-        "ID", "INTENT", "STATE", "PID", "EXPIRES", "EXE"
-    );
+    println!("{:<30} {:<16} {:<8} {:>8} {:<32} EXE", "ID", "INTENT", "STATE", "PID", "EXPIRES");
     for g in &grants {
         println!(
             "{:<30} {:<16} {:<8} {:>8} {:<32} {}",

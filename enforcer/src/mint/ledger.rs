@@ -351,6 +351,23 @@ fn grant_from_row(r: &Row) -> rusqlite::Result<Grant> {
     })
 }
 
+/// Checkpoints the WAL into the database once a second, off the request path (PASSIVE: it
+/// never blocks writers). Ends when the connection cannot be opened any more.
+fn spawn_checkpointer(path: &Path) {
+    let path = path.to_path_buf();
+    let _ = std::thread::Builder::new().name("ledger-checkpoint".into()).spawn(move || {
+        let Ok(conn) = Connection::open(&path) else { return };
+        let _ = conn.busy_timeout(Duration::from_millis(100));
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if !path.exists() {
+                return;
+            }
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,7 +411,7 @@ mod tests {
         g1.ttl_clamped_from = Some("2h".into());
         let g2 = grant("g_two", "backup", now + chrono::Duration::milliseconds(1), 300);
         {
-            let mut l = Ledger::open(&dir.path()).unwrap();
+            let mut l = Ledger::open(dir.path()).unwrap();
             l.insert(&g1).unwrap();
             l.insert(&g2).unwrap();
             assert!(l.insert(&g1).is_err(), "duplicate id must fail");
@@ -402,7 +419,7 @@ mod tests {
         let meta = std::fs::metadata(dir.path().join(LEDGER_FILE)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
 
-        let l = Ledger::open(&dir.path()).unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
         assert_eq!(l.get("g_one").unwrap().unwrap(), g1);
         assert_eq!(l.get("g_two").unwrap().unwrap(), g2);
         assert_eq!(l.get("g_nope").unwrap(), None);
@@ -416,7 +433,7 @@ mod tests {
     #[test]
     fn set_state_only_from_active() {
         let dir = scratch();
-        let mut l = Ledger::open(&dir.path()).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
         let now = Utc::now();
         l.insert(&grant("g_a", "deploy", now, 300)).unwrap();
         assert!(l.set_state("g_a", GrantState::Revoked, "revoked by uid 0", now).unwrap());
@@ -442,7 +459,7 @@ mod tests {
         let dir = scratch();
         let t0 = Utc::now();
         {
-            let mut l = Ledger::open(&dir.path()).unwrap();
+            let mut l = Ledger::open(dir.path()).unwrap();
             l.insert(&grant("g_short", "deploy", t0, 1)).unwrap();
             l.insert(&grant("g_long", "deploy", t0, 3600)).unwrap();
             l.insert(&grant("g_rev", "deploy", t0, 1)).unwrap();
@@ -451,7 +468,7 @@ mod tests {
         }
         // "Daemon down" for a minute, then restart.
         let later = t0 + chrono::Duration::seconds(60);
-        let mut l = Ledger::open(&dir.path()).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
         let exp = l.expire_due(later).unwrap();
         assert_eq!(exp.len(), 1);
         assert_eq!(exp[0].id, "g_short");
@@ -474,7 +491,7 @@ mod tests {
     #[test]
     fn list_filters_and_hostile_input() {
         let dir = scratch();
-        let mut l = Ledger::open(&dir.path()).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
         let t0 = Utc::now();
         for i in 0..5 {
             let intent = if i % 2 == 0 { "deploy" } else { "backup" };
@@ -509,14 +526,14 @@ mod tests {
     fn refuses_newer_schema_and_loose_mode() {
         use std::os::unix::fs::PermissionsExt;
         let dir = scratch();
-        drop(Ledger::open(&dir.path()).unwrap());
+        drop(Ledger::open(dir.path()).unwrap());
         let path = dir.path().join(LEDGER_FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Ledger::open(&dir.path()).err().unwrap().to_string();
+        let err = Ledger::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("0644"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
-        let err = format!("{:#}", Ledger::open(&dir.path()).err().unwrap());
+        let err = format!("{:#}", Ledger::open(dir.path()).err().unwrap());
         assert!(err.contains("newer"), "{err}");
     }
 
@@ -524,7 +541,7 @@ mod tests {
     #[test]
     fn insert_rate() {
         let dir = scratch();
-        let mut l = Ledger::open(&dir.path()).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
         let t0 = Utc::now();
         let n = 2_000;
         let start = std::time::Instant::now();
@@ -539,21 +556,4 @@ mod tests {
         );
         assert_eq!(l.active().unwrap().len(), n);
     }
-}
-
-/// Checkpoints the WAL into the database once a second, off the request path (PASSIVE: it
-/// never blocks writers). Ends when the connection cannot be opened any more.
-fn spawn_checkpointer(path: &Path) {
-    let path = path.to_path_buf();
-    let _ = std::thread::Builder::new().name("ledger-checkpoint".into()).spawn(move || {
-        let Ok(conn) = Connection::open(&path) else { return };
-        let _ = conn.busy_timeout(Duration::from_millis(100));
-        loop {
-            std::thread::sleep(Duration::from_secs(1));
-            if !path.exists() {
-                return;
-            }
-            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        }
-    });
 }

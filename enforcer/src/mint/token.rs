@@ -410,7 +410,7 @@ mod tests {
 
     fn setup() -> (TempDir, Signer, Grant, String) {
         let dir = scratch();
-        let signer = Signer::load_or_create(&dir.path()).unwrap();
+        let signer = Signer::load_or_create(dir.path()).unwrap();
         let g = grant(Utc::now(), 300);
         let tok = signer.sign(&g, "enforcer@host1").unwrap();
         (dir, signer, g, tok)
@@ -486,7 +486,7 @@ mod tests {
     fn wrong_key_rejected() {
         let (_d, _signer, _g, tok) = setup();
         let other_dir = scratch();
-        let other = Signer::load_or_create(&other_dir.path()).unwrap();
+        let other = Signer::load_or_create(other_dir.path()).unwrap();
         assert!(matches!(other.verify(&tok, Utc::now()), Err(TokenError::UnknownKid(_))));
         assert!(matches!(
             verify_with_jwk(&tok, &other.jwks(), Utc::now()),
@@ -532,16 +532,16 @@ mod tests {
     #[test]
     fn key_file_created_0600_and_reused() {
         let dir = scratch();
-        let a = Signer::load_or_create(&dir.path()).unwrap();
+        let a = Signer::load_or_create(dir.path()).unwrap();
         let path = dir.path().join(KEY_FILE);
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o600);
         assert_eq!(meta.len(), 32);
-        let b = Signer::load_or_create(&dir.path()).unwrap();
+        let b = Signer::load_or_create(dir.path()).unwrap();
         assert_eq!(a.kid(), b.kid());
         assert_eq!(a.jwk(), b.jwk());
         // No temp file left behind.
-        assert_eq!(fs::read_dir(&dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         // A token from the first load verifies with the second.
         let tok = a.sign(&grant(Utc::now(), 60), "enforcer@h").unwrap();
         assert!(b.verify(&tok, Utc::now()).is_ok());
@@ -551,25 +551,25 @@ mod tests {
     #[test]
     fn key_file_with_loose_mode_refused() {
         let dir = scratch();
-        Signer::load_or_create(&dir.path()).unwrap();
+        Signer::load_or_create(dir.path()).unwrap();
         let path = dir.path().join(KEY_FILE);
         for mode in [0o644, 0o640, 0o400, 0o4600] {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-            let err = Signer::load_or_create(&dir.path()).unwrap_err().to_string();
+            let err = Signer::load_or_create(dir.path()).unwrap_err().to_string();
             assert!(err.contains("must be 0600"), "{mode:o}: {err}");
         }
         // A wrong-sized key is refused, not silently replaced.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&path, b"short").unwrap();
-        let err = Signer::load_or_create(&dir.path()).unwrap_err().to_string();
+        let err = Signer::load_or_create(dir.path()).unwrap_err().to_string();
         assert!(err.contains("32-byte"), "{err}");
     }
 
     #[test]
     fn key_symlink_refused() {
         let dir = scratch();
-        fs::create_dir_all(&dir.path()).unwrap();
+        fs::create_dir_all(dir.path()).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join(KEY_FILE)).unwrap();
-        assert!(Signer::load_or_create(&dir.path()).is_err());
+        assert!(Signer::load_or_create(dir.path()).is_err());
     }
 }
