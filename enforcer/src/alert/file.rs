@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 
 use super::Item;
+use crate::policy::FileSinkConfig;
 
 pub struct FileSink {
     path: PathBuf,
@@ -20,11 +21,11 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub fn new(path: PathBuf, max_bytes: u64, max_backups: u32) -> FileSink {
+    pub fn new(s: &FileSinkConfig) -> FileSink {
         FileSink {
-            path,
-            max_bytes,
-            max_backups,
+            path: s.path.clone(),
+            max_bytes: s.max_bytes,
+            max_backups: s.max_backups,
             out: None,
             reopen: Arc::new(AtomicBool::new(false)),
         }

@@ -5,18 +5,16 @@ use anyhow::Result;
 
 use super::Item;
 use super::http::Client;
-use crate::policy::SinkConfig;
+use crate::policy::HecSinkConfig;
 
 pub struct HecSink {
     client: Client,
 }
 
 impl HecSink {
-    pub fn new(s: &SinkConfig) -> Result<HecSink> {
-        let token = s.token.as_ref().map(|t| t.0.clone()).unwrap_or_default();
-        Ok(HecSink {
-            client: Client::new(s, vec![("Authorization".into(), format!("Splunk {token}"))])?,
-        })
+    pub fn new(name: &str, s: &HecSinkConfig) -> Result<HecSink> {
+        let auth = ("Authorization".into(), format!("Splunk {}", s.token.0));
+        Ok(HecSink { client: Client::new(name, &s.https, vec![auth])? })
     }
 
     pub async fn send(&mut self, batch: &[Item]) -> Result<()> {

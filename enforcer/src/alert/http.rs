@@ -8,54 +8,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-use crate::policy::SinkConfig;
+use crate::policy::{HttpsSinkConfig, HttpsUrl};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `https://host[:port]/path`; alerts carry process and secret names, so never plain http.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-impl Url {
-    pub fn parse(s: &str) -> Result<Url> {
-        let rest = s.strip_prefix("https://").ok_or_else(|| anyhow!("not an https:// URL"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.contains('@') {
-            bail!("credentials in the URL are not supported");
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| anyhow!("unclosed ["))?;
-            (format!("[{h}]"), after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (authority.to_string(), None),
-            }
-        };
-        let port = match port {
-            Some(p) => p.parse::<u16>().map_err(|_| anyhow!("bad port"))?,
-            None => 443,
-        };
-        if host.is_empty() || host == "[]" || port == 0 || path.contains(char::is_whitespace) {
-            bail!("bad URL");
-        }
-        Ok(Url { host, port, path: path.to_string() })
-    }
-
-    fn connect_host(&self) -> &str {
-        self.host.trim_start_matches('[').trim_end_matches(']')
-    }
-}
-
 pub struct Client {
-    url: Url,
+    url: HttpsUrl,
     tls: tokio_rustls::TlsConnector,
     server_name: rustls_pki_types::ServerName<'static>,
     /// Extra headers, Authorization included; values never logged.
@@ -64,10 +22,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(s: &SinkConfig, extra: Vec<(String, String)>) -> Result<Client> {
-        let url = Url::parse(s.url.as_deref().unwrap_or_default())?;
-        let tls = tokio_rustls::TlsConnector::from(super::tls::client_config(s)?);
-        let server_name = super::tls::server_name(s, &url.host)?;
+    /// `sink` names the sink in errors.
+    pub fn new(sink: &str, s: &HttpsSinkConfig, extra: Vec<(String, String)>) -> Result<Client> {
+        let url = s.url.clone();
+        let tls = tokio_rustls::TlsConnector::from(super::tls::client_config(sink, &s.tls)?);
+        let server_name = super::tls::server_name(&s.tls, &url.host)?;
         let mut headers = s.headers.clone();
         headers.extend(extra);
         Ok(Client { url, tls, server_name, headers, conn: None })
@@ -101,13 +60,8 @@ impl Client {
     }
 
     async fn post_inner(&mut self, content_type: &str, body: Vec<u8>) -> Result<()> {
-        let host = if self.url.port == 443 {
-            self.url.host.clone()
-        } else {
-            format!("{}:{}", self.url.host, self.url.port)
-        };
         let mut req = hyper::Request::post(&self.url.path)
-            .header(hyper::header::HOST, host)
+            .header(hyper::header::HOST, self.url.authority())
             .header(hyper::header::CONTENT_TYPE, content_type)
             .header(hyper::header::USER_AGENT, concat!("enforcer/", env!("CARGO_PKG_VERSION")));
         for (k, v) in &self.headers {

@@ -10,7 +10,7 @@
 
 mod file;
 mod hec;
-pub mod http;
+mod http;
 pub mod ocsf;
 mod stdout;
 mod syslog;
@@ -59,16 +59,13 @@ enum Transport {
 
 impl Transport {
     fn new(s: &SinkConfig) -> Result<Transport> {
-        Ok(match s.kind {
-            SinkKind::File => Transport::File(file::FileSink::new(
-                s.path.clone().context("file sink without path")?,
-                s.max_bytes,
-                s.max_backups,
-            )),
+        let name = s.name.as_str();
+        Ok(match &s.kind {
+            SinkKind::File(f) => Transport::File(file::FileSink::new(f)),
             SinkKind::Stdout => Transport::Stdout,
-            SinkKind::Syslog => Transport::Syslog(syslog::SyslogSink::new(s)?),
-            SinkKind::Webhook => Transport::Webhook(webhook::WebhookSink::new(s)?),
-            SinkKind::SplunkHec => Transport::Hec(hec::HecSink::new(s)?),
+            SinkKind::Syslog(c) => Transport::Syslog(syslog::SyslogSink::new(name, c)?),
+            SinkKind::Webhook(c) => Transport::Webhook(webhook::WebhookSink::new(name, c)?),
+            SinkKind::SplunkHec(c) => Transport::Hec(hec::HecSink::new(name, c)?),
         })
     }
 
@@ -186,16 +183,6 @@ struct Stats {
     committed: Mutex<Position>,
 }
 
-fn kind_name(k: SinkKind) -> &'static str {
-    match k {
-        SinkKind::File => "file",
-        SinkKind::Stdout => "stdout",
-        SinkKind::Syslog => "syslog",
-        SinkKind::Webhook => "webhook",
-        SinkKind::SplunkHec => "splunk_hec",
-    }
-}
-
 struct Delivery {
     cfg: SinkConfig,
     state_dir: PathBuf,
@@ -221,9 +208,7 @@ impl Delivery {
             return false;
         }
         let is_use = matches!(e.kind.as_str(), "file_open" | "connect");
-        !(is_use
-            && !self.cfg.verdicts.is_empty()
-            && !self.cfg.verdicts.iter().any(|v| *v == e.verdict))
+        !(is_use && !self.cfg.verdicts.is_empty() && !self.cfg.verdicts.contains(&e.verdict))
     }
 
     fn render(&self, e: Event, line: Option<String>) -> Item {
@@ -487,7 +472,7 @@ pub fn spawn(config: &Config, state_dir: &Path, host: &str) -> Result<Sinks> {
         let reader = OutboxReader::new(state_dir, saved.as_ref().map(|c| c.pos.clone()));
         let stats = Arc::new(Stats {
             name: s.name.clone(),
-            kind: kind_name(s.kind),
+            kind: s.kind.type_name(),
             delivered: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),

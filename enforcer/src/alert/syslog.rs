@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Item;
-use crate::policy::SinkConfig;
+use crate::policy::SyslogSinkConfig;
 
 pub const GRACE: Duration = Duration::from_millis(1000);
 
@@ -27,16 +27,18 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    pub fn new(s: &SinkConfig) -> Result<SyslogSink> {
-        let address = s.address.clone().ok_or_else(|| anyhow!("syslog sink without address"))?;
-        let tls = if s.tls {
-            let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address);
-            Some((
-                tokio_rustls::TlsConnector::from(super::tls::client_config(s)?),
-                super::tls::server_name(s, host)?,
-            ))
-        } else {
-            None
+    /// `name` names the sink in errors.
+    pub fn new(name: &str, s: &SyslogSinkConfig) -> Result<SyslogSink> {
+        let address = s.address.clone();
+        let tls = match &s.tls {
+            Some(t) => {
+                let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address);
+                Some((
+                    tokio_rustls::TlsConnector::from(super::tls::client_config(name, t)?),
+                    super::tls::server_name(t, host)?,
+                ))
+            }
+            None => None,
         };
         Ok(SyslogSink { address, tls, conn: None, procid: std::process::id().to_string() })
     }

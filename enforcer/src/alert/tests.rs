@@ -117,6 +117,25 @@ fn sink_config_parses_and_reports_positions() {
     assert_eq!(cfg.sinks.len(), 2);
     assert_eq!(cfg.sinks[0].min_severity, Severity::High);
     assert_eq!(cfg.sinks[0].format, SinkFormat::Ocsf);
+    assert_eq!(
+        cfg.sinks[0].kind,
+        SinkKind::File(crate::policy::FileSinkConfig {
+            path: "/var/log/enforcer/alerts.jsonl".into(),
+            max_bytes: crate::policy::DEFAULT_SINK_MAX_BYTES,
+            max_backups: crate::policy::DEFAULT_SINK_MAX_BACKUPS,
+        })
+    );
+    // The URL is parsed once, at load.
+    let SinkKind::SplunkHec(hec) = &cfg.sinks[1].kind else { panic!("{:?}", cfg.sinks[1]) };
+    assert_eq!(
+        hec.https.url,
+        crate::policy::HttpsUrl {
+            host: "splunk.example".into(),
+            port: 8088,
+            path: "/services/collector/event".into()
+        }
+    );
+    assert_eq!(cfg.sinks[1].kind.type_name(), "splunk_hec");
     assert_eq!(cfg.outbox.max_backups, 5);
     assert!(!format!("{cfg:?}").contains("s3cr3t"), "token must never show in Debug output");
 
@@ -126,6 +145,33 @@ fn sink_config_parses_and_reports_positions() {
     assert!(err.contains("/t/c.toml:9:9: `token` does not apply to sink type `file`"), "{err}");
     assert!(err.contains("/t/c.toml:12:8: invalid sink type `carrier-pigeon`"), "{err}");
     assert!(err.contains("/t/c.toml:14:8: sink `d` of type `splunk_hec` needs `token`"), "{err}");
+}
+
+#[test]
+fn sink_config_carries_only_its_types_options() {
+    let cfg = config(
+        Path::new("/s"),
+        "[[sink]]\nname = \"plain\"\ntype = \"syslog\"\naddress = \"h:514\"\nca_file = \"/ca.pem\"\n[[sink]]\nname = \"mtls\"\ntype = \"syslog\"\naddress = \"h:6514\"\ntls = true\nclient_cert = \"/c.pem\"\nclient_key = \"/k.pem\"\nserver_name = \"logs\"\n[[sink]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"https://[::1]:9443/hook\"\nheaders = { X-Team = \"sec\" }\n",
+    );
+    use crate::policy::{ClientAuth, SyslogSinkConfig, TlsOptions};
+    assert_eq!(
+        cfg.sinks[0].kind,
+        SinkKind::Syslog(SyslogSinkConfig { address: "h:514".into(), tls: None })
+    );
+    assert_eq!(
+        cfg.sinks[1].kind,
+        SinkKind::Syslog(SyslogSinkConfig {
+            address: "h:6514".into(),
+            tls: Some(TlsOptions {
+                ca_file: None,
+                client_auth: Some(ClientAuth { cert: "/c.pem".into(), key: "/k.pem".into() }),
+                server_name: Some("logs".into()),
+            }),
+        })
+    );
+    let SinkKind::Webhook(w) = &cfg.sinks[2].kind else { panic!("{:?}", cfg.sinks[2]) };
+    assert_eq!((w.url.connect_host(), w.url.port, w.url.path.as_str()), ("::1", 9443, "/hook"));
+    assert_eq!(w.headers, vec![("X-Team".to_string(), "sec".to_string())]);
 }
 
 #[test]

@@ -8,9 +8,10 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::policy::SinkConfig;
+use crate::policy::TlsOptions;
 
-pub fn client_config(s: &SinkConfig) -> Result<Arc<ClientConfig>> {
+/// `sink` names the sink in errors.
+pub fn client_config(sink: &str, s: &TlsOptions) -> Result<Arc<ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     match &s.ca_file {
         Some(ca) => {
@@ -28,15 +29,15 @@ pub fn client_config(s: &SinkConfig) -> Result<Arc<ClientConfig>> {
         }
     }
     if roots.is_empty() {
-        bail!("sink {}: no CA certificates (set ca_file)", s.name);
+        bail!("sink {sink}: no CA certificates (set ca_file)");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let cfg = match (&s.client_cert, &s.client_key) {
-        (Some(cert), Some(key)) => builder.with_client_auth_cert(certs(cert)?, key_of(key)?)?,
-        _ => builder.with_no_client_auth(),
+    let cfg = match &s.client_auth {
+        Some(c) => builder.with_client_auth_cert(certs(&c.cert)?, key_of(&c.key)?)?,
+        None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))
 }
@@ -53,7 +54,7 @@ fn key_of(path: &Path) -> Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("read private key {}", path.display()))
 }
 
-pub fn server_name(s: &SinkConfig, host: &str) -> Result<ServerName<'static>> {
+pub fn server_name(s: &TlsOptions, host: &str) -> Result<ServerName<'static>> {
     let name = s
         .server_name
         .clone()

@@ -3,15 +3,15 @@ use anyhow::Result;
 
 use super::Item;
 use super::http::Client;
-use crate::policy::SinkConfig;
+use crate::policy::HttpsSinkConfig;
 
 pub struct WebhookSink {
     client: Client,
 }
 
 impl WebhookSink {
-    pub fn new(s: &SinkConfig) -> Result<WebhookSink> {
-        Ok(WebhookSink { client: Client::new(s, vec![])? })
+    pub fn new(name: &str, s: &HttpsSinkConfig) -> Result<WebhookSink> {
+        Ok(WebhookSink { client: Client::new(name, s, vec![])? })
     }
 
     pub async fn send(&mut self, batch: &[Item]) -> Result<()> {

@@ -15,6 +15,7 @@ mod parse;
 mod sink;
 #[cfg(test)]
 mod tests;
+mod url;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,12 @@ pub use model::{
     DEFAULT_STATE_DIR, DEFAULT_TTL, Intent, Mode, OnViolation, Secret, SecretKind,
 };
 
-pub use sink::{OutboxConfig, Redacted, Severity, SinkConfig, SinkFormat, SinkKind, VERDICTS};
+pub use sink::{
+    ClientAuth, DEFAULT_SINK_MAX_BACKUPS, DEFAULT_SINK_MAX_BYTES, FileSinkConfig, HecSinkConfig,
+    HttpsSinkConfig, OutboxConfig, Redacted, Severity, SinkConfig, SinkFormat, SinkKind,
+    SyslogSinkConfig, TlsOptions, VERDICTS,
+};
+pub use url::{HttpsUrl, UrlError};
 
 use parse::{Loader, Origin, Settings};
 

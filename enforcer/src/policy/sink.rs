@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::diag::Collector;
+use super::url::HttpsUrl;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
@@ -46,8 +47,9 @@ impl fmt::Display for Severity {
     }
 }
 
+/// The `type` of a sink, without its options (what the type-specific checks branch on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SinkKind {
+enum SinkType {
     File,
     Stdout,
     Syslog,
@@ -73,31 +75,89 @@ impl fmt::Debug for Redacted {
     }
 }
 
+/// One `[[sink]]`: what every sink type has (name, filters, format, rate limit), and in `kind`
+/// only the options of its own type, already checked (paths absolute, URL parsed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkConfig {
     pub name: String,
-    pub kind: SinkKind,
     pub min_severity: Severity,
     /// Empty = every verdict.
     pub verdicts: Vec<String>,
     pub format: SinkFormat,
     /// 0 = unlimited.
     pub rate_limit_per_second: u32,
-    // file
-    pub path: Option<PathBuf>,
+    pub kind: SinkKind,
+}
+
+/// A sink's type with its type's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkKind {
+    File(FileSinkConfig),
+    Stdout,
+    Syslog(SyslogSinkConfig),
+    Webhook(HttpsSinkConfig),
+    SplunkHec(HecSinkConfig),
+}
+
+impl SinkKind {
+    /// The `type` as written in the config (also the `type` label of the sink metrics).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkKind::File(_) => "file",
+            SinkKind::Stdout => "stdout",
+            SinkKind::Syslog(_) => "syslog",
+            SinkKind::Webhook(_) => "webhook",
+            SinkKind::SplunkHec(_) => "splunk_hec",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+    /// Size at which the file is rotated.
     pub max_bytes: u64,
     pub max_backups: u32,
-    // syslog
-    pub address: Option<String>,
-    pub tls: bool,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub server_name: Option<String>,
-    // webhook / splunk_hec
-    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogSinkConfig {
+    /// host:port.
+    pub address: String,
+    /// None: plain TCP (`tls = false`, the TLS options are then unused).
+    pub tls: Option<TlsOptions>,
+}
+
+/// A webhook, or the HTTPS part of a Splunk HEC sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsSinkConfig {
+    pub url: HttpsUrl,
+    /// Extra request headers, names and values checked.
     pub headers: Vec<(String, String)>,
-    pub token: Option<Redacted>,
+    pub tls: TlsOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HecSinkConfig {
+    pub https: HttpsSinkConfig,
+    pub token: Redacted,
+}
+
+/// How a sink's TLS client trusts and identifies itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsOptions {
+    /// CA bundle; None = the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_auth: Option<ClientAuth>,
+    /// Name to verify instead of the host of the address or URL.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub const DEFAULT_SINK_MAX_BYTES: u64 = 100 * 1024 * 1024;
@@ -252,11 +312,11 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
         "sink type",
         &r.kind,
         &[
-            ("file", SinkKind::File),
-            ("stdout", SinkKind::Stdout),
-            ("syslog", SinkKind::Syslog),
-            ("webhook", SinkKind::Webhook),
-            ("splunk_hec", SinkKind::SplunkHec),
+            ("file", SinkType::File),
+            ("stdout", SinkType::Stdout),
+            ("syslog", SinkType::Syslog),
+            ("webhook", SinkType::Webhook),
+            ("splunk_hec", SinkType::SplunkHec),
         ],
     );
     let min_severity = r
@@ -299,18 +359,14 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     // Options that belong to another sink type are mistakes (a typo'd type, a copied table):
     // say so rather than ignore them.
     let type_name = r.kind.get_ref();
-    let mut only = |key: &str, span: Option<Range<usize>>, allowed: &[SinkKind]| {
-        if let Some(span) = span {
-            if !allowed.contains(&kind) {
-                diags.error(
-                    file,
-                    span,
-                    format!("`{key}` does not apply to sink type `{type_name}`"),
-                );
-            }
+    let mut only = |key: &str, span: Option<Range<usize>>, allowed: &[SinkType]| {
+        if let Some(span) = span
+            && !allowed.contains(&kind)
+        {
+            diags.error(file, span, format!("`{key}` does not apply to sink type `{type_name}`"));
         }
     };
-    use SinkKind::*;
+    use SinkType::*;
     only("path", r.path.as_ref().map(Spanned::span), &[File]);
     only("max_bytes", r.max_bytes.as_ref().map(Spanned::span), &[File]);
     only("max_backups", r.max_backups.as_ref().map(Spanned::span), &[File]);
@@ -359,6 +415,7 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
     if kind == File && r.path.is_none() {
         missing(diags, "path");
     }
+    let mut address = None;
     if kind == Syslog {
         match &r.address {
             None => missing(diags, "address"),
@@ -367,7 +424,9 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
                     .get_ref()
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-                if !ok {
+                if ok {
+                    address = Some(a.get_ref().clone());
+                } else {
                     diags.error(
                         file,
                         a.span(),
@@ -377,28 +436,28 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
             }
         }
     }
+    let mut url = None;
     if matches!(kind, Webhook | SplunkHec) {
         match &r.url {
             None => missing(diags, "url"),
-            Some(u) => {
-                // Alerts name processes, secrets and hosts: never send them in clear text.
-                if crate::alert::http::Url::parse(u.get_ref()).is_err() {
-                    diags.error(
-                        file,
-                        u.span(),
-                        format!("url `{}` must be https://host[:port]/path", u.get_ref()),
-                    );
-                }
-            }
+            Some(u) => match HttpsUrl::parse(u.get_ref()) {
+                Ok(parsed) => url = Some(parsed),
+                Err(_) => diags.error(
+                    file,
+                    u.span(),
+                    format!("url `{}` must be https://host[:port]/path", u.get_ref()),
+                ),
+            },
         }
     }
+    let mut token = None;
     if kind == SplunkHec {
         match &r.token {
             None => missing(diags, "token"),
             Some(t) if t.get_ref().trim().is_empty() => {
                 diags.error(file, t.span(), "token must not be empty")
             }
-            Some(_) => {}
+            Some(t) => token = Some(Redacted(t.get_ref().clone())),
         }
     }
     let mut headers = Vec::new();
@@ -423,24 +482,33 @@ fn sink(diags: &mut Collector, file: usize, raw: &Spanned<RawSink>) -> Option<Si
         Some(v) => *v.get_ref(),
         None => DEFAULT_SINK_MAX_BYTES,
     };
+
+    // Every problem was reported above; a part missing here only drops a sink whose load
+    // fails anyway.
+    let tls = TlsOptions {
+        ca_file,
+        client_auth: client_cert.zip(client_key).map(|(cert, key)| ClientAuth { cert, key }),
+        server_name: r.server_name.as_ref().map(|v| v.get_ref().clone()),
+    };
+    let kind = match kind {
+        File => SinkKind::File(FileSinkConfig { path: path?, max_bytes, max_backups }),
+        Stdout => SinkKind::Stdout,
+        Syslog => SinkKind::Syslog(SyslogSinkConfig {
+            address: address?,
+            tls: r.tls.as_ref().is_some_and(|v| *v.get_ref()).then_some(tls),
+        }),
+        Webhook => SinkKind::Webhook(HttpsSinkConfig { url: url?, headers, tls }),
+        SplunkHec => SinkKind::SplunkHec(HecSinkConfig {
+            https: HttpsSinkConfig { url: url?, headers, tls },
+            token: token?,
+        }),
+    };
     Some(SinkConfig {
         name,
-        kind,
         min_severity,
         verdicts,
         format,
         rate_limit_per_second: r.rate_limit_per_second.as_ref().map(|v| *v.get_ref()).unwrap_or(0),
-        path,
-        max_bytes,
-        max_backups,
-        address: r.address.as_ref().map(|v| v.get_ref().clone()),
-        tls: r.tls.as_ref().map(|v| *v.get_ref()).unwrap_or(false),
-        ca_file,
-        client_cert,
-        client_key,
-        server_name: r.server_name.as_ref().map(|v| v.get_ref().clone()),
-        url: r.url.as_ref().map(|v| v.get_ref().clone()),
-        headers,
-        token: r.token.as_ref().map(|v| Redacted(v.get_ref().clone())),
+        kind,
     })
 }
