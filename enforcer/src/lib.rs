@@ -1,12 +1,14 @@
 //! enforcer as a library: every module of the agent, so the binary, the integration tests,
 //! the fuzz targets and the bench share one build of the same code.
 //!
-//! Data flows one way (see docs/architecture.md): `kernel` (hooks, maps, records) ->
-//! `proc` (attribution) -> `decide` (the verdict; connections through the shared judge in
-//! `enforcer_common::judge`) -> `act` (deny, kill, revoke, taint in the kernel maps) and
-//! `alert` (outbox and sinks). `mint` issues grants; `api` serves it; `cli` is the binary.
+//! Data flows one way (see docs/architecture.md): `kernel` (hooks, maps) and `records`
+//! (ring-buffer decoding) -> `proc` (attribution) -> `decide` (the verdict; connections through
+//! the shared judge in `enforcer_common::judge`) -> `act` (deny, kill, revoke, taint in the
+//! kernel maps) and `alert` (outbox and sinks). `mint` issues grants; `api` serves it; `cli` is
+//! the binary.
 pub mod alert;
 pub mod api;
+pub mod cgroup;
 pub mod cli;
 pub mod daemon;
 pub mod decide;
@@ -16,5 +18,6 @@ pub mod kernel;
 pub mod mint;
 pub mod policy;
 pub mod proc;
+pub mod records;
 pub mod report;
 pub mod store;

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use crate::decide::{self, Action, Decision, HeldGrant, SubjectState, Use, Verdict};
 use crate::event::{self, DestinationRef, Event, FileRef, GrantRef, ProcessRef};
 use crate::file::FileOpen;
-use crate::kernel::records::{Connect, Record};
 use crate::mint::model::Grant;
 use crate::mint::registry::{GrantChange, Registry};
 use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
+use crate::records::{Connect, Record};
 use crate::store::EventStore;
 
 pub struct Engine {

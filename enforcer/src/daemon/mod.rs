@@ -18,10 +18,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::api::{self, mint::MintState, server::ApiState};
 use crate::file::SecretWatch;
 use crate::kernel::policy::SecretIndex;
-use crate::kernel::{self, Kernel, records};
+use crate::kernel::{self, Kernel};
 use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::Registry, token::Signer};
 use crate::policy::Config;
 use crate::proc::ProcessTable;
+use crate::records;
 use crate::store::EventStore;
 use engine::Engine;
 

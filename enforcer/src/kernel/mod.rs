@@ -1,10 +1,9 @@
 //! Loading and attaching the kernel programs. One file per concern: tracefs offsets,
-//! record decoding, feature probes.
+//! feature probes, the policy and grant maps. Ring-buffer records are decoded in `crate::records`.
 pub mod btf;
 pub mod grants;
 pub mod policy;
 pub mod probe;
-pub mod records;
 pub mod tracefs;
 
 use std::os::unix::fs::DirBuilderExt;

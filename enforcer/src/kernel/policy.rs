@@ -127,7 +127,7 @@ impl PolicyMaps {
         &mut self,
         cfg: &Config,
         index: &SecretIndex,
-        cgroups: &mut crate::proc::CgroupResolver,
+        cgroups: &mut crate::cgroup::CgroupResolver,
     ) -> Result<()> {
         for s in &cfg.secrets {
             let Some(i) = index.by_name.get(&s.name) else { continue };

@@ -1,7 +1,6 @@
 //! The daemon's view of processes: fed by the kernel's lineage records (so short-lived
 //! processes keep their exe and cmdline after they exit), seeded from /proc at start for
 //! processes that were already running.
-mod cgroup;
 pub mod env;
 mod procfs;
 
@@ -9,10 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use cgroup::{CgroupResolver, is_within};
+pub use crate::cgroup::is_within;
 pub use procfs::{current_cgroup, start_ns, subtree_since};
 
-use crate::kernel::records::Record;
+use crate::cgroup::CgroupResolver;
+use crate::records::Record;
 
 /// How long an exited process stays resolvable: its last file or connect events may still
 /// be queued behind its exit record.

@@ -1,6 +1,7 @@
 //! Reading one process from /proc. Every field can vanish mid-read (the process exits);
 //! missing pieces become empty rather than errors.
-use super::{CgroupResolver, Process};
+use super::Process;
+use crate::cgroup::CgroupResolver;
 
 pub fn pids() -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };

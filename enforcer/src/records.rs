@@ -1,6 +1,9 @@
 //! Decoding ring-buffer bytes into typed records. The kernel is trusted to write the
 //! layout, but sizes and string lengths are still checked: a short or odd record is
 //! reported as `Malformed`, never a panic.
+//!
+//! Depends on nothing but `enforcer_common`'s layouts, so `proc` (and the fuzz target) can use
+//! records without depending on the kernel loader.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
@@ -196,7 +199,7 @@ mod tests {
             op: 1,
             ..Default::default()
         };
-        r.addr = Ipv6Addr::from(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()).octets();
+        r.addr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
         let Record::Connect(c) = decode(&bytes(&r)) else { panic!() };
         assert_eq!(c.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(c.protocol, Protocol::Tcp);

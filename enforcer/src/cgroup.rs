@@ -1,5 +1,8 @@
 //! cgroup id <-> path on the cgroup2 mount. A cgroup2 directory's inode number is the id
 //! that bpf_get_current_cgroup_id() returns.
+//!
+//! A leaf module: `proc` attributes processes to cgroups with it and `kernel::policy` resolves
+//! `[[agent]]` cgroup selectors with it, without either depending on the other.
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
