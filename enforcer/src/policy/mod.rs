@@ -24,8 +24,9 @@ pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
 pub use duration::{format_duration, parse_duration};
 pub use model::{
-    AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR, DEFAULT_RUNTIME_DIR,
-    DEFAULT_STATE_DIR, DEFAULT_TTL, Intent, Mode, OnViolation, Secret, SecretKind,
+    AGENT_ON_VIOLATION, AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR,
+    DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, DEFAULT_TTL, Intent, Mode, OnViolation, Secret,
+    SecretKind,
 };
 
 pub use sink::{
