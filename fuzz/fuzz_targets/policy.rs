@@ -1,11 +1,8 @@
 //! Config/policy text: load_str must never panic, whatever the TOML. Errors must be positioned.
 #![no_main]
-#![allow(dead_code, unused_imports)] // the included module carries API the target does not call
 
+use enforcer::policy;
 use libfuzzer_sys::fuzz_target;
-
-#[path = "../../enforcer/src/policy/mod.rs"]
-mod policy;
 
 fuzz_target!(|text: &str| {
     match policy::load_str("fuzz.toml", text) {
