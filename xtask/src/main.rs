@@ -1,9 +1,11 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|bench`.
+//! Developer tasks: `cargo xtask setup|build|run|lint|test|fuzz|bench`.
 //!
 //! Every external command is printed before it runs; every failure names the step that failed.
 
 mod bench;
 mod build;
+mod fuzz;
+mod lint;
 mod run;
 mod setup;
 mod test;
@@ -23,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the build needs (rust-src, cached bpf-linker, test tools). Idempotent.
+    /// Install what the build needs (rust-src, clippy, rustfmt, cached bpf-linker, test tools).
+    /// Idempotent.
     Setup,
     /// Build the eBPF object and the enforcer binary (target/release/enforcer).
     Build {
@@ -36,10 +39,25 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build, then run every workspace test (ARGS go to the test harness, e.g. a name filter).
+    /// rustfmt and clippy (-D warnings) on every crate, userspace and eBPF. Checks only.
+    Lint,
+    /// Lint, build, run every workspace test (ARGS go to the test harness, e.g. a name filter),
+    /// then run each fuzz target for a bounded time on a copy of its seed corpus.
     Test {
+        /// Seconds per fuzz target (0 skips the fuzz runs).
+        #[arg(long, default_value_t = test::FUZZ_SECS)]
+        fuzz_secs: u64,
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Build the fuzz targets (nightly, libFuzzer) and run each for a while on a corpus kept in
+    /// fuzz/target/corpus/ (seeded from fuzz/corpus/). Crashes land in fuzz/artifacts/.
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// Run only this target (default: all of fuzz/fuzz_targets/).
+        target: Option<String>,
     },
     /// Build, then measure the daemon's overhead and ring-buffer drops (writes target/bench.md).
     Bench {
@@ -58,7 +76,9 @@ fn main() {
         Cmd::Setup => setup::run().map(|_| ()),
         Cmd::Build { debug } => build::run(!debug).map(|_| ()),
         Cmd::Run { args } => run::run(&args),
-        Cmd::Test { args } => test::run(&args),
+        Cmd::Lint => lint::run(),
+        Cmd::Test { fuzz_secs, args } => test::run(&args, fuzz_secs),
+        Cmd::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
         Cmd::Bench { iterations } => bench::run(iterations),
         Cmd::BenchWorker(args) => bench::worker(&args),
     };

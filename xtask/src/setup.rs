@@ -1,5 +1,5 @@
-//! `cargo xtask setup`: rust-src for nightly, a cached bpf-linker built on the nightly's own
-//! libLLVM, and the tools the integration tests call. Idempotent; a second run only checks.
+//! `cargo xtask setup`: rust-src, clippy and rustfmt (nightly and stable), a cached bpf-linker
+//! built on the nightly's own libLLVM, and the tools the integration tests call. Idempotent; a second run only checks.
 
 use crate::{cmd, on_path, output_step, run_step};
 use anyhow::{Context, Result, bail};
@@ -16,28 +16,47 @@ pub struct Setup {
 
 pub fn run() -> Result<Setup> {
     let t0 = Instant::now();
-    rust_src()?;
+    components()?;
     let linker_bin = bpf_linker()?;
     test_tools()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(Setup { linker_bin })
 }
 
-fn rust_src() -> Result<()> {
-    let step = "setup: list nightly components";
-    let installed = output_step(
-        step,
-        cmd("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]),
-    )?;
-    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
-        println!("setup: rust-src for nightly already installed");
+/// Components the build and the lint gates need: rust-src (eBPF build-std), clippy and rustfmt
+/// for nightly; clippy and rustfmt for the toolchain that builds userspace (the active one in
+/// the repository root, stable).
+pub fn components() -> Result<()> {
+    toolchain_components(Some("nightly"), &["rust-src", "clippy", "rustfmt"])?;
+    toolchain_components(None, &["clippy", "rustfmt"])
+}
+
+fn toolchain_components(toolchain: Option<&str>, wanted: &[&str]) -> Result<()> {
+    let name = toolchain.unwrap_or("active toolchain");
+    let with_toolchain = |c: &mut std::process::Command| {
+        c.current_dir(crate::root());
+        if let Some(t) = toolchain {
+            c.args(["--toolchain", t]);
+        }
+    };
+    let mut c = cmd("rustup");
+    c.args(["component", "list", "--installed"]);
+    with_toolchain(&mut c);
+    let installed = output_step(&format!("setup: list {name} components"), &mut c)?;
+    // Installed components are listed with their target: "clippy-x86_64-unknown-linux-gnu".
+    let has = |comp: &str| {
+        installed.lines().map(str::trim).any(|l| l == comp || l.starts_with(&format!("{comp}-")))
+    };
+    let missing: Vec<&str> = wanted.iter().copied().filter(|c| !has(c)).collect();
+    if missing.is_empty() {
+        println!("setup: {} for {name} already installed", wanted.join(", "));
         return Ok(());
     }
-    run_step(
-        "setup: install rust-src for nightly",
-        cmd("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
-    )?;
-    println!("setup: installed rust-src for nightly");
+    let mut c = cmd("rustup");
+    c.args(["component", "add"]).args(&missing);
+    with_toolchain(&mut c);
+    run_step(&format!("setup: install {} for {name}", missing.join(", ")), &mut c)?;
+    println!("setup: installed {} for {name}", missing.join(", "));
     Ok(())
 }
 

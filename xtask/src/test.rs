@@ -1,26 +1,52 @@
-//! `cargo xtask test [-- ARGS...]`: build, then every workspace test, one thread at a time
-//! (the integration tests share the kernel). ARGS go to the test harness.
+//! `cargo xtask test [--fuzz-secs N] [-- ARGS...]`: lint (fast fail), build, every workspace
+//! test one thread at a time (the integration tests share the kernel; ARGS go to the test
+//! harness), then each fuzz target for a bounded time.
 
-use crate::{build, cmd, root, run_step};
+use crate::{build, cmd, fuzz, lint, root, run_step};
 use anyhow::Result;
 use std::time::Instant;
 
-pub fn run(args: &[String]) -> Result<()> {
+/// Default seconds per fuzz target in `test`.
+pub const FUZZ_SECS: u64 = 60;
+
+pub fn run(args: &[String], fuzz_secs: u64) -> Result<()> {
     let t0 = Instant::now();
+    let mut times: Vec<(&str, f64)> = Vec::new();
+    let mut timed = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
+        let t = Instant::now();
+        let r = f();
+        times.push((name, t.elapsed().as_secs_f64()));
+        r
+    };
     let result = (|| {
-        let built = build::run(true)?;
-        let mut c = cmd("cargo");
-        c.current_dir(root())
-            .env("ENFORCER_BIN", &built.enforcer)
-            .env("ENFORCER_BPF_OBJ", &built.bpf_obj)
-            .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
-            .args(args);
-        run_step("test: cargo test", &mut c)
+        timed("lint", &mut lint::run)?;
+        let mut built = None;
+        timed("build", &mut || {
+            built = Some(build::run(true)?);
+            Ok(())
+        })?;
+        let built = built.expect("build ran");
+        timed("cargo test", &mut || {
+            let mut c = cmd("cargo");
+            c.current_dir(root())
+                .env("ENFORCER_BIN", &built.enforcer)
+                .env("ENFORCER_BPF_OBJ", &built.bpf_obj)
+                .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+                .args(args);
+            run_step("test: cargo test", &mut c)
+        })?;
+        if fuzz_secs > 0 {
+            timed("fuzz", &mut || fuzz::smoke(fuzz_secs))?;
+        } else {
+            println!("test: fuzz runs skipped (--fuzz-secs 0)");
+        }
+        Ok(())
     })();
     let secs = t0.elapsed().as_secs_f64();
+    let steps: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.0}s")).collect();
     match &result {
-        Ok(()) => println!("test: all passed, total {secs:.1}s"),
-        Err(_) => println!("test: FAILED after {secs:.1}s"),
+        Ok(()) => println!("test: all passed, total {secs:.1}s ({})", steps.join(", ")),
+        Err(_) => println!("test: FAILED after {secs:.1}s ({})", steps.join(", ")),
     }
     result
 }
