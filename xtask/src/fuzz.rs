@@ -3,7 +3,9 @@
 //! The libFuzzer binaries are built with plain `cargo +nightly build` and the flags cargo-fuzz
 //! passes (sanitizer coverage, `--cfg fuzzing`, debug assertions, AddressSanitizer), so a fresh
 //! machine needs no extra tool. `--target <host>` keeps the flags off build scripts and proc
-//! macros, exactly as cargo-fuzz does. Targets are the files in fuzz/fuzz_targets/.
+//! macros, exactly as cargo-fuzz does. Targets are the files in fuzz/fuzz_targets/. No
+//! `--locked`: fuzz/Cargo.lock pins what it has, and a dependency added to enforcer is resolved
+//! instead of failing the build.
 //!
 //! Runs never write into the repository: `fuzz` grows a corpus in fuzz/target/corpus/<target>
 //! (seeded from the committed fuzz/corpus/<target>), `test` works on a temporary copy of the
