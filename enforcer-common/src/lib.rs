@@ -42,7 +42,7 @@ pub struct ForkRecord {
 /// PROC_GRANTS value: the grants a process (tgid) holds. Written by the daemon when it
 /// binds a grant, copied to children by the fork hook, removed by the exit hook.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcGrants {
     pub grants: [u32; MAX_PROC_GRANTS],
     /// Boot-clock ns of the process start, for the daemon's PID-reuse checks.
@@ -144,7 +144,7 @@ pub struct DestKey {
 }
 
 /// Port ranges allowed for one (slot, network) entry.
-pub const MAX_PORT_RANGES: usize = 4;
+pub const MAX_PORT_RANGES: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -233,6 +233,9 @@ pub struct ConnectRecord {
     /// 1 when the kernel revoked the grant on this violation.
     pub revoked_now: u8,
     pub _pad2: u8,
+    /// The process's PROC_GRANTS entry the verdict was judged on (all zero: none), so the
+    /// daemon replays the judge on the same facts, however late it reads the record.
+    pub subject: ProcGrants,
 }
 
 /// Why a connect verdict is what it is.
@@ -250,7 +253,10 @@ pub mod counter {
     pub const RINGBUF_DROPS: u32 = 0;
     /// Events written.
     pub const EVENTS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Per-process state that could not be written (PROC_GRANTS full): a child of a grant
+    /// holder, agent or tainted process ran without its inherited state.
+    pub const STATE_FULL: u32 = 2;
+    pub const COUNT: u32 = 4;
 }
 
 #[cfg(feature = "user")]

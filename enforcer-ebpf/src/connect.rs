@@ -19,9 +19,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, SecretInfo, action, config, counter,
-    grant_state, kind, op,
+    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, ProcGrants, SecretInfo, action, config,
+    counter, grant_state,
     judge::{Facts, Judgement, Settings, judge},
+    kind, op,
 };
 
 use crate::maps::{
@@ -83,28 +84,32 @@ impl Facts for Maps {
     }
 }
 
-/// Decides a connect by `tgid` with the shared judge (enforcer_common::judge, the code
-/// decide.rs runs too) and applies a revoke-on-violation to the grant in the map.
+/// Decides a connect by `tgid` at `now` (boot clock) with the shared judge
+/// (enforcer_common::judge, the code decide.rs runs too) and applies a revoke-on-violation
+/// to the grant in the map. Returns the judgement, whether the grant was revoked now, and
+/// the map entry it was judged on.
 #[inline(always)]
-fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16) -> (Judgement, u8) {
+fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement, u8, ProcGrants) {
     let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
-        return (Judgement::default(), 0);
+        return (Judgement::default(), 0, ProcGrants::default());
     };
-    let settings =
-        Settings { enforce: config(config::ENFORCE) != 0, agent_action: config(config::AGENT_ACTION) as u8 };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let j = judge(&Maps, pg, addr, port, now, settings);
+    let subject = *pg;
+    let settings = Settings {
+        enforce: config(config::ENFORCE) != 0,
+        agent_action: config(config::AGENT_ACTION) as u8,
+    };
+    let j = judge(&Maps, &subject, addr, port, now, settings);
     let mut revoked_now = 0;
-    if j.revoke {
-        if let Some(g) = GRANTS.get_ptr_mut(&j.slot) {
-            let g = unsafe { &mut *g };
-            if g.state == grant_state::ACTIVE {
-                g.state = grant_state::REVOKED;
-                revoked_now = 1;
-            }
+    if j.revoke
+        && let Some(g) = GRANTS.get_ptr_mut(&j.slot)
+    {
+        let g = unsafe { &mut *g };
+        if g.state == grant_state::ACTIVE {
+            g.state = grant_state::REVOKED;
+            revoked_now = 1;
         }
     }
-    (j, revoked_now)
+    (j, revoked_now, subject)
 }
 
 #[inline(always)]
@@ -132,7 +137,10 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     if family == AF_INET {
         v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
     }
-    let (j, revoked_now) = judge_connect(tgid, &v6, port);
+    // One clock reading for the judgement and the record: the daemon replays the judge at
+    // the record's time.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let (j, revoked_now, subject) = judge_connect(tgid, &v6, port, now);
     let deny = !j.lets_through();
     let ug = bpf_get_current_uid_gid();
     let Some(mut entry) = EVENTS.reserve::<ConnectRecord>(0) else {
@@ -153,12 +161,13 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         verdict: j.verdict,
         addr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        boot_ns: now,
         grant_slot: j.slot,
         reason: j.reason,
         taint_secret: j.taint_secret,
         revoked_now,
         _pad2: 0,
+        subject,
     });
     // A kill is carried out by the daemon: wake it now rather than at the next drain.
     entry.submit(if j.action == action::KILL { WAKEUP_NOW } else { submit_flags() });

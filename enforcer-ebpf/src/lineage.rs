@@ -71,22 +71,26 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
         Ok(v) => v,
         Err(_) => return 0,
     };
-    let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
-        count(counter::RINGBUF_DROPS);
-        return 0;
-    };
     let ug = bpf_get_current_uid_gid();
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // Descendants forked after a grant inherit it; this runs before the child can run,
-    // so the child never executes a single instruction without its grants.
+    // so the child never executes a single instruction without its grants. The state is
+    // written first and unconditionally: the record below is best-effort (a full ring
+    // buffer loses the record, never the inheritance).
     let mut grants = [0u32; MAX_PROC_GRANTS];
     if let Some(pg) = unsafe { PROC_GRANTS.get(parent) } {
         grants = pg.grants;
         let inherited =
             ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
-        let _ = PROC_GRANTS.insert(child as u32, inherited, 0);
+        if PROC_GRANTS.insert(child as u32, inherited, 0).is_err() {
+            count(counter::STATE_FULL);
+        }
     }
+    let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
+        count(counter::RINGBUF_DROPS);
+        return 0;
+    };
     entry.write(ForkRecord {
         kind: kind::FORK,
         parent_tgid: parent,
@@ -117,12 +121,15 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
         unsafe { bpf_probe_read_kernel((bprm + BPRM_FILENAME_OFF.load() as u64) as *const u64) }
             .unwrap_or(0)
     };
+    let ug = bpf_get_current_uid_gid();
+    // State first, record after: an `[[agent]]` exec is marked even when the ring buffer
+    // is full.
+    mark_agent(tgid, (ug & 0xffff_ffff) as u32);
     let Some(mut entry) = EVENTS.reserve::<ExecRecord>(0) else {
         count(counter::RINGBUF_DROPS);
         return 0;
     };
     let rec = entry.as_mut_ptr();
-    let ug = bpf_get_current_uid_gid();
     unsafe {
         (*rec).kind = kind::EXEC;
         (*rec).tgid = tgid;
@@ -140,7 +147,6 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
         (*rec).filename_len = if n > 0 { (n - 1) as u32 } else { 0 };
         read_args(&mut *rec);
     }
-    mark_agent(tgid, (ug & 0xffff_ffff) as u32);
     entry.submit(submit_flags());
     count(counter::EVENTS);
     0
@@ -252,7 +258,9 @@ fn mark_agent(tgid: u32, uid: u32) {
         },
     };
     pg.flags |= proc_flags::AGENT;
-    let _ = PROC_GRANTS.insert(tgid, pg, 0);
+    if PROC_GRANTS.insert(tgid, pg, 0).is_err() {
+        count(counter::STATE_FULL);
+    }
 }
 
 /// (s_dev, i_ino) of the current process's executable.

@@ -25,6 +25,7 @@ use enforcer_common::{
 };
 use ipnet::IpNet;
 
+use crate::dest_table::DestTable;
 use crate::policy::{AGENT_ON_VIOLATION, Mode, OnViolation};
 
 /// What was used.
@@ -84,6 +85,9 @@ pub struct HeldGrant {
     pub on_violation: OnViolation,
     /// The grant ends at its first violation.
     pub revoke_on_violation: bool,
+    /// The kernel's deadline on the boot clock (0: unknown). A replay of the judge at a
+    /// kernel record's boot time compares exactly what the kernel compared.
+    pub expires_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,13 +276,20 @@ const NOW_NS: u64 = 1 << 62;
 
 /// A subject's grants and taint laid out as the kernel maps hold them: held grant `i` in
 /// slot `i + 1`, taint entry `i` as secret index `i`.
-struct SubjectFacts<'a> {
-    subject: &'a SubjectState,
+struct SubjectFacts {
     grants: Vec<GrantInfo>,
+    /// Held grant `i`'s destinations in the kernel's compiled form (None: they do not
+    /// compile, so the kernel holds no entry for them either).
+    grant_dests: Vec<Option<DestTable>>,
+    /// Taint entry `i`: its secret's facts and own destinations, compiled.
+    secrets: Vec<(SecretInfo, Option<DestTable>)>,
 }
 
-impl<'a> SubjectFacts<'a> {
-    fn new(subject: &'a SubjectState, now: DateTime<Utc>) -> (Self, ProcGrants) {
+impl SubjectFacts {
+    /// `now_ns`: the boot-clock time of the use when replaying a kernel record; grants'
+    /// own kernel deadlines are then compared with it directly.
+    fn new(subject: &SubjectState, now: DateTime<Utc>, now_ns: Option<u64>) -> (Self, ProcGrants) {
+        let base = now_ns.unwrap_or(NOW_NS);
         let mut proc = ProcGrants::default();
         let taint = &subject.taint[..subject.taint.len().min(MAX_SECRETS)];
         for i in 0..taint.len() {
@@ -301,7 +312,10 @@ impl<'a> SubjectFacts<'a> {
                 .filter(|(_, t)| g.secrets.contains(&t.secret))
                 .fold(0u64, |bits, (k, _)| bits | 1u64 << k);
             grants.push(GrantInfo {
-                expires_ns: (NOW_NS as i128 + left as i128).clamp(0, u64::MAX as i128) as u64,
+                expires_ns: match now_ns {
+                    Some(_) if g.expires_ns != 0 => g.expires_ns,
+                    _ => (base as i128 + left as i128).clamp(0, u64::MAX as i128) as u64,
+                },
                 secrets,
                 state: if g.revoked { grant_state::REVOKED } else { grant_state::ACTIVE },
                 action: g.on_violation.action_code() as u32,
@@ -309,31 +323,43 @@ impl<'a> SubjectFacts<'a> {
                 ..Default::default()
             });
         }
-        (SubjectFacts { subject, grants }, proc)
+        let grant_dests = subject
+            .held
+            .iter()
+            .take(MAX_PROC_GRANTS)
+            .map(|g| DestTable::compile(&g.destinations).ok())
+            .collect();
+        let secrets = taint
+            .iter()
+            .map(|t| {
+                let info = SecretInfo {
+                    has_dests: !t.destinations.is_empty() as u32,
+                    action: t.on_violation.action_code() as u32,
+                };
+                (info, DestTable::compile(&t.destinations).ok())
+            })
+            .collect();
+        (SubjectFacts { grants, grant_dests, secrets }, proc)
     }
 }
 
-impl Facts for SubjectFacts<'_> {
+impl Facts for SubjectFacts {
     fn grant(&self, slot: u32) -> Option<GrantInfo> {
         self.grants.get((slot as usize).checked_sub(1)?).copied()
     }
 
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool {
         let ip = IpAddr::from(*addr);
-        if slot >= SECRET_SLOT_BASE {
-            let t = self.subject.taint.get((slot - SECRET_SLOT_BASE) as usize);
-            return t.is_some_and(|t| in_nets(&t.destinations, ip, port));
-        }
-        let g = (slot as usize).checked_sub(1).and_then(|i| self.subject.held.get(i));
-        g.is_some_and(|g| in_nets(&g.destinations, ip, port))
+        let table = if slot >= SECRET_SLOT_BASE {
+            self.secrets.get((slot - SECRET_SLOT_BASE) as usize).and_then(|s| s.1.as_ref())
+        } else {
+            (slot as usize).checked_sub(1).and_then(|i| self.grant_dests.get(i)?.as_ref())
+        };
+        table.is_some_and(|t| t.allows(ip, port))
     }
 
     fn secret(&self, index: u32) -> Option<SecretInfo> {
-        let t = self.subject.taint.get(index as usize)?;
-        Some(SecretInfo {
-            has_dests: !t.destinations.is_empty() as u32,
-            action: t.on_violation.action_code() as u32,
-        })
+        self.secrets.get(index as usize).map(|s| s.0)
     }
 }
 
@@ -377,21 +403,23 @@ fn on_violation_of(code: u8) -> OnViolation {
 }
 
 /// The kernel's judgement of a connection, from the subject's state as decide.rs sees it.
+/// `now_ns`: the kernel record's boot time, when replaying one (see `HeldGrant::expires_ns`).
 pub fn judge_connect(
     ip: IpAddr,
     port: u16,
     subject: &SubjectState,
     mode: Mode,
     now: DateTime<Utc>,
+    now_ns: Option<u64>,
 ) -> Judgement {
     if subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
         // No map entry in the kernel: the hook answers without judging.
         return Judgement::default();
     }
-    let (facts, proc) = SubjectFacts::new(subject, now);
+    let (facts, proc) = SubjectFacts::new(subject, now, now_ns);
     let settings =
         Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() };
-    judge(&facts, &proc, &kernel_addr(ip), port, NOW_NS, settings)
+    judge(&facts, &proc, &kernel_addr(ip), port, now_ns.unwrap_or(NOW_NS), settings)
 }
 
 /// Judges a connection with the kernel's judge and explains the judgement.
@@ -402,7 +430,7 @@ fn decide_connect(
     mode: Mode,
     now: DateTime<Utc>,
 ) -> Decision {
-    let j = judge_connect(ip, port, subject, mode, now);
+    let j = judge_connect(ip, port, subject, mode, now, None);
     explain(&j, ip, port, subject, mode, now)
 }
 
@@ -838,16 +866,16 @@ mod tests {
         let mut g = grant("a", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
         g.revoke_on_violation = true;
         let s = |g: HeldGrant| SubjectState { known: true, held: vec![g], ..Default::default() };
-        let j = judge_connect(ip, 80, &s(g.clone()), Mode::Enforce, now);
+        let j = judge_connect(ip, 80, &s(g.clone()), Mode::Enforce, now, None);
         assert_eq!((j.verdict, j.slot, j.revoke), (verdict::OUT_OF_INTENT, 1, true));
-        let j = judge_connect(ip, 443, &s(g.clone()), Mode::Enforce, now);
+        let j = judge_connect(ip, 443, &s(g.clone()), Mode::Enforce, now, None);
         assert_eq!((j.verdict, j.revoke), (verdict::ALLOWED, false));
         let mut revoked = g.clone();
         revoked.revoked = true;
-        let j = judge_connect(ip, 443, &s(revoked), Mode::Enforce, now);
+        let j = judge_connect(ip, 443, &s(revoked), Mode::Enforce, now, None);
         assert_eq!((j.verdict, j.revoke), (verdict::REVOKED, false));
         // Monitor mode still revokes (the grant's own setting), but only alerts.
-        let j = judge_connect(ip, 80, &s(g), Mode::Monitor, now);
+        let j = judge_connect(ip, 80, &s(g), Mode::Monitor, now, None);
         assert_eq!((j.action, j.revoke), (action::ALERT, true));
     }
 
@@ -869,12 +897,110 @@ mod tests {
             taint: vec![t("a", OnViolation::Kill), t("b", OnViolation::Deny)],
             agent: false,
         };
-        let j = judge_connect(ip, 443, &s, Mode::Enforce, now);
+        let j = judge_connect(ip, 443, &s, Mode::Enforce, now, None);
         assert_eq!(
             (j.verdict, j.reason, j.taint_secret, j.action, j.slot),
             (verdict::OUT_OF_INTENT, reason::TAINT, 1, action::KILL, 1)
         );
         let d = decide(&Use::Connect { ip, port: 443 }, &s, Mode::Enforce, now);
         assert_eq!((d.reason, d.action), (Reason::Taint("a".into()), Action::Killed));
+    }
+
+    /// Overlapping destinations are the union of everything that covers the address, both
+    /// within one grant (nested networks) and across grants and a secret's own list.
+    #[test]
+    fn overlapping_destinations_are_a_union() {
+        let now = Utc::now();
+        let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+        let nested = grant(
+            "a",
+            &["key"],
+            &["127.0.0.1/32 80-80", "127.0.0.0/8 18081-18081"],
+            60,
+            false,
+            now,
+        );
+        let wide = grant("b", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+        let narrow = grant("c", &["key"], &["10.1.2.3/32 22-22"], 60, false, now);
+        let taint = Taint {
+            secret: "key".into(),
+            destinations: vec![
+                ("10.1.2.3/32".parse().unwrap(), 22, 22),
+                ("10.0.0.0/8".parse().unwrap(), 443, 443),
+            ],
+            on_violation: OnViolation::Deny,
+        };
+        let s = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
+            known: true,
+            held,
+            taint,
+            agent: false,
+        };
+        use Verdict::*;
+        let cases: Vec<(&str, Use, SubjectState, Verdict)> = vec![
+            ("nested, host port", c("127.0.0.1", 80), s(vec![nested.clone()], vec![]), Allowed),
+            (
+                "nested, wider net's port on the host",
+                c("127.0.0.1", 18081),
+                s(vec![nested.clone()], vec![]),
+                Allowed,
+            ),
+            (
+                "nested, wider net's port elsewhere",
+                c("127.0.0.9", 18081),
+                s(vec![nested.clone()], vec![]),
+                Allowed,
+            ),
+            (
+                "nested, host port elsewhere",
+                c("127.0.0.9", 80),
+                s(vec![nested.clone()], vec![]),
+                OutOfIntent,
+            ),
+            (
+                "two grants, host inside the other's net",
+                c("10.1.2.3", 443),
+                s(vec![narrow.clone(), wide.clone()], vec![]),
+                Allowed,
+            ),
+            (
+                "two grants, narrow port",
+                c("10.1.2.3", 22),
+                s(vec![wide.clone(), narrow.clone()], vec![]),
+                Allowed,
+            ),
+            (
+                "tainted, secret's nested list",
+                c("10.1.2.3", 443),
+                s(vec![wide.clone()], vec![taint.clone()]),
+                Allowed,
+            ),
+            (
+                "tainted, secret's host port, grant lacks it",
+                c("10.1.2.3", 22),
+                s(vec![wide.clone()], vec![taint.clone()]),
+                OutOfIntent,
+            ),
+        ];
+        for (name, u, subject, verdict) in cases {
+            let d = decide(&u, &subject, Mode::Enforce, now);
+            assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+        }
+    }
+
+    /// A replay at a kernel record's boot time uses the grants' kernel deadlines: one
+    /// nanosecond before is allowed, at the deadline expired, whatever the wall clock says.
+    #[test]
+    fn replay_uses_the_kernel_deadline() {
+        let now = Utc::now();
+        let ip = "10.1.2.3".parse().unwrap();
+        let mut g = grant("a", &["key"], &["10.0.0.0/8 443-443"], -3600, false, now);
+        g.expires_ns = 5_000;
+        let s = SubjectState { known: true, held: vec![g], ..Default::default() };
+        let at = |ns| judge_connect(ip, 443, &s, Mode::Enforce, now, Some(ns)).verdict;
+        assert_eq!(at(4_999), verdict::ALLOWED);
+        assert_eq!(at(5_000), verdict::EXPIRED);
+        // Without a replay time the wall-clock deadline counts (expired an hour ago).
+        assert_eq!(judge_connect(ip, 443, &s, Mode::Enforce, now, None).verdict, verdict::EXPIRED);
     }
 }

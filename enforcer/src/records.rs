@@ -57,6 +57,8 @@ pub struct Connect {
     pub revoked_now: u8,
     pub cgroup_id: u64,
     pub boot_ns: u64,
+    /// The process's kernel entry the verdict was judged on (grants, taint, flags).
+    pub subject: enforcer_common::ProcGrants,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +179,7 @@ fn connect(r: &ConnectRecord) -> Option<Connect> {
         revoked_now: r.revoked_now,
         cgroup_id: r.cgroup_id,
         boot_ns: r.boot_ns,
+        subject: r.subject,
     })
 }
 

@@ -47,6 +47,8 @@ pub struct Kernel {
 pub struct Counters {
     pub ringbuf_drops: u64,
     pub events: u64,
+    /// Inherited per-process state the kernel could not store (PROC_GRANTS full).
+    pub state_full: u64,
 }
 
 pub fn object() -> Result<&'static [u8]> {
@@ -216,7 +218,11 @@ impl Kernel {
         let Some(map) = self.ebpf.map("COUNTERS") else { return Counters::default() };
         let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return Counters::default() };
         let sum = |i: u32| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        Counters { ringbuf_drops: sum(counter::RINGBUF_DROPS), events: sum(counter::EVENTS) }
+        Counters {
+            ringbuf_drops: sum(counter::RINGBUF_DROPS),
+            events: sum(counter::EVENTS),
+            state_full: sum(counter::STATE_FULL),
+        }
     }
 }
 
