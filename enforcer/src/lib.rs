@@ -6,6 +6,7 @@
 //! the shared judge in `enforcer_common::judge`) -> `act` (deny, kill, revoke, taint in the
 //! kernel maps) and `alert` (outbox and sinks). `mint` issues grants; `api` serves it; `cli` is
 //! the binary.
+pub mod act;
 pub mod alert;
 pub mod api;
 pub mod cgroup;

@@ -1,7 +1,9 @@
-//! The Mint API handlers: issue, list, get, revoke grants, and the token public key.
+//! The Mint API handlers: issue, list, get, revoke grants, and the token public key. The
+//! registry lock is taken only for in-memory work and kernel map writes; ledger reads take
+//! the ledger's own lock, after the writer has caught up with what was sent before.
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use hyper::StatusCode;
@@ -10,15 +12,19 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use crate::mint::attest::{self, Requester};
 use crate::mint::error::MintError;
-use crate::mint::ledger::ListFilter;
+use crate::mint::ledger::{Ledger, ListFilter};
 use crate::mint::model::{Grant, GrantState};
 use crate::mint::ratelimit::RateLimiter;
 use crate::mint::registry::{Registry, resolve_destinations};
 use crate::mint::request;
+use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 
 pub struct MintState {
     pub registry: Arc<Mutex<Registry>>,
+    /// For reads (list, get, history); the writer thread shares it.
+    ledger: Arc<Mutex<Ledger>>,
+    ledger_tx: LedgerTx,
     /// The policy in force; replaced atomically on reload.
     pub config: Mutex<Arc<Config>>,
     pub limiter: Mutex<RateLimiter>,
@@ -28,11 +34,24 @@ pub struct MintState {
     jwks: Value,
 }
 
+/// Locks, carrying on past a panic elsewhere.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl MintState {
-    pub fn new(registry: Arc<Mutex<Registry>>, config: Arc<Config>, limiter: RateLimiter) -> Self {
-        let jwks = registry.lock().unwrap().signer.jwks();
+    pub fn new(
+        registry: Arc<Mutex<Registry>>,
+        ledger: Arc<Mutex<Ledger>>,
+        ledger_tx: LedgerTx,
+        config: Arc<Config>,
+        limiter: RateLimiter,
+    ) -> Self {
+        let jwks = lock(&registry).signer.jwks();
         MintState {
             registry,
+            ledger,
+            ledger_tx,
             config: Mutex::new(config),
             limiter: Mutex::new(limiter),
             exe_hashes: Mutex::new(HashMap::new()),
@@ -49,16 +68,25 @@ impl MintState {
             || MintError::SubjectGone(format!("process {} exited during attestation", r.pid));
         let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
         let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
-        if let Some(h) = self.exe_hashes.lock().unwrap().get(&key) {
+        if let Some(h) = lock(&self.exe_hashes).get(&key) {
             return Ok(h.clone());
         }
         let h = r.exe_sha256().map_err(|_| gone())?;
-        let mut cache = self.exe_hashes.lock().unwrap();
+        let mut cache = lock(&self.exe_hashes);
         if cache.len() > 4096 {
             cache.clear();
         }
         cache.insert(key, h.clone());
         Ok(h)
+    }
+
+    /// A grant: live state from memory, else the ledger (once the writer caught up).
+    async fn grant(&self, id: &str) -> Result<Option<Grant>, MintError> {
+        if let Some(g) = lock(&self.registry).live_grant(id) {
+            return Ok(Some(g));
+        }
+        self.ledger_tx.barrier().await;
+        lock(&self.ledger).get(id).map_err(|e| MintError::internal(format!("{e:#}")))
     }
 }
 
@@ -87,11 +115,11 @@ pub async fn issue(
     peer: &Requester,
     body: &[u8],
 ) -> Result<(StatusCode, Value), ApiError> {
-    if let Err(retry) = m.limiter.lock().unwrap().check((peer.uid, peer.pid), Instant::now()) {
+    if let Err(retry) = lock(&m.limiter).check((peer.uid, peer.pid), Instant::now()) {
         return Err(MintError::RateLimited { pid: peer.pid, retry }.into());
     }
     let req = request::parse(body)?;
-    let config = m.config.lock().unwrap().clone();
+    let config = lock(&m.config).clone();
     let intent = config
         .intent(&req.intent)
         .ok_or_else(|| MintError::UnknownIntent(req.intent.clone()))?
@@ -110,17 +138,24 @@ pub async fn issue(
     let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
     let sha = m.exe_sha256(target)?;
     let subject = target.subject(sha);
+    // DNS and signing before the registry lock.
     let nets = resolve_destinations(&intent.destinations);
     let (signer, issuer) = {
-        let reg = m.registry.lock().unwrap();
+        let reg = lock(&m.registry);
         (reg.signer.clone(), reg.issuer.clone())
     };
     let prepared = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
-    let (grant, _slot) = m.registry.lock().unwrap().issue(prepared, &intent, nets)?;
+    let (grant, _slot, recorded) = lock(&m.registry).issue(prepared, &intent, nets)?;
+    // Kernel first, ledger second: a grant the ledger could not record is undone.
+    let recorded = recorded.await.unwrap_or_else(|_| Err("the ledger writer has stopped".into()));
+    if let Err(e) = recorded {
+        lock(&m.registry).abort(&grant.id, false);
+        return Err(MintError::internal(e).into());
+    }
     // The pidfd still names the live process only if it did not exit meanwhile; if it did,
     // its pid may already belong to someone else, who must not inherit the grant.
     if target.is_gone() {
-        m.registry.lock().unwrap().abort(&grant.id);
+        lock(&m.registry).abort(&grant.id, true);
         return Err(MintError::SubjectGone(format!(
             "process {} exited before the grant was bound",
             target.pid
@@ -131,7 +166,7 @@ pub async fn issue(
 }
 
 /// GET /v1/grants[?state=active&intent=NAME&limit=N].
-pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError> {
+pub async fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError> {
     let mut filter = ListFilter { state: None, intent: None, limit: 1000 };
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -156,22 +191,23 @@ pub fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError>
             }
         }
     }
-    let reg = m.registry.lock().unwrap();
-    let grants =
-        reg.ledger.list(filter).map_err(|e| ApiError::new(500, "internal", format!("{e:#}")))?;
+    m.ledger_tx.barrier().await;
+    let grants = lock(&m.ledger).list(filter).map_err(|e| MintError::Internal(format!("{e:#}")))?;
     // Live state (in memory) is newer than the ledger only for grants changing right now.
-    let v: Vec<Value> =
-        grants.iter().map(|g| grant_json(&reg.get(&g.id).unwrap_or_else(|| g.clone()))).collect();
+    let reg = lock(&m.registry);
+    let v: Vec<Value> = grants
+        .iter()
+        .map(|g| grant_json(&reg.live_grant(&g.id).unwrap_or_else(|| g.clone())))
+        .collect();
     Ok((StatusCode::OK, json!({"grants": v})))
 }
 
 /// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).
-pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
-    let reg = m.registry.lock().unwrap();
-    let g = reg.get(id).ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
+pub async fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
+    let g = m.grant(id).await?.ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
     let mut v = grant_json(&g);
-    let history: Vec<Value> = reg
-        .ledger
+    m.ledger_tx.barrier().await;
+    let history: Vec<Value> = lock(&m.ledger)
         .events(id)
         .unwrap_or_default()
         .into_iter()
@@ -182,9 +218,12 @@ pub fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
 }
 
 /// DELETE /v1/grants/{id}: root, or a process of the grant subject's uid.
-pub fn revoke(m: &MintState, peer: &Requester, id: &str) -> Result<(StatusCode, Value), ApiError> {
-    let mut reg = m.registry.lock().unwrap();
-    let g = reg.get(id).ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
+pub async fn revoke(
+    m: &MintState,
+    peer: &Requester,
+    id: &str,
+) -> Result<(StatusCode, Value), ApiError> {
+    let g = m.grant(id).await?.ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
     if peer.uid != 0 && peer.uid != g.subject.uid {
         return Err(MintError::NotYourGrant(format!(
             "grant {id} belongs to uid {}",
@@ -192,7 +231,18 @@ pub fn revoke(m: &MintState, peer: &Requester, id: &str) -> Result<(StatusCode, 
         ))
         .into());
     }
+    if g.state != GrantState::Active {
+        return Err(MintError::NotActive { id: id.to_string(), state: g.state }.into());
+    }
     let reason = format!("revoked by pid {} (uid {})", peer.pid, peer.uid);
-    let g = reg.revoke(id, &reason)?;
-    Ok((StatusCode::OK, grant_json(&g)))
+    let revoked = lock(&m.registry).revoke(id, &reason);
+    match revoked {
+        Ok(g) => Ok((StatusCode::OK, grant_json(&g))),
+        // Ended since it was looked up: say how.
+        Err(MintError::UnknownGrant(_)) => {
+            let state = m.grant(id).await?.map_or(GrantState::Ended, |g| g.state);
+            Err(MintError::NotActive { id: id.to_string(), state }.into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

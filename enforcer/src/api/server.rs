@@ -78,9 +78,9 @@ async fn handle(
         (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
         (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => return Ok(metrics(&state)),
         (&Method::POST, ["", "v1", "grants"]) => mint::issue(&state.mint, &peer, &body).await,
-        (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &query),
-        (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id),
-        (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id),
+        (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &query).await,
+        (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id).await,
+        (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id).await,
         (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
         (
             _,

@@ -3,13 +3,18 @@ use std::net::IpAddr;
 
 use chrono::Utc;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::act::{self, Actor};
 use crate::decide::{self, Action, Decision, HeldGrant, SubjectState, Use, Verdict};
 use crate::event::{self, DestinationRef, Event, FileRef, GrantRef, ProcessRef};
 use crate::file::FileOpen;
 use crate::mint::model::Grant;
-use crate::mint::registry::{GrantChange, Registry};
+use crate::mint::registry::{GrantChange, Notice};
+use crate::mint::view::ViewCell;
+use crate::mint::writer::LedgerTx;
 use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
 use crate::records::{Connect, Record};
@@ -23,7 +28,7 @@ pub struct Engine {
     /// cgroup_root relative to the cgroup2 mount ("/" for the whole host).
     pub cgroup_scope: String,
     pub secret_kinds: std::collections::HashMap<String, SecretKind>,
-    pub registry: Arc<Mutex<Registry>>,
+    pub grants: GrantLinks,
     exe_hashes: ExeHashes,
     /// pid -> (exe, parent chain, exe sha256) for alerts; dropped when the process exits.
     alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, Option<String>)>,
@@ -32,6 +37,16 @@ pub struct Engine {
     instance: String,
     seq: u64,
     pub counts: Counts,
+}
+
+/// The engine's ties to the grants, none of which waits on the registry: the published
+/// snapshot decisions read, enforcement on the kernel maps, lifecycle notices for the
+/// registry, and use records for the ledger writer.
+pub struct GrantLinks {
+    pub view: Arc<ViewCell>,
+    pub act: Actor,
+    pub notices: UnboundedSender<Notice>,
+    pub ledger: LedgerTx,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -54,7 +69,7 @@ impl Engine {
         mode: Mode,
         host: String,
         cgroup_scope: String,
-        registry: Arc<Mutex<Registry>>,
+        grants: GrantLinks,
     ) -> Self {
         // Unique per daemon start: boot-time nanoseconds and pid, so ids never repeat across restarts.
         let instance = format!("{:x}-{:x}", boot_ns(), std::process::id());
@@ -65,7 +80,7 @@ impl Engine {
             host,
             cgroup_scope,
             secret_kinds: Default::default(),
-            registry,
+            grants,
             exe_hashes: ExeHashes::default(),
             alert_facts: Default::default(),
             env_seen: Default::default(),
@@ -79,10 +94,10 @@ impl Engine {
         self.table.apply(&rec);
         match &rec {
             Record::Fork { grants, .. } if !grants.is_empty() => {
-                self.registry.lock().unwrap().on_fork(grants)
+                let _ = self.grants.notices.send(Notice::Fork(grants.clone()));
             }
             Record::Exit { grants, .. } if !grants.is_empty() => {
-                self.registry.lock().unwrap().on_exit(grants)
+                let _ = self.grants.notices.send(Notice::Exit(grants.clone()));
             }
             _ => {}
         }
@@ -110,27 +125,26 @@ impl Engine {
         let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id));
         let when = wall_time_of(c.boot_ns);
         // The common case: the kernel found nothing to judge (no grant, no taint violation,
-        // not an agent). Userspace would agree; skip the map lookup and the lock.
+        // not an agent). Userspace would agree; skip the map lookup.
         let plain = c.verdict == enforcer_common::verdict::NO_GRANT_HELD;
+        let view = self.grants.view.load();
         let mut subject = if plain {
             SubjectState { known, ..Default::default() }
         } else {
-            let reg = self.registry.lock().unwrap();
-            let mut st = match reg.state_of(c.tgid) {
-                Some(pg) => reg.subject_state(Some(pg)),
-                // Gone already: rebuild what the kernel decided on from its record.
-                None => {
-                    let mut pg = enforcer_common::ProcGrants::default();
-                    pg.grants[0] = c.grant_slot;
-                    if c.reason == enforcer_common::reason::AGENT {
-                        pg.flags |= enforcer_common::proc_flags::AGENT;
-                    }
-                    if c.reason == enforcer_common::reason::TAINT && c.taint_secret > 0 {
-                        pg.taint = 1u64 << (c.taint_secret - 1);
-                    }
-                    reg.subject_state(Some(pg))
+            let actor = &mut self.grants.act;
+            // Gone already: rebuild what the kernel decided on from its record.
+            let pg = actor.state_of(c.tgid).unwrap_or_else(|| {
+                let mut pg = enforcer_common::ProcGrants::default();
+                pg.grants[0] = c.grant_slot;
+                if c.reason == enforcer_common::reason::AGENT {
+                    pg.flags |= enforcer_common::proc_flags::AGENT;
                 }
-            };
+                if c.reason == enforcer_common::reason::TAINT && c.taint_secret > 0 {
+                    pg.taint = 1u64 << (c.taint_secret - 1);
+                }
+                pg
+            });
+            let mut st = view.subject_state(Some(pg), actor.revoked(&view));
             st.known = known;
             st
         };
@@ -160,15 +174,13 @@ impl Engine {
         }
         // The action is what the kernel did (deny happened before a packet left).
         d.action = kernel_action(c.action);
-        let grant_id = Some(c.grant_slot)
-            .filter(|s| *s != 0)
-            .and_then(|s| self.registry.lock().unwrap().id_of_slot(s));
+        let grant_slot = Some(c.grant_slot).filter(|s| *s != 0 && view.grant(*s).is_some());
         if c.revoked_now == 1 {
             d.decision_path
                 .push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
         }
         if d.action == Action::Killed {
-            kill(c.tgid, &mut d.decision_path);
+            act::kill(c.tgid, &mut d.decision_path);
         }
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
@@ -185,27 +197,22 @@ impl Engine {
         e.destination = Some(dest);
         self.emit(e);
         // Ending a misused grant: kernel-revoked already (revoke_on_violation) or killed.
-        if let Some(id) = grant_id {
-            if c.revoked_now == 1
-                || (d.action == Action::Killed && d.reason == decide::Reason::Grant)
-            {
-                let why = if c.revoked_now == 1 {
-                    "revoke_on_violation"
-                } else {
-                    "holder killed on violation"
-                };
-                let _ = self.registry.lock().unwrap().revoke(&id, why);
-            }
+        if let Some(slot) = grant_slot
+            && (c.revoked_now == 1
+                || (d.action == Action::Killed && d.reason == decide::Reason::Grant))
+        {
+            let why = if c.revoked_now == 1 {
+                "revoke_on_violation"
+            } else {
+                "holder killed on violation"
+            };
+            self.grants.act.revoke(&view, slot, why);
         }
     }
 
-    /// Decides a waiting secret open; returns whether to allow it. `state`: the kernel map's
-    /// entry for the opener, read while it waits in open().
-    pub fn on_file_open(
-        &mut self,
-        f: FileOpen,
-        state: Option<enforcer_common::ProcGrants>,
-    ) -> bool {
+    /// Decides a waiting secret open; returns whether to allow it. The kernel map's entry
+    /// for the opener is read while it waits in open().
+    pub fn on_file_open(&mut self, f: FileOpen) -> bool {
         let (mut process, known) = self.process_ref(f.pid, None);
         // The opener waits in open(): its cgroup *now* is what counts (it may have moved
         // since exec). Only a process provably outside cgroup_root is let through unjudged.
@@ -216,34 +223,33 @@ impl Engine {
             return true;
         }
         self.counts.file_opens += 1;
-        let (subject, without_grant) = {
-            let reg = self.registry.lock().unwrap();
-            let mut st = match (state, self.table.exited_grants(f.pid)) {
-                (None, Some(slots)) => {
-                    SubjectState { held: reg.held_slots(&slots), ..Default::default() }
-                }
-                (pg, _) => reg.subject_state(pg),
-            };
-            st.known = known;
-            (st, crate::kernel::policy::without_grant(&reg.policy, &f.secret))
+        let view = self.grants.view.load();
+        let actor = &mut self.grants.act;
+        let mut subject = match (actor.state_of(f.pid), self.table.exited_grants(f.pid)) {
+            (None, Some(slots)) => {
+                SubjectState { held: view.held(&slots, actor.revoked(&view)), ..Default::default() }
+            }
+            (pg, _) => view.subject_state(pg, actor.revoked(&view)),
         };
-        let d = decide::decide(
+        subject.known = known;
+        let without_grant = view.without_grant(&f.secret);
+        let mut d = decide::decide(
             &Use::SecretOpen { secret: f.secret.clone(), without_grant },
             &subject,
             self.mode,
             Utc::now(),
         );
-        let allow = !matches!(d.action, Action::Denied | Action::Killed);
-        let mut d = d;
+        let allow = !act::denies(d.action);
         if allow {
             // Taint before the open returns: the opener cannot connect before this lands.
             let start = self.table.get_or_load(f.pid).map(|p| p.start_ns).unwrap_or(0);
-            if let Err(e) = self.registry.lock().unwrap().taint(f.pid, start, &f.secret) {
+            let bits = view.secret_bits(&f.secret);
+            if let Err(e) = self.grants.act.taint(f.pid, start, bits) {
                 tracing::error!("taint pid {}: {e:#}", f.pid);
             }
         }
         if d.action == Action::Killed {
-            kill(f.pid, &mut d.decision_path);
+            act::kill(f.pid, &mut d.decision_path);
         }
         let kind = self.secret_kinds.get(&f.secret).copied().unwrap_or(SecretKind::CredentialsFile);
         let mut e = self.event("file_open", &d, process);
@@ -254,19 +260,13 @@ impl Engine {
         }];
         e.file = Some(FileRef { path: f.path, dev: f.dev, ino: f.ino, secret: f.secret });
         self.emit(e);
-        if d.verdict != Verdict::Allowed {
-            if let Some(g) = d.grant.and_then(|i| subject.held.get(i)) {
-                let mut reg = self.registry.lock().unwrap();
-                if reg.revokes_on_violation(&g.id) || d.action == Action::Killed {
-                    let _ = reg.revoke(
-                        &g.id,
-                        if d.action == Action::Killed {
-                            "holder killed on violation"
-                        } else {
-                            "revoke_on_violation"
-                        },
-                    );
-                }
+        // Ending a misused grant: revoke_on_violation, or its holder killed.
+        let held = d.grant.and_then(|i| subject.held.get(i)).filter(|g| g.slot != 0);
+        if let Some(g) = held.filter(|_| d.verdict != Verdict::Allowed) {
+            let killed = d.action == Action::Killed;
+            if killed || g.revoke_on_violation {
+                let why = if killed { "holder killed on violation" } else { "revoke_on_violation" };
+                self.grants.act.revoke(&view, g.slot, why);
             }
         }
         allow
@@ -433,21 +433,21 @@ impl Engine {
     }
 
     fn emit(&mut self, mut e: Event) {
-        if let Some(g) = &e.grant {
-            if e.kind == "connect" || e.kind == "file_open" {
-                let what = match (&e.file, &e.destination) {
-                    (Some(f), _) => format!(
-                        "{} of secret {} by pid {}: {}",
-                        e.kind, f.secret, e.process.pid, e.verdict
-                    ),
-                    (_, Some(d)) => format!(
-                        "{} to {}:{} by pid {}: {}",
-                        e.kind, d.ip, d.port, e.process.pid, e.verdict
-                    ),
-                    _ => e.kind.clone(),
-                };
-                self.registry.lock().unwrap().note_use(&g.id, &what);
-            }
+        if let Some(g) = &e.grant
+            && (e.kind == "connect" || e.kind == "file_open")
+        {
+            let what = match (&e.file, &e.destination) {
+                (Some(f), _) => format!(
+                    "{} of secret {} by pid {}: {}",
+                    e.kind, f.secret, e.process.pid, e.verdict
+                ),
+                (_, Some(d)) => format!(
+                    "{} to {}:{} by pid {}: {}",
+                    e.kind, d.ip, d.port, e.process.pid, e.verdict
+                ),
+                _ => e.kind.clone(),
+            };
+            self.grants.ledger.note_use(&g.id, &what);
         }
         if e.verdict != "allowed" && e.process.pid != 0 {
             // Alerts carry the full picture: ancestry and what exactly ran. Cached per
@@ -474,11 +474,11 @@ impl Engine {
             e.process.parent_chain = chain;
             e.process.exe_sha256 = sha;
         }
-        if let Some(d) = &e.destination {
-            if d.ip == "169.254.169.254" || d.ip == "fd00:ec2::254" {
-                // Cloud instance metadata: where instance credentials are fetched from.
-                e.mitre.push("T1552.005".into());
-            }
+        // Cloud instance metadata: where instance credentials are fetched from.
+        if let Some(d) = &e.destination
+            && (d.ip == "169.254.169.254" || d.ip == "fd00:ec2::254")
+        {
+            e.mitre.push("T1552.005".into());
         }
         self.counts.events_total += 1;
         if e.verdict != "allowed" {
@@ -517,32 +517,6 @@ fn kernel_action(a: u8) -> Action {
         ka::ALERT => Action::Alerted,
         _ => Action::Allowed,
     }
-}
-
-/// SIGKILL through a pidfd. For an open the process is still waiting in open(), so the
-/// pid is certainly its; for a connect (already denied in the kernel) the kill follows
-/// within milliseconds.
-fn kill(pid: u32, path: &mut Vec<String>) {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if fd < 0 {
-        path.push(format!("kill: process {pid} already gone"));
-        return;
-    }
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd as libc::c_int,
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    unsafe { libc::close(fd as libc::c_int) };
-    path.push(if r == 0 {
-        format!("killed process {pid} (SIGKILL)")
-    } else {
-        format!("kill of {pid} failed: {}", std::io::Error::last_os_error())
-    });
 }
 
 fn grant_ref(d: &Decision, held: &[HeldGrant]) -> Option<GrantRef> {

@@ -8,23 +8,29 @@ mod status;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::act::Actor;
 use crate::api::{self, mint::MintState, server::ApiState};
 use crate::file::SecretWatch;
 use crate::kernel::policy::SecretIndex;
 use crate::kernel::{self, Kernel};
-use crate::mint::{ledger::Ledger, ratelimit::RateLimiter, registry::Registry, token::Signer};
+use crate::mint::ledger::Ledger;
+use crate::mint::ratelimit::RateLimiter;
+use crate::mint::registry::{Notice, Registry, RestoreInput, resolve_secret_nets};
+use crate::mint::token::Signer;
+use crate::mint::view::{GrantView, PolicyFacts, ViewCell};
+use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 use crate::proc::ProcessTable;
 use crate::records;
 use crate::store::EventStore;
-use engine::Engine;
+use engine::{Engine, GrantLinks};
 
 /// Longest a kernel record waits in the ring buffer before the daemon reads it.
 const DRAIN_INTERVAL_MS: u64 = 20;
@@ -123,27 +129,40 @@ async fn run_async(setup: Setup) -> Result<()> {
     .map_err(|e| anyhow::anyhow!("poll inotify: {e}"))?;
 
     // Grants: signing key and ledger under the state dir, kernel maps from the object;
-    // grants that survived a restart are written back before anything is served.
+    // grants that survived a restart are written back before anything is served. Slow
+    // work (index file, DNS, ledger reads) is done before the registry exists.
     let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let signer = Signer::load_or_create(&cfg.state_dir)?;
-    let ledger = Ledger::open(&cfg.state_dir)?;
+    let mut ledger = Ledger::open(&cfg.state_dir)?;
     let policy = Arc::new(cfg.clone());
-    let index = SecretIndex::load(&cfg.state_dir);
+    let mut index = SecretIndex::load(&cfg.state_dir);
+    index.assign(&policy)?;
+    let secret_nets = resolve_secret_nets(&policy);
+    let restore = RestoreInput::load(&mut ledger, kernel.adopted)?;
+    let ledger = Arc::new(Mutex::new(ledger));
+    let ledger_tx = LedgerTx::spawn(ledger.clone(), changes_tx);
+    let grant_maps = kernel.grant_maps()?;
+    let act_maps = grant_maps.act_maps()?;
+    let facts = PolicyFacts {
+        config: policy.clone(),
+        secret_bits: Arc::new(index.by_name.clone()),
+        secret_nets: Default::default(),
+    };
+    let view = Arc::new(ViewCell::new(GrantView::new(facts.clone())));
     let registry = Arc::new(Mutex::new(Registry::new(
-        kernel.grant_maps()?,
-        ledger,
+        grant_maps,
+        ledger_tx.clone(),
         signer,
         format!("enforcer@{}", setup.host),
-        changes_tx,
-        policy.clone(),
-        index,
+        facts,
+        view.clone(),
     )));
-    {
-        let mut reg = registry.lock().unwrap();
-        reg.set_policy(policy.clone())?;
-        policy_maps.apply(&cfg, &reg.index, &mut table.cgroups)?;
-    }
-    let (restored, expired_while_down) = registry.lock().unwrap().restore(kernel.adopted)?;
+    lock(&registry).set_policy(policy.clone(), index.by_name.clone(), secret_nets)?;
+    policy_maps.apply(&cfg, &index, &mut table.cgroups)?;
+    let (restored, expired_while_down) = lock(&registry).restore(kernel.adopted, restore)?;
+    // Fork, exit and revoke notices reach the registry off the decision path.
+    let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
+    let inbox = tokio::spawn(registry_inbox(registry.clone(), notices));
     // Loading parsed the kernel's whole BTF (tens of MB of heap, now freed): give it back
     // to the OS so the daemon's resident size reflects what it keeps.
     unsafe { libc::malloc_trim(0) };
@@ -152,14 +171,14 @@ async fn run_async(setup: Setup) -> Result<()> {
     // Sinks deliver from the event store (the durable outbox) from their own cursors.
     let sinks = crate::alert::spawn(&cfg, &cfg.state_dir, &setup.host)?;
     let sink_metrics = sinks.metrics();
-    let mut engine = Engine::new(
-        table,
-        store,
-        cfg.mode,
-        setup.host.clone(),
-        setup.cgroup_scope.clone(),
-        registry.clone(),
-    );
+    let links = GrantLinks {
+        view,
+        act: Actor::new(act_maps, notices_tx.clone()),
+        notices: notices_tx,
+        ledger: ledger_tx.clone(),
+    };
+    let mut engine =
+        Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), links);
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
 
     let limiter = match cfg.mint_rate_per_second {
@@ -171,10 +190,16 @@ async fn run_async(setup: Setup) -> Result<()> {
         reload: reload_tx,
         sink_metrics,
         status: Mutex::new(serde_json::Value::Null),
-        mint: MintState::new(registry.clone(), Arc::new(cfg.clone()), limiter),
+        mint: MintState::new(
+            registry.clone(),
+            ledger,
+            ledger_tx.clone(),
+            Arc::new(cfg.clone()),
+            limiter,
+        ),
     });
     let status_ctx = status::Context { setup: &setup, started, kernel: &kernel };
-    *api_state.status.lock().unwrap() = status_ctx.render(&engine, &watch);
+    *lock(&api_state.status) = status_ctx.render(&engine, &watch);
 
     let sock_path = cfg.runtime_dir.join(api::SOCKET_NAME);
     let _ = std::fs::remove_file(&sock_path);
@@ -191,6 +216,8 @@ async fn run_async(setup: Setup) -> Result<()> {
         "info",
         format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached, {restored} live grants restored, {expired_while_down} expired while down", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len()),
     );
+    // What the restore recorded, announced once written.
+    ledger_tx.barrier().await;
     while let Ok(c) = changes.try_recv() {
         engine.on_grant_change(c);
     }
@@ -224,7 +251,6 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
-                registry.lock().unwrap().expire_if_due(chrono::Utc::now());
                 engine.flush();
             }
             Some(change) = changes.recv() => {
@@ -242,8 +268,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                 drain_ring(ring.get_mut(), &mut engine);
                 // Each opener waits in open() for our answer: its kernel state is stable.
                 for pending in watch.read() {
-                    let state = registry.lock().unwrap().state_of(pending.open.pid);
-                    let allow = engine.on_file_open(pending.open.clone(), state);
+                    let allow = engine.on_file_open(pending.open.clone());
                     watch.respond(pending, allow);
                 }
                 guard.clear_ready();
@@ -263,21 +288,21 @@ async fn run_async(setup: Setup) -> Result<()> {
                 }
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel };
-                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+                *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             _ = sighup.recv() => {
                 // logrotate: reopen file sinks.
                 sinks.reopen_files();
-                let _ = apply_reload(&setup, &registry, &mut policy_maps, &mut engine, &mut watch, &api_state);
+                let _ = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel };
-                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+                *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             Some(reply) = reload_rx.recv() => {
-                let r = apply_reload(&setup, &registry, &mut policy_maps, &mut engine, &mut watch, &api_state);
+                let r = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel };
-                *api_state.status.lock().unwrap() = ctx.render(&engine, &watch);
+                *lock(&api_state.status) = ctx.render(&engine, &watch);
                 let _ = reply.send(r);
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -285,6 +310,7 @@ async fn run_async(setup: Setup) -> Result<()> {
         }
     };
     server.abort();
+    inbox.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
     engine.agent_event(
@@ -293,6 +319,8 @@ async fn run_async(setup: Setup) -> Result<()> {
         format!("enforcer stopping on {reason}; kernel programs detached and pins removed"),
     );
     engine.flush();
+    // Every grant record made so far is in the ledger before the process ends.
+    ledger_tx.barrier().await;
     sinks.shutdown().await;
     drop(policy_maps);
     drop(engine);
@@ -301,6 +329,33 @@ async fn run_async(setup: Setup) -> Result<()> {
     kernel.detach();
     tracing::info!("stopped on {reason}");
     Ok(())
+}
+
+/// Applies fork, exit and revoke notices to the registry, and expires grants when due.
+async fn registry_inbox(
+    registry: Arc<Mutex<Registry>>,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            n = notices.recv() => {
+                let Some(n) = n else { break };
+                let mut reg = lock(&registry);
+                reg.apply(n);
+                while let Ok(n) = notices.try_recv() {
+                    reg.apply(n);
+                }
+            }
+            _ = tick.tick() => lock(&registry).expire_if_due(chrono::Utc::now()),
+        }
+    }
+}
+
+/// Locks, carrying on past a panic elsewhere (the data stays consistent at every unlock).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut Engine) {
@@ -319,6 +374,7 @@ fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut En
 fn apply_reload(
     setup: &Setup,
     registry: &Arc<Mutex<Registry>>,
+    index: &mut SecretIndex,
     policy_maps: &mut crate::kernel::policy::PolicyMaps,
     engine: &mut Engine,
     watch: &mut SecretWatch,
@@ -326,10 +382,12 @@ fn apply_reload(
 ) -> std::result::Result<String, String> {
     let applied = reload(setup).and_then(|new| {
         let arc = Arc::new(new.clone());
-        let mut reg = registry.lock().unwrap();
-        reg.set_policy(arc.clone())?;
-        policy_maps.apply(&new, &reg.index, &mut engine.table.cgroups)?;
-        *api_state.mint.config.lock().unwrap() = arc;
+        // Index file and DNS first, without the registry lock.
+        index.assign(&new)?;
+        let nets = resolve_secret_nets(&new);
+        lock(registry).set_policy(arc.clone(), index.by_name.clone(), nets)?;
+        policy_maps.apply(&new, index, &mut engine.table.cgroups)?;
+        *lock(&api_state.mint.config) = arc;
         Ok(new)
     });
     match applied {
@@ -391,10 +449,10 @@ fn notify_watchdog() {
     if std::env::var("WATCHDOG_USEC").is_err() {
         return;
     }
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok() != Some(std::process::id()) {
-            return;
-        }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return;
     }
     sd_notify(b"WATCHDOG=1");
 }

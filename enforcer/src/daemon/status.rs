@@ -36,7 +36,7 @@ impl Context<'_> {
                 "connect and lineage: links and maps are pinned; killed with SIGKILL the kernel keeps enforcing connects and expiry (SIGTERM unpins and detaches)",
             ],
             "programs": self.kernel.attached,
-            "live_grants": engine.registry.lock().unwrap().live_count(),
+            "live_grants": engine.grants.view.load().live_count(),
             "secrets": {
                 "defined": cfg.secrets.len(),
                 "paths_watched": watch.stats().paths_watched,

@@ -3,12 +3,14 @@
 //! and exit hooks read and maintain them; userspace decisions read the same maps.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, MapData,
+        HashMap, IterableMap, Map, MapData,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -16,6 +18,7 @@ use enforcer_common::{
     DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE,
     grant_state,
 };
+use ipnet::IpNet;
 
 /// What the kernel needs to know about a grant beyond its deadline and destinations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,12 +36,86 @@ pub struct GrantKernel {
 pub fn id_hash(id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
-use ipnet::IpNet;
+
+type ProcMap = HashMap<MapData, u32, ProcGrants>;
+type GrantMap = HashMap<MapData, u32, GrantInfo>;
+
+/// PROC_GRANTS, shared by the registry (bind, unbind) and the enforcement side (taint): both
+/// read-modify-write whole entries, so the two must not interleave. Held for one map
+/// syscall or two, never across other I/O.
+#[derive(Clone)]
+struct SharedProcs(Arc<Mutex<ProcMap>>);
+
+impl SharedProcs {
+    fn lock(&self) -> MutexGuard<'_, ProcMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// BPF_EXIST: update an entry only if it is still there (a revoke must not recreate a grant
+/// the registry has just removed).
+const BPF_EXIST: u64 = 2;
 
 pub struct GrantMaps {
-    procs: HashMap<MapData, u32, ProcGrants>,
-    grants: HashMap<MapData, u32, GrantInfo>,
+    procs: SharedProcs,
+    grants: GrantMap,
     dests: LpmTrie<MapData, DestKey, PortRanges>,
+}
+
+/// The kernel maps a decision acts on (`crate::act`): its own handle on GRANTS (to revoke)
+/// and the shared PROC_GRANTS (to taint, and to read what a process holds).
+pub struct ActMaps {
+    procs: SharedProcs,
+    grants: GrantMap,
+}
+
+impl ActMaps {
+    /// What the kernel holds for `pid`: grants, taint, flags.
+    pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
+        self.procs.lock().get(&pid, 0).ok()
+    }
+
+    /// Marks `pid` as having read secrets `bits` (creating its entry if needed). Called
+    /// while the opener is blocked in open(), so it cannot connect before this lands.
+    pub fn add_taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
+        let mut procs = self.procs.lock();
+        let mut pg = procs.get(&pid, 0).unwrap_or(ProcGrants {
+            grants: [0; MAX_PROC_GRANTS],
+            start_ns,
+            taint: 0,
+            flags: 0,
+            _pad: 0,
+        });
+        if pg.taint & bits == bits {
+            return Ok(());
+        }
+        pg.taint |= bits;
+        procs.insert(pid, pg, 0).with_context(|| format!("taint pid {pid}"))?;
+        Ok(())
+    }
+
+    /// Flips grant `slot` to revoked: from this instant the kernel judges it so.
+    pub fn revoke(&mut self, slot: u32) -> Result<()> {
+        revoke_slot(&mut self.grants, slot)
+    }
+}
+
+fn revoke_slot(grants: &mut GrantMap, slot: u32) -> Result<()> {
+    let mut info =
+        grants.get(&slot, 0).with_context(|| format!("grant slot {slot} not in the kernel"))?;
+    if info.state == grant_state::REVOKED {
+        return Ok(());
+    }
+    info.state = grant_state::REVOKED;
+    grants.insert(slot, info, BPF_EXIST).with_context(|| format!("revoke grant slot {slot}"))?;
+    Ok(())
+}
+
+/// A second handle on the same kernel map (a duplicate of its fd).
+fn reopen(map: &GrantMap) -> Result<GrantMap> {
+    let fd = map.map().fd().as_fd().try_clone_to_owned().context("dup GRANTS fd")?;
+    let data = MapData::from_fd(fd)?;
+    Ok(HashMap::try_from(Map::from_map_data(data)?)?)
 }
 
 /// An address in the trie's form: IPv6, with IPv4 as IPv4-mapped.
@@ -64,10 +141,18 @@ impl GrantMaps {
             ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
         };
         Ok(GrantMaps {
-            procs: HashMap::try_from(take(ebpf, "PROC_GRANTS")?)?,
+            procs: SharedProcs(Arc::new(Mutex::new(HashMap::try_from(take(
+                ebpf,
+                "PROC_GRANTS",
+            )?)?))),
             grants: HashMap::try_from(take(ebpf, "GRANTS")?)?,
             dests: LpmTrie::try_from(take(ebpf, "GRANT_DESTS")?)?,
         })
+    }
+
+    /// The maps decisions act on, for `crate::act`.
+    pub fn act_maps(&self) -> Result<ActMaps> {
+        Ok(ActMaps { procs: self.procs.clone(), grants: reopen(&self.grants)? })
     }
 
     /// Writes a grant: destinations first, then the grant itself, so the connect hook never
@@ -136,41 +221,13 @@ impl GrantMaps {
 
     /// How many processes hold `slot` now.
     pub fn holders(&self, slot: u32) -> u32 {
-        self.procs.iter().filter_map(|r| r.ok()).filter(|(_, pg)| pg.grants.contains(&slot)).count()
+        let procs = self.procs.lock();
+        procs.iter().filter_map(|r| r.ok()).filter(|(_, pg)| pg.grants.contains(&slot)).count()
             as u32
     }
 
-    /// Marks `pid` as having read secrets `bits` (creating its entry if needed). Called
-    /// while the opener is blocked in open(), so it cannot connect before this lands.
-    pub fn add_taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
-        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants {
-            grants: [0; MAX_PROC_GRANTS],
-            start_ns,
-            taint: 0,
-            flags: 0,
-            _pad: 0,
-        });
-        if pg.taint & bits == bits {
-            return Ok(());
-        }
-        pg.taint |= bits;
-        self.procs.insert(pid, pg, 0).with_context(|| format!("taint pid {pid}"))?;
-        Ok(())
-    }
-
-    /// What the kernel holds for `pid`: grants, taint, flags.
-    pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
-        self.procs.get(&pid, 0).ok()
-    }
-
     pub fn revoke(&mut self, slot: u32) -> Result<()> {
-        let mut info = self
-            .grants
-            .get(&slot, 0)
-            .with_context(|| format!("grant slot {slot} not in the kernel"))?;
-        info.state = grant_state::REVOKED;
-        self.grants.insert(slot, info, 0)?;
-        Ok(())
+        revoke_slot(&mut self.grants, slot)
     }
 
     /// Forgets a grant that can no longer be used by anyone (its subtree is gone).
@@ -181,7 +238,8 @@ impl GrantMaps {
 
     /// Adds `slot` to the grants process `pid` holds.
     pub fn bind(&mut self, pid: u32, start_ns: u64, slot: u32) -> Result<()> {
-        let mut pg = self.procs.get(&pid, 0).unwrap_or(ProcGrants {
+        let mut procs = self.procs.lock();
+        let mut pg = procs.get(&pid, 0).unwrap_or(ProcGrants {
             grants: [0; MAX_PROC_GRANTS],
             start_ns,
             taint: 0,
@@ -195,24 +253,23 @@ impl GrantMaps {
             bail!("process {pid} already holds {MAX_PROC_GRANTS} grants");
         };
         pg.grants[free] = slot;
-        self.procs
-            .insert(pid, pg, 0)
-            .with_context(|| format!("bind grant slot {slot} to pid {pid}"))?;
+        procs.insert(pid, pg, 0).with_context(|| format!("bind grant slot {slot} to pid {pid}"))?;
         Ok(())
     }
 
     /// Removes `slot` from `pid` (undo of a bind whose subject turned out to be gone).
     pub fn unbind(&mut self, pid: u32, slot: u32) {
-        if let Ok(mut pg) = self.procs.get(&pid, 0) {
+        let mut procs = self.procs.lock();
+        if let Ok(mut pg) = procs.get(&pid, 0) {
             for s in pg.grants.iter_mut() {
                 if *s == slot {
                     *s = 0;
                 }
             }
             if pg.grants.iter().all(|s| *s == 0) && pg.taint == 0 && pg.flags == 0 {
-                let _ = self.procs.remove(&pid);
+                let _ = procs.remove(&pid);
             } else {
-                let _ = self.procs.insert(pid, pg, 0);
+                let _ = procs.insert(pid, pg, 0);
             }
         }
     }

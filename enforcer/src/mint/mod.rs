@@ -6,3 +6,5 @@ pub mod ratelimit;
 pub mod registry;
 pub mod request;
 pub mod token;
+pub mod view;
+pub mod writer;

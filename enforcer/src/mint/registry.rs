@@ -1,24 +1,31 @@
 //! Live grants: issue, revoke, expire, and the subtree membership that ends a grant when
 //! every process holding it has exited. The kernel maps are the source of truth for who
 //! holds what; the ledger is the durable record; this registry keeps them in step.
-use std::collections::HashMap;
+//!
+//! The registry sits behind the Mint API's lock, so it does no slow I/O: DNS names are
+//! resolved before the lock is taken, and ledger records go to the writer thread
+//! (`super::writer`) in the order they are made. Decisions never take the lock: every
+//! change publishes a new `GrantView` (`super::view`), and enforcement reports what it did
+//! to the kernel maps through `Notice`s that `apply` drains.
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::ToSocketAddrs;
+use std::sync::Arc;
 
 use anyhow::Result;
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use super::error::MintError;
-use super::ledger::Ledger;
+use super::ledger::{Ledger, ListFilter};
 use super::model::{Grant, GrantState, Subject};
 use super::token::Signer;
-use crate::decide::{HeldGrant, SubjectState, Taint};
+use super::view::{GrantFacts, GrantView, Nets, PolicyFacts, ViewCell};
+use super::writer::LedgerTx;
 use crate::kernel::grants::{GrantKernel, GrantMaps, boot_deadline, id_hash};
-use crate::kernel::policy::{SecretIndex, action_code, without_grant};
+use crate::kernel::policy::action_code;
 use crate::policy::{Config, Destination, Intent, OnViolation};
-use enforcer_common::{ProcGrants, grant_flags, proc_flags};
-use std::sync::Arc;
+use enforcer_common::grant_flags;
 
 /// A grant lifecycle change, for the event stream.
 #[derive(Debug, Clone)]
@@ -29,19 +36,50 @@ pub enum GrantChange {
     Ended(Grant),
 }
 
+/// What the rest of the daemon tells the registry: enforcement acted on a grant in the
+/// kernel, or processes holding grants forked or exited.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// The kernel already judges grant `slot` revoked (flipped by enforcement, or by the
+    /// kernel itself on a revoke_on_violation); record it.
+    Revoked { slot: u32, reason: &'static str },
+    /// A process holding these slots forked (the kernel already copied them to the child).
+    Fork(Vec<u32>),
+    /// A process holding these slots exited.
+    Exit(Vec<u32>),
+}
+
 pub struct Live {
     pub grant: Grant,
     pub slot: u32,
-    pub nets: Vec<(IpNet, u16, u16)>,
+    pub nets: Nets,
     /// Live processes holding the grant (subject + descendants forked after binding).
     pub members: u32,
     pub on_violation: OnViolation,
     pub revoke_on_violation: bool,
 }
 
+impl Live {
+    fn facts(&self) -> GrantFacts {
+        GrantFacts {
+            id: self.grant.id.clone(),
+            intent: self.grant.intent.clone(),
+            secrets: self.grant.secrets.clone(),
+            destinations: self.nets.clone(),
+            expires_at: self.grant.expires_at,
+            revoked: self.grant.state == GrantState::Revoked,
+            on_violation: self.on_violation,
+            revoke_on_violation: self.revoke_on_violation,
+        }
+    }
+}
+
+/// An issued grant, its kernel slot, and the outcome of its ledger record (to await).
+pub type Issued = (Grant, u32, oneshot::Receiver<Result<(), String>>);
+
 pub struct Registry {
     maps: GrantMaps,
-    pub ledger: Ledger,
+    ledger: LedgerTx,
     /// Shared so tokens are signed outside the registry lock.
     pub signer: Arc<Signer>,
     pub issuer: String,
@@ -49,21 +87,15 @@ pub struct Registry {
     by_slot: HashMap<u32, String>,
     /// Earliest deadline of an active grant, so the expiry check is cheap when nothing is due.
     next_deadline: Option<DateTime<Utc>>,
-    /// The policy in force and what the kernel needs of it per secret.
-    pub policy: Arc<Config>,
-    pub index: SecretIndex,
-    /// Secret name -> its own destinations, resolved.
-    secret_nets: HashMap<String, Vec<(IpNet, u16, u16)>>,
-    /// Last 'used' ledger entry per grant: uses are recorded at most once a second each,
-    /// so a connect flood cannot turn into a write flood.
-    last_use: HashMap<String, std::time::Instant>,
+    /// The policy in force, secret taint bits and each secret's own destinations.
+    policy: PolicyFacts,
     next_slot: u32,
-    changes: UnboundedSender<GrantChange>,
+    view: Arc<ViewCell>,
 }
 
 /// Concrete networks of a grant's destinations (DNS names resolved now; wildcards cannot
-/// be resolved and are skipped with a warning).
-pub fn resolve_destinations(dests: &[Destination]) -> Vec<(IpNet, u16, u16)> {
+/// be resolved and are skipped with a warning). Blocking: call without the registry lock.
+pub fn resolve_destinations(dests: &[Destination]) -> Nets {
     let mut out = Vec::new();
     for d in dests {
         match d {
@@ -87,6 +119,18 @@ pub fn resolve_destinations(dests: &[Destination]) -> Vec<(IpNet, u16, u16)> {
     out
 }
 
+/// Each secret's own destinations, resolved (blocking: call without the registry lock).
+pub fn resolve_secret_nets(policy: &Config) -> HashMap<String, Nets> {
+    policy.secrets.iter().map(|s| (s.name.clone(), resolve_destinations(&s.destinations))).collect()
+}
+
+/// Resolves a stored grant's destination strings again (for restore).
+pub fn nets_of(grant: &Grant) -> Nets {
+    let dests: Vec<Destination> =
+        grant.destinations.iter().filter_map(|d| d.parse().ok()).collect();
+    resolve_destinations(&dests)
+}
+
 pub fn new_grant_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut raw = [0u8; 26];
@@ -95,17 +139,48 @@ pub fn new_grant_id() -> String {
     format!("g_{s}")
 }
 
+fn bits_of(by_name: &BTreeMap<String, u32>, names: &[String]) -> u64 {
+    names.iter().filter_map(|n| by_name.get(n)).fold(0, |acc, i| acc | (1u64 << i))
+}
+
+/// What a restart needs from the ledger, read (and the expired recorded) before the
+/// registry lock is taken, with every grant's destinations resolved.
+pub struct RestoreInput {
+    expired: Vec<Grant>,
+    all: Vec<Grant>,
+    active: Vec<Grant>,
+    nets: HashMap<String, Nets>,
+}
+
+impl RestoreInput {
+    pub fn load(ledger: &mut Ledger, adopted: bool) -> Result<Self> {
+        let expired = ledger.expire_due(Utc::now())?;
+        let all = if adopted {
+            ledger.list(ListFilter { state: None, intent: None, limit: 0 })?
+        } else {
+            Vec::new()
+        };
+        let active = ledger.active()?;
+        let mut nets = HashMap::new();
+        for g in all.iter().chain(&active) {
+            if !nets.contains_key(&g.id) {
+                nets.insert(g.id.clone(), nets_of(g));
+            }
+        }
+        Ok(RestoreInput { expired, all, active, nets })
+    }
+}
+
 impl Registry {
     pub fn new(
         maps: GrantMaps,
-        ledger: Ledger,
+        ledger: LedgerTx,
         signer: Signer,
         issuer: String,
-        changes: UnboundedSender<GrantChange>,
-        policy: Arc<Config>,
-        index: SecretIndex,
+        policy: PolicyFacts,
+        view: Arc<ViewCell>,
     ) -> Self {
-        Registry {
+        let reg = Registry {
             maps,
             ledger,
             signer: Arc::new(signer),
@@ -114,101 +189,51 @@ impl Registry {
             by_slot: HashMap::new(),
             next_deadline: None,
             next_slot: 1,
-            changes,
             policy,
-            index,
-            secret_nets: HashMap::new(),
-            last_use: HashMap::new(),
-        }
+            view,
+        };
+        reg.publish();
+        reg
     }
 
-    /// Records a use of grant `id` in the ledger (throttled to one entry a second).
-    pub fn note_use(&mut self, id: &str, detail: &str) {
-        let now = std::time::Instant::now();
-        if self
-            .last_use
-            .get(id)
-            .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1))
-        {
-            return;
-        }
-        if self.last_use.len() > 20_000 {
-            self.last_use.clear();
-        }
-        self.last_use.insert(id.to_string(), now);
-        if let Err(e) = self.ledger.record_use(id, detail) {
-            tracing::warn!("ledger: record use of {id}: {e:#}");
-        }
+    /// Replaces the decisions' snapshot with the current state.
+    fn publish(&self) {
+        let grants =
+            self.live.values().map(|l| (l.slot, Arc::new(l.facts()))).collect::<HashMap<_, _>>();
+        self.view.store(GrantView { grants, policy: self.policy.clone() });
     }
 
-    /// Installs a policy: secret indices (stable), each secret's own destinations in the
-    /// kernel (new ones written before old ones are removed).
-    pub fn set_policy(&mut self, policy: Arc<Config>) -> Result<()> {
-        self.index.assign(&policy)?;
-        let mut nets = HashMap::new();
-        for s in &policy.secrets {
-            let Some(i) = self.index.by_name.get(&s.name).copied() else { continue };
-            let n = resolve_destinations(&s.destinations);
-            self.maps.put_secret_dests(i, &n)?;
-            nets.insert(s.name.clone(), n);
+    pub fn policy(&self) -> Arc<Config> {
+        self.policy.config.clone()
+    }
+
+    /// Installs a policy: `secret_bits` are the (stable) secret indices already assigned,
+    /// `secret_nets` each secret's own destinations already resolved. Writes them to the
+    /// kernel (new ones before old ones are removed).
+    pub fn set_policy(
+        &mut self,
+        config: Arc<Config>,
+        secret_bits: BTreeMap<String, u32>,
+        mut secret_nets: HashMap<String, Nets>,
+    ) -> Result<()> {
+        secret_nets.retain(|name, _| secret_bits.contains_key(name));
+        for (name, n) in &secret_nets {
+            self.maps.put_secret_dests(secret_bits[name], n)?;
         }
-        for (name, old) in &self.secret_nets {
-            let Some(i) = self.index.by_name.get(name).copied() else { continue };
-            let keep: Vec<IpNet> = nets
-                .get(name)
-                .map(|v: &Vec<(IpNet, u16, u16)>| v.iter().map(|n| n.0).collect())
-                .unwrap_or_default();
+        for (name, old) in self.policy.secret_nets.iter() {
+            let Some(i) = secret_bits.get(name).copied() else { continue };
+            let keep: Vec<IpNet> =
+                secret_nets.get(name).map(|v| v.iter().map(|n| n.0).collect()).unwrap_or_default();
             let stale: Vec<IpNet> = old.iter().map(|n| n.0).filter(|n| !keep.contains(n)).collect();
             self.maps.remove_dests(enforcer_common::SECRET_SLOT_BASE + i, &stale);
         }
-        self.secret_nets = nets;
-        self.policy = policy;
+        self.policy = PolicyFacts {
+            config,
+            secret_bits: Arc::new(secret_bits),
+            secret_nets: Arc::new(secret_nets),
+        };
+        self.publish();
         Ok(())
-    }
-
-    /// Records that `pid` read `secret` (kernel taint bit; inherited by later children).
-    pub fn taint(&mut self, pid: u32, start_ns: u64, secret: &str) -> Result<()> {
-        let bits = self.index.bits(&[secret.to_string()]);
-        if bits != 0 {
-            self.maps.add_taint(pid, start_ns, bits)?;
-        }
-        Ok(())
-    }
-
-    /// The decision's view of a process, from the kernel's entry for it.
-    pub fn subject_state(&self, pg: Option<ProcGrants>) -> SubjectState {
-        let Some(pg) = pg else { return SubjectState { known: true, ..Default::default() } };
-        let slots: Vec<u32> = pg.grants.iter().copied().filter(|s| *s != 0).collect();
-        let taint = self
-            .index
-            .names(pg.taint)
-            .into_iter()
-            .map(|name| Taint {
-                destinations: self.secret_nets.get(&name).cloned().unwrap_or_default(),
-                on_violation: without_grant(&self.policy, &name),
-                secret: name,
-            })
-            .collect();
-        SubjectState {
-            known: true,
-            held: self.held_slots(&slots),
-            taint,
-            agent: pg.flags & proc_flags::AGENT != 0,
-        }
-    }
-
-    pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
-        self.maps.state_of(pid)
-    }
-
-    /// The grant id behind a kernel slot.
-    pub fn id_of_slot(&self, slot: u32) -> Option<String> {
-        self.by_slot.get(&slot).cloned()
-    }
-
-    /// Whether grant `id` asks to be revoked at its first violation.
-    pub fn revokes_on_violation(&self, id: &str) -> bool {
-        self.live.get(id).is_some_and(|l| l.revoke_on_violation)
     }
 
     fn alloc_slot(&mut self) -> u32 {
@@ -225,10 +250,9 @@ impl Registry {
         self.live.values().filter(|l| l.grant.state == GrantState::Active).count()
     }
 
-    /// Issues a grant for `intent` bound to `subject` (already attested, its pidfd checked
-    /// by the caller after this returns). Kernel maps first, ledger second: a grant is
-    /// never recorded as issued without being enforceable.
-    /// Builds and signs a grant; needs no lock (signing is the slowest step of an issue).
+    /// Builds and signs a grant for `intent` bound to `subject` (already attested, its
+    /// pidfd checked by the caller after the issue); needs no lock (signing is the slowest
+    /// step of an issue).
     pub fn prepare(
         signer: &Signer,
         issuer: &str,
@@ -259,17 +283,19 @@ impl Registry {
         Ok(grant)
     }
 
-    /// Makes a prepared grant live: kernel maps first, ledger second.
+    /// Makes a prepared grant live: kernel maps first, ledger second (a grant is never
+    /// recorded as issued without being enforceable). The ledger record is written by the
+    /// writer; the receiver tells its outcome, and the caller `abort`s on failure.
     pub fn issue(
         &mut self,
         grant: Grant,
         intent: &Intent,
-        nets: Vec<(IpNet, u16, u16)>,
-    ) -> Result<(Grant, u32), MintError> {
+        nets: Nets,
+    ) -> Result<Issued, MintError> {
         let expires_at = grant.expires_at;
         let slot = self.alloc_slot();
         let k = GrantKernel {
-            secrets: self.index.bits(&intent.secrets),
+            secrets: bits_of(&self.policy.secret_bits, &intent.secrets),
             action: action_code(intent.on_violation),
             flags: if intent.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
             id_hash: id_hash(&grant.id),
@@ -281,11 +307,7 @@ impl Registry {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(MintError::TooManyGrants(format!("{e:#}")));
         }
-        if let Err(e) = self.ledger.insert(&grant) {
-            self.maps.unbind(grant.subject.pid, slot);
-            self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
-            return Err(MintError::internal(format!("ledger: {e:#}")));
-        }
+        let recorded = self.ledger.insert(grant.clone());
         self.by_slot.insert(slot, grant.id.clone());
         self.live.insert(
             grant.id.clone(),
@@ -299,45 +321,72 @@ impl Registry {
             },
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
-        let _ = self.changes.send(GrantChange::Issued(grant.clone()));
-        Ok((grant, slot))
+        self.publish();
+        Ok((grant, slot, recorded))
     }
 
-    /// Undoes an issue whose subject vanished before binding completed.
-    pub fn abort(&mut self, id: &str) {
+    /// Undoes an issue: its subject vanished before binding completed (`recorded`: the
+    /// ledger has it), or the ledger could not record it.
+    pub fn abort(&mut self, id: &str, recorded: bool) {
         if let Some(l) = self.live.remove(id) {
             self.maps.unbind(l.grant.subject.pid, l.slot);
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
-            let _ = self.ledger.set_state(
-                id,
-                GrantState::Revoked,
-                "subject exited before binding completed",
-                Utc::now(),
-            );
+            if recorded {
+                self.ledger.set_state(
+                    id,
+                    GrantState::Revoked,
+                    "subject exited before binding completed",
+                    Utc::now(),
+                    None,
+                );
+            }
+            self.publish();
         }
     }
 
+    /// Revokes a live, active grant (the Mint API's DELETE). `UnknownGrant` if it is not
+    /// live: the caller may find it ended in the ledger.
     pub fn revoke(&mut self, id: &str, reason: &str) -> Result<Grant, MintError> {
-        let Some(l) = self.live.get_mut(id) else {
-            return match self.ledger.get(id) {
-                Ok(Some(g)) => Err(MintError::NotActive { id: id.to_string(), state: g.state }),
-                _ => Err(MintError::UnknownGrant(id.to_string())),
-            };
+        let Some(l) = self.live.get(id) else {
+            return Err(MintError::UnknownGrant(id.to_string()));
         };
         if l.grant.state != GrantState::Active {
             return Err(MintError::NotActive { id: id.to_string(), state: l.grant.state });
         }
         // Kernel first: from this instant no connect is allowed under it.
         self.maps.revoke(l.slot).map_err(|e| MintError::internal(format!("{e:#}")))?;
+        Ok(self.mark_revoked(id, reason).expect("live and active"))
+    }
+
+    /// Records a revoke the kernel already applied.
+    fn mark_revoked(&mut self, id: &str, reason: &str) -> Option<Grant> {
+        let l = self.live.get_mut(id).filter(|l| l.grant.state == GrantState::Active)?;
         l.grant.state = GrantState::Revoked;
         let g = l.grant.clone();
-        if let Err(e) = self.ledger.set_state(id, GrantState::Revoked, reason, Utc::now()) {
-            tracing::error!("ledger: revoke {id}: {e:#}");
-        }
-        let _ = self.changes.send(GrantChange::Revoked(g.clone(), reason.to_string()));
+        self.ledger.set_state(
+            id,
+            GrantState::Revoked,
+            reason,
+            Utc::now(),
+            Some(GrantChange::Revoked(g.clone(), reason.to_string())),
+        );
         self.reap(id);
-        Ok(g)
+        self.publish();
+        Some(g)
+    }
+
+    /// Applies what the rest of the daemon reports.
+    pub fn apply(&mut self, notice: Notice) {
+        match notice {
+            Notice::Revoked { slot, reason } => {
+                if let Some(id) = self.by_slot.get(&slot).cloned() {
+                    self.mark_revoked(&id, reason);
+                }
+            }
+            Notice::Fork(slots) => self.on_fork(&slots),
+            Notice::Exit(slots) => self.on_exit(&slots),
+        }
     }
 
     /// `expire_due` when the earliest deadline has passed; otherwise nothing.
@@ -356,17 +405,22 @@ impl Registry {
             .filter(|l| l.grant.state == GrantState::Active && l.grant.expires_at <= now)
             .map(|l| l.grant.id.clone())
             .collect();
-        for id in due {
-            if let Some(l) = self.live.get_mut(&id) {
+        for id in &due {
+            if let Some(l) = self.live.get_mut(id) {
                 l.grant.state = GrantState::Expired;
                 let g = l.grant.clone();
-                if let Err(e) = self.ledger.set_state(&id, GrantState::Expired, "ttl elapsed", now)
-                {
-                    tracing::error!("ledger: expire {id}: {e:#}");
-                }
-                let _ = self.changes.send(GrantChange::Expired(g));
+                self.ledger.set_state(
+                    id,
+                    GrantState::Expired,
+                    "ttl elapsed",
+                    now,
+                    Some(GrantChange::Expired(g)),
+                );
             }
-            self.reap(&id);
+            self.reap(id);
+        }
+        if !due.is_empty() {
+            self.publish();
         }
         self.live
             .values()
@@ -375,8 +429,7 @@ impl Registry {
             .min()
     }
 
-    /// A process holding `slots` forked (the kernel already copied them to the child).
-    pub fn on_fork(&mut self, slots: &[u32]) {
+    fn on_fork(&mut self, slots: &[u32]) {
         for s in slots {
             if let Some(l) = self.by_slot.get(s).and_then(|id| self.live.get_mut(id)) {
                 l.members += 1;
@@ -384,8 +437,8 @@ impl Registry {
         }
     }
 
-    /// A process holding `slots` exited.
-    pub fn on_exit(&mut self, slots: &[u32]) {
+    fn on_exit(&mut self, slots: &[u32]) {
+        let mut changed = false;
         for s in slots {
             let Some(id) = self.by_slot.get(s).cloned() else { continue };
             let Some(l) = self.live.get_mut(&id) else { continue };
@@ -394,18 +447,20 @@ impl Registry {
                 if l.grant.state == GrantState::Active {
                     l.grant.state = GrantState::Ended;
                     let g = l.grant.clone();
-                    if let Err(e) = self.ledger.set_state(
+                    self.ledger.set_state(
                         &id,
                         GrantState::Ended,
                         "subject subtree exited",
                         Utc::now(),
-                    ) {
-                        tracing::error!("ledger: end {id}: {e:#}");
-                    }
-                    let _ = self.changes.send(GrantChange::Ended(g));
+                        Some(GrantChange::Ended(g)),
+                    );
                 }
                 self.reap(&id);
+                changed = true;
             }
+        }
+        if changed {
+            self.publish();
         }
     }
 
@@ -422,29 +477,9 @@ impl Registry {
         }
     }
 
-    pub fn held_slots(&self, slots: &[u32]) -> Vec<HeldGrant> {
-        slots
-            .iter()
-            .filter_map(|s| self.by_slot.get(s).and_then(|id| self.live.get(id)))
-            .map(|l| HeldGrant {
-                slot: l.slot,
-                id: l.grant.id.clone(),
-                intent: l.grant.intent.clone(),
-                secrets: l.grant.secrets.clone(),
-                destinations: l.nets.clone(),
-                expires_at: l.grant.expires_at,
-                revoked: l.grant.state == GrantState::Revoked,
-                on_violation: l.on_violation,
-                revoke_on_violation: l.revoke_on_violation,
-            })
-            .collect()
-    }
-
-    pub fn get(&self, id: &str) -> Option<Grant> {
-        match self.live.get(id) {
-            Some(l) => Some(l.grant.clone()),
-            None => self.ledger.get(id).ok().flatten(),
-        }
+    /// A grant still in memory (newer than the ledger while it changes).
+    pub fn live_grant(&self, id: &str) -> Option<Grant> {
+        self.live.get(id).map(|l| l.grant.clone())
     }
 
     /// After a restart. With adopted pins, the kernel still holds every grant and who holds
@@ -452,66 +487,64 @@ impl Registry {
     /// which a grant disappears). Without pins, grants past their deadline become expired
     /// and the others are written back and bound again to their subject if it is still the
     /// same process (pid and start time), together with its descendants started since.
-    pub fn restore(&mut self, adopted: bool) -> Result<(usize, usize)> {
+    pub fn restore(&mut self, adopted: bool, input: RestoreInput) -> Result<(usize, usize)> {
+        let RestoreInput { expired, all, active, mut nets } = input;
         let now = Utc::now();
-        let expired = self.ledger.expire_due(now)?;
         for g in &expired {
-            let _ = self.changes.send(GrantChange::Expired(g.clone()));
+            self.ledger.announce(GrantChange::Expired(g.clone()));
         }
         let mut restored = 0;
+        // Grants settled by the adopted pass (kept, or ended while the daemon was down).
+        let mut settled = HashSet::new();
         if adopted {
-            let all = self.ledger.list(super::ledger::ListFilter {
-                state: None,
-                intent: None,
-                limit: 0,
-            })?;
             let by_hash: HashMap<u64, Grant> =
                 all.into_iter().map(|g| (id_hash(&g.id), g)).collect();
             for (slot, info) in self.maps.grants_in_kernel() {
                 self.next_slot = self.next_slot.max(slot.wrapping_add(1));
                 let Some(grant) = by_hash.get(&info.id_hash).cloned() else { continue };
+                settled.insert(grant.id.clone());
                 let members = self.maps.holders(slot);
                 if grant.state == GrantState::Active && members == 0 {
-                    let _ = self.ledger.set_state(
-                        &grant.id,
+                    self.ledger.set_state(
+                        &grant.id.clone(),
                         GrantState::Ended,
                         "subject subtree exited while the daemon was down",
                         now,
+                        Some(GrantChange::Ended(grant)),
                     );
-                    let _ = self.changes.send(GrantChange::Ended(grant));
                     continue;
                 }
-                let intent = self.policy.intent(&grant.intent).cloned();
-                let nets = nets_of(&grant);
+                let intent = self.policy.config.intent(&grant.intent).cloned();
+                let n = nets.remove(&grant.id).unwrap_or_default();
                 if grant.state == GrantState::Active {
                     restored += 1;
                     self.next_deadline = Some(
                         self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)),
                     );
                 }
-                self.track(grant, slot, nets, members, intent.as_ref());
+                self.track(grant, slot, n, members, intent.as_ref());
             }
         }
-        for grant in self.ledger.active()? {
-            if self.live.contains_key(&grant.id) {
+        for grant in active {
+            if self.live.contains_key(&grant.id) || settled.contains(&grant.id) {
                 continue;
             }
             let alive = crate::proc::start_ns(grant.subject.pid) == Some(grant.subject.start_ns);
             if !alive {
-                let _ = self.ledger.set_state(
-                    &grant.id,
+                self.ledger.set_state(
+                    &grant.id.clone(),
                     GrantState::Ended,
                     "subject exited while the daemon was down",
                     now,
+                    Some(GrantChange::Ended(grant)),
                 );
-                let _ = self.changes.send(GrantChange::Ended(grant));
                 continue;
             }
-            let nets = nets_of(&grant);
+            let n = nets.remove(&grant.id).unwrap_or_default();
             let slot = self.alloc_slot();
-            let intent = self.policy.intent(&grant.intent).cloned();
+            let intent = self.policy.config.intent(&grant.intent).cloned();
             let k = GrantKernel {
-                secrets: self.index.bits(&grant.secrets),
+                secrets: bits_of(&self.policy.secret_bits, &grant.secrets),
                 action: action_code(intent.as_ref().map(|i| i.on_violation).unwrap_or_default()),
                 flags: if intent.as_ref().is_some_and(|i| i.revoke_on_violation) {
                     grant_flags::REVOKE_ON_VIOLATION
@@ -520,7 +553,7 @@ impl Registry {
                 },
                 id_hash: id_hash(&grant.id),
             };
-            self.maps.put_grant(slot, boot_deadline(grant.expires_at), &nets, k)?;
+            self.maps.put_grant(slot, boot_deadline(grant.expires_at), &n, k)?;
             let mut members = 0;
             for pid in crate::proc::subtree_since(grant.subject.pid, grant.issued_at) {
                 let start = crate::proc::start_ns(pid).unwrap_or(0);
@@ -530,20 +563,19 @@ impl Registry {
             }
             self.next_deadline =
                 Some(self.next_deadline.map_or(grant.expires_at, |d| d.min(grant.expires_at)));
-            self.track(grant, slot, nets, members, intent.as_ref());
+            self.track(grant, slot, n, members, intent.as_ref());
             restored += 1;
         }
+        self.publish();
         Ok((restored, expired.len()))
     }
-}
 
-impl Registry {
     /// Keeps a restored grant in memory under its kernel slot.
     fn track(
         &mut self,
         grant: Grant,
         slot: u32,
-        nets: Vec<(IpNet, u16, u16)>,
+        nets: Nets,
         members: u32,
         intent: Option<&Intent>,
     ) {
@@ -558,11 +590,4 @@ impl Registry {
         };
         self.live.insert(live.grant.id.clone(), live);
     }
-}
-
-/// Resolves a stored grant's destination strings again (for restore).
-pub fn nets_of(grant: &Grant) -> Vec<(IpNet, u16, u16)> {
-    let dests: Vec<Destination> =
-        grant.destinations.iter().filter_map(|d| d.parse().ok()).collect();
-    resolve_destinations(&dests)
 }

@@ -326,7 +326,7 @@ mod tests {
         let e = parse(format!(r#"{{"intent":"x"}}{pad}"#).as_bytes()).unwrap_err();
         assert_eq!((e.kind, e.code()), (RequestErrorKind::TooLarge, "body_too_large"));
         // Exactly at the limit is fine.
-        let body = format!(r#"{{"intent":"x"}}"#);
+        let body = r#"{"intent":"x"}"#.to_string();
         let padded = format!("{body}{}", " ".repeat(MAX_BODY - body.len()));
         assert_eq!(ok(&padded).intent, "x");
     }

@@ -1,0 +1,142 @@
+//! What a decision needs to know about grants and the policy, as one immutable snapshot. The
+//! registry publishes a new `GrantView` on every change (issue, revoke, expiry, end, policy
+//! reload); the engine reads the current one without waiting for the registry, whatever the
+//! Mint API is doing with it.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use enforcer_common::{ProcGrants, proc_flags};
+use ipnet::IpNet;
+
+use crate::decide::{HeldGrant, SubjectState, Taint};
+use crate::kernel::policy::without_grant;
+use crate::policy::{Config, OnViolation};
+
+/// Concrete networks with inclusive port ranges (DNS names resolved).
+pub type Nets = Vec<(IpNet, u16, u16)>;
+
+/// One grant, as decisions see it.
+#[derive(Debug, Clone)]
+pub struct GrantFacts {
+    pub id: String,
+    pub intent: String,
+    pub secrets: Vec<String>,
+    pub destinations: Nets,
+    pub expires_at: DateTime<Utc>,
+    pub revoked: bool,
+    pub on_violation: OnViolation,
+    pub revoke_on_violation: bool,
+}
+
+/// The policy facts decisions need: the config in force, secret taint bits, and each
+/// secret's own destinations (resolved).
+#[derive(Clone)]
+pub struct PolicyFacts {
+    pub config: Arc<Config>,
+    pub secret_bits: Arc<BTreeMap<String, u32>>,
+    pub secret_nets: Arc<HashMap<String, Nets>>,
+}
+
+pub struct GrantView {
+    /// Kernel slot -> grant, for every grant the kernel still has.
+    pub grants: HashMap<u32, Arc<GrantFacts>>,
+    pub policy: PolicyFacts,
+}
+
+impl GrantView {
+    pub fn new(policy: PolicyFacts) -> Self {
+        GrantView { grants: HashMap::new(), policy }
+    }
+
+    /// The decision's view of a process, from the kernel's entry for it. `revoked`: slots
+    /// revoked by enforcement that this snapshot may not show yet.
+    pub fn subject_state(&self, pg: Option<ProcGrants>, revoked: &HashSet<u32>) -> SubjectState {
+        let Some(pg) = pg else { return SubjectState { known: true, ..Default::default() } };
+        let slots: Vec<u32> = pg.grants.iter().copied().filter(|s| *s != 0).collect();
+        let taint = self
+            .secret_names(pg.taint)
+            .into_iter()
+            .map(|name| Taint {
+                destinations: self.policy.secret_nets.get(&name).cloned().unwrap_or_default(),
+                on_violation: without_grant(&self.policy.config, &name),
+                secret: name,
+            })
+            .collect();
+        SubjectState {
+            known: true,
+            held: self.held(&slots, revoked),
+            taint,
+            agent: pg.flags & proc_flags::AGENT != 0,
+        }
+    }
+
+    /// The grants behind kernel slots (unknown slots are skipped).
+    pub fn held(&self, slots: &[u32], revoked: &HashSet<u32>) -> Vec<HeldGrant> {
+        slots
+            .iter()
+            .filter_map(|s| self.grants.get(s).map(|g| held_grant(*s, g, revoked.contains(s))))
+            .collect()
+    }
+
+    pub fn grant(&self, slot: u32) -> Option<&GrantFacts> {
+        self.grants.get(&slot).map(|g| g.as_ref())
+    }
+
+    /// Taint bits of `secret` (0 if it has no index).
+    pub fn secret_bits(&self, secret: &str) -> u64 {
+        self.policy.secret_bits.get(secret).map_or(0, |i| 1u64 << i)
+    }
+
+    fn secret_names(&self, bits: u64) -> Vec<String> {
+        self.policy
+            .secret_bits
+            .iter()
+            .filter(|(_, i)| bits & (1u64 << **i) != 0)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// What a use of `secret` without a grant gets under the policy in force.
+    pub fn without_grant(&self, secret: &str) -> OnViolation {
+        without_grant(&self.policy.config, secret)
+    }
+
+    /// Active grants: neither revoked nor past their deadline.
+    pub fn live_count(&self) -> usize {
+        let now = Utc::now();
+        self.grants.values().filter(|g| !g.revoked && g.expires_at > now).count()
+    }
+}
+
+fn held_grant(slot: u32, g: &GrantFacts, revoked_here: bool) -> HeldGrant {
+    HeldGrant {
+        slot,
+        id: g.id.clone(),
+        intent: g.intent.clone(),
+        secrets: g.secrets.clone(),
+        destinations: g.destinations.clone(),
+        expires_at: g.expires_at,
+        revoked: g.revoked || revoked_here,
+        on_violation: g.on_violation,
+        revoke_on_violation: g.revoke_on_violation,
+        expires_ns: 0,
+    }
+}
+
+/// The current snapshot. The lock is held only to clone or replace the `Arc`.
+pub struct ViewCell(RwLock<Arc<GrantView>>);
+
+impl ViewCell {
+    pub fn new(view: GrantView) -> Self {
+        ViewCell(RwLock::new(Arc::new(view)))
+    }
+
+    pub fn load(&self) -> Arc<GrantView> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn store(&self, view: GrantView) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
