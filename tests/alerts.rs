@@ -3,14 +3,13 @@
 //! fields, and configured sinks (file, TLS syslog, HTTPS HEC) receive every alert at least once
 //! across a receiver outage and a SIGKILL of the daemon.
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use enforcer_tests::net::{HEC_TOKEN, Receiver, serve_hec, serve_syslog};
+use enforcer_tests::pki::Pki;
 use enforcer_tests::*;
 use serde_json::Value;
 
@@ -67,29 +66,24 @@ fn assert_ocsf(o: &Value) {
     }
 }
 
+/// A daemon watching secret `deploy-key`: (cgroup, daemon, secret path, its dir).
 fn secret_fixture(
     name: &str,
     extra: &str,
-) -> Option<(TestCgroup, Daemon, PathBuf, tempfile::TempDir)> {
+) -> Option<(TestCgroup, Daemon, String, tempfile::TempDir)> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::Builder::new().prefix("enforcer-alerts-").tempdir().unwrap();
-    let secret = dir.path().join("deploy-key.json");
-    std::fs::write(&secret, "{\"key\": \"not-a-real-secret\"}\n").unwrap();
+    let (dir, secret) = secret_file("deploy-key.json", "{\"key\": \"not-a-real-secret\"}\n");
     let cg = TestCgroup::new(name);
     // Top-level keys must precede tables: `extra` holds only tables.
-    let d = Daemon::start(
-        &cg,
-        &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n{extra}", secret.display()),
-    );
+    let d = Daemon::start(&cg, &format!("{}{extra}", secret_toml("deploy-key", &secret)));
     Some((cg, d, secret, dir))
 }
 
 #[test]
 fn every_event_validates_against_the_schema_and_renders_as_ocsf() {
-    let Some((cg, mut d, secret, _dir)) = secret_fixture("schema", "") else { return };
-    let path = secret.display().to_string();
+    let Some((cg, mut d, path, _dir)) = secret_fixture("schema", "") else { return };
     let (pid, _) = cg.run("cat", &[&path]);
     d.wait_events("file_open by cat", by("file_open", pid));
     // Connections too (no grant: allowed, or an alert for an [[agent]]; either must validate).
@@ -99,15 +93,15 @@ fn every_event_validates_against_the_schema_and_renders_as_ocsf() {
     assert!(st.success(), "{}", d.log());
 
     let v = schema_validator();
-    let events = d.events();
-    assert!(
-        events.len() >= 3,
-        "expected agent_started, file_open, agent_stopped at least: {events:?}"
-    );
-    for e in &events {
+    let raw = d.raw_events();
+    assert!(raw.len() >= 3, "expected agent_started, file_open, agent_stopped at least: {raw:?}");
+    for e in &raw {
         assert_schema_valid(&v, e);
     }
-    let alerts = events.iter().filter(|e| e["verdict"] != "allowed").count();
+    // The same lines as the typed events the rest of the tests read.
+    let events = d.events();
+    assert_eq!(events.len(), raw.len());
+    let alerts = events.iter().filter(|e| e.verdict != "allowed").count();
     assert!(alerts >= 1, "the unauthorised open must be an alert");
 
     let out = Command::new(enforcer_bin())
@@ -133,177 +127,7 @@ fn every_event_validates_against_the_schema_and_renders_as_ocsf() {
     assert_eq!(finding["evidences"][0]["file"]["path"], path);
 }
 
-// ---- receivers -----------------------------------------------------------------------------
-
-struct Tls {
-    ca: PathBuf,
-    server: Arc<rustls::ServerConfig>,
-}
-
-/// A throw-away CA and a localhost certificate, generated now; nothing is stored in the repo.
-fn tls(dir: &Path) -> Tls {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    Tls { ca: ca_path, server: Arc::new(server) }
-}
-
-/// A TLS listener on loopback whose connections are handled by `serve` on their own threads;
-/// `kill` closes the listener and every connection at once, unread data included.
-struct Receiver {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-type Serve = fn(
-    &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    &Mutex<Vec<String>>,
-) -> std::io::Result<()>;
-
-impl Receiver {
-    fn start(
-        port: u16,
-        tls: Arc<rustls::ServerConfig>,
-        got: Arc<Mutex<Vec<String>>>,
-        serve: Serve,
-    ) -> Receiver {
-        let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, conns2) = (stop.clone(), conns.clone());
-        std::thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false).unwrap();
-                        conns2.lock().unwrap().push(s.try_clone().unwrap());
-                        let (tls, got) = (tls.clone(), got.clone());
-                        std::thread::spawn(move || {
-                            let conn = rustls::ServerConnection::new(tls).unwrap();
-                            let mut s = rustls::StreamOwned::new(conn, s);
-                            let _ = serve(&mut s, &got);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Receiver { port, stop, conns }
-    }
-
-    fn kill(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// RFC 5425 octet-counted RFC 5424 messages; records the SD `id` of each.
-fn serve_syslog(
-    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    got: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 65536];
-    loop {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(sp) = buf.iter().position(|&b| b == b' ') {
-            let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().expect("octet count");
-            if buf.len() < sp + 1 + len {
-                break;
-            }
-            let msg = String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap();
-            buf.drain(..sp + 1 + len);
-            let version = msg.split_once('>').map(|(_, r)| r.starts_with("1 ")).unwrap_or(false);
-            assert!(msg.starts_with('<') && version, "not RFC 5424: {msg}");
-            let id =
-                msg.split("id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
-            got.lock().unwrap().push(id);
-        }
-    }
-}
-
-/// HEC: `Authorization: Splunk <token>` and concatenated `{"time","host","sourcetype","event"}`.
-fn serve_hec(
-    s: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    got: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 65536];
-    loop {
-        let end = loop {
-            if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break e;
-            }
-            let n = s.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .unwrap_or(0);
-        while buf.len() < end + 4 + len {
-            let n = s.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = buf[end + 4..end + 4 + len].to_vec();
-        buf.drain(..end + 4 + len);
-        assert!(head.starts_with("POST /services/collector/event HTTP/1.1"), "{head}");
-        let ok = head.lines().any(|l| l.eq_ignore_ascii_case("authorization: Splunk tok-e2e"));
-        let reply: &str = if ok {
-            for obj in serde_json::Deserializer::from_slice(&body).into_iter::<Value>() {
-                let obj = obj.expect("concatenated JSON objects");
-                assert_eq!(obj["sourcetype"], "enforcer");
-                assert_eq!(obj["host"], "test-host");
-                got.lock().unwrap().push(obj["event"]["id"].as_str().unwrap().to_string());
-            }
-            "HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n{\"text\":\"Success\",\"code\":0}"
-        } else {
-            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
-        };
-        s.write_all(reply.as_bytes())?;
-        s.flush()?;
-    }
-}
+// ---- delivery -----------------------------------------------------------------------------
 
 fn wait_until(what: &str, secs: u64, d: &Daemon, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -336,14 +160,18 @@ fn alert_ids(d: &Daemon) -> Vec<String> {
         let Ok(t) = std::fs::read_to_string(d.state_dir().join(format!("events.jsonl{p}"))) else {
             continue;
         };
+        // A line torn by the SIGKILL is skipped; every complete line must be an event.
         all.extend(
             t.lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|e| {
-                    e["verdict"] != "allowed"
-                        && (e["kind"] == "file_open" || e["kind"] == "connect")
+                .map(|v| {
+                    serde_json::from_value::<Event>(v.clone())
+                        .unwrap_or_else(|e| panic!("not an event ({e}): {v}"))
                 })
-                .map(|e| e["id"].as_str().unwrap().to_string()),
+                .filter(|e| {
+                    e.verdict != "allowed" && (e.kind == "file_open" || e.kind == "connect")
+                })
+                .map(|e| e.id),
         );
     }
     all
@@ -371,7 +199,7 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
         return;
     }
     let work = tempfile::Builder::new().prefix("enforcer-sinks-").tempdir().unwrap();
-    let tls = tls(work.path());
+    let tls = Pki::localhost(work.path());
     let syslog_got = Arc::new(Mutex::new(Vec::new()));
     let hec_got = Arc::new(Mutex::new(Vec::new()));
     let syslog = Receiver::start(0, tls.server.clone(), syslog_got.clone(), serve_syslog);
@@ -380,20 +208,19 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
     let sinks = format!(
         "[[sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\nverdicts = [\"no_grant\", \"expired\", \"revoked\", \"out_of_intent\"]\nmax_bytes = 65536\nmax_backups = 50\n\
          [[sink]]\nname = \"syslog\"\ntype = \"syslog\"\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = \"{}\"\nserver_name = \"localhost\"\nmin_severity = \"high\"\n\
-         [[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{}/services/collector/event\"\ntoken = \"tok-e2e\"\nca_file = \"{}\"\nmin_severity = \"high\"\n",
+         [[sink]]\nname = \"hec\"\ntype = \"splunk_hec\"\nurl = \"https://localhost:{}/services/collector/event\"\ntoken = \"{HEC_TOKEN}\"\nca_file = \"{}\"\nmin_severity = \"high\"\n",
         sink_file.display(),
         syslog.port,
         tls.ca.display(),
         hec.port,
         tls.ca.display()
     );
-    let Some((cg, d, secret, _dir)) = secret_fixture("sinks", &sinks) else { return };
+    let Some((cg, d, path, _dir)) = secret_fixture("sinks", &sinks) else { return };
     assert!(
         d.state_dir().join("sinks").is_dir(),
         "the daemon did not start the alert sinks: it must call alert::spawn after opening the event store (issue 6 wiring)\n{}",
         d.log()
     );
-    let path = secret.display().to_string();
     let open = |n: usize| {
         for _ in 0..n {
             cg.run("cat", &[&path]);
@@ -408,8 +235,10 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
     let syslog = Receiver::start(port, tls.server.clone(), syslog_got.clone(), serve_syslog);
     open(50);
 
-    // SIGKILL the daemon mid-stream, then start it again on the same state.
+    // SIGKILL the daemon mid-stream, then start it again on the same state. Its decision
+    // mismatches cannot be read after the kill: now.
     let mut d = d;
+    d.assert_no_decision_mismatches();
     let child = d.child.take().unwrap();
     let opener = {
         let cgpath = cg.path.clone();
@@ -428,7 +257,7 @@ fn sinks_get_every_alert_across_receiver_outage_and_daemon_sigkill() {
     let mut child = child;
     let _ = child.wait();
     opener.join().unwrap();
-    let d = d.launch();
+    d.relaunch();
     open(50);
 
     let want = alert_ids(&d);

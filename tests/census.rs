@@ -2,7 +2,7 @@
 //! daemon's test cgroup. Job A reads a broad legacy credential file and then (from a child
 //! process) contacts two loopback destinations; job B carries a static key in its environment.
 //! `enforcer report census` must name both, with intents limited to exactly what was used.
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use enforcer_tests::*;
 use serde_json::Value;
@@ -17,31 +17,15 @@ struct Runner {
     secret: String,
 }
 
-fn sub_cgroup(parent: &TestCgroup, name: &str) -> std::path::PathBuf {
-    let p = parent.path.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
 /// Runs `sh -c SCRIPT` inside cgroup `cg` (joined between fork and exec) with `env`.
 fn run_in(cg: &std::path::Path, script: &str, env: &[(&str, &str)]) {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let procs = std::fs::File::options().write(true).open(cg.join("cgroup.procs")).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", script])
+    let out = command_in(cg, "sh")
+        .args(["-c", script])
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(procs.as_raw_fd(), b"0".as_ptr() as *const libc::c_void, 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().unwrap();
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -49,24 +33,20 @@ fn setup(name: &str) -> Option<Runner> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("legacy-sa.json").display().to_string();
-    std::fs::write(&secret, "{\"type\": \"service_account\", \"private_key\": \"...\"}").unwrap();
+    let (dir, secret) =
+        secret_file("legacy-sa.json", "{\"type\": \"service_account\", \"private_key\": \"...\"}");
     let ports = (tcp_listener(), tcp_listener(), tcp_listener());
     let cg = TestCgroup::new(name);
-    let daemon =
-        Daemon::start(&cg, &format!("[[secret]]\nname = \"legacy-sa\"\npaths = [\"{secret}\"]\n"));
-    let job_a = sub_cgroup(&cg, "job-a");
-    let job_b = sub_cgroup(&cg, "job-b");
+    let daemon = Daemon::start(&cg, &secret_toml("legacy-sa", &secret));
+    let job_a = cg.child("job-a");
+    let job_b = cg.child("job-b");
     Some(Runner { _cg: cg, job_a, job_b, daemon, ports, _dir: dir, secret })
 }
 
 fn census(d: &Daemon, format: &str) -> String {
-    let out = Command::new(enforcer_bin())
-        .args(["report", "census", "--format", format, "--state-dir"])
-        .arg(d.state_dir())
-        .output()
-        .unwrap();
+    let state = d.state_dir();
+    let out =
+        enforcer(&["report", "census", "--format", format, "--state-dir", state.to_str().unwrap()]);
     assert!(out.status.success(), "census failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -117,10 +97,10 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
         &[],
     );
     r.daemon.wait_events("connect to the third port", |e| {
-        e["kind"] == "connect" && e["destination"]["port"] == r.ports.2
+        e.kind == "connect" && e.port() == Some(r.ports.2)
     });
     r.daemon.wait_events("file_open of legacy-sa", |e| {
-        e["kind"] == "file_open" && e["file"]["secret"] == "legacy-sa"
+        e.kind == "file_open" && e.file.as_ref().is_some_and(|f| f.secret == "legacy-sa")
     });
 
     let c: Value = serde_json::from_str(&census(&r.daemon, "json")).unwrap();
@@ -165,7 +145,7 @@ fn census_names_the_legacy_file_with_exactly_the_destinations_used() {
         ),
     )
     .unwrap();
-    let out = Command::new(enforcer_bin()).args(["policy", "check"]).arg(&p).output().unwrap();
+    let out = enforcer(&["policy", "check", p.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Markdown names it; SARIF validates against the official 2.1.0 schema.
@@ -213,7 +193,7 @@ fn census_names_the_env_static_key() {
         ],
     );
     r.daemon.wait_events("connect to the third port", |e| {
-        e["kind"] == "connect" && e["destination"]["port"] == r.ports.2
+        e.kind == "connect" && e.port() == Some(r.ports.2)
     });
     let text = census(&r.daemon, "json");
     assert!(!text.contains("wJalrXUtnFEMI"), "the census must never carry a value");

@@ -1,10 +1,9 @@
 //! Outbound connections: TCP and UDP, IPv4 and IPv6, attributed to the process in the kernel.
-use std::io::{Read, Write};
-use std::net::{TcpListener, UdpSocket};
+use std::io::Read;
+use std::net::UdpSocket;
 use std::process::Command;
 
 use enforcer_tests::*;
-use serde_json::Value;
 
 fn daemon(name: &str) -> Option<(TestCgroup, Daemon)> {
     if !root_or_skip(name) {
@@ -15,31 +14,15 @@ fn daemon(name: &str) -> Option<(TestCgroup, Daemon)> {
     Some((cg, d))
 }
 
-/// A loopback HTTP listener answering one request per connection, for curl.
-fn http_listener(addr: &str) -> u16 {
-    let l = TcpListener::bind(addr).unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(16) {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        }
-    });
-    port
-}
-
-fn assert_connect(d: &Daemon, pid: u32, exe: &str, ip: &str, port: u16, proto: &str) -> Value {
-    let e = d.one_event("connect", move |e: &Value| {
-        by("connect", pid)(e) && e["destination"]["port"] == port
-    });
+fn assert_connect(d: &Daemon, pid: u32, exe: &str, ip: &str, port: u16, proto: &str) -> Event {
+    let e =
+        d.one_event("connect", move |e: &Event| by("connect", pid)(e) && e.port() == Some(port));
     assert_required_fields(&e);
-    assert_eq!(e["destination"]["ip"], ip, "{e}");
-    assert_eq!(e["destination"]["protocol"], proto, "{e}");
-    assert_eq!(e["process"]["exe"], exe, "{e}");
-    assert_eq!(e["verdict"], "allowed");
-    assert_eq!(e["action"], "allowed");
+    assert_eq!(e.dest().ip, ip, "{e:?}");
+    assert_eq!(e.dest().protocol, proto, "{e:?}");
+    assert_eq!(e.process.exe, exe, "{e:?}");
+    assert_eq!(e.verdict, "allowed");
+    assert_eq!(e.action, "allowed");
     e
 }
 
@@ -58,8 +41,8 @@ fn tcp_ipv4_by_curl() {
     let (pid, out) = cg.run("curl", &["-s", "-m", "5", &url]);
     assert_eq!(out, "ok");
     let e = assert_connect(&d, pid, &which("curl"), "127.0.0.1", port, "tcp");
-    assert_eq!(e["process"]["cmdline"], format!("curl -s -m 5 {url}"));
-    assert_eq!(e["process"]["cgroup"], cg.rel());
+    assert_eq!(e.process.cmdline, format!("curl -s -m 5 {url}"));
+    assert_eq!(e.process.cgroup, cg.rel());
 }
 
 #[test]
@@ -142,14 +125,9 @@ fn connections_outside_cgroup_root_are_not_seen() {
     assert!(outside.status.success());
     let marker =
         py(&cg, &format!("s = socket.create_connection(('127.0.0.1', {port})); s.close()"));
-    d.one_event("marker", move |e: &Value| {
-        by("connect", marker)(e) && e["destination"]["port"] == port
-    });
-    let from_outside: Vec<Value> = d
-        .events()
-        .into_iter()
-        .filter(|e| e["kind"] == "connect" && e["process"]["pid"] != marker)
-        .collect();
+    d.one_event("marker", move |e: &Event| by("connect", marker)(e) && e.port() == Some(port));
+    let from_outside: Vec<Event> =
+        d.events().into_iter().filter(|e| e.kind == "connect" && e.process.pid != marker).collect();
     assert!(from_outside.is_empty(), "connects outside cgroup_root reported: {from_outside:?}");
 }
 

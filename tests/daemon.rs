@@ -5,10 +5,6 @@ use std::process::Command;
 use enforcer_tests::*;
 use serde_json::Value;
 
-fn enforcer(args: &[&str]) -> std::process::Output {
-    Command::new(enforcer_bin()).args(args).output().expect("run enforcer")
-}
-
 #[test]
 fn invalid_config_names_file_line_col_and_touches_nothing() {
     if !root_or_skip("invalid_config") {
@@ -90,24 +86,16 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     let out =
         enforcer(&["events", "--since", "10m", "--state-dir", d.state_dir().to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let events = parse_events(&String::from_utf8_lossy(&out.stdout));
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds.first(), Some(&"agent_started"), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&"agent_stopped"), "{kinds:?}");
     for e in &events {
         assert_required_fields(e);
     }
     // After the stop the daemon must not come back by itself; restart works with the same dirs.
-    let d2 = d_restart(d);
-    assert!(d2.status_ok());
-}
-
-fn d_restart(mut d: Daemon) -> Daemon {
-    d.child = None;
-    d.launch()
+    d.relaunch();
+    assert!(d.status_ok());
 }
 
 #[test]
@@ -143,8 +131,7 @@ fn events_since_filters_and_follow_tails() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let port = tcp_listener();
     let (pid, _) = cg.run(
         &python(),
         &["-c", &format!("import socket; socket.create_connection(('127.0.0.1', {port})).close()")],
@@ -154,8 +141,8 @@ fn events_since_filters_and_follow_tails() {
     let mut seen = false;
     for _ in 0..20 {
         let Some(Ok(line)) = lines.next() else { break };
-        let e: Value = serde_json::from_str(&line).unwrap();
-        if e["kind"] == "connect" && e["process"]["pid"] == pid {
+        let e: Event = serde_json::from_str(&line).unwrap();
+        if by("connect", pid)(&e) {
             seen = true;
             break;
         }
@@ -233,6 +220,6 @@ fn metrics_and_sighup_reload() {
     let cfg = std::fs::read_to_string(&d.config).unwrap();
     std::fs::write(&d.config, cfg.replace("mode = \"monitor\"", "mode = \"enforce\"")).unwrap();
     unsafe { libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
-    d.one_event("policy_reloaded", |e: &Value| e["kind"] == "policy_reloaded");
+    d.one_event("policy_reloaded", |e: &Event| e.kind == "policy_reloaded");
     assert_eq!(d.status_json()["mode"], "enforce");
 }

@@ -14,33 +14,28 @@ fn fixture(name: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
-    let dir = tempfile::Builder::new().prefix("enforcer-secret-").tempdir().unwrap();
-    let secret = dir.path().join("deploy-key.json");
-    std::fs::write(&secret, "{\"key\": \"not-a-real-secret\"}\n").unwrap();
+    let (dir, secret) = secret_file("deploy-key.json", "{\"key\": \"not-a-real-secret\"}\n");
     let cg = TestCgroup::new(name);
-    let daemon = Daemon::start(
-        &cg,
-        &format!("[[secret]]\nname = \"deploy-key\"\npaths = [\"{}\"]\n", secret.display()),
-    );
-    Some(Fixture { cg, daemon, secret, _dir: dir })
+    let daemon = Daemon::start(&cg, &secret_toml("deploy-key", &secret));
+    Some(Fixture { cg, daemon, secret: PathBuf::from(secret), _dir: dir })
 }
 
 /// The one file_open event of `pid`, checked against the secret's inode.
-fn assert_open(f: &Fixture, pid: u32, exe: &str, expect_path: &str) -> serde_json::Value {
+fn assert_open(f: &Fixture, pid: u32, exe: &str, expect_path: &str) -> Event {
     let e = f.daemon.one_event("file_open", by("file_open", pid));
     assert_required_fields(&e);
     let (dev, ino) = dev_ino(&f.secret);
-    assert_eq!(e["file"]["dev"], dev, "{e}");
-    assert_eq!(e["file"]["ino"], ino, "{e}");
-    assert_eq!(e["file"]["secret"], "deploy-key");
-    assert_eq!(e["file"]["path"], expect_path);
-    assert_eq!(e["process"]["exe"], exe);
-    assert_eq!(e["process"]["cgroup"], f.cg.rel());
-    assert_eq!(e["verdict"], "no_grant");
-    assert_eq!(e["action"], "alerted");
-    assert_eq!(e["mode"], "monitor");
-    assert_eq!(e["mitre"], serde_json::json!(["T1552.001"]));
-    assert_eq!(e["host"], "test-host");
+    assert_eq!(e.file().dev, dev, "{e:?}");
+    assert_eq!(e.file().ino, ino, "{e:?}");
+    assert_eq!(e.file().secret, "deploy-key");
+    assert_eq!(e.file().path, expect_path);
+    assert_eq!(e.process.exe, exe);
+    assert_eq!(e.process.cgroup, f.cg.rel());
+    assert_eq!(e.verdict, "no_grant");
+    assert_eq!(e.action, "alerted");
+    assert_eq!(e.mode, "monitor");
+    assert_eq!(e.mitre, ["T1552.001"]);
+    assert_eq!(e.host, "test-host");
     e
 }
 
@@ -50,9 +45,9 @@ fn direct_open_by_cat() {
     let path = f.secret.display().to_string();
     let (pid, _) = f.cg.run("cat", &[&path]);
     let e = assert_open(&f, pid, &which("cat"), &path);
-    assert_eq!(e["process"]["cmdline"], format!("cat {path}"));
-    assert_eq!(e["process"]["ppid"], std::process::id());
-    assert_eq!(e["process"]["uid"], 0);
+    assert_eq!(e.process.cmdline, format!("cat {path}"));
+    assert_eq!(e.process.ppid, std::process::id());
+    assert_eq!(e.process.uid, 0);
 }
 
 #[test]
@@ -62,7 +57,7 @@ fn symlink_is_resolved_to_the_secret() {
     std::os::unix::fs::symlink(&f.secret, &link).unwrap();
     let (pid, _) = f.cg.run("cat", &[link.to_str().unwrap()]);
     let e = assert_open(&f, pid, &which("cat"), f.secret.to_str().unwrap());
-    assert_eq!(e["process"]["cmdline"], format!("cat {}", link.display()));
+    assert_eq!(e.process.cmdline, format!("cat {}", link.display()));
 }
 
 #[test]
@@ -88,7 +83,7 @@ fn relative_path() {
     let pid = child.id();
     assert!(child.wait_with_output().unwrap().status.success());
     let e = assert_open(&f, pid, &which("cat"), f.secret.to_str().unwrap());
-    assert_eq!(e["process"]["cmdline"], "cat deploy-key.json");
+    assert_eq!(e.process.cmdline, "cat deploy-key.json");
 }
 
 #[test]
@@ -152,11 +147,11 @@ fn non_secret_files_and_other_cgroups_are_not_reported() {
     f.daemon.one_event("marker", by("file_open", marker));
     let events = f.daemon.events();
     assert!(
-        !events.iter().any(|e| e["process"]["pid"] == pid_other && e["kind"] == "file_open"),
+        !events.iter().any(|e| e.process.pid == pid_other && e.kind == "file_open"),
         "non-secret open reported"
     );
     assert!(
-        !events.iter().any(|e| e["process"]["pid"] == pid_outside && e["kind"] == "file_open"),
+        !events.iter().any(|e| e.process.pid == pid_outside && e.kind == "file_open"),
         "open outside cgroup_root reported"
     );
 }
@@ -169,10 +164,7 @@ fn missing_secret_is_watched_when_it_appears() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("later.key");
     let cg = TestCgroup::new("missing");
-    let daemon = Daemon::start(
-        &cg,
-        &format!("[[secret]]\nname = \"later\"\npaths = [\"{}\"]\n", secret.display()),
-    );
+    let daemon = Daemon::start(&cg, &secret_toml("later", secret.to_str().unwrap()));
     assert!(
         daemon.log().contains("secret file missing"),
         "no warning for the missing path:\n{}",
@@ -185,7 +177,7 @@ fn missing_secret_is_watched_when_it_appears() {
     for _ in 0..50 {
         let (pid, _) = cg.run("cat", &[secret.to_str().unwrap()]);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        if daemon.events().iter().any(|e| e["kind"] == "file_open" && e["process"]["pid"] == pid) {
+        if daemon.events().iter().any(by("file_open", pid)) {
             caught = Some(pid);
             break;
         }
@@ -193,8 +185,8 @@ fn missing_secret_is_watched_when_it_appears() {
     let pid = caught
         .unwrap_or_else(|| panic!("secret created after start never watched:\n{}", daemon.log()));
     let e = daemon.one_event("file_open", by("file_open", pid));
-    assert_eq!(e["file"]["secret"], "later");
-    assert_eq!(e["file"]["ino"], dev_ino(&secret).1);
+    assert_eq!(e.file().secret, "later");
+    assert_eq!(e.file().ino, dev_ino(&secret).1);
 }
 
 #[test]
@@ -208,12 +200,11 @@ fn replaced_secret_is_re_resolved() {
     for _ in 0..50 {
         let (pid, _) = f.cg.run("cat", &[f.secret.to_str().unwrap()]);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        if f.daemon.events().iter().any(|e| e["kind"] == "file_open" && e["process"]["pid"] == pid)
-        {
+        if f.daemon.events().iter().any(by("file_open", pid)) {
             caught = Some(pid);
             break;
         }
     }
     let pid = caught.expect("replaced secret never re-watched");
-    assert_eq!(f.daemon.one_event("file_open", by("file_open", pid))["file"]["ino"], new_ino);
+    assert_eq!(f.daemon.one_event("file_open", by("file_open", pid)).file().ino, new_ino);
 }

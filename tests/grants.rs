@@ -113,10 +113,18 @@ fn grant_for(f: &Fixture, pid: u32, ttl: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn connect_event(f: &Fixture, pid: u32, port: u16) -> Value {
-    f.daemon.one_event("connect", move |e: &Value| {
-        by("connect", pid)(e) && e["destination"]["port"] == port
-    })
+fn connect_event(f: &Fixture, pid: u32, port: u16) -> Event {
+    f.daemon.one_event("connect", move |e: &Event| by("connect", pid)(e) && e.port() == Some(port))
+}
+
+/// The id of a grant as the CLI or API returned it.
+fn gid(g: &Value) -> &str {
+    g["id"].as_str().unwrap_or_else(|| panic!("grant without id: {g}"))
+}
+
+/// Whether `e` names the grant `id`.
+fn names_grant(e: &Event, id: &str) -> bool {
+    e.grant.as_ref().is_some_and(|g| g.id == id)
 }
 
 #[test]
@@ -134,34 +142,27 @@ fn holder_and_grandchild_allowed_unrelated_process_not() {
     let gc: u32 = h.ask(&format!("grandchild {}", f.ok_port)).parse().unwrap();
 
     let e = f.daemon.one_event("holder open", by("file_open", h.pid));
-    assert_eq!(
-        (e["verdict"].as_str(), e["action"].as_str()),
-        (Some("allowed"), Some("allowed")),
-        "{e}"
-    );
-    assert_eq!(e["grant"]["id"], id.as_str());
+    assert_eq!((e.verdict.as_str(), e.action.as_str()), ("allowed", "allowed"), "{e:?}");
+    assert_eq!(e.grant().id, id);
     let e = connect_event(&f, h.pid, f.ok_port);
-    assert_eq!(e["verdict"], "allowed", "{e}");
-    assert_eq!(e["grant"]["id"], id.as_str());
-    assert!(
-        e["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"),
-        "{e}"
-    );
+    assert_eq!(e.verdict, "allowed", "{e:?}");
+    assert_eq!(e.grant().id, id);
+    assert!(e.path_has(|p| p == "kernel verdict agrees"), "{e:?}");
     // The grandchild was forked after the grant: it inherits.
     let e = f.daemon.one_event("grandchild open", by("file_open", gc));
-    assert_eq!(e["verdict"], "allowed", "{e}");
-    assert_eq!(e["grant"]["id"], id.as_str());
+    assert_eq!(e.verdict, "allowed", "{e:?}");
+    assert_eq!(e.grant().id, id);
     let e = connect_event(&f, gc, f.ok_port);
-    assert_eq!(e["verdict"], "allowed", "{e}");
+    assert_eq!(e.verdict, "allowed", "{e:?}");
 
     // An unrelated process (same exe) holds nothing.
     let (other, _) = f.cg.run(&python(), &["-c", &format!("open({:?}).read()", f.secret)]);
     let e = f.daemon.one_event("unrelated open", by("file_open", other));
-    assert_eq!(e["verdict"], "no_grant", "{e}");
-    assert!(e["grant"].is_null());
-    let issued = f.daemon.one_event("grant_issued", |e: &Value| e["kind"] == "grant_issued");
-    assert_eq!(issued["grant"]["id"], id.as_str());
-    assert_eq!(issued["process"]["pid"], h.pid);
+    assert_eq!(e.verdict, "no_grant", "{e:?}");
+    assert!(e.grant.is_none());
+    let issued = f.daemon.one_event("grant_issued", |e: &Event| e.kind == "grant_issued");
+    assert_eq!(issued.grant().id, id);
+    assert_eq!(issued.process.pid, h.pid);
     // The ledger records the grant's life: issued, then its use.
     let (code, one) = f.daemon.curl("GET", &format!("/v1/grants/{id}"), None);
     assert_eq!(code, 200);
@@ -178,10 +179,10 @@ fn out_of_intent_connection() {
     let g = grant_for(&f, h.pid, "5m");
     assert_eq!(h.ask(&format!("connect {}", f.bad_port)), "connected");
     let e = connect_event(&f, h.pid, f.bad_port);
-    assert_eq!(e["verdict"], "out_of_intent", "{e}");
-    assert_eq!(e["action"], "alerted");
-    assert_eq!(e["grant"]["id"], g["id"]);
-    assert_eq!(e["severity"], "high");
+    assert_eq!(e.verdict, "out_of_intent", "{e:?}");
+    assert_eq!(e.action, "alerted");
+    assert_eq!(e.grant().id, gid(&g));
+    assert_eq!(e.severity, "high");
 }
 
 #[test]
@@ -193,32 +194,29 @@ fn expiry_is_decided_in_the_kernel() {
     std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
     assert_eq!(h.ask("open"), "opened");
-    let conns = f.daemon.wait_events("two connects", move |e: &Value| {
-        by("connect", h.pid)(e) && e["destination"]["port"] == f.ok_port
+    let ok_port = f.ok_port;
+    let conns = f.daemon.wait_events("two connects", move |e: &Event| {
+        by("connect", h.pid)(e) && e.port() == Some(ok_port)
     });
-    let conns: Vec<Value> = if conns.len() < 2 {
+    let conns: Vec<Event> = if conns.len() < 2 {
         f.daemon.wait_events("second", |_| true);
-        f.daemon
-            .events()
-            .into_iter()
-            .filter(|e| e["kind"] == "connect" && e["process"]["pid"] == h.pid)
-            .collect()
+        f.daemon.events().into_iter().filter(by("connect", h.pid)).collect()
     } else {
         conns
     };
     assert_eq!(conns.len(), 2, "{conns:#?}");
-    assert_eq!(conns[0]["verdict"], "allowed");
+    assert_eq!(conns[0].verdict, "allowed");
     let late = &conns[1];
-    assert_eq!(late["verdict"], "expired", "{late}");
-    assert!(late["grant"]["expired_for_ms"].as_u64().unwrap() >= 200, "{late}");
+    assert_eq!(late.verdict, "expired", "{late:?}");
+    assert!(late.grant().expired_for_ms.unwrap() >= 200, "{late:?}");
     assert!(
-        late["decision_path"].as_array().unwrap().iter().any(|p| p == "kernel verdict agrees"),
-        "kernel and decide.rs must agree: {late}"
+        late.path_has(|p| p == "kernel verdict agrees"),
+        "kernel and decide.rs must agree: {late:?}"
     );
     let e = f.daemon.one_event("open after expiry", by("file_open", h.pid));
-    assert_eq!(e["verdict"], "expired", "{e}");
-    let exp = f.daemon.one_event("grant_expired", |e: &Value| e["kind"] == "grant_expired");
-    assert_eq!(exp["grant"]["id"], g["id"]);
+    assert_eq!(e.verdict, "expired", "{e:?}");
+    let exp = f.daemon.one_event("grant_expired", |e: &Event| e.kind == "grant_expired");
+    assert_eq!(exp.grant().id, gid(&g));
     let list = f.daemon.cli(&["grant", "list", "--all", "--json"]);
     let v: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["grants"][0]["state"], "expired");
@@ -235,12 +233,11 @@ fn revoked_grant_is_refused_for_the_whole_subtree() {
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
     assert_eq!(h.ask("open"), "opened");
     let gc: u32 = h.ask(&format!("grandchild {}", f.ok_port)).parse().unwrap();
-    assert_eq!(connect_event(&f, h.pid, f.ok_port)["verdict"], "revoked");
-    assert_eq!(f.daemon.one_event("open", by("file_open", h.pid))["verdict"], "revoked");
-    assert_eq!(connect_event(&f, gc, f.ok_port)["verdict"], "revoked");
-    f.daemon.one_event("grant_revoked", |e: &Value| {
-        e["kind"] == "grant_revoked" && e["grant"]["id"] == id
-    });
+    assert_eq!(connect_event(&f, h.pid, f.ok_port).verdict, "revoked");
+    assert_eq!(f.daemon.one_event("open", by("file_open", h.pid)).verdict, "revoked");
+    assert_eq!(connect_event(&f, gc, f.ok_port).verdict, "revoked");
+    f.daemon
+        .one_event("grant_revoked", |e: &Event| e.kind == "grant_revoked" && names_grant(e, id));
     // Revoking twice is a conflict, not a crash.
     let (code, v) = f.daemon.curl("DELETE", &format!("/v1/grants/{id}"), None);
     assert_eq!(code, 409, "{v}");
@@ -378,8 +375,8 @@ fn run_binds_the_subtree_returns_status_and_revokes() {
             .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    assert_eq!(f.daemon.one_event("open", by("file_open", pid))["verdict"], "allowed");
-    assert_eq!(connect_event(&f, pid, f.ok_port)["verdict"], "allowed");
+    assert_eq!(f.daemon.one_event("open", by("file_open", pid)).verdict, "allowed");
+    assert_eq!(connect_event(&f, pid, f.ok_port).verdict, "allowed");
     // After CMD exits the grant is over (revoked by run, or ended with its subtree).
     std::thread::sleep(Duration::from_millis(300));
     let v: Value =
@@ -425,14 +422,11 @@ fn daemon_restart_keeps_live_and_expired_grants() {
     let short = grant_for(&f, h2.pid, "1s");
     assert!(f.daemon.stop().success());
     std::thread::sleep(Duration::from_millis(1200));
-    let daemon = std::mem::replace(&mut f.daemon, Daemon::configure(&f.cg, ""));
-    let mut daemon = daemon;
-    daemon.child = None;
-    f.daemon = daemon.launch();
+    f.daemon.relaunch();
     assert_eq!(h.ask(&format!("connect {}", f.ok_port)), "connected");
     let e = connect_event(&f, h.pid, f.ok_port);
-    assert_eq!(e["verdict"], "allowed", "{e}");
-    assert_eq!(e["grant"]["id"], live["id"]);
+    assert_eq!(e.verdict, "allowed", "{e:?}");
+    assert_eq!(e.grant().id, gid(&live));
     assert_eq!(h2.ask(&format!("connect {}", f.ok_port)), "connected");
     let v: Value =
         serde_json::from_slice(&f.daemon.cli(&["grant", "list", "--all", "--json"]).stdout)
@@ -452,9 +446,8 @@ fn pid_reuse_cannot_inherit_a_grant() {
     let old = h.pid;
     let g = grant_for(&f, old, "5m");
     drop(h); // killed and reaped: the pid is free
-    f.daemon.one_event("grant_ended", |e: &Value| {
-        e["kind"] == "grant_ended" && e["grant"]["id"] == g["id"]
-    });
+    f.daemon
+        .one_event("grant_ended", |e: &Event| e.kind == "grant_ended" && names_grant(e, gid(&g)));
     // Make the kernel hand out the same pid again: write ns_last_pid and fork right away,
     // from one process so nothing else on the host slips in between (bounded attempts).
     let script = format!(
@@ -468,9 +461,9 @@ fn pid_reuse_cannot_inherit_a_grant() {
         return;
     };
     let e = f.daemon.one_event("open by reused pid", by("file_open", pid));
-    assert_eq!(e["verdict"], "no_grant", "a reused pid inherited a grant: {e}");
+    assert_eq!(e.verdict, "no_grant", "a reused pid inherited a grant: {e:?}");
     let e = connect_event(&f, pid, f.ok_port);
-    assert!(e["grant"].is_null(), "{e}");
+    assert!(e.grant.is_none(), "{e:?}");
     // And a request naming an exited pid is refused.
     let (code, v) = f.daemon.curl(
         "POST",

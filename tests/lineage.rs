@@ -4,7 +4,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 
 use enforcer_tests::*;
-use serde_json::Value;
 
 struct Fixture {
     cg: TestCgroup,
@@ -43,18 +42,20 @@ fn grandchild_is_attributed_with_its_parent() {
     let pids: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
     assert_eq!(pids[0], child);
     let e = f.daemon.one_event("file_open of grandchild", by("file_open", pids[1]));
-    assert_eq!(e["process"]["ppid"], child);
-    assert_eq!(e["process"]["exe"], which("cat"));
+    assert_eq!(e.process.ppid, child);
+    assert_eq!(e.process.exe, which("cat"));
     // An alert carries the ancestry and what exactly ran.
-    assert_eq!(e["process"]["parent_chain"][0]["pid"], child, "{e}");
-    assert_eq!(e["process"]["parent_chain"][0]["exe"], python());
-    assert_eq!(e["process"]["parent_chain"][1]["pid"], std::process::id());
+    let chain = &e.process.parent_chain;
+    assert!(chain.len() >= 2, "{e:?}");
+    assert_eq!(chain[0].pid, child, "{e:?}");
+    assert_eq!(chain[0].exe, python());
+    assert_eq!(chain[1].pid, std::process::id());
     let sum = std::process::Command::new("sha256sum").arg(which("cat")).output().unwrap();
     let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap().to_string();
-    assert_eq!(e["process"]["exe_sha256"], sum.as_str());
-    assert_eq!(e["process"]["cmdline"], format!("cat {}", f.secret));
-    assert_eq!(e["process"]["cgroup"], f.cg.rel());
-    assert_eq!(e["file"]["secret"], "token");
+    assert_eq!(e.process.exe_sha256.as_deref(), Some(sum.as_str()));
+    assert_eq!(e.process.cmdline, format!("cat {}", f.secret));
+    assert_eq!(e.process.cgroup, f.cg.rel());
+    assert_eq!(e.file().secret, "token");
 }
 
 #[test]
@@ -63,8 +64,8 @@ fn exec_into_another_binary_reports_the_new_image() {
     // sh execs cat: same pid, new exe and cmdline.
     let (pid, _) = f.cg.run("sh", &["-c", &format!("exec cat '{}'", f.secret)]);
     let e = f.daemon.one_event("file_open after exec", by("file_open", pid));
-    assert_eq!(e["process"]["exe"], which("cat"));
-    assert_eq!(e["process"]["cmdline"], format!("cat {}", f.secret));
+    assert_eq!(e.process.exe, which("cat"));
+    assert_eq!(e.process.cmdline, format!("cat {}", f.secret));
 }
 
 #[test]
@@ -77,8 +78,8 @@ fn daemonized_grandchild_double_fork_setsid() {
     let (_, out) = f.cg.run(&python(), &["-c", &script]);
     let pid: u32 = out.trim().parse().unwrap();
     let e = f.daemon.one_event("file_open of daemonized grandchild", by("file_open", pid));
-    assert_eq!(e["process"]["exe"], python());
-    assert_eq!(e["process"]["cgroup"], f.cg.rel());
+    assert_eq!(e.process.exe, python());
+    assert_eq!(e.process.cgroup, f.cg.rel());
 }
 
 #[test]
@@ -91,7 +92,7 @@ fn thread_is_attributed_to_its_process() {
     let (pid, out) = f.cg.run(&python(), &["-c", &script]);
     assert_eq!(out.trim(), pid.to_string());
     let e = f.daemon.one_event("file_open from a thread", by("file_open", pid));
-    assert_eq!(e["process"]["exe"], python());
+    assert_eq!(e.process.exe, python());
 }
 
 #[test]
@@ -100,10 +101,7 @@ fn cmdline_arguments_with_spaces_are_quoted() {
     let script = "import os, sys\nopen(sys.argv[1]).read()\nprint(os.getpid())";
     let (pid, _) = f.cg.run(&python(), &["-c", script, &f.secret, "two words"]);
     let e = f.daemon.one_event("file_open", by("file_open", pid));
-    assert_eq!(
-        e["process"]["cmdline"],
-        format!("{} -c {script:?} {} \"two words\"", python(), f.secret)
-    );
+    assert_eq!(e.process.cmdline, format!("{} -c {script:?} {} \"two words\"", python(), f.secret));
 }
 
 #[test]
@@ -134,11 +132,11 @@ fn process_started_before_the_daemon() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), pid.to_string());
     child.wait().unwrap();
-    let e: Value = daemon.one_event("file_open by pre-existing process", by("file_open", pid));
-    assert_eq!(e["process"]["exe"], python());
-    assert_eq!(e["process"]["ppid"], std::process::id());
-    assert!(e["process"]["cmdline"].as_str().unwrap().ends_with("--marker"), "{e}");
-    assert_eq!(e["process"]["cgroup"], cg.rel());
+    let e = daemon.one_event("file_open by pre-existing process", by("file_open", pid));
+    assert_eq!(e.process.exe, python());
+    assert_eq!(e.process.ppid, std::process::id());
+    assert!(e.process.cmdline.ends_with("--marker"), "{e:?}");
+    assert_eq!(e.process.cgroup, cg.rel());
 }
 
 #[test]
@@ -154,15 +152,16 @@ fn environment_static_keys_are_reported_by_name_and_fingerprint_only() {
             .output()
             .unwrap();
     assert!(out.status.success());
-    let e = f.daemon.one_event("env_credential", |e: &Value| e["kind"] == "env_credential");
-    assert_eq!(e["verdict"], "no_grant");
-    assert_eq!(e["mitre"], serde_json::json!(["T1078"]));
-    assert_eq!(e["process"]["job"]["id"], "job-7");
-    assert_eq!(e["process"]["job"]["name"], "deploy");
-    let creds = e["process"]["env_credentials"].as_array().unwrap();
-    assert_eq!(creds.len(), 1, "{e}");
-    assert_eq!(creds[0]["name"], "DEPLOY_API_KEY");
-    assert_eq!(creds[0]["fingerprint"].as_str().unwrap().len(), 16);
+    let e = f.daemon.one_event("env_credential", |e: &Event| e.kind == "env_credential");
+    assert_eq!(e.verdict, "no_grant");
+    assert_eq!(e.mitre, ["T1078"]);
+    let job = e.process.job.as_ref().unwrap_or_else(|| panic!("no job: {e:?}"));
+    assert_eq!(job.id, "job-7");
+    assert_eq!(job.name.as_deref(), Some("deploy"));
+    let creds = &e.process.env_credentials;
+    assert_eq!(creds.len(), 1, "{e:?}");
+    assert_eq!(creds[0].name, "DEPLOY_API_KEY");
+    assert_eq!(creds[0].fingerprint.len(), 16);
     let stored = std::fs::read_to_string(f.daemon.state_dir().join("events.jsonl")).unwrap();
     assert!(!stored.contains(value), "a credential value reached the event store");
     assert!(!f.daemon.log().contains(value), "a credential value reached the log");
