@@ -1,0 +1,89 @@
+//! `cargo xtask bench`: overhead of the running daemon on the hooked syscalls, measured as
+//! time-with-daemon / time-without over interleaved rounds (A = stopped, B = running), and
+//! ring-buffer drops under a connect flood, and the Mint API: grant issuance latency and
+//! throughput, and connect overhead with many live grants. A third daemon per round runs in
+//! enforce mode: the same overhead loops (C vs A), then time from a violation to its denial:
+//! connects outside a grant's intent (in-kernel, inside the syscall) and opens of a secret
+//! (fanotify permission events: the daemon's decision latency from its status, and the open
+//! call seen by the worker). Prints a table and writes target/bench.md.
+
+mod alerts;
+mod grants;
+mod harness;
+mod report;
+mod rounds;
+mod worker;
+
+pub use worker::{Kind, WorkerArgs, worker};
+
+use crate::{build, is_root, root};
+use anyhow::{Context, Result, bail};
+use harness::Bench;
+use report::{render, render_console};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
+const FLOOD_RATE: u64 = 100_000;
+const FLOOD_SECS: f64 = 3.0;
+/// Grant issuance targets.
+const ISSUE_P99_MAX: Duration = Duration::from_millis(2);
+const ISSUE_RATE_MIN: f64 = 2_000.0;
+/// Enforce rounds: connects per worker for the per-call (denied / allowed) timings.
+const VIOLATION_CONNECTS: u64 = 5_000;
+/// Enforce rounds: opens of the secret per worker (denied without a grant, allowed with one).
+const SECRET_OPENS: u64 = 20_000;
+/// Fanotify permission-event decision latency target (p99, us).
+const DECISION_P99_MAX_US: u64 = 200;
+const EPERM: i32 = libc::EPERM;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("bench: interrupted");
+    }
+    Ok(())
+}
+
+/// One measured loop.
+struct Spec {
+    name: &'static str,
+    kind: Kind,
+    n: u64,
+    target: String,
+    /// Maximum ratio with/without, if this row has a target.
+    limit: Option<f64>,
+}
+
+pub fn run(iterations: usize) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "bench: must run as root (creates a cgroup, loads kernel programs): run `sudo -E cargo xtask bench`"
+        );
+    }
+    let iterations = iterations.max(1);
+    let built = build::run(true)?;
+    // Ctrl-C reaches the workers and the daemon too (same process group); we only note it and
+    // unwind so the cleanup below runs. Handlers reset to default in exec'd children.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let t0 = Instant::now();
+    let mut bench = Bench::new(built.enforcer)?;
+    let rows = bench.measure(iterations);
+    bench.cleanup();
+    let rows = rows?;
+    let md = render(&rows, iterations);
+    println!("\n{}", render_console(&rows));
+    let out = root().join("target").join("bench.md");
+    std::fs::write(&out, md).with_context(|| format!("bench: cannot write {}", out.display()))?;
+    println!("bench: wrote {} ({:.0}s)", out.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
