@@ -22,3 +22,4 @@ pub mod proc;
 pub mod records;
 pub mod report;
 pub mod store;
+pub mod sync;

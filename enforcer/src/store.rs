@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
+use crate::sync::LockOrRecover;
 
 pub const FILE_NAME: &str = "events.jsonl";
 /// Where sinks keep their cursors.
@@ -42,13 +43,13 @@ pub fn set_limits(state_dir: &Path, rotate_bytes: u64, max_backups: u32, max_tot
         max_backups: max_backups.max(1),
         max_total_bytes,
     };
-    let mut all = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut all = LIMITS.lock_or_recover();
     all.retain(|(d, _)| d != state_dir);
     all.push((state_dir.to_path_buf(), l));
 }
 
 fn limits(state_dir: &Path) -> Limits {
-    let all = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+    let all = LIMITS.lock_or_recover();
     all.iter().find(|(d, _)| d == state_dir).map_or(DEFAULT_LIMITS, |(_, l)| *l)
 }
 
@@ -59,7 +60,7 @@ const MAX_NOTICES: usize = 256;
 /// agent event: an alert about the alert stream, never a quiet drop.
 pub fn notice(msg: String) {
     tracing::warn!("{msg}");
-    let mut n = NOTICES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut n = NOTICES.lock_or_recover();
     if n.len() < MAX_NOTICES {
         n.push(msg);
     } else if n.len() == MAX_NOTICES {
@@ -69,7 +70,7 @@ pub fn notice(msg: String) {
 
 /// Notices recorded since the last call, oldest first.
 pub fn take_notices() -> Vec<String> {
-    std::mem::take(&mut *NOTICES.lock().unwrap_or_else(|e| e.into_inner()))
+    std::mem::take(&mut *NOTICES.lock_or_recover())
 }
 
 pub struct EventStore {

@@ -17,6 +17,7 @@ use super::transport::Transport;
 use crate::event::{self, Event, ProcessRef};
 use crate::policy::{Severity, SinkConfig, SinkFormat};
 use crate::store::{self, OutboxReader, Position};
+use crate::sync::LockOrRecover;
 
 const POLL: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -144,7 +145,7 @@ impl Delivery {
     fn save(&mut self, pos: Position) -> Result<()> {
         let file = CursorFile { pos: pos.clone(), suppressed: self.limiter.pending.clone() };
         store::save_cursor(&self.state_dir, &self.cfg.name, &file)?;
-        *self.stats.committed.lock().unwrap() = pos.clone();
+        *self.stats.committed.lock_or_recover() = pos.clone();
         self.committed = pos;
         Ok(())
     }

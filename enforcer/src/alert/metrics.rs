@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::store::{self, Position};
+use crate::sync::LockOrRecover;
 
 /// Per-sink counters for `metrics_text`.
 pub(super) struct Stats {
@@ -71,7 +72,7 @@ impl SinkMetrics {
                 "enforcer_sink_backlog_bytes",
                 "gauge",
                 "Outbox bytes not yet delivered to the sink.",
-                |s, g| backlog(&s.committed.lock().unwrap(), g),
+                |s, g| backlog(&s.committed.lock_or_recover(), g),
             ),
             (
                 "enforcer_sink_delivered_total",

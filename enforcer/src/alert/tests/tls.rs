@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{assert_all_in_order, config, wait_for, write_events};
 use crate::alert::spawn;
 use crate::store::EventStore;
+use crate::sync::LockOrRecover;
 
 struct Pki {
     ca: PathBuf,
@@ -88,7 +89,7 @@ fn syslog_receiver(
                             .to_string();
                         let json = &msg[msg.find("] ").unwrap() + 2..];
                         assert_eq!(serde_json::from_str::<Value>(json).unwrap()["id"], id.as_str());
-                        got.lock().unwrap().push(id);
+                        got.lock_or_recover().push(id);
                     }
                 }
             });
@@ -123,17 +124,17 @@ async fn syslog_tls_receiver_killed_and_restarted_gets_every_id() {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    wait_for("some ids", 10, || got.lock().unwrap().len() > 500).await;
+    wait_for("some ids", 10, || got.lock_or_recover().len() > 500).await;
     rx.abort(); // the receiver dies mid-stream
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let _rx = syslog_receiver(listener, pki.server.clone(), got.clone());
     writer.join().unwrap();
     wait_for("every id after the receiver came back", 30, || {
-        got.lock().unwrap().iter().collect::<HashSet<_>>().len() as u64 >= n
+        got.lock_or_recover().iter().collect::<HashSet<_>>().len() as u64 >= n
     })
     .await;
-    assert_all_in_order(&got.lock().unwrap(), n);
+    assert_all_in_order(&got.lock_or_recover(), n);
     let m = sinks.metrics_text();
     assert!(
         !m.contains("enforcer_sink_delivery_failures_total{sink=\"sl\",type=\"syslog\"} 0"),
@@ -199,8 +200,7 @@ fn hec_receiver(
                             assert_eq!(obj["sourcetype"], "enforcer");
                             assert_eq!(obj["host"], "test-host");
                             assert!(obj["time"].as_f64().unwrap() > 1.6e9);
-                            got.lock()
-                                .unwrap()
+                            got.lock_or_recover()
                                 .push(obj["event"]["id"].as_str().unwrap().to_string());
                         }
                         "HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n{\"text\":\"Success\",\"code\":0}"
@@ -235,13 +235,13 @@ async fn splunk_hec_over_https_with_outage() {
     let mut store = EventStore::open(&state).unwrap();
     let sinks = spawn(&cfg, &state, "test-host").unwrap();
     write_events(&mut store, 0..1000);
-    wait_for("first events", 10, || got.lock().unwrap().len() >= 1000).await;
+    wait_for("first events", 10, || got.lock_or_recover().len() >= 1000).await;
     down.store(true, std::sync::atomic::Ordering::Relaxed);
     write_events(&mut store, 1000..3000);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(sinks.metrics_text().contains("enforcer_sink_up{sink=\"hec\",type=\"splunk_hec\"} 0"));
     down.store(false, std::sync::atomic::Ordering::Relaxed);
-    wait_for("the backlog", 20, || got.lock().unwrap().len() >= 3000).await;
-    assert_all_in_order(&got.lock().unwrap(), 3000);
+    wait_for("the backlog", 20, || got.lock_or_recover().len() >= 3000).await;
+    assert_all_in_order(&got.lock_or_recover(), 3000);
     sinks.shutdown().await;
 }
