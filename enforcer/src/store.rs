@@ -433,11 +433,11 @@ pub fn follow(
     let live = state_dir.join(FILE_NAME);
     let mut current: Option<(File, u64)> = None;
     loop {
-        if current.is_none() {
-            if let Ok(file) = File::open(&live) {
-                let ino = file.metadata()?.ino();
-                current = Some((file, ino));
-            }
+        if current.is_none()
+            && let Ok(file) = File::open(&live)
+        {
+            let ino = file.metadata()?.ino();
+            current = Some((file, ino));
         }
         if let Some((file, ino)) = current.as_mut() {
             let len = file.metadata()?.len();

@@ -64,10 +64,10 @@ impl FileSink {
     }
 
     pub fn send(&mut self, batch: &[Item]) -> Result<()> {
-        if self.reopen.swap(false, Ordering::Relaxed) {
-            if let Some((mut w, _)) = self.out.take() {
-                w.flush()?;
-            }
+        if self.reopen.swap(false, Ordering::Relaxed)
+            && let Some((mut w, _)) = self.out.take()
+        {
+            w.flush()?;
         }
         if self.out.is_none() {
             self.open()?;

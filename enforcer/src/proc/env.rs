@@ -121,10 +121,10 @@ fn fingerprint(key: &[u8], value: &[u8]) -> String {
 pub fn load_key(state_dir: &Path) -> anyhow::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("fingerprint.key");
-    if let Ok(k) = std::fs::read(&path) {
-        if k.len() == 32 {
-            return Ok(k);
-        }
+    if let Ok(k) = std::fs::read(&path)
+        && k.len() == 32
+    {
+        return Ok(k);
     }
     let mut k = vec![0u8; 32];
     getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;

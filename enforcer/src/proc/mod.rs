@@ -66,19 +66,22 @@ impl ProcessTable {
         self.procs.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
     /// Adds every process in /proc that the lineage records have not told us about.
     pub fn seed_from_proc(&mut self) {
         for pid in procfs::pids() {
-            if !self.procs.contains_key(&pid) {
-                if let Some(mut p) = procfs::read(pid, &mut self.cgroups) {
-                    if let Some(info) =
-                        self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k))
-                    {
-                        p.job = info.job;
-                        p.env_credentials = info.credentials;
-                    }
-                    self.procs.insert(pid, p);
+            if !self.procs.contains_key(&pid)
+                && let Some(mut p) = procfs::read(pid, &mut self.cgroups)
+            {
+                if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k))
+                {
+                    p.job = info.job;
+                    p.env_credentials = info.credentials;
                 }
+                self.procs.insert(pid, p);
             }
         }
     }

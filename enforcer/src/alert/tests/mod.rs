@@ -14,13 +14,13 @@ use crate::store::{EventStore, OutboxReader, Position};
 mod tls;
 
 fn ev(i: u64) -> Event {
-    let violation = i % 3 == 0;
+    let violation = i.is_multiple_of(3);
     Event {
         schema: event::SCHEMA.into(),
         id: format!("t-{i}"),
         time: event::rfc3339(chrono::Utc::now()),
         host: "test-host".into(),
-        kind: if i % 2 == 0 { "file_open" } else { "connect" }.into(),
+        kind: if i.is_multiple_of(2) { "file_open" } else { "connect" }.into(),
         verdict: if violation { "no_grant" } else { "allowed" }.into(),
         action: if violation { "alerted" } else { "allowed" }.into(),
         mode: "monitor".into(),
@@ -33,7 +33,7 @@ fn ev(i: u64) -> Event {
             cgroup: "/t".into(),
             ..Default::default()
         },
-        file: (i % 2 == 0).then(|| FileRef {
+        file: i.is_multiple_of(2).then(|| FileRef {
             path: "/etc/k.json".into(),
             dev: 1,
             ino: 2,
