@@ -62,7 +62,7 @@ struct Maps;
 impl Facts for Maps {
     #[inline(always)]
     fn grant(&self, slot: u32) -> Option<GrantInfo> {
-        unsafe { GRANTS.get(&slot) }.copied()
+        unsafe { GRANTS.get(slot) }.copied()
     }
 
     #[inline(always)]
@@ -90,7 +90,7 @@ impl Facts for Maps {
 /// the map entry it was judged on.
 #[inline(always)]
 fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement, u8, ProcGrants) {
-    let Some(pg) = (unsafe { PROC_GRANTS.get(&tgid) }) else {
+    let Some(pg) = (unsafe { PROC_GRANTS.get(tgid) }) else {
         return (Judgement::default(), 0, ProcGrants::default());
     };
     let subject = *pg;
@@ -101,7 +101,7 @@ fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement,
     let j = judge(&Maps, &subject, addr, port, now, settings);
     let mut revoked_now = 0;
     if j.revoke
-        && let Some(g) = GRANTS.get_ptr_mut(&j.slot)
+        && let Some(g) = GRANTS.get_ptr_mut(j.slot)
     {
         let g = unsafe { &mut *g };
         if g.state == grant_state::ACTIVE {

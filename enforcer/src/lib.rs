@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod daemon;
 pub mod decide;
+pub mod dest_table;
 pub mod event;
 pub mod file;
 pub mod kernel;

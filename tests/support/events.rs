@@ -24,7 +24,13 @@ pub fn assert_required_fields(e: &Event) {
 
 /// JSON lines (as stored or printed by `enforcer events`) as events; every line must parse.
 pub fn parse_events(text: &str) -> Vec<Event> {
-    text.lines()
+    // A line still being appended (no newline yet) is not an event yet.
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not an event ({e}): {l}")))
         .collect()

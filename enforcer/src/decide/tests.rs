@@ -1,0 +1,469 @@
+//! Table tests of the decision. Connect cases run the shared judge (the kernel's code) on
+//! the compiled destination form; each table row is a tuple by design.
+#![allow(clippy::type_complexity)]
+
+use super::*;
+use chrono::Duration;
+use enforcer_common::{action, reason, verdict};
+
+use crate::policy::AGENT_ON_VIOLATION;
+
+fn grant(
+    id: &str,
+    secrets: &[&str],
+    dests: &[&str],
+    expires_in_s: i64,
+    revoked: bool,
+    now: DateTime<Utc>,
+) -> HeldGrant {
+    HeldGrant {
+        id: id.into(),
+        intent: format!("intent-{id}"),
+        secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        destinations: dests
+            .iter()
+            .map(|d| {
+                let (net, ports) = d.split_once(' ').unwrap();
+                let (lo, hi) = ports.split_once('-').unwrap();
+                (net.parse().unwrap(), lo.parse().unwrap(), hi.parse().unwrap())
+            })
+            .collect(),
+        expires_at: now + Duration::seconds(expires_in_s),
+        revoked,
+        on_violation: OnViolation::Deny,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn table() {
+    let now = Utc::now();
+    let s = |n: &str| Use::SecretOpen { secret: n.into(), without_grant: OnViolation::Alert };
+    let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+    let live = grant("a", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+    let expired = grant("b", &["key"], &["10.0.0.0/8 443-443"], -2, false, now);
+    let revoked = grant("c", &["key"], &["10.0.0.0/8 443-443"], 60, true, now);
+    let other = grant("d", &["other"], &["192.0.2.0/24 1-65535"], 60, false, now);
+    use Verdict::*;
+    let cases: Vec<(&str, Use, Vec<HeldGrant>, Verdict, Option<&str>)> = vec![
+        ("no grant, secret", s("key"), vec![], NoGrant, None),
+        ("no grant, connect", c("10.1.1.1", 443), vec![], Allowed, None),
+        ("live grant, secret", s("key"), vec![live.clone()], Allowed, Some("a")),
+        ("live grant, connect", c("10.1.1.1", 443), vec![live.clone()], Allowed, Some("a")),
+        (
+            "live grant, mapped v6",
+            c("::ffff:10.1.1.1", 443),
+            vec![live.clone()],
+            Allowed,
+            Some("a"),
+        ),
+        ("live grant, wrong port", c("10.1.1.1", 80), vec![live.clone()], OutOfIntent, Some("a")),
+        ("live grant, wrong net", c("192.0.2.1", 443), vec![live.clone()], OutOfIntent, Some("a")),
+        ("live grant, other secret", s("other"), vec![live.clone()], OutOfIntent, Some("a")),
+        ("expired", s("key"), vec![expired.clone()], Expired, Some("b")),
+        ("expired connect", c("10.0.0.1", 443), vec![expired.clone()], Expired, Some("b")),
+        ("revoked", s("key"), vec![revoked.clone()], Revoked, Some("c")),
+        (
+            "revoked beats expired",
+            c("10.0.0.1", 443),
+            vec![expired.clone(), revoked.clone()],
+            Revoked,
+            Some("c"),
+        ),
+        ("live beats expired", s("key"), vec![expired.clone(), live.clone()], Allowed, Some("a")),
+        ("second grant covers", s("other"), vec![live.clone(), other.clone()], Allowed, Some("d")),
+        (
+            "two grants, none covers",
+            c("203.0.113.1", 443),
+            vec![live.clone(), other.clone()],
+            OutOfIntent,
+            Some("a"),
+        ),
+    ];
+    for (name, u, held, verdict, gid) in cases {
+        let d = decide(
+            &u,
+            &SubjectState { known: true, held: held.clone(), ..Default::default() },
+            Mode::Monitor,
+            now,
+        );
+        assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+        assert_eq!(d.grant.map(|i| held[i].id.as_str()), gid, "{name}");
+        let expect_action = if verdict == Allowed { Action::Allowed } else { Action::Alerted };
+        assert_eq!(d.action, expect_action, "{name}");
+        assert!(d.decision_path.len() >= 3, "{name}: {:?}", d.decision_path);
+    }
+}
+
+#[test]
+fn expiry_is_exact_and_late_ms_reported() {
+    let now = Utc::now();
+    let mut g = grant("x", &["key"], &[], 0, false, now);
+    g.expires_at = now;
+    // At the deadline the grant is already expired.
+    let key = Use::SecretOpen { secret: "key".into(), without_grant: OnViolation::Alert };
+    let subj = SubjectState { known: true, held: vec![g.clone()], ..Default::default() };
+    let d = decide(&key, &subj, Mode::Monitor, now);
+    assert_eq!(d.verdict, Verdict::Expired);
+    assert_eq!(d.expired_for_ms, Some(0));
+    let d = decide(&key, &subj, Mode::Monitor, now + Duration::milliseconds(1500));
+    assert_eq!(d.expired_for_ms, Some(1500));
+}
+
+#[test]
+fn enforce_actions_taint_and_agents() {
+    let now = Utc::now();
+    let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+    let mut live = grant("a", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+    live.on_violation = OnViolation::Kill;
+    let taint = |dests: &[&str], on: OnViolation| Taint {
+        secret: "key".into(),
+        destinations: dests.iter().map(|d| (d.parse().unwrap(), 443, 443)).collect(),
+        on_violation: on,
+    };
+    let subj = |held: Vec<HeldGrant>, taint: Vec<Taint>, agent: bool| SubjectState {
+        known: true,
+        held,
+        taint,
+        agent,
+    };
+    use Verdict::*;
+    let cases: Vec<(&str, Use, SubjectState, Mode, Verdict, Action, Reason)> = vec![
+        (
+            "grant violation, enforce kill",
+            c("192.0.2.1", 443),
+            subj(vec![live.clone()], vec![], false),
+            Mode::Enforce,
+            OutOfIntent,
+            Action::Killed,
+            Reason::Grant,
+        ),
+        (
+            "grant violation, monitor",
+            c("192.0.2.1", 443),
+            subj(vec![live.clone()], vec![], false),
+            Mode::Monitor,
+            OutOfIntent,
+            Action::Alerted,
+            Reason::Grant,
+        ),
+        (
+            "no grant open, enforce deny",
+            Use::SecretOpen { secret: "key".into(), without_grant: OnViolation::Deny },
+            subj(vec![], vec![], false),
+            Mode::Enforce,
+            NoGrant,
+            Action::Denied,
+            Reason::Grant,
+        ),
+        (
+            "agent without grant",
+            c("10.0.0.1", 443),
+            subj(vec![], vec![], true),
+            Mode::Enforce,
+            OutOfIntent,
+            Action::Denied,
+            Reason::Agent,
+        ),
+        (
+            "agent with covering grant",
+            c("10.0.0.1", 443),
+            subj(vec![live.clone()], vec![], true),
+            Mode::Enforce,
+            Allowed,
+            Action::Allowed,
+            Reason::None,
+        ),
+        (
+            "tainted, no grant: nowhere",
+            c("10.0.0.1", 443),
+            subj(vec![], vec![taint(&[], OnViolation::Deny)], false),
+            Mode::Enforce,
+            OutOfIntent,
+            Action::Denied,
+            Reason::Taint("key".into()),
+        ),
+        (
+            "tainted, grant covers secret and dest",
+            c("10.0.0.1", 443),
+            subj(vec![live.clone()], vec![taint(&[], OnViolation::Deny)], false),
+            Mode::Enforce,
+            Allowed,
+            Action::Allowed,
+            Reason::None,
+        ),
+        (
+            "tainted, dest outside secret's own",
+            c("10.0.0.1", 443),
+            subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false),
+            Mode::Enforce,
+            OutOfIntent,
+            Action::Denied,
+            Reason::Taint("key".into()),
+        ),
+        (
+            "tainted, inside both",
+            c("10.9.1.1", 443),
+            subj(vec![live.clone()], vec![taint(&["10.9.0.0/16"], OnViolation::Deny)], false),
+            Mode::Enforce,
+            Allowed,
+            Action::Allowed,
+            Reason::None,
+        ),
+        (
+            "tainted, monitor alerts",
+            c("10.0.0.1", 443),
+            subj(vec![], vec![taint(&[], OnViolation::Kill)], false),
+            Mode::Monitor,
+            OutOfIntent,
+            Action::Alerted,
+            Reason::Taint("key".into()),
+        ),
+    ];
+    for (name, u, s, mode, verdict, action, reason) in cases {
+        let d = decide(&u, &s, mode, now);
+        assert_eq!(
+            (d.verdict, d.action, d.reason.clone()),
+            (verdict, action, reason),
+            "{name}: {:?}",
+            d.decision_path
+        );
+    }
+}
+
+/// Cases where the kernel and decide.rs once disagreed, now one judge: the grant named
+/// and the action are asserted, not only the verdict.
+#[test]
+fn drift_cases_name_the_same_grant_and_action() {
+    let now = Utc::now();
+    let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+    let net = &["10.0.0.0/8 443-443"];
+    let rev1 = grant("r1", &["key"], net, 60, true, now);
+    let rev2 = grant("r2", &["key"], net, 60, true, now);
+    let exp1 = grant("e1", &["key"], net, -5, false, now);
+    let exp2 = grant("e2", &["key"], net, -5, false, now);
+    let mut kill = grant("k", &["key"], &["192.0.2.0/24 1-65535"], 60, false, now);
+    kill.on_violation = OnViolation::Kill;
+    let subj = |held: Vec<HeldGrant>, agent: bool| SubjectState {
+        known: true,
+        held,
+        agent,
+        ..Default::default()
+    };
+    use Verdict::*;
+    let cases: Vec<(&str, SubjectState, Mode, Verdict, Option<&str>, Action)> = vec![
+        // The kernel used to name the last revoked grant, decide.rs the first.
+        (
+            "two revoked: the first",
+            subj(vec![rev1.clone(), rev2.clone()], false),
+            Mode::Enforce,
+            Revoked,
+            Some("r1"),
+            Action::Denied,
+        ),
+        (
+            "two expired: the first",
+            subj(vec![exp1.clone(), exp2.clone()], false),
+            Mode::Enforce,
+            Expired,
+            Some("e1"),
+            Action::Denied,
+        ),
+        (
+            "expired then revoked: the revoked",
+            subj(vec![exp1.clone(), rev2.clone()], false),
+            Mode::Enforce,
+            Revoked,
+            Some("r2"),
+            Action::Denied,
+        ),
+        (
+            "revoked then expired: the revoked",
+            subj(vec![rev1.clone(), exp2.clone()], false),
+            Mode::Enforce,
+            Revoked,
+            Some("r1"),
+            Action::Denied,
+        ),
+        (
+            "none covers: the first held, its action",
+            subj(vec![kill.clone(), rev1.clone()], false),
+            Mode::Enforce,
+            Revoked,
+            Some("r1"),
+            Action::Denied,
+        ),
+        (
+            "none covers: first held kills",
+            subj(vec![kill.clone()], false),
+            Mode::Enforce,
+            OutOfIntent,
+            Some("k"),
+            Action::Killed,
+        ),
+        // The agent action was hard-coded twice; now AGENT_ON_VIOLATION feeds both.
+        (
+            "agent without grant",
+            subj(vec![], true),
+            Mode::Enforce,
+            OutOfIntent,
+            None,
+            action_of(AGENT_ON_VIOLATION.action_code()),
+        ),
+        (
+            "agent without grant, monitor",
+            subj(vec![], true),
+            Mode::Monitor,
+            OutOfIntent,
+            None,
+            Action::Alerted,
+        ),
+    ];
+    for (name, s, mode, verdict, gid, action) in cases {
+        let d = decide(&c("10.1.2.3", 443), &s, mode, now);
+        assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+        assert_eq!(d.grant.map(|i| s.held[i].id.as_str()), gid, "{name}");
+        assert_eq!(d.action, action, "{name}: {:?}", d.decision_path);
+    }
+}
+
+/// revoke_on_violation: the judge asks for the revoke only for an active grant decided
+/// against (what the kernel applies to the map), never for an allowed use.
+#[test]
+fn revoke_on_violation_is_asked_for_active_grants_only() {
+    let now = Utc::now();
+    let ip = "10.1.2.3".parse().unwrap();
+    let mut g = grant("a", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+    g.revoke_on_violation = true;
+    let s = |g: HeldGrant| SubjectState { known: true, held: vec![g], ..Default::default() };
+    let j = judge_connect(ip, 80, &s(g.clone()), Mode::Enforce, now, None);
+    assert_eq!((j.verdict, j.slot, j.revoke), (verdict::OUT_OF_INTENT, 1, true));
+    let j = judge_connect(ip, 443, &s(g.clone()), Mode::Enforce, now, None);
+    assert_eq!((j.verdict, j.revoke), (verdict::ALLOWED, false));
+    let mut revoked = g.clone();
+    revoked.revoked = true;
+    let j = judge_connect(ip, 443, &s(revoked), Mode::Enforce, now, None);
+    assert_eq!((j.verdict, j.revoke), (verdict::REVOKED, false));
+    // Monitor mode still revokes (the grant's own setting), but only alerts.
+    let j = judge_connect(ip, 80, &s(g), Mode::Monitor, now, None);
+    assert_eq!((j.action, j.revoke), (action::ALERT, true));
+}
+
+/// Taint: the tainting secret is named by its index, its action applies, and a secret
+/// the live grant does not cover breaks validity even where the grant allows.
+#[test]
+fn taint_names_the_first_invalid_secret() {
+    let now = Utc::now();
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    let live = grant("a", &["b"], &["10.0.0.0/8 443-443"], 60, false, now);
+    let t = |name: &str, on: OnViolation| Taint {
+        secret: name.into(),
+        destinations: vec![],
+        on_violation: on,
+    };
+    let s = SubjectState {
+        known: true,
+        held: vec![live],
+        taint: vec![t("a", OnViolation::Kill), t("b", OnViolation::Deny)],
+        agent: false,
+    };
+    let j = judge_connect(ip, 443, &s, Mode::Enforce, now, None);
+    assert_eq!(
+        (j.verdict, j.reason, j.taint_secret, j.action, j.slot),
+        (verdict::OUT_OF_INTENT, reason::TAINT, 1, action::KILL, 1)
+    );
+    let d = decide(&Use::Connect { ip, port: 443 }, &s, Mode::Enforce, now);
+    assert_eq!((d.reason, d.action), (Reason::Taint("a".into()), Action::Killed));
+}
+
+/// Overlapping destinations are the union of everything that covers the address, both
+/// within one grant (nested networks) and across grants and a secret's own list.
+#[test]
+fn overlapping_destinations_are_a_union() {
+    let now = Utc::now();
+    let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+    let nested =
+        grant("a", &["key"], &["127.0.0.1/32 80-80", "127.0.0.0/8 18081-18081"], 60, false, now);
+    let wide = grant("b", &["key"], &["10.0.0.0/8 443-443"], 60, false, now);
+    let narrow = grant("c", &["key"], &["10.1.2.3/32 22-22"], 60, false, now);
+    let taint = Taint {
+        secret: "key".into(),
+        destinations: vec![
+            ("10.1.2.3/32".parse().unwrap(), 22, 22),
+            ("10.0.0.0/8".parse().unwrap(), 443, 443),
+        ],
+        on_violation: OnViolation::Deny,
+    };
+    let s = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
+        known: true,
+        held,
+        taint,
+        agent: false,
+    };
+    use Verdict::*;
+    let cases: Vec<(&str, Use, SubjectState, Verdict)> = vec![
+        ("nested, host port", c("127.0.0.1", 80), s(vec![nested.clone()], vec![]), Allowed),
+        (
+            "nested, wider net's port on the host",
+            c("127.0.0.1", 18081),
+            s(vec![nested.clone()], vec![]),
+            Allowed,
+        ),
+        (
+            "nested, wider net's port elsewhere",
+            c("127.0.0.9", 18081),
+            s(vec![nested.clone()], vec![]),
+            Allowed,
+        ),
+        (
+            "nested, host port elsewhere",
+            c("127.0.0.9", 80),
+            s(vec![nested.clone()], vec![]),
+            OutOfIntent,
+        ),
+        (
+            "two grants, host inside the other's net",
+            c("10.1.2.3", 443),
+            s(vec![narrow.clone(), wide.clone()], vec![]),
+            Allowed,
+        ),
+        (
+            "two grants, narrow port",
+            c("10.1.2.3", 22),
+            s(vec![wide.clone(), narrow.clone()], vec![]),
+            Allowed,
+        ),
+        (
+            "tainted, secret's nested list",
+            c("10.1.2.3", 443),
+            s(vec![wide.clone()], vec![taint.clone()]),
+            Allowed,
+        ),
+        (
+            "tainted, secret's host port, grant lacks it",
+            c("10.1.2.3", 22),
+            s(vec![wide.clone()], vec![taint.clone()]),
+            OutOfIntent,
+        ),
+    ];
+    for (name, u, subject, verdict) in cases {
+        let d = decide(&u, &subject, Mode::Enforce, now);
+        assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+    }
+}
+
+/// A replay at a kernel record's boot time uses the grants' kernel deadlines: one
+/// nanosecond before is allowed, at the deadline expired, whatever the wall clock says.
+#[test]
+fn replay_uses_the_kernel_deadline() {
+    let now = Utc::now();
+    let ip = "10.1.2.3".parse().unwrap();
+    let mut g = grant("a", &["key"], &["10.0.0.0/8 443-443"], -3600, false, now);
+    g.expires_ns = 5_000;
+    let s = SubjectState { known: true, held: vec![g], ..Default::default() };
+    let at = |ns| judge_connect(ip, 443, &s, Mode::Enforce, now, Some(ns)).verdict;
+    assert_eq!(at(4_999), verdict::ALLOWED);
+    assert_eq!(at(5_000), verdict::EXPIRED);
+    // Without a replay time the wall-clock deadline counts (expired an hour ago).
+    assert_eq!(judge_connect(ip, 443, &s, Mode::Enforce, now, None).verdict, verdict::EXPIRED);
+}

@@ -1,0 +1,136 @@
+//! The attacker's procedures against the kernel side, each with its fixed outcome: a process
+//! that actively tries to get a credential (or a connection) past the agent.
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enforcer_tests::*;
+
+/// A copy of python3 selected as an `[[agent]]` by its inode, an intent allowing only
+/// `ok_port`, enforce mode.
+struct AgentFixture {
+    cg: TestCgroup,
+    daemon: Daemon,
+    agent: std::path::PathBuf,
+    ok_port: u16,
+    bad_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn agent_fixture(name: &str) -> Option<AgentFixture> {
+    if !root_or_skip(name) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent-py");
+    std::fs::copy(python(), &agent).unwrap();
+    let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
+    let policy = format!(
+        "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"{}/nothing\"]\n\
+         [[intent]]\nname = \"job\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\n\
+         destinations = [\"127.0.0.1/32:{ok_port}\"]\non_violation = \"deny\"\n\
+         [[agent]]\nexe = \"{}\"\n",
+        dir.path().display(),
+        agent.display()
+    );
+    let cg = TestCgroup::new(name);
+    let daemon = Daemon::start(&cg, &policy);
+    Some(AgentFixture { cg, daemon, agent, ok_port, bad_port, _dir: dir })
+}
+
+/// An agent that forks `children` children; each (and the agent itself) connects to
+/// `port` and prints "ok" or the errno name, one line per process.
+fn agent_forks_and_connects(f: &AgentFixture, port: u16, children: u32) -> Vec<String> {
+    let script = format!(
+        r#"
+import errno, os, socket, sys
+def conn():
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=3).close(); return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+for i in range({children}):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, (conn() + "\n").encode()); os._exit(0)
+    os.close(w)
+    print(os.read(r, 64).decode().strip(), flush=True)
+    os.waitpid(pid, 0)
+print(conn(), flush=True)
+"#
+    );
+    let out =
+        f.cg.command(&f.agent).args(["-c", &script]).stderr(Stdio::inherit()).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// Sends `count` UDP datagrams to a closed loopback port from a plain process in the
+/// cgroup: every sendto is a kernel record, so this fills the ring buffer when nothing
+/// drains it. Bounded in count and time.
+fn udp_flood(cg: &TestCgroup, count: u32, seconds: u32) -> std::process::Child {
+    let script = format!(
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         end = time.time() + {seconds}\nfor i in range({count}):\n    s.sendto(b'', ('127.0.0.1', 9))\n    \
+         if i % 4096 == 0 and time.time() > end: break\n"
+    );
+    cg.command(python()).args(["-c", &script]).stdout(Stdio::null()).spawn().unwrap()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+fn kernel_counter(d: &Daemon, name: &str) -> u64 {
+    d.status_json()["kernel"][name].as_u64().unwrap_or_else(|| panic!("status kernel.{name}"))
+}
+
+/// Attack: stop the daemon (nothing drains the ring buffer), fill the buffer with a UDP
+/// flood, then start an agent and fork children. Before the fix the agent's exec and its
+/// children's forks returned at the failed ring-buffer reservation, before marking the
+/// agent or copying its state: they connected anywhere. Now every connect is EPERM and the
+/// lost records surface as an `events_lost` alert once the daemon runs again.
+#[test]
+fn full_ring_buffer_with_the_daemon_stopped_keeps_agents_and_children_confined() {
+    let Some(f) = agent_fixture("ringfull-stopped") else { return };
+    let pid = f.daemon.child.as_ref().unwrap().id();
+    signal(pid, "-STOP");
+    // 16 MiB of ~120-byte records is ~140k records: 400k sends fill it with margin.
+    let mut flood = udp_flood(&f.cg, 400_000, 60);
+    assert!(flood.wait().unwrap().success(), "flood");
+    let lines = agent_forks_and_connects(&f, f.bad_port, 5);
+    signal(pid, "-CONT");
+    assert_eq!(lines, vec!["EPERM"; 6], "agent and each child, with the ring buffer full");
+    let drops = kernel_counter(&f.daemon, "ringbuf_drops");
+    assert!(drops > 0, "the flood did not fill the buffer: {}", f.daemon.status_json());
+    assert_eq!(kernel_counter(&f.daemon, "state_full"), 0);
+    let lost = f.daemon.wait_events("events_lost alert", |e: &Event| e.kind == "events_lost");
+    assert!(lost.iter().all(|e| e.verdict != "allowed"), "{lost:#?}");
+    // Allowed destinations still work for the agent once it holds a grant: the denial
+    // above is the agent rule, not a broken socket layer.
+    let ok = f.cg.command(enforcer_bin())
+        .args(["run", "--intent", "job", "--"])
+        .arg(&f.agent)
+        .args(["-c", &format!("import socket; socket.create_connection(('127.0.0.1', {}), timeout=3).close(); print('ok')", f.ok_port)])
+        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "ok", "{ok:?}");
+}
+
+/// Attack, live variant: the daemon runs while a flood competes for the ring buffer; an
+/// agent forks children throughout. Every one of them is confined.
+#[test]
+fn live_flood_does_not_free_an_agents_children() {
+    let Some(f) = agent_fixture("ringfull-live") else { return };
+    let t0 = Instant::now();
+    let mut flood = udp_flood(&f.cg, 2_000_000, 20);
+    let mut lines = Vec::new();
+    while t0.elapsed() < Duration::from_secs(8) && lines.len() < 200 {
+        lines.extend(agent_forks_and_connects(&f, f.bad_port, 10));
+    }
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert!(lines.len() >= 11, "the agent ran: {lines:?}");
+    assert!(lines.iter().all(|l| l == "EPERM"), "every agent process denied: {lines:?}");
+}
