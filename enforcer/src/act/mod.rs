@@ -2,7 +2,6 @@
 //! waits for the mint: a revoke flips the grant's state in the GRANTS map (the kernel judges
 //! it revoked from that instant) and then tells the registry, which records it in the
 //! ledger off the decision path.
-use std::collections::HashSet;
 
 use anyhow::Result;
 use chrono::Utc;
@@ -12,19 +11,19 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::decide::Action;
 use crate::kernel::grants::ActMaps;
 use crate::mint::registry::Notice;
-use crate::mint::view::GrantView;
+use crate::mint::view::{GrantView, RevokedHere};
 
 pub struct Actor {
     maps: ActMaps,
     notices: UnboundedSender<Notice>,
     /// Slots revoked here that the published view may not show yet; decisions treat them
     /// as revoked, as the kernel already does.
-    revoked: HashSet<u32>,
+    revoked: RevokedHere,
 }
 
 impl Actor {
     pub fn new(maps: ActMaps, notices: UnboundedSender<Notice>) -> Self {
-        Actor { maps, notices, revoked: HashSet::new() }
+        Actor { maps, notices, revoked: RevokedHere::new() }
     }
 
     /// What the kernel holds for `pid` now.
@@ -34,9 +33,9 @@ impl Actor {
 
     /// Slots revoked by enforcement, for `GrantView::subject_state`. Entries the view
     /// has caught up with (revoked there, or gone) are dropped.
-    pub fn revoked(&mut self, view: &GrantView) -> &HashSet<u32> {
+    pub fn revoked(&mut self, view: &GrantView) -> &RevokedHere {
         if !self.revoked.is_empty() {
-            self.revoked.retain(|s| view.grant(*s).is_some_and(|g| !g.revoked));
+            self.revoked.retain(|s, _| view.grant(*s).is_some_and(|g| !g.revoked));
         }
         &self.revoked
     }
@@ -55,12 +54,12 @@ impl Actor {
     /// grant already ended (revoked, expired, or gone) is left as it is.
     pub fn revoke(&mut self, view: &GrantView, slot: u32, reason: &'static str) {
         let active = view.grant(slot).is_some_and(|g| !g.revoked && g.expires_at > Utc::now());
-        if !active || self.revoked.contains(&slot) {
+        if !active || self.revoked.contains_key(&slot) {
             return;
         }
         match self.maps.revoke(slot) {
             Ok(()) => {
-                self.revoked.insert(slot);
+                self.revoked.insert(slot, Utc::now());
             }
             // Gone from the kernel: its last holder exited and the registry reaped it.
             Err(e) => tracing::warn!("revoke grant slot {slot}: {e:#}"),

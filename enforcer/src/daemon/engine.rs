@@ -144,7 +144,7 @@ impl Engine {
                 }
                 pg
             });
-            let mut st = view.subject_state(Some(pg), actor.revoked(&view));
+            let mut st = view.subject_state(Some(pg), actor.revoked(&view), when);
             st.known = known;
             st
         };
@@ -225,11 +225,13 @@ impl Engine {
         self.counts.file_opens += 1;
         let view = self.grants.view.load();
         let actor = &mut self.grants.act;
+        let now = Utc::now();
         let mut subject = match (actor.state_of(f.pid), self.table.exited_grants(f.pid)) {
-            (None, Some(slots)) => {
-                SubjectState { held: view.held(&slots, actor.revoked(&view)), ..Default::default() }
-            }
-            (pg, _) => view.subject_state(pg, actor.revoked(&view)),
+            (None, Some(slots)) => SubjectState {
+                held: view.held(&slots, actor.revoked(&view), now),
+                ..Default::default()
+            },
+            (pg, _) => view.subject_state(pg, actor.revoked(&view), now),
         };
         subject.known = known;
         let without_grant = view.without_grant(&f.secret);
@@ -237,7 +239,7 @@ impl Engine {
             &Use::SecretOpen { secret: f.secret.clone(), without_grant },
             &subject,
             self.mode,
-            Utc::now(),
+            now,
         );
         let allow = !act::denies(d.action);
         if allow {

@@ -57,6 +57,8 @@ pub struct Live {
     pub members: u32,
     pub on_violation: OnViolation,
     pub revoke_on_violation: bool,
+    /// When this daemon revoked it.
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 impl Live {
@@ -68,6 +70,7 @@ impl Live {
             destinations: self.nets.clone(),
             expires_at: self.grant.expires_at,
             revoked: self.grant.state == GrantState::Revoked,
+            revoked_at: self.revoked_at,
             on_violation: self.on_violation,
             revoke_on_violation: self.revoke_on_violation,
         }
@@ -318,6 +321,7 @@ impl Registry {
                 members: 1,
                 on_violation: intent.on_violation,
                 revoke_on_violation: intent.revoke_on_violation,
+                revoked_at: None,
             },
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
@@ -363,6 +367,7 @@ impl Registry {
     fn mark_revoked(&mut self, id: &str, reason: &str) -> Option<Grant> {
         let l = self.live.get_mut(id).filter(|l| l.grant.state == GrantState::Active)?;
         l.grant.state = GrantState::Revoked;
+        l.revoked_at = Some(Utc::now());
         let g = l.grant.clone();
         self.ledger.set_state(
             id,
@@ -583,6 +588,7 @@ impl Registry {
         let live = Live {
             on_violation: intent.map(|i| i.on_violation).unwrap_or_default(),
             revoke_on_violation: intent.is_some_and(|i| i.revoke_on_violation),
+            revoked_at: None,
             grant,
             slot,
             nets,

@@ -2,7 +2,7 @@
 //! registry publishes a new `GrantView` on every change (issue, revoke, expiry, end, policy
 //! reload); the engine reads the current one without waiting for the registry, whatever the
 //! Mint API is doing with it.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -25,9 +25,22 @@ pub struct GrantFacts {
     pub destinations: Nets,
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
+    /// When it was revoked, if known (a grant revoked before a restart: not known).
+    pub revoked_at: Option<DateTime<Utc>>,
     pub on_violation: OnViolation,
     pub revoke_on_violation: bool,
 }
+
+impl GrantFacts {
+    /// Whether the grant was revoked at `at` (a use judged by the kernel before the revoke
+    /// landed saw it unrevoked).
+    pub fn revoked_at(&self, at: DateTime<Utc>) -> bool {
+        self.revoked && self.revoked_at.is_none_or(|t| t <= at)
+    }
+}
+
+/// Slots revoked by enforcement (and when) that the published view may not show yet.
+pub type RevokedHere = HashMap<u32, DateTime<Utc>>;
 
 /// The policy facts decisions need: the config in force, secret taint bits, and each
 /// secret's own destinations (resolved).
@@ -49,9 +62,14 @@ impl GrantView {
         GrantView { grants: HashMap::new(), policy }
     }
 
-    /// The decision's view of a process, from the kernel's entry for it. `revoked`: slots
-    /// revoked by enforcement that this snapshot may not show yet.
-    pub fn subject_state(&self, pg: Option<ProcGrants>, revoked: &HashSet<u32>) -> SubjectState {
+    /// The decision's view of a process at `at`, from the kernel's entry for it. `revoked`:
+    /// slots revoked by enforcement that this snapshot may not show yet.
+    pub fn subject_state(
+        &self,
+        pg: Option<ProcGrants>,
+        revoked: &RevokedHere,
+        at: DateTime<Utc>,
+    ) -> SubjectState {
         let Some(pg) = pg else { return SubjectState { known: true, ..Default::default() } };
         let slots: Vec<u32> = pg.grants.iter().copied().filter(|s| *s != 0).collect();
         let taint = self
@@ -65,17 +83,21 @@ impl GrantView {
             .collect();
         SubjectState {
             known: true,
-            held: self.held(&slots, revoked),
+            held: self.held(&slots, revoked, at),
             taint,
             agent: pg.flags & proc_flags::AGENT != 0,
         }
     }
 
-    /// The grants behind kernel slots (unknown slots are skipped).
-    pub fn held(&self, slots: &[u32], revoked: &HashSet<u32>) -> Vec<HeldGrant> {
+    /// The grants behind kernel slots at `at` (unknown slots are skipped).
+    pub fn held(&self, slots: &[u32], revoked: &RevokedHere, at: DateTime<Utc>) -> Vec<HeldGrant> {
         slots
             .iter()
-            .filter_map(|s| self.grants.get(s).map(|g| held_grant(*s, g, revoked.contains(s))))
+            .filter_map(|s| {
+                let g = self.grants.get(s)?;
+                let here = revoked.get(s).is_some_and(|t| *t <= at);
+                Some(held_grant(*s, g, g.revoked_at(at) || here))
+            })
             .collect()
     }
 
@@ -109,7 +131,7 @@ impl GrantView {
     }
 }
 
-fn held_grant(slot: u32, g: &GrantFacts, revoked_here: bool) -> HeldGrant {
+fn held_grant(slot: u32, g: &GrantFacts, revoked: bool) -> HeldGrant {
     HeldGrant {
         slot,
         id: g.id.clone(),
@@ -117,7 +139,7 @@ fn held_grant(slot: u32, g: &GrantFacts, revoked_here: bool) -> HeldGrant {
         secrets: g.secrets.clone(),
         destinations: g.destinations.clone(),
         expires_at: g.expires_at,
-        revoked: g.revoked || revoked_here,
+        revoked,
         on_violation: g.on_violation,
         revoke_on_violation: g.revoke_on_violation,
         expires_ns: 0,
