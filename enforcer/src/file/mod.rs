@@ -1,21 +1,36 @@
-//! Secret-file opens, attributed by device + inode through fanotify inode marks.
+//! Secret-file opens, attributed by inode identity through fanotify marks.
 //!
 //! An inode mark sees every open of that inode whatever name reached it: a symlink, a hard
 //! link, a relative path, /proc/self/fd/N, openat2 and io_uring all end in the same VFS
 //! open. BPF-LSM would also allow inline decisions, but this kind of host refuses it
 //! (see `enforcer doctor`), so fanotify is the backend here.
 //!
+//! A secret is its inode, for as long as the inode lives: once an inode is found at a
+//! secret's path it keeps that secret's name (and its mark) when it is renamed away, linked
+//! elsewhere or replaced at the path by a newer file, until the kernel drops the mark (the
+//! inode is gone; checked against the group's fdinfo every sweep). A file handle (inode +
+//! generation) tells a recycled inode number from the secret that had it.
+//!
+//! A replaced secret has no window: each secret's parent directory carries a
+//! `FAN_OPEN_PERM | FAN_EVENT_ON_CHILD` mark, so the first open of a new inode at the path
+//! is a permission event like any other; it is judged by name (directory + file name ->
+//! secret) and its inode is marked from the event's own fd. Opens of other files in those
+//! directories are answered "allow" at once, without an event. An event for an inode that is
+//! neither a known secret nor a child of a marked directory is never allowed unrecorded: it
+//! is judged under `UNMAPPED_SECRET`.
+//!
 //! Permission events (FAN_OPEN_PERM), in both modes: the opener waits in open() until the
 //! daemon answers, so its grants are read from the kernel map while it cannot change them,
 //! its taint is recorded before it can connect, and in enforce mode the answer can be
 //! FAN_DENY (open fails with EPERM). If the daemon dies, the kernel answers "allow" for it:
 //! this backend fails open, and `status` says so.
+mod ident;
 mod resolve;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use nix::sys::fanotify::{
@@ -76,18 +91,41 @@ pub struct FileOpen {
     pub secret: String,
 }
 
+/// The secret name under which an open of a marked inode that maps to no secret is judged:
+/// recorded with an alert (or denied, if the policy covers this name), never let through
+/// unrecorded.
+pub const UNMAPPED_SECRET: &str = "unmapped-marked-inode";
+
+/// A marked secret inode: the secret it was found as, and its file handle (None where the
+/// filesystem exports none; (dev, ino) alone then identifies it).
+struct Known {
+    secret: String,
+    handle: Option<ident::Handle>,
+}
+
 pub struct SecretWatch {
     fan: Fanotify,
     /// Parent directories of secret paths: a file created, renamed or deleted there triggers
-    /// an immediate re-resolution (the 1 s sweep is the fallback), so a replaced secret is
-    /// re-marked within milliseconds.
+    /// an immediate re-resolution (the 1 s sweep is the fallback).
     dirs: nix::sys::inotify::Inotify,
     targets: Vec<Target>,
-    by_inode: HashMap<(u64, u64), String>,
+    /// Every inode marked as a secret, kept (renamed, linked or replaced at its path) until
+    /// the kernel drops its mark.
+    by_inode: HashMap<(u64, u64), Known>,
+    /// Secret paths -> secret, as configured and as the kernel names an opened file (with
+    /// the directories' symlinks resolved).
+    by_path: HashMap<PathBuf, String>,
+    /// Parent directories marked FAN_OPEN_PERM | FAN_EVENT_ON_CHILD: inode -> O_PATH fd (to
+    /// remove the mark, and as the filesystem for open_by_handle_at).
+    dir_marks: HashMap<(u64, u64), OwnedFd>,
     warned_missing: HashSet<PathBuf>,
     /// fanotify queue overflows (events lost); stays 0 with FAN_UNLIMITED_QUEUE.
     pub overflows: u64,
     pub latencies: Latencies,
+    /// Opens of other files in secrets' directories, answered "allow" at once.
+    pub sibling_opens: u64,
+    /// Opens of marked inodes no secret maps to, judged under UNMAPPED_SECRET.
+    pub unmapped_opens: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -115,9 +153,13 @@ impl SecretWatch {
             dirs,
             targets: Vec::new(),
             by_inode: HashMap::new(),
+            by_path: HashMap::new(),
+            dir_marks: HashMap::new(),
             warned_missing: HashSet::new(),
             overflows: 0,
             latencies: Latencies::default(),
+            sibling_opens: 0,
+            unmapped_opens: 0,
         })
     }
 
@@ -125,16 +167,40 @@ impl SecretWatch {
         self.fan.as_fd()
     }
 
-    /// Replaces the watched set: drops every mark, then resolves and marks each path.
+    /// Replaces the watched set. Marks are not flushed: an inode whose secret stays in the
+    /// policy stays watched (also when it was renamed away), new paths are marked, and only
+    /// inodes whose secret is gone, or which sat at a path the policy no longer gives their
+    /// secret, lose their marks.
     pub fn set_secrets(&mut self, secrets: &[Secret]) {
-        let _ = self.fan.mark(
-            MarkFlags::FAN_MARK_FLUSH,
-            MaskFlags::empty(),
-            nix::fcntl::AT_FDCWD,
-            None::<&str>,
-        );
-        self.by_inode.clear();
-        self.targets = resolve::targets(secrets);
+        let targets = resolve::targets(secrets);
+        let names: HashSet<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
+        let kept: HashSet<(&str, &Path)> =
+            targets.iter().map(|t| (t.secret.as_str(), t.path.as_path())).collect();
+        let mut dropped: HashMap<(u64, u64), Known> = HashMap::new();
+        for t in &self.targets {
+            if let Some(key) = t.inode
+                && !kept.contains(&(t.secret.as_str(), t.path.as_path()))
+                && self.by_inode.get(&key).is_some_and(|k| k.secret == t.secret)
+                && let Some(k) = self.by_inode.remove(&key)
+            {
+                dropped.insert(key, k);
+            }
+        }
+        let gone: Vec<(u64, u64)> = self
+            .by_inode
+            .iter()
+            .filter(|(_, k)| !names.contains(k.secret.as_str()))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            if let Some(k) = self.by_inode.remove(&key) {
+                dropped.insert(key, k);
+            }
+        }
+        // Filesystems to reopen dropped inodes on, before stale directory marks go.
+        let mounts: HashMap<u64, OwnedFd> =
+            self.dir_marks.iter().filter_map(|(k, fd)| Some((k.0, fd.try_clone().ok()?))).collect();
+        self.targets = targets;
         let parents: HashSet<PathBuf> =
             self.targets.iter().filter_map(|t| t.path.parent().map(PathBuf::from)).collect();
         use nix::sys::inotify::AddWatchFlags as W;
@@ -146,6 +212,31 @@ impl SecretWatch {
             );
         }
         self.refresh();
+        // A dropped inode that is still some secret's file was marked again by refresh.
+        for (key, k) in dropped {
+            if self.by_inode.contains_key(&key) {
+                continue;
+            }
+            let fd = k
+                .handle
+                .as_ref()
+                .zip(mounts.get(&key.0))
+                .and_then(|(h, m)| ident::open_by_handle(m.as_fd(), h));
+            let removed = fd.is_some_and(|fd| {
+                let p = ident::fd_path(fd.as_fd());
+                self.fan
+                    .mark(
+                        MarkFlags::FAN_MARK_REMOVE,
+                        MaskFlags::FAN_OPEN_PERM,
+                        nix::fcntl::AT_FDCWD,
+                        Some(p.as_str()),
+                    )
+                    .is_ok()
+            });
+            if !removed {
+                tracing::warn!(secret = %k.secret, ino = key.1, "inode no longer a secret but its mark could not be removed: its opens are judged as {UNMAPPED_SECRET}");
+            }
+        }
     }
 
     /// The inotify fd to poll: readable when a secret's directory changed.
@@ -165,35 +256,34 @@ impl SecretWatch {
         any
     }
 
-    /// Re-resolves every path: marks files that appeared or were replaced (new inode).
+    /// Re-resolves every path: marks the parent directories and the files that appeared or
+    /// were replaced (new inode); forgets inodes whose marks the kernel dropped.
     pub fn refresh(&mut self) {
-        for t in &mut self.targets {
+        self.refresh_dirs();
+        for i in 0..self.targets.len() {
+            let t = &self.targets[i];
             let now = std::fs::metadata(&t.path).ok().map(|m| (m.dev(), m.ino()));
             if now == t.inode && t.checked {
                 continue;
             }
-            t.checked = true;
-            match now {
-                Some(key) => {
-                    match self.fan.mark(
-                        MarkFlags::FAN_MARK_ADD,
-                        MaskFlags::FAN_OPEN_PERM,
-                        nix::fcntl::AT_FDCWD,
-                        Some(&t.path),
-                    ) {
-                        Ok(()) => {
-                            if t.inode.is_some() || self.warned_missing.remove(&t.path) {
-                                tracing::info!(secret = %t.secret, path = %t.path.display(), "secret file (re)appeared; watching its new inode");
-                            }
-                            self.by_inode.insert(key, t.secret.clone());
-                            t.inode = Some(key);
+            let (secret, path) = (t.secret.clone(), t.path.clone());
+            self.targets[i].checked = true;
+            // The inode is fixed by the O_PATH open; a replacement after it is the next round's.
+            match now.and_then(|_| ident::open_path(&path, false)) {
+                Some(fd) => match self.mark_inode(fd.as_fd(), &secret) {
+                    Ok(key) => {
+                        let t = &mut self.targets[i];
+                        if t.inode.is_some() || self.warned_missing.remove(&t.path) {
+                            tracing::info!(secret = %t.secret, path = %t.path.display(), "secret file (re)appeared; watching its new inode");
                         }
-                        Err(e) => {
-                            tracing::warn!(secret = %t.secret, path = %t.path.display(), "cannot watch secret file: {e}")
-                        }
+                        t.inode = Some(key);
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(secret = %secret, path = %path.display(), "cannot watch secret file: {e}")
+                    }
+                },
                 None => {
+                    let t = &mut self.targets[i];
                     t.inode = None;
                     if self.warned_missing.insert(t.path.clone()) && t.explicit {
                         tracing::warn!(secret = %t.secret, path = %t.path.display(), "secret file missing; it will be watched when it appears");
@@ -201,9 +291,111 @@ impl SecretWatch {
                 }
             }
         }
-        // Forget inodes no path resolves to any more (replaced or deleted files).
-        let live: HashSet<(u64, u64)> = self.targets.iter().filter_map(|t| t.inode).collect();
-        self.by_inode.retain(|k, _| live.contains(k));
+        self.forget_unmarked();
+    }
+
+    /// Marks the inode `fd` refers to as `secret`. An inode already known (same handle)
+    /// keeps the name it was first found as, for its whole life.
+    fn mark_inode(&mut self, fd: BorrowedFd<'_>, secret: &str) -> nix::Result<(u64, u64)> {
+        let key = ident::key_of(fd).ok_or(nix::errno::Errno::EBADF)?;
+        let p = ident::fd_path(fd);
+        self.fan.mark(
+            MarkFlags::FAN_MARK_ADD,
+            MaskFlags::FAN_OPEN_PERM,
+            nix::fcntl::AT_FDCWD,
+            Some(p.as_str()),
+        )?;
+        let handle = ident::handle_of(fd);
+        match self.by_inode.get(&key) {
+            Some(k) if k.handle == handle => {}
+            _ => {
+                self.by_inode.insert(key, Known { secret: secret.to_string(), handle });
+            }
+        }
+        Ok(key)
+    }
+
+    /// Marks each secret path's parent directory (as configured and with symlinks resolved)
+    /// for opens of its children, and drops marks of directories no secret path names.
+    fn refresh_dirs(&mut self) {
+        let mut by_path = HashMap::new();
+        let mut want: HashSet<PathBuf> = HashSet::new();
+        for t in &self.targets {
+            by_path.insert(t.path.clone(), t.secret.clone());
+            let (Some(parent), Some(name)) = (t.path.parent(), t.path.file_name()) else {
+                continue;
+            };
+            want.insert(parent.to_path_buf());
+            // The kernel names an opened file by its real directory.
+            if let Ok(real) = std::fs::canonicalize(parent) {
+                by_path.insert(real.join(name), t.secret.clone());
+                want.insert(real);
+            }
+            // A secret path that is itself a symlink: its target's directory too.
+            if let Ok(real) = std::fs::canonicalize(&t.path)
+                && real != t.path
+                && let Some(p) = real.parent()
+            {
+                want.insert(p.to_path_buf());
+                by_path.insert(real, t.secret.clone());
+            }
+        }
+        self.by_path = by_path;
+        let mut live = HashSet::new();
+        for dir in want {
+            let Some(fd) = std::fs::metadata(&dir)
+                .ok()
+                .filter(|m| !self.dir_marks.contains_key(&(m.dev(), m.ino())))
+                .and_then(|_| ident::open_path(&dir, true))
+            else {
+                if let Ok(m) = std::fs::metadata(&dir) {
+                    live.insert((m.dev(), m.ino()));
+                }
+                continue;
+            };
+            let Some(key) = ident::key_of(fd.as_fd()) else { continue };
+            let p = ident::fd_path(fd.as_fd());
+            match self.fan.mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
+                MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_EVENT_ON_CHILD,
+                nix::fcntl::AT_FDCWD,
+                Some(p.as_str()),
+            ) {
+                Ok(()) => {
+                    self.dir_marks.insert(key, fd);
+                    live.insert(key);
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), "cannot mark a secret's directory: {e}")
+                }
+            }
+        }
+        let stale: Vec<(u64, u64)> =
+            self.dir_marks.keys().filter(|k| !live.contains(k)).copied().collect();
+        for key in stale {
+            if let Some(fd) = self.dir_marks.remove(&key) {
+                let p = ident::fd_path(fd.as_fd());
+                let _ = self.fan.mark(
+                    MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_ONLYDIR,
+                    MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_EVENT_ON_CHILD,
+                    nix::fcntl::AT_FDCWD,
+                    Some(p.as_str()),
+                );
+            }
+        }
+    }
+
+    /// Forgets inodes the group holds no mark on any more (the inode is gone; its number may
+    /// be reused). Compared by inode number only: st_dev and the kernel's s_dev differ on
+    /// some filesystems, and keeping an entry longer is harmless (handles tell files apart).
+    fn forget_unmarked(&mut self) {
+        let at_paths: HashSet<(u64, u64)> = self.targets.iter().filter_map(|t| t.inode).collect();
+        if self.by_inode.keys().all(|k| at_paths.contains(k)) {
+            return;
+        }
+        let Some(marked) = ident::marked_inodes(self.fan.as_fd()) else { return };
+        let inos: HashSet<u64> = marked.iter().map(|k| k.1).collect();
+        self.by_inode.retain(|k, _| at_paths.contains(k) || inos.contains(&k.1));
     }
 
     pub fn stats(&self) -> WatchStats {
@@ -213,9 +405,8 @@ impl SecretWatch {
         }
     }
 
-    /// Reads every queued event (non-blocking). Events that are not a watched secret (a
-    /// stale inode) and opens by this daemon are answered "allow" here; the rest wait for
-    /// `respond`.
+    /// Reads every queued event (non-blocking). Opens by this daemon and opens of other
+    /// files in secrets' directories are answered "allow" here; the rest wait for `respond`.
     pub fn read(&mut self) -> Vec<PendingOpen> {
         let mut out = Vec::new();
         let me = std::process::id();
@@ -231,15 +422,11 @@ impl SecretWatch {
                 }
                 let Some(fd) = ev.fd() else { continue };
                 let pid = ev.pid() as u32;
-                let key = nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino));
-                let secret = key.and_then(|k| self.by_inode.get(&k).cloned());
-                let (Some(key), Some(secret), false) = (key, secret, pid == me) else {
+                let judged = if pid == me { None } else { self.classify(fd) };
+                let Some((key, secret, path)) = judged else {
                     self.respond_event(&ev, true);
                     continue;
                 };
-                let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
                 out.push(PendingOpen {
                     open: FileOpen { pid, path, dev: key.0, ino: key.1, secret },
                     event: ev,
@@ -247,6 +434,41 @@ impl SecretWatch {
                 });
             }
         }
+    }
+
+    /// Which secret an opened file is: a known inode, a new inode at a secret's path, or
+    /// (None) another file in a marked directory. Anything else is UNMAPPED_SECRET.
+    fn classify(&mut self, fd: BorrowedFd<'_>) -> Option<((u64, u64), String, String)> {
+        let key = ident::key_of(fd).unwrap_or_default();
+        let known = self.by_inode.get(&key).and_then(|k| {
+            (k.handle.is_none() || k.handle == ident::handle_of(fd)).then(|| k.secret.clone())
+        });
+        let path = std::fs::read_link(ident::fd_path(fd))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(secret) = known {
+            return Some((key, secret, path));
+        }
+        let name = Path::new(path.strip_suffix(" (deleted)").unwrap_or(&path));
+        if let Some(secret) = self.by_path.get(name).cloned() {
+            // A new inode at a secret's path (it replaced the old one): judged from this
+            // first open, and marked from the event's own fd so every later name is too.
+            if let Err(e) = self.mark_inode(fd, &secret) {
+                tracing::warn!(secret = %secret, path = %path, "cannot watch a replaced secret's new inode: {e}");
+            }
+            return Some((key, secret, path));
+        }
+        let sibling = name
+            .parent()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .is_some_and(|m| self.dir_marks.contains_key(&(m.dev(), m.ino())));
+        if sibling {
+            self.sibling_opens += 1;
+            return None;
+        }
+        self.unmapped_opens += 1;
+        tracing::warn!(path = %path, ino = key.1, "open of a marked inode that maps to no secret; judged as {UNMAPPED_SECRET}");
+        Some((key, UNMAPPED_SECRET.to_string(), path))
     }
 
     /// Answers a waiting open: allow, or deny (the open fails with EPERM).
