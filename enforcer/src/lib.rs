@@ -21,6 +21,7 @@ pub mod mint;
 pub mod policy;
 pub mod proc;
 pub mod records;
+pub mod redact;
 pub mod report;
 pub mod store;
 pub mod sync;

@@ -13,6 +13,7 @@ pub use procfs::{current_cgroup, start_ns, subtree_since};
 
 use crate::cgroup::CgroupResolver;
 use crate::records::Record;
+use crate::redact::Redactor;
 
 /// How long an exited process stays resolvable: its last file or connect events may still
 /// be queued behind its exit record.
@@ -24,6 +25,8 @@ pub struct Process {
     pub ppid: u32,
     pub uid: u32,
     pub exe: String,
+    /// argv with credential-shaped values and known secret values redacted
+    /// (`crate::redact`): it is what events carry.
     pub cmdline: Vec<String>,
     pub cgroup_id: u64,
     /// Boot-clock ns when the process was created (0 when it predates the daemon):
@@ -43,7 +46,14 @@ pub struct Process {
 pub struct ProcessTable {
     procs: HashMap<u32, Process>,
     /// Key for environment-credential fingerprints (None: environments are not read).
+    /// Also keys the command-line redaction fingerprints, so `[redacted:H]` is the prefix of
+    /// the `env_credentials` fingerprint of the same value.
     pub fingerprint_key: Option<Vec<u8>>,
+    /// Redacts every command line entering the table; built on first use from
+    /// `fingerprint_key` (a random key without one), rebuilt when that key changes.
+    redactor: Option<(Option<Vec<u8>>, Redactor)>,
+    /// Known secret values (`set_secret_literals`), kept to rebuild the redactor.
+    literals: Vec<Vec<u8>>,
     pub cgroups: CgroupResolver,
     /// exec'd filename -> canonical path; saves the path walk on every exec of the same file.
     exe_cache: HashMap<String, String>,
@@ -57,6 +67,8 @@ impl ProcessTable {
         ProcessTable {
             procs: HashMap::new(),
             fingerprint_key: None,
+            redactor: None,
+            literals: Vec::new(),
             cgroups: CgroupResolver::new(cgroup_mount),
             exe_cache: HashMap::new(),
         }
@@ -70,11 +82,51 @@ impl ProcessTable {
         self.procs.is_empty()
     }
 
+    /// Registers the values of watched secrets (e.g. `crate::redact::literals_from_secret`
+    /// over each secret file's contents): command lines recorded from now on show them only
+    /// as `[redacted:H]`. Replaces the previous set.
+    pub fn set_secret_literals(&mut self, literals: Vec<Vec<u8>>) {
+        self.literals = literals;
+        if let Some((_, r)) = self.redactor.as_mut() {
+            r.set_literals(self.literals.clone());
+        }
+    }
+
+    /// The redactor for the current fingerprint key.
+    fn redactor(&mut self) -> &Redactor {
+        let stale = self.redactor.as_ref().is_none_or(|(k, _)| *k != self.fingerprint_key);
+        if stale {
+            let r = match &self.fingerprint_key {
+                Some(k) => Redactor::new(k),
+                None => Redactor::random(),
+            };
+            self.redactor =
+                Some((self.fingerprint_key.clone(), r.with_literals(self.literals.clone())));
+        }
+        &self.redactor.as_ref().expect("built above").1
+    }
+
+    /// argv as events may carry it: redacted, with `...` when the kernel cut it off.
+    pub fn redact_cmdline(&mut self, argv: &[String], truncated: bool) -> Vec<String> {
+        let mut out = self.redactor().redact_argv(argv, truncated);
+        if truncated {
+            out.push("...".into());
+        }
+        out
+    }
+
+    /// A process read from /proc, its command line redacted.
+    fn load(&mut self, pid: u32) -> Option<Process> {
+        let (mut p, truncated) = procfs::read(pid, &mut self.cgroups)?;
+        p.cmdline = self.redact_cmdline(&p.cmdline, truncated);
+        Some(p)
+    }
+
     /// Adds every process in /proc that the lineage records have not told us about.
     pub fn seed_from_proc(&mut self) {
         for pid in procfs::pids() {
             if !self.procs.contains_key(&pid)
-                && let Some(mut p) = procfs::read(pid, &mut self.cgroups)
+                && let Some(mut p) = self.load(pid)
             {
                 if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k))
                 {
@@ -119,10 +171,7 @@ impl ProcessTable {
             }
             Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
                 let exe = self.resolve_exe(*tgid, filename);
-                let mut cmdline = argv.clone();
-                if *argv_truncated {
-                    cmdline.push("...".into());
-                }
+                let cmdline = self.redact_cmdline(argv, *argv_truncated);
                 let (ppid, start_ns, grants, mut job, mut env_credentials) =
                     match self.procs.get(tgid) {
                         Some(p) => (
@@ -178,7 +227,7 @@ impl ProcessTable {
     /// The process, from the table or (when lineage never saw it) from /proc.
     pub fn get_or_load(&mut self, pid: u32) -> Option<&Process> {
         if !self.procs.contains_key(&pid) {
-            let p = procfs::read(pid, &mut self.cgroups)?;
+            let p = self.load(pid)?;
             self.procs.insert(pid, p);
         }
         self.procs.get(&pid)
@@ -243,4 +292,62 @@ fn resolve_exe(pid: u32, filename: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| filename.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(table: &mut ProcessTable, tgid: u32, argv: &[&str], truncated: bool) -> Vec<String> {
+        table.apply(&Record::Exec {
+            tgid,
+            uid: 1000,
+            cgroup_id: 1,
+            filename: "/bin/true".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            argv_truncated: truncated,
+        });
+        table.procs[&tgid].cmdline.clone()
+    }
+
+    #[test]
+    fn exec_records_enter_the_table_redacted() {
+        let mut t = ProcessTable::new("/sys/fs/cgroup".into());
+        t.fingerprint_key = Some(vec![7; 32]);
+        let token = "ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A";
+        let out = exec(&mut t, 4_000_001, &["tool", "--token", token], false);
+        let r = Redactor::new(&[7; 32]);
+        assert_eq!(out, ["tool", "--token", &r.marker(token.as_bytes())]);
+        // Ordinary command lines are kept as they are; a cut is still marked.
+        assert_eq!(exec(&mut t, 4_000_002, &["cat", "/etc/x"], true), ["cat", "/etc/x", "..."]);
+        // A known secret value (the contents of a watched file), however it is quoted.
+        t.set_secret_literals(crate::redact::literals_from_secret(b"s3cr3t-file-value\n"));
+        let out = exec(&mut t, 4_000_003, &["sh", "-c", "tool 's3cr3t-'\"file-value\""], false);
+        assert!(!out.join(" ").contains("file-value"), "{out:?}");
+        // A fork copies the already redacted command line.
+        t.apply(&Record::Fork {
+            parent: 4_000_003,
+            child: 4_000_004,
+            uid: 1000,
+            cgroup_id: 1,
+            boot_ns: 1,
+            grants: Vec::new(),
+        });
+        assert_eq!(t.procs[&4_000_004].cmdline, out);
+        // The key changes: the redactor follows it.
+        t.fingerprint_key = Some(vec![8; 32]);
+        let out = exec(&mut t, 4_000_005, &["tool", token], false);
+        assert_eq!(out[1], Redactor::new(&[8; 32]).marker(token.as_bytes()));
+    }
+
+    #[test]
+    fn procfs_argv_is_bounded_like_the_kernels() {
+        let mut raw = b"tool\0".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 3000));
+        let (argv, truncated) = procfs::split_argv(&raw);
+        assert!(truncated);
+        assert_eq!(argv.iter().map(|a| a.len() + 1).sum::<usize>(), procfs::ARGV_MAX + 1);
+        let (argv, truncated) = procfs::split_argv(b"a\0b\0");
+        assert_eq!((argv, truncated), (vec!["a".to_string(), "b".to_string()], false));
+    }
 }

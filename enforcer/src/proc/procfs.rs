@@ -17,7 +17,12 @@ fn status_field(pid: u32, key: &str) -> Option<String> {
     s.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
 }
 
-pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
+/// At most this many bytes of argv are kept, as the kernel's exec record does.
+pub const ARGV_MAX: usize = 2048;
+
+/// The process, and whether its argv was cut off at `ARGV_MAX` bytes (the caller redacts the
+/// command line and marks the cut).
+pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<(Process, bool)> {
     // Only thread-group leaders are processes.
     let tgid: u32 = status_field(pid, "Tgid:")?.parse().ok()?;
     if tgid != pid {
@@ -30,32 +35,41 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<Process> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
         .unwrap_or_default();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|c| *c == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let (cmdline, truncated) =
+        std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| split_argv(&b)).unwrap_or_default();
     let cgroup_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
         .and_then(|path| cgroups.id_of(&path))
         .unwrap_or(0);
-    Some(Process {
-        pid,
-        ppid,
-        uid,
-        exe,
-        cmdline,
-        cgroup_id,
-        start_ns: 0,
-        grants: Vec::new(),
-        job: None,
-        env_credentials: Vec::new(),
-        exited_at: None,
-    })
+    Some((
+        Process {
+            pid,
+            ppid,
+            uid,
+            exe,
+            cmdline,
+            cgroup_id,
+            start_ns: 0,
+            grants: Vec::new(),
+            job: None,
+            env_credentials: Vec::new(),
+            exited_at: None,
+        },
+        truncated,
+    ))
+}
+
+/// NUL-separated argv, at most `ARGV_MAX` bytes of it; true when cut off.
+pub fn split_argv(b: &[u8]) -> (Vec<String>, bool) {
+    let truncated = b.len() > ARGV_MAX;
+    let b = &b[..b.len().min(ARGV_MAX)];
+    let argv = b
+        .split(|c| *c == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    (argv, truncated)
 }
 
 /// The cgroup v2 path a process is in right now (the `0::` line of /proc/<pid>/cgroup).
