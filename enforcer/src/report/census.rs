@@ -529,9 +529,36 @@ pub fn ttl_minutes(longest_job_seconds: f64) -> i64 {
     ((longest_job_seconds / 60.0).ceil() as i64).max(MIN_TTL_MINUTES)
 }
 
-fn toml_str(s: &str) -> String {
-    // TOML basic strings share JSON's escapes for what can appear here.
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+/// A TOML basic string: `"` and `\` escaped, every control character (TOML allows none in
+/// a basic string, DEL included) as `\b \t \n \f \r` or `\uXXXX`. Whatever an
+/// attacker puts in a name stays inside the string: it cannot end it, the line, or open a table.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A name as a file name under /etc/enforcer/secrets: no separators, no dot-dot, no controls.
+fn file_safe(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    if out.trim_matches('_').is_empty() { "env".into() } else { out }
 }
 
 fn propose(
@@ -547,11 +574,12 @@ fn propose(
         Some(var) => {
             let s = format!("env-{}", slug(var));
             let toml = format!(
-                "# {var} is a static key in the job environment: move it into a file only the\n\
+                "# {} is a static key in the job environment: move it into a file only the\n\
                  # agent-checked processes read, and let grants scope it.\n\
                  [[secret]]\nname = {}\nkind = \"token\"\npaths = [{}]\n",
+                toml_str(var),
                 toml_str(&s),
-                toml_str(&format!("/etc/enforcer/secrets/{var}"))
+                toml_str(&format!("/etc/enforcer/secrets/{}", file_safe(var)))
             );
             (s, Some(toml))
         }
@@ -569,9 +597,11 @@ fn propose(
     }
     let ttl = ttl_minutes(longest);
     let intent_toml = format!(
-        "# Proposed by `enforcer report census` ({kind} credential {name:?}, {njobs} job(s)): only the\n\
+        "# Proposed by `enforcer report census` ({} credential {}, {njobs} job(s)): only the\n\
          # destinations actually used, a TTL from the longest observed job ({longest:.0} s).\n\
          [[intent]]\nname = {}\nagents = [{}]\nsecrets = [{}]\ndestinations = [{}]\nmax_ttl = \"{ttl}m\"\ndefault_ttl = \"{ttl}m\"\non_violation = \"alert\"\n",
+        toml_str(kind),
+        toml_str(name),
         toml_str(&intent_name),
         agents.join(", "),
         toml_str(&secret_name),

@@ -10,8 +10,50 @@ pub fn json(c: &Census) -> String {
     serde_json::to_string_pretty(c).expect("census serializes")
 }
 
-fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+/// Attacker-controlled text (names, paths, job ids, hosts) as inert Markdown: the characters
+/// Markdown (GFM) acts on backslash-escaped (so `|` cannot split a table cell, `` ` `` `*` `_`
+/// `[` `]` `<` `>` `#` `!` `&` `~` `$` cannot format, link, open HTML or an entity, and `\`
+/// cannot escape what follows), every control character, line or
+/// paragraph separator shown as a visible `\u{..}` (so it cannot end a row, a heading or a
+/// list item).
+pub fn md_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if matches!(
+            c,
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '#' | '!' | '&' | '~' | '$'
+        ) {
+            out.push('\\');
+            out.push(c);
+        } else if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{85}') {
+            out.push_str(&format!("\\\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A name as a code span when that is safe (no backtick, pipe, backslash or control
+/// character: inside a code span nothing can be escaped), else as escaped text.
+pub fn md_code(s: &str) -> String {
+    let plain = !s.is_empty()
+        && !s.chars().any(|c| {
+            matches!(c, '`' | '|' | '\\' | '\u{2028}' | '\u{2029}' | '\u{85}') || c.is_control()
+        })
+        && s.trim() == s;
+    if plain { format!("`{s}`") } else { md_text(s) }
+}
+
+/// A fence longer than any backtick run in `body`, so the body cannot close it.
+fn fence(body: &str) -> String {
+    let mut longest = 0;
+    let mut cur = 0;
+    for c in body.chars() {
+        cur = if c == '`' { cur + 1 } else { 0 };
+        longest = longest.max(cur);
+    }
+    "`".repeat((longest + 1).max(3))
 }
 
 pub fn markdown(c: &Census) -> String {
@@ -23,7 +65,11 @@ pub fn markdown(c: &Census) -> String {
         c.generated_at,
         c.events_read,
         c.since.as_ref().map(|s| format!(" since {s}")).unwrap_or_default(),
-        if c.hosts.is_empty() { "no host".to_string() } else { c.hosts.join(", ") },
+        if c.hosts.is_empty() {
+            "no host".to_string()
+        } else {
+            c.hosts.iter().map(|h| md_text(h)).collect::<Vec<_>>().join(", ")
+        },
         c.credentials.len(),
         c.jobs.len()
     );
@@ -39,54 +85,48 @@ pub fn markdown(c: &Census) -> String {
     for cr in &c.credentials {
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} |",
-            md_escape(&cr.name),
-            cr.kind,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            md_code(&cr.name),
+            md_text(&cr.kind),
             cr.jobs.len(),
             cr.executables.len(),
             cr.destinations.len(),
             if cr.covered_by_grant { "yes" } else { "**no**" },
-            cr.first_seen,
-            cr.last_seen
+            md_text(&cr.first_seen),
+            md_text(&cr.last_seen)
         );
     }
     for cr in &c.credentials {
-        let _ = writeln!(out, "\n## `{}`\n", md_escape(&cr.name));
+        let _ = writeln!(out, "\n## {}\n", md_code(&cr.name));
         if !cr.paths.is_empty() {
             let _ = writeln!(
                 out,
                 "- files: {}",
-                cr.paths
-                    .iter()
-                    .map(|p| format!("`{}`", md_escape(p)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                cr.paths.iter().map(|p| md_code(p)).collect::<Vec<_>>().join(", ")
             );
         }
         if !cr.fingerprints.is_empty() {
             let _ = writeln!(
                 out,
                 "- value fingerprints: {}",
-                cr.fingerprints.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                cr.fingerprints.iter().map(|p| md_code(p)).collect::<Vec<_>>().join(", ")
             );
         }
         let jobs: Vec<String> = cr
             .jobs
             .iter()
             .map(|j| match &j.name {
-                Some(n) => format!("`{}` ({}, {})", md_escape(n), md_escape(&j.id), j.source),
-                None => format!("`{}` ({})", md_escape(&j.id), j.source),
+                Some(n) => {
+                    format!("{} ({}, {})", md_code(n), md_text(&j.id), md_text(&j.source))
+                }
+                None => format!("{} ({})", md_code(&j.id), md_text(&j.source)),
             })
             .collect();
         let _ = writeln!(out, "- jobs: {}", jobs.join(", "));
         let _ = writeln!(
             out,
             "- executables: {}",
-            cr.executables
-                .iter()
-                .map(|p| format!("`{}`", md_escape(p)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            cr.executables.iter().map(|p| md_code(p)).collect::<Vec<_>>().join(", ")
         );
         let _ = writeln!(
             out,
@@ -96,7 +136,10 @@ pub fn markdown(c: &Census) -> String {
             if cr.grant_intents.is_empty() {
                 String::new()
             } else {
-                format!("; covered by intents {}", cr.grant_intents.join(", "))
+                format!(
+                    "; covered by intents {}",
+                    cr.grant_intents.iter().map(|i| md_code(i)).collect::<Vec<_>>().join(", ")
+                )
             }
         );
         if cr.destinations.is_empty() {
@@ -106,16 +149,21 @@ pub fn markdown(c: &Census) -> String {
             for d in &cr.destinations {
                 let _ = writeln!(
                     out,
-                    "  - `{}` ({}, {} connect(s))",
-                    d.destination, d.protocol, d.connects
+                    "  - {} ({}, {} connect(s))",
+                    md_code(&d.destination),
+                    md_text(&d.protocol),
+                    d.connects
                 );
             }
         }
-        let _ = writeln!(out, "\nProposed least-privilege policy:\n\n```toml");
+        let mut toml = String::new();
         if let Some(s) = &cr.proposal.secret_toml {
-            let _ = writeln!(out, "{s}");
+            toml.push_str(s);
+            toml.push('\n');
         }
-        let _ = writeln!(out, "{}```", cr.proposal.intent_toml);
+        toml.push_str(&cr.proposal.intent_toml);
+        let f = fence(&toml);
+        let _ = writeln!(out, "\nProposed least-privilege policy:\n\n{f}toml\n{toml}{f}");
     }
     out
 }

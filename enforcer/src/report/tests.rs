@@ -276,3 +276,188 @@ fn helpers() {
     assert_eq!(ttl_minutes(301.0), 6);
     assert_eq!(ttl_minutes(3600.0), 60);
 }
+
+/// Names an attacker controls (environment variable names, job names, exe paths, secret
+/// names) with newlines, quotes, table headers, pipes, backticks and control characters.
+const EVIL: &[&str] = &[
+    "EVIL\n[[intent]]\nname = \"pwned\"\nagents = [{ uid = 0 }]\n#",
+    "Q\"UOTE]]\\\"\n[secret]",
+    "PIPE|`code`*_[x](y)<b>&amp;",
+    "CTRL\u{0}\u{1b}\u{7f}\r\t\u{85}",
+    "LS\u{2028}PS\u{2029}",
+    "``` \n# heading\n```",
+];
+
+fn evil_census() -> census::Census {
+    let mut lines = Vec::new();
+    for (i, name) in EVIL.iter().enumerate() {
+        let pid = 500 + i as u32;
+        let extra = json!({ "process": {
+            "env_credentials": [{ "name": name, "fingerprint": "00" }],
+            "job": { "id": format!("{i}|`x`\n"), "name": name, "source": "ENFORCER_JOB_ID" }
+        } });
+        lines.push(ev(i as i64, "connect", pid, 1, &format!("/tmp/{name}"), "/evil", extra));
+        let mut d = dest("10.9.9.9", 443);
+        merge(
+            &mut d,
+            json!({ "process": { "job": { "id": format!("{i}|`x`\n"), "name": name, "source": "ENFORCER_JOB_ID" } } }),
+        );
+        lines.push(ev(i as i64 + 1, "connect", pid, 1, &format!("/tmp/{name}"), "/evil", d));
+        // A file secret with a hostile name too (the event stream is only as trusted as
+        // whoever could write it).
+        lines.push(ev(
+            i as i64 + 2,
+            "file_open",
+            pid,
+            1,
+            &format!("/tmp/{name}"),
+            "/evil",
+            file(&format!("file{name}"), &format!("/x/{name}")),
+        ));
+    }
+    let dir = write_store(&lines);
+    census_from_store(dir.path(), None).unwrap()
+}
+
+#[test]
+fn hostile_names_stay_inside_toml_strings() {
+    let c = evil_census();
+    assert_eq!(c.credentials.len(), 2 * EVIL.len(), "{:#?}", c.credentials);
+    for cr in &c.credentials {
+        let mut text = cr.proposal.secret_toml.clone().unwrap_or_default();
+        text.push('\n');
+        text.push_str(&cr.proposal.intent_toml);
+        let doc: toml::Table =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n--- proposal:\n{text}"));
+        let env = cr.name.starts_with("env:");
+        let want: Vec<&str> = if env { vec!["intent", "secret"] } else { vec!["intent"] };
+        assert_eq!(doc.keys().map(String::as_str).collect::<Vec<_>>(), want, "{text}");
+        let intents = doc["intent"].as_array().unwrap();
+        assert_eq!(intents.len(), 1, "{text}");
+        let intent = intents[0].as_table().unwrap();
+        let mut keys: Vec<&str> = intent.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["agents", "default_ttl", "destinations", "max_ttl", "name", "on_violation", "secrets"]
+        );
+        assert_eq!(intent["name"].as_str().unwrap(), cr.proposal.intent_name);
+        assert_eq!(intent["secrets"][0].as_str().unwrap(), cr.proposal.secret_name);
+        assert_eq!(intent["on_violation"].as_str(), Some("alert"));
+        // The exe path (attacker-named) round-trips exactly.
+        let exe = intent["agents"][0]["exe"].as_str().unwrap();
+        assert!(EVIL.iter().any(|n| exe == format!("/tmp/{n}")), "{exe:?}");
+        if env {
+            let secrets = doc["secret"].as_array().unwrap();
+            assert_eq!(secrets.len(), 1);
+            let s = secrets[0].as_table().unwrap();
+            assert_eq!(s["name"].as_str().unwrap(), cr.proposal.secret_name);
+            let path = s["paths"][0].as_str().unwrap();
+            let file = path.strip_prefix("/etc/enforcer/secrets/").unwrap();
+            assert!(
+                file.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{path:?}"
+            );
+        } else {
+            // A file secret keeps its (hostile) name exactly, as a string.
+            assert!(EVIL.iter().any(|n| cr.proposal.secret_name == format!("file{n}")));
+        }
+        assert!(!text.contains("\"pwned\"\n"), "{text}");
+    }
+}
+
+/// Pipes that are not backslash-escaped, i.e. cell separators.
+fn cells(row: &str) -> usize {
+    let mut n = 0;
+    let mut esc = false;
+    for c in row.chars() {
+        if esc {
+            esc = false;
+        } else if c == '\\' {
+            esc = true;
+        } else if c == '|' {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn hostile_names_stay_inert_in_markdown() {
+    let c = evil_census();
+    let md = render::markdown(&c);
+    let lines: Vec<&str> = md.lines().collect();
+    let header = lines.iter().position(|l| l.starts_with("| credential |")).unwrap();
+    let rows: Vec<&str> =
+        lines[header..].iter().take_while(|l| l.starts_with('|')).copied().collect();
+    assert_eq!(rows.len(), 2 + c.credentials.len(), "{md}");
+    for r in &rows {
+        assert_eq!(cells(r), 9, "row split or merged: {r:?}");
+    }
+    // One heading per credential, nothing else at heading level (outside the fences).
+    let mut in_fence: Option<String> = None;
+    let mut headings = 0;
+    let mut fences = 0;
+    for l in &lines {
+        match &in_fence {
+            Some(f) => {
+                if l.trim_end() == f {
+                    in_fence = None;
+                }
+                continue;
+            }
+            None => {
+                if let Some(f) = l.strip_suffix("toml").filter(|f| f.chars().all(|c| c == '`')) {
+                    assert!(f.len() >= 3);
+                    in_fence = Some(f.to_string());
+                    fences += 1;
+                    continue;
+                }
+            }
+        }
+        if l.starts_with('#') {
+            assert!(l.starts_with("# Credential census") || l.starts_with("## "), "{l:?}");
+            if l.starts_with("## ") {
+                headings += 1;
+            }
+        }
+        assert!(!l.starts_with("[["), "TOML outside a fence: {l:?}\n{md}");
+        let b: Vec<char> = l.chars().collect();
+        for (i, c) in b.iter().enumerate() {
+            // Code spans hold only names without `|`, backticks or controls, and none of
+            // the hostile names has such a name: every `<`, `&`, `[` must be escaped.
+            if matches!(c, '<' | '&' | '[') {
+                assert!(i > 0 && b[i - 1] == '\\', "unescaped {c:?} in {l:?}");
+            }
+        }
+    }
+    assert!(in_fence.is_none(), "an unclosed fence:\n{md}");
+    assert_eq!(headings, c.credentials.len(), "{md}");
+    assert_eq!(fences, c.credentials.len(), "{md}");
+    // SARIF and JSON: serde escapes; both parse and keep the names exactly.
+    let s: Value = serde_json::from_str(&render::sarif(&c)).unwrap();
+    let names: Vec<&str> = s["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["properties"]["credential"].as_str().unwrap())
+        .collect();
+    for n in EVIL {
+        assert!(names.contains(&format!("env:{n}").as_str()), "{names:?}");
+    }
+    let j: Value = serde_json::from_str(&render::json(&c)).unwrap();
+    assert_eq!(j["credentials"].as_array().unwrap().len(), c.credentials.len());
+}
+
+#[test]
+fn toml_and_markdown_escapers() {
+    use census::toml_str;
+    for s in ["", "a\"b", "\\", "\u{0}\u{1f}\u{7f}\u{9f}", "line\nbreak\r", "日本 🦀", "]]\n[[x]]"]
+    {
+        let doc: toml::Table = toml::from_str(&format!("k = {}", toml_str(s))).unwrap();
+        assert_eq!(doc["k"].as_str(), Some(s));
+    }
+    assert_eq!(render::md_text("a|b`c\nd"), "a\\|b\\`c\\\\u{a}d");
+    assert_eq!(render::md_code("env:AWS_KEY"), "`env:AWS_KEY`");
+    assert_eq!(render::md_code("a|b"), "a\\|b");
+}
