@@ -256,6 +256,8 @@ pub mod counter {
     /// Per-process state that could not be written (PROC_GRANTS full): a child of a grant
     /// holder, agent or tainted process ran without its inherited state.
     pub const STATE_FULL: u32 = 2;
+    /// ALERTS ring-buffer reservations that failed (violation records lost).
+    pub const ALERT_DROPS: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 

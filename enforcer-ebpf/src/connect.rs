@@ -16,17 +16,19 @@ use aya_ebpf::{
         bpf_ktime_get_boot_ns,
     },
     macros::cgroup_sock_addr,
+    maps::RingBuf,
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, ProcGrants, SecretInfo, action, config,
-    counter, grant_state,
+    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, ProcGrants, SecretInfo, config, counter,
+    grant_state,
     judge::{Facts, Judgement, Settings, judge},
-    kind, op,
+    kind, op, verdict,
 };
 
 use crate::maps::{
-    EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config, count, submit_flags,
+    ALERTS, EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config, count,
+    submit_flags,
 };
 
 const AF_INET: u32 = 2;
@@ -143,12 +145,7 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     let (j, revoked_now, subject) = judge_connect(tgid, &v6, port, now);
     let deny = !j.lets_through();
     let ug = bpf_get_current_uid_gid();
-    let Some(mut entry) = EVENTS.reserve::<ConnectRecord>(0) else {
-        count(counter::RINGBUF_DROPS);
-        // The decision stands even when it cannot be reported.
-        return if deny { DENY } else { ALLOW };
-    };
-    entry.write(ConnectRecord {
+    let rec = ConnectRecord {
         kind: kind::CONNECT,
         tgid,
         tid: pid_tgid as u32,
@@ -168,9 +165,27 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
         revoked_now,
         _pad2: 0,
         subject,
-    });
-    // A kill is carried out by the daemon: wake it now rather than at the next drain.
-    entry.submit(if j.action == action::KILL { WAKEUP_NOW } else { submit_flags() });
-    count(counter::EVENTS);
+    };
+    // Violations have a ring of their own: a flood of routine records can fill EVENTS but
+    // never displaces an alert. The decision stands even when it cannot be reported.
+    if j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD {
+        emit(&EVENTS, &rec, submit_flags(), counter::RINGBUF_DROPS);
+    } else {
+        emit(&ALERTS, &rec, WAKEUP_NOW, counter::ALERT_DROPS);
+    }
     if deny { DENY } else { ALLOW }
+}
+
+/// Writes `rec` to `ring` (two call sites, one map each, as the verifier wants), counting a
+/// failed reservation under `drops`.
+#[inline(always)]
+fn emit(ring: &RingBuf, rec: &ConnectRecord, flags: u64, drops: u32) {
+    match ring.reserve::<ConnectRecord>(0) {
+        Some(mut entry) => {
+            entry.write(*rec);
+            entry.submit(flags);
+            count(counter::EVENTS);
+        }
+        None => count(drops),
+    }
 }

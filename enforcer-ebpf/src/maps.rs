@@ -14,6 +14,11 @@ use enforcer_common::{
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(16 * 1024 * 1024, 0);
 
+/// Violations only (denied, alerted, killed connects): a flood of routine records in EVENTS
+/// never displaces an alert. 1 MiB holds ~10,000 alert records.
+#[map]
+pub static ALERTS: RingBuf = RingBuf::pinned(1024 * 1024, 0);
+
 /// Per-CPU counters (`enforcer_common::counter`), summed by the daemon.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);

@@ -124,56 +124,35 @@ impl Engine {
         self.counts.connects += 1;
         let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id));
         let when = wall_time_of(c.boot_ns);
-        // The common case: the kernel found nothing to judge (no grant, no taint violation,
-        // not an agent). Userspace would agree; skip the map lookup.
-        let plain = c.verdict == enforcer_common::verdict::NO_GRANT_HELD;
         let view = self.grants.view.load();
-        let mut subject = if plain {
-            SubjectState { known, ..Default::default() }
+        // Replay the kernel's judgement on the facts it judged: the PROC_GRANTS entry the
+        // record carries and the grants as they stood at the record's time (ended ones
+        // included), with the kernel's own deadlines and clock. Every connect is replayed.
+        let mut subject = if c.subject == enforcer_common::ProcGrants::default() {
+            SubjectState::default()
         } else {
-            let actor = &mut self.grants.act;
-            // Gone already: rebuild what the kernel decided on from its record.
-            let pg = actor.state_of(c.tgid).unwrap_or_else(|| {
-                let mut pg = enforcer_common::ProcGrants::default();
-                pg.grants[0] = c.grant_slot;
-                if c.reason == enforcer_common::reason::AGENT {
-                    pg.flags |= enforcer_common::proc_flags::AGENT;
-                }
-                if c.reason == enforcer_common::reason::TAINT && c.taint_secret > 0 {
-                    pg.taint = 1u64 << (c.taint_secret - 1);
-                }
-                pg
-            });
-            let mut st = view.subject_state(Some(pg), actor.revoked(&view), when);
-            st.known = known;
-            st
+            view.subject_state(Some(c.subject), self.grants.act.revoked(&view), when)
         };
-        if plain && subject.held.is_empty() && subject.taint.is_empty() && !subject.agent {
-            subject = SubjectState { known, ..Default::default() };
-        }
-        let mut d =
-            decide::decide(&Use::Connect { ip: c.ip, port: c.port }, &subject, self.mode, when);
-        let kv = kernel_verdict(c.verdict).unwrap_or(Verdict::Allowed);
-        if kv != d.verdict {
-            // The kernel's verdict is what happened; say where the two disagreed.
+        subject.known = known;
+        let ours = decide::judge_connect(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns));
+        let theirs = kernel_judgement(&c, &subject, &view);
+        let mut d = decide::explain(&theirs, c.ip, c.port, &subject, self.mode, when);
+        if !same_judgement(&ours, &theirs) {
+            // The kernel's judgement is what happened; say where the two disagreed.
             self.counts.decision_mismatches += 1;
-            tracing::warn!(
-                pid = c.tgid,
-                kernel = kv.as_str(),
-                userspace = d.verdict.as_str(),
-                "connect verdict mismatch"
-            );
+            tracing::warn!(pid = c.tgid, kernel = ?theirs, userspace = ?ours, "connect judgement mismatch");
             d.decision_path.push(format!(
-                "kernel decided {} (userspace: {})",
-                kv.as_str(),
-                d.verdict.as_str()
+                "kernel judged {} (slot {}, action {}); the daemon's replay: {} (slot {}, action {})",
+                d.verdict.as_str(),
+                c.grant_slot,
+                decide::action_of(theirs.action).as_str(),
+                decide::verdict_of(ours.verdict).map_or("unknown", |v| v.as_str()),
+                slot_of(&subject, ours.slot),
+                decide::action_of(ours.action).as_str(),
             ));
-            d.verdict = kv;
         } else if c.verdict != enforcer_common::verdict::NO_GRANT_HELD {
             d.decision_path.push("kernel verdict agrees".into());
         }
-        // The action is what the kernel did (deny happened before a packet left).
-        d.action = kernel_action(c.action);
         let grant_slot = Some(c.grant_slot).filter(|s| *s != 0 && view.grant(*s).is_some());
         if c.revoked_now == 1 {
             d.decision_path
@@ -500,25 +479,41 @@ impl Engine {
     }
 }
 
-fn kernel_verdict(v: u8) -> Option<Verdict> {
-    use enforcer_common::verdict as kv;
-    match v {
-        kv::ALLOWED => Some(Verdict::Allowed),
-        kv::EXPIRED => Some(Verdict::Expired),
-        kv::REVOKED => Some(Verdict::Revoked),
-        kv::OUT_OF_INTENT => Some(Verdict::OutOfIntent),
-        _ => None,
+/// The kernel's judgement from its record, in the layout `decide::explain` reads: the grant
+/// as an index (+1) into `subject.held`, the tainting secret as an index (+1) into
+/// `subject.taint`.
+fn kernel_judgement(
+    c: &Connect,
+    subject: &SubjectState,
+    view: &crate::mint::view::GrantView,
+) -> enforcer_common::judge::Judgement {
+    let slot = subject.held.iter().position(|g| g.slot == c.grant_slot && c.grant_slot != 0);
+    let secret = (c.taint_secret as usize)
+        .checked_sub(1)
+        .and_then(|i| view.secret_name(i as u32))
+        .and_then(|name| subject.taint.iter().position(|t| t.secret == name));
+    enforcer_common::judge::Judgement {
+        verdict: c.verdict,
+        slot: slot.map_or(0, |i| i as u32 + 1),
+        action: c.action,
+        reason: c.reason,
+        taint_secret: secret.map_or(0, |i| i as u8 + 1),
+        revoke: c.revoked_now == 1,
     }
 }
 
-fn kernel_action(a: u8) -> Action {
-    use enforcer_common::action as ka;
-    match a {
-        ka::DENY => Action::Denied,
-        ka::KILL => Action::Killed,
-        ka::ALERT => Action::Alerted,
-        _ => Action::Allowed,
-    }
+/// Verdict, grant, action, reason and tainting secret all agree.
+fn same_judgement(
+    a: &enforcer_common::judge::Judgement,
+    b: &enforcer_common::judge::Judgement,
+) -> bool {
+    (a.verdict, a.slot, a.action, a.reason, a.taint_secret)
+        == (b.verdict, b.slot, b.action, b.reason, b.taint_secret)
+}
+
+/// The kernel slot behind a judgement's grant index (0: none).
+fn slot_of(subject: &SubjectState, index: u32) -> u32 {
+    (index as usize).checked_sub(1).and_then(|i| subject.held.get(i)).map_or(0, |g| g.slot)
 }
 
 fn grant_ref(d: &Decision, held: &[HeldGrant]) -> Option<GrantRef> {

@@ -95,14 +95,19 @@ pub fn run(setup: Setup) -> Result<()> {
 async fn run_async(setup: Setup) -> Result<()> {
     let started = Instant::now();
     let cfg = setup.config.clone();
-    let (mut kernel, ring) = Kernel::load(&setup.cgroup_root, &cfg.pin_dir)?;
+    let (mut kernel, rings) = Kernel::load(&setup.cgroup_root, &cfg.pin_dir)?;
     if kernel.adopted {
         tracing::info!(pin_dir = %cfg.pin_dir.display(), "adopted the previous daemon's pinned maps: grants and holdings carried over");
     }
     let mut policy_maps = kernel.policy_maps()?;
-    // SAFETY: the ring buffer owns its fd and it is neither closed nor replaced while registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
+    // SAFETY: each ring buffer owns its fd and it is neither closed nor replaced while
+    // registered.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(rings.events, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("poll the ring buffer: {e}"))?;
+    let mut alert_ring =
+        unsafe { AsyncFd::register_with_interest(rings.alerts, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("poll the alert ring buffer: {e}"))?;
 
     let mut table = ProcessTable::new(setup.cgroup_mount.clone());
     table.fingerprint_key = Some(crate::proc::env::load_key(&cfg.state_dir)?);
@@ -234,10 +239,20 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(DRAIN_INTERVAL_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_drops = kernel.counters().ringbuf_drops;
+    let mut last_state_full = kernel.counters().state_full;
+    let mut last_alert_drops = kernel.counters().alert_drops;
     let reason = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
+                drain_ring(guard.get_inner_mut(), &mut engine);
+                guard.clear_ready();
+                engine.flush();
+            }
+            guard = alert_ring.readable_mut() => {
+                let mut guard = guard?;
+                // Lineage first, so the violator's exec is attributed.
+                drain_ring(ring.get_mut(), &mut engine);
                 drain_ring(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
                 engine.flush();
@@ -251,6 +266,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
+                drain_ring(alert_ring.get_mut(), &mut engine);
                 engine.flush();
             }
             Some(change) = changes.recv() => {
@@ -281,10 +297,20 @@ async fn run_async(setup: Setup) -> Result<()> {
                 for n in crate::alert::take_notices() {
                     engine.agent_event("alert_delivery_degraded", "high", n);
                 }
-                let drops = kernel.counters().ringbuf_drops;
+                let counters = kernel.counters();
+                if counters.alert_drops > last_alert_drops {
+                    engine.agent_event("events_lost", "critical", format!("{} violation records lost (alert ring buffer full); the verdicts were applied in the kernel", counters.alert_drops - last_alert_drops));
+                    last_alert_drops = counters.alert_drops;
+                }
+                let drops = counters.ringbuf_drops;
                 if drops > last_drops {
                     engine.agent_event("events_lost", "high", format!("{} kernel records lost (ring buffer full)", drops - last_drops));
                     last_drops = drops;
+                }
+                let state_full = kernel.counters().state_full;
+                if state_full > last_state_full {
+                    engine.agent_event("events_lost", "critical", format!("{} processes started without the grants, taint or agent flag of their parent (PROC_GRANTS full)", state_full - last_state_full));
+                    last_state_full = state_full;
                 }
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel };
@@ -313,6 +339,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     inbox.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
+    drain_ring(alert_ring.get_mut(), &mut engine);
     engine.agent_event(
         "agent_stopped",
         "info",

@@ -49,6 +49,8 @@ impl Context<'_> {
             "kernel": {
                 "ringbuf_drops": k.ringbuf_drops,
                 "records": k.events,
+                "state_full": k.state_full,
+                "alert_drops": k.alert_drops,
             },
             "fanotify_overflows": watch.overflows,
             "file_decision_us": {

@@ -1,8 +1,6 @@
 //! The kernel's grant maps, written by the daemon: which grants exist (deadline, state),
 //! where each may connect, and which process holds which. The connect hooks and the fork
 //! and exit hooks read and maintain them; userspace decisions read the same maps.
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -15,10 +13,11 @@ use aya::{
     },
 };
 use enforcer_common::{
-    DestKey, GrantInfo, MAX_PORT_RANGES, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE,
-    grant_state,
+    DestKey, GrantInfo, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE, grant_state,
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::dest_table::{DestTable, kernel_net};
 
 /// What the kernel needs to know about a grant beyond its deadline and destinations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -118,21 +117,17 @@ fn reopen(map: &GrantMap) -> Result<GrantMap> {
     Ok(HashMap::try_from(Map::from_map_data(data)?)?)
 }
 
-/// An address in the trie's form: IPv6, with IPv4 as IPv4-mapped.
-fn v6_octets(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
+/// The trie key of a network (in the kernel's IPv6 form) for one slot.
+fn trie_key(slot: u32, net: &Ipv6Net) -> Key<DestKey> {
+    Key::new(
+        32 + net.prefix_len() as u32,
+        DestKey { slot_be: slot.to_be(), addr: net.network().octets() },
+    )
 }
 
-/// (trie key, prefix length) of a network for one slot.
+/// The trie key of a network for one slot.
 fn dest_key(slot: u32, net: &IpNet) -> Key<DestKey> {
-    let (addr, prefix) = match net {
-        IpNet::V4(n) => (v6_octets(IpAddr::V4(n.network())), 96 + n.prefix_len() as u32),
-        IpNet::V6(n) => (v6_octets(IpAddr::V6(n.network())), n.prefix_len() as u32),
-    };
-    Key::new(32 + prefix, DestKey { slot_be: slot.to_be(), addr })
+    trie_key(slot, &kernel_net(net))
 }
 
 impl GrantMaps {
@@ -183,25 +178,14 @@ impl GrantMaps {
         self.put_dests(SECRET_SLOT_BASE + index, dests)
     }
 
+    /// Destinations compiled to the kernel's form (`crate::dest_table`): nested networks
+    /// carry the ranges of those containing them, so the longest match answers the union.
     fn put_dests(&mut self, slot: u32, dests: &[(IpNet, u16, u16)]) -> Result<()> {
-        let mut by_net: BTreeMap<String, (IpNet, Vec<(u16, u16)>)> = BTreeMap::new();
-        for (net, lo, hi) in dests {
-            by_net.entry(net.to_string()).or_insert((*net, Vec::new())).1.push((*lo, *hi));
-        }
-        for (net, ranges) in by_net.values() {
-            let mut pr = PortRanges { lo: [1; MAX_PORT_RANGES], hi: [0; MAX_PORT_RANGES] };
-            if ranges.len() > MAX_PORT_RANGES {
-                // More ranges than fit: widen to one span covering them (never narrower).
-                pr.lo[0] = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-                pr.hi[0] = ranges.iter().map(|r| r.1).max().unwrap_or(65535);
-            } else {
-                for (i, (lo, hi)) in ranges.iter().enumerate() {
-                    pr.lo[i] = *lo;
-                    pr.hi[i] = *hi;
-                }
-            }
+        let table =
+            DestTable::compile(dests).with_context(|| format!("destinations of slot {slot}"))?;
+        for (net, ranges) in &table.entries {
             self.dests
-                .insert(&dest_key(slot, net), pr, 0)
+                .insert(&trie_key(slot, net), DestTable::port_ranges(ranges), 0)
                 .with_context(|| format!("write destination {net} of slot {slot}"))?;
         }
         Ok(())
@@ -212,6 +196,11 @@ impl GrantMaps {
         for n in nets {
             let _ = self.dests.remove(&dest_key(slot, n));
         }
+    }
+
+    /// The deadline the kernel holds for `slot` (boot clock; 0 if there is none).
+    pub fn deadline_of(&self, slot: u32) -> u64 {
+        self.grants.get(&slot, 0).map(|g| g.expires_ns).unwrap_or(0)
     }
 
     /// Every grant in the kernel map (after adopting a previous daemon's pins).

@@ -43,12 +43,21 @@ pub struct Kernel {
     pub adopted: bool,
 }
 
+/// The kernel's two record rings: routine records (lineage, allowed connects) and
+/// violations, which a flood of routine records can never displace.
+pub struct Rings {
+    pub events: RingBuf<MapData>,
+    pub alerts: RingBuf<MapData>,
+}
+
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Counters {
     pub ringbuf_drops: u64,
     pub events: u64,
     /// Inherited per-process state the kernel could not store (PROC_GRANTS full).
     pub state_full: u64,
+    /// Violation records lost (ALERTS ring full).
+    pub alert_drops: u64,
 }
 
 pub fn object() -> Result<&'static [u8]> {
@@ -100,7 +109,7 @@ impl Kernel {
     /// a previous daemon (so grants, holdings and queued records survive), attaches the
     /// lineage tracepoints (host-wide) and the connect hooks on `cgroup_root`, pins the new
     /// links, and only then drops the previous daemon's links: enforcement never pauses.
-    pub fn load(cgroup_root: &Path, pin_dir: &Path) -> Result<(Kernel, RingBuf<MapData>)> {
+    pub fn load(cgroup_root: &Path, pin_dir: &Path) -> Result<(Kernel, Rings)> {
         let object = object()?;
         ensure_pin_dir(pin_dir)?;
         let adopted = pin_dir.join("GRANTS").exists();
@@ -183,10 +192,11 @@ impl Kernel {
                     .with_context(|| format!("pin link of {prog} at {}", path.display()))?,
             );
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
+        let alerts = RingBuf::try_from(ebpf.take_map("ALERTS").context("map ALERTS missing")?)?;
         Ok((
             Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), links: pinned, adopted },
-            ring,
+            Rings { events, alerts },
         ))
     }
 
@@ -222,6 +232,7 @@ impl Kernel {
             ringbuf_drops: sum(counter::RINGBUF_DROPS),
             events: sum(counter::EVENTS),
             state_full: sum(counter::STATE_FULL),
+            alert_drops: sum(counter::ALERT_DROPS),
         }
     }
 }

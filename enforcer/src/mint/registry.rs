@@ -59,6 +59,8 @@ pub struct Live {
     pub revoke_on_violation: bool,
     /// When this daemon revoked it.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The deadline written to the kernel (boot clock).
+    pub expires_ns: u64,
 }
 
 impl Live {
@@ -73,9 +75,13 @@ impl Live {
             revoked_at: self.revoked_at,
             on_violation: self.on_violation,
             revoke_on_violation: self.revoke_on_violation,
+            expires_ns: self.expires_ns,
         }
     }
 }
+
+/// How many ended grants the view keeps for late kernel records.
+const ENDED_KEPT: usize = 1024;
 
 /// An issued grant, its kernel slot, and the outcome of its ledger record (to await).
 pub type Issued = (Grant, u32, oneshot::Receiver<Result<(), String>>);
@@ -94,6 +100,8 @@ pub struct Registry {
     policy: PolicyFacts,
     next_slot: u32,
     view: Arc<ViewCell>,
+    /// Recently ended grants, oldest first (at most ENDED_KEPT), for the view.
+    ended: std::collections::VecDeque<(u32, Arc<GrantFacts>)>,
 }
 
 /// Concrete networks of a grant's destinations (DNS names resolved now; wildcards cannot
@@ -194,6 +202,7 @@ impl Registry {
             next_slot: 1,
             policy,
             view,
+            ended: Default::default(),
         };
         reg.publish();
         reg
@@ -203,7 +212,8 @@ impl Registry {
     fn publish(&self) {
         let grants =
             self.live.values().map(|l| (l.slot, Arc::new(l.facts()))).collect::<HashMap<_, _>>();
-        self.view.store(GrantView { grants, policy: self.policy.clone() });
+        let ended = self.ended.iter().cloned().collect();
+        self.view.store(GrantView { grants, ended, policy: self.policy.clone() });
     }
 
     pub fn policy(&self) -> Arc<Config> {
@@ -296,6 +306,7 @@ impl Registry {
         nets: Nets,
     ) -> Result<Issued, MintError> {
         let expires_at = grant.expires_at;
+        let expires_ns = boot_deadline(expires_at);
         let slot = self.alloc_slot();
         let k = GrantKernel {
             secrets: bits_of(&self.policy.secret_bits, &intent.secrets),
@@ -304,7 +315,7 @@ impl Registry {
             id_hash: id_hash(&grant.id),
         };
         self.maps
-            .put_grant(slot, boot_deadline(expires_at), &nets, k)
+            .put_grant(slot, expires_ns, &nets, k)
             .map_err(|e| MintError::internal(format!("{e:#}")))?;
         if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
@@ -322,6 +333,7 @@ impl Registry {
                 on_violation: intent.on_violation,
                 revoke_on_violation: intent.revoke_on_violation,
                 revoked_at: None,
+                expires_ns,
             },
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
@@ -479,6 +491,10 @@ impl Registry {
         if done && let Some(l) = self.live.remove(id) {
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
+            self.ended.push_back((l.slot, Arc::new(l.facts())));
+            if self.ended.len() > ENDED_KEPT {
+                self.ended.pop_front();
+            }
         }
     }
 
@@ -589,6 +605,7 @@ impl Registry {
             on_violation: intent.map(|i| i.on_violation).unwrap_or_default(),
             revoke_on_violation: intent.is_some_and(|i| i.revoke_on_violation),
             revoked_at: None,
+            expires_ns: self.maps.deadline_of(slot),
             grant,
             slot,
             nets,

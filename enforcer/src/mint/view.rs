@@ -29,6 +29,8 @@ pub struct GrantFacts {
     pub revoked_at: Option<DateTime<Utc>>,
     pub on_violation: OnViolation,
     pub revoke_on_violation: bool,
+    /// The kernel's deadline on the boot clock (0: unknown), for exact replays.
+    pub expires_ns: u64,
 }
 
 impl GrantFacts {
@@ -54,12 +56,15 @@ pub struct PolicyFacts {
 pub struct GrantView {
     /// Kernel slot -> grant, for every grant the kernel still has.
     pub grants: HashMap<u32, Arc<GrantFacts>>,
+    /// Grants that ended recently (bounded): a kernel record judged while one was still
+    /// held can arrive after it is gone, and is replayed against it.
+    pub ended: HashMap<u32, Arc<GrantFacts>>,
     pub policy: PolicyFacts,
 }
 
 impl GrantView {
     pub fn new(policy: PolicyFacts) -> Self {
-        GrantView { grants: HashMap::new(), policy }
+        GrantView { grants: HashMap::new(), ended: HashMap::new(), policy }
     }
 
     /// The decision's view of a process at `at`, from the kernel's entry for it. `revoked`:
@@ -94,7 +99,7 @@ impl GrantView {
         slots
             .iter()
             .filter_map(|s| {
-                let g = self.grants.get(s)?;
+                let g = self.grants.get(s).or_else(|| self.ended.get(s))?;
                 let here = revoked.get(s).is_some_and(|t| *t <= at);
                 Some(held_grant(*s, g, g.revoked_at(at) || here))
             })
@@ -108,6 +113,11 @@ impl GrantView {
     /// Taint bits of `secret` (0 if it has no index).
     pub fn secret_bits(&self, secret: &str) -> u64 {
         self.policy.secret_bits.get(secret).map_or(0, |i| 1u64 << i)
+    }
+
+    /// The secret with taint index `index`.
+    pub fn secret_name(&self, index: u32) -> Option<&str> {
+        self.policy.secret_bits.iter().find(|(_, i)| **i == index).map(|(n, _)| n.as_str())
     }
 
     fn secret_names(&self, bits: u64) -> Vec<String> {
@@ -142,7 +152,7 @@ fn held_grant(slot: u32, g: &GrantFacts, revoked: bool) -> HeldGrant {
         revoked,
         on_violation: g.on_violation,
         revoke_on_violation: g.revoke_on_violation,
-        expires_ns: 0,
+        expires_ns: g.expires_ns,
     }
 }
 
