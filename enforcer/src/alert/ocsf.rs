@@ -145,7 +145,22 @@ fn title(e: &Event) -> String {
         "out_of_intent" => "outside its grant's intent",
         other => other,
     };
-    format!("{what} {why} by {} (pid {}): {}", e.process.exe, e.process.pid, e.action)
+    one_line(&format!("{what} {why} by {} (pid {}): {}", e.process.exe, e.process.pid, e.action))
+}
+
+/// A title for a SIEM's list view: control characters (a newline in a file or exe name could
+/// fake a second entry in tools that print titles raw) shown as `\uXXXX`. The full values stay
+/// in their own fields, exactly.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            out.push_str(&format!("\\u{:04X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One OCSF object for one native event.
@@ -260,7 +275,7 @@ pub fn to_ocsf(e: &Event) -> Value {
             o["finding_info"] = json!({
                 "uid": e.id,
                 "title": title(e),
-                "desc": e.message.clone().unwrap_or_else(|| title(e)),
+                "desc": e.message.as_deref().map(one_line).unwrap_or_else(|| title(e)),
                 "types": [e.verdict],
                 "analytic": { "name": format!("enforcer {}", e.verdict), "type_id": 1, "type": "Rule" },
                 "created_time": epoch_ms(&e.time),
@@ -270,4 +285,35 @@ pub fn to_ocsf(e: &Event) -> Value {
         _ => {}
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_strings_stay_json_strings_and_titles_one_line() {
+        let e: Event = serde_json::from_value(json!({
+            "schema": "enforcer.event/v1", "id": "i\"}", "time": "2026-01-02T03:04:05Z",
+            "host": "h", "kind": "file_open", "verdict": "no_grant", "action": "denied",
+            "mode": "enforce", "severity": "high", "message": "m\r\nforged: yes",
+            "process": { "pid": 7, "ppid": 1, "uid": 1000, "exe": "/tmp/a\nb\"},{",
+                         "cmdline": "x [redacted:0011aabb]", "cgroup": "/" },
+            "file": { "path": "/s\u{2028}x\u{0}", "dev": 1, "ino": 2, "secret": "s]\"" },
+        }))
+        .unwrap();
+        let o = to_ocsf(&e);
+        let line = o.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["actor"]["process"]["file"]["path"], e.process.exe.as_str());
+        assert_eq!(back["actor"]["process"]["cmd_line"], e.process.cmdline.as_str());
+        assert_eq!(back["metadata"]["uid"], e.id.as_str());
+        let title = back["finding_info"]["title"].as_str().unwrap();
+        assert!(!title.chars().any(|c| c.is_control() || c == '\u{2028}'), "{title:?}");
+        assert!(title.contains("/tmp/a\\u000Ab"), "{title}");
+        let desc = back["finding_info"]["desc"].as_str().unwrap();
+        assert_eq!(desc, "m\\u000D\\u000Aforged: yes");
+        assert_eq!(back["message"], e.message.as_deref().unwrap());
+    }
 }

@@ -119,16 +119,34 @@ fn level(sev: &str) -> u8 {
     }
 }
 
-/// SD-PARAM value escaping (RFC 5424 6.3.3): `"`, `\` and `]`.
+/// SD-PARAM value escaping (RFC 5424 6.3.3): `"`, `\` and `]` get a backslash. Control
+/// characters (a newline would end the message on a transport without octet counting) are
+/// written as the text `\uXXXX` (a backslash before any other character is a plain backslash
+/// to the receiver).
 fn sd_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '"' | '\\' | ']') {
             out.push('\\');
+            out.push(c);
+        } else if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            out.push_str(&format!("\\u{:04X}", c as u32));
+        } else {
+            out.push(c);
         }
-        out.push(c);
     }
     out
+}
+
+/// MSG on one line: the payload is JSON, which holds no raw control character inside its
+/// strings, so a CR, LF or NUL can only be whitespace between tokens (pretty-printed JSON):
+/// a space keeps the JSON valid and the message one line for non-octet-counted relays.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        std::borrow::Cow::Owned(s.replace(['\r', '\n', '\0'], " "))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 /// PRINTUSASCII header field of at most `max` characters, "-" when empty.
@@ -155,6 +173,81 @@ pub fn message(item: &Item, procid: &str) -> String {
         sd_escape(&e.verdict),
         sd_escape(&e.action),
         sd_escape(&e.severity),
-        item.payload
+        one_line(&item.payload)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn event(id: &str, verdict: &str, host: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "schema": "enforcer.event/v1", "id": id, "time": "2026-01-02T03:04:05.123456789Z",
+            "host": host, "kind": "connect", "verdict": verdict, "action": "alerted",
+            "mode": "monitor", "severity": "high",
+            "process": { "pid": 1, "ppid": 0, "uid": 0, "exe": "/x\n<13>1 forged",
+                         "cmdline": "a\nb\"]", "cgroup": "/" },
+        }))
+        .unwrap()
+    }
+
+    /// The structured data of a message, parsed as RFC 5424 says: (name, value) pairs.
+    fn sd_params(msg: &str) -> (Vec<(String, String)>, &str) {
+        let start = msg.find("[enforcer@32473 ").expect("SD element") + 16;
+        let mut params = Vec::new();
+        let b: Vec<char> = msg[start..].chars().collect();
+        let mut i = 0;
+        loop {
+            let mut name = String::new();
+            while b[i] != '=' {
+                name.push(b[i]);
+                i += 1;
+            }
+            assert_eq!(b[i + 1], '"');
+            i += 2;
+            let mut v = String::new();
+            loop {
+                match b[i] {
+                    '\\' if matches!(b[i + 1], '"' | '\\' | ']') => {
+                        v.push(b[i + 1]);
+                        i += 2;
+                    }
+                    '"' => break,
+                    c => {
+                        v.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            params.push((name, v));
+            i += 1;
+            match b[i] {
+                ' ' => i += 1,
+                ']' => break,
+                c => panic!("after a param: {c:?} in {msg}"),
+            }
+        }
+        let consumed: usize = b[..=i].iter().map(|c| c.len_utf8()).sum();
+        (params, &msg[start + consumed..])
+    }
+
+    #[test]
+    fn structured_data_and_msg_survive_hostile_values() {
+        let e = event("id\"] [x@1 y=\"z\"]\\", "no_grant\n<13>1 - forged", "host\nname ]");
+        let payload = serde_json::to_string_pretty(&e).unwrap();
+        let msg = message(&Item { event: e.clone(), payload }, "42");
+        assert!(!msg.contains(['\n', '\r', '\0']), "{msg}");
+        let (params, rest) = sd_params(&msg);
+        assert_eq!(params[0], ("id".into(), e.id.clone()));
+        assert_eq!(params[1], ("verdict".into(), "no_grant\\u000A<13>1 - forged".into()));
+        assert_eq!(params.len(), 4, "{params:?}");
+        // MSG: the whole event, still valid JSON, on one line.
+        let back: Event = serde_json::from_str(rest.trim_start()).unwrap();
+        assert_eq!(back, e);
+        // HOSTNAME: printable ASCII, no space.
+        let host = msg.split(' ').nth(2).unwrap();
+        assert_eq!(host, "hostname]");
+    }
 }
