@@ -100,14 +100,21 @@ fn systemd_unit_verifies_and_scores_within_the_documented_exposure() {
     ] {
         assert!(text.lines().any(|l| l.starts_with(opt)), "unit lacks {opt}");
     }
-    let caps = text.lines().find(|l| l.starts_with("CapabilityBoundingSet=")).unwrap();
-    let mut caps: Vec<&str> =
-        caps.trim_start_matches("CapabilityBoundingSet=").split_whitespace().collect();
-    caps.sort();
-    assert_eq!(
-        caps,
-        ["CAP_BPF", "CAP_DAC_READ_SEARCH", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
-    );
+    // CAP_KILL: on_violation = "kill" must be able to kill processes of every uid.
+    let want = [
+        "CAP_BPF",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_KILL",
+        "CAP_PERFMON",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+    ];
+    for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap();
+        let mut caps: Vec<&str> = line.trim_start_matches(key).split_whitespace().collect();
+        caps.sort();
+        assert_eq!(caps, want, "{key}");
+    }
 }
 
 #[test]
@@ -310,6 +317,7 @@ fn kubernetes_daemonset_validates_against_the_schema() {
     assert!(text.contains("hostPID: true"));
     assert!(text.contains("privileged: false"));
     assert!(text.contains("drop: [\"ALL\"]"));
+    assert!(text.contains("\"KILL\""), "the DaemonSet lacks CAP_KILL for on_violation = kill");
     for m in [
         "/sys/fs/bpf",
         "/sys/fs/cgroup",
