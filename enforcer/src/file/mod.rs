@@ -19,18 +19,25 @@
 //! neither a known secret nor a child of a marked directory is never allowed unrecorded: it
 //! is judged under `UNMAPPED_SECRET`.
 //!
+//! A responder thread reads the fanotify queue: it answers those other files (and the
+//! daemon's own opens) itself, so they never wait for the daemon's event loop, and hands
+//! secret opens over to the daemon through `fd()` / `read()`.
+//!
 //! Permission events (FAN_OPEN_PERM), in both modes: the opener waits in open() until the
 //! daemon answers, so its grants are read from the kernel map while it cannot change them,
 //! its taint is recorded before it can connect, and in enforce mode the answer can be
 //! FAN_DENY (open fails with EPERM). If the daemon dies, the kernel answers "allow" for it:
 //! this backend fails open, and `status` says so.
 mod ident;
+mod map;
 mod resolve;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use nix::sys::fanotify::{
@@ -38,7 +45,11 @@ use nix::sys::fanotify::{
     Response,
 };
 
+use nix::fcntl::OFlag;
+
 use crate::policy::Secret;
+use crate::sync::LockOrRecover;
+use map::{Class, Known, Map};
 pub use resolve::Target;
 
 /// An open waiting for the daemon's answer.
@@ -96,42 +107,31 @@ pub struct FileOpen {
 /// unrecorded.
 pub const UNMAPPED_SECRET: &str = "unmapped-marked-inode";
 
-/// A marked secret inode: the secret it was found as, and its file handle (None where the
-/// filesystem exports none; (dev, ino) alone then identifies it).
-struct Known {
-    secret: String,
-    handle: Option<ident::Handle>,
-}
-
-pub struct SecretWatch {
-    fan: Fanotify,
-    /// Parent directories of secret paths: a file created, renamed or deleted there triggers
-    /// an immediate re-resolution (the 1 s sweep is the fallback).
-    dirs: nix::sys::inotify::Inotify,
-    targets: Vec<Target>,
-    /// Every inode marked as a secret, kept (renamed, linked or replaced at its path) until
-    /// the kernel drops its mark.
-    by_inode: HashMap<(u64, u64), Known>,
-    /// Secret paths -> secret, as configured and as the kernel names an opened file (with
-    /// the directories' symlinks resolved).
-    by_path: HashMap<PathBuf, String>,
-    /// Parent directories marked FAN_OPEN_PERM | FAN_EVENT_ON_CHILD: inode -> O_PATH fd (to
-    /// remove the mark, and as the filesystem for open_by_handle_at).
-    dir_marks: HashMap<(u64, u64), OwnedFd>,
-    warned_missing: HashSet<PathBuf>,
-    /// fanotify queue overflows (events lost); stays 0 with FAN_UNLIMITED_QUEUE.
-    pub overflows: u64,
-    pub latencies: Latencies,
-    /// Opens of other files in secrets' directories, answered "allow" at once.
-    pub sibling_opens: u64,
-    /// Opens of marked inodes no secret maps to, judged under UNMAPPED_SECRET.
-    pub unmapped_opens: u64,
-}
-
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct WatchStats {
     pub paths_watched: usize,
     pub paths_missing: usize,
+}
+
+pub struct SecretWatch {
+    fan: Arc<Fanotify>,
+    /// Shared with the responder thread, which reads the fanotify queue, answers opens that
+    /// are no secret at once and hands the rest over through `queue`.
+    map: Arc<Mutex<Map>>,
+    queue: Receiver<PendingOpen>,
+    /// Readable when `queue` has opens waiting: the fd the daemon polls.
+    wake: OwnedFd,
+    /// Parent directories of secret paths: a file created, renamed or deleted there triggers
+    /// an immediate re-resolution (the 1 s sweep is the fallback).
+    dirs: nix::sys::inotify::Inotify,
+    targets: Vec<Target>,
+    /// O_PATH fds of the marked directories (to remove a mark; the filesystem for
+    /// open_by_handle_at).
+    dir_fds: HashMap<(u64, u64), OwnedFd>,
+    warned_missing: HashSet<PathBuf>,
+    /// fanotify queue overflows (events lost); stays 0 with FAN_UNLIMITED_QUEUE.
+    pub overflows: u64,
+    pub latencies: Latencies,
 }
 
 impl SecretWatch {
@@ -148,23 +148,35 @@ impl SecretWatch {
             nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC,
         )
         .context("inotify_init (secret directories)")?;
+        let (wake, wake_tx) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
+        let fan = Arc::new(fan);
+        let map = Arc::new(Mutex::new(Map::default()));
+        let (tx, queue) = std::sync::mpsc::channel();
+        {
+            let (fan, map) = (fan.clone(), map.clone());
+            std::thread::Builder::new()
+                .name("secret-opens".into())
+                .spawn(move || respond_loop(&fan, &map, &tx, &wake_tx))
+                .context("spawn the secret-open responder")?;
+        }
         Ok(SecretWatch {
             fan,
+            map,
+            queue,
+            wake,
             dirs,
             targets: Vec::new(),
-            by_inode: HashMap::new(),
-            by_path: HashMap::new(),
-            dir_marks: HashMap::new(),
+            dir_fds: HashMap::new(),
             warned_missing: HashSet::new(),
             overflows: 0,
             latencies: Latencies::default(),
-            sibling_opens: 0,
-            unmapped_opens: 0,
         })
     }
 
+    /// The fd to poll: readable when secret opens wait for `read`.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fan.as_fd()
+        self.wake.as_fd()
     }
 
     /// Replaces the watched set. Marks are not flushed: an inode whose secret stays in the
@@ -177,29 +189,32 @@ impl SecretWatch {
         let kept: HashSet<(&str, &Path)> =
             targets.iter().map(|t| (t.secret.as_str(), t.path.as_path())).collect();
         let mut dropped: HashMap<(u64, u64), Known> = HashMap::new();
-        for t in &self.targets {
-            if let Some(key) = t.inode
-                && !kept.contains(&(t.secret.as_str(), t.path.as_path()))
-                && self.by_inode.get(&key).is_some_and(|k| k.secret == t.secret)
-                && let Some(k) = self.by_inode.remove(&key)
-            {
-                dropped.insert(key, k);
+        {
+            let mut map = self.map.lock_or_recover();
+            for t in &self.targets {
+                if let Some(key) = t.inode
+                    && !kept.contains(&(t.secret.as_str(), t.path.as_path()))
+                    && map.by_inode.get(&key).is_some_and(|k| k.secret == t.secret)
+                    && let Some(k) = map.by_inode.remove(&key)
+                {
+                    dropped.insert(key, k);
+                }
             }
-        }
-        let gone: Vec<(u64, u64)> = self
-            .by_inode
-            .iter()
-            .filter(|(_, k)| !names.contains(k.secret.as_str()))
-            .map(|(key, _)| *key)
-            .collect();
-        for key in gone {
-            if let Some(k) = self.by_inode.remove(&key) {
-                dropped.insert(key, k);
+            let gone: Vec<(u64, u64)> = map
+                .by_inode
+                .iter()
+                .filter(|(_, k)| !names.contains(k.secret.as_str()))
+                .map(|(key, _)| *key)
+                .collect();
+            for key in gone {
+                if let Some(k) = map.by_inode.remove(&key) {
+                    dropped.insert(key, k);
+                }
             }
         }
         // Filesystems to reopen dropped inodes on, before stale directory marks go.
         let mounts: HashMap<u64, OwnedFd> =
-            self.dir_marks.iter().filter_map(|(k, fd)| Some((k.0, fd.try_clone().ok()?))).collect();
+            self.dir_fds.iter().filter_map(|(k, fd)| Some((k.0, fd.try_clone().ok()?))).collect();
         self.targets = targets;
         let parents: HashSet<PathBuf> =
             self.targets.iter().filter_map(|t| t.path.parent().map(PathBuf::from)).collect();
@@ -214,7 +229,7 @@ impl SecretWatch {
         self.refresh();
         // A dropped inode that is still some secret's file was marked again by refresh.
         for (key, k) in dropped {
-            if self.by_inode.contains_key(&key) {
+            if self.map.lock_or_recover().by_inode.contains_key(&key) {
                 continue;
             }
             let fd = k
@@ -257,9 +272,12 @@ impl SecretWatch {
     }
 
     /// Re-resolves every path: marks the parent directories and the files that appeared or
-    /// were replaced (new inode); forgets inodes whose marks the kernel dropped.
+    /// were replaced (new inode); forgets inodes whose marks the kernel dropped. Opens no
+    /// file (only O_PATH), so it never waits on a permission event while holding the map.
     pub fn refresh(&mut self) {
-        self.refresh_dirs();
+        let map = self.map.clone();
+        let mut map = map.lock_or_recover();
+        self.refresh_dirs(&mut map);
         for i in 0..self.targets.len() {
             let t = &self.targets[i];
             let now = std::fs::metadata(&t.path).ok().map(|m| (m.dev(), m.ino()));
@@ -270,7 +288,7 @@ impl SecretWatch {
             self.targets[i].checked = true;
             // The inode is fixed by the O_PATH open; a replacement after it is the next round's.
             match now.and_then(|_| ident::open_path(&path, false)) {
-                Some(fd) => match self.mark_inode(fd.as_fd(), &secret) {
+                Some(fd) => match map.mark_inode(&self.fan, fd.as_fd(), &secret) {
                     Ok(key) => {
                         let t = &mut self.targets[i];
                         if t.inode.is_some() || self.warned_missing.remove(&t.path) {
@@ -291,33 +309,12 @@ impl SecretWatch {
                 }
             }
         }
-        self.forget_unmarked();
-    }
-
-    /// Marks the inode `fd` refers to as `secret`. An inode already known (same handle)
-    /// keeps the name it was first found as, for its whole life.
-    fn mark_inode(&mut self, fd: BorrowedFd<'_>, secret: &str) -> nix::Result<(u64, u64)> {
-        let key = ident::key_of(fd).ok_or(nix::errno::Errno::EBADF)?;
-        let p = ident::fd_path(fd);
-        self.fan.mark(
-            MarkFlags::FAN_MARK_ADD,
-            MaskFlags::FAN_OPEN_PERM,
-            nix::fcntl::AT_FDCWD,
-            Some(p.as_str()),
-        )?;
-        let handle = ident::handle_of(fd);
-        match self.by_inode.get(&key) {
-            Some(k) if k.handle == handle => {}
-            _ => {
-                self.by_inode.insert(key, Known { secret: secret.to_string(), handle });
-            }
-        }
-        Ok(key)
+        self.forget_unmarked(&mut map);
     }
 
     /// Marks each secret path's parent directory (as configured and with symlinks resolved)
     /// for opens of its children, and drops marks of directories no secret path names.
-    fn refresh_dirs(&mut self) {
+    fn refresh_dirs(&mut self, map: &mut Map) {
         let mut by_path = HashMap::new();
         let mut want: HashSet<PathBuf> = HashSet::new();
         for t in &self.targets {
@@ -340,19 +337,15 @@ impl SecretWatch {
                 by_path.insert(real, t.secret.clone());
             }
         }
-        self.by_path = by_path;
+        map.by_path = by_path;
         let mut live = HashSet::new();
         for dir in want {
-            let Some(fd) = std::fs::metadata(&dir)
-                .ok()
-                .filter(|m| !self.dir_marks.contains_key(&(m.dev(), m.ino())))
-                .and_then(|_| ident::open_path(&dir, true))
-            else {
-                if let Ok(m) = std::fs::metadata(&dir) {
-                    live.insert((m.dev(), m.ino()));
-                }
+            let Ok(m) = std::fs::metadata(&dir) else { continue };
+            if self.dir_fds.contains_key(&(m.dev(), m.ino())) {
+                live.insert((m.dev(), m.ino()));
                 continue;
-            };
+            }
+            let Some(fd) = ident::open_path(&dir, true) else { continue };
             let Some(key) = ident::key_of(fd.as_fd()) else { continue };
             let p = ident::fd_path(fd.as_fd());
             match self.fan.mark(
@@ -362,7 +355,7 @@ impl SecretWatch {
                 Some(p.as_str()),
             ) {
                 Ok(()) => {
-                    self.dir_marks.insert(key, fd);
+                    self.dir_fds.insert(key, fd);
                     live.insert(key);
                 }
                 Err(e) => {
@@ -371,9 +364,9 @@ impl SecretWatch {
             }
         }
         let stale: Vec<(u64, u64)> =
-            self.dir_marks.keys().filter(|k| !live.contains(k)).copied().collect();
+            self.dir_fds.keys().filter(|k| !live.contains(k)).copied().collect();
         for key in stale {
-            if let Some(fd) = self.dir_marks.remove(&key) {
+            if let Some(fd) = self.dir_fds.remove(&key) {
                 let p = ident::fd_path(fd.as_fd());
                 let _ = self.fan.mark(
                     MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_ONLYDIR,
@@ -383,19 +376,20 @@ impl SecretWatch {
                 );
             }
         }
+        map.dirs = self.dir_fds.keys().copied().collect();
     }
 
     /// Forgets inodes the group holds no mark on any more (the inode is gone; its number may
     /// be reused). Compared by inode number only: st_dev and the kernel's s_dev differ on
     /// some filesystems, and keeping an entry longer is harmless (handles tell files apart).
-    fn forget_unmarked(&mut self) {
+    fn forget_unmarked(&self, map: &mut Map) {
         let at_paths: HashSet<(u64, u64)> = self.targets.iter().filter_map(|t| t.inode).collect();
-        if self.by_inode.keys().all(|k| at_paths.contains(k)) {
+        if map.by_inode.keys().all(|k| at_paths.contains(k)) {
             return;
         }
         let Some(marked) = ident::marked_inodes(self.fan.as_fd()) else { return };
         let inos: HashSet<u64> = marked.iter().map(|k| k.1).collect();
-        self.by_inode.retain(|k, _| at_paths.contains(k) || inos.contains(&k.1));
+        map.by_inode.retain(|k, _| at_paths.contains(k) || inos.contains(&k.1));
     }
 
     pub fn stats(&self) -> WatchStats {
@@ -405,86 +399,85 @@ impl SecretWatch {
         }
     }
 
-    /// Reads every queued event (non-blocking). Opens by this daemon and opens of other
-    /// files in secrets' directories are answered "allow" here; the rest wait for `respond`.
+    /// The secret opens waiting for an answer (non-blocking). Opens by this daemon and of
+    /// other files in secrets' directories were answered by the responder thread.
     pub fn read(&mut self) -> Vec<PendingOpen> {
-        let mut out = Vec::new();
-        let me = std::process::id();
-        loop {
-            let events = match self.fan.read_events() {
-                Ok(ev) if !ev.is_empty() => ev,
-                _ => return out,
-            };
-            for ev in events {
-                if ev.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
-                    self.overflows += 1;
-                    continue;
-                }
-                let Some(fd) = ev.fd() else { continue };
-                let pid = ev.pid() as u32;
-                let judged = if pid == me { None } else { self.classify(fd) };
-                let Some((key, secret, path)) = judged else {
-                    self.respond_event(&ev, true);
-                    continue;
-                };
-                out.push(PendingOpen {
-                    open: FileOpen { pid, path, dev: key.0, ino: key.1, secret },
-                    event: ev,
-                    received: std::time::Instant::now(),
-                });
-            }
-        }
-    }
-
-    /// Which secret an opened file is: a known inode, a new inode at a secret's path, or
-    /// (None) another file in a marked directory. Anything else is UNMAPPED_SECRET.
-    fn classify(&mut self, fd: BorrowedFd<'_>) -> Option<((u64, u64), String, String)> {
-        let key = ident::key_of(fd).unwrap_or_default();
-        let known = self.by_inode.get(&key).and_then(|k| {
-            (k.handle.is_none() || k.handle == ident::handle_of(fd)).then(|| k.secret.clone())
-        });
-        let path = std::fs::read_link(ident::fd_path(fd))
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some(secret) = known {
-            return Some((key, secret, path));
-        }
-        let name = Path::new(path.strip_suffix(" (deleted)").unwrap_or(&path));
-        if let Some(secret) = self.by_path.get(name).cloned() {
-            // A new inode at a secret's path (it replaced the old one): judged from this
-            // first open, and marked from the event's own fd so every later name is too.
-            if let Err(e) = self.mark_inode(fd, &secret) {
-                tracing::warn!(secret = %secret, path = %path, "cannot watch a replaced secret's new inode: {e}");
-            }
-            return Some((key, secret, path));
-        }
-        let sibling = name
-            .parent()
-            .and_then(|d| std::fs::metadata(d).ok())
-            .is_some_and(|m| self.dir_marks.contains_key(&(m.dev(), m.ino())));
-        if sibling {
-            self.sibling_opens += 1;
-            return None;
-        }
-        self.unmapped_opens += 1;
-        tracing::warn!(path = %path, ino = key.1, "open of a marked inode that maps to no secret; judged as {UNMAPPED_SECRET}");
-        Some((key, UNMAPPED_SECRET.to_string(), path))
+        let mut buf = [0u8; 256];
+        while matches!(nix::unistd::read(&self.wake, &mut buf), Ok(n) if n > 0) {}
+        self.overflows = self.map.lock_or_recover().overflows;
+        self.queue.try_iter().collect()
     }
 
     /// Answers a waiting open: allow, or deny (the open fails with EPERM).
     pub fn respond(&mut self, p: PendingOpen, allow: bool) {
-        self.respond_event(&p.event, allow);
+        respond_event(&self.fan, &p.event, allow);
         self.latencies.record(p.received.elapsed());
     }
 
-    fn respond_event(&self, ev: &FanotifyEvent, allow: bool) {
-        let Some(fd) = ev.fd() else { return };
-        if !ev.mask().contains(MaskFlags::FAN_OPEN_PERM) {
-            return;
+    /// Opens of other files in secrets' directories answered at once, and opens of marked
+    /// inodes no secret maps to.
+    pub fn pass_counts(&self) -> (u64, u64) {
+        let map = self.map.lock_or_recover();
+        (map.sibling_opens, map.unmapped_opens)
+    }
+}
+
+/// The responder thread: waits on the fanotify queue, answers "allow" at once for the
+/// daemon's own opens and other files in marked directories (they are on the opener's
+/// path), and queues secret opens for the daemon's decision. Ends when the daemon's
+/// SecretWatch is gone.
+fn respond_loop(fan: &Fanotify, map: &Mutex<Map>, tx: &Sender<PendingOpen>, wake: &OwnedFd) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let me = std::process::id();
+    loop {
+        let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
         }
-        let r = if allow { Response::FAN_ALLOW } else { Response::FAN_DENY };
-        if let Err(e) = self.fan.write_response(FanotifyResponse::new(fd, r)) {
-            tracing::error!("fanotify response for pid {}: {e}", ev.pid());
+        let mut queued = false;
+        while let Ok(events) = fan.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                if ev.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
+                    map.lock_or_recover().overflows += 1;
+                    continue;
+                }
+                let Some(fd) = ev.fd() else { continue };
+                let pid = ev.pid() as u32;
+                let class =
+                    if pid == me { Class::Pass } else { map.lock_or_recover().classify(fan, fd) };
+                let Class::Judge(key, secret, path) = class else {
+                    respond_event(fan, &ev, true);
+                    continue;
+                };
+                let p = PendingOpen {
+                    open: FileOpen { pid, path, dev: key.0, ino: key.1, secret },
+                    event: ev,
+                    received: std::time::Instant::now(),
+                };
+                if let Err(std::sync::mpsc::SendError(p)) = tx.send(p) {
+                    respond_event(fan, &p.event, true);
+                    return;
+                }
+                queued = true;
+            }
         }
+        if queued {
+            let _ = nix::unistd::write(wake, &[1]);
+        }
+    }
+}
+
+fn respond_event(fan: &Fanotify, ev: &FanotifyEvent, allow: bool) {
+    let Some(fd) = ev.fd() else { return };
+    if !ev.mask().contains(MaskFlags::FAN_OPEN_PERM) {
+        return;
+    }
+    let r = if allow { Response::FAN_ALLOW } else { Response::FAN_DENY };
+    if let Err(e) = fan.write_response(FanotifyResponse::new(fd, r)) {
+        tracing::error!("fanotify response for pid {}: {e}", ev.pid());
     }
 }
