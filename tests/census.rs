@@ -214,3 +214,67 @@ fn census_names_the_env_static_key() {
         sarif["runs"][0]["results"].as_array().unwrap().iter().any(|x| x["ruleId"] == "ENF002")
     );
 }
+
+/// Attacks on the event stream and the report: a secret passed on a command line
+/// (`tool "$(cat secret)"`, `--password X`) and an environment variable whose name holds a
+/// newline and a TOML table header.
+#[test]
+fn hostile_env_names_and_secret_arguments_stay_out_of_events_and_reports() {
+    let Some(r) = setup("census-hostile") else { return };
+    let token = "ghp_Zq8Xw7Vu6Ts5Rq4Po3Nm2Lk1Jh0Gf9Ed8Cb7A";
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    // (A name cannot hold `=`: the environment splits there.)
+    let evil = "EVIL\n[[intent]]\n[[secret]]\n\"pwned\"\n# |`x`|]]_TOKEN";
+    run_in(
+        &r.job_b,
+        &format!(
+            "{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {})).close()' \"$(cat {})\" --password hunter2hunter2",
+            python(),
+            r.ports.2,
+            token_file.display()
+        ),
+        &[(evil, "static-value-1234"), ("CI_JOB_ID", "77")],
+    );
+    let found = r.daemon.wait_events("connect to the third port", |e| {
+        e.kind == "connect" && e.port() == Some(r.ports.2)
+    });
+    let cmdline = &found[0].process.cmdline;
+    assert!(cmdline.contains("[redacted:"), "{cmdline}");
+    let events = std::fs::read_to_string(r.daemon.state_dir().join("events.jsonl")).unwrap();
+    for leaked in [token, "hunter2hunter2", "static-value-1234"] {
+        assert!(!events.contains(leaked), "{leaked} in events.jsonl");
+    }
+
+    let c: Value = serde_json::from_str(&census(&r.daemon, "json")).unwrap();
+    let env = cred(&c, &format!("env:{evil}"));
+    let text = format!(
+        "{}\n{}",
+        env["proposal"]["secret_toml"].as_str().unwrap(),
+        env["proposal"]["intent_toml"].as_str().unwrap()
+    );
+    // Parsed as policy: exactly the one proposed secret and intent, no injected table.
+    let cfg =
+        enforcer::policy::load_str("/t/proposal.toml", &format!("mode = \"monitor\"\n{text}"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(cfg.intents.len(), 1, "{text}");
+    assert_eq!(cfg.secrets.len(), 1, "{text}");
+    assert_eq!(cfg.intents[0].name, env["proposal"]["intent_name"].as_str().unwrap());
+    assert_ne!(cfg.intents[0].name, "pwned");
+    // And through the CLI.
+    let p = dir.path().join("proposal.toml");
+    std::fs::write(&p, format!("mode = \"monitor\"\n{text}")).unwrap();
+    let out = enforcer(&["policy", "check", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+
+    let md = census(&r.daemon, "markdown");
+    for l in md.lines().filter(|l| l.starts_with("| ")) {
+        let unescaped = l.char_indices().filter(|(i, c)| *c == '|' && !l[..*i].ends_with('\\'));
+        assert_eq!(unescaped.count(), 9, "table row split: {l:?}");
+    }
+    // Every `[[intent]]` line is a proposal's own (one per credential), none injected.
+    let n = c["credentials"].as_array().unwrap().len();
+    assert_eq!(md.lines().filter(|l| l.starts_with("[[intent]]")).count(), n, "{md}");
+    assert!(!md.lines().any(|l| l.starts_with("\"pwned\"")), "{md}");
+}

@@ -911,20 +911,19 @@ fn flag_values(b: &[u8], kinds: &[(usize, usize, bool)], spans: &mut Vec<Span>) 
         let ve = value_end(b, v, false, script_at(kinds, v));
         let value = &b[v..ve];
         match name {
-            b"-p" => {
-                if looks_random(value) && !port_like(value) {
-                    push_value(b, v, ve, spans);
-                }
-            }
+            b"-p" if looks_random(value) && !port_like(value) => push_value(b, v, ve, spans),
             b"-u" | b"--user" => {
                 if let Some(c) = value.iter().position(|c| *c == b':') {
                     push_value(b, v + c + 1, ve, spans);
                 }
             }
-            _ if dashes >= 1 && name.len() > dashes && is_secret_key(name) => {
-                if !value.starts_with(b"--") {
-                    push_value(b, v, ve, spans);
-                }
+            _ if dashes >= 1
+                && name.len() > dashes
+                && name != b"-p"
+                && is_secret_key(name)
+                && !value.starts_with(b"--") =>
+            {
+                push_value(b, v, ve, spans)
             }
             _ => {}
         }
@@ -1076,7 +1075,7 @@ mod tests {
         let aws = "AKIAIOSFODNN7EXAMPLE";
         for (line, secret) in [
             (format!("aws --key {aws} s3 ls"), aws.to_string()),
-            (format!("x ASIAY34FZKBOKMUTVV7A"), "ASIAY34FZKBOKMUTVV7A".into()),
+            ("x ASIAY34FZKBOKMUTVV7A".to_string(), "ASIAY34FZKBOKMUTVV7A".into()),
             (format!("git push https://{GHP}@github.com/o/r"), GHP.into()),
             (
                 "gh --with github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz".into(),
