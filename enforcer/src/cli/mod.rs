@@ -1,5 +1,6 @@
 //! Command line: one file per subcommand.
 mod daemon;
+mod detach;
 mod doctor;
 mod events;
 mod grant;
@@ -29,6 +30,13 @@ pub enum Command {
     /// Run the agent in the foreground.
     Daemon {
         /// Config file (default /etc/enforcer/enforcer.toml; the embedded default when absent).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Remove the kernel programs and maps a stopped daemon left pinned (refused while a
+    /// daemon runs). Stopping the daemon keeps them, so enforcement survives restarts.
+    Detach {
+        /// Config file naming pin_dir and runtime_dir (default /etc/enforcer/enforcer.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -143,6 +151,7 @@ pub enum PolicyCommand {
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Daemon { config } => daemon::run(config),
+        Command::Detach { config } => detach::run(config),
         Command::Doctor { json } => doctor::run(json),
         Command::Status { json, runtime_dir } => status::run(json, runtime_dir),
         Command::Events { follow, since, format, state_dir } => {

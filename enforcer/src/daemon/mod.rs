@@ -1,8 +1,9 @@
 //! The agent: validate config, take the single-instance lock, load and attach the kernel
 //! programs, seed processes, watch secrets, serve the API, and turn records into events
 //! until SIGTERM/SIGINT. Nothing touches the kernel before the config is valid.
+mod adopt;
 mod engine;
-mod lock;
+pub(crate) mod lock;
 mod status;
 
 use std::io::Write;
@@ -148,6 +149,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let ledger_tx = LedgerTx::spawn(ledger.clone(), changes_tx);
     let grant_maps = kernel.grant_maps()?;
     let act_maps = grant_maps.act_maps()?;
+    let own_maps = grant_maps.act_maps()?;
     let facts = PolicyFacts {
         config: policy.clone(),
         secret_bits: Arc::new(index.by_name.clone()),
@@ -165,6 +167,14 @@ async fn run_async(setup: Setup) -> Result<()> {
     lock(&registry).set_policy(policy.clone(), index.by_name.clone(), secret_nets)?;
     policy_maps.apply(&cfg, &index, &mut table.cgroups)?;
     let (restored, expired_while_down) = lock(&registry).restore(kernel.adopted, restore)?;
+    // Without pins, running processes lost their agent flag and taint: written back from
+    // /proc and the event store before anything is served or READY is reported.
+    let rebuilt = if kernel.adopted {
+        adopt::Restored::default()
+    } else {
+        adopt::restore_processes(&cfg, &setup.cgroup_mount, &index.by_name, &own_maps)
+    };
+    let (sweep_stats, sweeper) = adopt::spawn_sweeper(own_maps);
     // Fork, exit and revoke notices reach the registry off the decision path.
     let (notices_tx, notices) = tokio::sync::mpsc::unbounded_channel();
     let inbox = tokio::spawn(registry_inbox(registry.clone(), notices));
@@ -203,7 +213,13 @@ async fn run_async(setup: Setup) -> Result<()> {
             limiter,
         ),
     });
-    let status_ctx = status::Context { setup: &setup, started, kernel: &kernel };
+    let status_ctx = status::Context {
+        setup: &setup,
+        started,
+        kernel: &kernel,
+        rebuilt: &rebuilt,
+        sweep: &sweep_stats,
+    };
     *lock(&api_state.status) = status_ctx.render(&engine, &watch);
 
     let sock_path = cfg.runtime_dir.join(api::SOCKET_NAME);
@@ -219,7 +235,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     engine.agent_event(
         "agent_started",
         "info",
-        format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached, {restored} live grants restored, {expired_while_down} expired while down", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len()),
+        format!("enforcer {} started: mode {}, config {}, cgroup_root {}, {} programs attached, {restored} live grants restored, {expired_while_down} expired while down, {}", env!("CARGO_PKG_VERSION"), cfg.mode, cfg.source, setup.cgroup_root.display(), kernel.attached.len(), if kernel.adopted { "pinned maps adopted".to_string() } else { format!("no pins: {} running agent processes marked, taint of {} processes restored", rebuilt.agents_marked, rebuilt.taint_restored) }),
     );
     // What the restore recorded, announced once written.
     ledger_tx.barrier().await;
@@ -313,7 +329,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                     last_state_full = state_full;
                 }
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             _ = sighup.recv() => {
@@ -321,13 +337,13 @@ async fn run_async(setup: Setup) -> Result<()> {
                 sinks.reopen_files();
                 let _ = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             Some(reply) = reload_rx.recv() => {
                 let r = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
                 let _ = reply.send(r);
             }
@@ -337,13 +353,14 @@ async fn run_async(setup: Setup) -> Result<()> {
     };
     server.abort();
     inbox.abort();
+    sweeper.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
     drain_ring(alert_ring.get_mut(), &mut engine);
     engine.agent_event(
         "agent_stopped",
         "info",
-        format!("enforcer stopping on {reason}; kernel programs detached and pins removed"),
+        format!("enforcer stopping on {reason}; kernel programs stay attached and pinned under {} (connect decisions, expiry, taint, agent flags and fork inheritance keep running in the kernel; secret opens are not judged until a daemon runs again); `enforcer detach` removes them", cfg.pin_dir.display()),
     );
     engine.flush();
     // Every grant record made so far is in the ledger before the process ends.
@@ -353,7 +370,8 @@ async fn run_async(setup: Setup) -> Result<()> {
     drop(engine);
     drop(api_state);
     drop(registry);
-    kernel.detach();
+    // The pins stay: the next daemon adopts them (`enforcer detach` removes them).
+    drop(kernel);
     tracing::info!("stopped on {reason}");
     Ok(())
 }

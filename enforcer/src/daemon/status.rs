@@ -1,9 +1,14 @@
 //! The status document served at GET /v1/status and printed by `enforcer status`.
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::{Setup, engine::Engine};
+use super::{
+    Setup,
+    adopt::{Restored, SweepStats},
+    engine::Engine,
+};
 use crate::file::SecretWatch;
 use crate::kernel::Kernel;
 
@@ -11,6 +16,9 @@ pub struct Context<'a> {
     pub setup: &'a Setup,
     pub started: Instant,
     pub kernel: &'a Kernel,
+    /// What a start without pins wrote back (agent flags, taint).
+    pub rebuilt: &'a Restored,
+    pub sweep: &'a SweepStats,
 }
 
 impl Context<'_> {
@@ -29,11 +37,12 @@ impl Context<'_> {
             "backends": {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
+                "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
                 "file_open": "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)",
             },
             "fail_open": [
                 "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)",
-                "connect and lineage: links and maps are pinned; killed with SIGKILL the kernel keeps enforcing connects and expiry (SIGTERM unpins and detaches)",
+                "connect and lineage: links and maps stay pinned when the daemon stops (SIGTERM, SIGINT, SIGKILL, crash): the kernel keeps enforcing connects, expiry, taint of earlier reads, agent flags and fork inheritance, and the next daemon adopts the pins; only `enforcer detach` (package removal) removes them",
             ],
             "programs": self.kernel.attached,
             "live_grants": engine.grants.view.load().live_count(),
@@ -51,6 +60,11 @@ impl Context<'_> {
                 "records": k.events,
                 "state_full": k.state_full,
                 "alert_drops": k.alert_drops,
+                "adopted_pins": self.kernel.adopted,
+                "proc_entries": self.sweep.proc_entries.load(Ordering::Relaxed),
+                "stale_entries_removed": self.sweep.stale_entries_removed.load(Ordering::Relaxed),
+                "agents_marked_at_start": self.rebuilt.agents_marked,
+                "taint_restored_at_start": self.rebuilt.taint_restored,
             },
             "fanotify_overflows": watch.overflows,
             "file_decision_us": {

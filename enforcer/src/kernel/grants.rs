@@ -55,6 +55,17 @@ impl SharedProcs {
 /// the registry has just removed).
 const BPF_EXIST: u64 = 2;
 
+/// BPF_NOEXIST: create an entry only if there is none.
+const BPF_NOEXIST: u64 = 1;
+
+/// The errno of a failed map syscall.
+fn errno(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
 pub struct GrantMaps {
     procs: SharedProcs,
     grants: GrantMap,
@@ -69,28 +80,69 @@ pub struct ActMaps {
 }
 
 impl ActMaps {
+    /// PROC_GRANTS and GRANTS as a daemon pinned them under `pin_dir` (for tools and tests
+    /// that look at the kernel state from outside the daemon).
+    pub fn open_pinned(pin_dir: &std::path::Path) -> Result<ActMaps> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("open pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(ActMaps {
+            procs: SharedProcs(Arc::new(Mutex::new(HashMap::try_from(open("PROC_GRANTS")?)?))),
+            grants: HashMap::try_from(open("GRANTS")?)?,
+        })
+    }
+
     /// What the kernel holds for `pid`: grants, taint, flags.
     pub fn state_of(&self, pid: u32) -> Option<ProcGrants> {
         self.procs.lock().get(&pid, 0).ok()
     }
 
-    /// Marks `pid` as having read secrets `bits` (creating its entry if needed). Called
-    /// while the opener is blocked in open(), so it cannot connect before this lands.
-    pub fn add_taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
+    /// ORs `taint` and `flags` into `pid`'s existing entry (BPF_EXIST: an entry the exit hook
+    /// removes meanwhile is not recreated). `Ok(false)` when there is no entry.
+    pub fn merge_existing(&self, pid: u32, taint: u64, flags: u32) -> Result<bool> {
         let mut procs = self.procs.lock();
-        let mut pg = procs.get(&pid, 0).unwrap_or(ProcGrants {
-            grants: [0; MAX_PROC_GRANTS],
-            start_ns,
-            taint: 0,
-            flags: 0,
-            _pad: 0,
-        });
-        if pg.taint & bits == bits {
-            return Ok(());
+        let Ok(mut pg) = procs.get(&pid, 0) else { return Ok(false) };
+        if pg.taint & taint == taint && pg.flags & flags == flags {
+            return Ok(true);
         }
-        pg.taint |= bits;
-        procs.insert(pid, pg, 0).with_context(|| format!("taint pid {pid}"))?;
-        Ok(())
+        pg.taint |= taint;
+        pg.flags |= flags;
+        match procs.insert(pid, pg, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("update PROC_GRANTS entry of pid {pid}")),
+        }
+    }
+
+    /// Creates `pid`'s entry (BPF_NOEXIST). `Ok(false)` when one exists already (the fork
+    /// hook or a bind got there first: merge into it instead). The caller has confirmed the
+    /// process is the one meant, and re-checks after the write (`remove_if`).
+    pub fn create(&self, pid: u32, start_ns: u64, taint: u64, flags: u32) -> Result<bool> {
+        let pg = ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint, flags, _pad: 0 };
+        match self.procs.lock().insert(pid, pg, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("create PROC_GRANTS entry of pid {pid}")),
+        }
+    }
+
+    /// Removes `pid`'s entry if it still has start time `start_ns` (not one a successor's
+    /// fork wrote since). Whether it removed one.
+    pub fn remove_if(&self, pid: u32, start_ns: u64) -> bool {
+        let mut procs = self.procs.lock();
+        match procs.get(&pid, 0) {
+            Ok(pg) if pg.start_ns == start_ns => procs.remove(&pid).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Every PROC_GRANTS entry (tgid, start time), read in one pass under the lock.
+    pub fn entries(&self) -> Vec<(u32, u64)> {
+        let procs = self.procs.lock();
+        procs.iter().filter_map(|r| r.ok()).map(|(pid, pg)| (pid, pg.start_ns)).collect()
     }
 
     /// Flips grant `slot` to revoked: from this instant the kernel judges it so.

@@ -38,7 +38,8 @@ pub struct Kernel {
     /// Names of the programs attached, for `status`.
     pub attached: Vec<String>,
     pin_dir: PathBuf,
-    links: Vec<PinnedLink>,
+    /// This daemon's links, pinned: they stay when it stops (`detach_pins` removes them).
+    _links: Vec<PinnedLink>,
     /// The maps (grants, holdings, ring buffer) were adopted from a previous daemon's pins.
     pub adopted: bool,
 }
@@ -195,23 +196,14 @@ impl Kernel {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
         let alerts = RingBuf::try_from(ebpf.take_map("ALERTS").context("map ALERTS missing")?)?;
         Ok((
-            Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), links: pinned, adopted },
+            Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), _links: pinned, adopted },
             Rings { events, alerts },
         ))
     }
 
-    /// Clean stop: unpins links and maps so the programs detach with this process.
-    /// (Killed with SIGKILL, the daemon skips this and the pins keep enforcing.)
-    pub fn detach(self) {
-        for l in self.links {
-            let _ = l.unpin();
-        }
-        if let Ok(rd) = std::fs::read_dir(&self.pin_dir) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.pin_dir);
+    /// Where the links and maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// Takes the policy maps (secrets, config, agent selectors) out of the object.
@@ -235,6 +227,27 @@ impl Kernel {
             alert_drops: sum(counter::ALERT_DROPS),
         }
     }
+}
+
+/// Removes every pin under `pin_dir` (links first, so the programs detach, then the maps)
+/// and `pin_dir` itself: what `enforcer detach` does. A daemon stopping leaves the pins for
+/// the next one to adopt; the caller makes sure no daemon runs. The paths removed.
+pub fn detach_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = match std::fs::read_dir(pin_dir) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("read pin dir {}", pin_dir.display())),
+    };
+    let is_link =
+        |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"));
+    entries.sort_by_key(|p| (!is_link(p), p.clone()));
+    let mut removed = Vec::new();
+    for p in entries {
+        std::fs::remove_file(&p).with_context(|| format!("unpin {}", p.display()))?;
+        removed.push(p);
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
+    Ok(removed)
 }
 
 /// The cgroup2 mount point, from /proc/mounts (hybrid hosts mount it at /sys/fs/cgroup/unified).
