@@ -13,7 +13,8 @@
 //!    held grant. A process holding no grant is not judged by grants (`NO_GRANT_HELD`),
 //!    unless it is an `[[agent]]` process: then out_of_intent (reason AGENT).
 //! 2. History counts: a connection that rule 1 lets through is out_of_intent (reason TAINT)
-//!    when the process read a secret that is not valid there: outside the secret's own
+//!    when the process, or any process of the subtree of a grant it holds (the grant's
+//!    taint), read a secret that is not valid there: outside the secret's own
 //!    destinations (if it has any), or not covered by a live grant that covers the secret.
 //! 3. The action of a violation: the grant's intent's on_violation (reason GRANT), the
 //!    tainting secret's (TAINT) or the agent action (AGENT); never "allowed" for a violation;
@@ -32,6 +33,9 @@ pub trait Facts {
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool;
     /// Secret `index`'s facts (None: no such secret).
     fn secret(&self, index: u32) -> Option<SecretInfo>;
+    /// Secrets read by any process of the subtree holding the grant in `slot` (the
+    /// GRANT_TAINT map: kept apart from GRANTS so the daemon never rewrites a grant's state).
+    fn grant_taint(&self, slot: u32) -> u64;
 }
 
 /// Host-wide settings (the kernel's CONFIG map).
@@ -57,6 +61,8 @@ pub struct Judgement {
     pub taint_secret: u8,
     /// The grant in `slot` is to be revoked now (revoke_on_violation on an active grant).
     pub revoke: bool,
+    /// The taint judged: the process's own and that of every grant it holds (its subtree's).
+    pub taint: u64,
 }
 
 impl Judgement {
@@ -86,6 +92,7 @@ pub fn judge<F: Facts>(
         reason: reason::GRANT,
         taint_secret: 0,
         revoke: false,
+        taint: proc.taint,
     };
     let mut any = false;
     let mut first_slot = 0u32;
@@ -106,6 +113,8 @@ pub fn judge<F: Facts>(
         }
         let Some(g) = facts.grant(slot) else { continue };
         let facts_of_g = (g.action, revocable(&g));
+        // A secret read anywhere in this grant's subtree taints every holder.
+        j.taint |= facts.grant_taint(slot);
         if !any {
             first_slot = slot;
             first_info = facts_of_g;
@@ -145,10 +154,12 @@ pub fn judge<F: Facts>(
         j.verdict = verdict::OUT_OF_INTENT;
         j.reason = reason::AGENT;
     }
-    // History counts: every secret this process read must be valid toward here.
-    if proc.taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
+    // History counts: every secret this process (or its grants' subtrees) read must be
+    // valid toward here.
+    let taint = j.taint;
+    if taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
         for i in 0..MAX_SECRETS {
-            if proc.taint & (1u64 << i) == 0 {
+            if taint & (1u64 << i) == 0 {
                 continue;
             }
             let Some(info) = facts.secret(i as u32) else { continue };

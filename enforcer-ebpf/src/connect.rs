@@ -27,8 +27,8 @@ use enforcer_common::{
 };
 
 use crate::maps::{
-    ALERTS, EVENTS, GRANT_DESTS, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config, count,
-    submit_flags,
+    ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
+    count, submit_flags,
 };
 
 const AF_INET: u32 = 2;
@@ -81,6 +81,11 @@ impl Facts for Maps {
     }
 
     #[inline(always)]
+    fn grant_taint(&self, slot: u32) -> u64 {
+        unsafe { GRANT_TAINT.get(slot) }.copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
     fn secret(&self, index: u32) -> Option<SecretInfo> {
         SECRETS.get(index).copied()
     }
@@ -111,7 +116,10 @@ fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement,
             revoked_now = 1;
         }
     }
-    (j, revoked_now, subject)
+    // The record carries the taint judged (own and subtree), so the daemon replays on it.
+    let mut judged = subject;
+    judged.taint = j.taint;
+    (j, revoked_now, judged)
 }
 
 #[inline(always)]

@@ -33,6 +33,11 @@ pub static PROC_GRANTS: HashMap<u32, ProcGrants> = HashMap::pinned(65_536, 0);
 #[map]
 pub static GRANTS: HashMap<u32, GrantInfo> = HashMap::pinned(16_384, 0);
 
+/// grant slot -> secrets read by any process of the grant's subtree (taint follows the data
+/// within the subtree). Written by the daemon when a holder opens a secret.
+#[map]
+pub static GRANT_TAINT: HashMap<u32, u64> = HashMap::pinned(16_384, 0);
+
 /// (grant slot | SECRET_SLOT_BASE + secret index, destination network) -> allowed ports.
 #[map]
 pub static GRANT_DESTS: LpmTrie<DestKey, PortRanges> = LpmTrie::pinned(65_536, 1);

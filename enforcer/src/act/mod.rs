@@ -46,6 +46,12 @@ impl Actor {
     pub fn taint(&mut self, pid: u32, start_ns: u64, bits: u64) -> Result<()> {
         if bits != 0 {
             write_state(&self.maps, pid, start_ns, bits, 0)?;
+            // Taint follows the data: every process of the subtrees of the grants the
+            // opener holds is judged by this read too (siblings, a parent shell holding
+            // `$(cat secret)`, children forked before the read).
+            if let Some(pg) = self.maps.state_of(pid) {
+                self.maps.taint_grants(&pg.grants, bits)?;
+            }
         }
         Ok(())
     }

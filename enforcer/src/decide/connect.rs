@@ -104,6 +104,12 @@ impl Facts for SubjectFacts {
         table.is_some_and(|t| t.allows(ip, port))
     }
 
+    /// The subject's taint list already holds its grants' subtree taint (the kernel record
+    /// carries the taint it judged).
+    fn grant_taint(&self, _slot: u32) -> u64 {
+        0
+    }
+
     fn secret(&self, index: u32) -> Option<SecretInfo> {
         self.secrets.get(index as usize).map(|s| s.0)
     }

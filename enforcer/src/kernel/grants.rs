@@ -51,6 +51,19 @@ impl SharedProcs {
     }
 }
 
+type TaintMap = HashMap<MapData, u32, u64>;
+
+/// GRANT_TAINT (slot -> secrets read within the grant's subtree), shared by the registry
+/// (clears a slot it issues or removes) and the enforcement side (ORs in a holder's read).
+#[derive(Clone)]
+struct SharedTaint(Arc<Mutex<TaintMap>>);
+
+impl SharedTaint {
+    fn lock(&self) -> MutexGuard<'_, TaintMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// BPF_EXIST: update an entry only if it is still there (a revoke must not recreate a grant
 /// the registry has just removed).
 const BPF_EXIST: u64 = 2;
@@ -68,6 +81,7 @@ fn errno(e: &aya::maps::MapError) -> Option<i32> {
 
 pub struct GrantMaps {
     procs: SharedProcs,
+    grant_taint: SharedTaint,
     grants: GrantMap,
     dests: LpmTrie<MapData, DestKey, PortRanges>,
 }
@@ -76,6 +90,7 @@ pub struct GrantMaps {
 /// and the shared PROC_GRANTS (to taint, and to read what a process holds).
 pub struct ActMaps {
     procs: SharedProcs,
+    grant_taint: SharedTaint,
     grants: GrantMap,
 }
 
@@ -91,8 +106,29 @@ impl ActMaps {
         };
         Ok(ActMaps {
             procs: SharedProcs(Arc::new(Mutex::new(HashMap::try_from(open("PROC_GRANTS")?)?))),
+            grant_taint: SharedTaint(Arc::new(Mutex::new(HashMap::try_from(open(
+                "GRANT_TAINT",
+            )?)?))),
             grants: HashMap::try_from(open("GRANTS")?)?,
         })
+    }
+
+    /// Taint follows the data within a subtree: ORs `bits` into the subtree taint of every
+    /// grant in `slots` that still exists (the connect judge ORs it into each holder's).
+    pub fn taint_grants(&self, slots: &[u32], bits: u64) -> Result<()> {
+        let mut taint = self.grant_taint.lock();
+        for &slot in slots.iter().filter(|s| **s != 0) {
+            if self.grants.get(&slot, 0).is_err() {
+                continue;
+            }
+            let old = taint.get(&slot, 0).unwrap_or(0);
+            if old & bits != bits {
+                taint
+                    .insert(slot, old | bits, 0)
+                    .with_context(|| format!("write GRANT_TAINT of slot {slot}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// What the kernel holds for `pid`: grants, taint, flags.
@@ -192,6 +228,10 @@ impl GrantMaps {
                 ebpf,
                 "PROC_GRANTS",
             )?)?))),
+            grant_taint: SharedTaint(Arc::new(Mutex::new(HashMap::try_from(take(
+                ebpf,
+                "GRANT_TAINT",
+            )?)?))),
             grants: HashMap::try_from(take(ebpf, "GRANTS")?)?,
             dests: LpmTrie::try_from(take(ebpf, "GRANT_DESTS")?)?,
         })
@@ -199,7 +239,11 @@ impl GrantMaps {
 
     /// The maps decisions act on, for `crate::act`.
     pub fn act_maps(&self) -> Result<ActMaps> {
-        Ok(ActMaps { procs: self.procs.clone(), grants: reopen(&self.grants)? })
+        Ok(ActMaps {
+            procs: self.procs.clone(),
+            grant_taint: self.grant_taint.clone(),
+            grants: reopen(&self.grants)?,
+        })
     }
 
     /// Writes a grant: destinations first, then the grant itself, so the connect hook never
@@ -221,6 +265,8 @@ impl GrantMaps {
             flags: k.flags,
             _pad: 0,
         };
+        // A reused slot starts with no subtree taint.
+        let _ = self.grant_taint.lock().remove(&slot);
         self.grants.insert(slot, info, 0).with_context(|| format!("write grant slot {slot}"))?;
         Ok(())
     }
@@ -274,6 +320,7 @@ impl GrantMaps {
     /// Forgets a grant that can no longer be used by anyone (its subtree is gone).
     pub fn remove_grant(&mut self, slot: u32, nets: &[IpNet]) {
         let _ = self.grants.remove(&slot);
+        let _ = self.grant_taint.lock().remove(&slot);
         self.remove_dests(slot, nets);
     }
 

@@ -120,13 +120,18 @@ impl GrantView {
         self.policy.secret_bits.iter().find(|(_, i)| **i == index).map(|(n, _)| n.as_str())
     }
 
+    /// The secrets in `bits`, in taint-index order: the order the kernel's judge checks
+    /// them in, so both name the same first invalid secret.
     fn secret_names(&self, bits: u64) -> Vec<String> {
-        self.policy
+        let mut named: Vec<(u32, &String)> = self
+            .policy
             .secret_bits
             .iter()
             .filter(|(_, i)| bits & (1u64 << **i) != 0)
-            .map(|(n, _)| n.clone())
-            .collect()
+            .map(|(n, i)| (*i, n))
+            .collect();
+        named.sort_unstable();
+        named.into_iter().map(|(_, n)| n.clone()).collect()
     }
 
     /// What a use of `secret` without a grant gets under the policy in force.
