@@ -228,3 +228,47 @@ fn taint_follows_the_data_within_the_granted_subtree() {
         assert!(e.process.pid > 0);
     }
 }
+
+/// Overlapping destinations are the union of everything covering the address: with
+/// `127.0.0.1/32:<a>` and `127.0.0.0/8:<b>` in one intent, 127.0.0.1:<b> was denied (the
+/// kernel's trie answers with the longest prefix only, whose ports lacked <b>). Destinations
+/// are now written in compiled form; what no destination covers stays denied.
+#[test]
+fn overlapping_destinations_allow_their_union_in_the_kernel() {
+    if !root_or_skip("overlap") {
+        return;
+    }
+    let (a, b, c) = (tcp_listener(), tcp_listener(), tcp_listener());
+    let policy = format!(
+        "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"/nonexistent/enforcer-overlap\"]\n\
+         [[intent]]\nname = \"nested\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\n\
+         destinations = [\"127.0.0.1/32:{a}\", \"127.0.0.0/8:{b}\"]\non_violation = \"deny\"\n"
+    );
+    let cg = TestCgroup::new("overlap");
+    let daemon = Daemon::start(&cg, &policy);
+    let script = format!(
+        "import errno, socket\nfor p in ({a}, {b}, {c}):\n    try:\n        \
+         socket.create_connection(('127.0.0.1', p), timeout=3).close(); print('ok')\n    \
+         except OSError as e:\n        print(errno.errorcode.get(e.errno, e.errno))\n"
+    );
+    let out = cg
+        .command(enforcer_bin())
+        .args(["run", "--intent", "nested", "--", &python(), "-c", &script])
+        .env("ENFORCER_RUNTIME_DIR", daemon.runtime_dir())
+        .output()
+        .unwrap();
+    let lines: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(lines, ["ok", "ok", "EPERM"], "{}", String::from_utf8_lossy(&out.stderr));
+    let ev = daemon.wait_events("the denial", |e: &Event| {
+        e.kind == "connect" && e.port() == Some(c) && e.action == "denied"
+    });
+    assert_eq!(ev[0].verdict, "out_of_intent");
+    let allowed = daemon.events();
+    assert!(
+        allowed
+            .iter()
+            .any(|e| e.kind == "connect" && e.port() == Some(b) && e.verdict == "allowed"),
+        "the wider network's port on the host is allowed and recorded"
+    );
+}
