@@ -272,3 +272,32 @@ fn overlapping_destinations_allow_their_union_in_the_kernel() {
         "the wider network's port on the host is allowed and recorded"
     );
 }
+
+/// Attack: pass a secret's value on a command line (`sh -c 'tool "$(cat secret)"'`), so
+/// that it lands in every event naming the process. The value has no credential-like
+/// shape; the daemon knows it because it watches the file, and replaces it with its
+/// fingerprint. The raw outbox never contains it.
+#[test]
+fn a_secret_value_on_a_command_line_never_reaches_the_outbox() {
+    if !root_or_skip("cmdline-secret") {
+        return;
+    }
+    let value = "correct horse battery staple 9";
+    let (_dir, secret) = secret_file("db-password", value);
+    let port = tcp_listener();
+    let cg = TestCgroup::new("cmdline-secret");
+    let daemon = Daemon::start(&cg, &secret_toml("db", &secret));
+    let tool = format!(
+        "import socket, sys; socket.create_connection(('127.0.0.1', {port}), timeout=3).close()"
+    );
+    let script = format!("{} -c \"{tool}\" \"$(cat '{secret}')\"", python());
+    let out = cg.command("sh").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ev = daemon.wait_events("the tool's connect", |e: &Event| {
+        e.kind == "connect" && e.port() == Some(port)
+    });
+    assert!(ev[0].process.cmdline.contains("[redacted:"), "{:?}", ev[0].process.cmdline);
+    let raw = std::fs::read_to_string(daemon.state_dir().join("events.jsonl")).unwrap();
+    assert!(!raw.contains(value), "the secret's value reached the outbox");
+    assert!(!raw.contains("correct horse"), "part of the value reached the outbox");
+}

@@ -3,6 +3,7 @@
 //! until SIGTERM/SIGINT. Nothing touches the kernel before the config is valid.
 mod adopt;
 mod engine;
+mod literals;
 pub(crate) mod lock;
 mod status;
 
@@ -195,6 +196,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut engine =
         Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), links);
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
+    engine.table.set_secret_literals(literals::of(&cfg.secrets));
 
     let limiter = match cfg.mint_rate_per_second {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
@@ -439,6 +441,7 @@ fn apply_reload(
         Ok(new) => {
             watch.set_secrets(&new.secrets);
             engine.secret_kinds = new.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
+            engine.table.set_secret_literals(literals::of(&new.secrets));
             engine.mode = new.mode;
             tracing::info!("policy reloaded from {}", new.source);
             engine.agent_event(
