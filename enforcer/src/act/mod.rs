@@ -83,12 +83,18 @@ pub fn denies(action: Action) -> bool {
 
 /// Kill: SIGKILL through a pidfd. For an open the process is still waiting in open(), so
 /// the pid is certainly its; for a connect (already denied in the kernel) the kill follows
-/// within milliseconds. What happened goes to the decision path (a failed kill included).
-pub fn kill(pid: u32, path: &mut Vec<String>) {
+/// within milliseconds. What happened goes to the decision path; a kill that could not be
+/// carried out (the process lives on) is returned, for an alert of its own.
+pub fn kill(pid: u32, path: &mut Vec<String>) -> Option<std::io::Error> {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
     if fd < 0 {
-        path.push(format!("kill: process {pid} already gone"));
-        return;
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            path.push(format!("kill: process {pid} already gone"));
+            return None;
+        }
+        path.push(format!("kill of {pid} failed: {e}"));
+        return Some(e);
     }
     let r = unsafe {
         libc::syscall(
@@ -99,12 +105,22 @@ pub fn kill(pid: u32, path: &mut Vec<String>) {
             0,
         )
     };
+    let err = (r != 0).then(std::io::Error::last_os_error);
     unsafe { libc::close(fd as libc::c_int) };
-    path.push(if r == 0 {
-        format!("killed process {pid} (SIGKILL)")
-    } else {
-        format!("kill of {pid} failed: {}", std::io::Error::last_os_error())
-    });
+    match err {
+        None => {
+            path.push(format!("killed process {pid} (SIGKILL)"));
+            None
+        }
+        Some(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+            path.push(format!("kill: process {pid} exited first"));
+            None
+        }
+        Some(e) => {
+            path.push(format!("kill of {pid} failed: {e}"));
+            Some(e)
+        }
+    }
 }
 
 /// What `write_state` did.

@@ -415,11 +415,28 @@ impl Loader {
 
     fn destinations(&mut self, file: usize, raw: &[Spanned<String>]) -> Vec<Destination> {
         let mut out = Vec::new();
+        let mut nets = Vec::new();
         for d in raw {
             match d.get_ref().parse::<Destination>() {
-                Ok(dest) => out.push(dest),
+                Ok(dest) => {
+                    if let Destination::Cidr { net, ports } = &dest {
+                        nets.push(((*net, ports.lo, ports.hi), d.span()));
+                    }
+                    out.push(dest);
+                }
                 Err(e) => self.diags.error(file, d.span(), e),
             }
+        }
+        // The list must fit the kernel's form (crate::dest_table) as it is: refused here,
+        // with its position, rather than at a grant's issue or a reload.
+        let list: Vec<_> = nets.iter().map(|(n, _)| *n).collect();
+        if let Err(e) = crate::dest_table::DestTable::compile(&list) {
+            let crate::dest_table::DestTableError::TooManyRanges { net, .. } = &e;
+            let at = nets
+                .iter()
+                .find(|((n, _, _), _)| crate::dest_table::kernel_net(n) == kernel_v6(net))
+                .map_or_else(|| raw[0].span(), |(_, span)| span.clone());
+            self.diags.error(file, at, e.to_string());
         }
         out
     }
@@ -547,4 +564,9 @@ fn note_name<'a>(
     } else {
         first.insert(name, (file, span.clone()));
     }
+}
+
+/// A compiled-table network back in the kernel's IPv6 form.
+fn kernel_v6(net: &ipnet::IpNet) -> ipnet::Ipv6Net {
+    crate::dest_table::kernel_net(net)
 }

@@ -554,3 +554,22 @@ fn agent_selector_matching() {
     assert!(sel.matches(Path::new("/x"), 1, "/", || Some(h.to_uppercase())));
     assert!(!sel.matches(Path::new("/x"), 1, "/", || None));
 }
+
+/// A destination list that does not fit the kernel's form (more port ranges for one network,
+/// after merging the networks containing it, than an entry holds) is refused at its position,
+/// not at a grant's issue or a reload.
+#[test]
+fn destinations_that_do_not_fit_the_kernel_are_refused_where_written() {
+    let ports: Vec<String> = (0..9).map(|i| format!("\"10.0.0.0/8:{}\"", 1000 + 10 * i)).collect();
+    let text = format!(
+        "[[intent]]\nname = \"i\"\ndestinations = [\"10.1.0.0/16:22\", {}]\n",
+        ports.join(", ")
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("t.toml:3:"), "{errs:?}");
+    assert!(errs[0].contains("port ranges"), "{errs:?}");
+    // Eight ranges on one network fit.
+    let eight = format!("[[intent]]\nname = \"i\"\ndestinations = [{}]\n", ports[..8].join(", "));
+    assert!(load_str("t.toml", &eight).is_ok());
+}
