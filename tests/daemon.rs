@@ -70,7 +70,11 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     let status = d.status_json();
     assert_eq!(status["mode"], "monitor");
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
-    assert_eq!(status["programs"].as_array().unwrap().len(), 7, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 8, "{status}");
+    assert!(
+        status["programs"].as_array().unwrap().iter().any(|p| p == "cgroup_sock/sock_create"),
+        "{status}"
+    );
     assert_eq!(status["kernel"]["ringbuf_drops"], 0);
     assert_eq!(
         status["backends"]["file_open"],

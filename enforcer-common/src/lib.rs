@@ -13,6 +13,8 @@ pub mod kind {
     pub const EXEC: u32 = 2;
     pub const EXIT: u32 = 3;
     pub const CONNECT: u32 = 4;
+    /// A judged socket() creation (`SocketRecord`), always on the ALERTS ring.
+    pub const SOCKET: u32 = 5;
 }
 
 /// Maximum bytes of an exec'd filename kept by the kernel.
@@ -275,3 +277,38 @@ mod pod {
     unsafe impl aya::Pod for SecretInfo {}
     unsafe impl aya::Pod for ExeKey {}
 }
+
+pub mod socket;
+
+/// A socket() that a judged process (agent, grant holder or tainted) may not create: a
+/// family, type or protocol whose traffic no connect/sendmsg hook judges (raw, ping, SCTP,
+/// MPTCP, ...). Seen by the cgroup `sock_create` hook; always a violation, so always on the
+/// ALERTS ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// `socket::af::*` (AF_INET, AF_INET6, ...).
+    pub family: u32,
+    /// `socket::sock_type::*` (without SOCK_NONBLOCK/SOCK_CLOEXEC).
+    pub sock_type: u32,
+    /// The protocol as the kernel resolved it (0 already replaced by TCP/UDP).
+    pub protocol: u32,
+    /// `action::DENY` (enforce: socket() failed with EPERM) or `action::ALERT` (monitor).
+    pub action: u8,
+    /// `verdict::OUT_OF_INTENT`.
+    pub verdict: u8,
+    /// `reason::AGENT`, `reason::GRANT` (holds a grant) or `reason::TAINT`.
+    pub reason: u8,
+    pub _pad: u8,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+    /// The PROC_GRANTS entry the creation was judged on.
+    pub subject: ProcGrants,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SocketRecord {}

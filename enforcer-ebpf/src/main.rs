@@ -9,6 +9,7 @@ mod connect;
 mod lineage;
 mod maps;
 mod probe;
+mod sock;
 
 #[cfg(not(test))]
 #[panic_handler]

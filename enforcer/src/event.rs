@@ -22,6 +22,9 @@ pub struct Event {
     pub destination: Option<DestinationRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantRef>,
+    /// The socket a `socket` event is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<SocketRef>,
     #[serde(default)]
     pub decision_path: Vec<String>,
     /// Secret names a grant covers (grant lifecycle events).
@@ -98,6 +101,16 @@ pub struct FileRef {
 pub struct DestinationRef {
     pub ip: String,
     pub port: u16,
+    pub protocol: String,
+}
+
+/// socket(2) arguments by name: family "AF_INET", type "SOCK_RAW", protocol "ICMP" (numbers
+/// the agent has no name for read "AF_123", "SOCK_9", "123").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SocketRef {
+    pub family: String,
+    #[serde(rename = "type")]
+    pub sock_type: String,
     pub protocol: String,
 }
 

@@ -6,7 +6,7 @@
 //! records without depending on the kernel loader.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, kind};
+use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, SocketRecord, kind};
 
 #[derive(Debug, Clone)]
 pub enum Record {
@@ -31,6 +31,8 @@ pub enum Record {
         grants: Vec<u32>,
     },
     Connect(Connect),
+    /// A socket() the kernel judged a violation (always on the ALERTS ring).
+    Socket(SocketUse),
     Malformed {
         len: usize,
         kind: u32,
@@ -58,6 +60,26 @@ pub struct Connect {
     pub cgroup_id: u64,
     pub boot_ns: u64,
     /// The process's kernel entry the verdict was judged on (grants, taint, flags).
+    pub subject: enforcer_common::ProcGrants,
+}
+
+/// A judged socket creation (`cgroup/sock_create`): a family, type or protocol no connect
+/// hook judges, created (monitor) or refused with EPERM (enforce).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketUse {
+    pub tgid: u32,
+    pub uid: u32,
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    /// `enforcer_common::action` the kernel applied (DENY or ALERT).
+    pub action: u8,
+    /// `enforcer_common::verdict` (OUT_OF_INTENT).
+    pub verdict: u8,
+    /// `enforcer_common::reason`: agent, grant holder or tainted.
+    pub reason: u8,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
     pub subject: enforcer_common::ProcGrants,
 }
 
@@ -131,6 +153,22 @@ pub fn decode(bytes: &[u8]) -> Record {
                 Some(c) => Record::Connect(c),
                 None => malformed,
             },
+            None => malformed,
+        },
+        kind::SOCKET => match read::<SocketRecord>(bytes) {
+            Some(r) => Record::Socket(SocketUse {
+                tgid: r.tgid,
+                uid: r.uid,
+                family: r.family,
+                sock_type: r.sock_type,
+                protocol: r.protocol,
+                action: r.action,
+                verdict: r.verdict,
+                reason: r.reason,
+                cgroup_id: r.cgroup_id,
+                boot_ns: r.boot_ns,
+                subject: r.subject,
+            }),
             None => malformed,
         },
         _ => malformed,
@@ -231,6 +269,26 @@ mod tests {
         assert!(matches!(decode(&[99, 0, 0, 0, 0, 0, 0, 0]), Record::Malformed { kind: 99, .. }));
         let r = ConnectRecord { kind: kind::CONNECT, family: 99, ..Default::default() };
         assert!(matches!(decode(&bytes(&r)), Record::Malformed { .. }));
+    }
+
+    #[test]
+    fn socket_record_decodes() {
+        let r = SocketRecord {
+            kind: kind::SOCKET,
+            tgid: 9,
+            family: 2,
+            sock_type: 2,
+            protocol: 1,
+            action: enforcer_common::action::DENY,
+            verdict: enforcer_common::verdict::OUT_OF_INTENT,
+            reason: enforcer_common::reason::AGENT,
+            ..Default::default()
+        };
+        let Record::Socket(s) = decode(&bytes(&r)) else { panic!() };
+        assert_eq!((s.tgid, s.family, s.sock_type, s.protocol), (9, 2, 2, 1));
+        assert_eq!(s.reason, enforcer_common::reason::AGENT);
+        let b = bytes(&r);
+        assert!(matches!(decode(&b[..b.len() - 1]), Record::Malformed { kind: 5, .. }));
     }
 
     #[test]

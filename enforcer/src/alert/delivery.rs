@@ -125,6 +125,7 @@ impl Delivery {
             file: None,
             destination: None,
             grant: None,
+            socket: None,
             decision_path: vec![],
             secrets: vec![],
             mitre: vec![],

@@ -8,12 +8,19 @@ use crate::kernel::probe::{self, Probe};
 pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
     let probes = probe::run_all();
     let ok = |name: &str| probes.iter().any(|p| p.name.starts_with(name) && p.ok);
-    let required = ["raw_tracepoint", "cgroup_sock_addr", "map creation", "fanotify"];
+    let required = [
+        "raw_tracepoint",
+        "cgroup_sock_addr",
+        "cgroup_sock/sock_create",
+        "map creation",
+        "fanotify",
+    ];
     let missing: Vec<&str> = required.iter().copied().filter(|r| !ok(r)).collect();
     let lsm = ok("lsm/file_open");
     let backends = json!({
         "process_lineage": if ok("raw_tracepoint") { "raw_tracepoint (pinned links)" } else { "unavailable" },
         "connect": if ok("cgroup_sock_addr") { "cgroup_sock_addr (in-kernel, inline)" } else { "unavailable" },
+        "socket_create": if ok("cgroup_sock/sock_create") { "cgroup_sock sock_create (in-kernel, AF_INET/AF_INET6)" } else { "unavailable" },
         "file_open": if ok("fanotify") { "fanotify (userspace; fails open when the daemon is gone)" } else { "unavailable" },
         "file_open_note": if lsm { "BPF-LSM loads here, but the LSM backend is not built yet; fanotify is used" } else { "BPF-LSM refused by this kernel; fanotify is the fallback" },
     });
@@ -36,7 +43,7 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
             println!("{name:<48} {res:<8} {info}");
         }
         println!();
-        for k in ["process_lineage", "connect", "file_open", "file_open_note"] {
+        for k in ["process_lineage", "connect", "socket_create", "file_open", "file_open_note"] {
             println!("{k:<16} {}", backends[k].as_str().unwrap_or_default());
         }
         if !missing.is_empty() {

@@ -51,8 +51,13 @@ pub fn run(json: bool, runtime_dir_flag: Option<PathBuf>) -> anyhow::Result<Exit
     println!("  cgroup_root    {}", g("/cgroup_root"));
     println!("  backends       lineage: {}", g("/backends/process_lineage"));
     println!("                 connect: {}", g("/backends/connect"));
+    println!("                 socket:  {}", g("/backends/socket_create"));
     println!("                 file:    {}", g("/backends/file_open"));
-    println!("  programs       {}", v["programs"].as_array().map(|a| a.len()).unwrap_or(0));
+    let programs: Vec<&str> = v["programs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    println!("  programs       {} ({})", programs.len(), programs.join(", "));
     println!("  live grants    {}", g("/live_grants"));
     println!(
         "  secrets        {} defined, {} paths watched, {} missing",

@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -32,6 +32,10 @@ const RAW_TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched
 
 /// Connect programs, attached to `cgroup_root`.
 const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+/// Socket-creation program, attached to `cgroup_root`: judged processes may not create
+/// sockets the connect hooks do not see (raw, ping, SCTP, ...).
+const SOCK_CREATE: &str = "sock_create";
 
 pub struct Kernel {
     ebpf: Ebpf,
@@ -180,6 +184,20 @@ impl Kernel {
             links.push((prog, pin_link(fd, pin_dir, prog)?));
             attached.push(format!("cgroup_sock_addr/{prog}"));
         }
+        let prog = SOCK_CREATE;
+        let p: &mut CgroupSock = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        p.load().with_context(|| format!("load program {prog} (cgroup_sock)"))?;
+        let id = p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| {
+            format!("attach program {prog} to cgroup {}", cgroup_root.display())
+        })?;
+        let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| {
+            anyhow::anyhow!("program {prog}: link cannot be pinned: {e}")
+        })?;
+        links.push((prog, pin_link(fd, pin_dir, prog)?));
+        attached.push(format!("cgroup_sock/{prog}"));
         // The new programs run; the previous daemon's can go.
         for old in old_links {
             let _ = old.unpin();

@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 
 use aya::{
     Btf, EbpfLoader,
-    programs::{BtfTracePoint, CgroupSockAddr, FEntry, Lsm, RawTracePoint},
+    programs::{BtfTracePoint, CgroupSock, CgroupSockAddr, FEntry, Lsm, RawTracePoint},
 };
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 use serde::Serialize;
@@ -119,6 +119,20 @@ fn probe_loads(
     out.push(probe(
         "cgroup_sock_addr/connect4",
         "outbound connection attribution and in-kernel deny",
+        r,
+    ));
+
+    let r = (|| -> anyhow::Result<()> {
+        let p: &mut CgroupSock = ebpf
+            .program_mut("sock_create")
+            .ok_or_else(|| anyhow::anyhow!("missing"))?
+            .try_into()?;
+        p.load()?;
+        Ok(())
+    })();
+    out.push(probe(
+        "cgroup_sock/sock_create",
+        "sockets no connect hook judges (raw, ping, SCTP, ...): in-kernel deny for judged processes",
         r,
     ));
 

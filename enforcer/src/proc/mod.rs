@@ -220,6 +220,11 @@ impl ProcessTable {
                     p.cgroup_id = c.cgroup_id;
                 }
             }
+            Record::Socket(s) => {
+                if let Some(p) = self.procs.get_mut(&s.tgid) {
+                    p.cgroup_id = s.cgroup_id;
+                }
+            }
             Record::Malformed { .. } => {}
         }
     }

@@ -140,6 +140,13 @@ impl Bench {
                 limit: None,
             },
             Spec {
+                name: "socket()+close() UDP",
+                kind: Kind::Socket,
+                n: 50_000,
+                target: String::new(),
+                limit: Some(1.05),
+            },
+            Spec {
                 name: "fork+exec /bin/true",
                 kind: Kind::Exec,
                 n: 1_000,

@@ -54,6 +54,8 @@ pub enum Kind {
     Exec,
     /// Paced UDP sendto to a loopback socket from several threads (one connect event per send).
     Flood,
+    /// socket(AF_INET, SOCK_DGRAM) + close: the cgroup sock_create hook's common path.
+    Socket,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
@@ -83,6 +85,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         Kind::Open => timed(a, &mut samples, |i| open_one(&a.target, i, a.expect_errno))?,
         Kind::Exec => exec(&a.target, a.n)?,
         Kind::Flood => flood(a.target.parse().context("bench worker: bad address")?, a)?,
+        Kind::Socket => timed(a, &mut samples, socket_one)?,
     };
     let ns = t0.elapsed().as_nanos();
     if a.per_op && !samples.is_empty() {
@@ -155,6 +158,17 @@ fn open_one(path: &str, i: u64, expect: Option<i32>) -> Result<()> {
         || format!("bench worker: open #{i} of {path}"),
         expect,
     )
+}
+
+fn socket_one(i: u64) -> Result<()> {
+    // SAFETY: plain socket(2); the fd is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        bail!("bench worker: socket #{i}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned here.
+    unsafe { libc::close(fd) };
+    Ok(())
 }
 
 fn exec(prog: &str, n: u64) -> Result<u64> {

@@ -45,6 +45,7 @@ fn ev(i: u64) -> Event {
             protocol: "tcp".into(),
         }),
         grant: None,
+        socket: None,
         decision_path: vec!["subject resolved".into()],
         secrets: vec![],
         mitre: if violation { vec!["T1552.001".into()] } else { vec![] },
