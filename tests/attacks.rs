@@ -301,3 +301,45 @@ fn a_secret_value_on_a_command_line_never_reaches_the_outbox() {
     assert!(!raw.contains(value), "the secret's value reached the outbox");
     assert!(!raw.contains("correct horse"), "part of the value reached the outbox");
 }
+
+/// on_violation = "kill" that cannot kill (a daemon without CAP_KILL, a violator of another
+/// uid): the use is still denied, the event says `denied` (not `killed`), and a critical
+/// `kill_failed` alert names the process that runs on.
+#[test]
+fn a_kill_that_fails_is_an_alert_of_its_own() {
+    if !root_or_skip("kill-failed") {
+        return;
+    }
+    // A secret another uid can reach: world-readable, in a traversable directory.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "k").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let policy = format!(
+        "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"{}\"]\n\
+         [[intent]]\nname = \"killer\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\non_violation = \"kill\"\n",
+        secret.display()
+    );
+    let cg = TestCgroup::new("kill-failed");
+    let mut daemon = Daemon::configure(&cg, &policy);
+    daemon.wrapper =
+        ["setpriv", "--bounding-set=-kill", "--inh-caps=-kill", "--"].map(String::from).to_vec();
+    let daemon = daemon.launch();
+    let out = cg
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "cat"])
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the open is denied");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
+    let failed = daemon.one_event("kill_failed", |e: &Event| e.kind == "kill_failed");
+    assert_eq!((failed.severity.as_str(), failed.action.as_str()), ("critical", "denied"));
+    assert_eq!(failed.process.uid, 65534);
+    assert!(failed.message.as_deref().unwrap_or("").contains("kill failed"), "{failed:#?}");
+    let open = daemon.one_event("the open", |e: &Event| e.kind == "file_open");
+    assert_eq!((open.verdict.as_str(), open.action.as_str()), ("no_grant", "denied"));
+    assert!(open.path_has(|p| p.contains("kill of") && p.contains("failed")), "{open:#?}");
+}

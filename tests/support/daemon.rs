@@ -22,6 +22,8 @@ pub struct Daemon {
     /// bpffs pin dir of this daemon; removed when the test is done, so programs of a
     /// daemon killed with SIGKILL never outlive the test.
     pub pin_dir: PathBuf,
+    /// A command the daemon runs under (e.g. `setpriv --bounding-set=-kill --`); empty: none.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -49,7 +51,7 @@ impl Daemon {
             pin_dir.display(),
         );
         std::fs::write(&config, text).unwrap();
-        Daemon { child: None, dir, config, pin_dir }
+        Daemon { child: None, dir, config, pin_dir, wrapper: Vec::new() }
     }
 
     pub fn launch(mut self) -> Daemon {
@@ -70,7 +72,15 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(enforcer_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(enforcer_bin());
+                c
+            }
+            None => Command::new(enforcer_bin()),
+        };
+        let child = cmd
             .args(["daemon", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())
