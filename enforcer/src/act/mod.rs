@@ -59,19 +59,27 @@ impl Actor {
     /// Revoke: an active grant `slot` is revoked in the kernel now; the registry and ledger
     /// learn it asynchronously. `reason` goes to the ledger and the grant_revoked event. A
     /// grant already ended (revoked, expired, or gone) is left as it is.
-    pub fn revoke(&mut self, view: &GrantView, slot: u32, reason: &'static str) {
+    /// `at`: when the kernel judges it revoked from (the violating record's time when the
+    /// kernel flipped it itself; now otherwise).
+    pub fn revoke(
+        &mut self,
+        view: &GrantView,
+        slot: u32,
+        reason: &'static str,
+        at: chrono::DateTime<Utc>,
+    ) {
         let active = view.grant(slot).is_some_and(|g| !g.revoked && g.expires_at > Utc::now());
         if !active || self.revoked.contains_key(&slot) {
             return;
         }
         match self.maps.revoke(slot) {
             Ok(()) => {
-                self.revoked.insert(slot, Utc::now());
+                self.revoked.insert(slot, at);
             }
             // Gone from the kernel: its last holder exited and the registry reaped it.
             Err(e) => tracing::warn!("revoke grant slot {slot}: {e:#}"),
         }
-        let _ = self.notices.send(Notice::Revoked { slot, reason });
+        let _ = self.notices.send(Notice::Revoked { slot, reason, at });
     }
 }
 

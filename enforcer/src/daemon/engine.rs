@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::replay::{kernel_judgement, same_judgement, slot_of};
 use crate::act::{self, Actor};
 use crate::decide::{self, Action, Decision, HeldGrant, SubjectState, Use, Verdict};
 use crate::event::{self, DestinationRef, Event, FileRef, GrantRef, ProcessRef};
@@ -17,8 +18,11 @@ use crate::mint::view::ViewCell;
 use crate::mint::writer::LedgerTx;
 use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
-use crate::records::{Connect, Record};
+use crate::records::{Connect, Record, SocketUse};
 use crate::store::EventStore;
+
+/// Judged socket creations: names and the decision path.
+mod socket;
 
 pub struct Engine {
     pub table: ProcessTable,
@@ -60,6 +64,8 @@ pub struct Counts {
     pub store_errors: u64,
     /// Connects where decide.rs and the kernel disagreed (should stay 0).
     pub decision_mismatches: u64,
+    /// Judged socket creations (raw, ping, SCTP, ... by judged processes).
+    pub sockets: u64,
 }
 
 impl Engine {
@@ -106,6 +112,7 @@ impl Engine {
         }
         match rec {
             Record::Connect(c) => self.on_connect(c),
+            Record::Socket(s) => self.on_socket(s),
             Record::Exec { tgid, .. } => {
                 self.counts.execs += 1;
                 self.report_env_credentials(tgid);
@@ -158,11 +165,15 @@ impl Engine {
             d.decision_path
                 .push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
         }
-        if d.action == Action::Killed {
-            act::kill(c.tgid, &mut d.decision_path);
+        let kill_failed =
+            (d.action == Action::Killed).then(|| act::kill(c.tgid, &mut d.decision_path)).flatten();
+        if kill_failed.is_some() {
+            // Denied (the kernel or fanotify already refused the use), not killed.
+            d.action = Action::Denied;
         }
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
+        let killer = kill_failed.map(|err| (process.clone(), err));
         let mut e = self.event("connect", &d, process);
         e.grant = grant_ref(&d, &subject.held);
         if let decide::Reason::Taint(secret) = &d.reason {
@@ -175,6 +186,9 @@ impl Engine {
         e.time = event::rfc3339(when);
         e.destination = Some(dest);
         self.emit(e);
+        if let Some((process, err)) = killer {
+            self.kill_failed(&d, process, err);
+        }
         // Ending a misused grant: kernel-revoked already (revoke_on_violation) or killed.
         if let Some(slot) = grant_slot
             && (c.revoked_now == 1
@@ -185,8 +199,24 @@ impl Engine {
             } else {
                 "holder killed on violation"
             };
-            self.grants.act.revoke(&view, slot, why);
+            // A kernel revoke happened at the violating connect itself.
+            let at = if c.revoked_now == 1 { when } else { Utc::now() };
+            self.grants.act.revoke(&view, slot, why, at);
         }
+    }
+
+    /// A socket() the kernel judged (denied in enforce mode, alerted in monitor mode).
+    fn on_socket(&mut self, s: SocketUse) {
+        self.counts.sockets += 1;
+        let (process, _) = self.process_ref(s.tgid, Some(s.cgroup_id));
+        let taint = socket::taint_names(&self.grants.view.load(), s.subject.taint);
+        let (d, sref, message) = socket::explain(&s, self.mode, &taint);
+        let mut e = self.event("socket", &d, process);
+        e.time = event::rfc3339(wall_time_of(s.boot_ns));
+        e.mitre = vec!["T1095".into(), "T1041".into()];
+        e.socket = Some(sref);
+        e.message = Some(message);
+        self.emit(e);
     }
 
     /// Decides a waiting secret open; returns whether to allow it. The kernel map's entry
@@ -229,10 +259,14 @@ impl Engine {
                 tracing::error!("taint pid {}: {e:#}", f.pid);
             }
         }
-        if d.action == Action::Killed {
-            act::kill(f.pid, &mut d.decision_path);
+        let kill_failed =
+            (d.action == Action::Killed).then(|| act::kill(f.pid, &mut d.decision_path)).flatten();
+        if kill_failed.is_some() {
+            // Denied (the kernel or fanotify already refused the use), not killed.
+            d.action = Action::Denied;
         }
         let kind = self.secret_kinds.get(&f.secret).copied().unwrap_or(SecretKind::CredentialsFile);
+        let killer = kill_failed.map(|err| (process.clone(), err));
         let mut e = self.event("file_open", &d, process);
         e.grant = grant_ref(&d, &subject.held);
         e.mitre = vec![match kind {
@@ -241,13 +275,16 @@ impl Engine {
         }];
         e.file = Some(FileRef { path: f.path, dev: f.dev, ino: f.ino, secret: f.secret });
         self.emit(e);
+        if let Some((process, err)) = killer {
+            self.kill_failed(&d, process, err);
+        }
         // Ending a misused grant: revoke_on_violation, or its holder killed.
         let held = d.grant.and_then(|i| subject.held.get(i)).filter(|g| g.slot != 0);
         if let Some(g) = held.filter(|_| d.verdict != Verdict::Allowed) {
             let killed = d.action == Action::Killed;
             if killed || g.revoke_on_violation {
                 let why = if killed { "holder killed on violation" } else { "revoke_on_violation" };
-                self.grants.act.revoke(&view, g.slot, why);
+                self.grants.act.revoke(&view, g.slot, why, Utc::now());
             }
         }
         allow
@@ -296,6 +333,21 @@ impl Engine {
     }
 
     /// An event about the agent itself (started, stopped, lost events).
+    /// on_violation = "kill" could not be carried out: the use was denied, the process runs
+    /// on. An alert of its own, so a SOC sees it apart from the violation.
+    fn kill_failed(&mut self, d: &Decision, process: ProcessRef, err: std::io::Error) {
+        let pid = process.pid;
+        let mut d = d.clone();
+        d.action = Action::Denied;
+        let mut e = self.event("kill_failed", &d, process);
+        e.severity = "critical".into();
+        e.message = Some(format!(
+            "on_violation kill failed for process {pid} ({err}): the use was denied, the \
+             process still runs"
+        ));
+        self.emit(e);
+    }
+
     pub fn agent_event(&mut self, kind: &str, severity: &str, message: String) {
         let (process, _) = self.process_ref(std::process::id(), None);
         let d = Decision {
@@ -405,6 +457,7 @@ impl Engine {
             file: None,
             destination: None,
             grant: None,
+            socket: None,
             decision_path: d.decision_path.clone(),
             secrets: vec![],
             mitre: vec![],
@@ -477,43 +530,6 @@ impl Engine {
             tracing::error!("cannot flush events: {err:#}");
         }
     }
-}
-
-/// The kernel's judgement from its record, in the layout `decide::explain` reads: the grant
-/// as an index (+1) into `subject.held`, the tainting secret as an index (+1) into
-/// `subject.taint`.
-fn kernel_judgement(
-    c: &Connect,
-    subject: &SubjectState,
-    view: &crate::mint::view::GrantView,
-) -> enforcer_common::judge::Judgement {
-    let slot = subject.held.iter().position(|g| g.slot == c.grant_slot && c.grant_slot != 0);
-    let secret = (c.taint_secret as usize)
-        .checked_sub(1)
-        .and_then(|i| view.secret_name(i as u32))
-        .and_then(|name| subject.taint.iter().position(|t| t.secret == name));
-    enforcer_common::judge::Judgement {
-        verdict: c.verdict,
-        slot: slot.map_or(0, |i| i as u32 + 1),
-        action: c.action,
-        reason: c.reason,
-        taint_secret: secret.map_or(0, |i| i as u8 + 1),
-        revoke: c.revoked_now == 1,
-    }
-}
-
-/// Verdict, grant, action, reason and tainting secret all agree.
-fn same_judgement(
-    a: &enforcer_common::judge::Judgement,
-    b: &enforcer_common::judge::Judgement,
-) -> bool {
-    (a.verdict, a.slot, a.action, a.reason, a.taint_secret)
-        == (b.verdict, b.slot, b.action, b.reason, b.taint_secret)
-}
-
-/// The kernel slot behind a judgement's grant index (0: none).
-fn slot_of(subject: &SubjectState, index: u32) -> u32 {
-    (index as usize).checked_sub(1).and_then(|i| subject.held.get(i)).map_or(0, |g| g.slot)
 }
 
 fn grant_ref(d: &Decision, held: &[HeldGrant]) -> Option<GrantRef> {

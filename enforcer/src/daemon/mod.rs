@@ -4,6 +4,7 @@
 mod adopt;
 mod engine;
 mod literals;
+mod replay;
 pub(crate) mod lock;
 mod status;
 

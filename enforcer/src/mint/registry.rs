@@ -42,7 +42,9 @@ pub enum GrantChange {
 pub enum Notice {
     /// The kernel already judges grant `slot` revoked (flipped by enforcement, or by the
     /// kernel itself on a revoke_on_violation); record it.
-    Revoked { slot: u32, reason: &'static str },
+    /// `at`: when the kernel started judging it revoked (a record's time for a
+    /// revoke_on_violation), so late records are replayed as the kernel judged them.
+    Revoked { slot: u32, reason: &'static str, at: DateTime<Utc> },
     /// A process holding these slots forked (the kernel already copied them to the child).
     Fork(Vec<u32>),
     /// A process holding these slots exited.
@@ -372,14 +374,14 @@ impl Registry {
         }
         // Kernel first: from this instant no connect is allowed under it.
         self.maps.revoke(l.slot).map_err(|e| MintError::internal(format!("{e:#}")))?;
-        Ok(self.mark_revoked(id, reason).expect("live and active"))
+        Ok(self.mark_revoked(id, reason, Utc::now()).expect("live and active"))
     }
 
     /// Records a revoke the kernel already applied.
-    fn mark_revoked(&mut self, id: &str, reason: &str) -> Option<Grant> {
+    fn mark_revoked(&mut self, id: &str, reason: &str, at: DateTime<Utc>) -> Option<Grant> {
         let l = self.live.get_mut(id).filter(|l| l.grant.state == GrantState::Active)?;
         l.grant.state = GrantState::Revoked;
-        l.revoked_at = Some(Utc::now());
+        l.revoked_at = Some(at);
         let g = l.grant.clone();
         self.ledger.set_state(
             id,
@@ -396,9 +398,9 @@ impl Registry {
     /// Applies what the rest of the daemon reports.
     pub fn apply(&mut self, notice: Notice) {
         match notice {
-            Notice::Revoked { slot, reason } => {
+            Notice::Revoked { slot, reason, at } => {
                 if let Some(id) = self.by_slot.get(&slot).cloned() {
-                    self.mark_revoked(&id, reason);
+                    self.mark_revoked(&id, reason, at);
                 }
             }
             Notice::Fork(slots) => self.on_fork(&slots),
