@@ -350,14 +350,7 @@ impl Engine {
 
     pub fn agent_event(&mut self, kind: &str, severity: &str, message: String) {
         let (process, _) = self.process_ref(std::process::id(), None);
-        let d = Decision {
-            verdict: Verdict::Allowed,
-            action: Action::Allowed,
-            decision_path: vec![],
-            grant: None,
-            expired_for_ms: None,
-            reason: decide::Reason::None,
-        };
+        let d = Decision::informational();
         let mut e = self.event(kind, &d, process);
         e.severity = severity.into();
         e.message = Some(message);
@@ -399,14 +392,7 @@ impl Engine {
             process.exe = g.subject.exe.clone();
             process.uid = g.subject.uid;
         }
-        let d = Decision {
-            verdict: Verdict::Allowed,
-            action: Action::Allowed,
-            decision_path: vec![],
-            grant: None,
-            expired_for_ms: None,
-            reason: decide::Reason::None,
-        };
+        let d = Decision::informational();
         let mut e = self.event(kind, &d, process);
         e.grant = Some(grant_ref_of(&g, None));
         e.secrets = g.secrets.clone();

@@ -4,8 +4,8 @@
 mod adopt;
 mod engine;
 mod literals;
-mod replay;
 pub(crate) mod lock;
+mod replay;
 mod status;
 
 use std::io::Write;

@@ -137,6 +137,13 @@ pub struct Decision {
     pub reason: Reason,
 }
 
+impl Decision {
+    /// What events that decide nothing carry (lifecycle, agent notices): allowed, no path.
+    pub fn informational() -> Decision {
+        decision(Verdict::Allowed, Action::Allowed, Vec::new(), None, Reason::None)
+    }
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),

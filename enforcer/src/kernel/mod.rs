@@ -109,6 +109,16 @@ fn pin_link(fd: FdLink, pin_dir: &Path, prog: &str) -> Result<PinnedLink> {
     fd.pin(&path).with_context(|| format!("pin link of {prog} at {}", path.display()))
 }
 
+/// Pins a cgroup program's bpf_link (cgroup links are always bpf_links here, see `load`).
+fn pin_cgroup_link<L>(link: L, pin_dir: &Path, prog: &str) -> Result<PinnedLink>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let fd = FdLink::try_from(link)
+        .map_err(|e| anyhow::anyhow!("program {prog}: link cannot be pinned: {e}"))?;
+    pin_link(fd, pin_dir, prog)
+}
+
 impl Kernel {
     /// Loads the object with this kernel's offsets, reusing the maps pinned in `pin_dir` by
     /// a previous daemon (so grants, holdings and queued records survive), attaches the
@@ -178,10 +188,7 @@ impl Kernel {
             let id = p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| {
                 format!("attach program {prog} to cgroup {}", cgroup_root.display())
             })?;
-            let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| {
-                anyhow::anyhow!("program {prog}: link cannot be pinned: {e}")
-            })?;
-            links.push((prog, pin_link(fd, pin_dir, prog)?));
+            links.push((prog, pin_cgroup_link(p.take_link(id)?, pin_dir, prog)?));
             attached.push(format!("cgroup_sock_addr/{prog}"));
         }
         let prog = SOCK_CREATE;
@@ -193,10 +200,7 @@ impl Kernel {
         let id = p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| {
             format!("attach program {prog} to cgroup {}", cgroup_root.display())
         })?;
-        let fd = FdLink::try_from(p.take_link(id)?).map_err(|e: LinkError| {
-            anyhow::anyhow!("program {prog}: link cannot be pinned: {e}")
-        })?;
-        links.push((prog, pin_link(fd, pin_dir, prog)?));
+        links.push((prog, pin_cgroup_link(p.take_link(id)?, pin_dir, prog)?));
         attached.push(format!("cgroup_sock/{prog}"));
         // The new programs run; the previous daemon's can go.
         for old in old_links {
