@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use enforcer::records::{Record, decode};
 use enforcer_common::{
     ARGS_LEN, ConnectRecord, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_PROC_GRANTS,
-    kind,
+    SocketRecord, kind,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -39,6 +39,10 @@ fuzz_target!(|data: &[u8]| {
             }
             assert!(!c.protocol.name().is_empty());
         }
+        Record::Socket(s) => {
+            assert!(k == Some(kind::SOCKET) && fits(size_of::<SocketRecord>()));
+            assert!(s.subject.grants.len() == MAX_PROC_GRANTS);
+        }
         Record::Malformed { len, kind: mk } => {
             assert_eq!(len, data.len());
             assert_eq!(mk, k.unwrap_or(0));
@@ -47,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(kind::FORK) => assert!(!fits(size_of::<ForkRecord>())),
                 Some(kind::EXEC) => assert!(!fits(size_of::<ExecRecord>())),
                 Some(kind::EXIT) => assert!(!fits(size_of::<ExitRecord>())),
+                Some(kind::SOCKET) => assert!(!fits(size_of::<SocketRecord>())),
                 _ => {}
             }
         }
