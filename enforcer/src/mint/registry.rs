@@ -63,6 +63,9 @@ pub struct Live {
     pub revoked_at: Option<DateTime<Utc>>,
     /// The deadline written to the kernel (boot clock).
     pub expires_ns: u64,
+    /// `facts()` as last published; None after a change (rebuilt at the next publish), so a
+    /// publish costs an `Arc` clone per unchanged grant, not a deep copy of every grant.
+    pub cached: Option<Arc<GrantFacts>>,
 }
 
 impl Live {
@@ -193,7 +196,7 @@ impl Registry {
         policy: PolicyFacts,
         view: Arc<ViewCell>,
     ) -> Self {
-        let reg = Registry {
+        let mut reg = Registry {
             maps,
             ledger,
             signer: Arc::new(signer),
@@ -211,9 +214,15 @@ impl Registry {
     }
 
     /// Replaces the decisions' snapshot with the current state.
-    fn publish(&self) {
-        let grants =
-            self.live.values().map(|l| (l.slot, Arc::new(l.facts()))).collect::<HashMap<_, _>>();
+    fn publish(&mut self) {
+        for l in self.live.values_mut().filter(|l| l.cached.is_none()) {
+            l.cached = Some(Arc::new(l.facts()));
+        }
+        let grants = self
+            .live
+            .values()
+            .filter_map(|l| Some((l.slot, l.cached.clone()?)))
+            .collect::<HashMap<_, _>>();
         let ended = self.ended.iter().cloned().collect();
         self.view.store(GrantView { grants, ended, policy: self.policy.clone() });
     }
@@ -336,6 +345,7 @@ impl Registry {
                 revoke_on_violation: intent.revoke_on_violation,
                 revoked_at: None,
                 expires_ns,
+                cached: None,
             },
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
@@ -382,6 +392,7 @@ impl Registry {
         let l = self.live.get_mut(id).filter(|l| l.grant.state == GrantState::Active)?;
         l.grant.state = GrantState::Revoked;
         l.revoked_at = Some(at);
+        l.cached = None;
         let g = l.grant.clone();
         self.ledger.set_state(
             id,
@@ -427,6 +438,7 @@ impl Registry {
         for id in &due {
             if let Some(l) = self.live.get_mut(id) {
                 l.grant.state = GrantState::Expired;
+                l.cached = None;
                 let g = l.grant.clone();
                 self.ledger.set_state(
                     id,
@@ -465,6 +477,7 @@ impl Registry {
             if l.members == 0 {
                 if l.grant.state == GrantState::Active {
                     l.grant.state = GrantState::Ended;
+                    l.cached = None;
                     let g = l.grant.clone();
                     self.ledger.set_state(
                         &id,
@@ -608,6 +621,7 @@ impl Registry {
             revoke_on_violation: intent.is_some_and(|i| i.revoke_on_violation),
             revoked_at: None,
             expires_ns: self.maps.deadline_of(slot),
+            cached: None,
             grant,
             slot,
             nets,

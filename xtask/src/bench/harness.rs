@@ -80,8 +80,13 @@ impl Bench {
             .with_context(|| format!("bench: cannot create {}", self.tmp.display()))?;
         std::fs::create_dir(&self.cgroup)
             .with_context(|| format!("bench: cannot create cgroup {}", self.cgroup.display()))?;
+        // The secret lives in a directory of its own: every open in a secret's directory
+        // waits for the daemon (directory marks close the replace window), and the non-secret
+        // row measures an ordinary open, not a secret's neighbour.
         let plain = self.tmp.join("plain.txt");
-        let secret = self.tmp.join("secret.txt");
+        let secret_dir = self.tmp.join("secrets");
+        std::fs::create_dir_all(&secret_dir)?;
+        let secret = secret_dir.join("secret.txt");
         std::fs::write(&plain, "not a secret\n")?;
         std::fs::write(&secret, "bench-secret-value\n")?;
         let q = |p: &Path| {
