@@ -33,7 +33,7 @@ pub use daemon::Daemon;
 pub use enforcer::event::Event;
 pub use env::{
     dev_ino, enforcer, enforcer_bin, helper_bin, python, root_or_skip, secret_file, secret_toml,
-    which,
+    time_scale, which,
 };
 pub use events::{EventExt, assert_required_fields, by, parse_events};
 pub use net::{http_listener, tcp_listener};

@@ -11,7 +11,7 @@ use enforcer::event::Event;
 use serde_json::Value;
 
 use crate::cgroup::{SEQ, TestCgroup};
-use crate::env::enforcer_bin;
+use crate::env::{enforcer_bin, time_scale};
 use crate::events::parse_events;
 
 /// A running daemon with its own config, runtime and state directories.
@@ -88,7 +88,8 @@ impl Daemon {
             .spawn()
             .expect("spawn enforcer daemon");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let limit = Duration::from_secs(30) * time_scale();
+        let deadline = Instant::now() + limit;
         loop {
             if self.status_ok() {
                 return;
@@ -96,7 +97,7 @@ impl Daemon {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited early ({st}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon not ready after 30 s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "daemon not ready after {limit:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -161,7 +162,8 @@ impl Daemon {
     /// Waits (up to 10 s) for events matching `pred`; returns them all once at least one
     /// is there, after a short settle so duplicates would show.
     pub fn wait_events(&self, what: &str, pred: impl Fn(&Event) -> bool) -> Vec<Event> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let limit = Duration::from_secs(10) * time_scale();
+        let deadline = Instant::now() + limit;
         loop {
             let found: Vec<Event> = self.events().into_iter().filter(|e| pred(e)).collect();
             if !found.is_empty() {
@@ -170,7 +172,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "no event {what} within 10 s; events:\n{}\nlog:\n{}",
+                "no event {what} within {limit:?}; events:\n{}\nlog:\n{}",
                 self.dump(),
                 self.log()
             );
@@ -203,7 +205,7 @@ impl Daemon {
     /// once a second: waits (up to 3 s) for one that counts every event stored so far.
     fn decision_mismatch_error(&self) -> Option<String> {
         let stored = self.stored_since_start();
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(3) * time_scale();
         let status = loop {
             let st = match self.try_status_json() {
                 Ok(st) => st,
@@ -241,7 +243,7 @@ impl Daemon {
         self.assert_no_decision_mismatches();
         let child = self.child.as_mut().unwrap();
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 self.child = None;

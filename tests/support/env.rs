@@ -9,6 +9,17 @@ pub fn enforcer_bin() -> PathBuf {
     }
 }
 
+/// Factor for the harness's waits (daemon ready, events, SIGTERM): `ENFORCER_TEST_TIME_SCALE`,
+/// default 1. The kernel matrix sets it in its emulated (TCG) guests, where the verifier alone
+/// takes several times longer than on the host.
+pub fn time_scale() -> u32 {
+    std::env::var("ENFORCER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=20).contains(n))
+        .unwrap_or(1)
+}
+
 /// Runs `enforcer ARGS` (no daemon needed) to completion.
 pub fn enforcer(args: &[&str]) -> Output {
     Command::new(enforcer_bin()).args(args).output().expect("run enforcer")

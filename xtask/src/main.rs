@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod fuzz;
 mod lint;
+mod matrix;
 mod run;
 mod setup;
 mod test;
@@ -25,8 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the build needs (rust-src, clippy, rustfmt, cached bpf-linker, test tools).
-    /// Idempotent.
+    /// Install what the build needs (rust-src, clippy, rustfmt, cached bpf-linker, test tools)
+    /// and what the kernel matrix needs (qemu, busybox-static, the guest kernels). Idempotent.
     Setup,
     /// Build the eBPF object and the enforcer binary (target/release/enforcer).
     Build {
@@ -42,11 +43,16 @@ enum Cmd {
     /// rustfmt and clippy (-D warnings) on every crate, userspace and eBPF. Checks only.
     Lint,
     /// Lint, build, run every workspace test (ARGS go to the test harness, e.g. a name filter),
-    /// then run each fuzz target for a bounded time on a copy of its seed corpus.
+    /// then the guest suite inside each kernel of the QEMU matrix, then run each fuzz target
+    /// for a bounded time on a copy of its seed corpus.
     Test {
         /// Seconds per fuzz target (0 skips the fuzz runs).
         #[arg(long, default_value_t = test::FUZZ_SECS)]
         fuzz_secs: u64,
+        /// Guest kernels: `all` (host suite, then every kernel), `none` (host suite only), or
+        /// one series (`6.1`, `6.12`: that kernel's guest suite only).
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: matrix::KernelChoice,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -73,11 +79,11 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Setup => setup::run().map(|_| ()),
+        Cmd::Setup => setup::run_all(),
         Cmd::Build { debug } => build::run(!debug).map(|_| ()),
         Cmd::Run { args } => run::run(&args),
         Cmd::Lint => lint::run(),
-        Cmd::Test { fuzz_secs, args } => test::run(&args, fuzz_secs),
+        Cmd::Test { fuzz_secs, kernel, args } => test::run(&args, fuzz_secs, kernel),
         Cmd::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
         Cmd::Bench { iterations } => bench::run(iterations),
         Cmd::BenchWorker(args) => bench::worker(&args),

@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: rust-src, clippy and rustfmt (nightly and stable), a cached bpf-linker
-//! built on the nightly's own libLLVM, and the tools the integration tests call. Idempotent; a second run only checks.
+//! built on the nightly's own libLLVM, the tools the integration tests call, and the kernel
+//! matrix's host tools and guest kernels (`matrix::setup`). Idempotent; a second run only checks.
 
 use crate::{cmd, on_path, output_step, run_step};
 use anyhow::{Context, Result, bail};
@@ -12,6 +13,21 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub struct Setup {
     /// Directory holding `bpf-linker`, to prefix PATH with.
     pub linker_bin: PathBuf,
+}
+
+/// `cargo xtask setup`: the build's needs, then the kernel matrix's (host tools, kernels).
+pub fn run_all() -> Result<()> {
+    run()?;
+    let t0 = Instant::now();
+    let kernels = crate::matrix::setup()?;
+    for k in &kernels {
+        println!(
+            "setup: guest kernel {}: {} {} ({})",
+            k.series.name, k.package, k.version, k.release
+        );
+    }
+    println!("setup: kernel matrix ready in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
 }
 
 pub fn run() -> Result<Setup> {
@@ -61,7 +77,7 @@ fn toolchain_components(toolchain: Option<&str>, wanted: &[&str]) -> Result<()> 
 }
 
 /// Cache root: $ENFORCER_CACHE, else $XDG_CACHE_HOME/enforcer, else $HOME/.cache/enforcer.
-fn cache_root() -> Result<PathBuf> {
+pub fn cache_root() -> Result<PathBuf> {
     let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(p) = nonempty("ENFORCER_CACHE") {
         return Ok(p);
