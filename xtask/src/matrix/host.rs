@@ -143,11 +143,7 @@ fn source_files() -> Vec<PathBuf> {
 fn backports_source() -> Result<Option<PathBuf>> {
     for f in source_files() {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
-        let declares = text
-            .lines()
-            .map(|l| l.split('#').next().unwrap_or("").trim())
-            .any(|l| l.split_whitespace().any(|w| w == BACKPORTS));
-        if declares {
+        if declares_backports(&text) {
             return Ok(Some(f));
         }
     }
@@ -181,37 +177,95 @@ fn add_backports_source() -> Result<()> {
 fn bookworm_archive() -> Result<Option<(String, Option<String>)>> {
     for f in source_files() {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
-        if f.extension().is_some_and(|x| x == "sources") {
-            for stanza in text.split("\n\n") {
-                let field = |name: &str| {
-                    stanza.lines().find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
-                    })
-                };
-                let serves =
-                    field("Suites").is_some_and(|s| s.split_whitespace().any(|w| w == "bookworm"));
-                let deb = field("Types").is_some_and(|t| t.split_whitespace().any(|w| w == "deb"));
-                if let (true, true, Some(uris)) = (serves, deb, field("URIs")) {
-                    if let Some(uri) = uris.split_whitespace().next() {
-                        return Ok(Some((uri.to_string(), field("Signed-By"))));
-                    }
-                }
-            }
-        } else {
-            for l in text.lines().map(|l| l.split('#').next().unwrap_or("").trim()) {
-                // `deb [opt=v ...] URI suite components`
-                let Some(rest) = l.strip_prefix("deb ") else { continue };
-                let rest = match rest.trim_start().strip_prefix('[') {
-                    Some(opts) => opts.split_once(']').map_or("", |(_, r)| r),
-                    None => rest,
-                };
-                let w: Vec<&str> = rest.split_whitespace().collect();
-                if w.len() >= 2 && w[1] == "bookworm" {
-                    return Ok(Some((w[0].to_string(), None)));
-                }
-            }
+        let deb822 = f.extension().is_some_and(|x| x == "sources");
+        if let Some(found) = archive_in(deb822, &text) {
+            return Ok(Some(found));
         }
     }
     Ok(None)
+}
+
+/// The (URI, Signed-By) serving `deb` packages of suite `bookworm` in one source file's text.
+fn archive_in(deb822: bool, text: &str) -> Option<(String, Option<String>)> {
+    if deb822 {
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza.lines().filter(|l| !l.trim_start().starts_with('#')).find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+                })
+            };
+            let has = |name: &str, word: &str| {
+                field(name).is_some_and(|s| s.split_whitespace().any(|w| w == word))
+            };
+            let uri = field("URIs").and_then(|u| u.split_whitespace().next().map(String::from));
+            if let (true, true, Some(uri)) = (has("Suites", "bookworm"), has("Types", "deb"), uri) {
+                return Some((uri, field("Signed-By")));
+            }
+        }
+        return None;
+    }
+    for l in text.lines().map(|l| l.split('#').next().unwrap_or("").trim()) {
+        // `deb [opt=v ...] URI suite components`
+        let Some(rest) = l.strip_prefix("deb ") else { continue };
+        let rest = match rest.trim_start().strip_prefix('[') {
+            Some(opts) => opts.split_once(']').map_or("", |(_, r)| r),
+            None => rest,
+        };
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        if w.len() >= 2 && w[1] == "bookworm" {
+            return Some((w[0].to_string(), None));
+        }
+    }
+    None
+}
+
+/// Whether a source file's text declares bookworm-backports (comments ignored).
+fn declares_backports(text: &str) -> bool {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .any(|l| l.split_whitespace().any(|w| w == BACKPORTS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEBIAN_SOURCES: &str = "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\n";
+
+    #[test]
+    fn the_bookworm_archive_is_found_in_deb822_and_one_line_sources() {
+        assert_eq!(
+            archive_in(true, DEBIAN_SOURCES),
+            Some((
+                "http://deb.debian.org/debian".into(),
+                Some("/usr/share/keyrings/debian-archive-keyring.gpg".into())
+            ))
+        );
+        assert_eq!(
+            archive_in(
+                true,
+                "Types: deb\nURIs: http://x/debian-security\nSuites: bookworm-security\n"
+            ),
+            None
+        );
+        assert_eq!(
+            archive_in(
+                false,
+                "# deb http://old bookworm main\ndeb-src http://src bookworm main\ndeb [arch=amd64 signed-by=/k.gpg] http://mirror/debian bookworm main\n"
+            ),
+            Some(("http://mirror/debian".into(), None))
+        );
+        assert_eq!(archive_in(false, "deb http://m/debian bookworm-updates main\n"), None);
+    }
+
+    #[test]
+    fn backports_is_declared_only_outside_comments() {
+        assert!(!declares_backports(DEBIAN_SOURCES));
+        assert!(!declares_backports("# Suites: bookworm-backports\n"));
+        assert!(declares_backports(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n"
+        ));
+        assert!(declares_backports("deb http://deb.debian.org/debian bookworm-backports main\n"));
+    }
 }

@@ -100,12 +100,12 @@ fn module_index(modules: &Path) -> Result<BTreeMap<String, PathBuf>> {
             let p = e?.path();
             if p.is_dir() {
                 dirs.push(p);
-            } else if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
-                if let Some(stem) =
-                    [".ko", ".ko.xz", ".ko.zst"].iter().find_map(|x| n.strip_suffix(x))
-                {
-                    index.insert(stem.replace('-', "_"), p.clone());
-                }
+            } else if let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| [".ko", ".ko.xz", ".ko.zst"].iter().find_map(|x| n.strip_suffix(x)))
+            {
+                index.insert(stem.replace('-', "_"), p.clone());
             }
         }
     }
@@ -214,7 +214,7 @@ impl Cpio {
         self.pad();
     }
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -230,5 +230,33 @@ impl Cpio {
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modinfo_reads_the_depends_string() {
+        let blob = b"\x7fELF...\0license=GPL\0depends=9pnet,netfs\0name=9p\0";
+        assert_eq!(modinfo(blob, "depends"), "9pnet,netfs");
+        assert_eq!(modinfo(b"\0depends=\0", "depends"), "");
+        assert_eq!(modinfo(b"nothing", "depends"), "");
+    }
+
+    #[test]
+    fn cpio_entries_are_newc_and_aligned() {
+        let mut a = Cpio::default();
+        a.dir("bin");
+        a.char_dev("dev/console", 5, 1);
+        a.file("init", 0o755, b"#!/bin/sh\n");
+        let out = a.finish();
+        assert_eq!(&out[..6], b"070701");
+        assert_eq!(out.len() % 4, 0);
+        // Second entry starts aligned: header (110) + "bin\0" padded to 116.
+        assert_eq!(&out[116..122], b"070701");
+        assert_eq!(&out[116 + 6 + 8..116 + 6 + 16], b"00002180", "mode of a char device");
+        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 }

@@ -165,7 +165,12 @@ fn newest_version(series: Series) -> Result<Option<String>> {
 fn unpack(k: &Kernel, tmp: &Path, manifest: &str) -> Result<()> {
     run_step(
         &format!("matrix: download {}", k.package),
-        cmd("apt-get").current_dir(tmp).args(["download", "-q"]).arg(&k.package),
+        cmd("apt-get")
+            .current_dir(tmp)
+            // As root, apt drops to `_apt`, which cannot write a cache under /root: say so.
+            .args(if crate::is_root() { &["-o", "APT::Sandbox::User=root"][..] } else { &[] })
+            .args(["download", "-q"])
+            .arg(&k.package),
     )?;
     let deb = std::fs::read_dir(tmp)?
         .flatten()

@@ -208,3 +208,13 @@ fn guest_binaries(built: &Built) -> Result<Vec<GuestTest>> {
     println!("matrix: guest test binaries ready ({:.1}s)", t0.elapsed().as_secs_f64());
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn harness_counts_are_summed() {
+        let log = "running 3 tests\ntest a ... ok\n\ntest result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 44.10s\ntest result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s\n";
+        assert_eq!(super::counts(log), (4, 2));
+        assert_eq!(super::counts("killed"), (0, 0));
+    }
+}

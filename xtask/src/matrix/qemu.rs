@@ -162,7 +162,7 @@ pub fn run(
         .args(["-device", "virtio-9p-pci,fsdev=results,mount_tag=results"])
         .stdin(Stdio::null())
         .stdout(File::create(&qemu_log)?)
-        .stderr(File::create(&qemu_log.with_extension("err"))?);
+        .stderr(File::create(out_dir.join("qemu.err"))?);
     println!("$ {}", crate::show(&c));
     let limit = Duration::from_secs(BOOT_AND_SHUTDOWN_S + BINARY_LIMIT_S * tests.len() as u64);
     let t0 = Instant::now();
@@ -207,9 +207,9 @@ pub fn run(
             }
         })
         .collect();
-    let qemu_err = read("../qemu.err").unwrap_or_default();
-    if !qemu_err.is_empty() {
-        println!("matrix: qemu stderr:\n{qemu_err}");
+    let qemu_err = std::fs::read_to_string(out_dir.join("qemu.err")).unwrap_or_default();
+    if !qemu_err.trim().is_empty() {
+        println!("matrix: qemu stderr:\n{}", qemu_err.trim_end());
     }
     Ok(GuestRun { uname: read("uname"), boot_s, total_s, hung, runs, console })
 }
