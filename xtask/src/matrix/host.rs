@@ -13,7 +13,7 @@ const BACKPORTS: &str = "bookworm-backports";
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/enforcer-bookworm-backports.sources";
 
 /// Whether this run may change the system's packages.
-fn may_install() -> bool {
+pub fn may_install() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty()) && is_root()
 }
 

@@ -84,8 +84,17 @@ pub fn ensure(series: Series) -> Result<Kernel> {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("matrix: cannot remove stale {}", dir.display()))?;
     }
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("matrix: cannot move {} to {}", tmp.display(), dir.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another setup (a parallel worktree) may have put the same entry in place first.
+        if std::fs::read_to_string(dir.join(MANIFEST)).is_ok_and(|m| m == manifest) {
+            println!("matrix: kernel {} cached meanwhile by another run", series.name);
+            return Ok(kernel);
+        }
+        return Err(e).with_context(|| {
+            format!("matrix: cannot move {} to {}", tmp.display(), dir.display())
+        });
+    }
     println!(
         "matrix: kernel {} ready: {package} {version} in {} ({:.0}s)",
         series.name,

@@ -48,10 +48,21 @@ impl KernelChoice {
     }
 }
 
-/// `cargo xtask setup`: host tools and every series' kernel and initramfs, cached.
+/// `cargo xtask setup`: host tools and every series' kernel and initramfs, cached. Outside CI
+/// a missing piece is reported, not fatal (like the other system packages of setup): the
+/// matrix step of `cargo xtask test` then fails naming it.
 pub fn setup() -> Result<Vec<Kernel>> {
-    host::ensure()?;
-    SERIES.iter().map(|s| kernels::ensure(*s)).collect()
+    let all = || -> Result<Vec<Kernel>> {
+        host::ensure()?;
+        SERIES.iter().map(|s| kernels::ensure(*s)).collect()
+    };
+    match all() {
+        Err(e) if !host::may_install() => {
+            println!("setup: kernel matrix not ready: {e:#}");
+            Ok(Vec::new())
+        }
+        r => r,
+    }
 }
 
 /// Runs the guest suite on each of `series`; `args` go to the test harness.
