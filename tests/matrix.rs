@@ -5,9 +5,11 @@
 //! ran on. What it proves on every kernel: doctor's probes (BPF-LSM included) agree with the
 //! kernel, the daemon's programs load and attach, a secret open and a loopback connect are
 //! attributed with exact fields, the ungranted open is denied (EPERM), and a grant is allowed
-//! then, once expired, denied in the kernel (EPERM).
+//! then, once expired, denied in the kernel (EPERM), also after SIGKILL of the daemon.
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use enforcer_tests::enforce_fixture::{Fixture, PRELUDE, fixture};
 use enforcer_tests::*;
@@ -83,10 +85,11 @@ fn at_least(f: &Fixture, n: usize, what: &str, pred: impl Fn(&Event) -> bool + C
 
 /// One enforce-mode daemon (loading it is what takes time in an emulated guest) for: the
 /// programs it reports, an ungranted secret open (EPERM, attributed), a loopback connect of an
-/// ungranted process (allowed, attributed), and a grant allowed then denied expired.
+/// ungranted process (allowed, attributed), a grant allowed then denied expired, and the same
+/// expiry enforced by the pinned programs after the daemon is SIGKILLed.
 #[test]
 fn programs_attribute_opens_and_connects_and_expire_grants_in_the_kernel() {
-    let Some(f) = fixture("mx", "enforce", "") else { return };
+    let Some(mut f) = fixture("mx", "enforce", "") else { return };
     let release = kernel("programs_attribute_opens_and_connects_and_expire_grants_in_the_kernel");
 
     // Programs: loaded, attached, reported.
@@ -190,6 +193,38 @@ fn programs_attribute_opens_and_connects_and_expire_grants_in_the_kernel() {
     assert!(ev[1].grant().expired_for_ms.unwrap() >= 200, "{:?}", ev[1]);
     assert!(ev.iter().all(|e| e.path_has(|p| p == "kernel verdict agrees")), "{ev:#?}");
     println!("{release}: open denied, connect attributed, grant allowed then denied expired");
+
+    // Fail closed: the daemon is SIGKILLed while a grant is live; its pinned programs alone
+    // deny the holder's connect once the deadline has passed.
+    let mut holder =
+        f.cg.command(enforcer_bin())
+            .args(["run", "--intent", "strict", "--ttl", "6s", "--", &python(), "-c"])
+            .arg(format!("{PRELUDE}\n{script}"))
+            .arg(&f.secret)
+            .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = holder.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait = Duration::from_secs(10) * time_scale();
+    assert_eq!(rx.recv_timeout(wait).as_deref(), Ok("ok"), "the holder's first connect");
+    f.daemon.kill9();
+    assert_eq!(
+        rx.recv_timeout(wait).as_deref(),
+        Ok("EPERM"),
+        "after SIGKILL of the daemon, the kernel still denies the expired grant"
+    );
+    let _ = holder.wait();
+    println!(
+        "{release}: with the daemon killed, the expired grant was denied by the pinned programs"
+    );
 }
 
 /// The runner's own check: the suite runs on the kernel the matrix booted (not the host's).
