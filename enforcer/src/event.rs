@@ -30,6 +30,10 @@ pub struct Event {
     /// Secret names a grant covers (grant lifecycle events).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Brokered cloud credentials an event is about (issued, refused, outstanding at a
+    /// grant's end): the access key id and expiry, never the secret key or session token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialRef>,
     #[serde(default)]
     pub mitre: Vec<String>,
     pub severity: String,
@@ -121,6 +125,18 @@ pub struct GrantRef {
     pub expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_for_ms: Option<u64>,
+}
+
+/// A brokered credential, by its public identifier only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CredentialRef {
+    /// `aws`.
+    pub provider: String,
+    pub access_key_id: String,
+    pub expires_at: String,
+    /// The role assumed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role_arn: String,
 }
 
 /// RFC 3339 with nanoseconds, UTC.

@@ -9,6 +9,7 @@
 pub mod act;
 pub mod alert;
 pub mod api;
+pub mod aws;
 pub mod cgroup;
 pub mod cli;
 pub mod daemon;

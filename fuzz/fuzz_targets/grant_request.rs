@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
                 default_ttl: Duration::from_secs(300),
                 on_violation: Default::default(),
                 revoke_on_violation: false,
+                aws: None,
             };
             let (ttl, note) = request::resolve_ttl(&intent, r.ttl);
             assert!(ttl <= intent.max_ttl && !ttl.is_zero());

@@ -128,6 +128,7 @@ impl Delivery {
             socket: None,
             decision_path: vec![],
             secrets: vec![],
+            credentials: vec![],
             mitre: vec![],
             severity: "medium".into(),
             message: Some(format!(

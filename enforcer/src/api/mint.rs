@@ -32,6 +32,9 @@ pub struct MintState {
     /// would cost milliseconds.
     exe_hashes: Mutex<HashMap<(u64, u64, u64, i64), String>>,
     jwks: Value,
+    /// The AWS broker, set once the daemon has it: grants of `[intent.aws]` intents get a
+    /// token for its endpoint (and may connect to it).
+    pub aws: std::sync::OnceLock<Arc<crate::aws::Broker>>,
 }
 
 /// Locks, carrying on past a panic elsewhere.
@@ -56,6 +59,7 @@ impl MintState {
             limiter: Mutex::new(limiter),
             exe_hashes: Mutex::new(HashMap::new()),
             jwks,
+            aws: Default::default(),
         }
     }
 
@@ -120,10 +124,15 @@ pub async fn issue(
     }
     let req = request::parse(body)?;
     let config = lock(&m.config).clone();
-    let intent = config
+    let mut intent = config
         .intent(&req.intent)
         .ok_or_else(|| MintError::UnknownIntent(req.intent.clone()))?
         .clone();
+    let broker = m.aws.get().filter(|_| intent.aws.is_some());
+    // The subtree fetches its AWS credentials from the daemon's loopback endpoint.
+    if let Some(d) = broker.and_then(|b| b.endpoint_destination()).and_then(|d| d.parse().ok()) {
+        intent.destinations.push(d);
+    }
     // The process that will hold the grant: the caller, or a process it may bind.
     let target_owned;
     let target: &Requester = match req.pid {
@@ -162,7 +171,20 @@ pub async fn issue(
         ))
         .into());
     }
-    Ok((StatusCode::CREATED, grant_json(&grant)))
+    let mut v = grant_json(&grant);
+    if let Some(b) = broker {
+        match b.register(&grant) {
+            Ok(Some(env)) => {
+                v["aws"] = json!({
+                    "credentials_full_uri": env.credentials_full_uri,
+                    "authorization_token_file": env.authorization_token_file,
+                })
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(grant = %grant.id, "AWS token file: {e}"),
+        }
+    }
+    Ok((StatusCode::CREATED, v))
 }
 
 /// GET /v1/grants[?state=active&intent=NAME&limit=N].

@@ -24,6 +24,8 @@ pub struct ApiState {
     /// Asks the daemon loop to reload the policy; answers with the outcome.
     pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>,
     pub sink_metrics: crate::alert::SinkMetrics,
+    /// Brokered AWS credentials and daemon-held secrets.
+    pub delivery: super::credentials::Delivery,
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
@@ -82,11 +84,19 @@ async fn handle(
         (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id).await,
         (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id).await,
         (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
+        (&Method::GET, ["", "v1", "credentials", "aws"]) => {
+            super::credentials::credential_process(&state, &peer, &query).await
+        }
+        (&Method::GET, ["", "v1", "secrets", name]) => {
+            super::credentials::secret(&state, &peer, name).await
+        }
         (
             _,
             ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"]
             | ["", "v1", "grants", _]
-            | ["", "v1", "policy", "reload"],
+            | ["", "v1", "policy", "reload"]
+            | ["", "v1", "credentials", "aws"]
+            | ["", "v1", "secrets", _],
         ) => {
             Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
         }

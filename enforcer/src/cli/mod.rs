@@ -1,4 +1,5 @@
 //! Command line: one file per subcommand.
+mod credential;
 mod daemon;
 mod detach;
 mod doctor;
@@ -7,6 +8,8 @@ mod grant;
 mod policy;
 mod report;
 mod run;
+mod run_env;
+mod secret;
 mod status;
 
 use std::path::PathBuf;
@@ -77,8 +80,22 @@ pub enum Command {
         intent: String,
         #[arg(long)]
         ttl: Option<String>,
+        /// VAR=secret:NAME: set VAR to the daemon-held secret NAME (fetched by CMD's own
+        /// process once it holds the grant, before CMD starts). Repeatable.
+        #[arg(long = "env", value_name = "VAR=secret:NAME")]
+        env: Vec<String>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Brokered cloud credentials for a process holding a grant (credential_process).
+    Credential {
+        #[command(subcommand)]
+        command: CredentialCommand,
+    },
+    /// Daemon-held static secrets, delivered to processes holding a grant that covers them.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
     },
     /// Reports over the stored events (census of credential use).
     Report {
@@ -116,6 +133,22 @@ pub enum GrantCommand {
     Revoke { id: String },
     /// Check a grant token's signature and expiry against the daemon's key.
     Verify { token: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialCommand {
+    /// Print AWS credentials as credential_process JSON (Version 1) for the caller's live
+    /// grant of INTENT (an intent with [intent.aws]).
+    Aws {
+        #[arg(long)]
+        intent: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Print a daemon-held secret's value (the caller must hold a grant covering it).
+    Get { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,6 +203,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             GrantCommand::Revoke { id } => grant::revoke(&id),
             GrantCommand::Verify { token } => grant::verify(&token),
         },
-        Command::Run { intent, ttl, cmd } => run::run(&intent, ttl, &cmd),
+        Command::Run { intent, ttl, env, cmd } => run::run(&intent, ttl, &env, &cmd),
+        Command::Credential { command: CredentialCommand::Aws { intent } } => {
+            credential::aws(&intent)
+        }
+        Command::Secret { command: SecretCommand::Get { name } } => secret::get(&name),
     }
 }

@@ -38,10 +38,11 @@ const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
-pub fn run(intent: &str, ttl: Option<String>, cmd: &[String]) -> Result<ExitCode> {
+pub fn run(intent: &str, ttl: Option<String>, env: &[String], cmd: &[String]) -> Result<ExitCode> {
     if cmd.is_empty() {
         bail!("no command given: enforcer run --intent NAME -- CMD [ARGS...]");
     }
+    let secrets = super::run_env::secret_specs(env)?;
     let argv: Vec<CString> = cmd
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -52,7 +53,7 @@ pub fn run(intent: &str, ttl: Option<String>, cmd: &[String]) -> Result<ExitCode
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             drop(go_w);
-            child(go_r, &argv)
+            child(go_r, &argv, &secrets)
         }
         ForkResult::Parent { child } => {
             drop(go_r);
@@ -62,14 +63,17 @@ pub fn run(intent: &str, ttl: Option<String>, cmd: &[String]) -> Result<ExitCode
     }
 }
 
-/// Waits for the go byte, then execs; never returns.
-fn child(go: OwnedFd, argv: &[CString]) -> ! {
+/// Waits for the go byte (and the environment the grant brings), then execs; never returns.
+fn child(go: OwnedFd, argv: &[CString], secrets: &[(String, String)]) -> ! {
     let mut b = [0u8; 1];
     let n = unsafe { libc::read(go.as_raw_fd(), b.as_mut_ptr() as *mut libc::c_void, 1) };
     if n != 1 || b[0] != b'g' {
         // The parent could not obtain the grant: never run CMD without it.
         unsafe { libc::_exit(126) };
     }
+    // Holding the grant now: set what it brings (AWS endpoint, daemon-held secrets fetched
+    // by this very process, which the daemon attests) before CMD starts.
+    super::run_env::apply_in_child(go.as_raw_fd(), secrets);
     drop(go);
     let err = nix::unistd::execvp(&argv[0], argv).unwrap_err();
     eprintln!("enforcer run: cannot execute {:?}: {err}", argv[0]);
@@ -104,7 +108,9 @@ fn parent(
         unsafe { signal::signal(s, SigHandler::Handler(forward)) }
             .context("install signal forwarding")?;
     }
-    nix::unistd::write(&go, b"g").context("release the child")?;
+    let mut release = b"g".to_vec();
+    release.extend(super::run_env::grant_env(&grant));
+    nix::unistd::write(&go, &release).context("release the child")?;
     drop(go);
     let status = loop {
         match waitpid(child, None) {

@@ -22,6 +22,7 @@ use crate::records::{Connect, Record, SocketUse};
 use crate::store::EventStore;
 
 /// Judged socket creations: names and the decision path.
+mod credential;
 mod socket;
 
 pub struct Engine {
@@ -446,6 +447,7 @@ impl Engine {
             socket: None,
             decision_path: d.decision_path.clone(),
             secrets: vec![],
+            credentials: vec![],
             mitre: vec![],
             severity: if alert { "high" } else { "info" }.into(),
             message: None,

@@ -14,11 +14,12 @@ use crate::redact;
 /// Bytes read of one secret file: larger files are key stores, not values on a command line.
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
-/// Every literal worth redacting from the watched secrets' current contents.
+/// Every literal worth redacting from the watched secrets' current contents (and the
+/// daemon-held ones' `value_file`s).
 pub fn of(secrets: &[Secret]) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = secrets
         .iter()
-        .flat_map(|s| s.expand_paths())
+        .flat_map(|s| s.expand_paths().into_iter().chain(s.value_file.clone()))
         .filter_map(|p| read_regular(&p))
         .flat_map(|bytes| redact::literals_from_secret(&bytes))
         .collect();
@@ -29,7 +30,7 @@ pub fn of(secrets: &[Secret]) -> Vec<Vec<u8>> {
 
 /// A regular file's first MAX_SECRET_BYTES; None for anything else. Opened non-blocking and
 /// checked on the open fd, so a FIFO or device swapped in at the path cannot stall the read.
-fn read_regular(path: &Path) -> Option<Vec<u8>> {
+pub fn read_regular(path: &Path) -> Option<Vec<u8>> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -64,6 +65,7 @@ mod tests {
             paths: vec![file.display().to_string(), fifo.display().to_string()],
             destinations: vec![],
             kind: Default::default(),
+            value_file: None,
         };
         let lits = of(&[secret]);
         assert!(lits.iter().any(|l| l == b"s3cr3t-Value-42"), "{lits:?}");

@@ -152,6 +152,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let grant_maps = kernel.grant_maps()?;
     let act_maps = grant_maps.act_maps()?;
     let own_maps = grant_maps.act_maps()?;
+    let delivery_maps = grant_maps.act_maps()?;
     let facts = PolicyFacts {
         config: policy.clone(),
         secret_bits: Arc::new(index.by_name.clone()),
@@ -188,6 +189,15 @@ async fn run_async(setup: Setup) -> Result<()> {
     // Sinks deliver from the event store (the durable outbox) from their own cursors.
     let sinks = crate::alert::spawn(&cfg, &cfg.state_dir, &setup.host)?;
     let sink_metrics = sinks.metrics();
+    let (cred_tx, mut cred_rx) = tokio::sync::mpsc::unbounded_channel();
+    let broker =
+        Arc::new(crate::aws::Broker::new(cfg.aws.clone(), &cfg.runtime_dir, cred_tx.clone()));
+    let delivery = api::credentials::Delivery {
+        maps: delivery_maps,
+        view: view.clone(),
+        broker: broker.clone(),
+        notices: cred_tx,
+    };
     let links = GrantLinks {
         view,
         act: Actor::new(act_maps, notices_tx.clone()),
@@ -215,7 +225,22 @@ async fn run_async(setup: Setup) -> Result<()> {
             Arc::new(cfg.clone()),
             limiter,
         ),
+        delivery,
     });
+    let _ = api_state.mint.aws.set(broker.clone());
+    // Token files of grants that survived the restart stay valid.
+    let live: Vec<(String, String)> = api_state
+        .delivery
+        .view
+        .load()
+        .grants
+        .values()
+        .map(|g| (g.id.clone(), g.intent.clone()))
+        .collect();
+    broker.restore(&live);
+    if cfg.intents.iter().any(|i| i.aws.is_some()) {
+        crate::aws::endpoint::start(&api_state)?;
+    }
     let status_ctx = status::Context {
         setup: &setup,
         started,
@@ -309,7 +334,15 @@ async fn run_async(setup: Setup) -> Result<()> {
                 guard.clear_ready();
                 engine.flush();
             }
+            Some(n) = cred_rx.recv() => {
+                engine.on_credential_notice(n);
+                while let Ok(n) = cred_rx.try_recv() {
+                    engine.on_credential_notice(n);
+                }
+                engine.flush();
+            }
             _ = tick.tick() => {
+                broker.sweep(&api_state.delivery.view.load());
                 watch.refresh();
                 engine.table.purge();
                 notify_watchdog();
@@ -426,7 +459,7 @@ fn apply_reload(
     policy_maps: &mut crate::kernel::policy::PolicyMaps,
     engine: &mut Engine,
     watch: &mut SecretWatch,
-    api_state: &ApiState,
+    api_state: &Arc<ApiState>,
 ) -> std::result::Result<String, String> {
     let applied = reload(setup).and_then(|new| {
         let arc = Arc::new(new.clone());
@@ -436,6 +469,9 @@ fn apply_reload(
         lock(registry).set_policy(arc.clone(), index.by_name.clone(), nets)?;
         policy_maps.apply(&new, index, &mut engine.table.cgroups)?;
         *lock(&api_state.mint.config) = arc;
+        if new.intents.iter().any(|i| i.aws.is_some()) {
+            crate::aws::endpoint::start(api_state)?;
+        }
         Ok(new)
     });
     match applied {

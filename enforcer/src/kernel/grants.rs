@@ -136,6 +136,11 @@ impl ActMaps {
         self.procs.lock().get(&pid, 0).ok()
     }
 
+    /// Grant `slot` as the kernel judges it now (state, deadline, id hash).
+    pub fn grant_info(&self, slot: u32) -> Option<GrantInfo> {
+        self.grants.get(&slot, 0).ok()
+    }
+
     /// ORs `taint` and `flags` into `pid`'s existing entry (BPF_EXIST: an entry the exit hook
     /// removes meanwhile is not recreated). `Ok(false)` when there is no entry.
     pub fn merge_existing(&self, pid: u32, taint: u64, flags: u32) -> Result<bool> {

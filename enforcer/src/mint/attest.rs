@@ -437,6 +437,7 @@ mod tests {
             default_ttl: Duration::from_secs(300),
             on_violation: Default::default(),
             revoke_on_violation: false,
+            aws: None,
         }
     }
 

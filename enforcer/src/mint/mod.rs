@@ -1,5 +1,6 @@
 pub mod attest;
 pub mod error;
+pub mod holder;
 pub mod ledger;
 pub mod model;
 pub mod ratelimit;

@@ -341,6 +341,7 @@ mod tests {
             default_ttl: Duration::from_secs(default),
             on_violation: Default::default(),
             revoke_on_violation: false,
+            aws: None,
         }
     }
 

@@ -7,6 +7,7 @@
 // expected here rather than a sign of dead code.
 #![allow(dead_code, unused_imports)]
 
+mod aws;
 mod destination;
 mod diag;
 mod duration;
@@ -20,6 +21,7 @@ mod url;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use aws::{AwsIntent, AwsSettings, StsEndpoint, parse_endpoint};
 pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
 pub use duration::{format_duration, parse_duration};

@@ -107,6 +107,8 @@ pub struct Config {
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.
     pub agents: Vec<AgentSelector>,
+    /// The daemon's AWS broker settings (`[aws]`).
+    pub aws: super::aws::AwsSettings,
     /// "embedded default" or the config file path.
     pub source: String,
 }
@@ -134,6 +136,9 @@ pub struct Secret {
     /// Where this secret is valid at all; empty = no restriction beyond the intent's.
     pub destinations: Vec<Destination>,
     pub kind: SecretKind,
+    /// A secret held only by the daemon: this root-only file's content is delivered to
+    /// processes holding a grant that covers the secret (`enforcer secret get`).
+    pub value_file: Option<PathBuf>,
 }
 
 impl Secret {
@@ -217,6 +222,8 @@ pub struct Intent {
     pub default_ttl: Duration,
     pub on_violation: OnViolation,
     pub revoke_on_violation: bool,
+    /// Brokered AWS credentials for grants of this intent (`[intent.aws]`).
+    pub aws: Option<super::aws::AwsIntent>,
 }
 
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(15 * 60);

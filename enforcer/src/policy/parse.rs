@@ -42,6 +42,7 @@ struct RawConfig {
     #[serde(default)]
     sink: Vec<Spanned<super::sink::RawSink>>,
     outbox: Option<super::sink::RawOutbox>,
+    aws: Option<super::aws::RawAws>,
 }
 
 /// A policy.d file: only policy tables, never daemon settings.
@@ -65,6 +66,7 @@ struct RawSecret {
     #[serde(default)]
     destinations: Vec<Spanned<String>>,
     kind: Option<Spanned<String>>,
+    value_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +83,7 @@ struct RawIntent {
     default_ttl: Option<Spanned<String>>,
     on_violation: Option<Spanned<String>>,
     revoke_on_violation: Option<bool>,
+    aws: Option<super::aws::RawIntentAws>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +114,7 @@ pub(crate) struct Settings {
     mint_rate_per_second: u32,
     sinks: Vec<super::sink::SinkConfig>,
     outbox: super::sink::OutboxConfig,
+    aws: super::aws::AwsSettings,
 }
 
 impl Settings {
@@ -127,6 +131,7 @@ impl Settings {
             mint_rate_per_second: DEFAULT_MINT_RATE_PER_SECOND,
             sinks: Vec::new(),
             outbox: Default::default(),
+            aws: Default::default(),
         }
     }
 }
@@ -257,6 +262,7 @@ impl Loader {
                 .unwrap_or(defaults.mint_rate_per_second),
             sinks: super::sink::sinks(&mut self.diags, file, &raw.sink),
             outbox: super::sink::outbox(&mut self.diags, file, raw.outbox.as_ref()),
+            aws: super::aws::settings(&mut self.diags, file, raw.aws.as_ref()),
         }
     }
 
@@ -276,7 +282,9 @@ impl Loader {
 
     fn secret(&mut self, file: usize, raw: RawSecret) {
         let name = self.name(file, "secret", &raw.name);
-        if raw.paths.is_empty() {
+        let value_file = raw.value_file.as_ref().and_then(|p| self.absolute(file, "value_file", p));
+        // A daemon-held secret need not sit anywhere else.
+        if raw.paths.is_empty() && raw.value_file.is_none() {
             self.diags.error(file, raw.name.span(), format!("secret `{name}` has no paths"));
         }
         let mut paths = Vec::new();
@@ -310,6 +318,7 @@ impl Loader {
                     ],
                 )
                 .unwrap_or_default(),
+            value_file,
         };
         self.secrets.push(Def { value: secret, file, name_span: raw.name.span() });
     }
@@ -349,7 +358,7 @@ impl Loader {
             ],
         );
         let intent = Intent {
-            name,
+            name: name.clone(),
             agents,
             secrets: raw.secrets.iter().map(|s| s.get_ref().clone()).collect(),
             destinations: self.destinations(file, &raw.destinations),
@@ -357,6 +366,7 @@ impl Loader {
             default_ttl,
             on_violation: on_violation.unwrap_or_default(),
             revoke_on_violation: raw.revoke_on_violation.unwrap_or(false),
+            aws: raw.aws.as_ref().and_then(|a| super::aws::intent(&mut self.diags, file, &name, a)),
         };
         let refs = raw.secrets.iter().map(Spanned::span).collect();
         self.intents.push((Def { value: intent, file, name_span: raw.name.span() }, refs));
@@ -542,6 +552,7 @@ impl Loader {
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,
+                aws: s.aws,
                 source,
             }),
             _ => Err(self.diags.into_diagnostics()),

@@ -493,6 +493,7 @@ fn expand_paths_globs_the_filesystem() {
         ],
         destinations: vec![],
         kind: SecretKind::PrivateKey,
+        value_file: None,
     };
     assert_eq!(
         secret.expand_paths(),
@@ -533,6 +534,7 @@ fn expand_paths_expands_home() {
         paths: vec!["~/.aws/credentials".into()],
         destinations: vec![],
         kind: SecretKind::CredentialsFile,
+        value_file: None,
     };
     assert!(s.expand_paths().contains(&PathBuf::from("/root/.aws/credentials")));
 }

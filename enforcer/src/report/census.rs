@@ -54,9 +54,17 @@ struct ExtraProcess {
 }
 
 #[derive(Debug, Default, Deserialize)]
+struct ExtraDestination {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 struct Extra {
     #[serde(default)]
     process: ExtraProcess,
+    #[serde(default)]
+    destination: Option<ExtraDestination>,
 }
 
 /// One stored event plus the optional fields the typed `Event` does not carry (yet).
@@ -66,6 +74,8 @@ pub struct Record {
     pub time: DateTime<Utc>,
     pub job: Option<JobInfo>,
     pub env_credentials: Vec<EnvCredential>,
+    /// `destination.name`: the DNS name the daemon resolved the address from, where known.
+    pub destination_name: Option<String>,
 }
 
 impl Record {
@@ -79,6 +89,7 @@ impl Record {
             time,
             job,
             env_credentials: extra.process.env_credentials,
+            destination_name: extra.destination.and_then(|d| d.name).filter(|n| !n.is_empty()),
         })
     }
 }
@@ -113,6 +124,9 @@ pub struct DestinationUse {
     /// As a policy destination: `ip/32:port` or `[ip6/128]:port`.
     pub destination: String,
     pub ip: String,
+    /// DNS names this address was reached by (from `destination.name`), where known.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
     pub port: u16,
     pub protocol: String,
     pub connects: u64,
@@ -168,6 +182,8 @@ pub struct Proposal {
     pub secret_toml: Option<String>,
     /// The `[[intent]]` stanza.
     pub intent_toml: String,
+    /// The credential source that replaces the static credential.
+    pub credential_source: super::source::CredentialSource,
 }
 
 #[derive(Default)]
@@ -192,6 +208,7 @@ struct CredAcc {
 
 struct DestAcc {
     ip: String,
+    names: BTreeSet<String>,
     port: u16,
     connects: u64,
     exes: BTreeSet<String>,
@@ -293,6 +310,10 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
     let mut jobs: BTreeMap<JobKey, JobAcc> = BTreeMap::new();
     // (host, pid) -> credential -> held since (None: from exec, the environment).
     let mut holdings: HashMap<ProcKey, BTreeMap<String, Option<DateTime<Utc>>>> = HashMap::new();
+    // job -> credential file -> first read in the job: a file's content can reach any
+    // process of the job (a shell variable, a config the next step reads), so the job's
+    // later connects count too, not only the reader's subtree.
+    let mut job_reads: HashMap<JobKey, BTreeMap<String, DateTime<Utc>>> = HashMap::new();
 
     for r in &records {
         let e = &r.event;
@@ -346,6 +367,14 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
             }
             record_use(acc, &job, e, r.time);
             ja.creds.insert(f.secret.clone());
+            if !is_whole_host(&job) {
+                let first = job_reads
+                    .entry(job.clone())
+                    .or_default()
+                    .entry(f.secret.clone())
+                    .or_insert(r.time);
+                *first = (*first).min(r.time);
+            }
             let since = holdings
                 .entry(key.clone())
                 .or_default()
@@ -363,32 +392,47 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
         let e = &r.event;
         let Some(d) = &e.destination else { continue };
         let key = (e.host.clone(), e.process.pid);
+        // Credentials this connect is attributed to: held by the process or an ancestor,
+        // or read earlier by any process of its job.
         let mut seen = BTreeSet::new();
         for a in ancestry(&key) {
             let Some(held) = holdings.get(&a) else { continue };
             for (cred, since) in held {
-                if since.is_some_and(|s| r.time < s - slack) || !seen.insert(cred.clone()) {
-                    continue;
+                if since.is_none_or(|s| r.time >= s - slack) {
+                    seen.insert(cred.clone());
                 }
-                let acc = creds.get_mut(cred).expect("held credential has an accumulator");
-                let da = acc
-                    .dests
-                    .entry((policy_destination(&d.ip, d.port), d.protocol.clone()))
-                    .or_insert_with(|| DestAcc {
-                        ip: canonical_ip(&d.ip),
-                        port: d.port,
-                        connects: 0,
-                        exes: BTreeSet::new(),
-                        first: r.time,
-                        last: r.time,
-                    });
-                da.connects += 1;
-                if !e.process.exe.is_empty() {
-                    da.exes.insert(e.process.exe.clone());
-                }
-                da.first = da.first.min(r.time);
-                da.last = da.last.max(r.time);
             }
+        }
+        if let Some(reads) = job_reads.get(&job_of(&key, &e.process.cgroup)) {
+            for (cred, first) in reads {
+                if r.time >= *first - slack {
+                    seen.insert(cred.clone());
+                }
+            }
+        }
+        for cred in seen {
+            let acc = creds.get_mut(&cred).expect("held credential has an accumulator");
+            let da = acc
+                .dests
+                .entry((policy_destination(&d.ip, d.port), d.protocol.clone()))
+                .or_insert_with(|| DestAcc {
+                    ip: canonical_ip(&d.ip),
+                    names: BTreeSet::new(),
+                    port: d.port,
+                    connects: 0,
+                    exes: BTreeSet::new(),
+                    first: r.time,
+                    last: r.time,
+                });
+            da.connects += 1;
+            if let Some(n) = &r.destination_name {
+                da.names.insert(n.clone());
+            }
+            if !e.process.exe.is_empty() {
+                da.exes.insert(e.process.exe.clone());
+            }
+            da.first = da.first.min(r.time);
+            da.last = da.last.max(r.time);
         }
     }
 
@@ -421,6 +465,7 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
                 .map(|((dest, proto), d)| DestinationUse {
                     destination: dest.clone(),
                     ip: d.ip.clone(),
+                    names: d.names.iter().cloned().collect(),
                     port: d.port,
                     protocol: proto.clone(),
                     connects: d.connects,
@@ -472,6 +517,11 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
         jobs: job_reports,
         credentials,
     }
+}
+
+/// A job known only by the root cgroup is the whole host, not a job.
+fn is_whole_host(job: &JobKey) -> bool {
+    job.source == "cgroup" && (job.id == "/" || job.id.is_empty())
 }
 
 fn record_use(acc: &mut CredAcc, job: &JobKey, e: &Event, t: DateTime<Utc>) {
@@ -553,7 +603,7 @@ pub fn toml_str(s: &str) -> String {
 }
 
 /// A name as a file name under /etc/enforcer/secrets: no separators, no dot-dot, no controls.
-fn file_safe(s: &str) -> String {
+pub(crate) fn file_safe(s: &str) -> String {
     let out: String = s
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
@@ -586,6 +636,7 @@ fn propose(
         None => (name.to_string(), None),
     };
     let intent_name = format!("{}-least-privilege", slug(&secret_name));
+    let credential_source = super::source::propose(name, kind, &secret_name, &intent_name, dests);
     let destinations: Vec<String> = {
         let set: BTreeSet<String> = dests.iter().map(|d| d.destination.clone()).collect();
         set.into_iter().collect()
@@ -614,5 +665,6 @@ fn propose(
         max_ttl: format!("{ttl}m"),
         secret_toml,
         intent_toml,
+        credential_source,
     }
 }

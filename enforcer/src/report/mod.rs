@@ -2,6 +2,7 @@
 //! where they connected afterwards, and least-privilege intents to replace them.
 pub mod census;
 pub mod render;
+pub mod source;
 
 #[cfg(test)]
 mod tests;

@@ -164,6 +164,20 @@ pub fn markdown(c: &Census) -> String {
         toml.push_str(&cr.proposal.intent_toml);
         let f = fence(&toml);
         let _ = writeln!(out, "\nProposed least-privilege policy:\n\n{f}toml\n{toml}{f}");
+        let src = &cr.proposal.credential_source;
+        let f = fence(&src.toml);
+        let _ = writeln!(
+            out,
+            "\nCredential source replacing it ({}): {}\n\n{f}toml\n{}{f}",
+            md_code(&src.kind),
+            md_code(&src.usage),
+            src.toml
+        );
+        if let Some(p) = &src.session_policy {
+            let json = serde_json::to_string_pretty(p).unwrap_or_default();
+            let f = fence(&json);
+            let _ = writeln!(out, "\nSession policy:\n\n{f}json\n{json}\n{f}");
+        }
     }
     out
 }
@@ -264,7 +278,8 @@ fn result(cr: &CredentialReport) -> Value {
             "firstSeen": cr.first_seen,
             "lastSeen": cr.last_seen,
             "coveredByGrant": cr.covered_by_grant,
-            "proposedPolicy": fix
+            "proposedPolicy": fix,
+            "credentialSource": cr.proposal.credential_source
         }
     })
 }

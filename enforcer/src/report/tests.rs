@@ -407,7 +407,8 @@ fn hostile_names_stay_inert_in_markdown() {
                 continue;
             }
             None => {
-                if let Some(f) = l.strip_suffix("toml").filter(|f| f.chars().all(|c| c == '`')) {
+                let opening = l.strip_suffix("toml").or_else(|| l.strip_suffix("json"));
+                if let Some(f) = opening.filter(|f| f.chars().all(|c| c == '`')) {
                     assert!(f.len() >= 3);
                     in_fence = Some(f.to_string());
                     fences += 1;
@@ -433,7 +434,14 @@ fn hostile_names_stay_inert_in_markdown() {
     }
     assert!(in_fence.is_none(), "an unclosed fence:\n{md}");
     assert_eq!(headings, c.credentials.len(), "{md}");
-    assert_eq!(fences, c.credentials.len(), "{md}");
+    // Per credential: the intent, and the credential source replacing it (plus a session
+    // policy where one was derived).
+    let policies = c
+        .credentials
+        .iter()
+        .filter(|x| x.proposal.credential_source.session_policy.is_some())
+        .count();
+    assert_eq!(fences, 2 * c.credentials.len() + policies, "{md}");
     // SARIF and JSON: serde escapes; both parse and keep the names exactly.
     let s: Value = serde_json::from_str(&render::sarif(&c)).unwrap();
     let names: Vec<&str> = s["runs"][0]["results"]
@@ -460,4 +468,86 @@ fn toml_and_markdown_escapers() {
     assert_eq!(render::md_text("a|b`c\nd"), "a\\|b\\`c\\\\u{a}d");
     assert_eq!(render::md_code("env:AWS_KEY"), "`env:AWS_KEY`");
     assert_eq!(render::md_code("a|b"), "a\\|b");
+}
+
+/// A job where one process reads the AWS credentials file and another, not its descendant,
+/// connects afterwards: both destinations are the job's, the source proposed is an AWS role
+/// with a session policy from the service names reached.
+#[test]
+fn a_jobs_later_connects_count_for_the_credential_it_read() {
+    let job =
+        json!({ "process": { "job": { "id": "77", "name": "deploy", "source": "GITHUB_JOB" } } });
+    let with_job = |mut v: Value| {
+        merge(&mut v, job.clone());
+        v
+    };
+    let mut named = dest("127.0.0.1", 9002);
+    merge(&mut named, json!({"destination": {"name": "my-bucket.s3.us-west-2.amazonaws.com"}}));
+    let lines = vec![
+        ev(5, "connect", 12, 1, "/usr/bin/curl", "/ci/j", with_job(dest("127.0.0.1", 9000))),
+        ev(
+            10,
+            "file_open",
+            10,
+            1,
+            "/bin/cat",
+            "/ci/j",
+            with_job(file("aws-credentials", "/home/r/.aws/credentials")),
+        ),
+        ev(11, "connect", 10, 1, "/bin/cat", "/ci/j", with_job(dest("127.0.0.1", 9001))),
+        ev(20, "connect", 11, 1, "/usr/bin/aws", "/ci/j", with_job(named)),
+        ev(21, "connect", 30, 1, "/usr/bin/wget", "/other", dest("127.0.0.1", 9003)),
+    ];
+    let dir = write_store(&lines);
+    let c = census_from_store(dir.path(), None).unwrap();
+    let cr = c.credentials.iter().find(|x| x.name == "aws-credentials").unwrap();
+    assert_eq!(cr.proposal.destinations, vec!["127.0.0.1/32:9001", "127.0.0.1/32:9002"], "{cr:#?}");
+    let d = cr.destinations.iter().find(|d| d.port == 9002).unwrap();
+    assert_eq!(d.names, vec!["my-bucket.s3.us-west-2.amazonaws.com"]);
+    assert_eq!(d.executables, vec!["/usr/bin/aws"], "the sibling that connected");
+    let src = &cr.proposal.credential_source;
+    assert_eq!(src.kind, "aws_role");
+    assert!(
+        src.toml.contains("[intent.aws]") && src.toml.contains("region = \"us-west-2\""),
+        "{}",
+        src.toml
+    );
+    let policy = src.session_policy.as_ref().unwrap();
+    assert_eq!(policy["Statement"][0]["Action"][0], "s3:*");
+    assert_eq!(policy["Statement"][0]["Resource"][1], "arn:aws:s3:::my-bucket/*");
+    // Valid policy once the session policy is written where the proposal says.
+    let pdir = write_store(&[]);
+    let pfile = pdir.path().join("session.json");
+    std::fs::write(&pfile, policy.to_string()).unwrap();
+    let mut text = String::from(
+        "mode = \"monitor\"\n[[secret]]\nname = \"aws-credentials\"\npaths = [\"/tmp/x\"]\n",
+    );
+    text.push_str(&cr.proposal.intent_toml);
+    let re = src.toml.replace("/etc/enforcer/policies/", &format!("{}/", pdir.path().display()));
+    text.push_str(&re.replace(&format!("{}.json", cr.proposal.intent_name), "session.json"));
+    let cfg =
+        crate::policy::load_str("proposal.toml", &text).unwrap_or_else(|d| panic!("{d}\n{text}"));
+    let aws = cfg.intents[0].aws.as_ref().expect("[intent.aws] parsed");
+    assert!(aws.session_policy_json.as_deref().is_some_and(|j| j.contains("my-bucket")));
+}
+
+/// A non-AWS credential is proposed as a daemon-held secret; valid policy with its intent.
+#[test]
+fn other_credentials_become_daemon_held_secrets() {
+    let c = census();
+    let cr = c.credentials.iter().find(|x| x.name == "deploy-key").unwrap();
+    let src = &cr.proposal.credential_source;
+    assert_eq!(src.kind, "daemon_held_secret");
+    assert!(src.usage.contains("enforcer secret get deploy-key"), "{}", src.usage);
+    let text = format!("mode = \"monitor\"\n{}{}", src.toml, cr.proposal.intent_toml);
+    let cfg =
+        crate::policy::load_str("proposal.toml", &text).unwrap_or_else(|d| panic!("{d}\n{text}"));
+    assert_eq!(
+        cfg.secrets[0].value_file.as_deref(),
+        Some(std::path::Path::new("/etc/enforcer/secrets/deploy-key"))
+    );
+    let env = c.credentials.iter().find(|x| x.name == "env:AWS_SECRET_ACCESS_KEY").unwrap();
+    assert_eq!(env.proposal.credential_source.kind, "aws_role");
+    assert!(env.proposal.credential_source.session_policy.is_none(), "addresses only");
+    assert!(!env.proposal.credential_source.toml.lines().any(|l| l.starts_with("session_policy")));
 }

@@ -48,6 +48,7 @@ fn ev(i: u64) -> Event {
         socket: None,
         decision_path: vec!["subject resolved".into()],
         secrets: vec![],
+        credentials: vec![],
         mitre: if violation { vec!["T1552.001".into()] } else { vec![] },
         severity: if violation { "high" } else { "info" }.into(),
         message: None,

@@ -1,0 +1,29 @@
+//! Events of the credential services (brokered AWS credentials, daemon-held secrets): the
+//! API tasks report what they did as `CredentialNotice`s; the engine, which owns the event
+//! store, writes them with the process attributed like any other event.
+use super::Engine;
+use crate::aws::CredentialNotice;
+use crate::decide::Decision;
+
+impl Engine {
+    pub fn on_credential_notice(&mut self, n: CredentialNotice) {
+        let process = if n.pid != 0 {
+            self.process_ref(n.pid, None).0
+        } else {
+            self.process_ref(std::process::id(), None).0
+        };
+        let mut e = self.event(n.kind, &Decision::informational(), process);
+        e.verdict = n.verdict.into();
+        e.action = n.action.into();
+        e.severity = n.severity.into();
+        e.grant = n.grant;
+        e.secrets = n.secrets;
+        e.credentials = n.credentials;
+        e.decision_path = n.decision_path;
+        e.message = Some(n.message);
+        if n.verdict == "no_grant" && !e.secrets.is_empty() {
+            e.mitre = vec!["T1552.001".into()];
+        }
+        self.emit(e);
+    }
+}
