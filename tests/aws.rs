@@ -422,3 +422,52 @@ fn session_policy_errors_name_file_line_col() {
     assert!(err.contains("enforcer.toml:4:12: role_arn"), "{err}");
     assert!(err.contains("enforcer.toml:5:16: invalid sts_endpoint"), "{err}");
 }
+
+/// Serving latency from the local endpoint, as a client in the granted subtree sees it
+/// (python's http.client included, so an upper bound): cached credentials on a kept-alive
+/// connection, and on a new connection each time (socket-table lookup + /proc walk + pidfd
+/// attestation). Printed for the README; bounded loosely so a regression shows.
+#[test]
+fn credential_serving_latency() {
+    let Some(f) = fixture("aws-latency") else { return };
+    let bench = r#"
+import http.client, json, os, time, urllib.parse
+u = urllib.parse.urlparse(os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"])
+tok = open(os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).read()
+def get(c):
+    c.request("GET", u.path, headers={"Authorization": tok}); r = c.getresponse(); body = r.read()
+    assert r.status == 200, body
+c = http.client.HTTPConnection(u.hostname, u.port); get(c)
+keep = []
+for _ in range(2000):
+    t = time.perf_counter(); get(c); keep.append(time.perf_counter() - t)
+fresh = []
+for _ in range(200):
+    t = time.perf_counter(); n = http.client.HTTPConnection(u.hostname, u.port); get(n); n.close(); fresh.append(time.perf_counter() - t)
+def pct(v, p): v = sorted(v); return v[min(len(v) - 1, int(len(v) * p))] * 1e6
+print(json.dumps({"keepalive_p50_us": pct(keep, .5), "keepalive_p99_us": pct(keep, .99), "new_conn_p50_us": pct(fresh, .5), "new_conn_p99_us": pct(fresh, .99)}))
+"#;
+    let out = f
+        .command(enforcer_bin())
+        .args(["run", "--intent", "deploy", "--"])
+        .args([&python(), "-c", bench])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json_line(&out);
+    eprintln!("AWS credential serving from the local endpoint: {v}");
+    let procs = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        })
+        .count();
+    eprintln!("({procs} processes on the host during the run)");
+    // With ENFORCER_LOG=enforcer=debug the daemon logs what attestation cost.
+    for l in f.daemon.log().lines().filter(|l| l.contains("AWS endpoint:")).take(6) {
+        eprintln!("{l}");
+    }
+    assert!(v["keepalive_p99_us"].as_f64().unwrap() < 20_000.0, "{v}");
+    assert!(v["new_conn_p99_us"].as_f64().unwrap() < 200_000.0, "{v}");
+    assert_eq!(f.moto.assumed_roles().len(), 1, "every answer but the first from the cache");
+}

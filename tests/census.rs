@@ -278,3 +278,61 @@ fn hostile_env_names_and_secret_arguments_stay_out_of_events_and_reports() {
     assert_eq!(md.lines().filter(|l| l.starts_with("[[intent]]")).count(), n, "{md}");
     assert!(!md.lines().any(|l| l.starts_with("\"pwned\"")), "{md}");
 }
+
+/// A job where one process reads the AWS credentials file and another process of the job
+/// (not its descendant) connects afterwards: the job's proposal names that destination, and
+/// proposes an AWS role (brokered STS credentials) as the replacing source.
+#[test]
+fn census_attributes_a_jobs_later_connects_and_proposes_an_aws_role() {
+    if !root_or_skip("census-job") {
+        return;
+    }
+    let (dir, secret) = secret_file("credentials", "[default]\naws_access_key_id = AKIAEXAMPLE\n");
+    let (p_job, p_other) = (tcp_listener(), tcp_listener());
+    let cg = TestCgroup::new("census-job");
+    let daemon = Daemon::start(&cg, &secret_toml("aws-credentials", &secret));
+    let (job, other) = (cg.child("job"), cg.child("other"));
+    // `cat` reads; a sibling python connects later (only the job ties them together).
+    run_in(
+        &job,
+        &format!(
+            "cat {secret} > /dev/null; {} -c 'import socket; socket.create_connection((\"127.0.0.1\", {p_job})).close()'",
+            python()
+        ),
+        &[("GITHUB_JOB", "deploy"), ("GITHUB_RUN_ID", "4712")],
+    );
+    run_in(
+        &other,
+        &format!(
+            "{} -c 'import socket; socket.create_connection((\"127.0.0.1\", {p_other})).close()'",
+            python()
+        ),
+        &[],
+    );
+    for port in [p_job, p_other] {
+        daemon.wait_events("connect", |e| e.kind == "connect" && e.port() == Some(port));
+    }
+    let c: Value = serde_json::from_str(&census(&daemon, "json")).unwrap();
+    let aws = cred(&c, "aws-credentials");
+    assert_eq!(
+        aws["proposal"]["destinations"],
+        serde_json::json!([format!("127.0.0.1/32:{p_job}")]),
+        "{aws:#}"
+    );
+    let src = &aws["proposal"]["credential_source"];
+    assert_eq!(src["kind"], "aws_role", "{src:#}");
+    let toml = src["toml"].as_str().unwrap();
+    // Valid policy: the secret, the proposed intent and its [intent.aws].
+    let p = dir.path().join("proposal.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "mode = \"monitor\"\n[[secret]]\nname = \"aws-credentials\"\npaths = [\"{secret}\"]\n{}{toml}",
+            aws["proposal"]["intent_toml"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = enforcer(&["policy", "check", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{toml}", String::from_utf8_lossy(&out.stderr));
+    assert!(census(&daemon, "markdown").contains("Credential source replacing it (`aws_role`)"));
+}

@@ -35,6 +35,7 @@ pub fn run() -> Result<Setup> {
     components()?;
     let linker_bin = bpf_linker()?;
     test_tools()?;
+    python_test_packages()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(Setup { linker_bin })
 }
@@ -225,5 +226,31 @@ fn test_tools() -> Result<()> {
         cmd("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y"]).args(&pkgs),
     )?;
     println!("setup: installed {}", pkgs.join(" "));
+    Ok(())
+}
+
+/// Python packages tests/aws.rs drives: boto3 (the client) and moto's server mode (a real
+/// local STS). Installed with pip only in CI, otherwise reported.
+fn python_test_packages() -> Result<()> {
+    let present = cmd("python3")
+        .args(["-c", "import boto3, moto.server"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        println!("setup: python test packages present (boto3, moto[server])");
+        return Ok(());
+    }
+    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
+        println!(
+            "setup: missing python test packages (install: python3 -m pip install boto3 'moto[server]'); tests/aws.rs will skip"
+        );
+        return Ok(());
+    }
+    run_step(
+        "setup: pip install boto3 moto[server]",
+        cmd("python3").args(["-m", "pip", "install", "--quiet", "boto3", "moto[server]"]),
+    )?;
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! The AWS container-credentials endpoint on loopback (what the SDKs read from
 //! `AWS_CONTAINER_CREDENTIALS_FULL_URI`, sending the content of
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` as `Authorization`). The token only says which
-//! grant is meant: the kernel says who is asking. At accept, the client socket's owners are
-//! found (`peer`) and attested by pidfd; each must hold the token's grant live.
+//! grant is meant: the kernel says who is asking. The client socket's owners are found
+//! (`peer`: among the grant's holders in PROC_GRANTS first) and attested by pidfd; each must
+//! hold the token's grant live. Attested once per connection and grant.
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +41,14 @@ pub fn start(state: &Arc<ApiState>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One client connection: where it comes from, and the callers attested for a grant (kept
+/// for the connection's later requests for the same grant).
+struct Conn {
+    server: SocketAddr,
+    client: SocketAddr,
+    attested: tokio::sync::Mutex<Option<(String, Vec<Requester>)>>,
+}
+
 async fn serve(listener: TcpListener, state: Arc<ApiState>) {
     loop {
         let (stream, client) = match listener.accept().await {
@@ -53,12 +63,8 @@ async fn serve(listener: TcpListener, state: Arc<ApiState>) {
         tokio::spawn(async move {
             let Ok(server) = stream.local_addr() else { return };
             let _ = stream.set_nodelay(true);
-            // The /proc walk is blocking work: off the runtime's workers.
-            let callers = tokio::task::spawn_blocking(move || callers(server, client))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            let callers = Arc::new(callers);
-            let svc = service_fn(move |req| handle(req, state.clone(), callers.clone()));
+            let conn = Arc::new(Conn { server, client, attested: Default::default() });
+            let svc = service_fn(move |req| handle(req, state.clone(), conn.clone()));
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
@@ -68,16 +74,42 @@ async fn serve(listener: TcpListener, state: Arc<ApiState>) {
     }
 }
 
-/// The attested processes at the client end (every owner of the client socket).
-fn callers(
-    server: std::net::SocketAddr,
-    client: std::net::SocketAddr,
-) -> Result<Vec<Requester>, String> {
-    let pids = super::peer::owners(server, client).map_err(|e| format!("socket table: {e}"))?;
-    if pids.is_empty() {
-        return Err(format!("no process owns the client socket {client}"));
+/// The processes holding the client socket, attested by pidfd: looked for among the
+/// grant's holders (their fds only); if none of them has it, every process is looked at,
+/// so the refusal names who asked. Blocking (/proc reads).
+fn callers(state: &ApiState, conn: &Conn, grant_id: &str) -> Result<Vec<Requester>, String> {
+    let t0 = std::time::Instant::now();
+    let inode = super::peer::client_inode(conn.server, conn.client)
+        .map_err(|e| format!("socket table: {e}"))?
+        .ok_or_else(|| format!("no client socket {} in the socket table", conn.client))?;
+    let t_inode = t0.elapsed().as_micros() as u64;
+    let view = state.delivery.view.load();
+    let holders: Vec<u32> = view
+        .grants
+        .iter()
+        .find(|(_, g)| g.id == grant_id)
+        .map(|(slot, _)| {
+            state.delivery.maps.holders_of(*slot).into_iter().map(|(p, _)| p).collect()
+        })
+        .unwrap_or_default();
+    let t_holders = t0.elapsed().as_micros() as u64;
+    let mut owners = super::peer::owners_among(inode, &holders);
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        t_inode,
+        t_holders,
+        holders = holders.len(),
+        found = owners.len(),
+        "AWS endpoint: socket owners among the grant's holders"
+    );
+    if owners.is_empty() {
+        owners = super::peer::owners_of_inode(inode);
     }
-    pids.into_iter()
+    if owners.is_empty() {
+        return Err(format!("no process holds the client socket {}", conn.client));
+    }
+    owners
+        .into_iter()
         .map(|pid| attest::attest_pid(pid).map_err(|e| format!("pid {pid}: {e}")))
         .collect()
 }
@@ -85,7 +117,7 @@ fn callers(
 async fn handle(
     req: Request<Incoming>,
     state: Arc<ApiState>,
-    callers: Arc<Result<Vec<Requester>, String>>,
+    conn: Arc<Conn>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let err = |status: StatusCode, code: &str, msg: String| {
         Ok(json_response(status, json!({"code": code, "message": msg})))
@@ -93,42 +125,45 @@ async fn handle(
     if req.method() != Method::GET {
         return err(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET only".into());
     }
-    let callers = match callers.as_ref() {
-        Ok(c) => c,
-        Err(why) => {
-            let msg = format!("caller not attested: {why}");
-            let _ = state.delivery.notices.send(CredentialNotice::refused(
-                "aws_credentials_refused",
-                0,
-                "no_grant",
-                None,
-                None,
-                msg.clone(),
-            ));
-            return err(StatusCode::FORBIDDEN, "attestation_failed", msg);
-        }
+    let refused = |pid: u32, msg: &str| {
+        let _ = state.delivery.notices.send(CredentialNotice::refused(
+            "aws_credentials_refused",
+            pid,
+            "no_grant",
+            None,
+            None,
+            msg.to_string(),
+        ));
     };
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let refs: Vec<&Requester> = callers.iter().collect();
     let Some(grant_id) = state.delivery.broker.grant_of_token(token) else {
-        let msg = format!(
-            "unknown or missing authorization token (pid {})",
-            refs.first().map_or(0, |c| c.pid)
-        );
-        let _ = state.delivery.notices.send(CredentialNotice::refused(
-            "aws_credentials_refused",
-            refs.first().map_or(0, |c| c.pid),
-            "no_grant",
-            None,
-            None,
-            msg.clone(),
-        ));
+        let msg = format!("unknown or missing authorization token from {}", conn.client);
+        refused(0, &msg);
         return err(StatusCode::UNAUTHORIZED, "bad_token", msg);
     };
+    let mut attested = conn.attested.lock().await;
+    if attested.as_ref().is_none_or(|(g, _)| *g != grant_id) {
+        let (st, c, g) = (state.clone(), conn.clone(), grant_id.clone());
+        let t0 = std::time::Instant::now();
+        let found = tokio::task::spawn_blocking(move || callers(&st, &c, &g))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "AWS endpoint: caller attested");
+        match found {
+            Ok(callers) => *attested = Some((grant_id.clone(), callers)),
+            Err(why) => {
+                let msg = format!("caller not attested: {why}");
+                refused(0, &msg);
+                return err(StatusCode::FORBIDDEN, "attestation_failed", msg);
+            }
+        }
+    }
+    let refs: Vec<&Requester> =
+        attested.as_ref().map(|(_, c)| c.iter().collect()).unwrap_or_default();
     match aws_credentials(&state, &refs, AwsAsk::Grant(&grant_id)).await {
         Ok((_, m)) => Ok(json_response(
             StatusCode::OK,
@@ -141,6 +176,8 @@ async fn handle(
             }),
         )),
         Err(e) => {
+            // Refused: attest again on the next request (the state may change).
+            *attested = None;
             err(StatusCode::from_u16(e.status).unwrap_or(StatusCode::FORBIDDEN), e.code, e.message)
         }
     }

@@ -1,8 +1,9 @@
 //! Who is at the other end of a loopback TCP connection: the kernel's socket table
 //! (`/proc/net/tcp`, `/proc/net/tcp6` of the daemon's network namespace, the only one that
 //! can reach its loopback listener) names the client socket's inode, and the processes
-//! holding that inode as an open file are its owners. Every owner must hold the grant: a
-//! socket passed to a granted process by one outside the grant is refused.
+//! holding that inode as an open file are its owners. The endpoint looks among the grant's
+//! holders first (`owners_among`: their fds only, so the answer costs the subtree, not the
+//! host); only a refusal walks every process, to name who asked.
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -11,11 +12,111 @@ const MAX_PROCS: usize = 65_536;
 const MAX_FDS: usize = 65_536;
 
 /// The inode of the client socket whose local address is `client` and whose peer is
-/// `server` (ESTABLISHED). None when no such socket is in the table.
+/// `server` (ESTABLISHED). None when no such socket exists. Asks sock_diag for exactly that
+/// socket (a hash lookup); `/proc/net/tcp` (which walks the whole TCP hash table, milliseconds
+/// on a large host) only if sock_diag is unavailable.
 pub fn client_inode(server: SocketAddr, client: SocketAddr) -> io::Result<Option<u64>> {
-    let file = if client.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
-    let text = std::fs::read_to_string(file)?;
-    Ok(find_inode(&text, server, client))
+    match diag_inode(server, client) {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            tracing::debug!("sock_diag lookup failed ({e}); reading /proc/net/tcp");
+            let file = if client.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+            let text = std::fs::read_to_string(file)?;
+            Ok(find_inode(&text, server, client))
+        }
+    }
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const TCP_ESTABLISHED: u32 = 1;
+/// `struct nlmsghdr` + `struct inet_diag_req_v2`.
+const REQ_LEN: usize = 16 + 56;
+/// `struct nlmsghdr` + `struct inet_diag_msg`: the inode is the last u32.
+const MSG_LEN: usize = 16 + 72;
+
+/// `struct inet_diag_sockid` for the socket whose own end is `local`.
+fn sockid(local: SocketAddr, remote: SocketAddr) -> [u8; 48] {
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    let addr = |a: SocketAddr| -> [u8; 16] {
+        match a.ip() {
+            IpAddr::V4(v4) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&v4.octets());
+                b
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    id[4..20].copy_from_slice(&addr(local));
+    id[20..36].copy_from_slice(&addr(remote));
+    // idiag_if 0; idiag_cookie INET_DIAG_NOCOOKIE (all ones): match by address only.
+    id[40..48].copy_from_slice(&[0xff; 8]);
+    id
+}
+
+/// One sock_diag exact lookup of the client end of the connection.
+fn diag_inode(server: SocketAddr, client: SocketAddr) -> io::Result<Option<u64>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fd = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut req = [0u8; REQ_LEN];
+    req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = if client.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+    req[24..72].copy_from_slice(&sockid(client, server));
+    let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr() as *const libc::c_void, REQ_LEN, 0) };
+    if n != REQ_LEN as isize {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 512];
+    let n =
+        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 16 {
+        return Err(io::Error::last_os_error());
+    }
+    let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+    if kind == NLMSG_ERROR {
+        let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        return match -errno {
+            libc::ENOENT => Ok(None),
+            e => Err(io::Error::from_raw_os_error(e)),
+        };
+    }
+    if kind != SOCK_DIAG_BY_FAMILY || (n as usize) < MSG_LEN {
+        return Err(io::Error::other(format!(
+            "unexpected sock_diag answer (type {kind}, {n} bytes)"
+        )));
+    }
+    // The answer must be the socket asked for.
+    if buf[20..68][..36] != sockid(client, server)[..36] {
+        return Err(io::Error::other("sock_diag answered about another socket"));
+    }
+    let inode = u32::from_ne_bytes([buf[84], buf[85], buf[86], buf[87]]);
+    Ok((inode != 0).then_some(inode as u64))
 }
 
 fn find_inode(table: &str, server: SocketAddr, client: SocketAddr) -> Option<u64> {
@@ -56,23 +157,29 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Whether process `pid` has `socket:[inode]` among its open files.
+pub fn holds_inode(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten()
+        .take(MAX_FDS)
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+}
+
+/// The processes among `pids` holding the socket.
+pub fn owners_among(inode: u64, pids: &[u32]) -> Vec<u32> {
+    pids.iter().copied().filter(|p| holds_inode(*p, inode)).collect()
+}
+
 /// Every process with `socket:[inode]` among its open files (tgids, ascending).
 pub fn owners_of_inode(inode: u64) -> Vec<u32> {
-    let want = format!("socket:[{inode}]");
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
-    for p in procs.flatten().take(MAX_PROCS) {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for fd in fds.flatten().take(MAX_FDS) {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                out.push(pid);
-                break;
-            }
-        }
-    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out: Vec<u32> = procs
+        .flatten()
+        .take(MAX_PROCS)
+        .filter_map(|p| p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| holds_inode(*pid, inode))
+        .collect();
     out.sort_unstable();
     out
 }
@@ -102,13 +209,21 @@ mod tests {
         assert_eq!(v6, "[::1]:8080".parse().unwrap());
     }
 
-    /// A real connection on loopback: its client end is found, and owned by this process.
+    /// A real connection on loopback: its client end is found (sock_diag and the /proc
+    /// table agree), and owned by this process.
     #[test]
     fn finds_a_real_socket() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (_s, peer) = l.accept().unwrap();
-        let owners = owners(l.local_addr().unwrap(), peer).unwrap();
+        let server = l.local_addr().unwrap();
+        let diag = diag_inode(server, peer).unwrap().expect("sock_diag finds it");
+        let table = find_inode(&std::fs::read_to_string("/proc/net/tcp").unwrap(), server, peer);
+        assert_eq!(Some(diag), table);
+        assert!(diag_inode(peer, server).unwrap().is_some(), "the server end exists too");
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(diag_inode(server, gone).unwrap(), None);
+        let owners = owners(server, peer).unwrap();
         assert_eq!(owners, vec![std::process::id()]);
         drop(c);
     }

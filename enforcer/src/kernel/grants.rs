@@ -136,6 +136,17 @@ impl ActMaps {
         self.procs.lock().get(&pid, 0).ok()
     }
 
+    /// The processes holding grant `slot` (tgid, start time), in one pass over PROC_GRANTS.
+    pub fn holders_of(&self, slot: u32) -> Vec<(u32, u64)> {
+        let procs = self.procs.lock();
+        procs
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, pg)| pg.grants.contains(&slot))
+            .map(|(pid, pg)| (pid, pg.start_ns))
+            .collect()
+    }
+
     /// Grant `slot` as the kernel judges it now (state, deadline, id hash).
     pub fn grant_info(&self, slot: u32) -> Option<GrantInfo> {
         self.grants.get(&slot, 0).ok()

@@ -345,6 +345,39 @@ mod tests {
     }
 
     #[test]
+    fn config_errors_name_their_place() {
+        let text = "[aws]\nlisten = \"0.0.0.0:9000\"\ncredentials_file = \"rel\"\n\
+                    [[secret]]\nname = \"db\"\nvalue_file = \"db.txt\"\n\
+                    [[secret]]\nname = \"none\"\n\
+                    [[intent]]\nname = \"i\"\n[intent.aws]\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nregion = \"US EAST\"\nextra = 1\n";
+        let err = crate::policy::load_str("/c.toml", text).unwrap_err().to_string();
+        // serde stops at the unknown key: the rest is checked once it is gone.
+        assert!(err.contains("/c.toml:14:1: unknown field `extra`"), "{err}");
+        let err = crate::policy::load_str("/c.toml", &text.replace("extra = 1\n", ""))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "/c.toml:2:10: listen `0.0.0.0:9000` must be a loopback address",
+            "/c.toml:3:20: credentials_file `rel` must be an absolute path",
+            "/c.toml:6:14: value_file `db.txt` must be an absolute path",
+            "/c.toml:8:8: secret `none` has no paths",
+            "/c.toml:13:10: invalid region `US EAST`",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        let ok = crate::policy::load_str(
+            "/c.toml",
+            "[aws]\nlisten = \"127.0.0.1:19555\"\n[[secret]]\nname = \"db\"\nvalue_file = \"/etc/db\"\n\
+             [[intent]]\nname = \"i\"\nsecrets = [\"db\"]\n[intent.aws]\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.aws.listen.port(), 19555);
+        let aws = ok.intents[0].aws.as_ref().unwrap();
+        assert_eq!(aws.sts_endpoint.url(), "https://sts.us-east-1.amazonaws.com/");
+        assert_eq!(ok.secrets[0].value_file.as_deref(), Some(std::path::Path::new("/etc/db")));
+    }
+
+    #[test]
     fn json_positions() {
         assert_eq!(offset_of("{\n  \"a\": x\n}", 2, 8), 9);
         assert_eq!(offset_of("x", 1, 1), 0);

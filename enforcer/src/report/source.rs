@@ -113,7 +113,7 @@ fn held_secret(name: &str, kind: &str, secret_name: &str, intent_name: &str) -> 
             secret_name
         ),
         None => format!(
-            "inside `enforcer run --intent {}`: enforcer secret get {}",
+            "within enforcer run --intent {}: enforcer secret get {}",
             slug(intent_name),
             secret_name
         ),
