@@ -471,3 +471,40 @@ print(json.dumps({"keepalive_p50_us": pct(keep, .5), "keepalive_p99_us": pct(kee
     assert!(v["new_conn_p99_us"].as_f64().unwrap() < 200_000.0, "{v}");
     assert_eq!(f.moto.assumed_roles().len(), 1, "every answer but the first from the cache");
 }
+
+/// A daemon restart (SIGTERM, then a new daemon adopting the pins) in the middle of a job:
+/// the job's token file and grant carry over, and the SDK keeps getting credentials.
+#[test]
+fn restart_keeps_serving_a_running_job() {
+    let Some(mut f) = fixture("aws-restart") else { return };
+    let job = r#"
+import boto3, json, sys
+s = boto3.Session()
+for line in sys.stdin:
+    c = s.get_credentials().get_frozen_credentials()
+    arn = s.client("sts").get_caller_identity()["Arn"]
+    print(json.dumps({"key": c.access_key, "arn": arn}), flush=True)
+    s = boto3.Session()  # a fresh provider chain: the next line fetches again
+"#;
+    let mut child = f
+        .command(enforcer_bin())
+        .args(["run", "--intent", "deploy", "--"])
+        .args([&python(), "-c", job])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    stdin.write_all(b"go\n").unwrap();
+    let before: Value = serde_json::from_str(&out.next().unwrap().unwrap()).unwrap();
+    let grant = f.grant_of("deploy");
+    assert!(before["arn"].as_str().unwrap().ends_with(&grant), "{before}");
+    f.daemon.stop();
+    f.daemon.relaunch();
+    stdin.write_all(b"go\n").unwrap();
+    let after: Value = serde_json::from_str(&out.next().unwrap().unwrap()).unwrap();
+    assert!(after["arn"].as_str().unwrap().ends_with(&grant), "same grant after restart: {after}");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
