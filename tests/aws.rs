@@ -508,3 +508,55 @@ for line in sys.stdin:
     drop(stdin);
     assert!(child.wait().unwrap().success());
 }
+
+/// A grant shorter than STS's 900 s minimum: the credentials are minted for 900 s, but the
+/// broker serves them only while the grant lives; after its end the kernel refuses the job's
+/// connects (expired), and the event names the credentials that outlive it.
+#[test]
+fn short_grant_stops_serving_at_its_end() {
+    let Some(f) = fixture("aws-short") else { return };
+    let job = r#"
+import json, os, socket, sys, time, urllib.request, urllib.error
+# Kept: the token file itself is removed when the grant ends.
+token = open(os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).read()
+def fetch():
+    req = urllib.request.Request(os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={"Authorization": token})
+    try:
+        return json.loads(urllib.request.urlopen(req, timeout=5).read())
+    except urllib.error.HTTPError as e:
+        return "HTTP %d" % e.code
+    except urllib.error.URLError as e:
+        return "error %s" % getattr(e.reason, "errno", e.reason)
+from datetime import datetime, timezone
+first = fetch()
+left = (datetime.fromisoformat(first["Expiration"].replace("Z", "+00:00")) - datetime.now(timezone.utc)).total_seconds()
+time.sleep(float(sys.argv[1]))
+gone = not os.path.exists(os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"])
+print(json.dumps({"first": first, "left": left, "after": fetch(), "token_file_gone": gone}), flush=True)
+"#;
+    let out = f
+        .command(enforcer_bin())
+        .args(["run", "--intent", "deploy", "--ttl", "3s", "--"])
+        .args([&python(), "-c", job, "4"])
+        .output()
+        .unwrap();
+    let v = json_line(&out);
+    let first = &v["first"];
+    assert!(first["AccessKeyId"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{v}");
+    // Minted for STS's minimum, well past the grant's 3 s.
+    let left = v["left"].as_f64().unwrap();
+    assert!((800.0..=900.0).contains(&left), "{left} s left: {v}");
+    assert_eq!(v["token_file_gone"], true, "{v}");
+    assert_eq!(
+        v["after"], "error 1",
+        "connect to the endpoint refused in the kernel (expired grant): {v}"
+    );
+    let issued = f.daemon.one_event("issued", |e| e.kind == "aws_credentials_issued");
+    assert!(issued.decision_path.iter().any(|p| p.contains("outlives the grant")), "{issued:#?}");
+    let e = f.daemon.one_event("outstanding", |e| e.kind == "aws_credentials_outstanding");
+    assert_eq!(e.verdict, "expired");
+    assert_eq!(e.credentials[0].access_key_id, first["AccessKeyId"].as_str().unwrap());
+    f.daemon.wait_events("expired connect denied", |e| {
+        e.kind == "connect" && e.verdict == "expired" && e.action == "denied"
+    });
+}
