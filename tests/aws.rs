@@ -560,3 +560,46 @@ print(json.dumps({"first": first, "left": left, "after": fetch(), "token_file_go
         e.kind == "connect" && e.verdict == "expired" && e.action == "denied"
     });
 }
+
+/// An `[intent.aws]` added by a policy reload: the endpoint starts then, and serves; a
+/// reload that changes `[aws]` (fixed at start) is refused and changes nothing.
+#[test]
+fn reload_adding_an_aws_intent_starts_the_endpoint() {
+    let Some(f) = fixture("aws-reload") else { return };
+    // A second daemon that starts without any [intent.aws].
+    let cg = TestCgroup::new("aws-reload-2");
+    let d = Daemon::start(&cg, "[[intent]]\nname = \"later\"\nagents = [{ uid = 0 }]\n");
+    let base = std::fs::read_to_string(&d.config).unwrap();
+    let aws_intent = format!(
+        "[intent.aws]\nrole_arn = \"arn:aws:iam::123456789012:role/later\"\nsts_endpoint = \"{}\"\n",
+        f.moto.url()
+    );
+    // (Tables after the top-level keys.)
+    let changed_aws = base.replacen(
+        "[[intent]]",
+        &format!("[aws]\nlisten = \"127.0.0.1:{}\"\n[[intent]]", free_port(f.endpoint_port + 1)),
+        1,
+    ) + &aws_intent;
+    std::fs::write(&d.config, changed_aws).unwrap();
+    let r = d.cli(&["policy", "reload"]);
+    assert!(!r.status.success(), "[aws] is fixed at start: {r:?}");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("[aws] applies only at start"), "{r:?}");
+    // The same intent without touching [aws]: the default listener (a free loopback port).
+    std::fs::write(&d.config, format!("{base}{aws_intent}")).unwrap();
+    let r = d.cli(&["policy", "reload"]);
+    assert!(r.status.success(), "{r:?}\n{}", d.log());
+    let out = cg
+        .command(enforcer_bin())
+        .env("ENFORCER_RUNTIME_DIR", d.runtime_dir())
+        .args(["run", "--intent", "later", "--"])
+        .args(["sh", "-c", "echo $AWS_CONTAINER_CREDENTIALS_FULL_URI"])
+        .output()
+        .unwrap();
+    let uri = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        uri.starts_with("http://127.0.0.1:") && uri.ends_with("/v1/aws/credentials"),
+        "{out:?}"
+    );
+    let port: u16 = uri["http://127.0.0.1:".len()..].split('/').next().unwrap().parse().unwrap();
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "the endpoint listens on {port}");
+}

@@ -512,6 +512,9 @@ fn reload(setup: &Setup) -> Result<Config> {
             "cgroup_root, runtime_dir and state_dir apply only at start; restart the daemon to change them"
         );
     }
+    if cfg.aws != setup.config.aws {
+        bail!("[aws] applies only at start; restart the daemon to change it");
+    }
     Ok(cfg)
 }
 
