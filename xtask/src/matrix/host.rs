@@ -111,6 +111,11 @@ pub fn ensure() -> Result<()> {
 
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 
+/// Whether this run already refreshed the apt lists.
+pub fn apt_updated() -> bool {
+    APT_UPDATED.load(Ordering::SeqCst)
+}
+
 /// `apt-get update`, at most once per run, and only where this run may change packages.
 pub fn apt_update(why: &str) -> Result<()> {
     if APT_UPDATED.load(Ordering::SeqCst) {

@@ -43,8 +43,20 @@ pub struct Kernel {
 const MANIFEST: &str = "manifest";
 
 /// Resolves `series` from the apt lists and returns its cache entry, downloading and
-/// unpacking it first when it is not cached yet.
+/// unpacking it first when it is not cached yet. In CI, a failure with lists older than this
+/// run (a superseded security kernel is gone from the archive) refreshes them and retries once.
 pub fn ensure(series: Series) -> Result<Kernel> {
+    match ensure_once(series) {
+        Err(e) if host::may_install() && !host::apt_updated() => {
+            println!("matrix: {e:#}\nmatrix: refreshing the apt lists and retrying once");
+            host::apt_update("retry with fresh lists")?;
+            ensure_once(series)
+        }
+        r => r,
+    }
+}
+
+fn ensure_once(series: Series) -> Result<Kernel> {
     let (version, package) = resolve(series)?;
     let release = package
         .strip_prefix("linux-image-")
