@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod judge;
+pub mod open;
 
 /// Ring-buffer record kinds; the first `u32` of every record.
 pub mod kind {
@@ -164,6 +165,8 @@ pub mod verdict {
     pub const EXPIRED: u8 = 2;
     pub const REVOKED: u8 = 3;
     pub const OUT_OF_INTENT: u8 = 4;
+    /// A secret opened by a process holding no grant (secret opens only, `open::judge_open`).
+    pub const NO_GRANT: u8 = 5;
 }
 
 /// A process image was replaced (successful execve/execveat).

@@ -156,20 +156,6 @@ fn in_nets(nets: &[(IpNet, u16, u16)], ip: IpAddr, port: u16) -> bool {
     nets.iter().any(|(net, lo, hi)| net.contains(&ip) && *lo <= port && port <= *hi)
 }
 
-/// The action a violation gets.
-fn act(mode: Mode, on_violation: OnViolation, path: &mut Vec<String>) -> Action {
-    match mode {
-        Mode::Monitor => {
-            path.push("mode monitor: alert".into());
-            Action::Alerted
-        }
-        Mode::Enforce => {
-            path.push(format!("mode enforce: on_violation {on_violation}"));
-            action_of(on_violation.action_code())
-        }
-    }
-}
-
 fn what(u: &Use) -> String {
     match u {
         Use::SecretOpen { secret, .. } => format!("secret {secret:?}"),
@@ -181,7 +167,7 @@ pub fn decide(u: &Use, subject: &SubjectState, mode: Mode, now: DateTime<Utc>) -
     match u {
         Use::Connect { ip, port } => decide_connect(*ip, *port, subject, mode, now),
         Use::SecretOpen { secret, without_grant } => {
-            decide_open(u, secret, *without_grant, subject, mode, now)
+            decide_open(secret, *without_grant, subject, mode, now)
         }
     }
 }
@@ -215,51 +201,6 @@ fn subject_lines(subject: &SubjectState) -> Vec<String> {
     ]
 }
 
-/// A secret open, with the connect judge's precedence: allowed (an active, unexpired grant
-/// covers the secret) > the first covering grant revoked > the first covering grant expired
-/// > out_of_intent against the first held grant; holding none is `no_grant`.
-fn decide_open(
-    u: &Use,
-    secret: &str,
-    without_grant: OnViolation,
-    subject: &SubjectState,
-    mode: Mode,
-    now: DateTime<Utc>,
-) -> Decision {
-    let held = &subject.held;
-    let mut path = subject_lines(subject);
-    if held.is_empty() {
-        path.push(format!("{} requires a grant; none held", what(u)));
-        let action = act(mode, without_grant, &mut path);
-        return decision(Verdict::NoGrant, action, path, None, Reason::Grant);
-    }
-    let covering: Vec<usize> =
-        (0..held.len()).filter(|i| held[*i].secrets.iter().any(|s| s == secret)).collect();
-    if covering.is_empty() {
-        path.push(format!("no held grant covers {}", what(u)));
-        let action = act(mode, held[0].on_violation, &mut path);
-        return decision(Verdict::OutOfIntent, action, path, Some(0), Reason::Grant);
-    }
-    if let Some(&i) = covering.iter().find(|i| !held[**i].revoked && now < held[**i].expires_at) {
-        let g = &held[i];
-        path.push(format!("grant {} (intent {}) covers {}", g.id, g.intent, what(u)));
-        path.push(format!("grant active until {}", g.expires_at.to_rfc3339()));
-        return decision(Verdict::Allowed, Action::Allowed, path, Some(i), Reason::None);
-    }
-    if let Some(&i) = covering.iter().find(|i| held[**i].revoked) {
-        path.push(revoked_line(&held[i], u));
-        let action = act(mode, held[i].on_violation, &mut path);
-        return decision(Verdict::Revoked, action, path, Some(i), Reason::Grant);
-    }
-    let i = covering[0];
-    let late = late_ms(&held[i], now);
-    path.push(expired_line(&held[i], u, late));
-    let action = act(mode, held[i].on_violation, &mut path);
-    let mut d = decision(Verdict::Expired, action, path, Some(i), Reason::Grant);
-    d.expired_for_ms = Some(late);
-    d
-}
-
 fn late_ms(g: &HeldGrant, now: DateTime<Utc>) -> u64 {
     (now - g.expires_at).num_milliseconds().max(0) as u64
 }
@@ -290,6 +231,7 @@ pub fn verdict_of(code: u8) -> Option<Verdict> {
         verdict::EXPIRED => Verdict::Expired,
         verdict::REVOKED => Verdict::Revoked,
         verdict::OUT_OF_INTENT => Verdict::OutOfIntent,
+        verdict::NO_GRANT => Verdict::NoGrant,
         _ => return None,
     })
 }
@@ -304,8 +246,11 @@ fn on_violation_of(code: u8) -> OnViolation {
 }
 
 mod connect;
+mod open;
 #[cfg(test)]
 mod tests;
 
 use connect::decide_connect;
 pub use connect::{explain, judge_connect};
+use open::decide_open;
+pub use open::{explain_open, judge_secret_open};

@@ -467,3 +467,299 @@ fn replay_uses_the_kernel_deadline() {
     // Without a replay time the wall-clock deadline counts (expired an hour ago).
     assert_eq!(judge_connect(ip, 443, &s, Mode::Enforce, now, None).verdict, verdict::EXPIRED);
 }
+
+/// The shared open judge (the code the BPF-LSM file_open program runs) on the kernel's own
+/// layout: deadlines on the boot clock, revoke_on_violation, monitor mode, taint bits.
+#[test]
+fn open_judge_table() {
+    use enforcer_common::judge::Facts;
+    use enforcer_common::open::judge_open;
+    use enforcer_common::{GrantInfo, ProcGrants, SecretInfo, grant_flags, grant_state};
+    struct Slots(Vec<GrantInfo>);
+    impl Facts for Slots {
+        fn grant(&self, slot: u32) -> Option<GrantInfo> {
+            self.0.get((slot as usize).checked_sub(1)?).copied()
+        }
+        fn covers(&self, _: u32, _: &[u8; 16], _: u16) -> bool {
+            unreachable!("an open is judged by grants only")
+        }
+        fn secret(&self, _: u32) -> Option<SecretInfo> {
+            unreachable!()
+        }
+        fn grant_taint(&self, _: u32) -> u64 {
+            unreachable!()
+        }
+    }
+    let g = |secrets: u64, expires_ns: u64, state: u32, action: u32, flags: u32| GrantInfo {
+        expires_ns,
+        secrets,
+        state,
+        action: action as u32,
+        flags,
+        ..Default::default()
+    };
+    let now = 1_000_000u64;
+    let (live, ended, revoked) = (now + 1, now, grant_state::REVOKED);
+    let act = grant_state::ACTIVE;
+    let (deny, kill) = (action::DENY as u32, action::KILL as u32);
+    let rov = grant_flags::REVOKE_ON_VIOLATION;
+    // (name, grants, held slots, secret, without_grant, enforce,
+    //  verdict, slot, action, taint, revoke)
+    let cases: Vec<(&str, Vec<GrantInfo>, &[u32], u32, u8, bool, u8, u32, u8, u64, bool)> = vec![
+        (
+            "no entry",
+            vec![],
+            &[],
+            3,
+            action::DENY,
+            true,
+            verdict::NO_GRANT,
+            0,
+            action::DENY,
+            0,
+            false,
+        ),
+        (
+            "no entry, alert",
+            vec![],
+            &[],
+            3,
+            action::ALERT,
+            true,
+            verdict::NO_GRANT,
+            0,
+            action::ALERT,
+            8,
+            false,
+        ),
+        (
+            "no entry, kill",
+            vec![],
+            &[],
+            0,
+            action::KILL,
+            true,
+            verdict::NO_GRANT,
+            0,
+            action::KILL,
+            0,
+            false,
+        ),
+        (
+            "no entry, monitor",
+            vec![],
+            &[],
+            3,
+            action::KILL,
+            false,
+            verdict::NO_GRANT,
+            0,
+            action::ALERT,
+            8,
+            false,
+        ),
+        (
+            "live covers",
+            vec![g(8, live, act, deny, 0)],
+            &[1],
+            3,
+            action::DENY,
+            true,
+            verdict::ALLOWED,
+            1,
+            action::ALLOWED,
+            8,
+            false,
+        ),
+        (
+            "deadline is exact",
+            vec![g(8, ended, act, deny, 0)],
+            &[1],
+            3,
+            action::ALERT,
+            true,
+            verdict::EXPIRED,
+            1,
+            action::DENY,
+            0,
+            false,
+        ),
+        (
+            "expired, rov",
+            vec![g(8, ended, act, kill, rov)],
+            &[1],
+            3,
+            action::ALERT,
+            true,
+            verdict::EXPIRED,
+            1,
+            action::KILL,
+            0,
+            true,
+        ),
+        (
+            "revoked",
+            vec![g(8, live, revoked, deny, rov)],
+            &[1],
+            3,
+            action::ALERT,
+            true,
+            verdict::REVOKED,
+            1,
+            action::DENY,
+            0,
+            false,
+        ),
+        (
+            "revoked beats expired",
+            vec![g(8, ended, act, deny, 0), g(8, live, revoked, kill, 0)],
+            &[1, 2],
+            3,
+            action::ALERT,
+            true,
+            verdict::REVOKED,
+            2,
+            action::KILL,
+            0,
+            false,
+        ),
+        (
+            "live beats revoked",
+            vec![g(8, live, revoked, deny, 0), g(8, live, act, deny, 0)],
+            &[1, 2],
+            3,
+            action::ALERT,
+            true,
+            verdict::ALLOWED,
+            2,
+            action::ALLOWED,
+            8,
+            false,
+        ),
+        (
+            "other secret",
+            vec![g(1, live, act, deny, rov)],
+            &[1],
+            3,
+            action::ALERT,
+            true,
+            verdict::OUT_OF_INTENT,
+            1,
+            action::DENY,
+            0,
+            true,
+        ),
+        (
+            "other secret, monitor",
+            vec![g(1, live, act, deny, rov)],
+            &[1],
+            3,
+            action::ALERT,
+            false,
+            verdict::OUT_OF_INTENT,
+            1,
+            action::ALERT,
+            8,
+            true,
+        ),
+        (
+            "intent alerts",
+            vec![g(1, live, act, action::ALERT as u32, 0)],
+            &[1],
+            3,
+            action::DENY,
+            true,
+            verdict::OUT_OF_INTENT,
+            1,
+            action::ALERT,
+            8,
+            false,
+        ),
+        (
+            "stale slot is no grant",
+            vec![],
+            &[7],
+            3,
+            action::DENY,
+            true,
+            verdict::NO_GRANT,
+            0,
+            action::DENY,
+            0,
+            false,
+        ),
+        (
+            "secret 63",
+            vec![g(1 << 63, live, act, deny, 0)],
+            &[1],
+            63,
+            action::DENY,
+            true,
+            verdict::ALLOWED,
+            1,
+            action::ALLOWED,
+            1 << 63,
+            false,
+        ),
+    ];
+    for (name, grants, slots, secret, without, enforce, v, slot, a, taint, revoke) in cases {
+        let mut pg = ProcGrants::default();
+        pg.grants[..slots.len()].copy_from_slice(slots);
+        let proc = (!slots.is_empty()).then_some(&pg);
+        let j = judge_open(&Slots(grants), proc, secret, without, now, enforce);
+        assert_eq!(
+            (j.verdict, j.slot, j.action, j.taint, j.revoke),
+            (v, slot, a, taint, revoke),
+            "{name}"
+        );
+        assert_eq!(j.lets_through(), a != action::DENY && a != action::KILL, "{name}");
+    }
+}
+
+/// The fanotify backend's decision and the kernel's judge agree: the decision is read from
+/// the same judgement (grant named, action, expired_for_ms).
+#[test]
+fn open_decisions_follow_the_shared_judge() {
+    let now = Utc::now();
+    let mut live = grant("a", &["key"], &[], 60, false, now);
+    live.on_violation = OnViolation::Kill;
+    let mut exp = grant("b", &["key"], &[], -3, false, now);
+    exp.revoke_on_violation = true;
+    let other = grant("c", &["other"], &[], 60, false, now);
+    let subj = |held: Vec<HeldGrant>| SubjectState { known: true, held, ..Default::default() };
+    for (held, mode, verdict, action, grant) in [
+        (
+            vec![other.clone(), exp.clone()],
+            Mode::Enforce,
+            Verdict::Expired,
+            Action::Denied,
+            Some(1),
+        ),
+        (vec![other.clone()], Mode::Enforce, Verdict::OutOfIntent, Action::Denied, Some(0)),
+        (
+            vec![exp.clone(), live.clone()],
+            Mode::Enforce,
+            Verdict::Allowed,
+            Action::Allowed,
+            Some(1),
+        ),
+        (vec![], Mode::Enforce, Verdict::NoGrant, Action::Killed, None),
+        (vec![], Mode::Monitor, Verdict::NoGrant, Action::Alerted, None),
+    ] {
+        let s = subj(held);
+        let u = Use::SecretOpen { secret: "key".into(), without_grant: OnViolation::Kill };
+        let d = decide(&u, &s, mode, now);
+        assert_eq!(
+            (d.verdict, d.action, d.grant),
+            (verdict, action, grant),
+            "{:?}",
+            d.decision_path
+        );
+        let j = judge_secret_open("key", OnViolation::Kill, &s, mode, now, None);
+        assert_eq!(explain_open(&j, "key", &s, mode, now), d);
+        if verdict == Verdict::Expired {
+            assert_eq!(d.expired_for_ms, Some(3000));
+            assert!(j.revoke, "revoke_on_violation asked for");
+        }
+    }
+}
