@@ -3,6 +3,7 @@
 //!   enforcer-test-helper openat2 PATH
 //!   enforcer-test-helper uring-open PATH
 //!   enforcer-test-helper uring-connect IP PORT
+//!   enforcer-test-helper open-loop PATH N   (prints "ns <per open+close>" before "ok")
 //! Prints "ok <pid>" on success, exits 1 with the error otherwise.
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +14,7 @@ fn main() {
     let r = match args.get(1).map(String::as_str) {
         Some("openat2") => openat2(&args[2]),
         Some("uring-open") => uring_open(&args[2]),
+        Some("open-loop") => open_loop(&args[2], args[3].parse().expect("count")),
         Some("uring-connect") => {
             uring_connect(args[2].parse().expect("ip"), args[3].parse().expect("port"))
         }
@@ -25,6 +27,21 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Opens and closes `path` `n` times; prints the mean cost of one open+close in ns.
+fn open_loop(path: &str, n: u32) -> Result<(), String> {
+    let c = CString::new(path).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("open: {}", std::io::Error::last_os_error()));
+        }
+        unsafe { libc::close(fd) };
+    }
+    println!("ns {}", start.elapsed().as_nanos() / n.max(1) as u128);
+    Ok(())
 }
 
 #[repr(C)]

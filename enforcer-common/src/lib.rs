@@ -16,6 +16,8 @@ pub mod kind {
     pub const CONNECT: u32 = 4;
     /// A judged socket() creation (`SocketRecord`), always on the ALERTS ring.
     pub const SOCKET: u32 = 5;
+    /// A secret open judged by the BPF-LSM `file_open` program (`FileOpenRecord`).
+    pub const FILE_OPEN: u32 = 6;
 }
 
 /// Maximum bytes of an exec'd filename kept by the kernel.
@@ -315,3 +317,96 @@ pub struct SocketRecord {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SocketRecord {}
+
+/// Bytes of a file name the BPF-LSM backend keys secrets' paths by (NUL padded); a longer
+/// name is watched by inode only.
+pub const NAME_LEN: usize = 64;
+
+/// SECRET_INODES key: a secret's inode as the kernel names it (`inode->i_sb->s_dev`, the
+/// kernel's MKDEV encoding, and `i_ino`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// SECRET_NAMES key: a secret's path as (parent directory inode, file name): a new inode
+/// at a watched path is judged from its first open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    pub dir: InodeKey,
+    pub name: [u8; NAME_LEN],
+}
+
+/// SECRET_INODES / SECRET_NAMES value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecretRef {
+    /// The secret's index (taint bit, SECRETS slot).
+    pub index: u32,
+    pub _pad: u32,
+}
+
+/// LSM_CONFIG array indices (u64 values), written by the daemon.
+pub mod lsm_config {
+    /// The cgroup id of `cgroup_root`: opens by processes outside it are not judged.
+    pub const CGROUP_ROOT_ID: u32 = 0;
+    /// Its level below the cgroup2 root (0: the whole host, nothing is outside).
+    pub const CGROUP_ROOT_LEVEL: u32 = 1;
+    /// The daemon's tgid and start time (clock ticks since boot, as /proc/<pid>/stat shows
+    /// it): its own opens (reading the secrets' values for the redactor) are not judged. A
+    /// reused pid has another start time.
+    pub const DAEMON_TGID: u32 = 2;
+    pub const DAEMON_START_NS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// `FileOpenRecord.flags`.
+pub mod open_flags {
+    /// The inode was found by (directory, name): a new inode at a watched path, added to
+    /// SECRET_INODES by the kernel at this open.
+    pub const BY_NAME: u8 = 1;
+}
+
+/// A secret open judged in the kernel (BPF-LSM backend). Violations go to ALERTS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileOpenRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// The secret's index.
+    pub secret: u32,
+    /// The grant slot decided against (0 = none).
+    pub grant_slot: u32,
+    /// `verdict::*` (NO_GRANT for a process holding none).
+    pub verdict: u8,
+    /// `action::*` the kernel applied (DENY/KILL: the open failed with EPERM).
+    pub action: u8,
+    /// 1 when the kernel revoked the grant on this violation.
+    pub revoked_now: u8,
+    /// `open_flags::*`.
+    pub flags: u8,
+    pub _pad: u32,
+    pub inode: InodeKey,
+    /// The parent directory of the name the file was opened by.
+    pub dir: InodeKey,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+    /// The opener's PROC_GRANTS entry the open was judged on (before the taint it adds).
+    pub subject: ProcGrants,
+    /// The name (last path component) the file was opened by, NUL padded.
+    pub name: [u8; NAME_LEN],
+}
+
+#[cfg(feature = "user")]
+mod pod_lsm {
+    use super::*;
+    unsafe impl aya::Pod for InodeKey {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for SecretRef {}
+    unsafe impl aya::Pod for FileOpenRecord {}
+}

@@ -3,7 +3,7 @@
 //! `decide/` for the fanotify backend, so both backends follow the same rules and the
 //! daemon's table tests exercise the code the kernel runs.
 //!
-//! Like [`crate::judge::judge`] it reads grants through [`Facts`] (only `grant` is used),
+//! Like [`crate::judge::judge`] it reads grants through [`OpenFacts`],
 //! takes the clock as an argument (boot clock, compared with each grant's deadline: an open
 //! one nanosecond late is expired) and writes nothing; the caller applies the taint and a
 //! revoke it asks for.
@@ -20,8 +20,7 @@
 //! A violation's action is never "allowed"; monitor mode only alerts. Unless the open is
 //! refused (deny, kill), the opener is tainted by the secret (`taint`).
 use crate::{
-    GrantInfo, MAX_PROC_GRANTS, ProcGrants, action, grant_flags, grant_state, judge::Facts, reason,
-    verdict,
+    GrantInfo, MAX_PROC_GRANTS, ProcGrants, action, grant_flags, grant_state, reason, verdict,
 };
 
 /// The open judge's answer.
@@ -49,11 +48,43 @@ impl OpenJudgement {
     }
 }
 
+/// What the open judge reads: grants by slot. Each lookup is a map read in the kernel.
+pub trait OpenFacts {
+    /// The grant in `slot` (None: no such grant).
+    fn grant(&self, slot: u32) -> Option<GrantInfo>;
+    /// The same value: in the kernel, one the verifier cannot see through, so the paths
+    /// that computed it merge and the rest of the judge is verified once per held slot
+    /// rather than once per combination of earlier outcomes.
+    #[inline(always)]
+    fn settle(&self, v: u64) -> u64 {
+        v
+    }
+}
+
+/// Per held slot, the judge remembers only positions (0..MAX_PROC_GRANTS, or NONE), packed
+/// in one u64: the first held grant, the first live covering one, the first revoked
+/// covering one, the first expired covering one.
+const NONE: u64 = 7;
+const FIRST: u32 = 0;
+const LIVE: u32 = 3;
+const REVOKED: u32 = 6;
+const EXPIRED: u32 = 9;
+
+#[inline(always)]
+fn pos(acc: u64, field: u32) -> u64 {
+    (acc >> field) & 7
+}
+
+#[inline(always)]
+fn set(acc: u64, field: u32, i: u64) -> u64 {
+    if pos(acc, field) == NONE { (acc & !(7 << field)) | (i << field) } else { acc }
+}
+
 /// The verdict for the process with map entry `proc` (None: no entry, it holds nothing)
 /// opening the secret with index `secret` (its taint bit) whose no-grant action is
 /// `without_grant` (`action::*`), at `now_ns` (boot clock), in enforce mode or not.
 #[inline(always)]
-pub fn judge_open<F: Facts>(
+pub fn judge_open<F: OpenFacts>(
     facts: &F,
     proc: Option<&ProcGrants>,
     secret: u32,
@@ -70,69 +101,69 @@ pub fn judge_open<F: Facts>(
         taint: 0,
         revoke: false,
     };
-    let mut first_slot = 0u32;
-    let mut first_info = (0u32, false);
-    let mut live_slot = 0u32;
-    let mut revoked_slot = 0u32;
-    let mut revoked_info = (0u32, false);
-    let mut expired_slot = 0u32;
-    let mut expired_info = (0u32, false);
-    if let Some(pg) = proc {
-        for i in 0..MAX_PROC_GRANTS {
-            let slot = pg.grants[i];
-            if slot == 0 {
-                continue;
-            }
-            let Some(g) = facts.grant(slot) else { continue };
-            if first_slot == 0 {
-                first_slot = slot;
-                first_info = (g.action, revocable(&g));
-            }
-            if g.secrets & bit == 0 {
-                continue;
-            }
-            if g.state == grant_state::ACTIVE && now_ns < g.expires_ns {
-                if live_slot == 0 {
-                    live_slot = slot;
-                }
-            } else if g.state == grant_state::REVOKED {
-                if revoked_slot == 0 {
-                    revoked_slot = slot;
-                    revoked_info = (g.action, false);
-                }
-            } else if expired_slot == 0 {
-                expired_slot = slot;
-                expired_info = (g.action, revocable(&g));
-            }
+    let grants = match proc {
+        Some(pg) => pg.grants,
+        None => [0; MAX_PROC_GRANTS],
+    };
+    let mut acc: u64 = NONE << FIRST | NONE << LIVE | NONE << REVOKED | NONE << EXPIRED;
+    for (i, &slot) in grants.iter().enumerate() {
+        if slot == 0 {
+            continue;
         }
+        let Some(g) = facts.grant(slot) else { continue };
+        acc = set(acc, FIRST, i as u64);
+        if g.secrets & bit != 0 {
+            let field = if g.state == grant_state::ACTIVE && now_ns < g.expires_ns {
+                LIVE
+            } else if g.state == grant_state::REVOKED {
+                REVOKED
+            } else {
+                EXPIRED
+            };
+            acc = set(acc, field, i as u64);
+        }
+        acc = facts.settle(acc);
     }
-    if live_slot != 0 {
-        j.verdict = verdict::ALLOWED;
-        j.slot = live_slot;
-        j.action = action::ALLOWED;
-        j.taint = bit;
-        return j;
+    // Precedence: live > revoked > expired > out_of_intent against the first held grant.
+    let (field, v) = if pos(acc, LIVE) != NONE {
+        (LIVE, verdict::ALLOWED)
+    } else if pos(acc, REVOKED) != NONE {
+        (REVOKED, verdict::REVOKED)
+    } else if pos(acc, EXPIRED) != NONE {
+        (EXPIRED, verdict::EXPIRED)
+    } else if pos(acc, FIRST) != NONE {
+        (FIRST, verdict::OUT_OF_INTENT)
+    } else {
+        (FIRST, verdict::NO_GRANT)
+    };
+    let at = pos(acc, field) as usize;
+    if v != verdict::NO_GRANT && at < MAX_PROC_GRANTS {
+        let slot = grants[at];
+        let Some(g) = facts.grant(slot) else {
+            // Removed between the two reads: judged as holding nothing.
+            return finish(j, bit, enforce);
+        };
+        j.verdict = v;
+        j.slot = slot;
+        if v == verdict::ALLOWED {
+            j.action = action::ALLOWED;
+            j.taint = bit;
+            return j;
+        }
+        j.action = g.action as u8;
+        j.revoke = revocable(&g);
     }
-    if revoked_slot != 0 {
-        j.verdict = verdict::REVOKED;
-        j.slot = revoked_slot;
-        j.action = revoked_info.0 as u8;
-        j.revoke = revoked_info.1;
-    } else if expired_slot != 0 {
-        j.verdict = verdict::EXPIRED;
-        j.slot = expired_slot;
-        j.action = expired_info.0 as u8;
-        j.revoke = expired_info.1;
-    } else if first_slot != 0 {
-        j.verdict = verdict::OUT_OF_INTENT;
-        j.slot = first_slot;
-        j.action = first_info.0 as u8;
-        j.revoke = first_info.1;
-    }
+    finish(j, bit, enforce)
+}
+
+/// A violation's action is never "allowed"; monitor mode only alerts (a
+/// revoke_on_violation still ends the grant, as for connects); an open that goes ahead
+/// taints the opener.
+#[inline(always)]
+fn finish(mut j: OpenJudgement, bit: u64, enforce: bool) -> OpenJudgement {
     if j.action == action::ALLOWED || j.action > action::KILL {
         j.action = action::ALERT;
     }
-    // Monitor mode only alerts (a revoke_on_violation still ends the grant, as for connects).
     if !enforce {
         j.action = action::ALERT;
     }

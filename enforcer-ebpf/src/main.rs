@@ -7,6 +7,7 @@
 
 mod connect;
 mod lineage;
+mod lsm;
 mod maps;
 mod probe;
 mod sock;

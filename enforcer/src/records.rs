@@ -6,7 +6,9 @@
 //! records without depending on the kernel loader.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use enforcer_common::{ConnectRecord, ExecRecord, ExitRecord, ForkRecord, SocketRecord, kind};
+use enforcer_common::{
+    ConnectRecord, ExecRecord, ExitRecord, FileOpenRecord, ForkRecord, SocketRecord, kind,
+};
 
 #[derive(Debug, Clone)]
 pub enum Record {
@@ -33,6 +35,8 @@ pub enum Record {
     Connect(Connect),
     /// A socket() the kernel judged a violation (always on the ALERTS ring).
     Socket(SocketUse),
+    /// A secret open judged by the BPF-LSM program (violations on the ALERTS ring).
+    FileOpen(KernelOpen),
     Malformed {
         len: usize,
         kind: u32,
@@ -78,6 +82,31 @@ pub struct SocketUse {
     pub verdict: u8,
     /// `enforcer_common::reason`: agent, grant holder or tainted.
     pub reason: u8,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+    pub subject: enforcer_common::ProcGrants,
+}
+
+/// A secret open the kernel judged (BPF-LSM backend): the decision was already applied
+/// (EPERM, taint, revoke, SIGKILL) before the open returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelOpen {
+    pub tgid: u32,
+    pub uid: u32,
+    /// The secret's index.
+    pub secret: u32,
+    pub grant_slot: u32,
+    /// `enforcer_common::verdict` and `action` as the kernel decided them.
+    pub verdict: u8,
+    pub action: u8,
+    pub revoked_now: bool,
+    /// Found by (directory, name): a new inode at a watched path.
+    pub by_name: bool,
+    /// (s_dev in the kernel's encoding, i_ino) of the file and of its directory.
+    pub inode: (u64, u64),
+    pub dir: (u64, u64),
+    /// The name the file was opened by (last path component).
+    pub name: String,
     pub cgroup_id: u64,
     pub boot_ns: u64,
     pub subject: enforcer_common::ProcGrants,
@@ -165,6 +194,25 @@ pub fn decode(bytes: &[u8]) -> Record {
                 action: r.action,
                 verdict: r.verdict,
                 reason: r.reason,
+                cgroup_id: r.cgroup_id,
+                boot_ns: r.boot_ns,
+                subject: r.subject,
+            }),
+            None => malformed,
+        },
+        kind::FILE_OPEN => match read::<FileOpenRecord>(bytes) {
+            Some(r) => Record::FileOpen(KernelOpen {
+                tgid: r.tgid,
+                uid: r.uid,
+                secret: r.secret,
+                grant_slot: r.grant_slot,
+                verdict: r.verdict,
+                action: r.action,
+                revoked_now: r.revoked_now == 1,
+                by_name: r.flags & enforcer_common::open_flags::BY_NAME != 0,
+                inode: (r.inode.dev, r.inode.ino),
+                dir: (r.dir.dev, r.dir.ino),
+                name: c_string(&r.name),
                 cgroup_id: r.cgroup_id,
                 boot_ns: r.boot_ns,
                 subject: r.subject,

@@ -21,8 +21,8 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         "process_lineage": if ok("raw_tracepoint") { "raw_tracepoint (pinned links)" } else { "unavailable" },
         "connect": if ok("cgroup_sock_addr") { "cgroup_sock_addr (in-kernel, inline)" } else { "unavailable" },
         "socket_create": if ok("cgroup_sock/sock_create") { "cgroup_sock sock_create (in-kernel, AF_INET/AF_INET6)" } else { "unavailable" },
-        "file_open": if ok("fanotify") { "fanotify (userspace; fails open when the daemon is gone)" } else { "unavailable" },
-        "file_open_note": if lsm { "BPF-LSM loads here, but the LSM backend is not built yet; fanotify is used" } else { "BPF-LSM refused by this kernel; fanotify is the fallback" },
+        "file_open": if lsm { "bpf-lsm (lsm/file_open, decided in the kernel; with file_backend = \"auto\" or \"bpf-lsm\")" } else if ok("fanotify") { "fanotify (FAN_OPEN_PERM, decided by the daemon)" } else { "unavailable" },
+        "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer" } else { "BPF-LSM refused by this kernel (see lsm/file_open above); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded" },
     });
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

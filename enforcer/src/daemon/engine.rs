@@ -25,6 +25,9 @@ use crate::store::EventStore;
 mod credential;
 mod socket;
 
+/// Secret opens the BPF-LSM program judged.
+mod kernel_open;
+
 pub struct Engine {
     pub table: ProcessTable,
     pub store: EventStore,
@@ -34,6 +37,9 @@ pub struct Engine {
     pub cgroup_scope: String,
     pub secret_kinds: std::collections::HashMap<String, SecretKind>,
     pub grants: GrantLinks,
+    /// Secrets' directories as the kernel names them (BPF-LSM backend), to name the files
+    /// in its records.
+    pub kernel_dirs: std::collections::HashMap<enforcer_common::InodeKey, std::path::PathBuf>,
     exe_hashes: ExeHashes,
     /// pid -> (exe, parent chain, exe sha256) for alerts; dropped when the process exits.
     alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, Option<String>)>,
@@ -88,6 +94,7 @@ impl Engine {
             cgroup_scope,
             secret_kinds: Default::default(),
             grants,
+            kernel_dirs: Default::default(),
             exe_hashes: ExeHashes::default(),
             alert_facts: Default::default(),
             env_seen: Default::default(),
@@ -114,6 +121,7 @@ impl Engine {
         match rec {
             Record::Connect(c) => self.on_connect(c),
             Record::Socket(s) => self.on_socket(s),
+            Record::FileOpen(o) => self.on_kernel_open(o),
             Record::Exec { tgid, .. } => {
                 self.counts.execs += 1;
                 self.report_env_credentials(tgid);

@@ -9,7 +9,7 @@ mod replay;
 mod status;
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -98,7 +98,11 @@ pub fn run(setup: Setup) -> Result<()> {
 async fn run_async(setup: Setup) -> Result<()> {
     let started = Instant::now();
     let cfg = setup.config.clone();
-    let (mut kernel, rings) = Kernel::load(&setup.cgroup_root, &cfg.pin_dir)?;
+    let (mut kernel, rings) = Kernel::load(&setup.cgroup_root, &cfg.pin_dir, cfg.file_backend)?;
+    let lsm = kernel.file_backend == "bpf-lsm";
+    if !kernel.file_backend_note.is_empty() {
+        tracing::info!("secret opens: fanotify ({})", kernel.file_backend_note);
+    }
     if kernel.adopted {
         tracing::info!(pin_dir = %cfg.pin_dir.display(), "adopted the previous daemon's pinned maps: grants and holdings carried over");
     }
@@ -117,8 +121,19 @@ async fn run_async(setup: Setup) -> Result<()> {
     // Lineage is attached: from here no process is missed; seed the ones already running.
     table.seed_from_proc();
 
-    let mut watch = SecretWatch::new()?;
+    let mut watch = SecretWatch::new(lsm)?;
     watch.set_secrets(&cfg.secrets);
+    let mut lsm_maps = match lsm {
+        true => {
+            let mut m = kernel.lsm_maps()?;
+            m.set_scope(
+                std::fs::metadata(&setup.cgroup_root)?.ino(),
+                scope_level(&setup.cgroup_scope),
+            )?;
+            Some(m)
+        }
+        false => None,
+    };
     // SAFETY: an owned duplicate of the fanotify fd, kept open while registered.
     let fan = unsafe {
         AsyncFd::register_with_interest(
@@ -169,6 +184,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     )));
     lock(&registry).set_policy(policy.clone(), index.by_name.clone(), secret_nets)?;
     policy_maps.apply(&cfg, &index, &mut table.cgroups)?;
+    sync_lsm(&mut lsm_maps, &watch, &index, None);
     let (restored, expired_while_down) = lock(&registry).restore(kernel.adopted, restore)?;
     // Without pins, running processes lost their agent flag and taint: written back from
     // /proc and the event store before anything is served or READY is reported.
@@ -208,6 +224,7 @@ async fn run_async(setup: Setup) -> Result<()> {
         Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), links);
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
+    sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
 
     let limiter = match cfg.mint_rate_per_second {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
@@ -305,6 +322,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                 let mut guard = guard?;
                 if watch.dirs_changed() {
                     watch.refresh();
+                    sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 }
                 guard.clear_ready();
             }
@@ -344,6 +362,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = tick.tick() => {
                 broker.sweep(&api_state.delivery.view.load());
                 watch.refresh();
+                sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.table.purge();
                 notify_watchdog();
                 for n in crate::alert::take_notices() {
@@ -372,12 +391,14 @@ async fn run_async(setup: Setup) -> Result<()> {
                 // logrotate: reopen file sinks.
                 sinks.reopen_files();
                 let _ = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
+                sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             Some(reply) = reload_rx.recv() => {
                 let r = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
+                sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.flush();
                 let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
@@ -396,7 +417,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     engine.agent_event(
         "agent_stopped",
         "info",
-        format!("enforcer stopping on {reason}; kernel programs stay attached and pinned under {} (connect decisions, expiry, taint, agent flags and fork inheritance keep running in the kernel; secret opens are not judged until a daemon runs again); `enforcer detach` removes them", cfg.pin_dir.display()),
+        format!("enforcer stopping on {reason}; kernel programs stay attached and pinned under {} (connect decisions, expiry, taint, agent flags and fork inheritance keep running in the kernel; {}); `enforcer detach` removes them", cfg.pin_dir.display(), if lsm { "secret opens keep being judged by the BPF-LSM program" } else { "secret opens are not judged until a daemon runs again (fanotify backend)" }),
     );
     engine.flush();
     // Every grant record made so far is in the ledger before the process ends.
@@ -435,6 +456,30 @@ async fn registry_inbox(
 }
 
 /// Locks, carrying on past a panic elsewhere (the data stays consistent at every unlock).
+/// BPF-LSM backend: names the watched secrets (inodes, and paths as directory + name) to
+/// the kernel program, and gives the engine the directories' names for its records.
+fn sync_lsm(
+    maps: &mut Option<crate::kernel::lsm::LsmMaps>,
+    watch: &SecretWatch,
+    index: &SecretIndex,
+    engine: Option<&mut Engine>,
+) {
+    let Some(maps) = maps else { return };
+    let by_name: std::collections::HashMap<String, u32> =
+        index.by_name.iter().map(|(n, i)| (n.clone(), *i)).collect();
+    if let Err(e) = maps.sync(&watch.kernel_secrets(), &by_name) {
+        tracing::error!("BPF-LSM secret maps: {e:#}");
+    }
+    if let Some(engine) = engine {
+        engine.kernel_dirs = watch.kernel_dirs();
+    }
+}
+
+/// Depth of `cgroup_root` below the cgroup2 root ("/" is 0).
+fn scope_level(scope: &str) -> u32 {
+    scope.split('/').filter(|c| !c.is_empty()).count() as u32
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

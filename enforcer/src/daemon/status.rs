@@ -25,6 +25,23 @@ impl Context<'_> {
     pub fn render(&self, engine: &Engine, watch: &SecretWatch) -> Value {
         let cfg = &self.setup.config;
         let k = self.kernel.counters();
+        let lsm = self.kernel.file_backend == "bpf-lsm";
+        let file_open = if lsm {
+            "bpf-lsm (lsm/file_open: decided in the kernel by the shared open judge)".to_string()
+        } else {
+            format!(
+                "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon){}",
+                match self.kernel.file_backend_note.as_str() {
+                    "" => String::new(),
+                    n => format!("; {n}"),
+                }
+            )
+        };
+        let file_fail_open = if lsm {
+            "file_open: fails closed: the pinned lsm/file_open program keeps judging secret opens with no daemon (grants, expiry, taint, deny); records are queued or, when the ring is full, lost (counted); a secret path's new inode is judged by directory and name; fails open for secret paths whose file name is 64 bytes or longer when a new inode appears there, and for inodes the daemon has not found yet at start".to_string()
+        } else {
+            "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)".to_string()
+        };
         json!({
             "status": "running",
             "version": env!("CARGO_PKG_VERSION"),
@@ -34,14 +51,15 @@ impl Context<'_> {
             "config": cfg.source,
             "uptime_s": self.started.elapsed().as_secs(),
             "cgroup_root": self.setup.cgroup_root.display().to_string(),
+            "file_backend": self.kernel.file_backend,
             "backends": {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
                 "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
-                "file_open": "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)",
+                "file_open": file_open,
             },
             "fail_open": [
-                "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)",
+                file_fail_open,
                 "connect and lineage: links and maps stay pinned when the daemon stops (SIGTERM, SIGINT, SIGKILL, crash): the kernel keeps enforcing connects, expiry, taint of earlier reads, agent flags and fork inheritance, and the next daemon adopts the pins; only `enforcer detach` (package removal) removes them",
             ],
             "programs": self.kernel.attached,

@@ -3,11 +3,8 @@
 //! hold them, the judge run on them, and the judgement explained in words. The fanotify
 //! backend decides with this; kernel records of the BPF-LSM backend are explained with it.
 use chrono::{DateTime, Utc};
-use enforcer_common::judge::Facts;
-use enforcer_common::open::{OpenJudgement, judge_open};
-use enforcer_common::{
-    GrantInfo, MAX_PROC_GRANTS, ProcGrants, SecretInfo, grant_flags, grant_state, verdict,
-};
+use enforcer_common::open::{OpenFacts, OpenJudgement, judge_open};
+use enforcer_common::{GrantInfo, MAX_PROC_GRANTS, ProcGrants, grant_flags, grant_state, verdict};
 
 use super::{
     Decision, Reason, SubjectState, Use, Verdict, action_of, decision, expired_line, late_ms,
@@ -21,21 +18,9 @@ const NOW_NS: u64 = 1 << 62;
 /// Held grant `i` in slot `i + 1`; the opened secret is secret index 0.
 struct HeldFacts(Vec<GrantInfo>);
 
-impl Facts for HeldFacts {
+impl OpenFacts for HeldFacts {
     fn grant(&self, slot: u32) -> Option<GrantInfo> {
         self.0.get((slot as usize).checked_sub(1)?).copied()
-    }
-
-    fn covers(&self, _slot: u32, _addr: &[u8; 16], _port: u16) -> bool {
-        false
-    }
-
-    fn secret(&self, _index: u32) -> Option<SecretInfo> {
-        None
-    }
-
-    fn grant_taint(&self, _slot: u32) -> u64 {
-        0
     }
 }
 

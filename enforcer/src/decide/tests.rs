@@ -472,29 +472,19 @@ fn replay_uses_the_kernel_deadline() {
 /// layout: deadlines on the boot clock, revoke_on_violation, monitor mode, taint bits.
 #[test]
 fn open_judge_table() {
-    use enforcer_common::judge::Facts;
-    use enforcer_common::open::judge_open;
-    use enforcer_common::{GrantInfo, ProcGrants, SecretInfo, grant_flags, grant_state};
+    use enforcer_common::open::{OpenFacts, judge_open};
+    use enforcer_common::{GrantInfo, ProcGrants, grant_flags, grant_state};
     struct Slots(Vec<GrantInfo>);
-    impl Facts for Slots {
+    impl OpenFacts for Slots {
         fn grant(&self, slot: u32) -> Option<GrantInfo> {
             self.0.get((slot as usize).checked_sub(1)?).copied()
-        }
-        fn covers(&self, _: u32, _: &[u8; 16], _: u16) -> bool {
-            unreachable!("an open is judged by grants only")
-        }
-        fn secret(&self, _: u32) -> Option<SecretInfo> {
-            unreachable!()
-        }
-        fn grant_taint(&self, _: u32) -> u64 {
-            unreachable!()
         }
     }
     let g = |secrets: u64, expires_ns: u64, state: u32, action: u32, flags: u32| GrantInfo {
         expires_ns,
         secrets,
         state,
-        action: action as u32,
+        action,
         flags,
         ..Default::default()
     };

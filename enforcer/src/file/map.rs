@@ -14,6 +14,8 @@ use super::{UNMAPPED_SECRET, ident};
 pub(super) struct Known {
     pub secret: String,
     pub handle: Option<ident::Handle>,
+    /// The inode as the kernel names it (for the BPF-LSM backend's map).
+    pub kernel: Option<enforcer_common::InodeKey>,
 }
 
 /// An opened file, classified.
@@ -39,6 +41,16 @@ pub(super) struct Map {
     pub sibling_opens: u64,
     /// Opens of marked inodes no secret maps to, judged under UNMAPPED_SECRET.
     pub unmapped_opens: u64,
+    /// The BPF-LSM backend decides opens: inode marks only pin the inode and tell when it
+    /// is gone (a notification mask that opens never trigger), no permission events.
+    pub lsm: bool,
+}
+
+/// The mark mask of a secret inode: permission events for the fanotify backend; with
+/// BPF-LSM a mask opens never trigger (the mark keeps the inode's liveness visible in the
+/// group's fdinfo).
+pub(super) fn inode_mask(lsm: bool) -> MaskFlags {
+    if lsm { MaskFlags::FAN_CLOSE_WRITE } else { MaskFlags::FAN_OPEN_PERM }
 }
 
 impl Map {
@@ -54,7 +66,7 @@ impl Map {
         let p = ident::fd_path(fd);
         fan.mark(
             MarkFlags::FAN_MARK_ADD,
-            MaskFlags::FAN_OPEN_PERM,
+            inode_mask(self.lsm),
             nix::fcntl::AT_FDCWD,
             Some(p.as_str()),
         )?;
@@ -62,7 +74,8 @@ impl Map {
         match self.by_inode.get(&key) {
             Some(k) if k.handle == handle => {}
             _ => {
-                self.by_inode.insert(key, Known { secret: secret.to_string(), handle });
+                let kernel = crate::kernel::lsm::kernel_key(fd);
+                self.by_inode.insert(key, Known { secret: secret.to_string(), handle, kernel });
             }
         }
         Ok(key)

@@ -1,9 +1,11 @@
-//! Secret-file opens, attributed by inode identity through fanotify marks.
+//! Secret-file opens, attributed by inode identity through fanotify marks; and, for the
+//! BPF-LSM backend (`kernel/lsm.rs`, chosen where the kernel loads it), the tracking of the
+//! secrets' inodes and paths that its maps are filled from (`kernel_secrets`): then the
+//! marks only pin the inodes and show when they are gone, and no open waits for the daemon.
 //!
 //! An inode mark sees every open of that inode whatever name reached it: a symlink, a hard
 //! link, a relative path, /proc/self/fd/N, openat2 and io_uring all end in the same VFS
-//! open. BPF-LSM would also allow inline decisions, but this kind of host refuses it
-//! (see `enforcer doctor`), so fanotify is the backend here.
+//! open.
 //!
 //! A secret is its inode, for as long as the inode lives: once an inode is found at a
 //! secret's path it keeps that secret's name (and its mark) when it is renamed away, linked
@@ -128,6 +130,10 @@ pub struct SecretWatch {
     /// O_PATH fds of the marked directories (to remove a mark; the filesystem for
     /// open_by_handle_at).
     dir_fds: HashMap<(u64, u64), OwnedFd>,
+    /// Secrets' directories as the kernel names them, by path (BPF-LSM backend).
+    dir_keys: HashMap<PathBuf, enforcer_common::InodeKey>,
+    /// BPF-LSM decides opens: no permission marks (see `map::inode_mask`).
+    lsm: bool,
     warned_missing: HashSet<PathBuf>,
     /// fanotify queue overflows (events lost); stays 0 with FAN_UNLIMITED_QUEUE.
     pub overflows: u64,
@@ -135,7 +141,9 @@ pub struct SecretWatch {
 }
 
 impl SecretWatch {
-    pub fn new() -> Result<Self> {
+    /// `lsm`: the BPF-LSM backend decides opens; this only tracks the secrets' inodes and
+    /// paths for its maps (`kernel_secrets`).
+    pub fn new(lsm: bool) -> Result<Self> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_CONTENT
                 | InitFlags::FAN_CLOEXEC
@@ -151,7 +159,7 @@ impl SecretWatch {
         let (wake, wake_tx) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
         let fan = Arc::new(fan);
-        let map = Arc::new(Mutex::new(Map::default()));
+        let map = Arc::new(Mutex::new(Map { lsm, ..Map::default() }));
         let (tx, queue) = std::sync::mpsc::channel();
         {
             let (fan, map) = (fan.clone(), map.clone());
@@ -168,6 +176,8 @@ impl SecretWatch {
             dirs,
             targets: Vec::new(),
             dir_fds: HashMap::new(),
+            dir_keys: HashMap::new(),
+            lsm,
             warned_missing: HashSet::new(),
             overflows: 0,
             latencies: Latencies::default(),
@@ -242,7 +252,7 @@ impl SecretWatch {
                 self.fan
                     .mark(
                         MarkFlags::FAN_MARK_REMOVE,
-                        MaskFlags::FAN_OPEN_PERM,
+                        map::inode_mask(self.lsm),
                         nix::fcntl::AT_FDCWD,
                         Some(p.as_str()),
                     )
@@ -338,6 +348,18 @@ impl SecretWatch {
             }
         }
         map.by_path = by_path;
+        if self.lsm {
+            // The kernel judges new inodes at these paths by (directory, name) itself.
+            self.dir_keys = want
+                .iter()
+                .filter_map(|d| {
+                    let fd = ident::open_path(d, true)?;
+                    Some((d.clone(), crate::kernel::lsm::kernel_key(fd.as_fd())?))
+                })
+                .collect();
+            map.dirs.clear();
+            return;
+        }
         let mut live = HashSet::new();
         for dir in want {
             let Ok(m) = std::fs::metadata(&dir) else { continue };
@@ -390,6 +412,36 @@ impl SecretWatch {
         let Some(marked) = ident::marked_inodes(self.fan.as_fd()) else { return };
         let inos: HashSet<u64> = marked.iter().map(|k| k.1).collect();
         map.by_inode.retain(|k, _| at_paths.contains(k) || inos.contains(&k.1));
+    }
+
+    /// The secrets as the BPF-LSM program must know them: every inode found as a secret,
+    /// and every secret path as (directory inode, file name).
+    pub fn kernel_secrets(&self) -> crate::kernel::lsm::KernelSecrets {
+        let map = self.map.lock_or_recover();
+        let inodes =
+            map.by_inode.values().filter_map(|k| Some((k.kernel?, k.secret.clone()))).collect();
+        let names = map
+            .by_path
+            .iter()
+            .filter_map(|(path, secret)| {
+                let dir = self.dir_keys.get(path.parent()?)?;
+                Some(((*dir, crate::kernel::lsm::name_of(path)?), secret.clone()))
+            })
+            .collect();
+        crate::kernel::lsm::KernelSecrets { inodes, names }
+    }
+
+    /// Directory inode (kernel naming) -> path, to name the files in kernel records.
+    pub fn kernel_dirs(&self) -> HashMap<enforcer_common::InodeKey, PathBuf> {
+        let mut out = HashMap::new();
+        // The kernel names a file by its real directory: prefer the canonical path.
+        for (p, k) in &self.dir_keys {
+            let real = std::fs::canonicalize(p).is_ok_and(|r| &r == p);
+            if real || !out.contains_key(k) {
+                out.insert(*k, p.clone());
+            }
+        }
+        out
     }
 
     pub fn stats(&self) -> WatchStats {
@@ -446,6 +498,10 @@ fn respond_loop(fan: &Fanotify, map: &Mutex<Map>, tx: &Sender<PendingOpen>, wake
                     continue;
                 }
                 let Some(fd) = ev.fd() else { continue };
+                // Notification marks (BPF-LSM backend) wait for no answer and decide nothing.
+                if !ev.mask().contains(MaskFlags::FAN_OPEN_PERM) {
+                    continue;
+                }
                 let pid = ev.pid() as u32;
                 let class =
                     if pid == me { Class::Pass } else { map.lock_or_recover().classify(fan, fd) };

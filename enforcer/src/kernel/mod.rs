@@ -2,6 +2,7 @@
 //! feature probes, the policy and grant maps. Ring-buffer records are decoded in `crate::records`.
 pub mod btf;
 pub mod grants;
+pub mod lsm;
 pub mod policy;
 pub mod probe;
 pub mod tracefs;
@@ -22,6 +23,8 @@ use aya::{
     },
 };
 use enforcer_common::counter;
+
+use crate::policy::FileBackend;
 
 /// The eBPF object built by `cargo xtask build`, embedded by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
@@ -46,6 +49,10 @@ pub struct Kernel {
     _links: Vec<PinnedLink>,
     /// The maps (grants, holdings, ring buffer) were adopted from a previous daemon's pins.
     pub adopted: bool,
+    /// Which backend decides secret-file opens: "bpf-lsm" or "fanotify".
+    pub file_backend: &'static str,
+    /// Why fanotify runs where BPF-LSM was tried (the kernel's answer); empty otherwise.
+    pub file_backend_note: String,
 }
 
 /// The kernel's two record rings: routine records (lineage, allowed connects) and
@@ -124,7 +131,13 @@ impl Kernel {
     /// a previous daemon (so grants, holdings and queued records survive), attaches the
     /// lineage tracepoints (host-wide) and the connect hooks on `cgroup_root`, pins the new
     /// links, and only then drops the previous daemon's links: enforcement never pauses.
-    pub fn load(cgroup_root: &Path, pin_dir: &Path) -> Result<(Kernel, Rings)> {
+    /// `file_backend`: whether to try the BPF-LSM `file_open` program (auto: where the
+    /// kernel loads it; bpf-lsm: or fail).
+    pub fn load(
+        cgroup_root: &Path,
+        pin_dir: &Path,
+        file_backend: FileBackend,
+    ) -> Result<(Kernel, Rings)> {
         let object = object()?;
         ensure_pin_dir(pin_dir)?;
         let adopted = pin_dir.join("GRANTS").exists();
@@ -153,6 +166,16 @@ impl Kernel {
             ("INODE_INO_OFF", btf.offset("inode", "i_ino")?),
             ("INODE_SB_OFF", btf.offset("inode", "i_sb")?),
             ("SB_DEV_OFF", btf.offset("super_block", "s_dev")?),
+            ("LSM_FILE_INODE_OFF", btf.offset("file", "f_inode")?),
+            ("LSM_INODE_INO_OFF", btf.offset("inode", "i_ino")?),
+            ("LSM_INODE_SB_OFF", btf.offset("inode", "i_sb")?),
+            ("LSM_SB_DEV_OFF", btf.offset("super_block", "s_dev")?),
+            ("FILE_DENTRY_OFF", btf.offset("file", "f_path")? + btf.offset("path", "dentry")?),
+            ("DENTRY_PARENT_OFF", btf.offset("dentry", "d_parent")?),
+            ("DENTRY_NAME_OFF", btf.offset("dentry", "d_name")? + btf.offset("qstr", "name")?),
+            ("DENTRY_INODE_OFF", btf.offset("dentry", "d_inode")?),
+            ("TASK_LEADER_OFF", btf.offset("task_struct", "group_leader")?),
+            ("TASK_START_OFF", btf.offset("task_struct", "start_boottime")?),
         ];
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
@@ -202,6 +225,23 @@ impl Kernel {
         })?;
         links.push((prog, pin_cgroup_link(p.take_link(id)?, pin_dir, prog)?));
         attached.push(format!("cgroup_sock/{prog}"));
+        // Secret opens: BPF-LSM where this kernel loads it, else fanotify (in the daemon).
+        let (file_backend, file_backend_note) = match file_backend {
+            FileBackend::Fanotify => ("fanotify", "file_backend = \"fanotify\"".to_string()),
+            _ => match lsm::attach(&mut ebpf) {
+                Ok(link) => {
+                    links.push((lsm::PROGRAM, pin_link(link, pin_dir, lsm::PROGRAM)?));
+                    attached.push(format!("lsm/{}", lsm::PROGRAM));
+                    ("bpf-lsm", String::new())
+                }
+                Err(e) if file_backend == FileBackend::BpfLsm => {
+                    return Err(e.context(
+                        "file_backend = \"bpf-lsm\" but this kernel refuses the BPF-LSM program (use \"auto\" to fall back to fanotify)",
+                    ));
+                }
+                Err(e) => ("fanotify", format!("BPF-LSM refused by this kernel: {e:#}")),
+            },
+        };
         // The new programs run; the previous daemon's can go.
         for old in old_links {
             let _ = old.unpin();
@@ -218,7 +258,15 @@ impl Kernel {
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
         let alerts = RingBuf::try_from(ebpf.take_map("ALERTS").context("map ALERTS missing")?)?;
         Ok((
-            Kernel { ebpf, attached, pin_dir: pin_dir.to_path_buf(), _links: pinned, adopted },
+            Kernel {
+                ebpf,
+                attached,
+                pin_dir: pin_dir.to_path_buf(),
+                _links: pinned,
+                adopted,
+                file_backend,
+                file_backend_note,
+            },
             Rings { events, alerts },
         ))
     }
@@ -231,6 +279,11 @@ impl Kernel {
     /// Takes the policy maps (secrets, config, agent selectors) out of the object.
     pub fn policy_maps(&mut self) -> Result<policy::PolicyMaps> {
         policy::PolicyMaps::take(&mut self.ebpf)
+    }
+
+    /// Takes the BPF-LSM backend's maps out of the object.
+    pub fn lsm_maps(&mut self) -> Result<lsm::LsmMaps> {
+        lsm::LsmMaps::take(&mut self.ebpf)
     }
 
     /// Takes the grant maps out of the object, for the mint's registry.

@@ -27,8 +27,8 @@ pub use diag::{Diagnostic, Diagnostics};
 pub use duration::{format_duration, parse_duration};
 pub use model::{
     AGENT_ON_VIOLATION, AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR,
-    DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, DEFAULT_TTL, Intent, Mode, OnViolation, Secret,
-    SecretKind,
+    DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, DEFAULT_TTL, FileBackend, Intent, Mode, OnViolation,
+    Secret, SecretKind,
 };
 
 pub use sink::{

@@ -83,6 +83,27 @@ impl fmt::Display for SecretKind {
     }
 }
 
+/// `file_backend`: which backend decides secret-file opens. `auto` loads the BPF-LSM
+/// program and falls back to fanotify where the kernel refuses it; `bpf-lsm` refuses to
+/// start without it; `fanotify` never tries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FileBackend {
+    #[default]
+    Auto,
+    BpfLsm,
+    Fanotify,
+}
+
+impl fmt::Display for FileBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileBackend::Auto => "auto",
+            FileBackend::BpfLsm => "bpf-lsm",
+            FileBackend::Fanotify => "fanotify",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub mode: Mode,
@@ -99,6 +120,8 @@ pub struct Config {
     /// Grant requests per second allowed per requesting process (burst: twice that);
     /// 0 disables the limit.
     pub mint_rate_per_second: u32,
+    /// Which backend decides secret-file opens (`file_backend`).
+    pub file_backend: FileBackend,
     /// Where alerts are delivered (`[[sink]]`), each from its own cursor into the outbox.
     pub sinks: Vec<super::sink::SinkConfig>,
     /// Bounds of the durable outbox (`[outbox]`).

@@ -30,6 +30,7 @@ struct RawConfig {
     policy_dir: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
     mint_rate_per_second: Option<Spanned<u32>>,
+    file_backend: Option<Spanned<String>>,
     // Repeated rather than `#[serde(flatten)]`ed from RawPolicy: flatten buffers values and loses
     // their spans, and does not combine with deny_unknown_fields.
     #[serde(default)]
@@ -112,6 +113,7 @@ pub(crate) struct Settings {
     pub policy_dir: Option<PathBuf>,
     socket_group: Option<String>,
     mint_rate_per_second: u32,
+    file_backend: FileBackend,
     sinks: Vec<super::sink::SinkConfig>,
     outbox: super::sink::OutboxConfig,
     aws: super::aws::AwsSettings,
@@ -129,6 +131,7 @@ impl Settings {
             policy_dir,
             socket_group: None,
             mint_rate_per_second: DEFAULT_MINT_RATE_PER_SECOND,
+            file_backend: FileBackend::Auto,
             sinks: Vec::new(),
             outbox: Default::default(),
             aws: Default::default(),
@@ -210,6 +213,16 @@ impl Loader {
             raw.mode.as_ref(),
             &[("monitor", Mode::Monitor), ("enforce", Mode::Enforce)],
         );
+        let file_backend = self.choice(
+            file,
+            "file_backend",
+            raw.file_backend.as_ref(),
+            &[
+                ("auto", FileBackend::Auto),
+                ("bpf-lsm", FileBackend::BpfLsm),
+                ("fanotify", FileBackend::Fanotify),
+            ],
+        );
         let config_dir = match origin {
             Origin::File(p) => Some(p.parent().unwrap_or(Path::new(""))),
             Origin::Embedded => None,
@@ -260,6 +273,7 @@ impl Loader {
                 .as_ref()
                 .map(|r| *r.get_ref())
                 .unwrap_or(defaults.mint_rate_per_second),
+            file_backend: file_backend.unwrap_or(defaults.file_backend),
             sinks: super::sink::sinks(&mut self.diags, file, &raw.sink),
             outbox: super::sink::outbox(&mut self.diags, file, raw.outbox.as_ref()),
             aws: super::aws::settings(&mut self.diags, file, raw.aws.as_ref()),
@@ -547,6 +561,7 @@ impl Loader {
                 policy_dir: s.policy_dir,
                 socket_group: s.socket_group,
                 mint_rate_per_second: s.mint_rate_per_second,
+                file_backend: s.file_backend,
                 sinks: s.sinks,
                 outbox: s.outbox,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),

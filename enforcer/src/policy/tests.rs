@@ -575,3 +575,23 @@ fn destinations_that_do_not_fit_the_kernel_are_refused_where_written() {
     let eight = format!("[[intent]]\nname = \"i\"\ndestinations = [{}]\n", ports[..8].join(", "));
     assert!(load_str("t.toml", &eight).is_ok());
 }
+
+#[test]
+fn file_backend_key() {
+    assert_eq!(load_str("t.toml", "").unwrap().file_backend, FileBackend::Auto);
+    for (text, want) in [
+        ("auto", FileBackend::Auto),
+        ("bpf-lsm", FileBackend::BpfLsm),
+        ("fanotify", FileBackend::Fanotify),
+    ] {
+        let cfg = load_str("t.toml", &format!("file_backend = \"{text}\"\n")).unwrap();
+        assert_eq!(cfg.file_backend, want);
+        assert_eq!(want.to_string(), text);
+    }
+    assert_error(
+        "mode = \"monitor\"\nfile_backend = \"lsm\"\n",
+        "2:16",
+        "invalid file_backend `lsm`: expected one of `auto`, `bpf-lsm`, `fanotify`",
+    );
+    assert_error("file_backend = 1\n", "1:16", "invalid type");
+}

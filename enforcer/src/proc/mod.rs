@@ -225,6 +225,11 @@ impl ProcessTable {
                     p.cgroup_id = s.cgroup_id;
                 }
             }
+            Record::FileOpen(o) => {
+                if let Some(p) = self.procs.get_mut(&o.tgid) {
+                    p.cgroup_id = o.cgroup_id;
+                }
+            }
             Record::Malformed { .. } => {}
         }
     }
