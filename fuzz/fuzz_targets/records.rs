@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use enforcer::records::{Record, decode};
 use enforcer_common::{
-    ARGS_LEN, ConnectRecord, ExecRecord, ExitRecord, FILENAME_LEN, ForkRecord, MAX_PROC_GRANTS,
-    SocketRecord, kind,
+    ARGS_LEN, ConnectRecord, ExecRecord, ExitRecord, FILENAME_LEN, FileOpenRecord, ForkRecord,
+    MAX_PROC_GRANTS, NAME_LEN, SocketRecord, kind,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -43,6 +43,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(k == Some(kind::SOCKET) && fits(size_of::<SocketRecord>()));
             assert!(s.subject.grants.len() == MAX_PROC_GRANTS);
         }
+        Record::FileOpen(o) => {
+            assert!(k == Some(kind::FILE_OPEN) && fits(size_of::<FileOpenRecord>()));
+            // Lossy UTF-8 turns one byte into at most three.
+            assert!(o.name.len() <= 3 * NAME_LEN && !o.name.contains('\0'));
+        }
         Record::Malformed { len, kind: mk } => {
             assert_eq!(len, data.len());
             assert_eq!(mk, k.unwrap_or(0));
@@ -52,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(kind::EXEC) => assert!(!fits(size_of::<ExecRecord>())),
                 Some(kind::EXIT) => assert!(!fits(size_of::<ExitRecord>())),
                 Some(kind::SOCKET) => assert!(!fits(size_of::<SocketRecord>())),
+                Some(kind::FILE_OPEN) => assert!(!fits(size_of::<FileOpenRecord>())),
                 _ => {}
             }
         }
