@@ -4,17 +4,18 @@
 //! host), each test asserts that the daemon fell back to fanotify (status `file_backend`),
 //! prints why and returns; the fanotify backend's own tests (file_open.rs, enforce.rs,
 //! attacks_files.rs) cover the same cases there. Where it loads (Debian 6.1 and 6.12 under
-//! QEMU, `cargo xtask test --kernel ...`), they prove: EPERM in the kernel for ungranted,
-//! expired and out-of-intent opens by every way of reaching the file, allowed granted opens,
-//! monitor mode, fail-closed judging after SIGKILL of the daemon (expiry included), renamed
-//! and replaced secrets, the kernel's device encoding, and taint set in the kernel.
+//! QEMU: this file is in the kernel matrix's guest suite), they prove: EPERM in the kernel
+//! for ungranted and expired opens by every way of reaching the file, allowed granted opens,
+//! kill, monitor mode, fail-closed judging after SIGKILL of the daemon (expiry and taint
+//! included), renamed and replaced secrets, the kernel's device encoding. Few daemons on
+//! purpose: each start costs tens of seconds of verifier time under emulation.
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use enforcer_tests::enforce_fixture::{
-    Fixture, PRELUDE, fixture, fixture_with_secret_dest, py_run,
-};
+use enforcer_tests::enforce_fixture::{Fixture, PRELUDE, py_run};
 use enforcer_tests::*;
 
 /// Whether this kernel runs BPF-LSM programs (`bpf` in the active LSM list).
@@ -45,7 +46,7 @@ fn lsm_backend(f: &Fixture, test: &str) -> bool {
 
 /// The file_open events of `pid` (waits until there are `n`, up to 10 s).
 fn opens_of(f: &Fixture, pid: u32, n: usize) -> Vec<Event> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
     loop {
         let got: Vec<Event> = f.daemon.events().into_iter().filter(by("file_open", pid)).collect();
         if got.len() >= n || Instant::now() > deadline {
@@ -62,7 +63,8 @@ fn with_pid(mut out: Vec<String>) -> (u32, Vec<String>) {
 }
 
 /// A python process in the test cgroup (under `enforcer run --intent` when given) that
-/// reads the secret once per line on stdin and answers "ok" or the errno name.
+/// prints its pid, then per line on stdin reads the secret (`read`) or connects to a loopback
+/// port (`conn PORT`) and answers "ok" or the errno name.
 fn reader(f: &Fixture, intent: Option<(&str, &str)>) -> Child {
     let script =
         format!("{PRELUDE}\nprint(os.getpid(), flush=True)\nfor line in sys.stdin: read()");
@@ -96,42 +98,82 @@ fn ask(c: &mut Child) -> String {
     line(c)
 }
 
-/// Every way of reaching the file (path, symlink, hard link, relative path, /proc/self/fd,
-/// openat2, io_uring) fails with EPERM in the kernel; the denied events name the process;
-/// the event's device and inode are the secret's as stat(2) reports them (the kernel's
-/// s_dev converted back); a grant holder reads it.
+fn conn(c: &mut Child, port: u16) -> String {
+    writeln!(c.stdin.as_mut().unwrap(), "conn {port}").unwrap();
+    line(c)
+}
+
+/// The lsm fixture: enforce mode; secret `key` valid only toward `ok_port`, intent `wide`
+/// (deny) covering it toward every loopback port; secret `other` (a path nobody created yet)
+/// covered by intent `killer` (kill).
+fn lsm_fixture(name: &str) -> Option<Fixture> {
+    if !root_or_skip(name) {
+        return None;
+    }
+    let (dir, secret) = secret_file("key.json", "{\"k\": 1}");
+    let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
+    let policy = format!(
+        "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\n\
+         [[secret]]\nname = \"other\"\npaths = [\"{secret}.other\"]\n\
+         [[intent]]\nname = \"wide\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\ndestinations = [\"127.0.0.0/8:1-65535\"]\nmax_ttl = \"10m\"\non_violation = \"deny\"\n\
+         [[intent]]\nname = \"killer\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"other\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"kill\"\n"
+    );
+    let cg = TestCgroup::new(name);
+    let daemon = Daemon::start(&cg, &policy);
+    Some(Fixture { cg, daemon, secret, ok_port, bad_port, dir })
+}
+
+fn cat(f: &Fixture, p: &Path) -> std::process::Output {
+    f.cg.command("cat").arg(p).output().unwrap()
+}
+
+fn denied(out: &std::process::Output) -> bool {
+    !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted")
+}
+
+/// One daemon (each start costs tens of seconds under emulation) for every case the kernel
+/// decides: every way of reaching the file fails with EPERM, attributed, with the secret's
+/// device and inode as stat(2) reports them (the kernel's s_dev converted back); a grant
+/// holder reads and its deadline is kept by the kernel clock; renamed and replaced secrets;
+/// kill; the cost of a judged open; then, with the daemon SIGKILLed, the pinned program keeps
+/// judging (deny, live grant, expiry, taint set in the kernel), and the restarted daemon
+/// adopts the pins and reports what was decided meanwhile; monitor mode after a reload.
 #[test]
-fn ungranted_opens_are_denied_in_the_kernel() {
-    let Some(f) = fixture("lsm-deny", "enforce", "") else { return };
-    if !lsm_backend(&f, "lsm-deny") {
+fn secret_opens_are_decided_in_the_kernel() {
+    let Some(mut f) = lsm_fixture("lsm") else { return };
+    if !lsm_backend(&f, "lsm") {
         return;
     }
+    let scale = time_scale();
+    let real = std::fs::canonicalize(&f.secret).unwrap();
+
+    // Ungranted: EPERM in the kernel, the event names the process and the inode.
     let (pid, out) = with_pid(py_run(&f, None, "read()\nprint(os.getpid())").1);
     assert_eq!(out, ["EPERM"]);
     let e = opens_of(&f, pid, 1).pop().expect("denied event");
     assert_required_fields(&e);
     assert_eq!((e.verdict.as_str(), e.action.as_str()), ("no_grant", "denied"), "{e:?}");
-    assert_eq!(e.process.exe, python());
-    assert_eq!(e.process.cgroup, f.cg.rel());
+    assert_eq!(
+        (e.process.exe.as_str(), e.process.cgroup.as_str()),
+        (python().as_str(), f.cg.rel().as_str())
+    );
     assert_eq!(e.file().secret, "key");
-    let real = std::fs::canonicalize(&f.secret).unwrap();
     assert_eq!(e.file().path, real.display().to_string());
     assert_eq!((e.file().dev, e.file().ino), dev_ino(&real), "kernel s_dev -> st_dev");
-    assert!(e.decision_path.iter().any(|l| l.contains("decided in the kernel (BPF-LSM)")), "{e:?}");
-    let (_, out) = py_run(&f, Some("strict"), "read()");
-    assert_eq!(out, ["ok"], "the grant holder may read it");
+    assert!(e.path_has(|l| l.contains("decided in the kernel (BPF-LSM)")), "{e:?}");
+    println!("ungranted open: EPERM, attributed to pid {pid}");
 
+    // Every way of reaching the inode.
     let link = f.dir.path().join("link");
     std::os::unix::fs::symlink(&f.secret, &link).unwrap();
     let hard = f.dir.path().join("hard");
     std::fs::hard_link(&f.secret, &hard).unwrap();
-    for p in [&f.secret, &link.display().to_string(), &hard.display().to_string()] {
-        let out = f.cg.command("cat").arg(p).output().unwrap();
-        assert!(!out.status.success(), "cat {p} succeeded");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+    for p in [real.as_path(), &link, &hard] {
+        assert!(denied(&cat(&f, p)), "cat {p:?}");
     }
     let rel = f.cg.command("cat").arg("key.json").current_dir(f.dir.path()).output().unwrap();
-    assert!(String::from_utf8_lossy(&rel.stderr).contains("Operation not permitted"));
+    assert!(denied(&rel), "relative path");
     let (_, out) = py_run(
         &f,
         None,
@@ -143,54 +185,130 @@ fn ungranted_opens_are_denied_in_the_kernel() {
         assert!(!out.status.success(), "{how} open succeeded");
         assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{how}");
     }
-    let denied = f
-        .daemon
-        .wait_events("denied opens", |e: &Event| e.kind == "file_open" && e.action == "denied");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.daemon.events().iter().filter(|e| e.kind == "file_open" && e.action == "denied").count()
-        < 8
-    {
-        assert!(Instant::now() < deadline, "{denied:#?}");
+    let deadline = Instant::now() + Duration::from_secs(10) * scale;
+    let denied_events = || -> Vec<Event> {
+        f.daemon
+            .events()
+            .into_iter()
+            .filter(|e| e.kind == "file_open" && e.action == "denied")
+            .collect()
+    };
+    while denied_events().len() < 8 {
+        assert!(Instant::now() < deadline, "{:#?}", denied_events());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let all = f.daemon.events();
-    let denied: Vec<&Event> =
-        all.iter().filter(|e| e.kind == "file_open" && e.action == "denied").collect();
-    assert!(denied.iter().all(|e| e.verdict == "no_grant" && e.process.pid != 0), "{denied:#?}");
-    let hard_ev = denied.iter().find(|e| e.file().path.ends_with("/hard")).expect("hard link");
-    assert_eq!(hard_ev.file().ino, dev_ino(&real).1);
-}
+    let ev = denied_events();
+    assert!(
+        ev.iter().all(|e| e.verdict == "no_grant" && e.file().ino == dev_ino(&real).1),
+        "{ev:#?}"
+    );
+    assert!(ev.iter().any(|e| e.file().path == hard.display().to_string()), "{ev:#?}");
+    println!("path, symlink, hard link, relative, /proc/self/fd, openat2, io_uring: EPERM");
 
-/// A grant's deadline is kept by the kernel clock: the same process reads, then after its
-/// grant's deadline gets EPERM (verdict expired).
-#[test]
-fn expired_grant_is_denied_in_the_kernel() {
-    let Some(f) = fixture("lsm-expired", "enforce", "") else { return };
-    if !lsm_backend(&f, "lsm-expired") {
-        return;
-    }
-    let mut r = reader(&f, Some(("strict", "3s")));
-    let pid: u32 = line(&mut r).parse().unwrap();
-    assert_eq!(ask(&mut r), "ok");
-    std::thread::sleep(Duration::from_millis(3300));
+    // A grant holder reads; after its deadline (kernel clock) it is denied, expired.
+    let ttl = Duration::from_secs(4) * scale;
+    let mut r = reader(&f, Some(("wide", &format!("{}s", ttl.as_secs()))));
+    let holder: u32 = line(&mut r).parse().unwrap();
+    // The grant was issued before python started: its deadline is at most `ttl` from here.
+    let started = Instant::now();
+    assert_eq!(ask(&mut r), "ok", "the grant holder reads");
+    std::thread::sleep(
+        (started + ttl + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
     assert_eq!(ask(&mut r), "EPERM", "an open after the deadline fails in the kernel");
     let _ = r.kill();
     let _ = r.wait();
-    let ev = opens_of(&f, pid, 2);
+    let ev = opens_of(&f, holder, 2);
     assert_eq!(ev.len(), 2, "{ev:#?}");
     assert_eq!((ev[0].verdict.as_str(), ev[0].action.as_str()), ("allowed", "allowed"));
     assert_eq!((ev[1].verdict.as_str(), ev[1].action.as_str()), ("expired", "denied"));
-    assert_eq!(ev[1].grant().intent, "strict");
-    assert!(ev[1].grant().expired_for_ms.unwrap() >= 200, "{:?}", ev[1]);
-}
+    assert_eq!(ev[1].grant().intent, "wide");
+    println!("granted open allowed, then denied expired");
 
-/// Monitor mode: the ungranted open goes ahead, alerted; out-of-intent too.
-#[test]
-fn monitor_mode_allows_and_alerts() {
-    let Some(f) = fixture("lsm-monitor", "monitor", "") else { return };
-    if !lsm_backend(&f, "lsm-monitor") {
-        return;
+    // Renamed away, moved to another directory: the same inode, still the secret.
+    let away = f.dir.path().join("renamed.txt");
+    std::fs::rename(&f.secret, &away).unwrap();
+    assert!(denied(&cat(&f, &away)), "renamed away: still the secret");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let moved = elsewhere.path().join("elsewhere");
+    std::fs::rename(&away, &moved).unwrap();
+    assert!(denied(&cat(&f, &moved)), "moved into another directory: still the secret");
+    // Replaced: a fresh inode renamed onto the path is the secret from its first open...
+    let tmp = f.dir.path().join("key.json.new");
+    std::fs::write(&tmp, "{\"k\": 2}").unwrap();
+    assert!(cat(&f, &tmp).status.success(), "an unrelated file opens freely");
+    std::fs::rename(&tmp, &f.secret).unwrap();
+    let (pid, out) = with_pid(py_run(&f, None, "read()\nprint(os.getpid())").1);
+    assert_eq!(out, ["EPERM"], "the new inode at the path is the secret from its first open");
+    let e = opens_of(&f, pid, 1).pop().expect("event");
+    assert_eq!(e.file().ino, dev_ino(&real).1);
+    assert!(e.path_has(|l| l.contains("judged by directory and name")), "{e:?}");
+    // ... and stays it when renamed away in turn.
+    let rotated = f.dir.path().join("rotated-out");
+    std::fs::rename(&f.secret, &rotated).unwrap();
+    assert!(denied(&cat(&f, &rotated)));
+    std::fs::write(&f.secret, "{\"k\": 3}").unwrap();
+    println!("renamed, moved and replaced secrets: EPERM");
+
+    // A secret path that had no file (`other`, whose intent kills): created later outside
+    // the cgroup, its first open in the cgroup is killed by the kernel.
+    let other = PathBuf::from(format!("{}.other", f.secret));
+    std::fs::write(&other, "x").unwrap();
+    assert_eq!(cat(&f, &other).status.signal(), Some(9), "on_violation kill: SIGKILL");
+    println!("kill: SIGKILL from the kernel");
+
+    secret_open_cost(&f);
+
+    // No daemon: the pinned program keeps judging.
+    let mut live = reader(&f, Some(("wide", "10m")));
+    let mut short = reader(&f, Some(("wide", &format!("{}s", ttl.as_secs()))));
+    let mut none = reader(&f, None);
+    let (_, short_pid, none_pid) = (line(&mut live), line(&mut short), line(&mut none));
+    let short_started = Instant::now();
+    assert_eq!(ask(&mut live), "ok");
+    assert_eq!(ask(&mut short), "ok");
+    assert_eq!(conn(&mut live, f.bad_port), "EPERM", "tainted by the read: not valid there");
+    let mut fresh = reader(&f, Some(("wide", "10m")));
+    let _ = line(&mut fresh);
+    f.daemon.kill9();
+    assert_eq!(ask(&mut none), "EPERM", "no daemon: still denied in the kernel");
+    assert_eq!(conn(&mut none, f.bad_port), "ok", "the denied reader is not tainted");
+    assert_eq!(ask(&mut live), "ok", "no daemon: a live grant still reads");
+    assert_eq!(conn(&mut short, f.ok_port), "ok", "where the secret is valid");
+    std::thread::sleep(
+        (short_started + ttl + Duration::from_millis(300))
+            .saturating_duration_since(Instant::now()),
+    );
+    assert_eq!(ask(&mut short), "EPERM", "expiry continues without the daemon");
+    assert!(denied(&cat(&f, &real)));
+    // Taint set by the kernel while no daemon runs.
+    assert_eq!(conn(&mut fresh, f.bad_port), "ok", "untainted: the grant covers it");
+    assert_eq!(ask(&mut fresh), "ok");
+    assert_eq!(conn(&mut fresh, f.bad_port), "EPERM", "tainted in the kernel, no daemon running");
+    println!("SIGKILL: deny, live grant, expiry and taint kept by the pinned program");
+
+    f.daemon.relaunch();
+    assert!(f.daemon.log().contains("adopted the previous daemon's pinned maps"));
+    assert_eq!(f.daemon.status_json()["file_backend"], "bpf-lsm");
+    assert_eq!(ask(&mut none), "EPERM");
+    assert_eq!(ask(&mut live), "ok");
+    // Decided while no daemon ran: queued in the kernel's rings, reported after the restart.
+    let short_pid: u32 = short_pid.parse().unwrap();
+    let ev = opens_of(&f, short_pid, 2);
+    assert!(ev.iter().any(|e| e.verdict == "expired" && e.action == "denied"), "{ev:#?}");
+    let ev = opens_of(&f, none_pid.parse().unwrap(), 2);
+    assert_eq!(ev.len(), 2, "{ev:#?}");
+    for mut c in [live, short, none, fresh] {
+        let _ = c.kill();
+        let _ = c.wait();
     }
+
+    // Monitor mode (a reload): the ungranted open goes ahead, alerted.
+    let text = std::fs::read_to_string(&f.daemon.config).unwrap();
+    std::fs::write(&f.daemon.config, text.replace("mode = \"enforce\"", "mode = \"monitor\""))
+        .unwrap();
+    let out = f.daemon.cli(&["policy", "reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (pid, out) = with_pid(py_run(&f, None, "read()\nprint(os.getpid())").1);
     assert_eq!(out, ["ok"]);
     let e = opens_of(&f, pid, 1).pop().expect("alert");
@@ -199,136 +317,7 @@ fn monitor_mode_allows_and_alerts() {
         ("no_grant", "alerted", "monitor")
     );
     assert_eq!(e.severity, "high");
-    let (pid, out) = with_pid(py_run(&f, Some("killer"), "read()\nprint(os.getpid())").1);
-    assert_eq!(out, ["ok"], "monitor mode never blocks, never kills");
-    let e = opens_of(&f, pid, 1).pop().expect("alert");
-    assert_eq!((e.verdict.as_str(), e.action.as_str()), ("out_of_intent", "alerted"));
-}
-
-/// With the daemon killed (SIGKILL) the pinned program keeps judging: an ungranted open is
-/// EPERM, a live grant reads, a grant that expires while no daemon runs is denied; the
-/// records queued meanwhile reach the restarted daemon, which adopts the pins.
-#[test]
-fn fails_closed_after_sigkill() {
-    let Some(mut f) = fixture("lsm-failclosed", "enforce", "") else { return };
-    if !lsm_backend(&f, "lsm-failclosed") {
-        return;
-    }
-    let mut live = reader(&f, Some(("strict", "10m")));
-    let mut short = reader(&f, Some(("strict", "4s")));
-    let mut none = reader(&f, None);
-    let short_pid: u32 = line(&mut short).parse().unwrap();
-    let none_pid: u32 = line(&mut none).parse().unwrap();
-    let _ = line(&mut live);
-    assert_eq!(ask(&mut live), "ok");
-    assert_eq!(ask(&mut short), "ok");
-    f.daemon.kill9();
-    assert_eq!(ask(&mut none), "EPERM", "no daemon: still denied in the kernel");
-    assert_eq!(ask(&mut live), "ok", "no daemon: a live grant still reads");
-    std::thread::sleep(Duration::from_millis(4300));
-    assert_eq!(ask(&mut short), "EPERM", "expiry continues without the daemon");
-    let out = f.cg.command("cat").arg(&f.secret).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
-    f.daemon.relaunch();
-    assert!(f.daemon.log().contains("adopted the previous daemon's pinned maps"));
-    assert_eq!(f.daemon.status_json()["file_backend"], "bpf-lsm");
-    assert_eq!(ask(&mut none), "EPERM");
-    assert_eq!(ask(&mut live), "ok");
-    // Decided while no daemon ran: recorded in the kernel's ring, reported after restart.
-    let ev = opens_of(&f, short_pid, 2);
-    assert!(ev.iter().any(|e| e.verdict == "expired" && e.action == "denied"), "{ev:#?}");
-    let ev = opens_of(&f, none_pid, 2);
-    assert_eq!(ev.len(), 2, "{ev:#?}");
-    for mut c in [live, short, none] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-/// Renamed and replaced secrets: the inode stays the secret when renamed away (or into
-/// another directory); a new inode renamed onto the path, or created at a path that was
-/// missing at start, is judged from its first open (by directory and name) and stays the
-/// secret when renamed away in turn.
-#[test]
-fn renamed_and_replaced_secrets() {
-    let Some(f) = fixture("lsm-rename", "enforce", "") else { return };
-    if !lsm_backend(&f, "lsm-rename") {
-        return;
-    }
-    let dir = f.dir.path();
-    let away = dir.join("renamed.txt");
-    std::fs::rename(&f.secret, &away).unwrap();
-    let cat = |p: &std::path::Path| f.cg.command("cat").arg(p).output().unwrap();
-    let denied = |p: &std::path::Path| {
-        let out = cat(p);
-        !out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted")
-    };
-    assert!(denied(&away), "renamed away: still the secret");
-    let other = tempfile::tempdir().unwrap();
-    let moved = other.path().join("elsewhere");
-    std::fs::rename(&away, &moved).unwrap();
-    assert!(denied(&moved), "moved into another directory: still the secret");
-    // Replace: a fresh inode renamed onto the path; judged at its first open, at once.
-    let tmp = dir.join("key.json.new");
-    std::fs::write(&tmp, "{\"k\": 2}").unwrap();
-    assert!(!denied(&tmp), "an unrelated file opens freely");
-    std::fs::rename(&tmp, &f.secret).unwrap();
-    let (pid, out) = with_pid(py_run(&f, None, "read()\nprint(os.getpid())").1);
-    assert_eq!(out, ["EPERM"], "the new inode at the path is the secret from its first open");
-    let e = opens_of(&f, pid, 1).pop().expect("event");
-    assert_eq!(e.file().ino, dev_ino(std::path::Path::new(&f.secret)).1);
-    // ... and stays it when renamed away.
-    let away2 = dir.join("rotated-out");
-    std::fs::rename(&f.secret, &away2).unwrap();
-    assert!(denied(&away2));
-    // A secret path that had no file (`other`, whose intents kill): created later (here,
-    // outside the cgroup), judged from its first open in the cgroup: killed in the kernel.
-    let other = format!("{}.other", f.secret);
-    std::fs::write(&other, "x").unwrap();
-    let out = cat(std::path::Path::new(&other));
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9), "on_violation kill: SIGKILL from the kernel");
-}
-
-/// Taint set by the kernel-judged open (with the daemon gone, nothing else could set it):
-/// the reader may connect where the secret is valid, not elsewhere.
-#[test]
-fn taint_from_a_kernel_judged_open_denies_exfiltration() {
-    let Some(mut f) = fixture_with_secret_dest("lsm-taint") else { return };
-    if !lsm_backend(&f, "lsm-taint") {
-        return;
-    }
-    let script = format!(
-        "{PRELUDE}\nprint(os.getpid(), flush=True)\nfor line in sys.stdin:\n    cmd = line.split()\n    if cmd[0] == 'read': read()\n    else: conn(int(cmd[1]))"
-    );
-    let mut c = f.cg.command(enforcer_bin());
-    c.args(["run", "--intent", "wide", "--", &python(), "-u", "-c", &script, &f.secret])
-        .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut p = c.spawn().unwrap();
-    let _pid = line(&mut p);
-    let say = |p: &mut Child, cmd: &str| {
-        writeln!(p.stdin.as_mut().unwrap(), "{cmd}").unwrap();
-        line(p)
-    };
-    assert_eq!(
-        say(&mut p, &format!("conn {}", f.bad_port)),
-        "ok",
-        "untainted: the grant covers it"
-    );
-    f.daemon.kill9();
-    assert_eq!(say(&mut p, "read"), "ok");
-    assert_eq!(say(&mut p, &format!("conn {}", f.ok_port)), "ok", "where the secret is valid");
-    assert_eq!(
-        say(&mut p, &format!("conn {}", f.bad_port)),
-        "EPERM",
-        "tainted by the kernel-judged read: outside the secret's destinations"
-    );
-    let _ = p.kill();
-    let _ = p.wait();
-    f.daemon.relaunch();
+    println!("monitor mode: allowed, alerted");
 }
 
 /// `file_backend`: "fanotify" never loads the program; "bpf-lsm" refuses to start where
@@ -374,33 +363,23 @@ fn backend_choice_follows_the_config_and_the_kernel() {
 }
 
 /// The cost of a granted secret open judged in the kernel, as a ratio to a plain open in
-/// another directory (both with the program attached), measured in the same machine. The
-/// figures are printed; the ratio must stay under 3x here (the target on hardware is 1.5x;
-/// under TCG emulation every instruction of the program costs far more than natively).
-#[test]
-fn secret_open_cost() {
-    let Some(f) = fixture("lsm-cost", "enforce", "") else { return };
-    if !lsm_backend(&f, "lsm-cost") {
-        return;
-    }
+/// another directory (both with the program attached, by the same granted process), in the
+/// same machine. Printed; under emulation (TCG) every instruction of the program costs far
+/// more than natively, so the bound here is loose (3x); the target on hardware is 1.5x.
+fn secret_open_cost(f: &Fixture) {
     let plain_dir = tempfile::tempdir().unwrap();
     let plain = plain_dir.path().join("plain.txt");
     std::fs::write(&plain, "x").unwrap();
-    let n = "5000";
-    let cost = |intent: Option<&str>, path: &str| -> u64 {
-        let mut c = match intent {
-            Some(i) => {
-                let mut c = f.cg.command(enforcer_bin());
-                c.args(["run", "--intent", i, "--"]).arg(helper_bin());
-                c
-            }
-            None => f.cg.command(helper_bin()),
-        };
-        let out = c
-            .args(["open-loop", path, n])
-            .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
-            .output()
-            .unwrap();
+    let n = "1000";
+    let cost = |path: &str| -> u64 {
+        let out =
+            f.cg.command(enforcer_bin())
+                .args(["run", "--intent", "wide", "--"])
+                .arg(helper_bin())
+                .args(["open-loop", path, n])
+                .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+                .output()
+                .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
         text.lines().find_map(|l| l.strip_prefix("ns ")).unwrap().parse().unwrap()
@@ -408,11 +387,11 @@ fn secret_open_cost() {
     // Best of 3 each, interleaved.
     let (mut plain_ns, mut secret_ns) = (u64::MAX, u64::MAX);
     for _ in 0..3 {
-        plain_ns = plain_ns.min(cost(Some("strict"), plain.to_str().unwrap()));
-        secret_ns = secret_ns.min(cost(Some("strict"), &f.secret));
+        plain_ns = plain_ns.min(cost(plain.to_str().unwrap()));
+        secret_ns = secret_ns.min(cost(&f.secret));
     }
     let ratio = secret_ns as f64 / plain_ns as f64;
-    eprintln!(
+    println!(
         "secret open+close (granted, judged in the kernel) {secret_ns} ns, plain open+close {plain_ns} ns: {ratio:.2}x"
     );
     assert!(ratio <= 3.0, "{ratio:.2}x");
