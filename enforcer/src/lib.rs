@@ -24,5 +24,6 @@ pub mod proc;
 pub mod records;
 pub mod redact;
 pub mod report;
+pub mod spiffe;
 pub mod store;
 pub mod sync;

@@ -27,6 +27,8 @@ fuzz_target!(|data: &[u8]| {
                 on_violation: Default::default(),
                 revoke_on_violation: false,
                 aws: None,
+                audiences: vec![],
+                spiffe_id: None,
             };
             let (ttl, note) = request::resolve_ttl(&intent, r.ttl);
             assert!(ttl <= intent.max_ttl && !ttl.is_zero());

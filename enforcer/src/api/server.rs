@@ -26,6 +26,8 @@ pub struct ApiState {
     pub sink_metrics: crate::alert::SinkMetrics,
     /// Brokered AWS credentials and daemon-held secrets.
     pub delivery: super::credentials::Delivery,
+    /// Workload identity, when `[spiffe]` is configured: OIDC discovery is served here too.
+    pub spiffe: Option<Arc<crate::spiffe::Spiffe>>,
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
@@ -89,6 +91,17 @@ async fn handle(
         }
         (&Method::GET, ["", "v1", "secrets", name]) => {
             super::credentials::secret(&state, &peer, name).await
+        }
+        (&Method::GET, ["", ".well-known", "openid-configuration"] | ["", "keys"]) => {
+            match &state.spiffe {
+                Some(sp) => {
+                    Ok((StatusCode::OK, crate::spiffe::oidc::route(sp, &path).unwrap_or_default()))
+                }
+                None => Err(ApiError::not_found(
+                    "spiffe_disabled",
+                    "workload identity is not configured ([spiffe] trust_domain)",
+                )),
+            }
         }
         (
             _,

@@ -1,7 +1,8 @@
 //! `enforcer run --intent NAME [--ttl DUR] -- CMD [ARGS...]`: CMD runs holding a grant
 //! bound to its own process subtree from its first instruction, the grant is revoked when
 //! CMD exits, and CMD's exit status is returned. Signals sent to `enforcer run` are
-//! forwarded to CMD.
+//! forwarded to CMD. CMD gets `SPIFFE_ENDPOINT_SOCKET=unix://<runtime_dir>/spiffe.sock` when
+//! the daemon serves the SPIFFE Workload API.
 //!
 //! How: fork; the child waits on a pipe; the parent (its ancestor, so allowed to bind it)
 //! requests the grant for the child's pid; then releases the child, which execs CMD. The
@@ -48,6 +49,15 @@ pub fn run(intent: &str, ttl: Option<String>, env: &[String], cmd: &[String]) ->
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .context("argument contains a NUL byte")?;
+    // The job finds the Workload API where SPIFFE libraries look (docs/contracts.md,
+    // "Workload identity"); set only when the daemon serves it.
+    let spiffe = super::status::socket().with_file_name(crate::spiffe::SOCKET_NAME);
+    if spiffe.exists() {
+        // SAFETY: no other thread exists yet (see the fork below).
+        unsafe {
+            std::env::set_var("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", spiffe.display()))
+        };
+    }
     let (go_r, go_w) = pipe()?;
     // Fork before any thread exists (the API client's runtime is created per call and dropped).
     match unsafe { fork() }.context("fork")? {

@@ -366,6 +366,33 @@ impl Engine {
         self.emit(e);
     }
 
+    /// A JWT-SVID issued or refused on the Workload API (never the token: its jti and kid are
+    /// in the message). The process is the caller.
+    pub fn on_svid(&mut self, s: crate::spiffe::SvidEvent) {
+        let (process, _) = self.process_ref(s.pid, None);
+        let d = Decision {
+            verdict: s.verdict,
+            action: if s.issued { decide::Action::Allowed } else { decide::Action::Denied },
+            decision_path: s.decision_path,
+            grant: None,
+            expired_for_ms: None,
+            reason: decide::Reason::None,
+        };
+        let kind = if s.issued { "svid_issued" } else { "svid_refused" };
+        let mut e = self.event(kind, &d, process);
+        e.grant = s.grant.map(|(id, intent, exp)| GrantRef {
+            id,
+            intent,
+            expires_at: event::rfc3339(exp),
+            expired_for_ms: None,
+        });
+        if !s.issued {
+            e.severity = "medium".into();
+        }
+        e.message = Some(s.message);
+        self.emit(e);
+    }
+
     /// A grant's life: issued, expired, revoked, ended. The process is the grant's subject.
     pub fn on_grant_change(&mut self, change: GrantChange) {
         let (kind, g, message) = match change {

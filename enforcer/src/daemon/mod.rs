@@ -168,6 +168,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let act_maps = grant_maps.act_maps()?;
     let own_maps = grant_maps.act_maps()?;
     let delivery_maps = grant_maps.act_maps()?;
+    let spiffe_maps = grant_maps.act_maps()?;
     let facts = PolicyFacts {
         config: policy.clone(),
         secret_bits: Arc::new(index.by_name.clone()),
@@ -214,6 +215,7 @@ async fn run_async(setup: Setup) -> Result<()> {
         broker: broker.clone(),
         notices: cred_tx,
     };
+    let links_view = view.clone();
     let links = GrantLinks {
         view,
         act: Actor::new(act_maps, notices_tx.clone()),
@@ -231,9 +233,32 @@ async fn run_async(setup: Setup) -> Result<()> {
         r => RateLimiter::new(r as f64, r.saturating_mul(2)),
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+    // Workload identity: JWT-SVIDs for grant holders, on <runtime_dir>/spiffe.sock.
+    let (svid_tx, mut svid_events) = tokio::sync::mpsc::unbounded_channel();
+    let spiffe = match &cfg.spiffe {
+        Some(sc) => {
+            let sp = crate::spiffe::Spiffe::new(
+                sc.clone(),
+                cfg.state_dir.clone(),
+                links_view.clone(),
+                spiffe_maps,
+                registry.clone(),
+                svid_tx,
+            )?;
+            crate::spiffe::start(sp.clone(), &cfg.runtime_dir)?;
+            Some(sp)
+        }
+        None => {
+            // A socket left by an earlier daemon would mislead `enforcer run`.
+            let _ = std::fs::remove_file(cfg.runtime_dir.join(crate::spiffe::SOCKET_NAME));
+            drop(spiffe_maps);
+            None
+        }
+    };
     let api_state = Arc::new(ApiState {
         reload: reload_tx,
         sink_metrics,
+        spiffe,
         status: Mutex::new(serde_json::Value::Null),
         mint: MintState::new(
             registry.clone(),
@@ -329,6 +354,13 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
                 drain_ring(alert_ring.get_mut(), &mut engine);
+                engine.flush();
+            }
+            Some(svid) = svid_events.recv() => {
+                engine.on_svid(svid);
+                while let Ok(s) = svid_events.try_recv() {
+                    engine.on_svid(s);
+                }
                 engine.flush();
             }
             Some(change) = changes.recv() => {
@@ -559,6 +591,9 @@ fn reload(setup: &Setup) -> Result<Config> {
     }
     if cfg.aws != setup.config.aws {
         bail!("[aws] applies only at start; restart the daemon to change it");
+    }
+    if cfg.spiffe != setup.config.spiffe {
+        bail!("[spiffe] applies only at start; restart the daemon to change it");
     }
     Ok(cfg)
 }

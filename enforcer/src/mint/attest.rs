@@ -438,6 +438,8 @@ mod tests {
             on_violation: Default::default(),
             revoke_on_violation: false,
             aws: None,
+            audiences: vec![],
+            spiffe_id: None,
         }
     }
 

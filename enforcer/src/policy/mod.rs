@@ -14,6 +14,7 @@ mod duration;
 mod model;
 mod parse;
 mod sink;
+mod spiffe;
 #[cfg(test)]
 mod tests;
 mod url;
@@ -35,6 +36,10 @@ pub use sink::{
     ClientAuth, DEFAULT_SINK_MAX_BACKUPS, DEFAULT_SINK_MAX_BYTES, FileSinkConfig, HecSinkConfig,
     HttpsSinkConfig, OutboxConfig, Redacted, Severity, SinkConfig, SinkFormat, SinkKind,
     SyslogSinkConfig, TlsOptions, VERDICTS,
+};
+pub use spiffe::{
+    DEFAULT_KEY_ROTATION, DEFAULT_SVID_TTL, OidcTls, SpiffeConfig, render_spiffe_id, valid_path,
+    valid_trust_domain,
 };
 pub use url::{HttpsUrl, UrlError};
 

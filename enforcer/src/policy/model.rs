@@ -126,6 +126,8 @@ pub struct Config {
     pub sinks: Vec<super::sink::SinkConfig>,
     /// Bounds of the durable outbox (`[outbox]`).
     pub outbox: super::sink::OutboxConfig,
+    /// Workload identity (`[spiffe]`); None: no Workload API.
+    pub spiffe: Option<super::spiffe::SpiffeConfig>,
     pub secrets: Vec<Secret>,
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.
@@ -247,6 +249,12 @@ pub struct Intent {
     pub revoke_on_violation: bool,
     /// Brokered AWS credentials for grants of this intent (`[intent.aws]`).
     pub aws: Option<super::aws::AwsIntent>,
+    /// JWT-SVID audiences a holder of this intent's grant may request (`[spiffe]`); empty:
+    /// the intent issues no SVIDs.
+    pub audiences: Vec<String>,
+    /// SPIFFE ID template (path or full ID; `{intent}`, `{uid}`, `{gid}`); None: the default
+    /// `spiffe://<trust_domain>/intent/<name>`.
+    pub spiffe_id: Option<String>,
 }
 
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(15 * 60);

@@ -44,6 +44,8 @@ struct RawConfig {
     sink: Vec<Spanned<super::sink::RawSink>>,
     outbox: Option<super::sink::RawOutbox>,
     aws: Option<super::aws::RawAws>,
+    /// Workload identity (`[spiffe]`): a daemon setting, so never in policy.d fragments.
+    spiffe: Option<super::spiffe::RawSpiffe>,
 }
 
 /// A policy.d file: only policy tables, never daemon settings.
@@ -85,6 +87,9 @@ struct RawIntent {
     on_violation: Option<Spanned<String>>,
     revoke_on_violation: Option<bool>,
     aws: Option<super::aws::RawIntentAws>,
+    #[serde(default)]
+    audiences: Vec<Spanned<String>>,
+    spiffe_id: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +122,7 @@ pub(crate) struct Settings {
     sinks: Vec<super::sink::SinkConfig>,
     outbox: super::sink::OutboxConfig,
     aws: super::aws::AwsSettings,
+    spiffe: Option<super::spiffe::SpiffeConfig>,
 }
 
 impl Settings {
@@ -135,6 +141,7 @@ impl Settings {
             sinks: Vec::new(),
             outbox: Default::default(),
             aws: Default::default(),
+            spiffe: None,
         }
     }
 }
@@ -154,6 +161,9 @@ pub(crate) struct Loader {
     /// With the span of each entry of `Intent::secrets`, for undefined-name errors.
     intents: Vec<(Def<Intent>, Vec<Range<usize>>)>,
     agents: Vec<AgentSelector>,
+    /// Trust domains written in full `spiffe_id` templates (file, span, domain): each must be
+    /// `[spiffe] trust_domain`.
+    spiffe_domains: Vec<(usize, Range<usize>, String)>,
     /// A file could not be read or parsed, so names it defines are unknown: undefined-reference
     /// errors would be noise and are not reported.
     incomplete: bool,
@@ -277,6 +287,10 @@ impl Loader {
             sinks: super::sink::sinks(&mut self.diags, file, &raw.sink),
             outbox: super::sink::outbox(&mut self.diags, file, raw.outbox.as_ref()),
             aws: super::aws::settings(&mut self.diags, file, raw.aws.as_ref()),
+            spiffe: raw
+                .spiffe
+                .as_ref()
+                .and_then(|r| super::spiffe::spiffe(&mut self.diags, file, r)),
         }
     }
 
@@ -381,6 +395,14 @@ impl Loader {
             on_violation: on_violation.unwrap_or_default(),
             revoke_on_violation: raw.revoke_on_violation.unwrap_or(false),
             aws: raw.aws.as_ref().and_then(|a| super::aws::intent(&mut self.diags, file, &name, a)),
+            audiences: super::spiffe::audiences(&mut self.diags, file, &raw.audiences),
+            spiffe_id: raw.spiffe_id.as_ref().and_then(|t| {
+                let domain = super::spiffe::check_template(&mut self.diags, file, t)?;
+                if let Some(d) = domain {
+                    self.spiffe_domains.push((file, t.span(), d));
+                }
+                Some(t.get_ref().clone())
+            }),
         };
         let refs = raw.secrets.iter().map(Spanned::span).collect();
         self.intents.push((Def { value: intent, file, name_span: raw.name.span() }, refs));
@@ -550,6 +572,17 @@ impl Loader {
             }
         }
 
+        if let Some(sp) = settings.as_ref().and_then(|s| s.spiffe.as_ref()) {
+            for (file, span, d) in &self.spiffe_domains {
+                if *d != sp.trust_domain {
+                    let msg = format!(
+                        "spiffe_id names trust domain `{d}`, but [spiffe] trust_domain is `{}`",
+                        sp.trust_domain
+                    );
+                    self.diags.error(*file, span.clone(), msg);
+                }
+            }
+        }
         match settings {
             Some(s) if !self.diags.has_errors() => Ok(Config {
                 mode: s.mode,
@@ -564,6 +597,7 @@ impl Loader {
                 file_backend: s.file_backend,
                 sinks: s.sinks,
                 outbox: s.outbox,
+                spiffe: s.spiffe,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,
