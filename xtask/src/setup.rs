@@ -36,6 +36,7 @@ pub fn run() -> Result<Setup> {
     let linker_bin = bpf_linker()?;
     test_tools()?;
     python_test_packages()?;
+    python_clients()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(Setup { linker_bin })
 }
@@ -253,4 +254,39 @@ fn python_test_packages() -> Result<()> {
         cmd("python3").args(["-m", "pip", "install", "--quiet", "boto3", "moto[server]"]),
     )?;
     Ok(())
+}
+
+/// Independent clients tests/spiffe.rs drives, from PyPI (module, pinned requirement): py-spiffe
+/// (the SPIFFE Workload API client, with grpcio) and PyJWT (OIDC verification). Installed with
+/// pip only in CI, otherwise reported.
+const PY_CLIENTS: &[(&str, &str)] = &[("spiffe", "spiffe==0.3.2"), ("jwt", "pyjwt==2.15.1")];
+
+fn python_clients() -> Result<()> {
+    let missing: Vec<&str> = PY_CLIENTS
+        .iter()
+        .filter(|(module, _)| {
+            !cmd("python3")
+                .args(["-c", &format!("import {module}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, req)| *req)
+        .collect();
+    if missing.is_empty() {
+        println!("setup: python test clients present (spiffe, jwt)");
+        return Ok(());
+    }
+    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
+        println!(
+            "setup: missing python test clients (install: python3 -m pip install {}); tests/spiffe.rs will skip",
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    run_step(
+        "setup: install python test clients",
+        cmd("python3").args(["-m", "pip", "install", "--quiet"]).args(&missing),
+    )
 }
