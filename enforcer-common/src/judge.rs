@@ -156,24 +156,14 @@ pub fn judge<F: Facts>(
     }
     // History counts: every secret this process (or its grants' subtrees) read must be
     // valid toward here.
-    let taint = j.taint;
-    if taint != 0 && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD) {
-        for i in 0..MAX_SECRETS {
-            if taint & (1u64 << i) == 0 {
-                continue;
-            }
-            let Some(info) = facts.secret(i as u32) else { continue };
-            let own_ok =
-                info.has_dests == 0 || facts.covers(SECRET_SLOT_BASE + i as u32, addr, port);
-            let granted = live_secrets & (1u64 << i) != 0;
-            if !(own_ok && granted) {
-                j.verdict = verdict::OUT_OF_INTENT;
-                j.reason = reason::TAINT;
-                j.taint_secret = (i + 1) as u8;
-                j.action = info.action as u8;
-                break;
-            }
-        }
+    if j.taint != 0
+        && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD)
+        && let Some((secret, act)) = taint_breach(facts, j.taint, live_secrets, addr, port)
+    {
+        j.verdict = verdict::OUT_OF_INTENT;
+        j.reason = reason::TAINT;
+        j.taint_secret = secret;
+        j.action = act;
     }
     if j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD {
         j.action = action::ALLOWED;
@@ -192,6 +182,86 @@ pub fn judge<F: Facts>(
     }
     if !settings.enforce {
         j.action = action::ALERT;
+    }
+    j
+}
+
+/// The first tainting secret (index + 1) not valid toward (`addr`, `port`) and its action:
+/// outside the secret's own destinations (if it has any), or not covered by a live grant
+/// that covers the secret (`live_secrets`).
+#[inline(always)]
+fn taint_breach<F: Facts>(
+    facts: &F,
+    taint: u64,
+    live_secrets: u64,
+    addr: &[u8; 16],
+    port: u16,
+) -> Option<(u8, u8)> {
+    for i in 0..MAX_SECRETS {
+        if taint & (1u64 << i) == 0 {
+            continue;
+        }
+        let Some(info) = facts.secret(i as u32) else { continue };
+        let own_ok = info.has_dests == 0 || facts.covers(SECRET_SLOT_BASE + i as u32, addr, port);
+        let granted = live_secrets & (1u64 << i) != 0;
+        if !(own_ok && granted) {
+            return Some(((i + 1) as u8, info.action as u8));
+        }
+    }
+    None
+}
+
+/// The verdict for data sent on an established socket, seen by the egress hook: the
+/// connection itself was judged when it was made (or accepted, or it was received from
+/// another process over SCM_RIGHTS), so only the history rule applies: data of a process
+/// tainted by secret S (its own taint, its grants' subtrees', the socket's) leaves only
+/// where S is valid: inside S's own destinations and covered by a live held grant that
+/// covers S. Whether the held grants cover the destination otherwise does not matter (a
+/// server answering clients, a connection older than its grant). Never revokes.
+#[inline(always)]
+pub fn judge_send<F: Facts>(
+    facts: &F,
+    proc: &ProcGrants,
+    addr: &[u8; 16],
+    port: u16,
+    now_ns: u64,
+    settings: Settings,
+) -> Judgement {
+    let mut taint = proc.taint;
+    let mut live_secrets: u64 = 0;
+    let mut live_slot = 0u32;
+    for i in 0..MAX_PROC_GRANTS {
+        let slot = proc.grants[i];
+        if slot == 0 {
+            continue;
+        }
+        let Some(g) = facts.grant(slot) else { continue };
+        taint |= facts.grant_taint(slot);
+        if g.state == grant_state::ACTIVE && now_ns < g.expires_ns && facts.covers(slot, addr, port)
+        {
+            if live_slot == 0 {
+                live_slot = slot;
+            }
+            live_secrets |= g.secrets;
+        }
+    }
+    let mut j = Judgement {
+        verdict: if taint == 0 { verdict::NO_GRANT_HELD } else { verdict::ALLOWED },
+        slot: live_slot,
+        action: action::ALLOWED,
+        reason: reason::GRANT,
+        taint_secret: 0,
+        revoke: false,
+        taint,
+    };
+    if taint == 0 {
+        return j;
+    }
+    if let Some((secret, act)) = taint_breach(facts, taint, live_secrets, addr, port) {
+        j.verdict = verdict::OUT_OF_INTENT;
+        j.reason = reason::TAINT;
+        j.taint_secret = secret;
+        j.action = if act == action::ALLOWED || !settings.enforce { action::ALERT } else { act };
     }
     j
 }

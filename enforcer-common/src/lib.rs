@@ -204,6 +204,32 @@ pub struct ExitRecord {
 pub mod op {
     pub const CONNECT: u8 = 1;
     pub const SENDMSG: u8 = 2;
+    /// Data on an established socket, judged by the egress hook (`judge::judge_send`).
+    pub const SEND: u8 = 3;
+}
+
+/// SOCK_STATE value, keyed by socket cookie: what the egress hook knows about a socket that
+/// a judged process (grant holder, agent, tainted) wrote to. Removed when the socket is
+/// released.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    /// tgid of the first judged process that sent on it (usually its connect's SYN).
+    pub owner: u32,
+    /// `sock_flags::*`.
+    pub flags: u32,
+    /// The owner's PROC_GRANTS start_ns: a reused tgid is not the owner.
+    pub owner_start_ns: u64,
+    /// Secrets whose readers wrote to this socket: data already queued in it may carry them.
+    pub taint: u64,
+}
+
+/// `SockState.flags`.
+pub mod sock_flags {
+    /// A send broke a secret's validity in enforce mode: every further packet is dropped.
+    pub const BLOCKED: u32 = 1;
+    /// A monitor-mode violation on this socket was already reported.
+    pub const ALERTED: u32 = 2;
 }
 
 /// An outbound connect()/sendmsg() seen by a cgroup sock_addr hook.
@@ -281,6 +307,7 @@ mod pod {
     unsafe impl aya::Pod for PortRanges {}
     unsafe impl aya::Pod for SecretInfo {}
     unsafe impl aya::Pod for ExeKey {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 pub mod socket;

@@ -59,7 +59,7 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// The kernel maps as the shared judge's facts.
-struct Maps;
+pub(crate) struct Maps;
 
 impl Facts for Maps {
     #[inline(always)]
@@ -187,7 +187,7 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
 /// Writes `rec` to `ring` (two call sites, one map each, as the verifier wants), counting a
 /// failed reservation under `drops`.
 #[inline(always)]
-fn emit(ring: &RingBuf, rec: &ConnectRecord, flags: u64, drops: u32) {
+pub(crate) fn emit(ring: &RingBuf, rec: &ConnectRecord, flags: u64, drops: u32) {
     match ring.reserve::<ConnectRecord>(0) {
         Some(mut entry) => {
             entry.write(*rec);

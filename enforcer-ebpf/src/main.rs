@@ -6,6 +6,7 @@
 #![no_main]
 
 mod connect;
+mod egress;
 mod lineage;
 mod lsm;
 mod maps;

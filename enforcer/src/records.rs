@@ -51,6 +51,9 @@ pub struct Connect {
     pub port: u16,
     pub protocol: Protocol,
     pub sendmsg: bool,
+    /// Data on an established socket, judged by the egress hook (`judge_send`); `tgid` is
+    /// the writer, or the socket's owner when the packet left from softirq (uid 0 then).
+    pub send: bool,
     /// `enforcer_common::action` the kernel applied.
     pub action: u8,
     /// The kernel's verdict (`enforcer_common::verdict`), and the grant slot it used.
@@ -257,6 +260,7 @@ fn connect(r: &ConnectRecord) -> Option<Connect> {
         port: r.port,
         protocol,
         sendmsg: r.op == enforcer_common::op::SENDMSG,
+        send: r.op == enforcer_common::op::SEND,
         action: r.action,
         verdict: r.verdict,
         grant_slot: r.grant_slot,

@@ -138,7 +138,8 @@ impl Engine {
 
     fn on_connect(&mut self, c: Connect) {
         self.counts.connects += 1;
-        let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id));
+        // An egress record from softirq carries no cgroup: the process's own is used.
+        let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id).filter(|id| *id != 0));
         let when = wall_time_of(c.boot_ns);
         let view = self.grants.view.load();
         // Replay the kernel's judgement on the facts it judged: the PROC_GRANTS entry the
@@ -150,7 +151,11 @@ impl Engine {
             view.subject_state(Some(c.subject), self.grants.act.revoked(&view), when)
         };
         subject.known = known;
-        let ours = decide::judge_connect(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns));
+        let ours = if c.send {
+            decide::judge_send(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns))
+        } else {
+            decide::judge_connect(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns))
+        };
         let theirs = kernel_judgement(&c, &subject, &view);
         let mut d = decide::explain(&theirs, c.ip, c.port, &subject, self.mode, when);
         if !same_judgement(&ours, &theirs) {
@@ -183,13 +188,27 @@ impl Engine {
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
         let killer = kill_failed.map(|err| (process.clone(), err));
-        let mut e = self.event("connect", &d, process);
+        if c.send {
+            d.decision_path.push(if c.cgroup_id == 0 {
+                "data on an established socket, sent from softirq: judged by the socket's owner and what was written to it".into()
+            } else {
+                "data written to an established socket (connected before the read, accepted, or received from another process)".into()
+            });
+        }
+        let kind = if c.send { "send" } else { "connect" };
+        let mut e = self.event(kind, &d, process);
         e.grant = grant_ref(&d, &subject.held);
         if let decide::Reason::Taint(secret) = &d.reason {
             e.mitre = vec!["T1041".into(), "T1567".into()];
-            e.message = Some(format!(
-                "possible exfiltration of secret {secret:?}: connection outside where it is valid"
-            ));
+            e.message = Some(if c.send {
+                format!(
+                    "possible exfiltration of secret {secret:?}: data sent on an established socket toward where it is not valid; the socket is blocked"
+                )
+            } else {
+                format!(
+                    "possible exfiltration of secret {secret:?}: connection outside where it is valid"
+                )
+            });
         }
         // When the kernel saw it, not when the daemon got to it.
         e.time = event::rfc3339(when);

@@ -56,6 +56,7 @@ impl Context<'_> {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
                 "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
+                "egress": "cgroup_skb (egress: data of tainted writers and owners on established sockets; sock_release forgets socket state)",
                 "file_open": file_open,
             },
             "fail_open": [
@@ -63,6 +64,7 @@ impl Context<'_> {
                 "connect and lineage: links and maps stay pinned when the daemon stops (SIGTERM, SIGINT, SIGKILL, crash): the kernel keeps enforcing connects, expiry, taint of earlier reads, agent flags and fork inheritance, and the next daemon adopts the pins; only `enforcer detach` (package removal) removes them",
             ],
             "programs": self.kernel.attached,
+            "programs_missing": self.kernel.missing,
             "live_grants": engine.grants.view.load().live_count(),
             "secrets": {
                 "defined": cfg.secrets.len(),

@@ -143,6 +143,23 @@ pub fn judge_connect(
     judge(&facts, &proc, &kernel_addr(ip), port, now_ns.unwrap_or(NOW_NS), settings)
 }
 
+/// The egress hook's judgement of data sent on an established socket (`judge::judge_send`:
+/// the history rule only), replayed on the facts its record carries.
+pub fn judge_send(
+    ip: IpAddr,
+    port: u16,
+    subject: &SubjectState,
+    mode: Mode,
+    now: DateTime<Utc>,
+    now_ns: Option<u64>,
+) -> Judgement {
+    let (facts, proc) = SubjectFacts::new(subject, now, now_ns);
+    let now_ns = now_ns.unwrap_or(NOW_NS);
+    let settings =
+        Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() };
+    enforcer_common::judge::judge_send(&facts, &proc, &kernel_addr(ip), port, now_ns, settings)
+}
+
 /// Judges a connection with the kernel's judge and explains the judgement.
 pub(super) fn decide_connect(
     ip: IpAddr,

@@ -251,6 +251,6 @@ mod open;
 mod tests;
 
 use connect::decide_connect;
-pub use connect::{explain, judge_connect};
+pub use connect::{explain, judge_connect, judge_send};
 use open::decide_open;
 pub use open::{explain_open, judge_secret_open};

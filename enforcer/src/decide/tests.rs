@@ -751,5 +751,80 @@ fn open_decisions_follow_the_shared_judge() {
             assert_eq!(d.expired_for_ms, Some(3000));
             assert!(j.revoke, "revoke_on_violation asked for");
         }
+
+/// Data on an established socket (the egress hook): only the history rule applies. The held
+/// grants' coverage of the destination matters only as what makes a secret valid there.
+#[test]
+fn sends_on_established_sockets_follow_the_taint_only() {
+    let now = Utc::now();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let t = |dests: Vec<(IpNet, u16, u16)>| Taint {
+        secret: "key".into(),
+        destinations: dests,
+        on_violation: OnViolation::Deny,
+    };
+    let wide = grant("w", &["key"], &["127.0.0.0/8 1-65535"], 60, false, now);
+    let expired = grant("w", &["key"], &["127.0.0.0/8 1-65535"], -1, false, now);
+    let own = vec![("127.0.0.1/32".parse().unwrap(), 8443, 8443)];
+    let subject = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
+        known: true,
+        held,
+        taint,
+        agent: false,
+    };
+    let rows: Vec<(&str, SubjectState, &str, u16, Mode, (u8, u8, u8))> = vec![
+        (
+            "clean writer: nothing to judge",
+            subject(vec![wide.clone()], vec![]),
+            "10.9.9.9",
+            80,
+            Mode::Enforce,
+            (verdict::NO_GRANT_HELD, reason::GRANT, action::ALLOWED),
+        ),
+        (
+            "tainted, inside the secret's own destinations and the grant",
+            subject(vec![wide.clone()], vec![t(own.clone())]),
+            "127.0.0.1",
+            8443,
+            Mode::Enforce,
+            (verdict::ALLOWED, reason::GRANT, action::ALLOWED),
+        ),
+        (
+            "tainted, the grant covers it but the secret is not valid there",
+            subject(vec![wide.clone()], vec![t(own.clone())]),
+            "127.0.0.1",
+            9000,
+            Mode::Enforce,
+            (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY),
+        ),
+        (
+            "tainted, a passed socket outside every grant",
+            subject(vec![wide.clone()], vec![t(vec![])]),
+            "10.9.9.9",
+            443,
+            Mode::Enforce,
+            (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY),
+        ),
+        (
+            "tainted, the covering grant expired",
+            subject(vec![expired], vec![t(vec![])]),
+            "127.0.0.1",
+            8443,
+            Mode::Enforce,
+            (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY),
+        ),
+        (
+            "tainted without any grant (monitor mode alerts)",
+            subject(vec![], vec![t(vec![])]),
+            "127.0.0.1",
+            8443,
+            Mode::Monitor,
+            (verdict::OUT_OF_INTENT, reason::TAINT, action::ALERT),
+        ),
+    ];
+    for (name, s, addr, port, mode, want) in rows {
+        let j = judge_send(ip(addr), port, &s, mode, now, None);
+        assert_eq!((j.verdict, j.reason, j.action), want, "{name}");
+        assert!(!j.revoke, "{name}: a send never revokes");
     }
 }

@@ -18,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, RawTracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        RawTracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -40,6 +41,12 @@ const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// sockets the connect hooks do not see (raw, ping, SCTP, ...).
 const SOCK_CREATE: &str = "sock_create";
 
+/// Data on established sockets (egress) and the cleanup of their state (sock_release),
+/// attached to `cgroup_root`. Optional: a kernel that refuses them (no current task in
+/// cgroup_skb before 6.10) runs without, and `status` names what is missing.
+const EGRESS: &str = "egress";
+const SOCK_RELEASE: &str = "sock_release";
+
 pub struct Kernel {
     ebpf: Ebpf,
     /// Names of the programs attached, for `status`.
@@ -53,6 +60,8 @@ pub struct Kernel {
     pub file_backend: &'static str,
     /// Why fanotify runs where BPF-LSM was tried (the kernel's answer); empty otherwise.
     pub file_backend_note: String,
+    /// Optional programs this kernel refused, with the reason, for `status` and `doctor`.
+    pub missing: Vec<String>,
 }
 
 /// The kernel's two record rings: routine records (lineage, allowed connects) and
@@ -126,6 +135,30 @@ where
     pin_link(fd, pin_dir, prog)
 }
 
+/// Loads and attaches the egress pair (sock_release first, so no state outlives a socket).
+fn attach_egress(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    pin_dir: &Path,
+) -> Result<Vec<(&'static str, PinnedLink)>> {
+    let mut links = Vec::new();
+    let p: &mut CgroupSock = ebpf
+        .program_mut(SOCK_RELEASE)
+        .with_context(|| format!("program {SOCK_RELEASE} missing from the eBPF object"))?
+        .try_into()?;
+    p.load().with_context(|| format!("load program {SOCK_RELEASE} (cgroup_sock)"))?;
+    let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+    links.push((SOCK_RELEASE, pin_cgroup_link(p.take_link(id)?, pin_dir, SOCK_RELEASE)?));
+    let p: &mut CgroupSkb = ebpf
+        .program_mut(EGRESS)
+        .with_context(|| format!("program {EGRESS} missing from the eBPF object"))?
+        .try_into()?;
+    p.load().with_context(|| format!("load program {EGRESS} (cgroup_skb)"))?;
+    let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+    links.push((EGRESS, pin_cgroup_link(p.take_link(id)?, pin_dir, EGRESS)?));
+    Ok(links)
+}
+
 impl Kernel {
     /// Loads the object with this kernel's offsets, reusing the maps pinned in `pin_dir` by
     /// a previous daemon (so grants, holdings and queued records survive), attaches the
@@ -176,6 +209,8 @@ impl Kernel {
             ("DENTRY_INODE_OFF", btf.offset("dentry", "d_inode")?),
             ("TASK_LEADER_OFF", btf.offset("task_struct", "group_leader")?),
             ("TASK_START_OFF", btf.offset("task_struct", "start_boottime")?),
+            // 0 (unknown) makes the egress hook judge TCP by the socket's owner only.
+            ("SK_LOCK_OWNED_OFF", btf.offset("sock", "sk_lock.owned").unwrap_or(0)),
         ];
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
@@ -242,6 +277,18 @@ impl Kernel {
                 Err(e) => ("fanotify", format!("BPF-LSM refused by this kernel: {e:#}")),
             },
         };
+        let mut missing = Vec::new();
+        match attach_egress(&mut ebpf, &cgroup, pin_dir) {
+            Ok(mut l) => {
+                attached.push(format!("cgroup_skb/{EGRESS}"));
+                attached.push(format!("cgroup_sock/{SOCK_RELEASE}"));
+                links.append(&mut l);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "egress hook not attached: data on established sockets is not judged");
+                missing.push(format!("cgroup_skb/{EGRESS}: {e:#}"));
+            }
+        }
         // The new programs run; the previous daemon's can go.
         for old in old_links {
             let _ = old.unpin();
@@ -266,6 +313,7 @@ impl Kernel {
                 adopted,
                 file_backend,
                 file_backend_note,
+                missing,
             },
             Rings { events, alerts },
         ))

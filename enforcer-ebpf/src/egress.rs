@@ -1,0 +1,255 @@
+//! Data leaving on established sockets: a cgroup `skb/egress` hook on `cgroup_root`, and a
+//! `sock_release` hook that forgets a socket's state.
+//!
+//! The connect hooks judge a connection once, when it is made. Data written later can still
+//! carry a secret where it is not valid: a socket connected before its process read the
+//! secret, one received from another process over SCM_RIGHTS, a server's accepted socket.
+//! This hook judges every outgoing IP packet of a socket whose writer or owner is judged
+//! (grant holder, agent, tainted) with `judge::judge_send`: the history rule only.
+//!
+//! Who wrote the data: for UDP the packet leaves inside sendmsg(), so the current task is
+//! the writer. For TCP the current task is the writer only while the socket is locked by a
+//! process (`sk_lock.owned`): tcp_sendmsg transmits under that lock, and while it is held the
+//! stack defers softirq transmits to the lock owner. A TCP packet sent from softirq (ACK
+//! clocking, retransmit timers) is judged by the socket's recorded owner and taint only.
+//!
+//! In enforce mode a violating socket is blocked: this packet and every later one are
+//! dropped (the writer's send fails with EPERM when it transmits itself), so queued data
+//! never leaves. The record goes to ALERTS, once per blocked socket.
+use aya_ebpf::{
+    Global,
+    bindings::bpf_sock,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        generated::{bpf_sk_fullsock, bpf_skc_to_tcp_sock},
+    },
+    macros::{cgroup_skb, cgroup_sock, map},
+    maps::LruHashMap,
+    programs::{SkBuffContext, SockContext},
+};
+use core::ffi::c_void;
+use enforcer_common::{
+    ConnectRecord, ProcGrants, SockState, config, counter,
+    judge::{Settings, judge_send},
+    kind, op, reason, sock_flags, verdict,
+};
+
+use crate::connect::{Maps, emit};
+use crate::maps::{ALERTS, PROC_GRANTS, WAKEUP_NOW, config, count};
+
+/// cgroup_skb verdicts: 1 passes the packet, 0 drops it.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Offset of `sock.sk_lock.owned`, from kernel BTF.
+#[unsafe(no_mangle)]
+static SK_LOCK_OWNED_OFF: Global<u32> = Global::new(0);
+
+/// socket cookie -> state of a socket a judged process sent on. LRU: a socket's kernel
+/// life ends after close (FIN, retransmits of queued data), after its release hook, so
+/// blocked and tainted sockets keep their state past release and the oldest are evicted
+/// when the map is full.
+#[map]
+pub static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::pinned(65_536, 0);
+
+#[cgroup_skb(egress)]
+pub fn egress(ctx: SkBuffContext) -> i32 {
+    try_egress(&ctx).unwrap_or(PASS)
+}
+
+/// Forgets a released clean socket's state. A blocked or tainted socket keeps it: the
+/// kernel may still retransmit its queued data after close.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut c_void) };
+    if let Some(st) = unsafe { SOCK_STATE.get(&cookie) }
+        && st.flags == 0
+        && st.taint == 0
+    {
+        let _ = SOCK_STATE.remove(&cookie);
+    }
+    PASS
+}
+
+/// Destination and transport of an IP packet, from its headers.
+struct Packet {
+    family: u16,
+    protocol: u8,
+    addr: [u8; 16],
+    /// IPv6 form (IPv4 mapped), as the judge wants it.
+    v6: [u8; 16],
+    port: u16,
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    let skb = unsafe { &*ctx.skb.skb };
+    let proto = u16::from_be(skb.protocol as u16) as u32;
+    let mut addr = [0u8; 16];
+    let (family, protocol, l4) = if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(0).ok()?;
+        let protocol: u8 = ctx.load(9).ok()?;
+        let daddr: [u8; 4] = ctx.load(16).ok()?;
+        addr[..4].copy_from_slice(&daddr);
+        (2u16, protocol, ((vihl & 0x0f) as usize) * 4)
+    } else if proto == ETH_P_IPV6 {
+        // Extension headers are not walked: their packets are judged without a port.
+        let protocol: u8 = ctx.load(6).ok()?;
+        addr = ctx.load(24).ok()?;
+        (10u16, protocol, 40usize)
+    } else {
+        return None;
+    };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let port = u16::from_be(ctx.load::<u16>(l4 + 2).unwrap_or(0));
+    let v6 = if family == 2 {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    } else {
+        addr
+    };
+    Some(Packet { family, protocol, addr, v6, port })
+}
+
+/// Whether a process holds the socket's lock: then the current task is the one sending.
+#[inline(always)]
+fn locked_by_process(sk: *mut bpf_sock) -> bool {
+    let off = SK_LOCK_OWNED_OFF.load() as usize;
+    if off == 0 {
+        return false;
+    }
+    // The verifier forbids arithmetic on a socket pointer, but not on the BTF-typed
+    // tcp_sock pointer this helper returns for the same socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    if tp.is_null() {
+        return false;
+    }
+    let owned: i32 =
+        unsafe { bpf_probe_read_kernel((tp as *const u8).wrapping_add(off) as *const i32) }
+            .unwrap_or(0);
+    owned != 0
+}
+
+#[inline(always)]
+fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
+    let skb = unsafe { &*ctx.skb.skb };
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let state = SOCK_STATE.get_ptr_mut(&cookie);
+    // Read the state into scalars at once: the verifier refuses arithmetic that mixes map
+    // pointers (which the optimizer may emit for combined null checks).
+    let (has_state, st_flags, st_owner, st_start, st_taint) = match state {
+        Some(st) => {
+            let st = unsafe { &*st };
+            (true, st.flags, st.owner, st.owner_start_ns, st.taint)
+        }
+        None => (false, 0, 0, 0, 0),
+    };
+    if st_flags & sock_flags::BLOCKED != 0 {
+        return Some(DROP);
+    }
+    let pkt = parse(ctx)?;
+    // The writer: the current task, when it is provably the one sending.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let by_writer = pkt.protocol == IPPROTO_UDP || locked_by_process(sk);
+    let writer_tgid = if by_writer { (pid_tgid >> 32) as u32 } else { 0 };
+    let mut subject = ProcGrants::default();
+    let mut tgid = 0u32;
+    let mut writer_start = 0u64;
+    if writer_tgid != 0
+        && let Some(w) = unsafe { PROC_GRANTS.get(&writer_tgid) }
+    {
+        subject = *w;
+        tgid = writer_tgid;
+        writer_start = w.start_ns;
+    }
+    let has_writer = tgid != 0;
+    if !has_writer && !has_state {
+        return None;
+    }
+    // The owner's current state counts for what it queued (it may have read a secret after
+    // connecting), unless its tgid was reused.
+    if has_state
+        && let Some(o) = unsafe { PROC_GRANTS.get(&st_owner) }
+        && o.start_ns == st_start
+    {
+        if !has_writer {
+            subject = *o;
+            tgid = st_owner;
+        } else if st_owner != writer_tgid {
+            subject.taint |= o.taint;
+        }
+    }
+    subject.taint |= st_taint;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let settings = Settings {
+        enforce: config(config::ENFORCE) != 0,
+        agent_action: config(config::AGENT_ACTION) as u8,
+    };
+    let j = judge_send(&Maps, &subject, &pkt.v6, pkt.port, now, settings);
+    // Remember who sent and what it carried, so packets sent later from softirq (queued
+    // data, retransmits) are judged too.
+    if !has_state {
+        let fresh =
+            SockState { owner: writer_tgid, flags: 0, owner_start_ns: writer_start, taint: 0 };
+        if SOCK_STATE.insert(&cookie, &fresh, 0).is_err() {
+            count(counter::STATE_FULL);
+        }
+    }
+    let violation = j.verdict == verdict::OUT_OF_INTENT && j.reason == reason::TAINT;
+    let deny = violation && !j.lets_through();
+    let mut report = violation;
+    if let Some(st) = SOCK_STATE.get_ptr_mut(&cookie) {
+        let st = unsafe { &mut *st };
+        st.taint |= j.taint;
+        if violation {
+            if !deny && st.flags & sock_flags::ALERTED != 0 {
+                report = false;
+            }
+            st.flags |= if deny { sock_flags::BLOCKED } else { sock_flags::ALERTED };
+        }
+    }
+    if !report {
+        return None;
+    }
+    let ug = bpf_get_current_uid_gid();
+    let mut judged = subject;
+    judged.taint = j.taint;
+    let rec = ConnectRecord {
+        kind: kind::CONNECT,
+        tgid,
+        tid: if tgid == writer_tgid { pid_tgid as u32 } else { 0 },
+        uid: if tgid == writer_tgid { ug as u32 } else { 0 },
+        family: pkt.family,
+        port: pkt.port,
+        protocol: pkt.protocol,
+        op: op::SEND,
+        action: j.action,
+        verdict: j.verdict,
+        addr: pkt.addr,
+        cgroup_id: if tgid == writer_tgid { unsafe { bpf_get_current_cgroup_id() } } else { 0 },
+        boot_ns: now,
+        grant_slot: j.slot,
+        reason: j.reason,
+        taint_secret: j.taint_secret,
+        revoked_now: 0,
+        _pad2: 0,
+        subject: judged,
+    };
+    emit(&ALERTS, &rec, WAKEUP_NOW, counter::ALERT_DROPS);
+    Some(if deny { DROP } else { PASS })
+}
