@@ -13,8 +13,8 @@
 //!    held grant. A process holding no grant is not judged by grants (`NO_GRANT_HELD`),
 //!    unless it is an `[[agent]]` process: then out_of_intent (reason AGENT).
 //! 2. History counts: a connection that rule 1 lets through is out_of_intent (reason TAINT)
-//!    when the process, or any process of the subtree of a grant it holds (the grant's
-//!    taint), read a secret that is not valid there: outside the secret's own
+//!    when the process, any process of the subtree of a grant it holds (the grant's
+//!    taint), or any process of its `[[agent]]` tree (the tree's taint) read a secret that is not valid there: outside the secret's own
 //!    destinations (if it has any), or not covered by a live grant that covers the secret.
 //! 3. The action of a violation: the grant's intent's on_violation (reason GRANT), the
 //!    tainting secret's (TAINT) or the agent action (AGENT); never "allowed" for a violation;
@@ -36,6 +36,8 @@ pub trait Facts {
     /// Secrets read by any process of the subtree holding the grant in `slot` (the
     /// GRANT_TAINT map: kept apart from GRANTS so the daemon never rewrites a grant's state).
     fn grant_taint(&self, slot: u32) -> u64;
+    /// Secrets read by any process of the `[[agent]]` tree `tree` (AGENT_TAINT).
+    fn tree_taint(&self, tree: u32) -> u64;
 }
 
 /// Host-wide settings (the kernel's CONFIG map).
@@ -92,7 +94,7 @@ pub fn judge<F: Facts>(
         reason: reason::GRANT,
         taint_secret: 0,
         revoke: false,
-        taint: proc.taint,
+        taint: proc.taint | tree_taint(facts, proc),
     };
     let mut any = false;
     let mut first_slot = 0u32;
@@ -186,6 +188,13 @@ pub fn judge<F: Facts>(
     j
 }
 
+/// What any process of the subject's `[[agent]]` tree read (a tree's processes exchange
+/// data freely: pipes, files, the shell holding `$(cat secret)`).
+#[inline(always)]
+fn tree_taint<F: Facts>(facts: &F, proc: &ProcGrants) -> u64 {
+    if proc.tree == 0 { 0 } else { facts.tree_taint(proc.tree) }
+}
+
 /// The first tainting secret (index + 1) not valid toward (`addr`, `port`) and its action:
 /// outside the secret's own destinations (if it has any), or not covered by a live grant
 /// that covers the secret (`live_secrets`).
@@ -227,7 +236,7 @@ pub fn judge_send<F: Facts>(
     now_ns: u64,
     settings: Settings,
 ) -> Judgement {
-    let mut taint = proc.taint;
+    let mut taint = proc.taint | tree_taint(facts, proc);
     let mut live_secrets: u64 = 0;
     let mut live_slot = 0u32;
     for i in 0..MAX_PROC_GRANTS {

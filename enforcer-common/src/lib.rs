@@ -57,7 +57,9 @@ pub struct ProcGrants {
     pub taint: u64,
     /// `proc_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The `[[agent]]` process tree this process belongs to: the tgid of the process the
+    /// exec hook marked first (0: none), inherited at fork; key of AGENT_TAINT.
+    pub tree: u32,
 }
 
 /// `ProcGrants.flags`.

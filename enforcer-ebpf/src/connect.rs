@@ -27,7 +27,7 @@ use enforcer_common::{
 };
 
 use crate::maps::{
-    ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
+    AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
     count, submit_flags,
 };
 
@@ -83,6 +83,11 @@ impl Facts for Maps {
     #[inline(always)]
     fn grant_taint(&self, slot: u32) -> u64 {
         unsafe { GRANT_TAINT.get(slot) }.copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn tree_taint(&self, tree: u32) -> u64 {
+        unsafe { AGENT_TAINT.get(tree) }.copied().unwrap_or(0)
     }
 
     #[inline(always)]

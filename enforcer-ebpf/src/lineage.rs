@@ -82,7 +82,7 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
     if let Some(pg) = unsafe { PROC_GRANTS.get(parent) } {
         grants = pg.grants;
         let inherited =
-            ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, _pad: 0 };
+            ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, tree: pg.tree };
         if PROC_GRANTS.insert(child as u32, inherited, 0).is_err() {
             count(counter::STATE_FULL);
         }
@@ -254,10 +254,14 @@ fn mark_agent(tgid: u32, uid: u32) {
             start_ns: unsafe { bpf_ktime_get_boot_ns() },
             taint: 0,
             flags: 0,
-            _pad: 0,
+            tree: 0,
         },
     };
     pg.flags |= proc_flags::AGENT;
+    // The first marked process roots the tree; a nested agent stays in its ancestor's.
+    if pg.tree == 0 {
+        pg.tree = tgid;
+    }
     if PROC_GRANTS.insert(tgid, pg, 0).is_err() {
         count(counter::STATE_FULL);
     }

@@ -38,6 +38,12 @@ pub static GRANTS: HashMap<u32, GrantInfo> = HashMap::pinned(16_384, 0);
 #[map]
 pub static GRANT_TAINT: HashMap<u32, u64> = HashMap::pinned(16_384, 0);
 
+/// `[[agent]]` tree (tgid of its first marked process) -> secrets read by any process of
+/// the tree. Written by the daemon when a tree member opens a secret; the daemon's sweep
+/// removes trees with no living member.
+#[map]
+pub static AGENT_TAINT: HashMap<u32, u64> = HashMap::pinned(16_384, 0);
+
 /// (grant slot | SECRET_SLOT_BASE + secret index, destination network) -> allowed ports.
 #[map]
 pub static GRANT_DESTS: LpmTrie<DestKey, PortRanges> = LpmTrie::pinned(65_536, 1);

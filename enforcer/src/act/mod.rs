@@ -51,6 +51,10 @@ impl Actor {
             // `$(cat secret)`, children forked before the read).
             if let Some(pg) = self.maps.state_of(pid) {
                 self.maps.taint_grants(&pg.grants, bits)?;
+                // ... and every process of its `[[agent]]` tree, grants or not.
+                if pg.tree != 0 {
+                    self.maps.taint_tree(pg.tree, bits)?;
+                }
             }
         }
         Ok(())
@@ -269,5 +273,8 @@ pub fn sweep(maps: &ActMaps) -> Swept {
             removed += 1;
         }
     }
+    // Trees whose last member is gone: their taint can judge no one (a reused tgid that
+    // roots a new tree starts clean).
+    let _ = maps.sweep_trees();
     Swept { entries: entries.len() as u64 - removed, removed }
 }

@@ -110,6 +110,11 @@ impl Facts for SubjectFacts {
         0
     }
 
+    /// Likewise the agent tree's taint.
+    fn tree_taint(&self, _tree: u32) -> u64 {
+        0
+    }
+
     fn secret(&self, index: u32) -> Option<SecretInfo> {
         self.secrets.get(index as usize).map(|s| s.0)
     }

@@ -82,6 +82,7 @@ fn errno(e: &aya::maps::MapError) -> Option<i32> {
 pub struct GrantMaps {
     procs: SharedProcs,
     grant_taint: SharedTaint,
+    tree_taint: SharedTaint,
     grants: GrantMap,
     dests: LpmTrie<MapData, DestKey, PortRanges>,
 }
@@ -91,6 +92,8 @@ pub struct GrantMaps {
 pub struct ActMaps {
     procs: SharedProcs,
     grant_taint: SharedTaint,
+    /// AGENT_TAINT: `[[agent]]` tree -> secrets read within it.
+    tree_taint: SharedTaint,
     grants: GrantMap,
 }
 
@@ -109,6 +112,7 @@ impl ActMaps {
             grant_taint: SharedTaint(Arc::new(Mutex::new(HashMap::try_from(open(
                 "GRANT_TAINT",
             )?)?))),
+            tree_taint: SharedTaint(Arc::new(Mutex::new(HashMap::try_from(open("AGENT_TAINT")?)?))),
             grants: HashMap::try_from(open("GRANTS")?)?,
         })
     }
@@ -129,6 +133,31 @@ impl ActMaps {
             }
         }
         Ok(())
+    }
+
+    /// Taint follows the data within an `[[agent]]` tree: ORs `bits` into the tree's taint
+    /// (the connect judge ORs it into every member's).
+    pub fn taint_tree(&self, tree: u32, bits: u64) -> Result<()> {
+        let mut taint = self.tree_taint.lock();
+        let old = taint.get(&tree, 0).unwrap_or(0);
+        if old & bits != bits {
+            taint
+                .insert(tree, old | bits, 0)
+                .with_context(|| format!("write AGENT_TAINT of tree {tree}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the taint of `[[agent]]` trees no living process belongs to. How many.
+    pub fn sweep_trees(&self) -> u64 {
+        let live: std::collections::HashSet<u32> = {
+            let procs = self.procs.lock();
+            procs.iter().filter_map(|r| r.ok()).map(|(_, pg)| pg.tree).collect()
+        };
+        let mut taint = self.tree_taint.lock();
+        let dead: Vec<u32> =
+            taint.keys().filter_map(|k| k.ok()).filter(|t| !live.contains(t)).collect();
+        dead.iter().filter(|t| taint.remove(t).is_ok()).count() as u64
     }
 
     /// What the kernel holds for `pid`: grants, taint, flags.
@@ -173,7 +202,7 @@ impl ActMaps {
     /// hook or a bind got there first: merge into it instead). The caller has confirmed the
     /// process is the one meant, and re-checks after the write (`remove_if`).
     pub fn create(&self, pid: u32, start_ns: u64, taint: u64, flags: u32) -> Result<bool> {
-        let pg = ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint, flags, _pad: 0 };
+        let pg = ProcGrants { grants: [0; MAX_PROC_GRANTS], start_ns, taint, flags, tree: 0 };
         match self.procs.lock().insert(pid, pg, BPF_NOEXIST) {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
@@ -248,6 +277,10 @@ impl GrantMaps {
                 ebpf,
                 "GRANT_TAINT",
             )?)?))),
+            tree_taint: SharedTaint(Arc::new(Mutex::new(HashMap::try_from(take(
+                ebpf,
+                "AGENT_TAINT",
+            )?)?))),
             grants: HashMap::try_from(take(ebpf, "GRANTS")?)?,
             dests: LpmTrie::try_from(take(ebpf, "GRANT_DESTS")?)?,
         })
@@ -258,6 +291,7 @@ impl GrantMaps {
         Ok(ActMaps {
             procs: self.procs.clone(),
             grant_taint: self.grant_taint.clone(),
+            tree_taint: self.tree_taint.clone(),
             grants: reopen(&self.grants)?,
         })
     }
@@ -348,7 +382,7 @@ impl GrantMaps {
             start_ns,
             taint: 0,
             flags: 0,
-            _pad: 0,
+            tree: 0,
         });
         if pg.grants.contains(&slot) {
             return Ok(());
