@@ -152,6 +152,13 @@ impl Bench {
                 limit: Some(1.05),
             },
             Spec {
+                name: "send() 64 B, connected UDP (cost of egress)",
+                kind: Kind::Send,
+                n: 100_000,
+                target: self.udp.local_addr()?.to_string(),
+                limit: Some(1.05),
+            },
+            Spec {
                 name: "fork+exec /bin/true",
                 kind: Kind::Exec,
                 n: 1_000,

@@ -56,6 +56,9 @@ pub enum Kind {
     Flood,
     /// socket(AF_INET, SOCK_DGRAM) + close: the cgroup sock_create hook's common path.
     Socket,
+    /// send() of 64 bytes on one connected loopback UDP socket: every packet passes the
+    /// egress hook (and no sock_addr hook: the socket is connected).
+    Send,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
@@ -86,6 +89,14 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         Kind::Exec => exec(&a.target, a.n)?,
         Kind::Flood => flood(a.target.parse().context("bench worker: bad address")?, a)?,
         Kind::Socket => timed(a, &mut samples, socket_one)?,
+        Kind::Send => {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            s.connect(&a.target).context("bench worker: connect the UDP socket")?;
+            let payload = [0x5au8; 64];
+            timed(a, &mut samples, |i| {
+                s.send(&payload).map(|_| ()).with_context(|| format!("bench worker: send #{i}"))
+            })?
+        }
     };
     let ns = t0.elapsed().as_nanos();
     if a.per_op && !samples.is_empty() {
