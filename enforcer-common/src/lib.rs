@@ -100,6 +100,11 @@ pub mod config {
     pub const ENFORCE: u32 = 0;
     /// Action for `[[agent]]` processes connecting outside any grant.
     pub const AGENT_ACTION: u32 = 1;
+    /// Set by the kernel (never cleared while the pins live) when a child's PROC_GRANTS
+    /// entry could not be written: from then on a process without an entry is judged by
+    /// its nearest ancestor's entry (`maps::proc_entry`), so no child of a grant holder,
+    /// agent or tainted process runs unjudged.
+    pub const STATE_LOST: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 

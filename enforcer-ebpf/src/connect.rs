@@ -27,8 +27,8 @@ use enforcer_common::{
 };
 
 use crate::maps::{
-    AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
-    count, submit_flags,
+    AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, SECRETS, WAKEUP_NOW, config,
+    count, proc_entry, submit_flags,
 };
 
 const AF_INET: u32 = 2;
@@ -102,10 +102,9 @@ impl Facts for Maps {
 /// the map entry it was judged on.
 #[inline(always)]
 fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement, u8, ProcGrants) {
-    let Some(pg) = (unsafe { PROC_GRANTS.get(tgid) }) else {
+    let Some(subject) = proc_entry(tgid) else {
         return (Judgement::default(), 0, ProcGrants::default());
     };
-    let subject = *pg;
     let settings = Settings {
         enforce: config(config::ENFORCE) != 0,
         agent_action: config(config::AGENT_ACTION) as u8,

@@ -36,7 +36,7 @@ use enforcer_common::{
 };
 
 use crate::connect::{Maps, emit};
-use crate::maps::{ALERTS, PROC_GRANTS, WAKEUP_NOW, config, count};
+use crate::maps::{ALERTS, PROC_GRANTS, WAKEUP_NOW, config, count, proc_entry};
 
 /// cgroup_skb verdicts: 1 passes the packet, 0 drops it.
 const PASS: i32 = 1;
@@ -171,9 +171,9 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
     let mut tgid = 0u32;
     let mut writer_start = 0u64;
     if writer_tgid != 0
-        && let Some(w) = unsafe { PROC_GRANTS.get(&writer_tgid) }
+        && let Some(w) = proc_entry(writer_tgid)
     {
-        subject = *w;
+        subject = w;
         tgid = writer_tgid;
         writer_start = w.start_ns;
     }

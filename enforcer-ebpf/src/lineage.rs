@@ -20,14 +20,17 @@ use enforcer_common::{
 };
 
 use crate::maps::{
-    AGENT_CGROUPS, AGENT_EXES, AGENT_UIDS, EVENTS, PROC_GRANTS, count, submit_flags,
+    AGENT_CGROUPS, AGENT_EXES, AGENT_UIDS, EVENTS, PROC_GRANTS, count, state_lost, submit_flags,
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// task_struct.tgid and linux_binprm.filename, from kernel BTF.
 #[unsafe(no_mangle)]
-static TASK_TGID_OFF: Global<u32> = Global::new(0);
+pub(crate) static TASK_TGID_OFF: Global<u32> = Global::new(0);
+/// task_struct.real_parent, from kernel BTF (the degraded-mode ancestor walk).
+#[unsafe(no_mangle)]
+pub(crate) static TASK_REAL_PARENT_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static BPRM_FILENAME_OFF: Global<u32> = Global::new(0);
 /// 1 when sched_process_exit carries `group_dead` (its second argument).
@@ -84,7 +87,7 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
         let inherited =
             ProcGrants { grants, start_ns: now, taint: pg.taint, flags: pg.flags, tree: pg.tree };
         if PROC_GRANTS.insert(child as u32, inherited, 0).is_err() {
-            count(counter::STATE_FULL);
+            state_lost();
         }
     }
     let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
@@ -263,7 +266,7 @@ fn mark_agent(tgid: u32, uid: u32) {
         pg.tree = tgid;
     }
     if PROC_GRANTS.insert(tgid, pg, 0).is_err() {
-        count(counter::STATE_FULL);
+        state_lost();
     }
 }
 

@@ -3,9 +3,11 @@
 //! Every map is pinned by name under the daemon's pin dir: a daemon killed with SIGKILL
 //! leaves the programs enforcing against these maps, and a restarted daemon adopts them.
 use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
+use crate::lineage::{TASK_REAL_PARENT_OFF, TASK_TGID_OFF};
 use enforcer_common::{
     DestKey, ExeKey, GrantInfo, MAX_SECRETS, PortRanges, ProcGrants, SecretInfo, config, counter,
 };
@@ -79,6 +81,50 @@ pub fn count(index: u32) {
 #[inline(always)]
 pub fn config(index: u32) -> u32 {
     CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// A per-process entry could not be written (PROC_GRANTS full): counted, and the degraded
+/// mode of `proc_entry` switched on for good.
+#[inline(always)]
+pub fn state_lost() {
+    count(counter::STATE_FULL);
+    if let Some(p) = CONFIG.get_ptr_mut(config::STATE_LOST) {
+        unsafe { *p = 1 };
+    }
+}
+
+/// Ancestors `proc_entry` looks at in degraded mode.
+const ANCESTOR_WALK: usize = 8;
+
+/// The PROC_GRANTS entry that judges the current process `tgid`: its own; or, once an entry
+/// could not be written (`config::STATE_LOST`), that of its nearest ancestor (up to 8 levels)
+/// that has one: what the child would have inherited. The common path (no entry, nothing
+/// lost) costs one lookup.
+#[inline(always)]
+pub fn proc_entry(tgid: u32) -> Option<ProcGrants> {
+    if let Some(pg) = unsafe { PROC_GRANTS.get(tgid) } {
+        return Some(*pg);
+    }
+    if config(config::STATE_LOST) == 0 {
+        return None;
+    }
+    let parent_off = TASK_REAL_PARENT_OFF.load() as u64;
+    let tgid_off = TASK_TGID_OFF.load() as u64;
+    let mut task = unsafe { bpf_get_current_task() };
+    for _ in 0..ANCESTOR_WALK {
+        task = unsafe { bpf_probe_read_kernel((task + parent_off) as *const u64) }.ok()?;
+        if task == 0 {
+            return None;
+        }
+        let t: i32 = unsafe { bpf_probe_read_kernel((task + tgid_off) as *const i32) }.ok()?;
+        if t <= 1 {
+            return None;
+        }
+        if let Some(pg) = unsafe { PROC_GRANTS.get(t as u32) } {
+            return Some(*pg);
+        }
+    }
+    None
 }
 
 const BPF_RB_NO_WAKEUP: u64 = 1;

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{SocketRecord, config, counter, kind, socket::judge_socket};
 
-use crate::maps::{ALERTS, PROC_GRANTS, WAKEUP_NOW, config, count};
+use crate::maps::{ALERTS, WAKEUP_NOW, config, count, proc_entry};
 
 /// Verdicts for cgroup sock programs: 1 lets socket() succeed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
@@ -28,8 +28,7 @@ const DENY: i32 = 0;
 pub fn sock_create(ctx: SockContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(pg) = (unsafe { PROC_GRANTS.get(tgid) }) else { return ALLOW };
-    let subject = *pg;
+    let Some(subject) = proc_entry(tgid) else { return ALLOW };
     let sk = unsafe { &*ctx.sock };
     let (family, sock_type, protocol) = (sk.family, sk.type_, sk.protocol);
     let j = judge_socket(family, sock_type, protocol, &subject, config(config::ENFORCE) != 0);

@@ -189,6 +189,7 @@ impl Kernel {
         let btf = btf::KernelBtf::load()?;
         let globals: Vec<(&str, u32)> = vec![
             ("TASK_TGID_OFF", btf.offset("task_struct", "tgid")?),
+            ("TASK_REAL_PARENT_OFF", btf.offset("task_struct", "real_parent")?),
             ("BPRM_FILENAME_OFF", btf.offset("linux_binprm", "filename")?),
             ("EXIT_HAS_GROUP_DEAD", has_group_dead),
             ("TASK_MM_OFF", btf.offset("task_struct", "mm")?),
