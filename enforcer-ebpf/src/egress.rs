@@ -68,11 +68,11 @@ pub fn egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut c_void) };
-    if let Some(st) = unsafe { SOCK_STATE.get(&cookie) }
+    if let Some(st) = unsafe { SOCK_STATE.get(cookie) }
         && st.flags == 0
         && st.taint == 0
     {
-        let _ = SOCK_STATE.remove(&cookie);
+        let _ = SOCK_STATE.remove(cookie);
     }
     PASS
 }
@@ -149,7 +149,7 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let state = SOCK_STATE.get_ptr_mut(&cookie);
+    let state = SOCK_STATE.get_ptr_mut(cookie);
     // Read the state into scalars at once: the verifier refuses arithmetic that mixes map
     // pointers (which the optimizer may emit for combined null checks).
     let (has_state, st_flags, st_owner, st_start, st_taint) = match state {
@@ -184,7 +184,7 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
     // The owner's current state counts for what it queued (it may have read a secret after
     // connecting), unless its tgid was reused.
     if has_state
-        && let Some(o) = unsafe { PROC_GRANTS.get(&st_owner) }
+        && let Some(o) = unsafe { PROC_GRANTS.get(st_owner) }
         && o.start_ns == st_start
     {
         if !has_writer {
@@ -206,14 +206,14 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
     if !has_state {
         let fresh =
             SockState { owner: writer_tgid, flags: 0, owner_start_ns: writer_start, taint: 0 };
-        if SOCK_STATE.insert(&cookie, &fresh, 0).is_err() {
+        if SOCK_STATE.insert(cookie, fresh, 0).is_err() {
             count(counter::STATE_FULL);
         }
     }
     let violation = j.verdict == verdict::OUT_OF_INTENT && j.reason == reason::TAINT;
     let deny = violation && !j.lets_through();
     let mut report = violation;
-    if let Some(st) = SOCK_STATE.get_ptr_mut(&cookie) {
+    if let Some(st) = SOCK_STATE.get_ptr_mut(cookie) {
         let st = unsafe { &mut *st };
         st.taint |= j.taint;
         if violation {

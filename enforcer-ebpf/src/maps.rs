@@ -2,12 +2,12 @@
 //!
 //! Every map is pinned by name under the daemon's pin dir: a daemon killed with SIGKILL
 //! leaves the programs enforcing against these maps, and a restarted daemon adopts them.
+use crate::lineage::{TASK_REAL_PARENT_OFF, TASK_TGID_OFF};
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use crate::lineage::{TASK_REAL_PARENT_OFF, TASK_TGID_OFF};
 use enforcer_common::{
     DestKey, ExeKey, GrantInfo, MAX_SECRETS, PortRanges, ProcGrants, SecretInfo, config, counter,
 };
