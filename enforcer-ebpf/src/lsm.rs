@@ -16,7 +16,7 @@
 //! The decision is the shared open judge `enforcer_common::open::judge_open` (the function
 //! the daemon's fanotify backend decides with) over PROC_GRANTS, GRANTS and SECRETS, with
 //! the boot clock: expiry works with no daemon. State comes before records: the revoke and
-//! the taint (PROC_GRANTS, GRANT_TAINT) are written before the open returns, the record is
+//! the taint (PROC_GRANTS, GRANT_TAINT, AGENT_TAINT) are written before the open returns, the record is
 //! best-effort (a full ring loses it, counted). Enforce-mode deny and kill fail the open
 //! with EPERM; kill also sends SIGKILL to the opener.
 use aya_ebpf::{
@@ -38,8 +38,8 @@ use enforcer_common::{
 };
 
 use crate::maps::{
-    ALERTS, EVENTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config, count,
-    submit_flags,
+    AGENT_TAINT, ALERTS, EVENTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
+    count, proc_entry, submit_flags,
 };
 
 const EPERM: i32 = 1;
@@ -188,7 +188,8 @@ fn judge_file(file: u64) -> i32 {
         return 0;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let entry = unsafe { PROC_GRANTS.get(tgid) }.copied();
+    // Its own entry, or (once an entry could not be written) its nearest ancestor's.
+    let entry = proc_entry(tgid);
     let held = entry.is_some();
     let subject = entry.unwrap_or_default();
     let without_grant = SECRETS.get(secret).map_or(action::ALERT, |s| s.action as u8);
@@ -275,6 +276,17 @@ fn apply(j: &OpenJudgement, taint: u64, tgid: u32, start: u64, pg: &ProcGrants) 
             Some(t) => unsafe { *t |= taint },
             None => {
                 if GRANT_TAINT.insert(slot, taint, 0).is_err() {
+                    count(counter::STATE_FULL);
+                }
+            }
+        }
+    }
+    // ... and every process of its `[[agent]]` tree.
+    if pg.tree != 0 {
+        match AGENT_TAINT.get_ptr_mut(pg.tree) {
+            Some(t) => unsafe { *t |= taint },
+            None => {
+                if AGENT_TAINT.insert(pg.tree, taint, 0).is_err() {
                     count(counter::STATE_FULL);
                 }
             }

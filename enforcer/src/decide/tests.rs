@@ -751,6 +751,8 @@ fn open_decisions_follow_the_shared_judge() {
             assert_eq!(d.expired_for_ms, Some(3000));
             assert!(j.revoke, "revoke_on_violation asked for");
         }
+    }
+}
 
 /// Data on an established socket (the egress hook): only the history rule applies. The held
 /// grants' coverage of the destination matters only as what makes a secret valid there.
