@@ -97,7 +97,14 @@ fn a_full_proc_map_does_not_free_an_agents_child() {
         let mut w = line.split_whitespace();
         let (pid, result): (u32, String) =
             (w.next().unwrap().parse().unwrap(), w.next().unwrap().to_string());
-        if counter(&daemon, "state_full") > lost_before {
+        // The status document is rendered once a second: wait for the counter to show.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(4);
+        let mut lost = false;
+        while !lost && std::time::Instant::now() < end {
+            lost = counter(&daemon, "state_full") > lost_before;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        if lost {
             verdict = Some((pid, result));
             break;
         }
