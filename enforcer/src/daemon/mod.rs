@@ -37,6 +37,12 @@ use engine::{Engine, GrantLinks};
 
 /// Longest a kernel record waits in the ring buffer before the daemon reads it.
 const DRAIN_INTERVAL_MS: u64 = 20;
+/// A secret open not judged this long after the daemon read it is answered with the safe
+/// default (deny in enforce mode, allow in monitor mode) and recorded as such.
+const FILE_DECISION_DEADLINE: Duration = Duration::from_millis(500);
+/// Lineage records read before answering waiting opens: bounded, so a fork/exec flood
+/// cannot delay the answers (the rest is read on the next turn).
+const LINEAGE_BEFORE_ANSWER: usize = 4096;
 
 /// Everything resolved from the config before the kernel is touched.
 pub struct Setup {
@@ -223,7 +229,15 @@ async fn run_async(setup: Setup) -> Result<()> {
         ledger: ledger_tx.clone(),
     };
     let mut engine =
-        Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), links);
+        Engine::new(
+            table,
+            store,
+            cfg.mode,
+            setup.host.clone(),
+            setup.cgroup_scope.clone(),
+            links,
+            cfg.limits.exe_hash_max_bytes,
+        );
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
     sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
@@ -354,6 +368,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
                 drain_ring(alert_ring.get_mut(), &mut engine);
+                engine.release_alerts(false);
                 engine.flush();
             }
             Some(svid) = svid_events.recv() => {
@@ -375,12 +390,17 @@ async fn run_async(setup: Setup) -> Result<()> {
             guard = fan.readable() => {
                 let mut guard = guard?;
                 // Lineage first: the opener's exec record may still be in the ring.
-                drain_ring(ring.get_mut(), &mut engine);
+                drain_ring_max(ring.get_mut(), &mut engine, LINEAGE_BEFORE_ANSWER);
                 // Each opener waits in open() for our answer: its kernel state is stable.
                 for pending in watch.read() {
-                    let allow = engine.on_file_open(pending.open.clone());
+                    let allow = if pending.received.elapsed() > FILE_DECISION_DEADLINE {
+                        engine.on_file_open_late(pending.open.clone(), FILE_DECISION_DEADLINE)
+                    } else {
+                        engine.on_file_open(pending.open.clone())
+                    };
                     watch.respond(pending, allow);
                 }
+                engine.release_alerts(false);
                 guard.clear_ready();
                 engine.flush();
             }
@@ -446,6 +466,13 @@ async fn run_async(setup: Setup) -> Result<()> {
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
     drain_ring(alert_ring.get_mut(), &mut engine);
+    // Alerts still waiting for an exe hash: a short grace, then written without it.
+    let grace = Instant::now() + Duration::from_millis(500);
+    while engine.exe_hashes.waiting() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        engine.release_alerts(false);
+    }
+    engine.release_alerts(true);
     engine.agent_event(
         "agent_stopped",
         "info",
@@ -518,7 +545,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut Engine) {
     // Bounded per call so a flood cannot starve signal handling; the fd stays readable.
-    for _ in 0..65_536 {
+    drain_ring_max(ring, engine, 65_536)
+}
+
+fn drain_ring_max(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    engine: &mut Engine,
+    max: usize,
+) {
+    for _ in 0..max {
         let Some(item) = ring.next() else { break };
         let rec = records::decode(&item);
         drop(item);

@@ -11,6 +11,7 @@ mod aws;
 mod destination;
 mod diag;
 mod duration;
+mod limits;
 mod model;
 mod parse;
 mod sink;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 pub use aws::{AwsIntent, AwsSettings, StsEndpoint, parse_endpoint};
 pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
+pub use limits::Limits;
 pub use duration::{format_duration, parse_duration};
 pub use model::{
     AGENT_ON_VIOLATION, AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR,
