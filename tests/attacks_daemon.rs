@@ -44,6 +44,18 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration, what: &str) -> 
     }
 }
 
+/// Every stored event, rotated backups (events.jsonl.N, oldest first) included.
+fn all_events(d: &Daemon) -> Vec<Event> {
+    let live = d.state_dir().join("events.jsonl");
+    let mut files: Vec<std::path::PathBuf> = (1..)
+        .map(|i| d.state_dir().join(format!("events.jsonl.{i}")))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    files.push(live);
+    files.iter().flat_map(|f| parse_events(&std::fs::read_to_string(f).unwrap_or_default())).collect()
+}
+
 fn copy_exe(from: &str, to: &std::path::Path) {
     std::fs::copy(from, to).unwrap();
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -134,4 +146,488 @@ fn an_exe_path_swapped_for_a_fifo_does_not_block_the_daemon() {
     assert_eq!(e.verdict, "no_grant");
     assert_eq!(e.process.exe_sha256, Some(Some(sum)), "the pinned image's hash: {e:?}");
     assert!(d.status_ok(), "daemon alive");
+}
+
+/// `curl --unix-socket` as uid/gid 65534 (nobody) inside the cgroup: (HTTP status, JSON).
+fn curl_as_nobody(cg: &TestCgroup, d: &Daemon, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let sock = d.runtime_dir().join("mint.sock");
+    let mut cmd = cg.command("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "curl", "-s", "-m", "10"])
+        .args(["-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&sock)
+        .args(["-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    cmd.arg(format!("http://localhost{path}"));
+    parse_curl(&cmd.output().expect("curl"))
+}
+
+fn parse_curl(out: &std::process::Output) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+/// A daemon whose socket uid 65534 may use (group nogroup, directories traversable), with an
+/// intent `job` both root and nobody may request. `extra` goes first (e.g. `[limits]` keys
+/// must come after the top-level ones: it is appended last).
+fn two_uid_daemon(cg: &TestCgroup, top: &str, limits: &str) -> Daemon {
+    let port = tcp_listener();
+    let policy = format!(
+        "{top}socket_group = \"nogroup\"\n[[intent]]\nname = \"job\"\n\
+         agents = [{{ uid = 0 }}, {{ uid = 65534 }}]\ndestinations = [\"127.0.0.1/32:{port}\"]\n\
+         [limits]\n{limits}\n"
+    );
+    let d = Daemon::configure(cg, &policy);
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    d.launch()
+}
+
+/// The enforcer binary where uid 65534 can run it.
+fn enforcer_for_nobody() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("enforcer");
+    copy_exe(&enforcer_bin().display().to_string(), &bin);
+    (dir, bin)
+}
+
+/// `enforcer run --intent job -- CMD...` as nobody in the cgroup, in the background.
+fn run_as_nobody(cg: &TestCgroup, d: &Daemon, bin: &std::path::Path, cmd: &[&str]) -> std::process::Child {
+    cg.command("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bin)
+        .args(["run", "--intent", "job", "--ttl", "2m", "--"])
+        .args(cmd)
+        .env("ENFORCER_RUNTIME_DIR", d.runtime_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Active grants as root sees them.
+fn active_grants(d: &Daemon) -> Vec<serde_json::Value> {
+    let (code, v) = d.curl("GET", "/v1/grants?state=active", None);
+    assert_eq!(code, 200, "{v}");
+    v["grants"].as_array().cloned().unwrap_or_default()
+}
+
+fn wait_active(d: &Daemon, n: usize) -> Vec<serde_json::Value> {
+    let t0 = Instant::now();
+    loop {
+        let g = active_grants(d);
+        if g.len() >= n {
+            return g;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{n} active grants expected: {g:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Case 4. Attack: any client of the socket lists every grant's token. Fixed: a token is shown
+/// to root and to processes of the subject's uid inside the subject's subtree; everyone
+/// else sees ids and metadata.
+#[test]
+fn grant_tokens_are_shown_only_to_their_subject_or_root() {
+    if !root_or_skip("grant_tokens_are_shown_only_to_their_subject_or_root") {
+        return;
+    }
+    let cg = TestCgroup::new("token-vis");
+    let d = two_uid_daemon(&cg, "", "");
+    let (_bd, bin) = enforcer_for_nobody();
+    // root's grant, held by a sleeping subtree.
+    let mut root_run = cg
+        .command(&bin)
+        .args(["run", "--intent", "job", "--ttl", "2m", "--", "sleep", "30"])
+        .env("ENFORCER_RUNTIME_DIR", d.runtime_dir())
+        .spawn()
+        .unwrap();
+    let mut nobody_run = run_as_nobody(&cg, &d, &bin, &["sleep", "30"]);
+    let grants = wait_active(&d, 2);
+    let root_id = grants.iter().find(|g| g["subject"]["uid"] == 0).unwrap()["id"].clone();
+    let nobody_id = grants.iter().find(|g| g["subject"]["uid"] == 65534).unwrap()["id"].clone();
+    // Root sees every token.
+    assert!(grants.iter().all(|g| g["token"].as_str().is_some_and(|t| t.len() > 20)), "{grants:?}");
+    // nobody, outside any subject's subtree: metadata only, not even its own uid's token.
+    let (code, v) = curl_as_nobody(&cg, &d, "GET", "/v1/grants", None);
+    assert_eq!(code, 200, "{v}");
+    let listed = v["grants"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{v}");
+    assert!(listed.iter().all(|g| g.get("token").is_none() && g["id"].is_string()), "{v}");
+    let (code, one) = curl_as_nobody(&cg, &d, "GET", &format!("/v1/grants/{}", root_id.as_str().unwrap()), None);
+    assert_eq!(code, 200);
+    assert!(one.get("token").is_none(), "root's grant token leaked to nobody: {one}");
+    // nobody inside its own grant's subtree: its own token, still not root's.
+    let sock = d.runtime_dir().join("mint.sock").display().to_string();
+    let mut inside = run_as_nobody(
+        &cg,
+        &d,
+        &bin,
+        &["curl", "-s", "-m", "10", "--unix-socket", &sock, "http://localhost/v1/grants?state=active"],
+    );
+    let out = inside.stdout.take().unwrap();
+    let st = inside.wait().unwrap();
+    assert!(st.success());
+    let v: serde_json::Value = serde_json::from_reader(out).unwrap();
+    let listed = v["grants"].as_array().unwrap();
+    let own = listed.iter().filter(|g| g["token"].is_string()).collect::<Vec<_>>();
+    assert_eq!(own.len(), 1, "exactly its own grant's token: {v}");
+    assert_eq!(own[0]["subject"]["uid"], 65534);
+    assert_ne!(own[0]["id"], root_id);
+    assert_ne!(own[0]["id"], nobody_id, "a new grant of its own (run inside run)");
+    for c in [&mut root_run, &mut nobody_run] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Case 3, quotas. Attack: one uid takes every grant slot. Fixed: past
+/// `limits.mint_grants_per_uid` live grants a request gets 429 `quota_exceeded` (JSON) and a
+/// `grant_refused` event records it.
+#[test]
+fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
+    if !root_or_skip("a_uid_past_its_grant_quota_gets_429_and_an_event") {
+        return;
+    }
+    let cg = TestCgroup::new("quota");
+    let d = two_uid_daemon(&cg, "", "mint_grants_per_uid = 2\n");
+    let (_bd, bin) = enforcer_for_nobody();
+    let mut holders: Vec<_> = (0..2).map(|_| run_as_nobody(&cg, &d, &bin, &["sleep", "30"])).collect();
+    wait_active(&d, 2);
+    let (code, v) = curl_as_nobody(&cg, &d, "POST", "/v1/grants", Some(r#"{"intent":"job"}"#));
+    assert_eq!(code, 429, "{v}");
+    assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("uid 65534") && msg.contains("mint_grants_per_uid"), "{msg}");
+    let e = d.one_event("grant_refused for the quota", |e| {
+        e.kind == "grant_refused" && e.path_has(|p| p.contains("quota_exceeded"))
+    });
+    assert_eq!(e.process.uid, 65534);
+    assert_eq!(e.action, "denied");
+    // Root is not held to the uid quota.
+    let (code, v) = d.curl("POST", "/v1/grants", Some(r#"{"intent":"job"}"#));
+    assert_eq!(code, 201, "{v}");
+    // A refusal by the selector (403) is an event too.
+    let (code, v) = d.curl("POST", "/v1/grants", Some(r#"{"intent":"nope"}"#));
+    assert_eq!(code, 404, "{v}");
+    d.one_event("grant_refused for an unknown intent", |e| {
+        e.kind == "grant_refused" && e.path_has(|p| p.contains("unknown_intent"))
+    });
+    for h in &mut holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+}
+
+/// Case 3, per-uid rate. Attack: a client forks a new process for every request, so each
+/// gets a fresh (uid, pid) bucket. Fixed: the bucket is per uid: 40 requests from 40
+/// processes get at most the burst plus the refill.
+#[test]
+fn a_fork_per_request_client_is_held_to_the_per_uid_rate() {
+    if !root_or_skip("a_fork_per_request_client_is_held_to_the_per_uid_rate") {
+        return;
+    }
+    let cg = TestCgroup::new("rate-uid");
+    let d = two_uid_daemon(&cg, "mint_rate_per_second = 5\n", "");
+    let sock = d.runtime_dir().join("mint.sock");
+    let script = format!(
+        r#"
+import json, os, socket
+codes = []
+for i in range(40):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
+        b = b'{{"intent": "job", "ttl": "1m"}}'
+        s.sendall(b'POST /v1/grants HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' % len(b) + b)
+        out = b''
+        while True:
+            c = s.recv(65536)
+            if not c: break
+            out += c
+        os.write(w, out.split()[1]); os._exit(0)
+    os.close(w)
+    codes.append(int(os.read(r, 16))); os.close(r)
+    os.waitpid(pid, 0)
+print(json.dumps(codes))
+"#,
+        sock = sock.display().to_string()
+    );
+    let t0 = Instant::now();
+    let (_, out) = cg.run(&python(), &["-c", &script]);
+    let secs = t0.elapsed().as_secs_f64();
+    let codes: Vec<u16> = serde_json::from_str(out.trim()).unwrap();
+    let ok = codes.iter().filter(|c| **c == 201).count();
+    let limited = codes.iter().filter(|c| **c == 429).count();
+    eprintln!("40 forked requests in {secs:.2} s: {ok} issued, {limited} rate limited");
+    assert_eq!(ok + limited, 40, "{codes:?}");
+    // Burst 10 plus 5/s refill while the loop ran.
+    assert!(ok as f64 <= 10.0 + 5.0 * secs + 1.0, "per-uid rate exceeded: {ok} in {secs:.2} s");
+    assert!(limited >= 10, "{codes:?}");
+    // Refusals are summarised (one event per uid and code per second), never lost silently.
+    let ev = d.wait_events("rate-limit refusals", |e| {
+        e.kind == "grant_refused" && e.path_has(|p| p.contains("rate_limited"))
+    });
+    assert!(!ev.is_empty());
+}
+
+/// Case 3, connections. Attack: 600 idle connections to the mint socket (the old daemon had
+/// 1024 fds; fanotify then could not hand over events and outbox rotation failed). Fixed:
+/// past `limits.api_max_connections` new ones get 503 at once; idle ones are closed after
+/// `limits.api_idle_timeout_seconds`; secret opens are judged and recorded throughout.
+#[test]
+fn six_hundred_idle_api_connections_do_not_stop_decisions() {
+    if !root_or_skip("six_hundred_idle_api_connections_do_not_stop_decisions") {
+        return;
+    }
+    let (_sdir, secret) = secret_file("token", "s3cr3t-value\n");
+    let cg = TestCgroup::new("idle-conns");
+    let d = Daemon::start(
+        &cg,
+        &format!(
+            "{}[limits]\napi_max_connections = 256\napi_idle_timeout_seconds = 3\n\
+             [outbox]\nrotate_bytes = 65536\n",
+            secret_toml("token", &secret)
+        ),
+    );
+    let sock = d.runtime_dir().join("mint.sock");
+    let dpid = d.child.as_ref().unwrap().id();
+    let fds_before = std::fs::read_dir(format!("/proc/{dpid}/fd")).unwrap().count();
+    let t0 = Instant::now();
+    let mut conns = Vec::new();
+    let mut refused_fast = 0;
+    for _ in 0..600 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut b = [0u8; 512];
+        if let Ok(n) = std::io::Read::read(&mut s, &mut b)
+            && String::from_utf8_lossy(&b[..n]).contains("too_many_connections")
+        {
+            refused_fast += 1;
+        }
+        conns.push(s);
+    }
+    eprintln!("600 connections opened in {:?}; {refused_fast} answered 503 at once", t0.elapsed());
+    // While they are held: secret opens are judged and recorded.
+    let probe = wait_bounded(open_prober(&cg, &secret, 100), Duration::from_secs(30), "prober");
+    assert!(probe.starts_with("ok "), "{probe}");
+    let fds_during = std::fs::read_dir(format!("/proc/{dpid}/fd")).unwrap().count();
+    eprintln!("daemon fds: {fds_before} before, {fds_during} with 600 clients; probe {probe}");
+    assert!(fds_during < fds_before + 2 * 256 + 16, "fds bounded by the cap: {fds_during}");
+    let t1 = Instant::now();
+    let opens = loop {
+        let n = all_events(&d).iter().filter(|e| e.kind == "file_open").count();
+        if n >= 100 || t1.elapsed() > Duration::from_secs(10) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(opens >= 100, "every open recorded (outbox rotated meanwhile): {opens}");
+    // Idle ones are closed by the daemon.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut closed = 0;
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+        let mut b = [0u8; 512];
+        if matches!(std::io::Read::read(s, &mut b), Ok(_)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 600, "every connection closed (refused or idle)");
+    let st = d.status_json();
+    eprintln!("api: {}", st["api"]);
+    assert!(st["api"]["refused"].as_u64().unwrap() >= 600 - 256, "{}", st["api"]);
+    assert!(st["api"]["idle_closed"].as_u64().unwrap() >= 1, "{}", st["api"]);
+    assert_eq!(st["api"]["open"], 1, "only the status request itself: {}", st["api"]);
+    drop(conns);
+    assert!(d.status_ok());
+}
+
+/// /proc/PID/stat field 22, clock ticks since boot.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+fn ticks_to_ns(t: u64) -> u64 {
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    t * 1_000_000_000 / hz
+}
+
+/// A `sleep 30` in the cgroup that got pid `want` (the next pid set through ns_last_pid), or
+/// None if another process took it first.
+fn spawn_at_pid(cg: &TestCgroup, want: u32) -> Option<std::process::Child> {
+    for _ in 0..5 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).ok()?;
+        let mut c = cg.command("sleep").arg("30").spawn().unwrap();
+        if c.id() == want {
+            return Some(c);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    None
+}
+
+/// Case 7. Attack: `grant request --pid P` for a target that exits while the request is on
+/// its way, its pid reused (forced through ns_last_pid, 60 times, within the same clock tick,
+/// so even the start time matches) before the daemon looks (it is stopped meanwhile).
+/// Fixed: the CLI pins the target with a pidfd at once and sends it with the request
+/// (SCM_RIGHTS); the daemon finds that process gone and refuses, naming it; the reuser never
+/// gets a grant. A second loop races real exits against the CLI: every grant it issues is
+/// bound to the target's own start time.
+#[test]
+fn a_reused_pid_never_receives_a_grant_meant_for_an_exited_target() {
+    if !root_or_skip("a_reused_pid_never_receives_a_grant_meant_for_an_exited_target") {
+        return;
+    }
+    let cg = TestCgroup::new("pid-reuse");
+    let d = two_uid_daemon(&cg, "mint_rate_per_second = 0\n", "");
+    let dpid = d.child.as_ref().unwrap().id() as i32;
+    let (mut reused, mut misbound, mut same_tick) = (0, 0, 0);
+    for _ in 0..60 {
+        let mut target = cg.command("sleep").arg("30").spawn().unwrap();
+        let pid = target.id();
+        let ticks = start_ticks(pid).unwrap();
+        unsafe { libc::kill(dpid, libc::SIGSTOP) };
+        let cli = Command::new(enforcer_bin())
+            .args(["grant", "request", "--intent", "job", "--pid", &pid.to_string(), "--json"])
+            .env("ENFORCER_RUNTIME_DIR", d.runtime_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The CLI pins the target and sends its request (the stopped daemon queues it).
+        std::thread::sleep(Duration::from_millis(200));
+        target.kill().unwrap();
+        target.wait().unwrap();
+        let reuser = spawn_at_pid(&cg, pid);
+        unsafe { libc::kill(dpid, libc::SIGCONT) };
+        let out = cli.wait_with_output().unwrap();
+        let Some(mut reuser) = reuser else { continue };
+        reused += 1;
+        same_tick += usize::from(start_ticks(pid) == Some(ticks));
+        if out.status.success() {
+            misbound += 1;
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("subject_gone")
+                    && err.contains(&format!("process {pid} named by the request"))
+                    && err.contains("pinned by the pidfd it sent"),
+                "refused by the pidfd (not merely the start time): {err}"
+            );
+        }
+        let _ = reuser.kill();
+        let _ = reuser.wait();
+    }
+    eprintln!(
+        "pid reuse forced in {reused} of 60 tries ({same_tick} within the same clock tick); \
+         {misbound} mis-bindings"
+    );
+    assert_eq!(misbound, 0);
+    assert!(reused >= 30, "pid reuse could not be forced often enough ({reused} of 60)");
+    assert!(active_grants(&d).is_empty(), "no grant bound to any reuser");
+
+    // The CLI, racing targets that exit on their own.
+    let (mut granted, mut refused) = (0, 0);
+    for i in 0..60 {
+        let target = cg.command("sleep").arg(format!("0.0{}", i % 3)).spawn().unwrap();
+        let pid = target.id();
+        let ticks = start_ticks(pid);
+        let out = d.cli(&["grant", "request", "--intent", "job", "--pid", &pid.to_string(), "--json"]);
+        let mut target = target;
+        let _ = target.wait();
+        if out.status.success() {
+            let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let want = ticks.map(ticks_to_ns);
+            assert_eq!(g["subject"]["start_ns"].as_u64(), want, "bound to the pinned target: {g}");
+            granted += 1;
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(&pid.to_string()), "the refusal names the target {pid}: {err}");
+            refused += 1;
+        }
+    }
+    eprintln!("CLI race: {granted} granted to their live target, {refused} refused naming it");
+    assert_eq!(granted + refused, 60);
+}
+
+/// Case 8. Attack: a flood of allowed connects (a UDP socket connect(2)ed in a loop) with one
+/// denied connect by an agent in the middle. Fixed: violations travel on their own ring and
+/// are never sampled: the denial is in the outbox (rotated files read too) and reaches a
+/// file sink, however many routine events the flood made.
+#[test]
+fn an_alert_in_a_flood_of_allowed_connects_reaches_the_outbox_and_the_sink() {
+    if !root_or_skip("an_alert_in_a_flood_of_allowed_connects_reaches_the_outbox_and_the_sink") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent-py");
+    std::fs::copy(python(), &agent).unwrap();
+    let sink = dir.path().join("alerts.jsonl");
+    let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
+    let policy = format!(
+        "mode = \"enforce\"\n\
+         [[intent]]\nname = \"job\"\nagents = [{{ uid = 0 }}]\n\
+         destinations = [\"127.0.0.1/32:{ok_port}\"]\non_violation = \"deny\"\n\
+         [[agent]]\nexe = \"{}\"\n\
+         [[sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n\
+         verdicts = [\"no_grant\", \"expired\", \"revoked\", \"out_of_intent\"]\n\
+         [outbox]\nrotate_bytes = 4194304\nmax_backups = 64\n",
+        agent.display(),
+        sink.display()
+    );
+    let cg = TestCgroup::new("alert-flood");
+    let d = Daemon::start(&cg, &policy);
+    let flood = cg
+        .command(helper_bin())
+        .args(["udp-connect-flood", "127.0.0.1", &ok_port.to_string(), "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let script = format!(
+        "import errno, os, socket\ntry:\n    socket.create_connection(('127.0.0.1', {bad_port}), timeout=3).close(); print('ok', os.getpid())\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno), os.getpid())\n"
+    );
+    let out = cg.command(&agent).args(["-c", &script]).output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (verdict, pid) = line.split_once(' ').unwrap();
+    assert_eq!(verdict, "EPERM", "the agent's connect outside its intent is denied");
+    let pid: u32 = pid.parse().unwrap();
+    let fout = flood.wait_with_output().unwrap();
+    eprintln!("flood: {}", String::from_utf8_lossy(&fout.stderr).trim());
+    let denied = |e: &Event| e.kind == "connect" && e.process.pid == pid && e.action == "denied";
+    let t0 = Instant::now();
+    let (found, stored) = loop {
+        let all = all_events(&d);
+        let found = all.iter().filter(|e| denied(e)).count();
+        if found > 0 || t0.elapsed() > Duration::from_secs(60) {
+            break (found, all.len());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let st = d.status_json();
+    eprintln!(
+        "alert stored {:?} after the flood; {stored} events stored; kernel {}; counts {}",
+        t0.elapsed(),
+        st["kernel"],
+        st["counts"]
+    );
+    assert_eq!(found, 1, "exactly one stored denial for pid {pid}");
+    let t1 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&sink).unwrap_or_default();
+        let delivered = parse_events(&text).iter().filter(|e| denied(e)).count();
+        if delivered == 1 {
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(60), "the denial never reached the file sink");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -23,6 +23,8 @@ use crate::store::EventStore;
 
 /// Executable hashes for alerts, off the decision path.
 pub mod exe_hash;
+/// Refused grant requests as events.
+mod refusal;
 /// Judged socket creations: names and the decision path.
 mod credential;
 mod socket;
@@ -58,6 +60,7 @@ pub struct Engine {
     instance: String,
     seq: u64,
     pub counts: Counts,
+    refusals: refusal::RefusalLog,
 }
 
 /// The engine's ties to the grants, none of which waits on the registry: the published
@@ -85,6 +88,9 @@ pub struct Counts {
     pub sockets: u64,
     /// Secret opens answered with the safe default because the decision deadline passed.
     pub file_opens_late: u64,
+    /// Grant requests refused (each a `grant_refused` event, at most one per uid and error
+    /// code per second).
+    pub grant_refusals: u64,
 }
 
 impl Engine {
@@ -114,6 +120,7 @@ impl Engine {
             instance,
             seq: 0,
             counts: Counts::default(),
+            refusals: Default::default(),
         }
     }
 
@@ -570,8 +577,7 @@ impl Engine {
             if let ExeHash::Pending(id) = hash {
                 // Written when the worker has hashed the executable, or without the hash
                 // after exe_hash::WAIT; the decision was made and answered already.
-                if let Err(e) = self.exe_hashes.defer(e, id) {
-                    let mut e = e;
+                if let Some(mut e) = self.exe_hashes.defer(e, id) {
                     let why = ExeHash::Unknown("too many alerts waiting for a hash".into());
                     self.exe_hashes.fill(&mut e, &why);
                     self.store_event(e);

@@ -92,8 +92,33 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Open files the daemon asks for: API connections (two fds each, capped by
+/// `limits.api_max_connections`), pidfds, ring buffers, maps, secret and directory marks,
+/// sinks. Raised to this (or the hard limit, if lower) at start.
+const NOFILE_WANTED: u64 = 65_536;
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let (soft, want) = (lim.rlim_cur, NOFILE_WANTED.min(lim.rlim_max));
+    if soft < want {
+        lim.rlim_cur = want;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            tracing::info!(from = soft, to = want, "raised RLIMIT_NOFILE");
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("cannot raise RLIMIT_NOFILE from {soft} to {want}: {e}");
+        }
+    }
+}
+
 pub fn run(setup: Setup) -> Result<()> {
     let cfg = &setup.config;
+    raise_nofile();
     make_dir(&cfg.runtime_dir, 0o755)?;
     make_dir(&cfg.state_dir, 0o700)?;
     let _lock = lock::acquire(&cfg.runtime_dir)?;
@@ -246,6 +271,9 @@ async fn run_async(setup: Setup) -> Result<()> {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
         r => RateLimiter::new(r as f64, r.saturating_mul(2)),
     };
+    crate::mint::attest::set_exe_hash_max(cfg.limits.exe_hash_max_bytes);
+    // Refused grant requests become events; bounded, a flood of refusals is counted, not queued.
+    let (refusals_tx, mut refusals) = tokio::sync::mpsc::channel(1024);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
     // Workload identity: JWT-SVIDs for grant holders, on <runtime_dir>/spiffe.sock.
     let (svid_tx, mut svid_events) = tokio::sync::mpsc::unbounded_channel();
@@ -274,14 +302,16 @@ async fn run_async(setup: Setup) -> Result<()> {
         sink_metrics,
         spiffe,
         status: Mutex::new(serde_json::Value::Null),
-        mint: MintState::new(
+        mint: Arc::new(MintState::new(
             registry.clone(),
             ledger,
             ledger_tx.clone(),
             Arc::new(cfg.clone()),
             limiter,
-        ),
+            refusals_tx,
+        )),
         delivery,
+        conns: Default::default(),
     });
     let _ = api_state.mint.aws.set(broker.clone());
     // Token files of grants that survived the restart stay valid.
@@ -376,6 +406,14 @@ async fn run_async(setup: Setup) -> Result<()> {
                 while let Ok(s) = svid_events.try_recv() {
                     engine.on_svid(s);
                 }
+                engine.flush();
+            }
+            Some(r) = refusals.recv() => {
+                engine.on_refusal(r);
+                while let Ok(r) = refusals.try_recv() {
+                    engine.on_refusal(r);
+                }
+                engine.release_alerts(false);
                 engine.flush();
             }
             Some(change) = changes.recv() => {
@@ -584,6 +622,7 @@ fn apply_reload(
         if new.intents.iter().any(|i| i.aws.is_some()) {
             crate::aws::endpoint::start(api_state)?;
         }
+        crate::mint::attest::set_exe_hash_max(new.limits.exe_hash_max_bytes);
         Ok(new)
     });
     match applied {

@@ -20,12 +20,14 @@ pub struct Limits {
     pub mint_grants_per_cgroup: u32,
 }
 
-pub const DEFAULT_EXE_HASH_MAX_BYTES: u64 = 64 * 1024 * 1024;
+impl Limits {
+    pub const DEFAULT_EXE_HASH_MAX_BYTES: u64 = 64 * 1024 * 1024;
+}
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            exe_hash_max_bytes: DEFAULT_EXE_HASH_MAX_BYTES,
+            exe_hash_max_bytes: Limits::DEFAULT_EXE_HASH_MAX_BYTES,
             api_max_connections: 256,
             api_idle_timeout_seconds: 10,
             mint_grants_per_uid: 256,
@@ -50,7 +52,7 @@ pub(crate) fn limits(diags: &mut Collector, file: usize, raw: Option<&RawLimits>
     let mut at_least = |v: &Option<Spanned<u32>>, min: u32, key: &str, out: &mut u32| {
         if let Some(v) = v {
             if *v.get_ref() < min {
-                diags.error(file, v.span(), &format!("limits {key} must be at least {min}"));
+                diags.error(file, v.span(), format!("limits {key} must be at least {min}"));
             } else {
                 *out = *v.get_ref();
             }

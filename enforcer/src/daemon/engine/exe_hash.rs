@@ -128,15 +128,16 @@ impl ExeHasher {
         }
     }
 
-    /// Holds `e` back until job `id` finishes or `WAIT` passes; Err(e) if too many wait.
-    pub fn defer(&mut self, e: Event, id: u64) -> Result<(), Event> {
+    /// Holds `e` back until job `id` finishes or `WAIT` passes; gives it back if too many
+    /// wait already.
+    pub fn defer(&mut self, e: Event, id: u64) -> Option<Event> {
         if self.deferred.len() >= MAX_DEFERRED {
-            return Err(e);
+            return Some(e);
         }
         self.deferred.push_back((e, id, Instant::now() + WAIT));
         self.counts.alerts_deferred += 1;
         self.counts.alerts_deferred_max = self.counts.alerts_deferred_max.max(self.deferred.len());
-        Ok(())
+        None
     }
 
     /// Takes finished jobs; returns the held-back alerts that are ready (hash known, refused
