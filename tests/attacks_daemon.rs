@@ -285,7 +285,7 @@ fn grant_tokens_are_shown_only_to_their_subject_or_root() {
 
 /// Case 3, quotas. Attack: one uid takes every grant slot. Fixed: past
 /// `limits.mint_grants_per_uid` live grants a request gets 429 `quota_exceeded` (JSON) and a
-/// `grant_refused` event records it.
+/// `mint_refused` event records it.
 #[test]
 fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
     if !root_or_skip("a_uid_past_its_grant_quota_gets_429_and_an_event") {
@@ -301,8 +301,8 @@ fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
     assert_eq!(v["error"]["code"], "quota_exceeded", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("uid 65534") && msg.contains("mint_grants_per_uid"), "{msg}");
-    let e = d.one_event("grant_refused for the quota", |e| {
-        e.kind == "grant_refused" && e.path_has(|p| p.contains("quota_exceeded"))
+    let e = d.one_event("mint_refused for the quota", |e| {
+        e.kind == "mint_refused" && e.path_has(|p| p.contains("quota_exceeded"))
     });
     assert_eq!(e.process.uid, 65534);
     assert_eq!(e.action, "denied");
@@ -312,8 +312,8 @@ fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
     // A refusal by the selector (403) is an event too.
     let (code, v) = d.curl("POST", "/v1/grants", Some(r#"{"intent":"nope"}"#));
     assert_eq!(code, 404, "{v}");
-    d.one_event("grant_refused for an unknown intent", |e| {
-        e.kind == "grant_refused" && e.path_has(|p| p.contains("unknown_intent"))
+    d.one_event("mint_refused for an unknown intent", |e| {
+        e.kind == "mint_refused" && e.path_has(|p| p.contains("unknown_intent"))
     });
     for h in &mut holders {
         let _ = h.kill();
@@ -369,7 +369,7 @@ print(json.dumps(codes))
     assert!(limited >= 10, "{codes:?}");
     // Refusals are summarised (one event per uid and code per second), never lost silently.
     let ev = d.wait_events("rate-limit refusals", |e| {
-        e.kind == "grant_refused" && e.path_has(|p| p.contains("rate_limited"))
+        e.kind == "mint_refused" && e.path_has(|p| p.contains("rate_limited"))
     });
     assert!(!ev.is_empty());
 }

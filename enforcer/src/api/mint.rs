@@ -25,7 +25,7 @@ const ISSUING_AT_ONCE: usize = 8;
 /// Longest a request waits for its blocking work (attestation, exe hash, DNS, signing).
 const ISSUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A refused grant request or a failed attestation: recorded as a `grant_refused` event.
+/// A refused grant request or a failed attestation: recorded as a `mint_refused` event.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub pid: u32,
@@ -327,6 +327,20 @@ pub async fn list(
     peer: &Requester,
     query: &str,
 ) -> Result<(StatusCode, Value), ApiError> {
+    let filter = parse_list_query(query)?;
+    m.ledger_tx.barrier().await;
+    let grants = lock(&m.ledger).list(filter).map_err(|e| MintError::Internal(format!("{e:#}")))?;
+    // Live state (in memory) is newer than the ledger only for grants changing right now.
+    let reg = lock(&m.registry);
+    let v: Vec<Value> = grants
+        .iter()
+        .map(|g| grant_json_for(peer, &reg.live_grant(&g.id).unwrap_or_else(|| g.clone())))
+        .collect();
+    Ok((StatusCode::OK, json!({"grants": v})))
+}
+
+/// The query of GET /v1/grants: `state`, `intent`, `limit`; anything else is refused.
+pub fn parse_list_query(query: &str) -> Result<ListFilter, ApiError> {
     let mut filter = ListFilter { state: None, intent: None, limit: 1000 };
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -351,15 +365,7 @@ pub async fn list(
             }
         }
     }
-    m.ledger_tx.barrier().await;
-    let grants = lock(&m.ledger).list(filter).map_err(|e| MintError::Internal(format!("{e:#}")))?;
-    // Live state (in memory) is newer than the ledger only for grants changing right now.
-    let reg = lock(&m.registry);
-    let v: Vec<Value> = grants
-        .iter()
-        .map(|g| grant_json_for(peer, &reg.live_grant(&g.id).unwrap_or_else(|| g.clone())))
-        .collect();
-    Ok((StatusCode::OK, json!({"grants": v})))
+    Ok(filter)
 }
 
 /// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).

@@ -118,10 +118,9 @@ async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(api_error(&e)),
     };
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let result: Result<(StatusCode, Value), ApiError> = match (&method, segments.as_slice()) {
-        (&Method::GET, ["", "v1", "health"]) => Ok((StatusCode::OK, json!({"status": "ok"}))),
-        (&Method::GET, ["", "v1", "status"]) => {
+    let result: Result<(StatusCode, Value), ApiError> = match route(&method, &path) {
+        Route::Health => Ok((StatusCode::OK, json!({"status": "ok"}))),
+        Route::Status => {
             let mut st = state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null);
             if let Some(o) = st.as_object_mut() {
                 let mut api = state.conns.json();
@@ -132,9 +131,9 @@ async fn handle(
             }
             Ok((StatusCode::OK, st))
         }
-        (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
-        (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => return Ok(metrics(&state)),
-        (&Method::POST, ["", "v1", "grants"]) => {
+        Route::Keys => Ok((StatusCode::OK, state.mint.jwks())),
+        Route::Metrics => return Ok(metrics(&state)),
+        Route::Issue => {
             let r = mint::issue(state.mint.clone(), peer.clone(), body.clone(), sent).await;
             if let Err(e) = &r
                 && matches!(e.status, 403 | 404 | 409 | 429 | 503)
@@ -144,27 +143,68 @@ async fn handle(
             }
             r
         }
-        (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &peer, &query).await,
-        (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, &peer, id).await,
-        (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id).await,
-        (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
-        (&Method::GET, ["", "v1", "credentials", "aws"]) => {
+        Route::List => mint::list(&state.mint, &peer, &query).await,
+        Route::Get(id) => mint::get(&state.mint, &peer, &id).await,
+        Route::Revoke(id) => mint::revoke(&state.mint, &peer, &id).await,
+        Route::Reload => reload(&state, &peer).await,
+        Route::AwsCredentials => {
             super::credentials::credential_process(&state, &peer, &query).await
         }
-        (&Method::GET, ["", "v1", "secrets", name]) => {
-            super::credentials::secret(&state, &peer, name).await
-        }
-        (&Method::GET, ["", ".well-known", "openid-configuration"] | ["", "keys"]) => {
-            match &state.spiffe {
-                Some(sp) => {
-                    Ok((StatusCode::OK, crate::spiffe::oidc::route(sp, &path).unwrap_or_default()))
-                }
-                None => Err(ApiError::not_found(
-                    "spiffe_disabled",
-                    "workload identity is not configured ([spiffe] trust_domain)",
-                )),
+        Route::Secret(name) => super::credentials::secret(&state, &peer, &name).await,
+        Route::Oidc => match &state.spiffe {
+            Some(sp) => {
+                Ok((StatusCode::OK, crate::spiffe::oidc::route(sp, &path).unwrap_or_default()))
             }
-        }
+            None => Err(ApiError::not_found(
+                "spiffe_disabled",
+                "workload identity is not configured ([spiffe] trust_domain)",
+            )),
+        },
+        Route::Refused(e) => Err(e),
+    };
+    Ok(match result {
+        Ok((status, v)) => json_response(status, v),
+        Err(e) => api_error(&e),
+    })
+}
+
+/// What a request asks for, from its method and path alone.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    Health,
+    Status,
+    Keys,
+    Metrics,
+    Issue,
+    List,
+    Get(String),
+    Revoke(String),
+    Reload,
+    /// GET /v1/credentials/aws (credential_process).
+    AwsCredentials,
+    /// GET /v1/secrets/{name}.
+    Secret(String),
+    /// OIDC discovery (`/.well-known/openid-configuration`, `/keys`) of the SPIFFE issuer.
+    Oidc,
+    /// 404 (no such route) or 405 (method not allowed).
+    Refused(ApiError),
+}
+
+pub fn route(method: &Method, path: &str) -> Route {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["", "v1", "health"]) => Route::Health,
+        (&Method::GET, ["", "v1", "status"]) => Route::Status,
+        (&Method::GET, ["", "v1", "keys"]) => Route::Keys,
+        (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => Route::Metrics,
+        (&Method::POST, ["", "v1", "grants"]) => Route::Issue,
+        (&Method::GET, ["", "v1", "grants"]) => Route::List,
+        (&Method::GET, ["", "v1", "grants", id]) => Route::Get(id.to_string()),
+        (&Method::DELETE, ["", "v1", "grants", id]) => Route::Revoke(id.to_string()),
+        (&Method::POST, ["", "v1", "policy", "reload"]) => Route::Reload,
+        (&Method::GET, ["", "v1", "credentials", "aws"]) => Route::AwsCredentials,
+        (&Method::GET, ["", "v1", "secrets", name]) => Route::Secret(name.to_string()),
+        (&Method::GET, ["", ".well-known", "openid-configuration"] | ["", "keys"]) => Route::Oidc,
         (
             _,
             ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"]
@@ -172,13 +212,36 @@ async fn handle(
             | ["", "v1", "policy", "reload"]
             | ["", "v1", "credentials", "aws"]
             | ["", "v1", "secrets", _],
-        ) => {
-            Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
-        }
-        _ => Err(ApiError::not_found("not_found", format!("no route {path}"))),
+        ) => Route::Refused(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{method} not allowed on {path}"),
+        )),
+        _ => Route::Refused(ApiError::not_found("not_found", format!("no route {path}"))),
+    }
+}
+
+/// What the API answers to `req` up to the point where state is needed: routing, the body
+/// limit, body and query parsing. The fuzz target `api_http` drives real HTTP/1.1 bytes
+/// through hyper into this; requests that pass every check are answered `200 {"ok": ...}`.
+pub async fn answer_stateless(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return Ok(api_error(&e)),
     };
-    Ok(match result {
-        Ok((status, v)) => json_response(status, v),
+    let r = match route(&method, &path) {
+        Route::Refused(e) => Err(e),
+        Route::Issue => {
+            crate::mint::request::parse(&body).map(|_| ()).map_err(ApiError::from)
+        }
+        Route::List => mint::parse_list_query(&query).map(|_| ()),
+        _ => Ok(()),
+    };
+    Ok(match r {
+        Ok(()) => json_response(StatusCode::OK, json!({"ok": path})),
         Err(e) => api_error(&e),
     })
 }

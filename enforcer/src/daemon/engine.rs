@@ -25,6 +25,8 @@ use crate::store::EventStore;
 pub mod exe_hash;
 /// Refused grant requests as events.
 mod refusal;
+/// Sampling of routine allowed connects.
+mod routine;
 /// Judged socket creations: names and the decision path.
 mod credential;
 mod socket;
@@ -61,6 +63,7 @@ pub struct Engine {
     seq: u64,
     pub counts: Counts,
     refusals: refusal::RefusalLog,
+    routine: routine::Routine,
 }
 
 /// The engine's ties to the grants, none of which waits on the registry: the published
@@ -88,9 +91,11 @@ pub struct Counts {
     pub sockets: u64,
     /// Secret opens answered with the safe default because the decision deadline passed.
     pub file_opens_late: u64,
-    /// Grant requests refused (each a `grant_refused` event, at most one per uid and error
+    /// Grant requests refused (each a `mint_refused` event, at most one per uid and error
     /// code per second).
     pub grant_refusals: u64,
+    /// Allowed connects counted in a `connects_summarised` event instead of one each.
+    pub connects_folded: u64,
 }
 
 impl Engine {
@@ -121,6 +126,7 @@ impl Engine {
             seq: 0,
             counts: Counts::default(),
             refusals: Default::default(),
+            routine: Default::default(),
         }
     }
 
@@ -203,6 +209,15 @@ impl Engine {
         if kill_failed.is_some() {
             // Denied (the kernel or fanotify already refused the use), not killed.
             d.action = Action::Denied;
+        }
+        if d.verdict == Verdict::Allowed
+            && kill_failed.is_none()
+            && c.revoked_now == 0
+            && !self.routine.admit(c.tgid)
+        {
+            // Routine: counted, summarised once a second.
+            self.counts.connects_folded += 1;
+            return;
         }
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };

@@ -381,8 +381,9 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             guard = alert_ring.readable_mut() => {
                 let mut guard = guard?;
-                // Lineage first, so the violator's exec is attributed.
-                drain_ring(ring.get_mut(), &mut engine);
+                // Lineage first, so the violator's exec is attributed; bounded, so a flood of
+                // routine records cannot hold the alert back.
+                drain_ring_max(ring.get_mut(), &mut engine, LINEAGE_BEFORE_ANSWER);
                 drain_ring(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
                 engine.flush();
@@ -451,6 +452,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             _ = tick.tick() => {
                 broker.sweep(&api_state.delivery.view.load());
+                engine.summarise_routine();
                 watch.refresh();
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.table.purge();

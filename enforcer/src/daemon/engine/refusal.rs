@@ -1,4 +1,4 @@
-//! Refused grant requests and failed attestations as events (`grant_refused`): a mint refusal
+//! Refused grant requests and failed attestations as events (`mint_refused`): a mint refusal
 //! is a security signal (a process asking for a credential it may not have), not only an API
 //! answer. At most one event per (uid, code) per second; the next one counts those folded in.
 use std::collections::HashMap;
@@ -69,7 +69,7 @@ impl Engine {
             expired_for_ms: None,
             reason: decide::Reason::Grant,
         };
-        let mut e = self.event("grant_refused", &d, process);
+        let mut e = self.event("mint_refused", &d, process);
         e.severity = match r.code.as_str() {
             "attestation_failed" | "not_your_process" | "subject_gone" | "agent_not_allowed" => {
                 "high"
