@@ -631,3 +631,111 @@ fn an_alert_in_a_flood_of_allowed_connects_reaches_the_outbox_and_the_sink() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// (VmRSS in KiB, open fds) of a process.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    (rss, std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count())
+}
+
+/// Soak (bounded to about 40 s): an exec storm whose every process carries a differently named
+/// credential-shaped variable, a flood of API requests on fresh connections, and a storm of
+/// secret opens, all at once. The daemon's RSS and fd count stay flat after the warm-up.
+#[test]
+fn soak_exec_api_and_open_storms_keep_rss_and_fds_flat() {
+    if !root_or_skip("soak_exec_api_and_open_storms_keep_rss_and_fds_flat") {
+        return;
+    }
+    let (_sdir, secret) = secret_file("token", "s3cr3t-value\n");
+    let cg = TestCgroup::new("soak");
+    let port = tcp_listener();
+    let d = Daemon::start(
+        &cg,
+        &format!(
+            "{}[[intent]]\nname = \"job\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"token\"]\n\
+             destinations = [\"127.0.0.1/32:{port}\"]\n[outbox]\nrotate_bytes = 1048576\n",
+            secret_toml("token", &secret)
+        ),
+    );
+    let dpid = d.child.as_ref().unwrap().id();
+    let secs = 36;
+    let execs = cg
+        .command("sh")
+        .args([
+            "-c",
+            &format!(
+                "end=$(($(date +%s) + {secs})); i=0; while [ $(date +%s) -lt $end ]; do \
+                 i=$((i+1)); env GITHUB_TOKEN_$i=ghp_$(printf '%036d' $i) /bin/true; done; echo $i"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = d.runtime_dir().join("mint.sock").display().to_string();
+    let api = cg
+        .command(python())
+        .args([
+            "-c",
+            &format!(
+                r#"
+import socket, time
+end = time.time() + {secs}; n = 0
+while time.time() < end:
+    s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
+    if n % 2:
+        b = b'{{"intent": "job", "ttl": "2s"}}'
+        s.sendall(b'POST /v1/grants HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' % len(b) + b)
+    else:
+        s.sendall(b'GET /v1/grants?state=active HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    while s.recv(65536): pass
+    s.close(); n += 1
+print(n)
+"#
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let opens = cg
+        .command(python())
+        .args([
+            "-c",
+            &format!(
+                "import os, time\nend = time.time() + {secs}; n = 0\nwhile time.time() < end:\n    \
+                 os.close(os.open({secret:?}, os.O_RDONLY)); n += 1\nprint(n)\n"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(4));
+        samples.push((t0.elapsed().as_secs(), rss_and_fds(dpid)));
+    }
+    let count = |c: std::process::Child| {
+        String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).trim().to_string()
+    };
+    let (n_exec, n_api, n_open) = (count(execs), count(api), count(opens));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_and_fds(dpid);
+    eprintln!(
+        "soak {secs} s: {n_exec} execs, {n_api} API requests, {n_open} secret opens; \
+         (s, (RSS KiB, fds)): {samples:?}; 2 s after: {after:?}; status counts {}",
+        d.status_json()["counts"]
+    );
+    assert!(d.status_ok(), "daemon alive");
+    // Flat after warm-up: the last samples within 25% + 8 MiB of the one at ~8 s.
+    let warm = samples[1].1;
+    for (_, (rss, fds)) in &samples[2..] {
+        assert!(*rss <= warm.0 * 5 / 4 + 8192, "RSS grew: {samples:?}");
+        assert!(*fds <= warm.1 + 16, "fds grew: {samples:?}");
+    }
+    assert!(after.1 <= warm.1 + 16, "fds after the soak: {after:?} vs {warm:?}");
+}
