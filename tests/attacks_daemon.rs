@@ -388,7 +388,7 @@ fn six_hundred_idle_api_connections_do_not_stop_decisions() {
     let d = Daemon::start(
         &cg,
         &format!(
-            "{}[limits]\napi_max_connections = 256\napi_idle_timeout_seconds = 3\n\
+            "{}[limits]\napi_max_connections = 256\napi_idle_timeout_seconds = 8\n\
              [outbox]\nrotate_bytes = 65536\n",
             secret_toml("token", &secret)
         ),
@@ -400,17 +400,22 @@ fn six_hundred_idle_api_connections_do_not_stop_decisions() {
     let mut conns = Vec::new();
     let mut refused_fast = 0;
     for _ in 0..600 {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        conns.push(std::os::unix::net::UnixStream::connect(&sock).expect("connect"));
+    }
+    let opened = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    for s in &mut conns {
+        s.set_nonblocking(true).unwrap();
         let mut b = [0u8; 512];
-        if let Ok(n) = std::io::Read::read(&mut s, &mut b)
+        if let Ok(n) = std::io::Read::read(s, &mut b)
             && String::from_utf8_lossy(&b[..n]).contains("too_many_connections")
         {
             refused_fast += 1;
         }
-        conns.push(s);
+        s.set_nonblocking(false).unwrap();
     }
-    eprintln!("600 connections opened in {:?}; {refused_fast} answered 503 at once", t0.elapsed());
+    eprintln!("600 connections opened in {opened:?}; {refused_fast} answered 503 at once");
+    assert!(refused_fast >= 600 - 256, "past the cap: 503 at once ({refused_fast})");
     // While they are held: secret opens are judged and recorded.
     let probe = wait_bounded(open_prober(&cg, &secret, 100), Duration::from_secs(30), "prober");
     assert!(probe.starts_with("ok "), "{probe}");
@@ -427,7 +432,7 @@ fn six_hundred_idle_api_connections_do_not_stop_decisions() {
     };
     assert!(opens >= 100, "every open recorded (outbox rotated meanwhile): {opens}");
     // Idle ones are closed by the daemon.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(9));
     let mut closed = 0;
     for s in &mut conns {
         s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
@@ -444,6 +449,54 @@ fn six_hundred_idle_api_connections_do_not_stop_decisions() {
     assert_eq!(st["api"]["open"], 1, "only the status request itself: {}", st["api"]);
     drop(conns);
     assert!(d.status_ok());
+}
+
+/// Case 3, one user against everyone. Attack: an unprivileged user holds 100 idle connections
+/// to starve other clients of the API. Fixed: a non-root uid gets at most
+/// `limits.api_max_connections_per_uid` (here 16); the rest get 503 at once, and root (here the
+/// CLI) is still served.
+#[test]
+fn one_uid_cannot_take_every_api_connection() {
+    if !root_or_skip("one_uid_cannot_take_every_api_connection") {
+        return;
+    }
+    let cg = TestCgroup::new("uid-conns");
+    let d = two_uid_daemon(&cg, "", "api_max_connections_per_uid = 16\napi_idle_timeout_seconds = 20\n");
+    let sock = d.runtime_dir().join("mint.sock");
+    let script = format!(
+        r#"
+import socket, time
+held = []; refused = 0
+for i in range(100):
+    s = socket.socket(socket.AF_UNIX); s.connect({sock:?}); s.settimeout(0.05)
+    try:
+        if b"too_many_connections" in s.recv(4096): refused += 1
+    except socket.timeout:
+        pass
+    held.append(s)
+print(refused, flush=True)
+time.sleep(3)
+"#,
+        sock = sock.display().to_string()
+    );
+    let mut hog = cg
+        .command("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(hog.stdout.take().unwrap()), &mut line).unwrap();
+    let refused: u32 = line.trim().parse().unwrap_or_else(|_| panic!("hog said {line:?}"));
+    // While the hog holds its 16: root is served.
+    let out = d.cli(&["status", "--json"]);
+    assert!(out.status.success(), "root served while uid 65534 holds its connections");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("uid 65534 opened 100 connections: {refused} refused at once; api {}", st["api"]);
+    assert_eq!(refused, 100 - 16, "all but 16 refused at once");
+    assert_eq!(st["api"]["open"], 17, "16 of the hog, 1 of root: {}", st["api"]);
+    let _ = hog.kill();
+    let _ = hog.wait();
 }
 
 /// /proc/PID/stat field 22, clock ticks since boot.

@@ -1,5 +1,5 @@
-//! One API connection under the daemon's bounds: a cap on open connections (past it a new
-//! one gets a 503 JSON line and is closed at once), an idle timeout (no request in progress
+//! One API connection under the daemon's bounds: a cap on open connections, in all and per
+//! non-root uid (past it a new one gets a 503 JSON line and is closed at once), an idle timeout (no request in progress
 //! and no byte received for `limits.api_idle_timeout_seconds`), and a 60 s lifetime cap.
 //! Each connection holds two fds (the socket and the peer's pidfd), so the cap bounds the
 //! daemon's fds whatever clients do.
@@ -19,11 +19,13 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
 /// Connection counters for the status document and metrics.
 #[derive(Default)]
 pub struct ConnStats {
+    /// Open connections per peer uid (non-root), for `limits.api_max_connections_per_uid`.
+    per_uid: std::sync::Mutex<std::collections::HashMap<u32, u64>>,
     pub open: AtomicU64,
     pub accepted: AtomicU64,
     /// Closed at accept: the cap was reached.
     pub refused: AtomicU64,
-    /// Closed for idleness (or the lifetime cap).
+    /// Closed for idleness (or the lifetime cap), or without sending a request in time.
     pub idle_closed: AtomicU64,
 }
 
@@ -38,26 +40,46 @@ impl ConnStats {
     }
 }
 
-/// Holds one of the open-connection slots; released on drop.
-pub struct Slot(Arc<ConnStats>);
+/// Holds one of the open-connection slots (and one of its uid's); released on drop.
+pub struct Slot(Arc<ConnStats>, Option<u32>);
 
 impl Slot {
-    /// A slot if fewer than `max` connections are open.
-    pub fn take(stats: &Arc<ConnStats>, max: u64) -> Option<Slot> {
+    /// A slot if fewer than `max` connections are open and, for a non-root `uid`, fewer than
+    /// `per_uid` of that uid's (one local user cannot take every slot).
+    pub fn take(stats: &Arc<ConnStats>, max: u64, uid: Option<u32>, per_uid: u64) -> Option<Slot> {
+        let uid = uid.filter(|u| *u != 0);
+        if let Some(u) = uid {
+            let mut m = stats.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(u).or_default();
+            if *n >= per_uid {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            *n += 1;
+        }
+        let slot = Slot(stats.clone(), uid);
         let prev = stats.open.fetch_add(1, Ordering::AcqRel);
         if prev >= max {
-            stats.open.fetch_sub(1, Ordering::AcqRel);
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return None; // the drop gives both back
         }
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        Some(Slot(stats.clone()))
+        Some(slot)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(u) = self.1 {
+            let mut m = self.0.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&u) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&u);
+                }
+            }
+        }
     }
 }
 
@@ -80,6 +102,8 @@ pub struct Activity {
     /// Milliseconds since `epoch` of the last read.
     last_read_ms: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Requests started on this connection.
+    pub requests: AtomicU64,
 }
 
 /// A request in progress; the connection is not idle while one exists.
@@ -88,6 +112,7 @@ pub struct InFlight(Arc<Activity>);
 impl InFlight {
     pub fn new(a: &Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::AcqRel);
+        a.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(a.clone())
     }
 }
@@ -160,7 +185,13 @@ pub async fn drive<F: std::future::Future>(
         // A request being answered keeps the connection: look again shortly.
         let wake = if now >= idle_at { now + Duration::from_millis(100) } else { idle_at };
         tokio::select! {
-            _ = &mut conn => return,
+            _ = &mut conn => {
+                // Ended without a single request: hyper's header timeout closed a silent client.
+                if activity.requests.load(Ordering::Relaxed) == 0 {
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
             _ = tokio::time::sleep_until(wake.min(end).into()) => {}
         }
     }

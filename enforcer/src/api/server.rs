@@ -45,7 +45,10 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
             }
         };
         let limits = state.mint.config.lock().map(|c| c.limits.clone()).unwrap_or_default();
-        let Some(slot) = Slot::take(&state.conns, limits.api_max_connections as u64) else {
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let (max, per_uid) =
+            (limits.api_max_connections as u64, limits.api_max_connections_per_uid as u64);
+        let Some(slot) = Slot::take(&state.conns, max, uid, per_uid) else {
             conn::refuse(stream);
             continue;
         };

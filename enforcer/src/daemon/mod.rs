@@ -460,7 +460,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                 broker.sweep(&api_state.delivery.view.load());
                 engine.summarise_routine();
                 ticks += 1;
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     // Hand freed heap back to the OS after bursts (sub-millisecond when idle).
                     // SAFETY: malloc_trim only releases free memory.
                     unsafe { libc::malloc_trim(0) };

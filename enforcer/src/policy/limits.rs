@@ -12,6 +12,8 @@ pub struct Limits {
     pub exe_hash_max_bytes: u64,
     /// Open connections to the API socket; past it new ones are closed at once (counted).
     pub api_max_connections: u32,
+    /// Open API connections of one non-root uid (root is held only to the total).
+    pub api_max_connections_per_uid: u32,
     /// A connection that sends no complete request for this long is closed.
     pub api_idle_timeout_seconds: u32,
     /// Live grants one uid may hold at once (root is not limited); 0 = no quota.
@@ -29,6 +31,7 @@ impl Default for Limits {
         Limits {
             exe_hash_max_bytes: Limits::DEFAULT_EXE_HASH_MAX_BYTES,
             api_max_connections: 256,
+            api_max_connections_per_uid: 64,
             api_idle_timeout_seconds: 10,
             mint_grants_per_uid: 256,
             mint_grants_per_cgroup: 256,
@@ -41,6 +44,7 @@ impl Default for Limits {
 pub(crate) struct RawLimits {
     exe_hash_max_bytes: Option<Spanned<u64>>,
     api_max_connections: Option<Spanned<u32>>,
+    api_max_connections_per_uid: Option<Spanned<u32>>,
     api_idle_timeout_seconds: Option<Spanned<u32>>,
     mint_grants_per_uid: Option<Spanned<u32>>,
     mint_grants_per_cgroup: Option<Spanned<u32>>,
@@ -59,6 +63,12 @@ pub(crate) fn limits(diags: &mut Collector, file: usize, raw: Option<&RawLimits>
         }
     };
     at_least(&raw.api_max_connections, 1, "api_max_connections", &mut l.api_max_connections);
+    at_least(
+        &raw.api_max_connections_per_uid,
+        1,
+        "api_max_connections_per_uid",
+        &mut l.api_max_connections_per_uid,
+    );
     at_least(
         &raw.api_idle_timeout_seconds,
         1,
