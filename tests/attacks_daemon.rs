@@ -53,7 +53,10 @@ fn all_events(d: &Daemon) -> Vec<Event> {
         .collect();
     files.reverse();
     files.push(live);
-    files.iter().flat_map(|f| parse_events(&std::fs::read_to_string(f).unwrap_or_default())).collect()
+    files
+        .iter()
+        .flat_map(|f| parse_events(&std::fs::read_to_string(f).unwrap_or_default()))
+        .collect()
 }
 
 fn copy_exe(from: &str, to: &std::path::Path) {
@@ -80,7 +83,12 @@ fn a_2tib_sparse_binary_opening_a_secret_does_not_stall_decisions() {
     let t0 = Instant::now();
     let attackers: Vec<std::process::Child> = (0..3)
         .map(|_| {
-            cg.command(&big).arg(&secret).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+            cg.command(&big)
+                .arg(&secret)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
         })
         .collect();
     let prober = open_prober(&cg, &secret, 200);
@@ -149,7 +157,13 @@ fn an_exe_path_swapped_for_a_fifo_does_not_block_the_daemon() {
 }
 
 /// `curl --unix-socket` as uid/gid 65534 (nobody) inside the cgroup: (HTTP status, JSON).
-fn curl_as_nobody(cg: &TestCgroup, d: &Daemon, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+fn curl_as_nobody(
+    cg: &TestCgroup,
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
     let sock = d.runtime_dir().join("mint.sock");
     let mut cmd = cg.command("setpriv");
     cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "curl", "-s", "-m", "10"])
@@ -166,7 +180,10 @@ fn curl_as_nobody(cg: &TestCgroup, d: &Daemon, method: &str, path: &str, body: O
 fn parse_curl(out: &std::process::Output) -> (u16, serde_json::Value) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A daemon whose socket uid 65534 may use (group nogroup, directories traversable), with an
@@ -194,7 +211,12 @@ fn enforcer_for_nobody() -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 /// `enforcer run --intent job -- CMD...` as nobody in the cgroup, in the background.
-fn run_as_nobody(cg: &TestCgroup, d: &Daemon, bin: &std::path::Path, cmd: &[&str]) -> std::process::Child {
+fn run_as_nobody(
+    cg: &TestCgroup,
+    d: &Daemon,
+    bin: &std::path::Path,
+    cmd: &[&str],
+) -> std::process::Child {
     cg.command("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(bin)
@@ -256,7 +278,8 @@ fn grant_tokens_are_shown_only_to_their_subject_or_root() {
     let listed = v["grants"].as_array().unwrap();
     assert_eq!(listed.len(), 2, "{v}");
     assert!(listed.iter().all(|g| g.get("token").is_none() && g["id"].is_string()), "{v}");
-    let (code, one) = curl_as_nobody(&cg, &d, "GET", &format!("/v1/grants/{}", root_id.as_str().unwrap()), None);
+    let (code, one) =
+        curl_as_nobody(&cg, &d, "GET", &format!("/v1/grants/{}", root_id.as_str().unwrap()), None);
     assert_eq!(code, 200);
     assert!(one.get("token").is_none(), "root's grant token leaked to nobody: {one}");
     // nobody inside its own grant's subtree: its own token, still not root's.
@@ -265,7 +288,15 @@ fn grant_tokens_are_shown_only_to_their_subject_or_root() {
         &cg,
         &d,
         &bin,
-        &["curl", "-s", "-m", "10", "--unix-socket", &sock, "http://localhost/v1/grants?state=active"],
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "--unix-socket",
+            &sock,
+            "http://localhost/v1/grants?state=active",
+        ],
     );
     let out = inside.stdout.take().unwrap();
     let st = inside.wait().unwrap();
@@ -294,7 +325,8 @@ fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
     let cg = TestCgroup::new("quota");
     let d = two_uid_daemon(&cg, "", "mint_grants_per_uid = 2\n");
     let (_bd, bin) = enforcer_for_nobody();
-    let mut holders: Vec<_> = (0..2).map(|_| run_as_nobody(&cg, &d, &bin, &["sleep", "30"])).collect();
+    let mut holders: Vec<_> =
+        (0..2).map(|_| run_as_nobody(&cg, &d, &bin, &["sleep", "30"])).collect();
     wait_active(&d, 2);
     let (code, v) = curl_as_nobody(&cg, &d, "POST", "/v1/grants", Some(r#"{"intent":"job"}"#));
     assert_eq!(code, 429, "{v}");
@@ -437,7 +469,7 @@ fn six_hundred_idle_api_connections_do_not_stop_decisions() {
     for s in &mut conns {
         s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
         let mut b = [0u8; 512];
-        if matches!(std::io::Read::read(s, &mut b), Ok(_)) {
+        if std::io::Read::read(s, &mut b).is_ok() {
             closed += 1;
         }
     }
@@ -461,7 +493,11 @@ fn one_uid_cannot_take_every_api_connection() {
         return;
     }
     let cg = TestCgroup::new("uid-conns");
-    let d = two_uid_daemon(&cg, "", "api_max_connections_per_uid = 16\napi_idle_timeout_seconds = 20\n");
+    let d = two_uid_daemon(
+        &cg,
+        "",
+        "api_max_connections_per_uid = 16\napi_idle_timeout_seconds = 20\n",
+    );
     let sock = d.runtime_dir().join("mint.sock");
     let script = format!(
         r#"
@@ -481,12 +517,25 @@ time.sleep(3)
     );
     let mut hog = cg
         .command("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", &script])
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(hog.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     let refused: u32 = line.trim().parse().unwrap_or_else(|_| panic!("hog said {line:?}"));
     // While the hog holds its 16: root is served.
     let out = d.cli(&["status", "--json"]);
@@ -592,7 +641,8 @@ fn a_reused_pid_never_receives_a_grant_meant_for_an_exited_target() {
         let target = cg.command("sleep").arg(format!("0.0{}", i % 3)).spawn().unwrap();
         let pid = target.id();
         let ticks = start_ticks(pid);
-        let out = d.cli(&["grant", "request", "--intent", "job", "--pid", &pid.to_string(), "--json"]);
+        let out =
+            d.cli(&["grant", "request", "--intent", "job", "--pid", &pid.to_string(), "--json"]);
         let mut target = target;
         let _ = target.wait();
         if out.status.success() {

@@ -164,11 +164,13 @@ pub async fn issue(
         .map_err(|_| busy())?
         .map_err(|_| busy())?;
     let (m2, p2) = (m.clone(), peer.clone());
-    let prepared =
-        tokio::time::timeout(ISSUE_WAIT, tokio::task::spawn_blocking(move || prepare(&m2, &p2, req, &sent)))
-            .await
-            .map_err(|_| busy())?
-            .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??;
+    let prepared = tokio::time::timeout(
+        ISSUE_WAIT,
+        tokio::task::spawn_blocking(move || prepare(&m2, &p2, req, &sent)),
+    )
+    .await
+    .map_err(|_| busy())?
+    .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??;
     let Prepared { grant, intent, nets, target } = prepared;
     let limits = lock(&m.config).limits.clone();
     let (grant, _slot, recorded) = {
@@ -176,7 +178,10 @@ pub async fn issue(
         // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
         let subject = &grant.subject;
         let (by_uid, by_cgroup) = reg.held_by(subject.uid, &subject.cgroup);
-        if subject.uid != 0 && limits.mint_grants_per_uid != 0 && by_uid >= limits.mint_grants_per_uid as usize {
+        if subject.uid != 0
+            && limits.mint_grants_per_uid != 0
+            && by_uid >= limits.mint_grants_per_uid as usize
+        {
             return Err(MintError::QuotaExceeded(format!(
                 "uid {} already holds {by_uid} live grants (limits.mint_grants_per_uid = {})",
                 subject.uid, limits.mint_grants_per_uid

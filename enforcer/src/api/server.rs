@@ -76,7 +76,9 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
             let epoch = std::time::Instant::now();
             let idle = std::time::Duration::from_secs(limits.api_idle_timeout_seconds as u64);
             // A pidfd the client sent with its request names the process it binds.
-            let sent = Arc::new(conn::peek_pidfd(&stream, idle.min(std::time::Duration::from_secs(5))).await);
+            let sent = Arc::new(
+                conn::peek_pidfd(&stream, idle.min(std::time::Duration::from_secs(5))).await,
+            );
             let svc = {
                 let activity = activity.clone();
                 service_fn(move |req| {
@@ -102,7 +104,8 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
 
 /// Records a refused grant request (or failed attestation) as an event, through the engine.
 fn refused(state: &ApiState, pid: u32, uid: u32, intent: Option<String>, e: &ApiError) {
-    let r = mint::Refusal { pid, uid, code: e.code.to_string(), message: e.message.clone(), intent };
+    let r =
+        mint::Refusal { pid, uid, code: e.code.to_string(), message: e.message.clone(), intent };
     if state.mint.refusals.try_send(r).is_err() {
         state.mint.refusals_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -127,9 +130,8 @@ async fn handle(
             let mut st = state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null);
             if let Some(o) = st.as_object_mut() {
                 let mut api = state.conns.json();
-                api["refusals_dropped"] = json!(
-                    state.mint.refusals_dropped.load(std::sync::atomic::Ordering::Relaxed)
-                );
+                api["refusals_dropped"] =
+                    json!(state.mint.refusals_dropped.load(std::sync::atomic::Ordering::Relaxed));
                 o.insert("api".into(), api);
             }
             Ok((StatusCode::OK, st))
@@ -237,9 +239,7 @@ pub async fn answer_stateless(req: Request<Incoming>) -> Result<Response<Full<By
     };
     let r = match route(&method, &path) {
         Route::Refused(e) => Err(e),
-        Route::Issue => {
-            crate::mint::request::parse(&body).map(|_| ()).map_err(ApiError::from)
-        }
+        Route::Issue => crate::mint::request::parse(&body).map(|_| ()).map_err(ApiError::from),
         Route::List => mint::parse_list_query(&query).map(|_| ()),
         _ => Ok(()),
     };

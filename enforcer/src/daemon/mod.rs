@@ -258,16 +258,15 @@ async fn run_async(setup: Setup) -> Result<()> {
         notices: notices_tx,
         ledger: ledger_tx.clone(),
     };
-    let mut engine =
-        Engine::new(
-            table,
-            store,
-            cfg.mode,
-            setup.host.clone(),
-            setup.cgroup_scope.clone(),
-            links,
-            cfg.limits.exe_hash_max_bytes,
-        );
+    let mut engine = Engine::new(
+        table,
+        store,
+        cfg.mode,
+        setup.host.clone(),
+        setup.cgroup_scope.clone(),
+        links,
+        cfg.limits.exe_hash_max_bytes,
+    );
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
     sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));

@@ -372,7 +372,8 @@ pub fn pin_target(pid: u32) -> Result<(OwnedFd, u64), MintError> {
     if exited(&pidfd) {
         return Err(MintError::SubjectGone(format!("process {pid} exited")));
     }
-    let ticks = ticks.map_err(|e| MintError::AttestationFailed(format!("/proc/{pid}/stat: {e}")))?;
+    let ticks =
+        ticks.map_err(|e| MintError::AttestationFailed(format!("/proc/{pid}/stat: {e}")))?;
     Ok((pidfd, ticks))
 }
 

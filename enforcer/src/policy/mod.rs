@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 pub use aws::{AwsIntent, AwsSettings, StsEndpoint, parse_endpoint};
 pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
-pub use limits::Limits;
 pub use duration::{format_duration, parse_duration};
+pub use limits::Limits;
 pub use model::{
     AGENT_ON_VIOLATION, AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR,
     DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, DEFAULT_TTL, FileBackend, Intent, Mode, OnViolation,

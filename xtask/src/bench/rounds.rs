@@ -312,7 +312,8 @@ impl Bench {
     /// the leader of its own process group.
     fn case1_attacker(&self, secret: &str) -> Result<Child> {
         use std::os::unix::process::CommandExt;
-        let big = std::env::temp_dir().join(format!("enforcer-bench-bigcat-{}", std::process::id()));
+        let big =
+            std::env::temp_dir().join(format!("enforcer-bench-bigcat-{}", std::process::id()));
         let _ = std::fs::remove_file(&big);
         std::fs::copy("/bin/cat", &big)?;
         std::fs::File::options().write(true).open(&big)?.set_len(2 << 40)?;

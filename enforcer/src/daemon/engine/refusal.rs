@@ -51,15 +51,15 @@ impl Engine {
         if process.uid == 0 && r.uid != u32::MAX {
             process.uid = r.uid;
         }
-        let mut path = vec![
-            format!("POST /v1/grants refused: {}", r.code),
-            r.message.clone(),
-        ];
+        let mut path = vec![format!("POST /v1/grants refused: {}", r.code), r.message.clone()];
         if let Some(i) = &r.intent {
             path.insert(1, format!("intent {i}"));
         }
         if folded > 0 {
-            path.push(format!("{folded} more refusals ({}) from uid {} in the last second", r.code, r.uid));
+            path.push(format!(
+                "{folded} more refusals ({}) from uid {} in the last second",
+                r.code, r.uid
+            ));
         }
         let d = Decision {
             verdict: Verdict::NoGrant,
