@@ -202,20 +202,37 @@ pub async fn drive<F: std::future::Future>(
 /// originals). `grant request --pid` sends the target's pidfd this way, so the daemon binds
 /// the very process the CLI pinned. None if nothing, or anything but exactly one fd, came.
 pub async fn peek_pidfd(stream: &UnixStream, wait: Duration) -> Option<std::os::fd::OwnedFd> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::time::timeout_at(deadline, stream.readable()).await.ok()?.ok()?;
+        // A readiness that turns out stale (no byte yet) is cleared and waited for again.
+        match stream.try_io(tokio::io::Interest::READABLE, || peek_fds(stream)) {
+            Ok(fd) => return fd,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Peeks at the first byte and takes the fds passed with it: exactly one, or none.
+fn peek_fds(stream: &UnixStream) -> io::Result<Option<std::os::fd::OwnedFd>> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-    tokio::time::timeout(wait, stream.readable()).await.ok()?.ok()?;
     let mut byte = [0u8; 1];
     let mut iov = [io::IoSliceMut::new(&mut byte)];
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), flags).ok()?;
+    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
+        .map_err(io::Error::from)?;
+    if msg.bytes == 0 {
+        return Ok(None); // the client closed without sending
+    }
     let mut fds: Vec<OwnedFd> = Vec::new();
-    for c in msg.cmsgs().ok()? {
+    for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(v) = c {
             // SAFETY: fds the kernel just installed for us; nobody else owns them.
             fds.extend(v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
         }
     }
-    if fds.len() == 1 { fds.pop() } else { None }
+    Ok(if fds.len() == 1 { fds.pop() } else { None })
 }
