@@ -21,14 +21,14 @@ use crate::proc::{ProcessTable, is_within};
 use crate::records::{Connect, Record, SocketUse};
 use crate::store::EventStore;
 
+/// Judged socket creations: names and the decision path.
+mod credential;
 /// Executable hashes for alerts, off the decision path.
 pub mod exe_hash;
 /// Refused grant requests as events.
 mod refusal;
 /// Sampling of routine allowed connects.
 mod routine;
-/// Judged socket creations: names and the decision path.
-mod credential;
 mod socket;
 
 /// Secret opens the BPF-LSM program judged.
