@@ -25,9 +25,11 @@ fn main() {
             args[3].parse().expect("port"),
             args[4].parse().expect("seconds"),
         ),
-        _ => Err("usage: openat2 PATH | uring-open PATH | open-loop PATH N | uring-connect IP PORT | \
+        _ => Err(
+            "usage: openat2 PATH | uring-open PATH | open-loop PATH N | uring-connect IP PORT | \
                   udp-connect-flood IP PORT SECONDS"
-            .into()),
+                .into(),
+        ),
     };
     match r {
         Ok(()) => println!("ok {}", std::process::id()),
