@@ -4,6 +4,8 @@
 //!   enforcer-test-helper uring-open PATH
 //!   enforcer-test-helper uring-connect IP PORT
 //!   enforcer-test-helper open-loop PATH N   (prints "ns <per open+close>" before "ok")
+//!   enforcer-test-helper udp-connect-flood IP PORT SECONDS (connect(2)s a UDP socket as fast
+//!   as it can, for the alert-displacement flood; prints the count and rate on stderr)
 //! Prints "ok <pid>" on success, exits 1 with the error otherwise.
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +20,16 @@ fn main() {
         Some("uring-connect") => {
             uring_connect(args[2].parse().expect("ip"), args[3].parse().expect("port"))
         }
-        _ => Err("usage: openat2 PATH | uring-open PATH | uring-connect IP PORT".into()),
+        Some("udp-connect-flood") => udp_connect_flood(
+            args[2].parse().expect("ip"),
+            args[3].parse().expect("port"),
+            args[4].parse().expect("seconds"),
+        ),
+        _ => Err(
+            "usage: openat2 PATH | uring-open PATH | open-loop PATH N | uring-connect IP PORT | \
+                  udp-connect-flood IP PORT SECONDS"
+                .into(),
+        ),
     };
     match r {
         Ok(()) => println!("ok {}", std::process::id()),
@@ -142,4 +153,20 @@ fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_storage, u32) {
             (libc::AF_INET6, storage, size_of::<libc::sockaddr_in6>() as u32)
         }
     }
+}
+
+fn udp_connect_flood(ip: IpAddr, port: u16, seconds: f64) -> Result<(), String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let to = SocketAddr::new(ip, port);
+    let t0 = std::time::Instant::now();
+    let mut n: u64 = 0;
+    while t0.elapsed().as_secs_f64() < seconds {
+        for _ in 0..1024 {
+            s.connect(to).map_err(|e| format!("connect {to}: {e}"))?;
+        }
+        n += 1024;
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    eprintln!("{n} connects in {:.2} s ({rate:.0}/s)", t0.elapsed().as_secs_f64());
+    Ok(())
 }

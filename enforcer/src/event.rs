@@ -52,9 +52,14 @@ pub struct ProcessRef {
     /// Ancestors, parent first (alerts only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parent_chain: Vec<Ancestor>,
-    /// sha256 of the executable (alerts only; cached per file).
+    /// sha256 of the executable: alerts only (absent on other events); `null` when it is
+    /// not known, with `exe_sha256_unknown` saying why. Hashed off the decision path.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
+    pub exe_sha256: Option<Option<String>>,
+    /// Why an alert's `exe_sha256` is null (too large, not a regular file, process gone,
+    /// not hashed in time, hash queue full).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exe_sha256: Option<String>,
+    pub exe_sha256_unknown: Option<String>,
     /// systemd unit from the cgroup path (e.g. "ci-runner.service").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
@@ -156,4 +161,26 @@ pub fn join_cmdline(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `Option<Option<T>>` as absent / `null` / value (serde maps both absent and null to None
+/// otherwise).
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
 }

@@ -76,6 +76,7 @@ impl From<MintError> for ApiError {
             MintError::NotActive { .. } => (409, "not_active"),
             MintError::TooManyGrants(_) => (409, "too_many_grants"),
             MintError::RateLimited { .. } => (429, "rate_limited"),
+            MintError::QuotaExceeded(_) => (429, "quota_exceeded"),
             MintError::Internal(_) => (500, "internal"),
         };
         ApiError::new(status, code, e.to_string())
@@ -132,10 +133,10 @@ mod tests {
             ),
             (MintError::TooManyGrants("full".into()), 409, "too_many_grants", "full"),
             (
-                MintError::RateLimited { pid: 7, retry: std::time::Duration::from_millis(20) },
+                MintError::RateLimited { uid: 7, retry: std::time::Duration::from_millis(20) },
                 429,
                 "rate_limited",
-                "too many grant requests from pid 7; retry in 20 ms",
+                "too many grant requests from uid 7; retry in 20 ms",
             ),
             (MintError::SubjectGone("gone".into()), 403, "subject_gone", "gone"),
             (MintError::Internal("boom".into()), 500, "internal", "boom"),

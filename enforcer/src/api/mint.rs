@@ -20,6 +20,21 @@ use crate::mint::request;
 use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 
+/// Blocking issue work running at once; more requests wait (up to ISSUE_WAIT).
+const ISSUING_AT_ONCE: usize = 8;
+/// Longest a request waits for its blocking work (attestation, exe hash, DNS, signing).
+const ISSUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A refused grant request or a failed attestation: recorded as a `mint_refused` event.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub pid: u32,
+    pub uid: u32,
+    pub code: String,
+    pub message: String,
+    pub intent: Option<String>,
+}
+
 pub struct MintState {
     pub registry: Arc<Mutex<Registry>>,
     /// For reads (list, get, history); the writer thread shares it.
@@ -27,7 +42,15 @@ pub struct MintState {
     ledger_tx: LedgerTx,
     /// The policy in force; replaced atomically on reload.
     pub config: Mutex<Arc<Config>>,
-    pub limiter: Mutex<RateLimiter>,
+    /// Grant requests per uid (a fork per request gets no fresh bucket).
+    pub limiter: Mutex<RateLimiter<u32>>,
+    /// Refused grant requests and failed attestations, for the engine to record as events.
+    pub refusals: tokio::sync::mpsc::Sender<Refusal>,
+    /// Refusals not recorded because the engine's queue was full.
+    pub refusals_dropped: std::sync::atomic::AtomicU64,
+    /// Issues doing blocking work (attestation reads, exe hash, DNS, signing) at once, each
+    /// on the blocking pool, never on the two async workers.
+    issuing: tokio::sync::Semaphore,
     /// exe sha256 by (dev, ino, size, mtime): hashing a large binary on every request
     /// would cost milliseconds.
     exe_hashes: Mutex<HashMap<(u64, u64, u64, i64), String>>,
@@ -48,7 +71,8 @@ impl MintState {
         ledger: Arc<Mutex<Ledger>>,
         ledger_tx: LedgerTx,
         config: Arc<Config>,
-        limiter: RateLimiter,
+        limiter: RateLimiter<u32>,
+        refusals: tokio::sync::mpsc::Sender<Refusal>,
     ) -> Self {
         let jwks = lock(&registry).signer.jwks();
         MintState {
@@ -57,6 +81,9 @@ impl MintState {
             ledger_tx,
             config: Mutex::new(config),
             limiter: Mutex::new(limiter),
+            refusals,
+            refusals_dropped: Default::default(),
+            issuing: tokio::sync::Semaphore::new(ISSUING_AT_ONCE),
             exe_hashes: Mutex::new(HashMap::new()),
             jwks,
             aws: Default::default(),
@@ -75,7 +102,13 @@ impl MintState {
         if let Some(h) = lock(&self.exe_hashes).get(&key) {
             return Ok(h.clone());
         }
-        let h = r.exe_sha256().map_err(|_| gone())?;
+        let h = match r.exe_sha256() {
+            Ok(h) => h,
+            // Too large to hash (limits.exe_hash_max_bytes): the subject's hash stays empty
+            // and no exe_sha256 selector can match it.
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Ok(String::new()),
+            Err(_) => return Err(gone()),
+        };
         let mut cache = lock(&self.exe_hashes);
         if cache.len() > 4096 {
             cache.clear();
@@ -113,48 +146,60 @@ pub fn grant_json(g: &Grant) -> Value {
     v
 }
 
-/// POST /v1/grants.
+/// POST /v1/grants. The blocking work runs on the blocking pool (at most ISSUING_AT_ONCE at
+/// once, each waited for at most ISSUE_WAIT); the registry and the ledger outcome after it.
 pub async fn issue(
-    m: &MintState,
-    peer: &Requester,
-    body: &[u8],
+    m: Arc<MintState>,
+    peer: Arc<Requester>,
+    body: bytes::Bytes,
+    sent: Arc<Option<std::os::fd::OwnedFd>>,
 ) -> Result<(StatusCode, Value), ApiError> {
-    if let Err(retry) = lock(&m.limiter).check((peer.uid, peer.pid), Instant::now()) {
-        return Err(MintError::RateLimited { pid: peer.pid, retry }.into());
+    if let Err(retry) = lock(&m.limiter).check(peer.uid, Instant::now()) {
+        return Err(MintError::RateLimited { uid: peer.uid, retry }.into());
     }
-    let req = request::parse(body)?;
-    let config = lock(&m.config).clone();
-    let mut intent = config
-        .intent(&req.intent)
-        .ok_or_else(|| MintError::UnknownIntent(req.intent.clone()))?
-        .clone();
-    let broker = m.aws.get().filter(|_| intent.aws.is_some());
-    // The subtree fetches its AWS credentials from the daemon's loopback endpoint.
-    if let Some(d) = broker.and_then(|b| b.endpoint_destination()).and_then(|d| d.parse().ok()) {
-        intent.destinations.push(d);
-    }
-    // The process that will hold the grant: the caller, or a process it may bind.
-    let target_owned;
-    let target: &Requester = match req.pid {
-        Some(pid) if pid != peer.pid => {
-            target_owned = attest::attest_pid(pid)?;
-            attest::may_bind(peer, &target_owned)?;
-            &target_owned
+    let req = request::parse(&body)?;
+    let busy = || ApiError::new(503, "mint_busy", "the mint is busy; retry later");
+    let _permit = tokio::time::timeout(ISSUE_WAIT, m.issuing.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    let (m2, p2) = (m.clone(), peer.clone());
+    let prepared = tokio::time::timeout(
+        ISSUE_WAIT,
+        tokio::task::spawn_blocking(move || prepare(&m2, &p2, req, &sent)),
+    )
+    .await
+    .map_err(|_| busy())?
+    .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??;
+    let Prepared { grant, intent, nets, target } = prepared;
+    let limits = lock(&m.config).limits.clone();
+    let (grant, _slot, recorded) = {
+        let mut reg = lock(&m.registry);
+        // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
+        let subject = &grant.subject;
+        let (by_uid, by_cgroup) = reg.held_by(subject.uid, &subject.cgroup);
+        if subject.uid != 0
+            && limits.mint_grants_per_uid != 0
+            && by_uid >= limits.mint_grants_per_uid as usize
+        {
+            return Err(MintError::QuotaExceeded(format!(
+                "uid {} already holds {by_uid} live grants (limits.mint_grants_per_uid = {})",
+                subject.uid, limits.mint_grants_per_uid
+            ))
+            .into());
         }
-        _ => peer,
+        if subject.uid != 0
+            && limits.mint_grants_per_cgroup != 0
+            && by_cgroup >= limits.mint_grants_per_cgroup as usize
+        {
+            return Err(MintError::QuotaExceeded(format!(
+                "cgroup {} already holds {by_cgroup} live grants (limits.mint_grants_per_cgroup = {})",
+                subject.cgroup, limits.mint_grants_per_cgroup
+            ))
+            .into());
+        }
+        reg.issue(grant, &intent, nets)?
     };
-    attest::selector_allows(&intent, target)?;
-    let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
-    let sha = m.exe_sha256(target)?;
-    let subject = target.subject(sha);
-    // DNS and signing before the registry lock.
-    let nets = resolve_destinations(&intent.destinations);
-    let (signer, issuer) = {
-        let reg = lock(&m.registry);
-        (reg.signer.clone(), reg.issuer.clone())
-    };
-    let prepared = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
-    let (grant, _slot, recorded) = lock(&m.registry).issue(prepared, &intent, nets)?;
     // Kernel first, ledger second: a grant the ledger could not record is undone.
     let recorded = recorded.await.unwrap_or_else(|_| Err("the ledger writer has stopped".into()));
     if let Err(e) = recorded {
@@ -163,6 +208,7 @@ pub async fn issue(
     }
     // The pidfd still names the live process only if it did not exit meanwhile; if it did,
     // its pid may already belong to someone else, who must not inherit the grant.
+    let target: &Requester = target.as_ref().unwrap_or(&peer);
     if target.is_gone() {
         lock(&m.registry).abort(&grant.id, true);
         return Err(MintError::SubjectGone(format!(
@@ -172,7 +218,7 @@ pub async fn issue(
         .into());
     }
     let mut v = grant_json(&grant);
-    if let Some(b) = broker {
+    if let Some(b) = m.aws.get().filter(|_| intent.aws.is_some()) {
         match b.register(&grant) {
             Ok(Some(env)) => {
                 v["aws"] = json!({
@@ -187,8 +233,119 @@ pub async fn issue(
     Ok((StatusCode::CREATED, v))
 }
 
+/// A signed grant ready to be made live.
+struct Prepared {
+    grant: Grant,
+    intent: crate::policy::Intent,
+    nets: crate::mint::view::Nets,
+    /// The process named by `pid`, if not the caller.
+    target: Option<Requester>,
+}
+
+/// The blocking part of an issue: /proc reads, exe hash, DNS, signing.
+fn prepare(
+    m: &MintState,
+    peer: &Requester,
+    req: request::GrantRequest,
+    sent: &Option<std::os::fd::OwnedFd>,
+) -> Result<Prepared, MintError> {
+    let config = lock(&m.config).clone();
+    let mut intent = config
+        .intent(&req.intent)
+        .ok_or_else(|| MintError::UnknownIntent(req.intent.clone()))?
+        .clone();
+    let broker = m.aws.get().filter(|_| intent.aws.is_some());
+    // The subtree fetches its AWS credentials from the daemon's loopback endpoint.
+    if let Some(d) = broker.and_then(|b| b.endpoint_destination()).and_then(|d| d.parse().ok()) {
+        intent.destinations.push(d);
+    }
+    // The process that will hold the grant: the caller, or a process it may bind.
+    let target_owned = match req.pid {
+        Some(pid) if pid != peer.pid && sent.is_some() => {
+            // The pidfd the requester took when it named the target: exactly that process.
+            let fd = sent.as_ref().and_then(|f| f.try_clone().ok()).ok_or_else(|| {
+                MintError::AttestationFailed("cannot duplicate the pidfd sent".into())
+            })?;
+            let t = attest::attest_sent_pidfd(pid, fd)?;
+            if let Some(ticks) = req.pid_start_time {
+                attest::check_start_time(&t, ticks)?;
+            }
+            attest::may_bind(peer, &t)?;
+            Some(t)
+        }
+        Some(pid) if pid != peer.pid => {
+            let t = attest::attest_pid(pid).map_err(|e| match (e, req.pid_start_time) {
+                // The pinned target is gone; whatever has its pid now is not it.
+                (MintError::NoSuchProcess(_), Some(ticks)) => MintError::SubjectGone(format!(
+                    "process {pid} named by the request (start time {ticks} ticks) exited"
+                )),
+                (e, _) => e,
+            })?;
+            if let Some(ticks) = req.pid_start_time {
+                attest::check_start_time(&t, ticks)?;
+            }
+            attest::may_bind(peer, &t)?;
+            Some(t)
+        }
+        _ => None,
+    };
+    let target: &Requester = target_owned.as_ref().unwrap_or(peer);
+    if let (Some(ticks), None) = (req.pid_start_time, &target_owned) {
+        attest::check_start_time(target, ticks)?;
+    }
+    attest::selector_allows(&intent, target)?;
+    let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
+    let sha = m.exe_sha256(target)?;
+    let subject = target.subject(sha);
+    let nets = resolve_destinations(&intent.destinations);
+    let (signer, issuer) = {
+        let reg = lock(&m.registry);
+        (reg.signer.clone(), reg.issuer.clone())
+    };
+    let grant = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
+    Ok(Prepared { grant, intent, nets, target: target_owned })
+}
+
+/// Whether `peer` may read `g`'s token: root, or a process of the subject's uid inside the
+/// subject's subtree (the subject itself or one of its descendants).
+fn may_see_token(peer: &Requester, g: &Grant) -> bool {
+    peer.uid == 0
+        || (peer.uid == g.subject.uid
+            && attest::is_descendant(g.subject.pid, g.subject.start_ns, peer.pid)
+            && !peer.is_gone())
+}
+
+/// A grant as `peer` may see it: without its token unless `may_see_token`.
+fn grant_json_for(peer: &Requester, g: &Grant) -> Value {
+    let mut v = grant_json(g);
+    if !may_see_token(peer, g)
+        && let Some(o) = v.as_object_mut()
+    {
+        o.remove("token");
+    }
+    v
+}
+
 /// GET /v1/grants[?state=active&intent=NAME&limit=N].
-pub async fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), ApiError> {
+pub async fn list(
+    m: &MintState,
+    peer: &Requester,
+    query: &str,
+) -> Result<(StatusCode, Value), ApiError> {
+    let filter = parse_list_query(query)?;
+    m.ledger_tx.barrier().await;
+    let grants = lock(&m.ledger).list(filter).map_err(|e| MintError::Internal(format!("{e:#}")))?;
+    // Live state (in memory) is newer than the ledger only for grants changing right now.
+    let reg = lock(&m.registry);
+    let v: Vec<Value> = grants
+        .iter()
+        .map(|g| grant_json_for(peer, &reg.live_grant(&g.id).unwrap_or_else(|| g.clone())))
+        .collect();
+    Ok((StatusCode::OK, json!({"grants": v})))
+}
+
+/// The query of GET /v1/grants: `state`, `intent`, `limit`; anything else is refused.
+pub fn parse_list_query(query: &str) -> Result<ListFilter, ApiError> {
     let mut filter = ListFilter { state: None, intent: None, limit: 1000 };
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -213,21 +370,17 @@ pub async fn list(m: &MintState, query: &str) -> Result<(StatusCode, Value), Api
             }
         }
     }
-    m.ledger_tx.barrier().await;
-    let grants = lock(&m.ledger).list(filter).map_err(|e| MintError::Internal(format!("{e:#}")))?;
-    // Live state (in memory) is newer than the ledger only for grants changing right now.
-    let reg = lock(&m.registry);
-    let v: Vec<Value> = grants
-        .iter()
-        .map(|g| grant_json(&reg.live_grant(&g.id).unwrap_or_else(|| g.clone())))
-        .collect();
-    Ok((StatusCode::OK, json!({"grants": v})))
+    Ok(filter)
 }
 
 /// GET /v1/grants/{id}: the grant and its life from the ledger (issued, used, ended).
-pub async fn get(m: &MintState, id: &str) -> Result<(StatusCode, Value), ApiError> {
+pub async fn get(
+    m: &MintState,
+    peer: &Requester,
+    id: &str,
+) -> Result<(StatusCode, Value), ApiError> {
     let g = m.grant(id).await?.ok_or_else(|| MintError::UnknownGrant(id.to_string()))?;
-    let mut v = grant_json(&g);
+    let mut v = grant_json_for(peer, &g);
     m.ledger_tx.barrier().await;
     let history: Vec<Value> = lock(&m.ledger)
         .events(id)
@@ -259,7 +412,7 @@ pub async fn revoke(
     let reason = format!("revoked by pid {} (uid {})", peer.pid, peer.uid);
     let revoked = lock(&m.registry).revoke(id, &reason);
     match revoked {
-        Ok(g) => Ok((StatusCode::OK, grant_json(&g))),
+        Ok(g) => Ok((StatusCode::OK, grant_json_for(peer, &g))),
         // Ended since it was looked up: say how.
         Err(MintError::UnknownGrant(_)) => {
             let state = m.grant(id).await?.map_or(GrantState::Ended, |g| g.state);

@@ -1,5 +1,6 @@
 //! The daemon's HTTP/1.1 + JSON API on the Unix socket `<runtime_dir>/mint.sock`.
 pub mod client;
+pub mod conn;
 pub mod credentials;
 pub mod error;
 pub mod mint;

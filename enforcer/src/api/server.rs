@@ -20,7 +20,9 @@ use crate::mint::attest::{self, Requester};
 /// What the API serves, kept current by the daemon.
 pub struct ApiState {
     pub status: Mutex<Value>,
-    pub mint: MintState,
+    pub mint: Arc<MintState>,
+    /// Open, refused and idle-closed connections.
+    pub conns: Arc<super::conn::ConnStats>,
     /// Asks the daemon loop to reload the policy; answers with the outcome.
     pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>,
     pub sink_metrics: crate::alert::SinkMetrics,
@@ -31,33 +33,81 @@ pub struct ApiState {
 }
 
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
+    use super::conn::{self, Activity, InFlight, Slot, Tracked};
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
+                // EMFILE and the like: back off rather than spin.
                 tracing::warn!("mint.sock accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let limits = state.mint.config.lock().map(|c| c.limits.clone()).unwrap_or_default();
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let (max, per_uid) =
+            (limits.api_max_connections as u64, limits.api_max_connections_per_uid as u64);
+        let Some(slot) = Slot::take(&state.conns, max, uid, per_uid) else {
+            conn::refuse(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // Who is calling, from the kernel; a peer that cannot be attested gets nothing.
             let peer = match attest::attest_peer(&stream) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     tracing::warn!("mint.sock: peer not attested: {e}");
+                    let cred = stream.peer_cred().ok();
+                    refused(
+                        &state,
+                        cred.and_then(|c| c.pid()).unwrap_or(0).max(0) as u32,
+                        cred.map_or(u32::MAX, |c| c.uid()),
+                        None,
+                        &ApiError::from(e),
+                    );
                     return;
                 }
             };
-            let svc = service_fn(move |req| handle(req, state.clone(), peer.clone()));
-            // A slow or hostile client must not pin a task forever.
+            let stats = state.conns.clone();
+            let activity = Arc::new(Activity::default());
+            let epoch = std::time::Instant::now();
+            let idle = std::time::Duration::from_secs(limits.api_idle_timeout_seconds as u64);
+            // A pidfd the client sent with its request names the process it binds.
+            let sent = Arc::new(
+                conn::peek_pidfd(&stream, idle.min(std::time::Duration::from_secs(5))).await,
+            );
+            let svc = {
+                let activity = activity.clone();
+                service_fn(move |req| {
+                    let busy = InFlight::new(&activity);
+                    let (state, peer, sent) = (state.clone(), peer.clone(), sent.clone());
+                    async move {
+                        let r = handle(req, state, peer, sent).await;
+                        drop(busy);
+                        r
+                    }
+                })
+            };
+            // A slow or hostile client must not pin a task (and two fds) forever.
+            let io = Tracked { inner: stream, activity: activity.clone(), epoch };
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+                .serve_connection(TokioIo::new(io), svc);
+            conn::drive(conn, activity, epoch, idle, &stats).await;
         });
+    }
+}
+
+/// Records a refused grant request (or failed attestation) as an event, through the engine.
+fn refused(state: &ApiState, pid: u32, uid: u32, intent: Option<String>, e: &ApiError) {
+    let r =
+        mint::Refusal { pid, uid, code: e.code.to_string(), message: e.message.clone(), intent };
+    if state.mint.refusals.try_send(r).is_err() {
+        state.mint.refusals_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -65,6 +115,7 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<ApiState>,
     peer: Arc<Requester>,
+    sent: Arc<Option<std::os::fd::OwnedFd>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -73,36 +124,92 @@ async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(api_error(&e)),
     };
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let result: Result<(StatusCode, Value), ApiError> = match (&method, segments.as_slice()) {
-        (&Method::GET, ["", "v1", "health"]) => Ok((StatusCode::OK, json!({"status": "ok"}))),
-        (&Method::GET, ["", "v1", "status"]) => {
-            Ok((StatusCode::OK, state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null)))
+    let result: Result<(StatusCode, Value), ApiError> = match route(&method, &path) {
+        Route::Health => Ok((StatusCode::OK, json!({"status": "ok"}))),
+        Route::Status => {
+            let mut st = state.status.lock().map(|s| s.clone()).unwrap_or(Value::Null);
+            if let Some(o) = st.as_object_mut() {
+                let mut api = state.conns.json();
+                api["refusals_dropped"] =
+                    json!(state.mint.refusals_dropped.load(std::sync::atomic::Ordering::Relaxed));
+                o.insert("api".into(), api);
+            }
+            Ok((StatusCode::OK, st))
         }
-        (&Method::GET, ["", "v1", "keys"]) => Ok((StatusCode::OK, state.mint.jwks())),
-        (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => return Ok(metrics(&state)),
-        (&Method::POST, ["", "v1", "grants"]) => mint::issue(&state.mint, &peer, &body).await,
-        (&Method::GET, ["", "v1", "grants"]) => mint::list(&state.mint, &query).await,
-        (&Method::GET, ["", "v1", "grants", id]) => mint::get(&state.mint, id).await,
-        (&Method::DELETE, ["", "v1", "grants", id]) => mint::revoke(&state.mint, &peer, id).await,
-        (&Method::POST, ["", "v1", "policy", "reload"]) => reload(&state, &peer).await,
-        (&Method::GET, ["", "v1", "credentials", "aws"]) => {
+        Route::Keys => Ok((StatusCode::OK, state.mint.jwks())),
+        Route::Metrics => return Ok(metrics(&state)),
+        Route::Issue => {
+            let r = mint::issue(state.mint.clone(), peer.clone(), body.clone(), sent).await;
+            if let Err(e) = &r
+                && matches!(e.status, 403 | 404 | 409 | 429 | 503)
+            {
+                let intent = crate::mint::request::parse(&body).ok().map(|r| r.intent);
+                refused(&state, peer.pid, peer.uid, intent, e);
+            }
+            r
+        }
+        Route::List => mint::list(&state.mint, &peer, &query).await,
+        Route::Get(id) => mint::get(&state.mint, &peer, &id).await,
+        Route::Revoke(id) => mint::revoke(&state.mint, &peer, &id).await,
+        Route::Reload => reload(&state, &peer).await,
+        Route::AwsCredentials => {
             super::credentials::credential_process(&state, &peer, &query).await
         }
-        (&Method::GET, ["", "v1", "secrets", name]) => {
-            super::credentials::secret(&state, &peer, name).await
-        }
-        (&Method::GET, ["", ".well-known", "openid-configuration"] | ["", "keys"]) => {
-            match &state.spiffe {
-                Some(sp) => {
-                    Ok((StatusCode::OK, crate::spiffe::oidc::route(sp, &path).unwrap_or_default()))
-                }
-                None => Err(ApiError::not_found(
-                    "spiffe_disabled",
-                    "workload identity is not configured ([spiffe] trust_domain)",
-                )),
+        Route::Secret(name) => super::credentials::secret(&state, &peer, &name).await,
+        Route::Oidc => match &state.spiffe {
+            Some(sp) => {
+                Ok((StatusCode::OK, crate::spiffe::oidc::route(sp, &path).unwrap_or_default()))
             }
-        }
+            None => Err(ApiError::not_found(
+                "spiffe_disabled",
+                "workload identity is not configured ([spiffe] trust_domain)",
+            )),
+        },
+        Route::Refused(e) => Err(e),
+    };
+    Ok(match result {
+        Ok((status, v)) => json_response(status, v),
+        Err(e) => api_error(&e),
+    })
+}
+
+/// What a request asks for, from its method and path alone.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    Health,
+    Status,
+    Keys,
+    Metrics,
+    Issue,
+    List,
+    Get(String),
+    Revoke(String),
+    Reload,
+    /// GET /v1/credentials/aws (credential_process).
+    AwsCredentials,
+    /// GET /v1/secrets/{name}.
+    Secret(String),
+    /// OIDC discovery (`/.well-known/openid-configuration`, `/keys`) of the SPIFFE issuer.
+    Oidc,
+    /// 404 (no such route) or 405 (method not allowed).
+    Refused(ApiError),
+}
+
+pub fn route(method: &Method, path: &str) -> Route {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["", "v1", "health"]) => Route::Health,
+        (&Method::GET, ["", "v1", "status"]) => Route::Status,
+        (&Method::GET, ["", "v1", "keys"]) => Route::Keys,
+        (&Method::GET, ["", "v1", "metrics"] | ["", "metrics"]) => Route::Metrics,
+        (&Method::POST, ["", "v1", "grants"]) => Route::Issue,
+        (&Method::GET, ["", "v1", "grants"]) => Route::List,
+        (&Method::GET, ["", "v1", "grants", id]) => Route::Get(id.to_string()),
+        (&Method::DELETE, ["", "v1", "grants", id]) => Route::Revoke(id.to_string()),
+        (&Method::POST, ["", "v1", "policy", "reload"]) => Route::Reload,
+        (&Method::GET, ["", "v1", "credentials", "aws"]) => Route::AwsCredentials,
+        (&Method::GET, ["", "v1", "secrets", name]) => Route::Secret(name.to_string()),
+        (&Method::GET, ["", ".well-known", "openid-configuration"] | ["", "keys"]) => Route::Oidc,
         (
             _,
             ["", "v1", "health" | "status" | "keys" | "grants" | "metrics"]
@@ -110,13 +217,34 @@ async fn handle(
             | ["", "v1", "policy", "reload"]
             | ["", "v1", "credentials", "aws"]
             | ["", "v1", "secrets", _],
-        ) => {
-            Err(ApiError::new(405, "method_not_allowed", format!("{method} not allowed on {path}")))
-        }
-        _ => Err(ApiError::not_found("not_found", format!("no route {path}"))),
+        ) => Route::Refused(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{method} not allowed on {path}"),
+        )),
+        _ => Route::Refused(ApiError::not_found("not_found", format!("no route {path}"))),
+    }
+}
+
+/// What the API answers to `req` up to the point where state is needed: routing, the body
+/// limit, body and query parsing. The fuzz target `api_http` drives real HTTP/1.1 bytes
+/// through hyper into this; requests that pass every check are answered `200 {"ok": ...}`.
+pub async fn answer_stateless(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return Ok(api_error(&e)),
     };
-    Ok(match result {
-        Ok((status, v)) => json_response(status, v),
+    let r = match route(&method, &path) {
+        Route::Refused(e) => Err(e),
+        Route::Issue => crate::mint::request::parse(&body).map(|_| ()).map_err(ApiError::from),
+        Route::List => mint::parse_list_query(&query).map(|_| ()),
+        _ => Ok(()),
+    };
+    Ok(match r {
+        Ok(()) => json_response(StatusCode::OK, json!({"ok": path})),
         Err(e) => api_error(&e),
     })
 }

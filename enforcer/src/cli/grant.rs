@@ -10,6 +10,11 @@ use crate::api::client;
 /// One API call; a JSON error from the daemon becomes a message and exit 1.
 pub fn call(method: &str, path: &str, body: Option<Value>) -> Result<Value> {
     let (status, v) = client::request(&socket(), method, path, body)?;
+    answer(status, v)
+}
+
+/// A 2xx answer's JSON; a JSON error from the daemon becomes a message.
+fn answer(status: u16, v: Value) -> Result<Value> {
     if !(200..300).contains(&status) {
         let code = v["error"]["code"].as_str().unwrap_or("error");
         let msg = v["error"]["message"].as_str().unwrap_or("");
@@ -28,10 +33,22 @@ pub fn request(
     if let Some(t) = ttl {
         body["ttl"] = json!(t);
     }
-    if let Some(p) = pid {
-        body["pid"] = json!(p);
-    }
-    let g = call("POST", "/v1/grants", Some(body))?;
+    // Pin the target now: a pidfd first, then its start time while the pidfd shows it alive.
+    // The daemon binds only the process that started then; if the target exits and its pid
+    // is reused while the request is on its way, the request is refused, never misbound.
+    let g = match pid {
+        Some(p) => {
+            let (pidfd, ticks) = crate::mint::attest::pin_target(p)
+                .map_err(|e| anyhow::anyhow!("--pid {p}: {e}"))?;
+            body["pid"] = json!(p);
+            body["pid_start_time"] = json!(ticks);
+            use std::os::fd::AsFd;
+            let (status, v) =
+                client::request_with_fd(&socket(), "POST", "/v1/grants", &body, pidfd.as_fd())?;
+            answer(status, v)?
+        }
+        None => call("POST", "/v1/grants", Some(body))?,
+    };
     if json_out {
         println!("{}", serde_json::to_string_pretty(&g)?);
     } else {

@@ -23,10 +23,24 @@ use crate::store::EventStore;
 
 /// Judged socket creations: names and the decision path.
 mod credential;
+/// Executable hashes for alerts, off the decision path.
+pub mod exe_hash;
+/// Refused grant requests as events.
+mod refusal;
+/// Sampling of routine allowed connects.
+mod routine;
 mod socket;
 
 /// Secret opens the BPF-LSM program judged.
 mod kernel_open;
+
+use exe_hash::{ExeHash, ExeHasher};
+
+/// (job or cgroup, variable, fingerprint) pairs remembered for one-event-each reporting;
+/// past it the set is cleared (a variable may then be reported once more).
+const MAX_ENV_SEEN: usize = 16_384;
+/// Processes whose alert facts (ancestry, exe hash) are cached.
+const MAX_ALERT_FACTS: usize = 8192;
 
 pub struct Engine {
     pub table: ProcessTable,
@@ -40,14 +54,16 @@ pub struct Engine {
     /// Secrets' directories as the kernel names them (BPF-LSM backend), to name the files
     /// in its records.
     pub kernel_dirs: std::collections::HashMap<enforcer_common::InodeKey, std::path::PathBuf>,
-    exe_hashes: ExeHashes,
-    /// pid -> (exe, parent chain, exe sha256) for alerts; dropped when the process exits.
-    alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, Option<String>)>,
+    pub exe_hashes: ExeHasher,
+    /// pid -> (exe, parent chain, exe hash) for alerts; dropped when the process exits.
+    alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, ExeHash)>,
     /// (job or cgroup, variable, fingerprint) already reported: one event each.
     env_seen: std::collections::HashSet<(String, String, String)>,
     instance: String,
     seq: u64,
     pub counts: Counts,
+    refusals: refusal::RefusalLog,
+    routine: routine::Routine,
 }
 
 /// The engine's ties to the grants, none of which waits on the registry: the published
@@ -73,6 +89,13 @@ pub struct Counts {
     pub decision_mismatches: u64,
     /// Judged socket creations (raw, ping, SCTP, ... by judged processes).
     pub sockets: u64,
+    /// Secret opens answered with the safe default because the decision deadline passed.
+    pub file_opens_late: u64,
+    /// Grant requests refused (each a `mint_refused` event, at most one per uid and error
+    /// code per second).
+    pub grant_refusals: u64,
+    /// Allowed connects counted in a `connects_summarised` event instead of one each.
+    pub connects_folded: u64,
 }
 
 impl Engine {
@@ -83,6 +106,7 @@ impl Engine {
         host: String,
         cgroup_scope: String,
         grants: GrantLinks,
+        exe_hash_max_bytes: u64,
     ) -> Self {
         // Unique per daemon start: boot-time nanoseconds and pid, so ids never repeat across restarts.
         let instance = format!("{:x}-{:x}", boot_ns(), std::process::id());
@@ -95,12 +119,14 @@ impl Engine {
             secret_kinds: Default::default(),
             grants,
             kernel_dirs: Default::default(),
-            exe_hashes: ExeHashes::default(),
+            exe_hashes: ExeHasher::new(exe_hash_max_bytes),
             alert_facts: Default::default(),
             env_seen: Default::default(),
             instance,
             seq: 0,
             counts: Counts::default(),
+            refusals: Default::default(),
+            routine: Default::default(),
         }
     }
 
@@ -179,11 +205,24 @@ impl Engine {
             d.decision_path
                 .push("grant revoked in the kernel on this violation (revoke_on_violation)".into());
         }
+        if d.action == Action::Killed {
+            // Pin the image for the alert before the process dies.
+            self.alert_facts_of(c.tgid, &process.exe);
+        }
         let kill_failed =
             (d.action == Action::Killed).then(|| act::kill(c.tgid, &mut d.decision_path)).flatten();
         if kill_failed.is_some() {
             // Denied (the kernel or fanotify already refused the use), not killed.
             d.action = Action::Denied;
+        }
+        if d.verdict == Verdict::Allowed
+            && kill_failed.is_none()
+            && c.revoked_now == 0
+            && !self.routine.admit(c.tgid)
+        {
+            // Routine: counted, summarised once a second.
+            self.counts.connects_folded += 1;
+            return;
         }
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
@@ -287,6 +326,10 @@ impl Engine {
                 tracing::error!("taint pid {}: {e:#}", f.pid);
             }
         }
+        if d.action == Action::Killed {
+            // Pin the image for the alert before the process dies.
+            self.alert_facts_of(f.pid, &process.exe);
+        }
         let kill_failed =
             (d.action == Action::Killed).then(|| act::kill(f.pid, &mut d.decision_path)).flatten();
         if kill_failed.is_some() {
@@ -318,6 +361,39 @@ impl Engine {
         allow
     }
 
+    /// A secret open the daemon read but did not get to judge within `deadline`: answered
+    /// with the safe default (deny in enforce mode, allow in monitor mode) without reading
+    /// grants, and recorded as an alert so the miss is visible.
+    pub fn on_file_open_late(&mut self, f: FileOpen, deadline: std::time::Duration) -> bool {
+        self.counts.file_opens += 1;
+        self.counts.file_opens_late += 1;
+        let (process, _) = self.process_ref(f.pid, None);
+        let allow = self.mode != Mode::Enforce;
+        let d = Decision {
+            verdict: Verdict::NoGrant,
+            action: if allow { Action::Alerted } else { Action::Denied },
+            decision_path: vec![
+                format!(
+                    "not judged within the {} ms decision deadline (daemon overloaded)",
+                    deadline.as_millis()
+                ),
+                format!(
+                    "mode {}: safe default {}",
+                    self.mode,
+                    if allow { "allow (monitor)" } else { "deny" }
+                ),
+            ],
+            grant: None,
+            expired_for_ms: None,
+            reason: decide::Reason::Grant,
+        };
+        let mut e = self.event("file_open", &d, process);
+        e.mitre = vec!["T1552.001".into()];
+        e.file = Some(FileRef { path: f.path, dev: f.dev, ino: f.ino, secret: f.secret });
+        self.emit(e);
+        allow
+    }
+
     /// A static credential in a process's environment (legacy broad keys that CI jobs still
     /// carry): one event per job (or cgroup), variable and value fingerprint.
     fn report_env_credentials(&mut self, pid: u32) {
@@ -333,6 +409,9 @@ impl Engine {
         }
         let scope = p.job.as_ref().map(|j| format!("job:{}", j.id)).unwrap_or(cgroup);
         for c in &p.env_credentials {
+            if self.env_seen.len() >= MAX_ENV_SEEN {
+                self.env_seen.clear();
+            }
             if !self.env_seen.insert((scope.clone(), c.name.clone(), c.fingerprint.clone())) {
                 continue;
             }
@@ -526,29 +605,20 @@ impl Engine {
             self.grants.ledger.note_use(&g.id, &what);
         }
         if e.verdict != "allowed" && e.process.pid != 0 {
-            // Alerts carry the full picture: ancestry and what exactly ran. Cached per
-            // (pid, exe): a flood of alerts from one process costs one lookup.
-            let pid = e.process.pid;
-            let (chain, sha) = match self.alert_facts.get(&pid).filter(|v| v.0 == e.process.exe) {
-                Some(v) => (v.1.clone(), v.2.clone()),
-                None => {
-                    let chain: Vec<event::Ancestor> = self
-                        .table
-                        .parent_chain(e.process.pid, 8)
-                        .into_iter()
-                        .map(|(pid, exe)| event::Ancestor { pid, exe })
-                        .collect();
-                    let sha = self.exe_hashes.sha256(e.process.pid, &e.process.exe);
-                    if self.alert_facts.len() > 8192 {
-                        self.alert_facts.clear();
-                    }
-                    self.alert_facts
-                        .insert(pid, (e.process.exe.clone(), chain.clone(), sha.clone()));
-                    (chain, sha)
-                }
-            };
+            // Alerts carry the full picture: ancestry and what exactly ran.
+            let (chain, hash) = self.alert_facts_of(e.process.pid, &e.process.exe);
             e.process.parent_chain = chain;
-            e.process.exe_sha256 = sha;
+            if let ExeHash::Pending(id) = hash {
+                // Written when the worker has hashed the executable, or without the hash
+                // after exe_hash::WAIT; the decision was made and answered already.
+                if let Some(mut e) = self.exe_hashes.defer(e, id) {
+                    let why = ExeHash::Unknown("too many alerts waiting for a hash".into());
+                    self.exe_hashes.fill(&mut e, &why);
+                    self.store_event(e);
+                }
+                return;
+            }
+            self.exe_hashes.fill(&mut e, &hash);
         }
         // Cloud instance metadata: where instance credentials are fetched from.
         if let Some(d) = &e.destination
@@ -556,6 +626,38 @@ impl Engine {
         {
             e.mitre.push("T1552.005".into());
         }
+        self.store_event(e);
+    }
+
+    /// (ancestry, exe hash) of a process for its alerts; cached per (pid, exe), so a flood
+    /// of alerts from one process costs one lookup and one hash.
+    fn alert_facts_of(&mut self, pid: u32, exe: &str) -> (Vec<event::Ancestor>, ExeHash) {
+        if let Some(v) = self.alert_facts.get_mut(&pid).filter(|v| v.0 == exe) {
+            v.2 = self.exe_hashes.resolve(&v.2);
+            return (v.1.clone(), v.2.clone());
+        }
+        let chain: Vec<event::Ancestor> = self
+            .table
+            .parent_chain(pid, 8)
+            .into_iter()
+            .map(|(pid, exe)| event::Ancestor { pid, exe })
+            .collect();
+        let hash = self.exe_hashes.start(pid);
+        if self.alert_facts.len() >= MAX_ALERT_FACTS {
+            self.alert_facts.clear();
+        }
+        self.alert_facts.insert(pid, (exe.to_string(), chain.clone(), hash.clone()));
+        (chain, hash)
+    }
+
+    /// Writes alerts whose executable hash is ready (or overdue); all of them when `all`.
+    pub fn release_alerts(&mut self, all: bool) {
+        for e in self.exe_hashes.ready(all) {
+            self.store_event(e);
+        }
+    }
+
+    fn store_event(&mut self, e: Event) {
         self.counts.events_total += 1;
         if e.verdict != "allowed" {
             self.counts.alerts_total += 1;
@@ -608,38 +710,4 @@ fn boot_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
-}
-
-/// sha256 of executables, by (dev, ino, size, mtime) of /proc/<pid>/exe: hashing a binary
-/// costs milliseconds, so each file is hashed once.
-#[derive(Default)]
-struct ExeHashes {
-    cache: std::collections::HashMap<(u64, u64, u64, i64), String>,
-}
-
-impl ExeHashes {
-    fn sha256(&mut self, pid: u32, exe: &str) -> Option<String> {
-        use sha2::Digest;
-        use std::os::unix::fs::MetadataExt;
-        // The running image if the process lives, else the file at its path.
-        let path = if std::fs::metadata(format!("/proc/{pid}/exe")).is_ok() {
-            format!("/proc/{pid}/exe")
-        } else {
-            exe.to_string()
-        };
-        let md = std::fs::metadata(&path).ok()?;
-        let key = (md.dev(), md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
-        if let Some(h) = self.cache.get(&key) {
-            return Some(h.clone());
-        }
-        let mut f = std::fs::File::open(&path).ok()?;
-        let mut h = sha2::Sha256::new();
-        std::io::copy(&mut f, &mut h).ok()?;
-        let hex = hex::encode(h.finalize());
-        if self.cache.len() > 4096 {
-            self.cache.clear();
-        }
-        self.cache.insert(key, hex.clone());
-        Some(hex)
-    }
 }

@@ -37,6 +37,12 @@ use engine::{Engine, GrantLinks};
 
 /// Longest a kernel record waits in the ring buffer before the daemon reads it.
 const DRAIN_INTERVAL_MS: u64 = 20;
+/// A secret open not judged this long after the daemon read it is answered with the safe
+/// default (deny in enforce mode, allow in monitor mode) and recorded as such.
+const FILE_DECISION_DEADLINE: Duration = Duration::from_millis(500);
+/// Lineage records read before answering waiting opens: bounded, so a fork/exec flood
+/// cannot delay the answers (the rest is read on the next turn).
+const LINEAGE_BEFORE_ANSWER: usize = 4096;
 
 /// Everything resolved from the config before the kernel is touched.
 pub struct Setup {
@@ -86,8 +92,38 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Open files the daemon asks for: API connections (two fds each, capped by
+/// `limits.api_max_connections`), pidfds, ring buffers, maps, secret and directory marks,
+/// sinks. Raised to this (or the hard limit, if lower) at start.
+const NOFILE_WANTED: u64 = 65_536;
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let (soft, want) = (lim.rlim_cur, NOFILE_WANTED.min(lim.rlim_max));
+    if soft < want {
+        lim.rlim_cur = want;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            tracing::info!(from = soft, to = want, "raised RLIMIT_NOFILE");
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("cannot raise RLIMIT_NOFILE from {soft} to {want}: {e}");
+        }
+    }
+}
+
 pub fn run(setup: Setup) -> Result<()> {
     let cfg = &setup.config;
+    // Before any thread exists: glibc gives every thread that allocates its own arena (64 MiB
+    // reserved each, kept fragmented after bursts); two are plenty for this daemon's threads
+    // and keep RSS flat after alert bursts.
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    raise_nofile();
     make_dir(&cfg.runtime_dir, 0o755)?;
     make_dir(&cfg.state_dir, 0o700)?;
     let _lock = lock::acquire(&cfg.runtime_dir)?;
@@ -222,8 +258,15 @@ async fn run_async(setup: Setup) -> Result<()> {
         notices: notices_tx,
         ledger: ledger_tx.clone(),
     };
-    let mut engine =
-        Engine::new(table, store, cfg.mode, setup.host.clone(), setup.cgroup_scope.clone(), links);
+    let mut engine = Engine::new(
+        table,
+        store,
+        cfg.mode,
+        setup.host.clone(),
+        setup.cgroup_scope.clone(),
+        links,
+        cfg.limits.exe_hash_max_bytes,
+    );
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
     sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
@@ -232,6 +275,9 @@ async fn run_async(setup: Setup) -> Result<()> {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
         r => RateLimiter::new(r as f64, r.saturating_mul(2)),
     };
+    crate::mint::attest::set_exe_hash_max(cfg.limits.exe_hash_max_bytes);
+    // Refused grant requests become events; bounded, a flood of refusals is counted, not queued.
+    let (refusals_tx, mut refusals) = tokio::sync::mpsc::channel(1024);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
     // Workload identity: JWT-SVIDs for grant holders, on <runtime_dir>/spiffe.sock.
     let (svid_tx, mut svid_events) = tokio::sync::mpsc::unbounded_channel();
@@ -260,14 +306,16 @@ async fn run_async(setup: Setup) -> Result<()> {
         sink_metrics,
         spiffe,
         status: Mutex::new(serde_json::Value::Null),
-        mint: MintState::new(
+        mint: Arc::new(MintState::new(
             registry.clone(),
             ledger,
             ledger_tx.clone(),
             Arc::new(cfg.clone()),
             limiter,
-        ),
+            refusals_tx,
+        )),
         delivery,
+        conns: Default::default(),
     });
     let _ = api_state.mint.aws.set(broker.clone());
     // Token files of grants that survived the restart stay valid.
@@ -327,6 +375,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let mut last_drops = kernel.counters().ringbuf_drops;
     let mut last_state_full = kernel.counters().state_full;
     let mut last_alert_drops = kernel.counters().alert_drops;
+    let mut ticks: u64 = 0;
     let reason = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -337,8 +386,9 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             guard = alert_ring.readable_mut() => {
                 let mut guard = guard?;
-                // Lineage first, so the violator's exec is attributed.
-                drain_ring(ring.get_mut(), &mut engine);
+                // Lineage first, so the violator's exec is attributed; bounded, so a flood of
+                // routine records cannot hold the alert back.
+                drain_ring_max(ring.get_mut(), &mut engine, LINEAGE_BEFORE_ANSWER);
                 drain_ring(guard.get_inner_mut(), &mut engine);
                 guard.clear_ready();
                 engine.flush();
@@ -354,6 +404,7 @@ async fn run_async(setup: Setup) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut engine);
                 drain_ring(alert_ring.get_mut(), &mut engine);
+                engine.release_alerts(false);
                 engine.flush();
             }
             Some(svid) = svid_events.recv() => {
@@ -361,6 +412,14 @@ async fn run_async(setup: Setup) -> Result<()> {
                 while let Ok(s) = svid_events.try_recv() {
                     engine.on_svid(s);
                 }
+                engine.flush();
+            }
+            Some(r) = refusals.recv() => {
+                engine.on_refusal(r);
+                while let Ok(r) = refusals.try_recv() {
+                    engine.on_refusal(r);
+                }
+                engine.release_alerts(false);
                 engine.flush();
             }
             Some(change) = changes.recv() => {
@@ -375,12 +434,17 @@ async fn run_async(setup: Setup) -> Result<()> {
             guard = fan.readable() => {
                 let mut guard = guard?;
                 // Lineage first: the opener's exec record may still be in the ring.
-                drain_ring(ring.get_mut(), &mut engine);
+                drain_ring_max(ring.get_mut(), &mut engine, LINEAGE_BEFORE_ANSWER);
                 // Each opener waits in open() for our answer: its kernel state is stable.
                 for pending in watch.read() {
-                    let allow = engine.on_file_open(pending.open.clone());
+                    let allow = if pending.received.elapsed() > FILE_DECISION_DEADLINE {
+                        engine.on_file_open_late(pending.open.clone(), FILE_DECISION_DEADLINE)
+                    } else {
+                        engine.on_file_open(pending.open.clone())
+                    };
                     watch.respond(pending, allow);
                 }
+                engine.release_alerts(false);
                 guard.clear_ready();
                 engine.flush();
             }
@@ -393,6 +457,13 @@ async fn run_async(setup: Setup) -> Result<()> {
             }
             _ = tick.tick() => {
                 broker.sweep(&api_state.delivery.view.load());
+                engine.summarise_routine();
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    // Hand freed heap back to the OS after bursts (sub-millisecond when idle).
+                    // SAFETY: malloc_trim only releases free memory.
+                    unsafe { libc::malloc_trim(0) };
+                }
                 watch.refresh();
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.table.purge();
@@ -446,6 +517,13 @@ async fn run_async(setup: Setup) -> Result<()> {
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
     drain_ring(alert_ring.get_mut(), &mut engine);
+    // Alerts still waiting for an exe hash: a short grace, then written without it.
+    let grace = Instant::now() + Duration::from_millis(500);
+    while engine.exe_hashes.waiting() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        engine.release_alerts(false);
+    }
+    engine.release_alerts(true);
     engine.agent_event(
         "agent_stopped",
         "info",
@@ -518,7 +596,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn drain_ring(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, engine: &mut Engine) {
     // Bounded per call so a flood cannot starve signal handling; the fd stays readable.
-    for _ in 0..65_536 {
+    drain_ring_max(ring, engine, 65_536)
+}
+
+fn drain_ring_max(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    engine: &mut Engine,
+    max: usize,
+) {
+    for _ in 0..max {
         let Some(item) = ring.next() else { break };
         let rec = records::decode(&item);
         drop(item);
@@ -549,6 +635,7 @@ fn apply_reload(
         if new.intents.iter().any(|i| i.aws.is_some()) {
             crate::aws::endpoint::start(api_state)?;
         }
+        crate::mint::attest::set_exe_hash_max(new.limits.exe_hash_max_bytes);
         Ok(new)
     });
     match applied {

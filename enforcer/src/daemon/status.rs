@@ -86,12 +86,15 @@ impl Context<'_> {
                 "agents_marked_at_start": self.rebuilt.agents_marked,
                 "taint_restored_at_start": self.rebuilt.taint_restored,
             },
+            "exe_hash": engine.exe_hashes.counts,
             "fanotify_overflows": watch.overflows,
             "file_decision_us": {
                 "count": watch.latencies.count,
                 "p50": watch.latencies.percentiles().0,
                 "p99": watch.latencies.percentiles().1,
                 "max": watch.latencies.max_us,
+                "deadline_ms": super::FILE_DECISION_DEADLINE.as_millis() as u64,
+                "over_deadline": engine.counts.file_opens_late,
             },
         })
     }

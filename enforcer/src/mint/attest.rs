@@ -17,6 +17,15 @@ use super::error::MintError;
 use super::model::Subject;
 use crate::policy::Intent;
 
+/// Executables larger than this are not hashed (`limits.exe_hash_max_bytes`, set by the
+/// daemon at start and reload): a sparse 2 TiB binary must not hold a mint thread for hours.
+static EXE_HASH_MAX: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(crate::policy::Limits::DEFAULT_EXE_HASH_MAX_BYTES);
+
+pub fn set_exe_hash_max(bytes: u64) {
+    EXE_HASH_MAX.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Parent-chain walks stop here: deeper trees are refused rather than walked without bound.
 const MAX_ANCESTRY: usize = 64;
 
@@ -45,6 +54,17 @@ impl Requester {
     /// while on large binaries, so call it from a blocking context.
     pub fn exe_sha256(&self) -> io::Result<String> {
         let mut f = File::open(format!("/proc/{}/exe", self.pid))?;
+        let md = f.metadata()?;
+        let max = EXE_HASH_MAX.load(std::sync::atomic::Ordering::Relaxed);
+        if !md.is_file() || md.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "executable of {} bytes not hashed (limits.exe_hash_max_bytes is {max})",
+                    md.len()
+                ),
+            ));
+        }
         // The open must have reached this process's image: still alive (so the pid is still its)
         // and not re-exec'd since attestation.
         let now = read_exe(self.pid)?;
@@ -53,10 +73,17 @@ impl Requester {
         }
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
         loop {
             match f.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => hasher.update(&buf[..n]),
+                Ok(n) if total + n as u64 > max => {
+                    return Err(io::Error::new(io::ErrorKind::FileTooLarge, "executable grew"));
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    hasher.update(&buf[..n])
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -115,6 +142,42 @@ pub fn attest_pid(pid: u32) -> Result<Requester, MintError> {
         _ => MintError::AttestationFailed(format!("pidfd_open({pid}): {e}")),
     })?;
     attest(pid, pidfd, None)
+}
+
+/// A target process named with `--pid` whose pidfd the requester sent (SCM_RIGHTS): the pidfd
+/// was taken by the requester when it named the process, so it can only refer to that
+/// process; if it has exited meanwhile the request is refused, whatever holds the pid now.
+pub fn attest_sent_pidfd(pid: u32, pidfd: OwnedFd) -> Result<Requester, MintError> {
+    match pidfd_pid(&pidfd) {
+        Some(p) if p == pid as i64 => {}
+        Some(-1) | None if exited(&pidfd) => {
+            return Err(MintError::SubjectGone(format!(
+                "process {pid} named by the request (pinned by the pidfd it sent) exited; the \
+                 pid may belong to another process now, which is not bound"
+            )));
+        }
+        other => {
+            return Err(MintError::InvalidPid(format!(
+                "the pidfd sent with the request names process {}, not pid {pid}",
+                other.map_or("unknown".to_string(), |p| p.to_string())
+            )));
+        }
+    }
+    if exited(&pidfd) {
+        return Err(MintError::SubjectGone(format!(
+            "process {pid} named by the request (pinned by the pidfd it sent) exited; the pid \
+             may belong to another process now, which is not bound"
+        )));
+    }
+    attest(pid, pidfd, None)
+}
+
+/// The pid a pidfd refers to (`Pid:` of its fdinfo; -1 once the process is reaped), or None
+/// if `fd` is not a pidfd.
+pub fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    // A pidfd's fdinfo has a `Pid:` line (and no `pos:`-only shape); other fds have none.
+    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
 }
 
 fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester, MintError> {
@@ -183,7 +246,7 @@ fn may_bind_as(uid: u32, caller: &Requester, target: &Requester) -> Result<(), M
 
 /// Walks PPid upwards from `pid` (itself included) looking for `ancestor`; the ancestor's start
 /// time must match so a reused ancestor pid does not count.
-fn is_descendant(ancestor: u32, ancestor_start_ns: u64, pid: u32) -> bool {
+pub(crate) fn is_descendant(ancestor: u32, ancestor_start_ns: u64, pid: u32) -> bool {
     let mut cur = pid;
     for _ in 0..=MAX_ANCESTRY {
         if cur == ancestor {
@@ -277,13 +340,54 @@ fn read_exe(pid: u32) -> io::Result<String> {
 }
 
 fn read_start_ns(pid: u32) -> io::Result<u64> {
+    Ok(ticks_to_ns(read_start_ticks(pid)?))
+}
+
+/// /proc/<pid>/stat field 22: when the process started, in clock ticks since boot.
+fn read_start_ticks(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let ticks = stat_start_ticks(&stat)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<pid>/stat"))?;
+    stat_start_ticks(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<pid>/stat"))
+}
+
+fn ticks_to_ns(ticks: u64) -> u64 {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as u128 } else { 100 };
-    Ok((ticks as u128 * 1_000_000_000 / hz).min(u64::MAX as u128) as u64)
+    (ticks as u128 * 1_000_000_000 / hz).min(u64::MAX as u128) as u64
+}
+
+/// Pins the process `pid` for a request that names it (`grant request --pid`): a pidfd taken
+/// first, then its start time (clock ticks), read while the pidfd still shows it alive, so
+/// the start time is that process's and not a successor's.
+pub fn pin_target(pid: u32) -> Result<(OwnedFd, u64), MintError> {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return Err(MintError::InvalidPid(format!("invalid pid {pid}")));
+    }
+    let pidfd = pidfd_open(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESRCH) => MintError::NoSuchProcess(format!("no process {pid}")),
+        _ => MintError::AttestationFailed(format!("pidfd_open({pid}): {e}")),
+    })?;
+    let ticks = read_start_ticks(pid);
+    if exited(&pidfd) {
+        return Err(MintError::SubjectGone(format!("process {pid} exited")));
+    }
+    let ticks =
+        ticks.map_err(|e| MintError::AttestationFailed(format!("/proc/{pid}/stat: {e}")))?;
+    Ok((pidfd, ticks))
+}
+
+/// The request named `target.pid` as the process that started at `ticks`: a different start
+/// time means that process exited and the pid now belongs to another one, which must never
+/// receive the grant.
+pub fn check_start_time(target: &Requester, ticks: u64) -> Result<(), MintError> {
+    if target.start_ns == ticks_to_ns(ticks) {
+        return Ok(());
+    }
+    Err(MintError::SubjectGone(format!(
+        "process {} named by the request (start time {ticks} ticks) exited; pid {} now belongs          to another process, which is not bound",
+        target.pid, target.pid
+    )))
 }
 
 /// Field 22 (starttime, in clock ticks). comm (field 2) may hold spaces and parentheses, so

@@ -38,8 +38,11 @@ pub enum MintError {
     /// None of the intent's agent selectors matches the process.
     #[error("{0}")]
     AgentNotAllowed(String),
-    #[error("too many grant requests from pid {pid}; retry in {} ms", retry.as_millis())]
-    RateLimited { pid: u32, retry: Duration },
+    #[error("too many grant requests from uid {uid}; retry in {} ms", retry.as_millis())]
+    RateLimited { uid: u32, retry: Duration },
+    /// A uid or a cgroup already holds as many live grants as `[limits]` allows.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("no grant {0}")]
     UnknownGrant(String),
     /// The grant has already ended (expired, revoked, or its subtree exited).

@@ -1,6 +1,6 @@
 //! Per-subject token buckets for the mint API, so one looping caller cannot flood the ledger,
-//! the kernel maps or the alert stream. Keyed by the kernel-attested (uid, pid), never by
-//! anything the caller says.
+//! the kernel maps or the alert stream. The mint keys them by the kernel-attested uid (a
+//! fork per request gets no fresh bucket), never by anything the caller says.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,19 +18,19 @@ struct Bucket {
 }
 
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = (u32, u32)> {
     per_second: f64,
     burst: f64,
-    buckets: HashMap<(u32, u32), Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
-impl Default for RateLimiter {
+impl<K: std::hash::Hash + Eq + Copy + Ord> Default for RateLimiter<K> {
     fn default() -> Self {
         Self::new(DEFAULT_PER_SECOND, DEFAULT_BURST)
     }
 }
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq + Copy + Ord> RateLimiter<K> {
     /// `per_second = f64::INFINITY` disables limiting. Panics on a non-positive (or NaN) rate or
     /// a zero burst: those are programming errors, not input.
     pub fn new(per_second: f64, burst: u32) -> Self {
@@ -38,8 +38,8 @@ impl RateLimiter {
         RateLimiter { per_second, burst: burst as f64, buckets: HashMap::new() }
     }
 
-    /// Takes one token for `key` (uid, pid). Err carries how long until a token is available.
-    pub fn check(&mut self, key: (u32, u32), now: Instant) -> Result<(), Duration> {
+    /// Takes one token for `key`. Err carries how long until a token is available.
+    pub fn check(&mut self, key: K, now: Instant) -> Result<(), Duration> {
         if self.per_second.is_infinite() {
             return Ok(()); // unlimited: keep no state at all
         }
@@ -73,7 +73,7 @@ impl RateLimiter {
         let (rate, burst) = (self.per_second, self.burst);
         self.buckets.retain(|_, b| refill(b, rate, burst, now) < burst);
         if self.buckets.len() >= MAX_KEYS {
-            let mut by_age: Vec<(Instant, (u32, u32))> =
+            let mut by_age: Vec<(Instant, K)> =
                 self.buckets.iter().map(|(k, b)| (b.last, *k)).collect();
             let n = (MAX_KEYS / 8).max(1);
             by_age.select_nth_unstable(n - 1);

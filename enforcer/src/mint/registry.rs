@@ -270,6 +270,17 @@ impl Registry {
         }
     }
 
+    /// Active grants whose subject has `uid`, and those whose subject is in `cgroup` (quotas).
+    pub fn held_by(&self, uid: u32, cgroup: &str) -> (usize, usize) {
+        let active = self.live.values().filter(|l| l.grant.state == GrantState::Active);
+        let (mut by_uid, mut by_cgroup) = (0, 0);
+        for l in active {
+            by_uid += usize::from(l.grant.subject.uid == uid);
+            by_cgroup += usize::from(l.grant.subject.cgroup == cgroup);
+        }
+        (by_uid, by_cgroup)
+    }
+
     pub fn live_count(&self) -> usize {
         self.live.values().filter(|l| l.grant.state == GrantState::Active).count()
     }

@@ -25,6 +25,10 @@ pub struct GrantRequest {
     /// Bind the grant to this process instead of the caller (must be the caller's descendant
     /// unless the caller is root; checked by `attest::may_bind`).
     pub pid: Option<u32>,
+    /// The target's start time as the requester pinned it (clock ticks since boot,
+    /// /proc/PID/stat field 22): the daemon refuses the request if `pid` now names a process
+    /// that started at another time (the target exited and its pid was reused).
+    pub pid_start_time: Option<u64>,
 }
 
 /// Why a request body was refused. The Mint API turns the kind into an HTTP status and its
@@ -82,6 +86,7 @@ struct RawRequest {
     intent: Option<Value>,
     ttl: Option<Value>,
     pid: Option<Value>,
+    pid_start_time: Option<Value>,
 }
 
 pub fn parse(body: &[u8]) -> Result<GrantRequest, RequestError> {
@@ -159,7 +164,25 @@ pub fn parse(body: &[u8]) -> Result<GrantRequest, RequestError> {
         None => None,
         Some(v) => Some(parse_pid(&v)?),
     };
-    Ok(GrantRequest { intent, ttl, pid })
+    let pid_start_time = match raw.pid_start_time {
+        None => None,
+        Some(_) if pid.is_none() => {
+            return Err(RequestError::new(
+                RequestErrorKind::InvalidPid,
+                "`pid_start_time` is only valid together with `pid`",
+            ));
+        }
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            RequestError::new(
+                RequestErrorKind::InvalidPid,
+                format!(
+                    "invalid pid_start_time {}: give the clock ticks of /proc/PID/stat field 22",
+                    echo(&v.to_string())
+                ),
+            )
+        })?),
+    };
+    Ok(GrantRequest { intent, ttl, pid, pid_start_time })
 }
 
 /// pid_t is i32: anything above i32::MAX would turn negative in the syscalls, where -1 means

@@ -11,6 +11,7 @@ mod aws;
 mod destination;
 mod diag;
 mod duration;
+mod limits;
 mod model;
 mod parse;
 mod sink;
@@ -26,6 +27,7 @@ pub use aws::{AwsIntent, AwsSettings, StsEndpoint, parse_endpoint};
 pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
 pub use duration::{format_duration, parse_duration};
+pub use limits::Limits;
 pub use model::{
     AGENT_ON_VIOLATION, AgentSelector, Config, DEFAULT_MAX_TTL, DEFAULT_PIN_DIR,
     DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, DEFAULT_TTL, FileBackend, Intent, Mode, OnViolation,

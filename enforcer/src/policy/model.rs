@@ -128,6 +128,8 @@ pub struct Config {
     pub outbox: super::sink::OutboxConfig,
     /// Workload identity (`[spiffe]`); None: no Workload API.
     pub spiffe: Option<super::spiffe::SpiffeConfig>,
+    /// Resource bounds (`[limits]`).
+    pub limits: super::limits::Limits,
     pub secrets: Vec<Secret>,
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.

@@ -46,6 +46,7 @@ struct RawConfig {
     aws: Option<super::aws::RawAws>,
     /// Workload identity (`[spiffe]`): a daemon setting, so never in policy.d fragments.
     spiffe: Option<super::spiffe::RawSpiffe>,
+    limits: Option<super::limits::RawLimits>,
 }
 
 /// A policy.d file: only policy tables, never daemon settings.
@@ -123,6 +124,7 @@ pub(crate) struct Settings {
     outbox: super::sink::OutboxConfig,
     aws: super::aws::AwsSettings,
     spiffe: Option<super::spiffe::SpiffeConfig>,
+    limits: super::limits::Limits,
 }
 
 impl Settings {
@@ -142,6 +144,7 @@ impl Settings {
             outbox: Default::default(),
             aws: Default::default(),
             spiffe: None,
+            limits: Default::default(),
         }
     }
 }
@@ -291,6 +294,7 @@ impl Loader {
                 .spiffe
                 .as_ref()
                 .and_then(|r| super::spiffe::spiffe(&mut self.diags, file, r)),
+            limits: super::limits::limits(&mut self.diags, file, raw.limits.as_ref()),
         }
     }
 
@@ -598,6 +602,7 @@ impl Loader {
                 sinks: s.sinks,
                 outbox: s.outbox,
                 spiffe: s.spiffe,
+                limits: s.limits,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,

@@ -112,6 +112,18 @@ pub(super) fn enforce_rows(
         "(any round, denied and allowed opens)",
         ok.iter().map(|e| e.allowed).collect(),
     ));
+    rows.push(per_call(
+        format!("time to denial, open() of the secret without a grant while a sparse 2 TiB copy of cat opens it in a loop (issue 13 case 1; median of N={SECRET_OPENS}, all EPERM)"),
+        bo,
+        med(ok.iter().map(|e| e.open_attacked).collect()),
+        "EPERM",
+        Some(true),
+    ));
+    rows.push(decision_row(
+        "denied opens while the 2 TiB attacker runs (its own opens included)",
+        "(any round, all opens)",
+        ok.iter().map(|e| e.attacked).collect(),
+    ));
     rows
 }
 

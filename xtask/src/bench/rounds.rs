@@ -11,7 +11,7 @@ use super::{
     check_interrupted,
 };
 use anyhow::{Result, anyhow, bail};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 impl Bench {
@@ -280,7 +280,25 @@ impl Bench {
             )?
             .p50()?;
         let allowed = self.file_decisions(denied.count + SECRET_OPENS)?;
+        // Issue 13 case 1: the same denied opens while a sparse 2 TiB copy of cat opens the
+        // secret in a loop (its alerts' exe hash is refused by size, off the decision path).
+        let mut attacker = self.case1_attacker(&secret)?;
+        let attacked_open = self.bound_worker(
+            "secret open without a grant, 2 TiB attacker running",
+            "open",
+            &secret,
+            SECRET_OPENS,
+            false,
+            Some(EPERM),
+        );
+        // SAFETY: signals the attacker's own process group (it was made its leader).
+        unsafe { libc::killpg(attacker.id() as i32, libc::SIGKILL) };
+        let _ = attacker.wait();
+        let open_attacked = attacked_open?.p50()?;
+        let attacked = self.file_decisions(allowed.count + SECRET_OPENS)?;
         Ok(EnforceRound {
+            open_attacked,
+            attacked,
             connect_allowed,
             connect_denied,
             open_denied,
@@ -288,6 +306,35 @@ impl Bench {
             denied,
             allowed,
         })
+    }
+
+    /// A shell looping a sparse 2 TiB copy of `cat` over the secret, in the bench cgroup, as
+    /// the leader of its own process group.
+    fn case1_attacker(&self, secret: &str) -> Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let big =
+            std::env::temp_dir().join(format!("enforcer-bench-bigcat-{}", std::process::id()));
+        let _ = std::fs::remove_file(&big);
+        std::fs::copy("/bin/cat", &big)?;
+        std::fs::File::options().write(true).open(&big)?.set_len(2 << 40)?;
+        let mut c = Command::new("sh");
+        grants::join_before_exec(
+            &mut c,
+            std::ffi::CString::new(
+                self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes(),
+            )?,
+        );
+        c.args(["-c", "while :; do \"$0\" \"$1\" >/dev/null 2>&1; done"])
+            .arg(&big)
+            .arg(secret)
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = c.spawn()?;
+        // The running copies keep the inode; the name can go at once.
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_file(&big);
+        Ok(child)
     }
 
     /// `file_decision_us` from the status, polled (it is refreshed about once a second) until
@@ -450,6 +497,9 @@ pub(super) struct EnforceRound {
     pub(super) open_allowed: u64,
     pub(super) denied: Decisions,
     pub(super) allowed: Decisions,
+    /// Denied opens while the issue 13 case 1 attacker runs.
+    pub(super) open_attacked: u64,
+    pub(super) attacked: Decisions,
 }
 
 pub(super) struct GrantRound {
