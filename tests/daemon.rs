@@ -70,15 +70,22 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     let status = d.status_json();
     assert_eq!(status["mode"], "monitor");
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
-    assert_eq!(status["programs"].as_array().unwrap().len(), 8, "{status}");
+    // 8 always; the egress pair where this kernel loads it (else named in programs_missing).
+    let missing = status["programs_missing"].as_array().map_or(0, |m| m.len());
+    assert_eq!(status["programs"].as_array().unwrap().len(), 10 - 2 * missing.min(1), "{status}");
     assert!(
         status["programs"].as_array().unwrap().iter().any(|p| p == "cgroup_sock/sock_create"),
         "{status}"
     );
     assert_eq!(status["kernel"]["ringbuf_drops"], 0);
-    assert_eq!(
-        status["backends"]["file_open"],
-        "fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)"
+    // This host refuses BPF-LSM: fanotify decides, and the status says why.
+    assert_eq!(status["file_backend"], "fanotify", "{status}");
+    assert!(
+        status["backends"]["file_open"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("fanotify (FAN_OPEN_PERM inode marks, decided by the daemon)"),
+        "{status}"
     );
     let st = d.stop();
     assert!(st.success(), "daemon exit on SIGTERM: {st}\n{}", d.log());
