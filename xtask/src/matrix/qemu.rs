@@ -65,7 +65,7 @@ fn quote(s: &str) -> String {
 }
 
 /// Guest PID 1 after switch_root: the mounts the daemon and the tests need, loopback up,
-/// scratch on tmpfs (/tmp in the guest would be the read-only host /tmp), each binary run
+/// scratch on tmpfs (/var/tmp; /tmp too unless the workspace is under it), each binary run
 /// one test at a time, then power off.
 fn guest_script(
     tests: &[GuestTest],
@@ -73,6 +73,7 @@ fn guest_script(
     args: &[String],
     cwd: &Path,
 ) -> String {
+    let cwd_q = quote(&cwd.display().to_string());
     let mut s = format!(
         r#"#!/bin/sh
 # enforcer kernel matrix, stage 2 (guest PID 1), written by `cargo xtask test`.
@@ -85,7 +86,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# Scratch on tmpfs, but never over the workspace or the binaries under test: a checkout
+# under /tmp (a CI clone) must stay visible, read-only, through the host root.
+case {cwd_q} in /tmp|/tmp/*) ;; *) mount -t tmpfs -o mode=1777 tmpfs /tmp ;; esac
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 mount -t securityfs securityfs /sys/kernel/security
 mount -t bpf bpf /sys/fs/bpf
@@ -94,10 +97,9 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 uname -r > $R/uname
 cat /sys/kernel/security/lsm > $R/lsm 2>/dev/null
-export HOME=/tmp TMPDIR=/tmp RUST_BACKTRACE=1 PYTHONDONTWRITEBYTECODE=1
-cd {}
-"#,
-        quote(&cwd.display().to_string())
+export HOME=/var/tmp TMPDIR=/var/tmp RUST_BACKTRACE=1 PYTHONDONTWRITEBYTECODE=1
+cd {cwd_q}
+"#
     );
     for (k, v) in env {
         s += &format!("export {k}={}\n", quote(v));
