@@ -43,7 +43,7 @@ const SOCK_CREATE: &str = "sock_create";
 
 /// Data on established sockets (egress) and the cleanup of their state (sock_release),
 /// attached to `cgroup_root`. Optional: a kernel that refuses them (no current task in
-/// cgroup_skb before 6.10) runs without, and `status` names what is missing.
+/// cgroup_skb: Debian's 6.1 and 6.12 do) runs without, and `status` names what is missing.
 const EGRESS: &str = "egress";
 const SOCK_RELEASE: &str = "sock_release";
 
