@@ -128,6 +128,11 @@ fn kernel_addr(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The CONFIG map's settings for `mode`, as the daemon writes them.
+fn kernel_settings(mode: Mode) -> Settings {
+    Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() }
+}
+
 /// The kernel's judgement of a connection, from the subject's state as decide.rs sees it.
 /// `now_ns`: the kernel record's boot time, when replaying one (see `HeldGrant::expires_ns`).
 pub fn judge_connect(
@@ -143,8 +148,7 @@ pub fn judge_connect(
         return Judgement::default();
     }
     let (facts, proc) = SubjectFacts::new(subject, now, now_ns);
-    let settings =
-        Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() };
+    let settings = kernel_settings(mode);
     judge(&facts, &proc, &kernel_addr(ip), port, now_ns.unwrap_or(NOW_NS), settings)
 }
 
@@ -160,8 +164,7 @@ pub fn judge_send(
 ) -> Judgement {
     let (facts, proc) = SubjectFacts::new(subject, now, now_ns);
     let now_ns = now_ns.unwrap_or(NOW_NS);
-    let settings =
-        Settings { enforce: mode == Mode::Enforce, agent_action: AGENT_ON_VIOLATION.action_code() };
+    let settings = kernel_settings(mode);
     enforcer_common::judge::judge_send(&facts, &proc, &kernel_addr(ip), port, now_ns, settings)
 }
 
