@@ -347,6 +347,20 @@ fn a_uid_past_its_grant_quota_gets_429_and_an_event() {
     d.one_event("mint_refused for an unknown intent", |e| {
         e.kind == "mint_refused" && e.path_has(|p| p.contains("unknown_intent"))
     });
+    // The quota counts live grants only: once a holder exits its grant has ended, and the
+    // uid may take another one.
+    let _ = holders[0].kill();
+    let _ = holders[0].wait();
+    let t0 = Instant::now();
+    loop {
+        let (code, v) = curl_as_nobody(&cg, &d, "POST", "/v1/grants", Some(r#"{"intent":"job"}"#));
+        if code == 201 {
+            break;
+        }
+        assert_eq!(code, 429, "{v}");
+        assert!(t0.elapsed() < Duration::from_secs(15), "an ended grant still counts: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for h in &mut holders {
         let _ = h.kill();
         let _ = h.wait();

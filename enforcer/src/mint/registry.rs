@@ -20,7 +20,7 @@ use super::error::MintError;
 use super::ledger::{Ledger, ListFilter};
 use super::model::{Grant, GrantState, Subject};
 use super::token::Signer;
-use super::view::{GrantFacts, GrantView, Nets, PolicyFacts, ViewCell};
+use super::view::{GrantFacts, GrantView, Nets, PolicyFacts, SlotMap, ViewCell};
 use super::writer::LedgerTx;
 use crate::kernel::grants::{GrantKernel, GrantMaps, boot_deadline, id_hash};
 use crate::kernel::policy::action_code;
@@ -107,6 +107,16 @@ pub struct Registry {
     view: Arc<ViewCell>,
     /// Recently ended grants, oldest first (at most ENDED_KEPT), for the view.
     ended: std::collections::VecDeque<(u32, Arc<GrantFacts>)>,
+    /// The view's slot map, changed in place for the slots in `dirty` at each publish.
+    published: SlotMap,
+    /// Slots whose grant was added, changed or removed since the last publish.
+    dirty: Vec<u32>,
+    /// `ended` as the view's map; None after it changed (rebuilt at the next publish).
+    ended_view: Option<Arc<HashMap<u32, Arc<GrantFacts>>>>,
+    /// Active grants per subject uid and per subject cgroup (the quotas), kept as grants
+    /// become active and stop being so, so a quota check does not walk every grant.
+    active_by_uid: HashMap<u32, usize>,
+    active_by_cgroup: HashMap<String, usize>,
 }
 
 /// Concrete networks of a grant's destinations (DNS names resolved now; wildcards cannot
@@ -208,23 +218,53 @@ impl Registry {
             policy,
             view,
             ended: Default::default(),
+            published: SlotMap::default(),
+            dirty: Vec::new(),
+            ended_view: None,
+            active_by_uid: HashMap::new(),
+            active_by_cgroup: HashMap::new(),
         };
         reg.publish();
         reg
     }
 
     /// Replaces the decisions' snapshot with the current state.
+    /// Costs the changed grants (and one shard copy each), not the live ones.
     fn publish(&mut self) {
-        for l in self.live.values_mut().filter(|l| l.cached.is_none()) {
-            l.cached = Some(Arc::new(l.facts()));
+        for slot in std::mem::take(&mut self.dirty) {
+            match self.by_slot.get(&slot).and_then(|id| self.live.get_mut(id)) {
+                Some(l) => {
+                    if l.cached.is_none() {
+                        l.cached = Some(Arc::new(l.facts()));
+                    }
+                    let facts = l.cached.clone().expect("just set");
+                    self.published.insert(slot, facts);
+                }
+                None => self.published.remove(&slot),
+            }
         }
-        let grants = self
-            .live
-            .values()
-            .filter_map(|l| Some((l.slot, l.cached.clone()?)))
-            .collect::<HashMap<_, _>>();
-        let ended = self.ended.iter().cloned().collect();
-        self.view.store(GrantView { grants, ended, policy: self.policy.clone() });
+        let ended = self
+            .ended_view
+            .get_or_insert_with(|| Arc::new(self.ended.iter().cloned().collect()))
+            .clone();
+        self.view.store(GrantView {
+            grants: self.published.clone(),
+            ended,
+            policy: self.policy.clone(),
+        });
+    }
+
+    /// Counts a grant that became active (quotas).
+    fn count_active(&mut self, g: &Grant, up: bool) {
+        let step = |n: &mut usize| *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        step(self.active_by_uid.entry(g.subject.uid).or_default());
+        step(self.active_by_cgroup.entry(g.subject.cgroup.clone()).or_default());
+        if !up {
+            self.active_by_uid.retain(|_, n| *n > 0);
+            if self.active_by_cgroup.get(&g.subject.cgroup) == Some(&0) {
+                self.active_by_cgroup.remove(&g.subject.cgroup);
+            }
+        }
     }
 
     pub fn policy(&self) -> Arc<Config> {
@@ -272,13 +312,10 @@ impl Registry {
 
     /// Active grants whose subject has `uid`, and those whose subject is in `cgroup` (quotas).
     pub fn held_by(&self, uid: u32, cgroup: &str) -> (usize, usize) {
-        let active = self.live.values().filter(|l| l.grant.state == GrantState::Active);
-        let (mut by_uid, mut by_cgroup) = (0, 0);
-        for l in active {
-            by_uid += usize::from(l.grant.subject.uid == uid);
-            by_cgroup += usize::from(l.grant.subject.cgroup == cgroup);
-        }
-        (by_uid, by_cgroup)
+        (
+            self.active_by_uid.get(&uid).copied().unwrap_or(0),
+            self.active_by_cgroup.get(cgroup).copied().unwrap_or(0),
+        )
     }
 
     pub fn live_count(&self) -> usize {
@@ -345,6 +382,8 @@ impl Registry {
         }
         let recorded = self.ledger.insert(grant.clone());
         self.by_slot.insert(slot, grant.id.clone());
+        self.count_active(&grant, true);
+        self.dirty.push(slot);
         self.live.insert(
             grant.id.clone(),
             Live {
@@ -368,6 +407,10 @@ impl Registry {
     /// ledger has it), or the ledger could not record it.
     pub fn abort(&mut self, id: &str, recorded: bool) {
         if let Some(l) = self.live.remove(id) {
+            if l.grant.state == GrantState::Active {
+                self.count_active(&l.grant, false);
+            }
+            self.dirty.push(l.slot);
             self.maps.unbind(l.grant.subject.pid, l.slot);
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
@@ -404,7 +447,9 @@ impl Registry {
         l.grant.state = GrantState::Revoked;
         l.revoked_at = Some(at);
         l.cached = None;
+        self.dirty.push(l.slot);
         let g = l.grant.clone();
+        self.count_active(&g, false);
         self.ledger.set_state(
             id,
             GrantState::Revoked,
@@ -450,7 +495,9 @@ impl Registry {
             if let Some(l) = self.live.get_mut(id) {
                 l.grant.state = GrantState::Expired;
                 l.cached = None;
+                self.dirty.push(l.slot);
                 let g = l.grant.clone();
+                self.count_active(&g, false);
                 self.ledger.set_state(
                     id,
                     GrantState::Expired,
@@ -489,7 +536,9 @@ impl Registry {
                 if l.grant.state == GrantState::Active {
                     l.grant.state = GrantState::Ended;
                     l.cached = None;
+                    self.dirty.push(l.slot);
                     let g = l.grant.clone();
+                    self.count_active(&g, false);
                     self.ledger.set_state(
                         &id,
                         GrantState::Ended,
@@ -517,10 +566,12 @@ impl Registry {
         if done && let Some(l) = self.live.remove(id) {
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
+            self.dirty.push(l.slot);
             self.ended.push_back((l.slot, Arc::new(l.facts())));
             if self.ended.len() > ENDED_KEPT {
                 self.ended.pop_front();
             }
+            self.ended_view = None;
         }
     }
 
@@ -627,6 +678,10 @@ impl Registry {
         intent: Option<&Intent>,
     ) {
         self.by_slot.insert(slot, grant.id.clone());
+        self.dirty.push(slot);
+        if grant.state == GrantState::Active {
+            self.count_active(&grant, true);
+        }
         let live = Live {
             on_violation: intent.map(|i| i.on_violation).unwrap_or_default(),
             revoke_on_violation: intent.is_some_and(|i| i.revoke_on_violation),

@@ -53,18 +53,77 @@ pub struct PolicyFacts {
     pub secret_nets: Arc<HashMap<String, Nets>>,
 }
 
+/// Shards of a `SlotMap`.
+const SHARDS: usize = 128;
+
+/// Kernel slot -> grant, copy-on-write by shard: the registry changes one grant by cloning
+/// the one shard that holds it (tens of entries with thousands of grants live), and a new
+/// snapshot shares every other shard with the previous one. A rebuilt map per change made
+/// each issue cost O(live grants) under the registry lock.
+#[derive(Clone)]
+pub struct SlotMap {
+    shards: Vec<Arc<HashMap<u32, Arc<GrantFacts>>>>,
+    len: usize,
+}
+
+impl Default for SlotMap {
+    fn default() -> Self {
+        SlotMap { shards: vec![Arc::default(); SHARDS], len: 0 }
+    }
+}
+
+impl SlotMap {
+    fn shard(slot: u32) -> usize {
+        slot as usize % SHARDS
+    }
+
+    pub fn get(&self, slot: &u32) -> Option<&Arc<GrantFacts>> {
+        self.shards[Self::shard(*slot)].get(slot)
+    }
+
+    pub fn insert(&mut self, slot: u32, g: Arc<GrantFacts>) {
+        if Arc::make_mut(&mut self.shards[Self::shard(slot)]).insert(slot, g).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, slot: &u32) {
+        let shard = &mut self.shards[Self::shard(*slot)];
+        if shard.contains_key(slot) {
+            Arc::make_mut(shard).remove(slot);
+            self.len -= 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &Arc<GrantFacts>)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<GrantFacts>> {
+        self.shards.iter().flat_map(|s| s.values())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 pub struct GrantView {
     /// Kernel slot -> grant, for every grant the kernel still has.
-    pub grants: HashMap<u32, Arc<GrantFacts>>,
+    pub grants: SlotMap,
     /// Grants that ended recently (bounded): a kernel record judged while one was still
     /// held can arrive after it is gone, and is replayed against it.
-    pub ended: HashMap<u32, Arc<GrantFacts>>,
+    pub ended: Arc<HashMap<u32, Arc<GrantFacts>>>,
     pub policy: PolicyFacts,
 }
 
 impl GrantView {
     pub fn new(policy: PolicyFacts) -> Self {
-        GrantView { grants: HashMap::new(), ended: HashMap::new(), policy }
+        GrantView { grants: SlotMap::default(), ended: Default::default(), policy }
     }
 
     /// The decision's view of a process at `at`, from the kernel's entry for it. `revoked`:
@@ -175,5 +234,49 @@ impl ViewCell {
 
     pub fn store(&self, view: GrantView) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(id: &str) -> Arc<GrantFacts> {
+        Arc::new(GrantFacts {
+            id: id.into(),
+            intent: "deploy".into(),
+            secrets: Vec::new(),
+            destinations: Vec::new(),
+            expires_at: Utc::now(),
+            revoked: false,
+            revoked_at: None,
+            on_violation: OnViolation::default(),
+            revoke_on_violation: false,
+            expires_ns: 0,
+        })
+    }
+
+    /// A published snapshot never changes: the registry's next change copies the shard it
+    /// touches and shares the others.
+    #[test]
+    fn slot_map_snapshots_are_copy_on_write() {
+        let mut m = SlotMap::default();
+        for slot in 1..=1000 {
+            m.insert(slot, facts(&format!("g_{slot}")));
+        }
+        let before = m.clone();
+        m.insert(7, facts("g_new"));
+        m.remove(&8);
+        m.remove(&5000);
+        m.insert(1001, facts("g_1001"));
+        assert_eq!((before.len(), m.len()), (1000, 1000));
+        assert_eq!(before.get(&7).unwrap().id, "g_7");
+        assert_eq!(m.get(&7).unwrap().id, "g_new");
+        assert!(before.get(&8).is_some() && m.get(&8).is_none());
+        assert_eq!(m.values().count(), 1000);
+        assert!(m.iter().all(|(s, g)| m.get(s).is_some_and(|x| Arc::ptr_eq(x, g))));
+        // Shards the change did not touch are shared, not copied.
+        let shared = (0..SHARDS).filter(|&i| Arc::ptr_eq(&before.shards[i], &m.shards[i])).count();
+        assert!(shared >= SHARDS - 3, "{shared} of {SHARDS} shards shared");
     }
 }
