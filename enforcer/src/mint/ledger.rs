@@ -147,27 +147,16 @@ impl Ledger {
     /// Records a new grant and its 'issued' event atomically. A duplicate id is an error.
     pub fn insert(&mut self, g: &Grant) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
-        tx.prepare_cached(&format!(
-            "INSERT INTO grants ({GRANT_COLS}, expires_at_unix_ns) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-        ))?
-        .execute(params![
-            g.id,
-            g.intent,
-            serde_json::to_string(&g.subject)?,
-            serde_json::to_string(&g.secrets)?,
-            serde_json::to_string(&g.destinations)?,
-            ts(g.issued_at),
-            ts(g.expires_at),
-            g.state.as_str(),
-            g.token,
-            g.ttl_clamped_from,
-            unix_ns(g.expires_at),
-        ])
-        .with_context(|| format!("inserting grant {:?}", g.id))?;
-        add_event(&tx, &g.id, g.issued_at, "issued", "")?;
+        insert_on(&tx, g)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// A group of records in one transaction (one WAL commit for all of them): the writer
+    /// applies what queued up meanwhile this way. Each record runs in its own savepoint, so
+    /// one that fails leaves the others; nothing is written until `Batch::commit`.
+    pub fn batch(&mut self) -> anyhow::Result<Batch<'_>> {
+        Ok(Batch(self.conn.transaction()?))
     }
 
     /// Moves an active grant to `state` (expired, revoked, ended), with its event, atomically.
@@ -180,24 +169,10 @@ impl Ledger {
         reason: &str,
         at: DateTime<Utc>,
     ) -> anyhow::Result<bool> {
-        let kind = match state {
-            GrantState::Active => bail!("a grant cannot be made active again"),
-            GrantState::Expired => "expired",
-            GrantState::Revoked => "revoked",
-            GrantState::Ended => "subtree_ended",
-        };
         let tx = self.conn.transaction()?;
-        let changed = tx
-            .prepare_cached(
-                "UPDATE grants SET state = ?2, ended_at = ?3, end_reason = ?4 \
-                 WHERE id = ?1 AND state = 'active'",
-            )?
-            .execute(params![id, state.as_str(), ts(at), reason])?;
-        if changed == 1 {
-            add_event(&tx, id, at, kind, reason)?;
-        }
+        let changed = set_state_on(&tx, id, state, reason, at)?;
         tx.commit()?;
-        Ok(changed == 1)
+        Ok(changed)
     }
 
     /// Records one use of a grant (one statement, one implicit transaction).
@@ -285,6 +260,89 @@ impl Ledger {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Records in one transaction; see `Ledger::batch`.
+pub struct Batch<'a>(rusqlite::Transaction<'a>);
+
+impl Batch<'_> {
+    /// `f` inside a savepoint: kept if it succeeds, rolled back if not.
+    fn each<T>(&mut self, f: impl FnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let sp = self.0.savepoint()?;
+        let r = f(&sp)?;
+        sp.commit()?;
+        Ok(r)
+    }
+
+    pub fn insert(&mut self, g: &Grant) -> anyhow::Result<()> {
+        self.each(|c| insert_on(c, g))
+    }
+
+    pub fn set_state(
+        &mut self,
+        id: &str,
+        state: GrantState,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> anyhow::Result<bool> {
+        self.each(|c| set_state_on(c, id, state, reason, at))
+    }
+
+    pub fn record_use(&mut self, id: &str, detail: &str) -> anyhow::Result<()> {
+        self.each(|c| add_event(c, id, Utc::now(), "used", detail))
+    }
+
+    /// Writes every record kept; on error none of them is written.
+    pub fn commit(self) -> anyhow::Result<()> {
+        Ok(self.0.commit()?)
+    }
+}
+
+fn insert_on(c: &Connection, g: &Grant) -> anyhow::Result<()> {
+    c.prepare_cached(&format!(
+        "INSERT INTO grants ({GRANT_COLS}, expires_at_unix_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?
+    .execute(params![
+        g.id,
+        g.intent,
+        serde_json::to_string(&g.subject)?,
+        serde_json::to_string(&g.secrets)?,
+        serde_json::to_string(&g.destinations)?,
+        ts(g.issued_at),
+        ts(g.expires_at),
+        g.state.as_str(),
+        g.token,
+        g.ttl_clamped_from,
+        unix_ns(g.expires_at),
+    ])
+    .with_context(|| format!("inserting grant {:?}", g.id))?;
+    add_event(c, &g.id, g.issued_at, "issued", "")
+}
+
+fn set_state_on(
+    c: &Connection,
+    id: &str,
+    state: GrantState,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let kind = match state {
+        GrantState::Active => bail!("a grant cannot be made active again"),
+        GrantState::Expired => "expired",
+        GrantState::Revoked => "revoked",
+        GrantState::Ended => "subtree_ended",
+    };
+    let changed = c
+        .prepare_cached(
+            "UPDATE grants SET state = ?2, ended_at = ?3, end_reason = ?4 \
+                 WHERE id = ?1 AND state = 'active'",
+        )?
+        .execute(params![id, state.as_str(), ts(at), reason])?;
+    if changed == 1 {
+        add_event(c, id, at, kind, reason)?;
+    }
+    Ok(changed == 1)
 }
 
 fn add_event(
@@ -535,6 +593,37 @@ mod tests {
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let err = format!("{:#}", Ledger::open(dir.path()).err().unwrap());
         assert!(err.contains("newer"), "{err}");
+    }
+
+    /// A group commit: records that fail roll back alone, the rest are written together,
+    /// and nothing is visible before the commit.
+    #[test]
+    fn batch_keeps_the_records_that_succeed() {
+        let dir = scratch();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        let now = Utc::now();
+        l.insert(&grant("g_old", "deploy", now, 300)).unwrap();
+        {
+            let mut b = l.batch().unwrap();
+            b.insert(&grant("g_a", "deploy", now, 300)).unwrap();
+            assert!(b.insert(&grant("g_old", "deploy", now, 300)).is_err(), "duplicate id");
+            assert!(b.set_state("g_old", GrantState::Revoked, "revoked", now).unwrap());
+            assert!(b.record_use("g_missing", "x").is_err());
+            b.insert(&grant("g_b", "deploy", now, 300)).unwrap();
+            // Dropped without commit: none of it is written.
+        }
+        assert!(l.get("g_a").unwrap().is_none());
+        assert_eq!(l.get("g_old").unwrap().unwrap().state, GrantState::Active);
+        let mut b = l.batch().unwrap();
+        b.insert(&grant("g_a", "deploy", now, 300)).unwrap();
+        assert!(b.insert(&grant("g_old", "deploy", now, 300)).is_err());
+        b.record_use("g_a", "connect 192.0.2.10:443").unwrap();
+        b.insert(&grant("g_b", "deploy", now, 300)).unwrap();
+        b.commit().unwrap();
+        assert_eq!(l.active().unwrap().len(), 3);
+        let kinds: Vec<_> = l.events("g_a").unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["issued", "used"]);
+        assert_eq!(l.events("g_old").unwrap().len(), 1, "the failed duplicate added no event");
     }
 
     /// Not a gate (timing varies by machine): prints the insert rate. Run with --nocapture.
