@@ -218,8 +218,13 @@ pub async fn issue(
         .into());
     }
     let mut v = grant_json(&grant);
-    if let Some(b) = m.aws.get().filter(|_| intent.aws.is_some()) {
-        match b.register(&grant) {
+    if let Some(b) = m.aws.get().filter(|_| intent.aws.is_some()).cloned() {
+        // The token file is written on the blocking pool, not on an async worker.
+        let g = grant.clone();
+        let registered = tokio::task::spawn_blocking(move || b.register(&g))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match registered {
             Ok(Some(env)) => {
                 v["aws"] = json!({
                     "credentials_full_uri": env.credentials_full_uri,

@@ -186,7 +186,7 @@ fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester
         let start_ns = read_start_ns(pid)?;
         let (uid, gid) = match ids {
             Some(ids) => ids,
-            None => (status_id(pid, "Uid:")?, status_id(pid, "Gid:")?),
+            None => status_ids(pid)?,
         };
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?
             .lines()
@@ -400,6 +400,17 @@ fn stat_start_ticks(stat: &str) -> Option<u64> {
 /// The effective id (second column) of `Uid:`/`Gid:`, or the single value of `PPid:`.
 fn status_id(pid: u32, key: &str) -> io::Result<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status_field(&status, key)
+}
+
+/// The effective uid and gid from one read of `/proc/<pid>/status` (rendering it is the
+/// costliest read of an attestation; two reads also could see two different states).
+fn status_ids(pid: u32) -> io::Result<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok((status_field(&status, "Uid:")?, status_field(&status, "Gid:")?))
+}
+
+fn status_field(status: &str, key: &str) -> io::Result<u32> {
     let col = if key == "PPid:" { 0 } else { 1 };
     status
         .lines()
