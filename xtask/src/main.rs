@@ -70,6 +70,9 @@ enum Cmd {
         /// Rounds with and without the daemon (each).
         #[arg(long, default_value_t = 7)]
         iterations: usize,
+        /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Internal: one measured loop, run by `bench` inside the bench cgroup.
     #[command(hide = true)]
@@ -85,7 +88,7 @@ fn main() {
         Cmd::Lint => lint::run(),
         Cmd::Test { fuzz_secs, kernel, args } => test::run(&args, fuzz_secs, kernel),
         Cmd::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
-        Cmd::Bench { iterations } => bench::run(iterations),
+        Cmd::Bench { iterations, only } => bench::run(iterations, only.as_deref()),
         Cmd::BenchWorker(args) => bench::worker(&args),
     };
     if let Err(e) = result {

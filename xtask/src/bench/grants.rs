@@ -1,5 +1,6 @@
 //! Grant measurements against the Mint API: holder processes, a minimal keep-alive HTTP/1.1
-//! client over the Unix socket, and concurrent grant issuance with per-request latency.
+//! client over the Unix socket, and grant issuance at a paced, offered rate with per-request
+//! latency.
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::CString;
@@ -18,8 +19,11 @@ pub const N_HOLDERS: usize = 2_500;
 pub const GRANTS_PER_HOLDER: usize = 4;
 /// Grants issued per round.
 pub const N_GRANTS: usize = N_HOLDERS * GRANTS_PER_HOLDER;
-/// Concurrent clients, each with one keep-alive connection.
-pub const CLIENTS: usize = 2;
+/// Client threads, each with one keep-alive connection and at most one request in flight.
+pub const CLIENTS: usize = 8;
+/// Requests per second offered over all clients (open loop: client `k` sends request `j` at
+/// `(j * CLIENTS + k) / OFFERED_RATE` s, or at once when it is behind).
+pub const OFFERED_RATE: f64 = 5_500.0;
 /// The intent in the bench config.
 pub const INTENT: &str = "bench";
 const TTL: &str = "10m";
@@ -179,16 +183,18 @@ impl Client {
 
     /// POST /v1/grants binding a grant to `pid`: the grant id, or why not.
     pub fn issue(&mut self, pid: u32) -> Result<String> {
-        let body = format!(r#"{{"intent": "{INTENT}", "ttl": "{TTL}", "pid": {pid}}}"#);
+        let v = self.issue_json(INTENT, pid)?;
+        v["id"].as_str().map(String::from).ok_or_else(|| anyhow!("201 without an id: {v}"))
+    }
+
+    /// POST /v1/grants binding a grant of `intent` to `pid`: the answer, or why not.
+    pub fn issue_json(&mut self, intent: &str, pid: u32) -> Result<serde_json::Value> {
+        let body = format!(r#"{{"intent": "{intent}", "ttl": "{TTL}", "pid": {pid}}}"#);
         let r = self.request("POST", "/v1/grants", Some(body.as_bytes()))?;
         if r.status != 201 {
             bail!("status {}: {}", r.status, String::from_utf8_lossy(&r.body).trim());
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&r.body).context("201 without a JSON body")?;
-        v["id"].as_str().map(String::from).ok_or_else(|| {
-            anyhow!("201 without an id: {}", String::from_utf8_lossy(&r.body).trim())
-        })
+        serde_json::from_slice(&r.body).context("201 without a JSON body")
     }
 
     /// `live_grants` from GET /v1/status.
@@ -221,7 +227,8 @@ pub fn wait_live(sock: &Path, timeout: Duration, want: impl Fn(u64) -> bool) -> 
 }
 
 pub struct Issuance {
-    /// Per-request latency of every request, successful or not (ns).
+    /// Per-request latency of every request, successful or not (ns), from the time it was
+    /// due (so a client that fell behind counts its wait: no coordinated omission).
     pub latencies: Vec<u64>,
     pub wall: Duration,
     pub ok: usize,
@@ -231,8 +238,8 @@ pub struct Issuance {
 }
 
 /// Issues `per_holder` grants to every pid in `pids` from `CLIENTS` threads, each on its own
-/// keep-alive connection; holder `i` goes to client `i % CLIENTS`, one pass over the holders
-/// per grant.
+/// keep-alive connection, at `OFFERED_RATE` in all; holder `i` goes to client `i % CLIENTS`,
+/// one pass over the holders per grant.
 pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize) -> Result<Issuance> {
     let clients = (0..CLIENTS).map(|_| Client::connect(sock)).collect::<Result<Vec<_>>>()?;
     let start = Barrier::new(CLIENTS + 1);
@@ -248,11 +255,26 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize) -> Result<Issuanc
                     let mut errors = Vec::new();
                     let mut failures = 0;
                     start.wait();
+                    let t0 = Instant::now();
+                    let mut j = 0u64;
                     for _ in 0..per_holder {
                         for &pid in &mine {
-                            let t = Instant::now();
+                            let due = t0
+                                + Duration::from_secs_f64(
+                                    (j as f64 * CLIENTS as f64 + k as f64) / OFFERED_RATE,
+                                );
+                            j += 1;
+                            let now = Instant::now();
+                            // On time: the clock starts when the request goes out (after the
+                            // sleep's own slack); behind: when it was due.
+                            let from = if due > now {
+                                std::thread::sleep(due - now);
+                                Instant::now()
+                            } else {
+                                due
+                            };
                             let r = client.issue(pid);
-                            lat.push(t.elapsed().as_nanos() as u64);
+                            lat.push(from.elapsed().as_nanos() as u64);
                             if let Err(e) = r {
                                 failures += 1;
                                 if errors.len() < 5 {
@@ -298,5 +320,31 @@ pub fn fmt_ns(ns: u64) -> String {
         format!("{:.0} us", ns as f64 / 1e3)
     } else {
         format!("{:.2} ms", ns as f64 / 1e6)
+    }
+}
+
+impl super::harness::Bench {
+    /// `cargo xtask bench --only mint`: grant rounds with the daemon in monitor mode (the
+    /// connect rows then have no run without the daemon to compare with, and are left out).
+    pub(super) fn measure_mint(&mut self, iterations: usize) -> Result<Vec<super::report::Row>> {
+        let mut rounds = Vec::new();
+        let mut loaded = [Vec::new(), Vec::new()];
+        let mut holder = [Vec::new(), Vec::new()];
+        for round in 0..iterations {
+            self.start_daemon(false)?;
+            let r = self.grant_round();
+            self.release_holders();
+            self.stop_daemon()?;
+            super::check_interrupted()?;
+            match &r {
+                Ok(g) => {
+                    loaded[1].push(g.loaded_ns);
+                    holder[1].push(g.holder_ns);
+                }
+                Err(e) => println!("bench: round {}/{iterations} grants: error: {e:#}", round + 1),
+            }
+            rounds.push(r);
+        }
+        Ok(super::report::grant_rows(&rounds, &loaded, &holder, self.specs[0].n))
     }
 }

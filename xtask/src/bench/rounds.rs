@@ -365,7 +365,7 @@ impl Bench {
 
     /// With the daemon running: start the holders, issue N_GRANTS grants to them, then the
     /// connect loops with all of them live. The caller releases the holders on every path.
-    fn grant_round(&mut self) -> Result<GrantRound> {
+    pub(super) fn grant_round(&mut self) -> Result<GrantRound> {
         let t0 = Instant::now();
         grants::spawn_holders(N_HOLDERS, &self.cgroup, &mut self.holders, check_interrupted)?;
         println!(
@@ -375,7 +375,8 @@ impl Bench {
         let pids: Vec<u32> = self.holders.iter().map(Child::id).collect();
         let sock = self.mint_sock();
         println!(
-            "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients"
+            "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients, {:.0}/s offered",
+            grants::OFFERED_RATE
         );
         let issuance = grants::issue_all(&sock, &pids, GRANTS_PER_HOLDER)?;
         check_interrupted()?;
@@ -412,7 +413,7 @@ impl Bench {
 
     /// Kill and reap the holders; with the daemon running, wait (bounded) until it has ended
     /// their grants, so the next measurement does not overlap that work.
-    fn release_holders(&mut self) {
+    pub(super) fn release_holders(&mut self) {
         if self.holders.is_empty() {
             return;
         }

@@ -59,10 +59,16 @@ pub enum Kind {
     /// send() of 64 bytes on one connected loopback UDP socket: every packet passes the
     /// egress hook (and no sock_addr hook: the socket is connected).
     Send,
+    /// FetchJWTSVID on one HTTP/2 connection to the Workload API socket `--target`.
+    Svid,
+    /// GETs of the AWS container-credentials endpoint named on the go line (kept-alive, then
+    /// a new connection each); `--n` kept-alive ones.
+    Aws,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
     let procs = a.cgroup.join("cgroup.procs");
+    let mut go = String::new();
     std::fs::write(&procs, std::process::id().to_string())
         .with_context(|| format!("bench worker: cannot join {}", procs.display()))?;
     if a.wait_stdin {
@@ -70,14 +76,14 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "pid={}", std::process::id())?;
         out.flush()?;
-        let mut line = String::new();
-        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        if std::io::stdin().lock().read_line(&mut go)? == 0 {
             bail!("bench worker: stdin closed before the go line");
         }
     }
     if a.expect_errno.is_some() && !matches!(a.kind, Kind::Connect | Kind::Open) {
         bail!("bench worker: --expect-errno applies to connect and open only");
     }
+    let mut fresh = Vec::new();
     let mut samples = if a.per_op { Vec::with_capacity(a.n as usize) } else { Vec::new() };
     let t0 = Instant::now();
     let ops = match a.kind {
@@ -97,11 +103,23 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                 s.send(&payload).map(|_| ()).with_context(|| format!("bench worker: send #{i}"))
             })?
         }
+        Kind::Svid => super::svid::fetch_loop(&a.target, a.n, &mut samples)?,
+        Kind::Aws => {
+            super::aws::get_loops(&go, a.n, super::aws::NEW_CONN, &mut samples, &mut fresh)?
+        }
     };
     let ns = t0.elapsed().as_nanos();
     if a.per_op && !samples.is_empty() {
         samples.sort_unstable();
-        println!("ns={ns} ops={ops} p50={}", samples[samples.len() / 2]);
+        fresh.sort_unstable();
+        let q = |v: &[u64], q: f64| super::grants::quantile(v, q);
+        println!(
+            "ns={ns} ops={ops} p50={} p99={} new_p50={} new_p99={}",
+            samples[samples.len() / 2],
+            q(&samples, 0.99),
+            q(&fresh, 0.5),
+            q(&fresh, 0.99)
+        );
     } else {
         println!("ns={ns} ops={ops}");
     }
