@@ -70,9 +70,9 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     let status = d.status_json();
     assert_eq!(status["mode"], "monitor");
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
-    // 8 always; the egress pair where this kernel loads it (else named in programs_missing).
-    let missing = status["programs_missing"].as_array().map_or(0, |m| m.len());
-    assert_eq!(status["programs"].as_array().unwrap().len(), 10 - 2 * missing.min(1), "{status}");
+    // 8 always; the egress pair (egress or egress_owner) and the two IPC tracepoints.
+    assert_eq!(status["programs_missing"].as_array().map(|m| m.len()), Some(0), "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 12, "{status}");
     assert!(
         status["programs"].as_array().unwrap().iter().any(|p| p == "cgroup_sock/sock_create"),
         "{status}"

@@ -18,6 +18,8 @@ pub mod kind {
     pub const SOCKET: u32 = 5;
     /// A secret open judged by the BPF-LSM `file_open` program (`FileOpenRecord`).
     pub const FILE_OPEN: u32 = 6;
+    /// A tainted process reaching a Unix socket by name (`IpcRecord`), on the ALERTS ring.
+    pub const IPC: u32 = 7;
 }
 
 /// Maximum bytes of an exec'd filename kept by the kernel.
@@ -318,6 +320,63 @@ mod pod {
 }
 
 pub mod socket;
+
+/// Bytes of `sockaddr_un.sun_path`.
+pub const UNIX_PATH_LEN: usize = 108;
+
+/// `IpcRecord.op`: the system call that named the Unix socket.
+pub mod ipc_op {
+    pub const CONNECT: u32 = 1;
+    pub const SENDTO: u32 = 2;
+}
+
+/// A process holding secrets (its own taint, its grants' subtree taint, its `[[agent]]`
+/// tree's taint) named an AF_UNIX socket in connect() or sendto(): data may reach a process
+/// outside its subtree, where taint does not follow. Seen at syscall entry (a tracepoint),
+/// so an alert, never a verdict; always on the ALERTS ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IpcRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+    /// Secrets (bit = index) the process held: own, grants' subtrees, agent tree.
+    pub taint: u64,
+    /// `ipc_op::*`.
+    pub op: u32,
+    /// Bytes of `path` the caller gave (addrlen - 2, at most `UNIX_PATH_LEN`). A leading
+    /// NUL byte names an abstract socket.
+    pub path_len: u32,
+    pub path: [u8; UNIX_PATH_LEN],
+    pub _pad: u32,
+    /// The PROC_GRANTS entry it was seen with.
+    pub subject: ProcGrants,
+}
+
+impl Default for IpcRecord {
+    fn default() -> Self {
+        IpcRecord {
+            kind: 0,
+            tgid: 0,
+            tid: 0,
+            uid: 0,
+            cgroup_id: 0,
+            boot_ns: 0,
+            taint: 0,
+            op: 0,
+            path_len: 0,
+            path: [0; UNIX_PATH_LEN],
+            _pad: 0,
+            subject: ProcGrants::default(),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for IpcRecord {}
 
 /// A socket() that a judged process (agent, grant holder or tainted) may not create: a
 /// family, type or protocol whose traffic no connect/sendmsg hook judges (raw, ping, SCTP,

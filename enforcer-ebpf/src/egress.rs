@@ -20,8 +20,8 @@ use aya_ebpf::{
     Global,
     bindings::bpf_sock,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel,
         generated::{bpf_sk_fullsock, bpf_skc_to_tcp_sock},
     },
     macros::{cgroup_skb, cgroup_sock, map},
@@ -60,7 +60,16 @@ pub static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::pinned(65_536, 0
 
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
-    try_egress(&ctx).unwrap_or(PASS)
+    try_egress::<true>(&ctx).unwrap_or(PASS)
+}
+
+/// The same hook for kernels whose cgroup_skb programs may not look at the current task
+/// (Debian's 6.1: "unknown func bpf_get_current_pid_tgid#14"): every packet is
+/// judged by the socket's recorded owner (`sock_create` records a judged creator) and the
+/// taint the socket accumulated, never by the writer.
+#[cgroup_skb(egress)]
+pub fn egress_owner(ctx: SkBuffContext) -> i32 {
+    try_egress::<false>(&ctx).unwrap_or(PASS)
 }
 
 /// Forgets a released clean socket's state. A blocked or tainted socket keeps it: the
@@ -75,6 +84,18 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = SOCK_STATE.remove(cookie);
     }
     PASS
+}
+
+/// Records a judged process as the owner of the socket it creates (from `sock_create`), so
+/// the owner-only variant judges its packets, and softirq packets of the full one are
+/// judged before the owner's first locked send. Only judged creators pay (one insert).
+#[inline(always)]
+pub fn record_owner(sk: *mut bpf_sock, tgid: u32, start_ns: u64) {
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let st = SockState { owner: tgid, flags: 0, owner_start_ns: start_ns, taint: 0 };
+    if SOCK_STATE.insert(cookie, st, 0).is_err() {
+        count(counter::STATE_FULL);
+    }
 }
 
 /// Destination and transport of an IP packet, from its headers.
@@ -137,8 +158,9 @@ fn locked_by_process(sk: *mut bpf_sock) -> bool {
     owned != 0
 }
 
+/// `BY_WRITER`: whether this kernel lets the program read the current task (the writer).
 #[inline(always)]
-fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
+fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
     let skb = unsafe { &*ctx.skb.skb };
     let sk = unsafe { skb.__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -164,8 +186,8 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
     }
     let pkt = parse(ctx)?;
     // The writer: the current task, when it is provably the one sending.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let by_writer = pkt.protocol == IPPROTO_UDP || locked_by_process(sk);
+    let pid_tgid = if BY_WRITER { bpf_get_current_pid_tgid() } else { 0 };
+    let by_writer = BY_WRITER && (pkt.protocol == IPPROTO_UDP || locked_by_process(sk));
     let writer_tgid = if by_writer { (pid_tgid >> 32) as u32 } else { 0 };
     let mut subject = ProcGrants::default();
     let mut tgid = 0u32;
@@ -226,14 +248,16 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
     if !report {
         return None;
     }
-    let ug = bpf_get_current_uid_gid();
+    let by_writer = BY_WRITER && tgid == writer_tgid;
     let mut judged = subject;
     judged.taint = j.taint;
     let rec = ConnectRecord {
         kind: kind::CONNECT,
         tgid,
-        tid: if tgid == writer_tgid { pid_tgid as u32 } else { 0 },
-        uid: if tgid == writer_tgid { ug as u32 } else { 0 },
+        tid: if by_writer { pid_tgid as u32 } else { 0 },
+        // cgroup_skb may not read the current task's uid or cgroup on Debian's 6.12
+        // ("cannot use helper bpf_get_current_uid_gid#15"): the daemon resolves both.
+        uid: 0,
         family: pkt.family,
         port: pkt.port,
         protocol: pkt.protocol,
@@ -241,7 +265,7 @@ fn try_egress(ctx: &SkBuffContext) -> Option<i32> {
         action: j.action,
         verdict: j.verdict,
         addr: pkt.addr,
-        cgroup_id: if tgid == writer_tgid { unsafe { bpf_get_current_cgroup_id() } } else { 0 },
+        cgroup_id: 0,
         boot_ns: now,
         grant_slot: j.slot,
         reason: j.reason,

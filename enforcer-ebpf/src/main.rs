@@ -7,6 +7,7 @@
 
 mod connect;
 mod egress;
+mod ipc;
 mod lineage;
 mod lsm;
 mod maps;

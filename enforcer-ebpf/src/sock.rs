@@ -18,6 +18,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{SocketRecord, config, counter, kind, socket::judge_socket};
 
+use crate::egress::record_owner;
 use crate::maps::{ALERTS, WAKEUP_NOW, config, count, proc_entry};
 
 /// Verdicts for cgroup sock programs: 1 lets socket() succeed, 0 fails it with EPERM.
@@ -33,6 +34,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     let (family, sock_type, protocol) = (sk.family, sk.type_, sk.protocol);
     let j = judge_socket(family, sock_type, protocol, &subject, config(config::ENFORCE) != 0);
     if !j.is_violation() {
+        record_owner(ctx.sock, tgid, subject.start_ns);
         return ALLOW;
     }
     let ug = bpf_get_current_uid_gid();

@@ -25,6 +25,9 @@ pub struct Event {
     /// The socket a `socket` event is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<SocketRef>,
+    /// The Unix socket an `ipc` event is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipc: Option<IpcRef>,
     #[serde(default)]
     pub decision_path: Vec<String>,
     /// Secret names a grant covers (grant lifecycle events).
@@ -121,6 +124,19 @@ pub struct SocketRef {
     #[serde(rename = "type")]
     pub sock_type: String,
     pub protocol: String,
+}
+
+/// A Unix socket a process holding secrets named (`ipc` events).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IpcRef {
+    /// "connect" or "sendto".
+    pub op: String,
+    /// The socket's path, or "@name" for an abstract socket.
+    pub path: String,
+    /// The process with a listening (or bound) socket of that name in the caller's network
+    /// namespace, when found (by /proc, after the fact, off the decision path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Ancestor>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

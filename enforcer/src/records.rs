@@ -7,7 +7,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enforcer_common::{
-    ConnectRecord, ExecRecord, ExitRecord, FileOpenRecord, ForkRecord, SocketRecord, kind,
+    ConnectRecord, ExecRecord, ExitRecord, FileOpenRecord, ForkRecord, IpcRecord, SocketRecord,
+    UNIX_PATH_LEN, ipc_op, kind,
 };
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub enum Record {
     Socket(SocketUse),
     /// A secret open judged by the BPF-LSM program (violations on the ALERTS ring).
     FileOpen(KernelOpen),
+    /// A tainted process named a Unix socket (connect/sendto): an alert (ALERTS ring).
+    Ipc(IpcUse),
     Malformed {
         len: usize,
         kind: u32,
@@ -52,7 +55,8 @@ pub struct Connect {
     pub protocol: Protocol,
     pub sendmsg: bool,
     /// Data on an established socket, judged by the egress hook (`judge_send`); `tgid` is
-    /// the writer, or the socket's owner when the packet left from softirq (uid 0 then).
+    /// the writer, or the socket's owner when the packet left from softirq or the kernel
+    /// lets cgroup_skb see no current task; uid and cgroup are 0 (the daemon resolves them).
     pub send: bool,
     /// `enforcer_common::action` the kernel applied.
     pub action: u8,
@@ -88,6 +92,39 @@ pub struct SocketUse {
     pub cgroup_id: u64,
     pub boot_ns: u64,
     pub subject: enforcer_common::ProcGrants,
+}
+
+/// A process holding secrets named an AF_UNIX socket in connect() or sendto().
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpcUse {
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub boot_ns: u64,
+    /// Secrets (bits) held: own, grants' subtrees, agent tree.
+    pub taint: u64,
+    /// "connect" or "sendto".
+    pub op: &'static str,
+    /// The socket's name as `ss` and /proc/net/unix show it: a path, or "@name" for an
+    /// abstract socket (NUL bytes inside an abstract name read "@"); empty when unreadable.
+    pub path: String,
+    pub subject: enforcer_common::ProcGrants,
+}
+
+/// The name of a Unix socket from the `sun_path` bytes the caller gave.
+pub fn unix_name(raw: &[u8]) -> String {
+    match raw.split_first() {
+        None => String::new(),
+        Some((0, rest)) => {
+            let name: Vec<u8> = rest.iter().map(|b| if *b == 0 { b'@' } else { *b }).collect();
+            format!("@{}", String::from_utf8_lossy(&name))
+        }
+        Some(_) => {
+            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        }
+    }
 }
 
 /// A secret open the kernel judged (BPF-LSM backend): the decision was already applied
@@ -222,6 +259,20 @@ pub fn decode(bytes: &[u8]) -> Record {
             }),
             None => malformed,
         },
+        kind::IPC => match read::<IpcRecord>(bytes) {
+            Some(r) => Record::Ipc(IpcUse {
+                tgid: r.tgid,
+                tid: r.tid,
+                uid: r.uid,
+                cgroup_id: r.cgroup_id,
+                boot_ns: r.boot_ns,
+                taint: r.taint,
+                op: if r.op == ipc_op::SENDTO { "sendto" } else { "connect" },
+                path: unix_name(&r.path[..(r.path_len as usize).min(UNIX_PATH_LEN)]),
+                subject: r.subject,
+            }),
+            None => malformed,
+        },
         _ => malformed,
     }
 }
@@ -318,6 +369,15 @@ mod tests {
     #[test]
     fn short_and_unknown_records_are_malformed() {
         assert!(matches!(decode(&[1, 0]), Record::Malformed { .. }));
+        assert_eq!(unix_name(b"/run/a.sock\0\0"), "/run/a.sock");
+        assert_eq!(unix_name(b"\0abs\0x"), "@abs@x");
+        assert_eq!(unix_name(b""), "");
+        let mut r =
+            IpcRecord { kind: kind::IPC, tgid: 7, op: ipc_op::CONNECT, ..Default::default() };
+        r.path[..4].copy_from_slice(b"/s\0\0");
+        r.path_len = 4;
+        let Record::Ipc(i) = decode(&bytes(&r)) else { panic!() };
+        assert_eq!((i.tgid, i.op, i.path.as_str()), (7, "connect", "/s"));
         assert!(matches!(decode(&[99, 0, 0, 0, 0, 0, 0, 0]), Record::Malformed { kind: 99, .. }));
         let r = ConnectRecord { kind: kind::CONNECT, family: 99, ..Default::default() };
         assert!(matches!(decode(&bytes(&r)), Record::Malformed { .. }));

@@ -126,6 +126,7 @@ impl Delivery {
             destination: None,
             grant: None,
             socket: None,
+            ipc: None,
             decision_path: vec![],
             secrets: vec![],
             credentials: vec![],

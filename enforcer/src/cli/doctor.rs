@@ -17,11 +17,13 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
     ];
     let missing: Vec<&str> = required.iter().copied().filter(|r| !ok(r)).collect();
     let lsm = ok("lsm/file_open");
+    let exact = |name: &str| probes.iter().any(|p| p.name == name && p.ok);
     let backends = json!({
         "process_lineage": if ok("raw_tracepoint") { "raw_tracepoint (pinned links)" } else { "unavailable" },
         "connect": if ok("cgroup_sock_addr") { "cgroup_sock_addr (in-kernel, inline)" } else { "unavailable" },
         "socket_create": if ok("cgroup_sock/sock_create") { "cgroup_sock sock_create (in-kernel, AF_INET/AF_INET6)" } else { "unavailable" },
         "file_open": if lsm { "bpf-lsm (lsm/file_open, decided in the kernel; with file_backend = \"auto\" or \"bpf-lsm\")" } else if ok("fanotify") { "fanotify (FAN_OPEN_PERM, decided by the daemon)" } else { "unavailable" },
+        "egress": if exact("cgroup_skb/egress") { "cgroup_skb egress (judges the writer and the socket's owner)" } else if exact("cgroup_skb/egress_owner") { "cgroup_skb egress_owner (this kernel refuses the current task in cgroup_skb: judges the socket's judged creator and the taint it carried)" } else { "unavailable" },
         "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer" } else { "BPF-LSM refused by this kernel (see lsm/file_open above); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded" },
     });
     let kernel = nix::sys::utsname::uname()
@@ -43,7 +45,9 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
             println!("{name:<48} {res:<8} {info}");
         }
         println!();
-        for k in ["process_lineage", "connect", "socket_create", "file_open", "file_open_note"] {
+        for k in
+            ["process_lineage", "connect", "socket_create", "egress", "file_open", "file_open_note"]
+        {
             println!("{k:<16} {}", backends[k].as_str().unwrap_or_default());
         }
         if !missing.is_empty() {

@@ -18,7 +18,7 @@ use crate::mint::view::ViewCell;
 use crate::mint::writer::LedgerTx;
 use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
-use crate::records::{Connect, Record, SocketUse};
+use crate::records::{Connect, IpcUse, Record, SocketUse};
 use crate::store::EventStore;
 
 /// Judged socket creations: names and the decision path.
@@ -30,6 +30,9 @@ mod refusal;
 /// Sampling of routine allowed connects.
 mod routine;
 mod socket;
+
+/// Unix-socket use by processes holding secrets (alerts).
+mod ipc;
 
 /// Secret opens the BPF-LSM program judged.
 mod kernel_open;
@@ -147,6 +150,7 @@ impl Engine {
         match rec {
             Record::Connect(c) => self.on_connect(c),
             Record::Socket(s) => self.on_socket(s),
+            Record::Ipc(i) => self.on_ipc(i),
             Record::FileOpen(o) => self.on_kernel_open(o),
             Record::Exec { tgid, .. } => {
                 self.counts.execs += 1;
@@ -282,6 +286,24 @@ impl Engine {
         e.time = event::rfc3339(wall_time_of(s.boot_ns));
         e.mitre = vec!["T1095".into(), "T1041".into()];
         e.socket = Some(sref);
+        e.message = Some(message);
+        self.emit(e);
+    }
+
+    /// A process holding secrets named a Unix socket: an alert in every mode.
+    fn on_ipc(&mut self, i: IpcUse) {
+        let (process, _) = self.process_ref(i.tgid, Some(i.cgroup_id));
+        let secrets = socket::taint_names(&self.grants.view.load(), i.taint);
+        let (d, iref, message) = ipc::explain(&i, self.mode, &secrets);
+        if iref.peer.as_ref().is_some_and(|p| p.pid == std::process::id()) {
+            // This daemon's own sockets (API, credential and workload endpoints): trusted.
+            return;
+        }
+        let mut e = self.event("ipc", &d, process);
+        e.time = event::rfc3339(wall_time_of(i.boot_ns));
+        e.mitre = vec!["T1559".into()];
+        e.ipc = Some(iref);
+        e.secrets = secrets;
         e.message = Some(message);
         self.emit(e);
     }
@@ -578,6 +600,7 @@ impl Engine {
             destination: None,
             grant: None,
             socket: None,
+            ipc: None,
             decision_path: d.decision_path.clone(),
             secrets: vec![],
             credentials: vec![],

@@ -42,6 +42,14 @@ impl Context<'_> {
         } else {
             "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)".to_string()
         };
+        let egress = if self.kernel.egress_note.is_empty() {
+            "cgroup_skb (egress: data of tainted writers and owners on established sockets; sock_release forgets socket state)".to_string()
+        } else {
+            format!(
+                "cgroup_skb (egress_owner: data on established sockets judged by the socket's judged creator and the taint it carried, not the writer: this kernel refuses egress: {}; sock_release forgets socket state)",
+                self.kernel.egress_note
+            )
+        };
         json!({
             "status": "running",
             "version": env!("CARGO_PKG_VERSION"),
@@ -56,7 +64,7 @@ impl Context<'_> {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
                 "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
                 "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
-                "egress": "cgroup_skb (egress: data of tainted writers and owners on established sockets; sock_release forgets socket state)",
+                "egress": egress,
                 "file_open": file_open,
             },
             "fail_open": [

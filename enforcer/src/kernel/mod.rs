@@ -19,7 +19,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        RawTracePoint,
+        RawTracePoint, TracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -45,7 +45,30 @@ const SOCK_CREATE: &str = "sock_create";
 /// attached to `cgroup_root`. Optional: a kernel that refuses them (no current task in
 /// cgroup_skb: Debian's 6.1 and 6.12 do) runs without, and `status` names what is missing.
 const EGRESS: &str = "egress";
+/// The egress variant for kernels that refuse the current task in cgroup_skb.
+const EGRESS_OWNER: &str = "egress_owner";
 const SOCK_RELEASE: &str = "sock_release";
+
+/// IPC alert programs and the syscall tracepoints they attach to. Not pinned: they only
+/// raise alerts, which need a daemon, and while attached every system call of every
+/// process takes the kernel's tracing path (docs/architecture.md: cost).
+const IPC: [(&str, &str); 2] =
+    [("sys_enter_connect", "ipc_connect"), ("sys_enter_sendto", "ipc_sendto")];
+
+/// Loads and attaches the IPC alert programs (owned by the loaded object: detached with
+/// the daemon).
+fn attach_ipc(ebpf: &mut Ebpf) -> Result<()> {
+    for (tp, prog) in IPC {
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        p.load().with_context(|| format!("load program {prog} (tracepoint)"))?;
+        p.attach("syscalls", tp)
+            .with_context(|| format!("attach program {prog} to tracepoint syscalls/{tp}"))?;
+    }
+    Ok(())
+}
 
 pub struct Kernel {
     ebpf: Ebpf,
@@ -62,6 +85,8 @@ pub struct Kernel {
     pub file_backend_note: String,
     /// Optional programs this kernel refused, with the reason, for `status` and `doctor`.
     pub missing: Vec<String>,
+    /// Why egress runs as `egress_owner` (the kernel's answer to `egress`); empty otherwise.
+    pub egress_note: String,
 }
 
 /// The kernel's two record rings: routine records (lineage, allowed connects) and
@@ -135,28 +160,69 @@ where
     pin_link(fd, pin_dir, prog)
 }
 
+/// What `attach_egress` attached: the pinned links, the egress program's name and, for the
+/// fallback, the kernel's answer to the full program.
+type Egress = (Vec<(&'static str, PinnedLink)>, &'static str, String);
+
 /// Loads and attaches the egress pair (sock_release first, so no state outlives a socket).
-fn attach_egress(
-    ebpf: &mut Ebpf,
-    cgroup: &File,
-    pin_dir: &Path,
-) -> Result<Vec<(&'static str, PinnedLink)>> {
-    let mut links = Vec::new();
+/// The egress program judging the writer (the current task) is tried first; a kernel whose
+/// cgroup_skb programs may not read the current task gets the owner-only variant. Returns
+/// the links, the program attached and, for the fallback, the kernel's answer to the first.
+fn attach_egress(ebpf: &mut Ebpf, cgroup: &File, pin_dir: &Path) -> Result<Egress> {
     let p: &mut CgroupSock = ebpf
         .program_mut(SOCK_RELEASE)
         .with_context(|| format!("program {SOCK_RELEASE} missing from the eBPF object"))?
         .try_into()?;
     p.load().with_context(|| format!("load program {SOCK_RELEASE} (cgroup_sock)"))?;
+    let load = |ebpf: &mut Ebpf, prog: &str| -> Result<()> {
+        let p: &mut CgroupSkb = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        p.load().with_context(|| format!("load program {prog} (cgroup_skb)"))?;
+        Ok(())
+    };
+    let (egress, note) = match load(ebpf, EGRESS) {
+        Ok(()) => (EGRESS, String::new()),
+        Err(e) => {
+            load(ebpf, EGRESS_OWNER).map_err(|e2| e2.context(format!("after {e:#}")))?;
+            (EGRESS_OWNER, verifier_answer(&format!("{e:#}")))
+        }
+    };
+    // Attach only once both are loaded: an error leaves no link pinned behind.
+    let mut links = Vec::new();
+    let p: &mut CgroupSock = ebpf.program_mut(SOCK_RELEASE).expect("loaded above").try_into()?;
     let id = p.attach(cgroup, CgroupAttachMode::Single)?;
     links.push((SOCK_RELEASE, pin_cgroup_link(p.take_link(id)?, pin_dir, SOCK_RELEASE)?));
-    let p: &mut CgroupSkb = ebpf
-        .program_mut(EGRESS)
-        .with_context(|| format!("program {EGRESS} missing from the eBPF object"))?
-        .try_into()?;
-    p.load().with_context(|| format!("load program {EGRESS} (cgroup_skb)"))?;
+    let p: &mut CgroupSkb = ebpf.program_mut(egress).expect("loaded above").try_into()?;
     let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
-    links.push((EGRESS, pin_cgroup_link(p.take_link(id)?, pin_dir, EGRESS)?));
-    Ok(links)
+    links.push((egress, pin_cgroup_link(p.take_link(id)?, pin_dir, egress)?));
+    Ok((links, egress, note))
+}
+
+/// The verifier's last words (e.g. "unknown func bpf_get_current_pid_tgid#14") out of an
+/// aya load error, without the instruction dump.
+pub fn verifier_answer(err: &str) -> String {
+    let head = err.split(" Verifier output:").next().unwrap_or(err).trim_end_matches('.');
+    let said = err.lines().rfind(|l| {
+        let l = l.trim_start();
+        !l.is_empty()
+            && !l.starts_with(|c: char| c.is_ascii_digit())
+            && !l.starts_with("R")
+            && !l.starts_with("frame")
+            && !l.starts_with("caller")
+            && !l.starts_with("callee")
+            && !l.starts_with("returning")
+            && !l.starts_with("verification time")
+            && !l.starts_with("stack depth")
+            && !l.starts_with("processed ")
+            && !l.starts_with(':')
+            && !l.contains(" Verifier output:")
+    });
+    match said {
+        Some(s) => format!("{head}: {}", s.trim()),
+        None => head.to_string(),
+    }
 }
 
 impl Kernel {
@@ -181,10 +247,18 @@ impl Kernel {
             .collect();
         // Whether sched_process_exit has its group_dead argument (newer kernels), from the
         // tracepoint's format; without it the thread-group leader's exit stands for the process.
-        let has_group_dead = match tracefs::ensure_mounted() {
-            Ok(tfs) => tracefs::field_offset(&tfs, "sched", "sched_process_exit", "group_dead")?
+        let tfs = tracefs::ensure_mounted().ok();
+        let has_group_dead = match &tfs {
+            Some(tfs) => tracefs::field_offset(tfs, "sched", "sched_process_exit", "group_dead")?
                 .is_some() as u32,
-            Err(_) => 0,
+            None => 0,
+        };
+        // Where the Unix-socket address is in the syscall tracepoints' records (0: unknown,
+        // the IPC programs then do nothing).
+        let syscall_field = |name: &str, field: &str| -> u32 {
+            tfs.as_ref()
+                .and_then(|t| tracefs::field_offset(t, "syscalls", name, field).ok().flatten())
+                .unwrap_or(0)
         };
         let btf = btf::KernelBtf::load()?;
         let globals: Vec<(&str, u32)> = vec![
@@ -212,6 +286,10 @@ impl Kernel {
             ("TASK_START_OFF", btf.offset("task_struct", "start_boottime")?),
             // 0 (unknown) makes the egress hook judge TCP by the socket's owner only.
             ("SK_LOCK_OWNED_OFF", btf.offset("sock", "sk_lock.owned").unwrap_or(0)),
+            ("CONNECT_ADDR_OFF", syscall_field("sys_enter_connect", "uservaddr")),
+            ("CONNECT_ADDRLEN_OFF", syscall_field("sys_enter_connect", "addrlen")),
+            ("SENDTO_ADDR_OFF", syscall_field("sys_enter_sendto", "addr")),
+            ("SENDTO_ADDRLEN_OFF", syscall_field("sys_enter_sendto", "addr_len")),
         ];
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
@@ -279,15 +357,27 @@ impl Kernel {
             },
         };
         let mut missing = Vec::new();
+        let mut egress_note = String::new();
         match attach_egress(&mut ebpf, &cgroup, pin_dir) {
-            Ok(mut l) => {
-                attached.push(format!("cgroup_skb/{EGRESS}"));
+            Ok((mut l, egress, note)) => {
+                if !note.is_empty() {
+                    tracing::warn!(refused = %note, "egress judged by socket owner only: this kernel refuses the current task in cgroup_skb");
+                }
+                egress_note = note;
+                attached.push(format!("cgroup_skb/{egress}"));
                 attached.push(format!("cgroup_sock/{SOCK_RELEASE}"));
                 links.append(&mut l);
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "egress hook not attached: data on established sockets is not judged");
                 missing.push(format!("cgroup_skb/{EGRESS}: {e:#}"));
+            }
+        }
+        match attach_ipc(&mut ebpf) {
+            Ok(()) => attached.extend(IPC.iter().map(|(p, _)| format!("tracepoint/syscalls/{p}"))),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "ipc alert not attached: Unix-socket use by tainted processes is not seen");
+                missing.push(format!("tracepoint/syscalls/sys_enter_connect: {e:#}"));
             }
         }
         // The new programs run; the previous daemon's can go.
@@ -315,6 +405,7 @@ impl Kernel {
                 file_backend,
                 file_backend_note,
                 missing,
+                egress_note,
             },
             Rings { events, alerts },
         ))
@@ -385,4 +476,19 @@ pub fn cgroup2_mount() -> Result<std::path::PathBuf> {
         }
     }
     bail!("no cgroup2 filesystem in /proc/mounts: the connect hooks need cgroup v2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_answer;
+
+    #[test]
+    fn verifier_answer_keeps_the_refusal_not_the_dump() {
+        let e = "load program egress (cgroup_skb): the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: 0: R1=ctx() R10=fp0\n0: (bf) r8 = r1 ; R1=ctx()\ncaller:\n R6=1\n 1023: (85) call bpf_get_current_uid_gid#15\nprogram of this type cannot use helper bpf_get_current_uid_gid#15\nverification time 37876 usec\nstack depth 384+0\nprocessed 2014 insns (limit 1000000)\n: Invalid argument (os error 22)";
+        assert_eq!(
+            verifier_answer(e),
+            "load program egress (cgroup_skb): the BPF_PROG_LOAD syscall returned Invalid argument (os error 22): program of this type cannot use helper bpf_get_current_uid_gid#15"
+        );
+        assert_eq!(verifier_answer("no such program"), "no such program");
+    }
 }

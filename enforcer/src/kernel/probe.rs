@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 
 use aya::{
     Btf, EbpfLoader,
-    programs::{BtfTracePoint, CgroupSock, CgroupSockAddr, FEntry, Lsm, RawTracePoint},
+    programs::{BtfTracePoint, CgroupSkb, CgroupSock, CgroupSockAddr, FEntry, Lsm, RawTracePoint},
 };
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 use serde::Serialize;
@@ -135,6 +135,30 @@ fn probe_loads(
         "sockets no connect hook judges (raw, ping, SCTP, ...): in-kernel deny for judged processes",
         r,
     ));
+
+    // The egress hook: the writer-judging program, else the owner-only one (kernels whose
+    // cgroup_skb programs may not read the current task); the kernel's answer is the detail.
+    let skb = |ebpf: &mut aya::Ebpf, prog: &str| -> anyhow::Result<()> {
+        let p: &mut CgroupSkb =
+            ebpf.program_mut(prog).ok_or_else(|| anyhow::anyhow!("missing"))?.try_into()?;
+        p.load()?;
+        Ok(())
+    };
+    let r = skb(&mut ebpf, "egress")
+        .map_err(|e| anyhow::anyhow!(super::verifier_answer(&format!("{e:#}"))));
+    let writer = r.is_ok();
+    out.push(probe(
+        "cgroup_skb/egress",
+        "data on established sockets judged by the writer (current task) and the socket's owner",
+        r,
+    ));
+    if !writer {
+        out.push(probe(
+            "cgroup_skb/egress_owner",
+            "fallback: data on established sockets judged by the socket's judged creator only",
+            skb(&mut ebpf, "egress_owner"),
+        ));
+    }
 
     let btf = btf.ok();
     let with_btf = |f: &mut dyn FnMut(&Btf) -> anyhow::Result<()>| -> anyhow::Result<()> {

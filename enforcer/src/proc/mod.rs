@@ -215,8 +215,11 @@ impl ProcessTable {
                 }
             }
             Record::Connect(c) => {
-                // A process may have moved cgroups since exec; the hook saw the current one.
-                if let Some(p) = self.procs.get_mut(&c.tgid) {
+                // A process may have moved cgroups since exec; the hook saw the current one
+                // (an egress record carries none: 0).
+                if let Some(p) = self.procs.get_mut(&c.tgid)
+                    && c.cgroup_id != 0
+                {
                     p.cgroup_id = c.cgroup_id;
                 }
             }
@@ -228,6 +231,11 @@ impl ProcessTable {
             Record::FileOpen(o) => {
                 if let Some(p) = self.procs.get_mut(&o.tgid) {
                     p.cgroup_id = o.cgroup_id;
+                }
+            }
+            Record::Ipc(i) => {
+                if let Some(p) = self.procs.get_mut(&i.tgid) {
+                    p.cgroup_id = i.cgroup_id;
                 }
             }
             Record::Malformed { .. } => {}

@@ -15,7 +15,7 @@ use qemu::GuestTest;
 use std::time::Instant;
 
 /// The `[[test]]` targets of enforcer-tests that run inside every guest kernel.
-pub const GUEST_TESTS: &[&str] = &["matrix"];
+pub const GUEST_TESTS: &[&str] = &["matrix", "egress_kernels"];
 
 /// The harness's wait factor in guests (tests/support: daemon ready, events).
 const GUEST_TIME_SCALE: u32 = 4;

@@ -46,6 +46,7 @@ fn ev(i: u64) -> Event {
         }),
         grant: None,
         socket: None,
+        ipc: None,
         decision_path: vec!["subject resolved".into()],
         secrets: vec![],
         credentials: vec![],
