@@ -4,6 +4,7 @@
 //! and the secret, and the process serving it; the same connect by a process holding no
 //! secret is no event.
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Stdio};
 
 use enforcer::event::Event;
@@ -134,6 +135,15 @@ fn a_tainted_process_using_another_process_unix_socket_is_an_alert() {
         "no alert for processes holding no secret: {all:#?}"
     );
     assert_eq!(all.len(), 1, "{all:#?}");
+    // The event as written validates against the published schema.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/enforcer.event.v1.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let v =
+        jsonschema::draft202012::options().should_validate_formats(true).build(&schema).unwrap();
+    let raw = f.daemon.raw_events().into_iter().find(|e| e["kind"] == "ipc").unwrap();
+    let errors: Vec<String> = v.iter_errors(&raw).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}: {raw:#}");
     let _ = srv.kill();
     let _ = srv.wait();
 }

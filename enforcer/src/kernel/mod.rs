@@ -203,8 +203,11 @@ fn attach_egress(ebpf: &mut Ebpf, cgroup: &File, pin_dir: &Path) -> Result<Egres
 /// The verifier's last words (e.g. "unknown func bpf_get_current_pid_tgid#14") out of an
 /// aya load error, without the instruction dump.
 pub fn verifier_answer(err: &str) -> String {
-    let head = err.split(" Verifier output:").next().unwrap_or(err).trim_end_matches('.');
-    let said = err.lines().rfind(|l| {
+    let Some((head, log)) = err.split_once(" Verifier output:") else {
+        return err.to_string();
+    };
+    let head = head.trim_end_matches('.');
+    let said = log.lines().rfind(|l| {
         let l = l.trim_start();
         !l.is_empty()
             && !l.starts_with(|c: char| c.is_ascii_digit())
