@@ -18,10 +18,22 @@ use std::time::{Duration, Instant};
 use enforcer_tests::enforce_fixture::{Fixture, PRELUDE, py_run};
 use enforcer_tests::*;
 
-/// Whether this kernel runs BPF-LSM programs (`bpf` in the active LSM list).
+/// Whether this kernel runs BPF-LSM programs: doctor's probe really loads `lsm/file_open`
+/// (`bpf` in the active LSM list is not enough: the CI host lists it and refuses the load).
 fn kernel_has_bpf_lsm() -> bool {
-    std::fs::read_to_string("/sys/kernel/security/lsm")
-        .is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
+    static LOADS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADS.get_or_init(|| {
+        let out = enforcer(&["doctor", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("doctor --json: {e}: {}", String::from_utf8_lossy(&out.stderr))
+        });
+        let probe = doc["probes"].as_array().and_then(|p| {
+            p.iter().find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("lsm/file_open")))
+        });
+        probe.unwrap_or_else(|| panic!("doctor has no lsm/file_open probe: {doc:#}"))["ok"]
+            .as_bool()
+            .unwrap()
+    })
 }
 
 /// True when the daemon runs the BPF-LSM backend. Otherwise asserts the fallback is fanotify
@@ -35,6 +47,7 @@ fn lsm_backend(f: &Fixture, test: &str) -> bool {
             status["programs"].as_array().unwrap().iter().any(|p| p == "lsm/file_open"),
             "{status:#}"
         );
+        assert!(status["fail_open"][0].as_str().unwrap().contains("fails closed"), "{status:#}");
         return true;
     }
     assert_eq!(backend, "fanotify", "{status:#}");
@@ -46,7 +59,12 @@ fn lsm_backend(f: &Fixture, test: &str) -> bool {
 
 /// The file_open events of `pid` (waits until there are `n`, up to 10 s).
 fn opens_of(f: &Fixture, pid: u32, n: usize) -> Vec<Event> {
-    let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
+    opens_of_within(f, pid, n, Duration::from_secs(10))
+}
+
+/// The file_open events of `pid` (waits until there are `n`, up to `limit` scaled).
+fn opens_of_within(f: &Fixture, pid: u32, n: usize, limit: Duration) -> Vec<Event> {
+    let deadline = Instant::now() + limit * time_scale();
     loop {
         let got: Vec<Event> = f.daemon.events().into_iter().filter(by("file_open", pid)).collect();
         if got.len() >= n || Instant::now() > deadline {
@@ -106,15 +124,18 @@ fn conn(c: &mut Child, port: u16) -> String {
 
 /// The lsm fixture: enforce mode; secret `key` valid only toward `ok_port`, intent `wide`
 /// (deny) covering it toward every loopback port; secret `other` (a path nobody created yet)
-/// covered by intent `killer` (kill).
+/// covered by intent `killer` (kill). Where the kernel runs BPF-LSM, `file_backend =
+/// "bpf-lsm"` (which refuses to start without it: the forced choice is tested here, at no
+/// extra daemon start); elsewhere the default, whose fanotify fallback `lsm_backend` asserts.
 fn lsm_fixture(name: &str) -> Option<Fixture> {
     if !root_or_skip(name) {
         return None;
     }
     let (dir, secret) = secret_file("key.json", "{\"k\": 1}");
     let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
+    let forced = if kernel_has_bpf_lsm() { "file_backend = \"bpf-lsm\"\n" } else { "" };
     let policy = format!(
-        "mode = \"enforce\"\n[[secret]]\nname = \"key\"\npaths = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\n\
+        "mode = \"enforce\"\n{forced}[[secret]]\nname = \"key\"\npaths = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\n\
          [[secret]]\nname = \"other\"\npaths = [\"{secret}.other\"]\n\
          [[intent]]\nname = \"wide\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\ndestinations = [\"127.0.0.0/8:1-65535\"]\nmax_ttl = \"10m\"\non_violation = \"deny\"\n\
          [[intent]]\nname = \"killer\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"other\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"kill\"\n"
@@ -311,7 +332,8 @@ fn secret_opens_are_decided_in_the_kernel() {
 }
 
 /// `file_backend`: "fanotify" never loads the program; "bpf-lsm" refuses to start where
-/// the kernel refuses BPF-LSM, naming why; the default (auto) follows the kernel.
+/// the kernel refuses BPF-LSM, naming why (where the kernel runs it, the lsm fixture starts
+/// with it); the default (auto) follows the kernel (tests/matrix.rs checks it on each kernel).
 #[test]
 fn backend_choice_follows_the_config_and_the_kernel() {
     if !root_or_skip("lsm-choice") {
@@ -334,10 +356,9 @@ fn backend_choice_follows_the_config_and_the_kernel() {
         &format!("file_backend = \"bpf-lsm\"\n{}", secret_toml("key", &secret)),
     );
     if kernel_has_bpf_lsm() {
-        let forced = forced.launch();
-        let st = forced.status_json();
-        assert_eq!(st["file_backend"], "bpf-lsm");
-        assert!(st["fail_open"][0].as_str().unwrap().contains("fails closed"), "{st:#}");
+        // Started (status `file_backend` "bpf-lsm", "fails closed") by the lsm fixture: one
+        // daemon start less under emulation.
+        forced.remove_pins();
     } else {
         let out = std::process::Command::new(enforcer_bin())
             .args(["daemon", "--config"])
@@ -354,35 +375,65 @@ fn backend_choice_follows_the_config_and_the_kernel() {
 
 /// The cost of a granted secret open judged in the kernel, as a ratio to a plain open in
 /// another directory (both with the program attached, by the same granted process), in the
-/// same machine. Printed; under emulation (TCG) every instruction of the program costs far
-/// more than natively, so the bound here is loose (3x); the target on hardware is 1.5x.
+/// same machine, wall clock and the opener's own CPU time. The bound is on the CPU time (what
+/// the kernel charged the opener): the wall clock also counts the daemon reading the records
+/// on the guest's other vCPU, which a loaded host (TCG threads competing with builds) turns
+/// into 5x on one run and 1x on the next. Under emulation every instruction of the program
+/// costs far more than natively, so the bound is loose (3x); the target, measured by
+/// `cargo xtask bench --kernel`, is 1.5x.
 fn secret_open_cost(f: &Fixture) {
     let plain_dir = tempfile::tempdir().unwrap();
     let plain = plain_dir.path().join("plain.txt");
     std::fs::write(&plain, "x").unwrap();
-    let n = "1000";
-    let cost = |path: &str| -> u64 {
+    let n = 500;
+    let cost = |path: &str| -> (u64, u64) {
         let out =
             f.cg.command(enforcer_bin())
                 .args(["run", "--intent", "wide", "--"])
                 .arg(helper_bin())
-                .args(["open-loop", path, n])
+                .args(["open-loop", path, &n.to_string()])
                 .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
                 .output()
                 .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-        text.lines().find_map(|l| l.strip_prefix("ns ")).unwrap().parse().unwrap()
+        if path == f.secret {
+            // Every granted open is recorded, allowed under the grant. Waiting for the
+            // records also keeps the next `enforcer run` from queueing its grant request
+            // behind them (under emulation they take the daemon seconds).
+            let pid: u32 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("ok "))
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no pid from the helper: {text}"));
+            let ev = opens_of_within(f, pid, n, Duration::from_secs(60));
+            assert_eq!(ev.len(), n, "granted opens recorded");
+            assert!(
+                ev.iter()
+                    .all(|e| (e.verdict.as_str(), e.action.as_str()) == ("allowed", "allowed")
+                        && e.grant().intent == "wide"),
+                "{:#?}",
+                ev.iter().find(|e| e.verdict != "allowed")
+            );
+        }
+        let field = |k: &str| -> u64 {
+            text.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().parse().unwrap()
+        };
+        (field("ns "), field("cpu_ns "))
     };
     // Best of 2 each, interleaved.
-    let (mut plain_ns, mut secret_ns) = (u64::MAX, u64::MAX);
+    let (mut plain_ns, mut secret_ns) = ((u64::MAX, u64::MAX), (u64::MAX, u64::MAX));
+    let best = |a: (u64, u64), b: (u64, u64)| (a.0.min(b.0), a.1.min(b.1));
     for _ in 0..2 {
-        plain_ns = plain_ns.min(cost(plain.to_str().unwrap()));
-        secret_ns = secret_ns.min(cost(&f.secret));
+        plain_ns = best(plain_ns, cost(plain.to_str().unwrap()));
+        secret_ns = best(secret_ns, cost(&f.secret));
     }
-    let ratio = secret_ns as f64 / plain_ns as f64;
+    let wall = secret_ns.0 as f64 / plain_ns.0 as f64;
+    let cpu = secret_ns.1 as f64 / plain_ns.1.max(1) as f64;
     println!(
-        "secret open+close (granted, judged in the kernel) {secret_ns} ns, plain open+close {plain_ns} ns: {ratio:.2}x"
+        "secret open+close (granted, judged in the kernel) {} ns, plain open+close {} ns: {wall:.2}x wall; \
+         CPU time of the opener {} / {} ns: {cpu:.2}x",
+        secret_ns.0, plain_ns.0, secret_ns.1, plain_ns.1
     );
-    assert!(ratio <= 3.0, "{ratio:.2}x");
+    assert!(cpu <= 3.0, "{cpu:.2}x the opener's CPU time");
 }

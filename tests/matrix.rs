@@ -5,7 +5,9 @@
 //! ran on. What it proves on every kernel: doctor's probes (BPF-LSM included) agree with the
 //! kernel, the daemon's programs load and attach, a secret open and a loopback connect are
 //! attributed with exact fields, the ungranted open is denied (EPERM), and a grant is allowed
-//! then, once expired, denied in the kernel (EPERM), also after SIGKILL of the daemon.
+//! then, once expired, denied in the kernel (EPERM), also after SIGKILL of the daemon; the
+//! default file backend (`auto`) is BPF-LSM exactly where the kernel runs it, in status and
+//! doctor. tests/lsm.rs, also in the guest suite, covers the BPF-LSM backend in depth.
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -69,6 +71,17 @@ fn doctor_reports_what_the_kernel_supports() {
         loads, bpf_active,
         "the BPF-LSM probe disagrees with the kernel's LSM list: {doc:#}"
     );
+    // The backend doctor names for secret opens follows the probe, and says what fails open.
+    let backend = doc["backends"]["file_open"].as_str().unwrap_or_default();
+    let note = doc["backends"]["file_open_note"].as_str().unwrap_or_default();
+    if loads {
+        assert!(backend.starts_with("bpf-lsm"), "{doc:#}");
+        assert!(note.starts_with("fails closed"), "{doc:#}");
+    } else {
+        assert!(backend.starts_with("fanotify"), "{doc:#}");
+        assert!(note.contains("fails open"), "{doc:#}");
+    }
+    println!("{release}: doctor: secret opens by {backend}");
 }
 
 /// Waits (bounded) for at least `n` events matching `pred`; returns them all.
@@ -110,6 +123,11 @@ fn programs_attribute_opens_and_connects_and_expire_grants_in_the_kernel() {
         "{st:#}"
     );
     assert!(st["backends"]["file_open"].is_string(), "{st:#}");
+    // file_backend = "auto" (the default): BPF-LSM wherever the kernel runs it.
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    let bpf_lsm = lsms.trim().split(',').any(|l| l == "bpf");
+    let want = if bpf_lsm { "bpf-lsm" } else { "fanotify" };
+    assert_eq!(st["file_backend"].as_str(), Some(want), "LSMs {lsms:?}: {st:#}");
     let out = f.daemon.cli(&["status"]);
     assert!(out.status.success(), "enforcer status: {}", String::from_utf8_lossy(&out.stderr));
     println!("{release}: attached {attached}");

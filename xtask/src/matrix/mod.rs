@@ -3,10 +3,10 @@
 //! root read-only (the same `enforcer` binary the host suite tested), one test at a time.
 //! Failure of any guest test, or a guest that hangs, fails the step naming the kernel.
 
-mod host;
+pub(crate) mod host;
 mod initramfs;
 pub mod kernels;
-mod qemu;
+pub(crate) mod qemu;
 
 use crate::{build::Built, cmd, root, show};
 use anyhow::{Context, Result, bail};
@@ -15,7 +15,7 @@ use qemu::GuestTest;
 use std::time::Instant;
 
 /// The `[[test]]` targets of enforcer-tests that run inside every guest kernel.
-pub const GUEST_TESTS: &[&str] = &["matrix", "egress_kernels"];
+pub const GUEST_TESTS: &[&str] = &["matrix", "lsm", "egress_kernels"];
 
 /// The harness's wait factor in guests (tests/support: daemon ready, events).
 const GUEST_TIME_SCALE: u32 = 4;
@@ -73,7 +73,11 @@ pub fn run(series: &[Series], args: &[String], built: &Built) -> Result<()> {
     host::ensure()?;
     let qemu = host::qemu().context("matrix: qemu-system-x86_64 not found")?;
     let kernels: Vec<Kernel> = series.iter().map(|s| kernels::ensure(*s)).collect::<Result<_>>()?;
-    let tests = guest_binaries(built)?;
+    let mut tests = guest_binaries(built)?;
+    for t in &mut tests {
+        t.args = ["--test-threads=1", "--show-output"].iter().map(|a| a.to_string()).collect();
+        t.args.extend(args.iter().cloned());
+    }
     let env = vec![
         ("ENFORCER_BIN".to_string(), built.enforcer.display().to_string()),
         // Emulation (TCG) is several times slower than the host: the harness waits longer.
@@ -93,7 +97,7 @@ pub fn run(series: &[Series], args: &[String], built: &Built) -> Result<()> {
             k.series.suite,
             tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
         );
-        let g = qemu::run(&qemu, k, &tests, &env, args, &out_dir)?;
+        let g = qemu::run(&qemu, k, &tests, &env, &out_dir)?;
         let (mut passed, mut fails) = (0, 0);
         let mut problems = Vec::new();
         for r in &g.runs {
@@ -103,7 +107,7 @@ pub fn run(series: &[Series], args: &[String], built: &Built) -> Result<()> {
             println!("matrix: {} on {}: output\n{}", r.name, k.release, r.log.trim_end());
             match r.code {
                 Some(0) => {}
-                Some(124) => problems.push(format!(
+                Some(qemu::TIMED_OUT) => problems.push(format!(
                     "{} killed by the guest's timeout after {}s",
                     r.name,
                     qemu::BINARY_LIMIT_S
@@ -206,7 +210,12 @@ fn guest_binaries(built: &Built) -> Result<Vec<GuestTest>> {
         if let (true, true, Some(exe)) =
             (is_test, GUEST_TESTS.contains(&name), msg["executable"].as_str())
         {
-            found.push(GuestTest { name: name.to_string(), exe: exe.into() });
+            found.push(GuestTest {
+                name: name.to_string(),
+                exe: exe.into(),
+                args: Vec::new(),
+                limit_s: qemu::BINARY_LIMIT_S,
+            });
         }
     }
     for t in GUEST_TESTS {

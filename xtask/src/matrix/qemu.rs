@@ -17,16 +17,22 @@ pub const GUEST_SCRIPT: &str = "guest.sh";
 
 /// Seconds one test binary may run inside the guest before `timeout` kills it.
 pub const BINARY_LIMIT_S: u64 = 420;
+/// Exit code of a program `timeout` killed.
+pub const TIMED_OUT: i32 = 124;
 /// Seconds a guest may take to boot to its script and to power off.
 const BOOT_AND_SHUTDOWN_S: u64 = 150;
 
 const VCPUS: &str = "2";
 const MEMORY_MIB: &str = "1536";
 
-/// A test binary to run inside the guest.
+/// A program to run inside the guest: a test binary of the matrix, or the guest bench.
 pub struct GuestTest {
     pub name: String,
     pub exe: PathBuf,
+    /// Its whole argument list.
+    pub args: Vec<String>,
+    /// Seconds it may run before the guest's `timeout` kills it.
+    pub limit_s: u64,
 }
 
 /// What one test binary did in the guest.
@@ -65,14 +71,9 @@ fn quote(s: &str) -> String {
 }
 
 /// Guest PID 1 after switch_root: the mounts the daemon and the tests need, loopback up,
-/// scratch on tmpfs (/var/tmp; /tmp too unless the workspace is under it), each binary run
-/// one test at a time, then power off.
-fn guest_script(
-    tests: &[GuestTest],
-    env: &[(String, String)],
-    args: &[String],
-    cwd: &Path,
-) -> String {
+/// scratch on tmpfs (/var/tmp; /tmp too unless the workspace is under it), each program run
+/// in turn under its own `timeout`, then power off.
+fn guest_script(tests: &[GuestTest], env: &[(String, String)], cwd: &Path) -> String {
     let cwd_q = quote(&cwd.display().to_string());
     let mut s = format!(
         r#"#!/bin/sh
@@ -104,15 +105,16 @@ cd {cwd_q}
     for (k, v) in env {
         s += &format!("export {k}={}\n", quote(v));
     }
-    let args: String = args.iter().map(|a| format!(" {}", quote(a))).collect();
     for t in tests {
         let n = &t.name;
+        let args: String = t.args.iter().map(|a| format!(" {}", quote(a))).collect();
         s += &format!(
             "echo \"enforcer-matrix: running {n}\" > /dev/console\n\
              date +%s.%N > $R/{n}.start\n\
-             timeout -k 10 {BINARY_LIMIT_S} {} --test-threads=1 --show-output{args} > $R/{n}.log 2>&1\n\
+             timeout -k 10 {} {}{args} > $R/{n}.log 2>&1\n\
              echo $? > $R/{n}.rc\n\
              date +%s.%N > $R/{n}.end\n",
+            t.limit_s,
             quote(&t.exe.display().to_string())
         );
     }
@@ -120,14 +122,13 @@ cd {cwd_q}
     s
 }
 
-/// Boots `kernel`, runs `tests` (with `env` and harness `args`), collects the results in
-/// `out_dir` (emptied first).
+/// Boots `kernel`, runs `tests` (with `env`), collects the results in `out_dir` (emptied
+/// first).
 pub fn run(
     qemu: &Path,
     kernel: &Kernel,
     tests: &[GuestTest],
     env: &[(String, String)],
-    args: &[String],
     out_dir: &Path,
 ) -> Result<GuestRun> {
     let _ = std::fs::remove_dir_all(out_dir);
@@ -135,7 +136,7 @@ pub fn run(
     std::fs::create_dir_all(&results)
         .with_context(|| format!("matrix: cannot create {}", results.display()))?;
     let script = results.join(GUEST_SCRIPT);
-    std::fs::write(&script, guest_script(tests, env, args, &crate::root()))
+    std::fs::write(&script, guest_script(tests, env, &crate::root()))
         .with_context(|| format!("matrix: cannot write {}", script.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -166,7 +167,9 @@ pub fn run(
         .stdout(File::create(&qemu_log)?)
         .stderr(File::create(out_dir.join("qemu.err"))?);
     println!("$ {}", crate::show(&c));
-    let limit = Duration::from_secs(BOOT_AND_SHUTDOWN_S + BINARY_LIMIT_S * tests.len() as u64);
+    let limit = Duration::from_secs(
+        BOOT_AND_SHUTDOWN_S + tests.iter().map(|t| t.limit_s + 10).sum::<u64>(),
+    );
     let t0 = Instant::now();
     let mut child =
         c.spawn().with_context(|| format!("matrix: cannot start {}", qemu.display()))?;
