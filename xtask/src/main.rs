@@ -65,18 +65,26 @@ enum Cmd {
         /// Run only this target (default: all of fuzz/fuzz_targets/).
         target: Option<String>,
     },
-    /// Build, then measure the daemon's overhead and ring-buffer drops (writes target/bench.md).
+    /// Build, then measure the daemon's overhead and ring-buffer drops (writes target/bench.md);
+    /// with `--kernel`, the secret-open cost of each file backend and the connect and
+    /// fork+exec ratios inside guest kernels under QEMU instead (writes target/bench-guest.md).
     Bench {
-        /// Rounds with and without the daemon (each).
-        #[arg(long, default_value_t = 7)]
-        iterations: usize,
+        /// Rounds with and without the daemon (each); default 7 on the host, 3 in a guest.
+        #[arg(long)]
+        iterations: Option<usize>,
         /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving).
         #[arg(long)]
         only: Option<String>,
+        /// Measure inside these guest kernels (`6.1`, `6.12`, `all`) instead of on the host.
+        #[arg(long, value_enum)]
+        kernel: Option<bench::guest::GuestKernel>,
     },
     /// Internal: one measured loop, run by `bench` inside the bench cgroup.
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
+    /// Internal: the guest side of `bench --kernel`, run inside the guest.
+    #[command(hide = true)]
+    BenchGuestInner(bench::guest::InnerArgs),
 }
 
 fn main() {
@@ -88,8 +96,14 @@ fn main() {
         Cmd::Lint => lint::run(),
         Cmd::Test { fuzz_secs, kernel, args } => test::run(&args, fuzz_secs, kernel),
         Cmd::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
-        Cmd::Bench { iterations, only } => bench::run(iterations, only.as_deref()),
+        Cmd::Bench { iterations, only, kernel: None } => {
+            bench::run(iterations.unwrap_or(7), only.as_deref())
+        }
+        Cmd::Bench { iterations, only: _, kernel: Some(k) } => {
+            bench::guest::run(k, iterations.unwrap_or(bench::guest::DEFAULT_ITERATIONS))
+        }
         Cmd::BenchWorker(args) => bench::worker(&args),
+        Cmd::BenchGuestInner(args) => bench::guest::inner(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -31,6 +31,8 @@ pub(super) struct Bench {
     pub(super) tcp_out: SocketAddr,
     pub(super) udp: UdpSocket,
     pub(super) specs: Vec<Spec>,
+    /// Factor on the daemon's start and stop limits (an emulated guest is many times slower).
+    pub(super) time_scale: u32,
 }
 
 impl Bench {
@@ -70,6 +72,7 @@ impl Bench {
             tcp_out,
             udp,
             specs: Vec::new(),
+            time_scale: 1,
         };
         b.prepare().inspect_err(|_| b.cleanup())?;
         Ok(b)
@@ -322,9 +325,10 @@ impl Bench {
             if ready {
                 break;
             }
-            if t0.elapsed() > Duration::from_secs(30) {
+            if t0.elapsed() > Duration::from_secs(30) * self.time_scale {
                 bail!(
-                    "bench: daemon not ready after 30 s; log {}:\n{}",
+                    "bench: daemon not ready after {} s; log {}:\n{}",
+                    30 * self.time_scale,
                     log_path.display(),
                     tail(&log_path)
                 );
@@ -333,7 +337,7 @@ impl Bench {
         }
         println!("bench: daemon ready in {:.2}s", t0.elapsed().as_secs_f64());
         // Startup work after readiness (e.g. a /proc scan) must not land in the measurement.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(500) * self.time_scale);
         Ok(())
     }
 
@@ -347,7 +351,7 @@ impl Bench {
             if let Some(st) = d.try_wait()? {
                 break st;
             }
-            if t0.elapsed() > Duration::from_secs(15) {
+            if t0.elapsed() > Duration::from_secs(15) * self.time_scale {
                 let _ = d.kill();
                 let _ = d.wait();
                 remove_pins();

@@ -10,6 +10,7 @@
 mod alerts;
 mod aws;
 mod grants;
+pub mod guest;
 mod harness;
 mod report;
 mod rounds;
