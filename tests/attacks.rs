@@ -98,7 +98,7 @@ fn full_ring_buffer_with_the_daemon_stopped_keeps_agents_and_children_confined()
     let Some(f) = agent_fixture("ringfull-stopped") else { return };
     let pid = f.daemon.child.as_ref().unwrap().id();
     signal(pid, "-STOP");
-    // 16 MiB of ~120-byte records is ~140k records: 400k sends fill it with margin.
+    // 4 MiB of ~120-byte records is ~35k records: 400k sends fill it with margin.
     let mut flood = udp_flood(&f.cg, 400_000, 60);
     assert!(flood.wait().unwrap().success(), "flood");
     let lines = agent_forks_and_connects(&f, f.bad_port, 5);

@@ -16,8 +16,10 @@ use crate::records::Record;
 use crate::redact::Redactor;
 
 /// How long an exited process stays resolvable: its last file or connect events may still
-/// be queued behind its exit record.
-const EXITED_GRACE: Duration = Duration::from_secs(30);
+/// be queued behind its exit record (the rings are drained every 20 ms; a violation record on
+/// the ALERTS ring may be read after the exit record on EVENTS). Every exec'd process stays
+/// this long, so it bounds the table under an exec storm (rate x grace entries).
+const EXITED_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Process {
@@ -296,6 +298,11 @@ impl ProcessTable {
     pub fn purge(&mut self) {
         let now = Instant::now();
         self.procs.retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < EXITED_GRACE));
+        // After a storm the table keeps its peak capacity (its buckets hold whole entries):
+        // give most of it back once it is mostly empty.
+        if self.procs.capacity() > 1024 && self.procs.len() < self.procs.capacity() / 4 {
+            self.procs.shrink_to(self.procs.len() * 2);
+        }
     }
 }
 

@@ -23,15 +23,17 @@ pub const ARGV_MAX: usize = 2048;
 /// The process, and whether its argv was cut off at `ARGV_MAX` bytes (the caller redacts the
 /// command line and marks the cut).
 pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<(Process, bool)> {
-    // Only thread-group leaders are processes.
-    let tgid: u32 = status_field(pid, "Tgid:")?.parse().ok()?;
+    // One read of status for all three fields. Only thread-group leaders are processes.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+    };
+    let tgid: u32 = field("Tgid:")?;
     if tgid != pid {
         return None;
     }
-    let ppid = ppid(pid).unwrap_or(0);
-    let uid = status_field(pid, "Uid:")
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let ppid = field("PPid:").unwrap_or(0);
+    let uid = field("Uid:").unwrap_or(0);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
         .unwrap_or_default();
