@@ -72,7 +72,8 @@ enum Cmd {
         /// Rounds with and without the daemon (each); default 7 on the host, 3 in a guest.
         #[arg(long)]
         iterations: Option<usize>,
-        /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving).
+        /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving), or
+        /// `attack` (the daemon under attack: exec storm, RSS idle and through a soak).
         #[arg(long)]
         only: Option<String>,
         /// Measure inside these guest kernels (`6.1`, `6.12`, `all`) instead of on the host.

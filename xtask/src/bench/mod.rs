@@ -8,6 +8,7 @@
 //! call seen by the worker). Prints a table and writes target/bench.md.
 
 mod alerts;
+mod attack;
 mod aws;
 mod grants;
 pub mod guest;
@@ -64,10 +65,14 @@ struct Spec {
 }
 
 /// `only = Some("mint")`: only the Mint API rows (grant issuance, connects with the grants
-/// live, JWT-SVID and AWS credential serving), with the daemon in monitor mode.
+/// live, JWT-SVID and AWS credential serving), with the daemon in monitor mode;
+/// `Some("attack")`: only the daemon-under-attack rows (attack.rs, about 2 min).
 pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
-    if only.is_some_and(|o| o != "mint") {
-        bail!("bench: --only takes `mint` (the Mint API rows), not {:?}", only.unwrap_or_default());
+    if only.is_some_and(|o| o != "mint" && o != "attack") {
+        bail!(
+            "bench: --only takes `mint` (the Mint API rows) or `attack` (the daemon under attack), not {:?}",
+            only.unwrap_or_default()
+        );
     }
     if !is_root() {
         bail!(
@@ -85,10 +90,18 @@ pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut bench = Bench::new(built.enforcer)?;
-    let rows =
-        if only.is_some() { bench.measure_mint(iterations) } else { bench.measure(iterations) };
+    let rows = match only {
+        Some("mint") => bench.measure_mint(iterations),
+        Some(_) => Ok(Vec::new()),
+        None => bench.measure(iterations),
+    };
     let rows = rows.map(|mut r| {
-        r.extend(bench.identity_rows(iterations));
+        if only != Some("attack") {
+            r.extend(bench.identity_rows(iterations));
+        }
+        if only != Some("mint") {
+            r.extend(attack::rows(&mut bench));
+        }
         r
     });
     bench.cleanup();
