@@ -12,6 +12,9 @@
 //!    expired (expired); otherwise, when grants are held, out_of_intent against the first
 //!    held grant. A process holding no grant is not judged by grants (`NO_GRANT_HELD`),
 //!    unless it is an `[[agent]]` process: then out_of_intent (reason AGENT).
+//!    A destination given by name covers an address only while it is learned: the DNS stub
+//!    answered it to a holder of that grant and the answer's deadline has not passed
+//!    ([`Facts::learned`]); an address the grant never learned is out_of_intent.
 //! 2. History counts: a connection that rule 1 lets through is out_of_intent (reason TAINT)
 //!    when the process, any process of the subtree of a grant it holds (the grant's
 //!    taint), or any process of its `[[agent]]` tree (the tree's taint) read a secret that is not valid there: outside the secret's own
@@ -31,6 +34,10 @@ pub trait Facts {
     /// Whether the destinations stored under `slot` (a grant slot, or `SECRET_SLOT_BASE + i`
     /// for secret i's own destinations) include `addr` (IPv6 form, IPv4 mapped) and `port`.
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool;
+    /// The deadline (boot clock) until which `addr` is covered for `slot` (a grant slot, or
+    /// `SECRET_SLOT_BASE + i`) on `port` because the DNS stub answered it for one of the
+    /// slot's destinations by name (0: not learned, or not on this port).
+    fn learned(&self, slot: u32, addr: &[u8; 16], port: u16) -> u64;
     /// Secret `index`'s facts (None: no such secret).
     fn secret(&self, index: u32) -> Option<SecretInfo>;
     /// Secrets read by any process of the subtree holding the grant in `slot` (the
@@ -122,7 +129,7 @@ pub fn judge<F: Facts>(
             first_info = facts_of_g;
         }
         any = true;
-        if !facts.covers(slot, addr, port) {
+        if !covered(facts, slot, addr, port, now_ns) {
             continue;
         }
         if g.state == grant_state::ACTIVE && now_ns < g.expires_ns {
@@ -160,7 +167,7 @@ pub fn judge<F: Facts>(
     // valid toward here.
     if j.taint != 0
         && (j.verdict == verdict::ALLOWED || j.verdict == verdict::NO_GRANT_HELD)
-        && let Some((secret, act)) = taint_breach(facts, j.taint, live_secrets, addr, port)
+        && let Some((secret, act)) = taint_breach(facts, j.taint, live_secrets, addr, port, now_ns)
     {
         j.verdict = verdict::OUT_OF_INTENT;
         j.reason = reason::TAINT;
@@ -205,13 +212,15 @@ fn taint_breach<F: Facts>(
     live_secrets: u64,
     addr: &[u8; 16],
     port: u16,
+    now_ns: u64,
 ) -> Option<(u8, u8)> {
     for i in 0..MAX_SECRETS {
         if taint & (1u64 << i) == 0 {
             continue;
         }
         let Some(info) = facts.secret(i as u32) else { continue };
-        let own_ok = info.has_dests == 0 || facts.covers(SECRET_SLOT_BASE + i as u32, addr, port);
+        let own_ok =
+            info.has_dests == 0 || covered(facts, SECRET_SLOT_BASE + i as u32, addr, port, now_ns);
         let granted = live_secrets & (1u64 << i) != 0;
         if !(own_ok && granted) {
             return Some(((i + 1) as u8, info.action as u8));
@@ -227,6 +236,9 @@ fn taint_breach<F: Facts>(
 /// where S is valid: inside S's own destinations and covered by a live held grant that
 /// covers S. Whether the held grants cover the destination otherwise does not matter (a
 /// server answering clients, a connection older than its grant). Never revokes.
+/// An address learned by name covers a send while its LEARNED entry exists, past its
+/// deadline too: the connection was judged inside the deadline, and a connection opened in
+/// that window keeps working after the TTL passes.
 #[inline(always)]
 pub fn judge_send<F: Facts>(
     facts: &F,
@@ -246,7 +258,9 @@ pub fn judge_send<F: Facts>(
         }
         let Some(g) = facts.grant(slot) else { continue };
         taint |= facts.grant_taint(slot);
-        if g.state == grant_state::ACTIVE && now_ns < g.expires_ns && facts.covers(slot, addr, port)
+        if g.state == grant_state::ACTIVE
+            && now_ns < g.expires_ns
+            && covered(facts, slot, addr, port, ESTABLISHED)
         {
             if live_slot == 0 {
                 live_slot = slot;
@@ -266,13 +280,25 @@ pub fn judge_send<F: Facts>(
     if taint == 0 {
         return j;
     }
-    if let Some((secret, act)) = taint_breach(facts, taint, live_secrets, addr, port) {
+    if let Some((secret, act)) = taint_breach(facts, taint, live_secrets, addr, port, ESTABLISHED) {
         j.verdict = verdict::OUT_OF_INTENT;
         j.reason = reason::TAINT;
         j.taint_secret = secret;
         j.action = if act == action::ALLOWED || !settings.enforce { action::ALERT } else { act };
     }
     j
+}
+
+/// The `now_ns` for `covered` under which any LEARNED entry still present counts (sends on
+/// established sockets).
+const ESTABLISHED: u64 = 0;
+
+/// Whether `slot`'s destinations cover (addr, port) at `now_ns`: by network, or by an
+/// address learned from a name whose deadline has not passed (a use one nanosecond late is
+/// past it).
+#[inline(always)]
+fn covered<F: Facts>(facts: &F, slot: u32, addr: &[u8; 16], port: u16, now_ns: u64) -> bool {
+    facts.covers(slot, addr, port) || now_ns < facts.learned(slot, addr, port)
 }
 
 /// Whether a violation against `g` ends it now (revoke_on_violation on an active grant).

@@ -107,6 +107,8 @@ pub mod config {
     /// its nearest ancestor's entry (`maps::proc_entry`), so no child of a grant holder,
     /// agent or tainted process runs unjudged.
     pub const STATE_LOST: u32 = 2;
+    /// The daemon's DNS stub port on 127.0.0.1 (0: no stub, port 53 is not steered).
+    pub const DNS_STUB_PORT: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -161,11 +163,46 @@ pub struct DestKey {
 pub const MAX_PORT_RANGES: usize = 8;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRanges {
     /// Inclusive (lo, hi) pairs; an unused pair is (1, 0), which matches nothing.
     pub lo: [u16; MAX_PORT_RANGES],
     pub hi: [u16; MAX_PORT_RANGES],
+}
+
+/// LEARNED key: an address the DNS stub answered to a process holding grant `slot` (or
+/// `SECRET_SLOT_BASE + i` for secret i's own destinations by name). IPv4 as IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub slot: u32,
+    pub addr: [u8; 16],
+}
+
+/// LEARNED value: until when (boot clock) and on which ports the learned address is covered:
+/// min(record TTL floored by `[dns] min_ttl`, grant expiry); the ports of the destinations
+/// whose names the answer matched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub deadline_ns: u64,
+    pub ports: PortRanges,
+}
+
+/// DNS_STEER value, keyed by the asking socket's cookie: where a process addressed its DNS
+/// query before the connect/sendmsg hook steered it to the daemon's stub. The stub reads
+/// it to attribute the query; the recvmsg hooks restore the resolver as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsSteer {
+    /// The resolver address the process asked (IPv6 form; IPv4 mapped).
+    pub addr: [u8; 16],
+    /// The resolver port (53), host order.
+    pub port: u16,
+    /// AF_INET or AF_INET6: the family of the asking socket.
+    pub family: u16,
+    pub tgid: u32,
+    pub start_ns: u64,
 }
 
 /// Connect verdicts decided in the kernel (`ConnectRecord.verdict`), mirroring decide.rs.
@@ -314,6 +351,9 @@ mod pod {
     unsafe impl aya::Pod for GrantInfo {}
     unsafe impl aya::Pod for DestKey {}
     unsafe impl aya::Pod for PortRanges {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for DnsSteer {}
     unsafe impl aya::Pod for SecretInfo {}
     unsafe impl aya::Pod for ExeKey {}
     unsafe impl aya::Pod for SockState {}

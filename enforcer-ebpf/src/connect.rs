@@ -20,15 +20,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ConnectRecord, DestKey, GrantInfo, MAX_PORT_RANGES, ProcGrants, SecretInfo, config, counter,
-    grant_state,
+    ConnectRecord, DestKey, GrantInfo, LearnedKey, MAX_PORT_RANGES, ProcGrants, SecretInfo, config,
+    counter, grant_state,
     judge::{Facts, Judgement, Settings, judge},
     kind, op, verdict,
 };
 
 use crate::maps::{
-    AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, SECRETS, WAKEUP_NOW, config,
-    count, proc_entry, submit_flags,
+    AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, LEARNED, PROC_GRANTS, SECRETS,
+    WAKEUP_NOW, config, count, proc_entry, submit_flags,
 };
 
 const AF_INET: u32 = 2;
@@ -78,6 +78,19 @@ impl Facts for Maps {
             }
         }
         ok
+    }
+
+    #[inline(always)]
+    fn learned(&self, slot: u32, addr: &[u8; 16], port: u16) -> u64 {
+        let key = LearnedKey { slot, addr: *addr };
+        let Some(l) = (unsafe { LEARNED.get(key) }) else { return 0 };
+        let mut ok = false;
+        for j in 0..MAX_PORT_RANGES {
+            if l.ports.lo[j] <= port && port <= l.ports.hi[j] {
+                ok = true;
+            }
+        }
+        if ok { l.deadline_ns } else { 0 }
     }
 
     #[inline(always)]
@@ -150,6 +163,12 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     let mut v6 = addr;
     if family == AF_INET {
         v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
+    }
+    // DNS of a judged process goes to the daemon's stub, which judges the query itself.
+    if let Some(pg) = unsafe { PROC_GRANTS.get(tgid) }
+        && crate::dns::steer(ctx, family, pg, tgid, &v6, port)
+    {
+        return ALLOW;
     }
     // One clock reading for the judgement and the record: the daemon replays the judge at
     // the record's time.

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod connect;
+mod dns;
 mod egress;
 mod ipc;
 mod lineage;

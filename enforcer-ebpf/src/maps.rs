@@ -6,10 +6,11 @@ use crate::lineage::{TASK_REAL_PARENT_OFF, TASK_TGID_OFF};
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    DestKey, ExeKey, GrantInfo, MAX_SECRETS, PortRanges, ProcGrants, SecretInfo, config, counter,
+    DestKey, DnsSteer, ExeKey, GrantInfo, Learned, LearnedKey, MAX_SECRETS, PortRanges, ProcGrants,
+    SecretInfo, config, counter,
 };
 
 /// Every record for the daemon. 4 MiB holds ~30,000 connect records: over 300 ms of a 100k
@@ -52,6 +53,18 @@ pub static AGENT_TAINT: HashMap<u32, u64> = HashMap::pinned(16_384, 0);
 /// (grant slot | SECRET_SLOT_BASE + secret index, destination network) -> allowed ports.
 #[map]
 pub static GRANT_DESTS: LpmTrie<DestKey, PortRanges> = LpmTrie::pinned(65_536, 1);
+
+/// (grant slot | SECRET_SLOT_BASE + secret index, address) -> deadline and ports: addresses
+/// the daemon's DNS stub answered for destinations given by name, written before the reply
+/// is released. Removed by the daemon some time after the deadline.
+#[map]
+pub static LEARNED: HashMap<LearnedKey, Learned> = HashMap::pinned(65_536, 0);
+
+/// socket cookie -> the resolver a judged process addressed before its port-53 connect or
+/// sendmsg was steered to the DNS stub (read by the stub and the recvmsg hooks). LRU: a
+/// query socket needs its entry for one round trip.
+#[map]
+pub static DNS_STEER: LruHashMap<u64, DnsSteer> = LruHashMap::pinned(16_384, 0);
 
 /// secret index -> whether it has destinations of its own, and its no-grant action.
 #[map]

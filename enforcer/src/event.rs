@@ -114,6 +114,10 @@ pub struct DestinationRef {
     pub ip: String,
     pub port: u16,
     pub protocol: String,
+    /// The DNS name the address was learned from (a connect to an address the DNS stub
+    /// answered), or the name asked (a `dns` event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// socket(2) arguments by name: family "AF_INET", type "SOCK_RAW", protocol "ICMP" (numbers

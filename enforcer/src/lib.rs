@@ -15,6 +15,7 @@ pub mod cli;
 pub mod daemon;
 pub mod decide;
 pub mod dest_table;
+pub mod dns;
 pub mod event;
 pub mod file;
 pub mod kernel;

@@ -105,7 +105,11 @@ fn file(e: &Event) -> Option<Value> {
 
 fn dst(e: &Event) -> Option<Value> {
     let d = e.destination.as_ref()?;
-    Some(json!({ "ip": d.ip, "port": d.port }))
+    let mut v = json!({ "ip": d.ip, "port": d.port });
+    if let Some(name) = &d.name {
+        v["hostname"] = name.clone().into();
+    }
+    Some(v)
 }
 
 fn unmapped(e: &Event) -> Value {

@@ -20,7 +20,10 @@ use crate::policy::{Mode, SecretKind};
 use crate::proc::{ProcessTable, is_within};
 use crate::records::{Connect, IpcUse, Record, SocketUse};
 use crate::store::EventStore;
+use dns::learned_name;
 
+/// Addresses learned by name in connect decisions; the DNS stub's `dns` events.
+mod dns;
 /// Judged socket creations: names and the decision path.
 mod credential;
 /// Executable hashes for alerts, off the decision path.
@@ -67,6 +70,8 @@ pub struct Engine {
     pub counts: Counts,
     refusals: refusal::RefusalLog,
     routine: routine::Routine,
+    /// Addresses the DNS stub learned (replays judge on them; events name them).
+    pub learned: Arc<crate::dns::learned::LearnedTable>,
 }
 
 /// The engine's ties to the grants, none of which waits on the registry: the published
@@ -130,6 +135,7 @@ impl Engine {
             counts: Counts::default(),
             refusals: Default::default(),
             routine: Default::default(),
+            learned: Arc::new(crate::dns::learned::LearnedTable::new(None)),
         }
     }
 
@@ -181,6 +187,7 @@ impl Engine {
             view.subject_state(Some(c.subject), self.grants.act.revoked(&view), when)
         };
         subject.known = known;
+        self.fill_learned(&mut subject, &view, c.ip, c.boot_ns);
         let ours = if c.send {
             decide::judge_send(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns))
         } else {
@@ -188,6 +195,10 @@ impl Engine {
         };
         let theirs = kernel_judgement(&c, &subject, &view);
         let mut d = decide::explain(&theirs, c.ip, c.port, &subject, self.mode, when);
+        let name = learned_name(&subject, theirs.slot, c.ip);
+        if let Some(name) = &name {
+            d.decision_path.push(format!("address learned from DNS name {name} (stub answer)"));
+        }
         if !same_judgement(&ours, &theirs) {
             // The kernel's judgement is what happened; say where the two disagreed.
             self.counts.decision_mismatches += 1;
@@ -229,7 +240,7 @@ impl Engine {
             return;
         }
         let dest =
-            DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name() };
+            DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name(), name };
         let killer = kill_failed.map(|err| (process.clone(), err));
         if c.send {
             d.decision_path.push(if c.cgroup_id == 0 {
@@ -583,7 +594,7 @@ impl Engine {
         }
     }
 
-    fn event(&mut self, kind: &str, d: &Decision, process: ProcessRef) -> Event {
+    pub(super) fn event(&mut self, kind: &str, d: &Decision, process: ProcessRef) -> Event {
         self.seq += 1;
         let alert = d.verdict != decide::Verdict::Allowed;
         Event {
@@ -610,7 +621,7 @@ impl Engine {
         }
     }
 
-    fn emit(&mut self, mut e: Event) {
+    pub(super) fn emit(&mut self, mut e: Event) {
         if let Some(g) = &e.grant
             && (e.kind == "connect" || e.kind == "file_open")
         {

@@ -205,6 +205,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     let own_maps = grant_maps.act_maps()?;
     let delivery_maps = grant_maps.act_maps()?;
     let spiffe_maps = grant_maps.act_maps()?;
+    let dns_procs = grant_maps.act_maps()?;
     let facts = PolicyFacts {
         config: policy.clone(),
         secret_bits: Arc::new(index.by_name.clone()),
@@ -252,6 +253,9 @@ async fn run_async(setup: Setup) -> Result<()> {
         notices: cred_tx,
     };
     let links_view = view.clone();
+    // The DNS stub: bound and serving before the kernel steers port 53 to it.
+    let (stub, stub_task, mut dns_rx) =
+        start_dns(&cfg, &mut kernel, view.clone(), dns_procs).await?;
     let links = GrantLinks {
         view,
         act: Actor::new(act_maps, notices_tx.clone()),
@@ -270,6 +274,8 @@ async fn run_async(setup: Setup) -> Result<()> {
     engine.secret_kinds = cfg.secrets.iter().map(|s| (s.name.clone(), s.kind)).collect();
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
     sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
+    engine.learned = stub.learned.clone();
+    policy_maps.set_dns_stub_port(stub.local.port())?;
 
     let limiter = match cfg.mint_rate_per_second {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
@@ -337,6 +343,7 @@ async fn run_async(setup: Setup) -> Result<()> {
         kernel: &kernel,
         rebuilt: &rebuilt,
         sweep: &sweep_stats,
+        dns: &stub,
     };
     *lock(&api_state.status) = status_ctx.render(&engine, &watch);
 
@@ -422,6 +429,14 @@ async fn run_async(setup: Setup) -> Result<()> {
                 engine.release_alerts(false);
                 engine.flush();
             }
+            Some(n) = dns_rx.recv() => {
+                drain_ring_max(ring.get_mut(), &mut engine, LINEAGE_BEFORE_ANSWER);
+                engine.on_dns(n);
+                while let Ok(n) = dns_rx.try_recv() {
+                    engine.on_dns(n);
+                }
+                engine.flush();
+            }
             Some(change) = changes.recv() => {
                 // Lineage first, so the subject's records are in the table.
                 drain_ring(ring.get_mut(), &mut engine);
@@ -467,6 +482,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                 watch.refresh();
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
                 engine.table.purge();
+                stub.learned.prune(crate::kernel::grants::boot_now_ns());
                 notify_watchdog();
                 for n in crate::alert::take_notices() {
                     engine.agent_event("alert_delivery_degraded", "high", n);
@@ -487,7 +503,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                     last_state_full = state_full;
                 }
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats, dns: &stub };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             _ = sighup.recv() => {
@@ -495,15 +511,17 @@ async fn run_async(setup: Setup) -> Result<()> {
                 sinks.reopen_files();
                 let _ = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
+                stub.enforce.store(engine.mode == crate::policy::Mode::Enforce, std::sync::atomic::Ordering::Relaxed);
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats, dns: &stub };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
             }
             Some(reply) = reload_rx.recv() => {
                 let r = apply_reload(&setup, &registry, &mut index, &mut policy_maps, &mut engine, &mut watch, &api_state);
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
+                stub.enforce.store(engine.mode == crate::policy::Mode::Enforce, std::sync::atomic::Ordering::Relaxed);
                 engine.flush();
-                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats };
+                let ctx = status::Context { setup: &setup, started, kernel: &kernel, rebuilt: &rebuilt, sweep: &sweep_stats, dns: &stub };
                 *lock(&api_state.status) = ctx.render(&engine, &watch);
                 let _ = reply.send(r);
             }
@@ -513,6 +531,10 @@ async fn run_async(setup: Setup) -> Result<()> {
     };
     server.abort();
     inbox.abort();
+    // No stub to answer: port 53 of judged processes is judged like any connect again
+    // (a resolver outside the grants is out_of_intent) instead of steered to a closed port.
+    let _ = policy_maps.set_dns_stub_port(0);
+    stub_task.abort();
     sweeper.abort();
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
@@ -541,6 +563,62 @@ async fn run_async(setup: Setup) -> Result<()> {
     drop(kernel);
     tracing::info!("stopped on {reason}");
     Ok(())
+}
+
+/// Binds and starts the DNS stub (`crate::dns`); returns it, its task and its notices.
+async fn start_dns(
+    cfg: &Config,
+    kernel: &mut Kernel,
+    view: Arc<ViewCell>,
+    procs: crate::kernel::grants::ActMaps,
+) -> Result<(
+    Arc<crate::dns::stub::Stub>,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<crate::dns::DnsNotice>,
+)> {
+    use crate::dns::{learned::LearnedTable, resolv, stub};
+    let maps = kernel.dns_maps()?;
+    let learned = Arc::new(LearnedTable::new(Some(maps.learned)));
+    let upstream = resolv::upstream(
+        cfg.dns.upstream.as_deref(),
+        Path::new(resolv::RESOLV_CONF),
+        Path::new(resolv::RESOLVED_UPSTREAM_CONF),
+    );
+    let sockets = stub::bind(cfg.dns.listen)
+        .await
+        .with_context(|| format!("dns: bind the stub on {} (UDP and TCP)", cfg.dns.listen))?;
+    let local = sockets.udp.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let enforce = cfg.mode == crate::policy::Mode::Enforce;
+    let mut s = stub::Stub::new(
+        upstream.servers.clone(),
+        &cfg.dns,
+        enforce,
+        local,
+        learned,
+        view,
+        maps.steer,
+        procs,
+        tx,
+    );
+    s.upstream_source = upstream.source.clone();
+    if upstream.servers.is_empty() {
+        s.notes.push("no upstream resolver: [dns] upstream is empty and /etc/resolv.conf lists no nameserver; names in grants resolve to nothing (SERVFAIL)".into());
+    }
+    if upstream.resolved {
+        s.notes.push("/etc/resolv.conf points at systemd-resolved (127.0.0.53): granted processes' queries to it are steered to this stub, which forwards to resolved's upstreams".into());
+    }
+    let nss = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    if crate::dns::nss_resolve_in_use(&nss) {
+        s.notes.push("/etc/nsswitch.conf resolves hosts through nss-resolve (systemd-resolved's varlink socket): such lookups send no DNS packet, so their addresses are never learned and connections to them are out_of_intent; put `dns` before `resolve` for granted workloads (README, Destinations by name)".into());
+    }
+    for n in &s.notes {
+        tracing::warn!("dns: {n}");
+    }
+    tracing::info!(listen = %local, upstream = ?upstream.servers, source = %upstream.source, "dns stub serving");
+    let stub = Arc::new(s);
+    let task = tokio::spawn(stub.clone().serve(sockets));
+    Ok((stub, task, rx))
 }
 
 /// Applies fork, exit and revoke notices to the registry, and expires grants when due.

@@ -19,6 +19,8 @@ pub struct Context<'a> {
     /// What a start without pins wrote back (agent flags, taint).
     pub rebuilt: &'a Restored,
     pub sweep: &'a SweepStats,
+    /// The DNS stub, for its own section.
+    pub dns: &'a crate::dns::stub::Stub,
 }
 
 impl Context<'_> {
@@ -62,7 +64,7 @@ impl Context<'_> {
             "file_backend": self.kernel.file_backend,
             "backends": {
                 "process_lineage": "raw_tracepoint (task_newtask, sched_process_exec, sched_process_exit)",
-                "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6)",
+                "connect": "cgroup_sock_addr (connect4, connect6, sendmsg4, sendmsg6; recvmsg4, recvmsg6 for DNS replies)",
                 "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
                 "egress": egress,
                 "file_open": file_open,
@@ -95,6 +97,8 @@ impl Context<'_> {
                 "taint_restored_at_start": self.rebuilt.taint_restored,
             },
             "exe_hash": engine.exe_hashes.counts,
+
+            "dns": self.dns.status(),
             "fanotify_overflows": watch.overflows,
             "file_decision_us": {
                 "count": watch.latencies.count,

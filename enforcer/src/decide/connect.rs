@@ -10,8 +10,8 @@ use enforcer_common::{
 };
 
 use super::{
-    Decision, Reason, SubjectState, Use, Verdict, action_of, canonical, decision, expired_line,
-    in_nets, late_ms, on_violation_of, revoked_line, subject_lines, verdict_of, what,
+    Decision, LearnedAddr, Reason, SubjectState, Use, Verdict, action_of, canonical, decision,
+    expired_line, in_nets, late_ms, on_violation_of, revoked_line, subject_lines, verdict_of, what,
 };
 use crate::dest_table::DestTable;
 use crate::policy::{AGENT_ON_VIOLATION, Mode};
@@ -29,6 +29,35 @@ struct SubjectFacts {
     grant_dests: Vec<Option<DestTable>>,
     /// Taint entry `i`: its secret's facts and own destinations, compiled.
     secrets: Vec<(SecretInfo, Option<DestTable>)>,
+    /// Held grant `i`'s learned addresses, then taint entry `i`'s: (address, ports,
+    /// deadline on the judge's clock).
+    grant_learned: Vec<OnClock>,
+    secret_learned: Vec<OnClock>,
+}
+
+/// Learned addresses as the judge reads them: (address, port ranges, deadline on its clock).
+type OnClock = Vec<(IpAddr, Vec<(u16, u16)>, u64)>;
+
+/// A deadline on the judge's clock: the kernel's own when replaying a record, otherwise
+/// placed relative to `base` as far from it as `at` is from `now`.
+fn on_clock(at: DateTime<Utc>, kernel_ns: u64, now: DateTime<Utc>, base: u64, replay: bool) -> u64 {
+    if replay && kernel_ns != 0 {
+        return kernel_ns;
+    }
+    let left = (at - now).num_nanoseconds().unwrap_or(if at > now { i64::MAX } else { i64::MIN });
+    (base as i128 + left as i128).clamp(0, u64::MAX as i128) as u64
+}
+
+fn learned_on_clock(l: &[LearnedAddr], now: DateTime<Utc>, base: u64, replay: bool) -> OnClock {
+    l.iter()
+        .map(|a| {
+            (
+                canonical(a.ip),
+                a.ports.clone(),
+                on_clock(a.expires_at, a.deadline_ns, now, base, replay),
+            )
+        })
+        .collect()
 }
 
 impl SubjectFacts {
@@ -85,7 +114,16 @@ impl SubjectFacts {
                 (info, DestTable::compile(&t.destinations).ok())
             })
             .collect();
-        (SubjectFacts { grants, grant_dests, secrets }, proc)
+        let replay = now_ns.is_some();
+        let grant_learned = subject
+            .held
+            .iter()
+            .take(MAX_PROC_GRANTS)
+            .map(|g| learned_on_clock(&g.learned, now, base, replay))
+            .collect();
+        let secret_learned =
+            taint.iter().map(|t| learned_on_clock(&t.learned, now, base, replay)).collect();
+        (SubjectFacts { grants, grant_dests, secrets, grant_learned, secret_learned }, proc)
     }
 }
 
@@ -102,6 +140,22 @@ impl Facts for SubjectFacts {
             (slot as usize).checked_sub(1).and_then(|i| self.grant_dests.get(i)?.as_ref())
         };
         table.is_some_and(|t| t.allows(ip, port))
+    }
+
+    /// The kernel holds one LEARNED entry per (slot, address): the first one listed for the
+    /// address stands for it.
+    fn learned(&self, slot: u32, addr: &[u8; 16], port: u16) -> u64 {
+        let list = if slot >= SECRET_SLOT_BASE {
+            self.secret_learned.get((slot - SECRET_SLOT_BASE) as usize)
+        } else {
+            (slot as usize).checked_sub(1).and_then(|i| self.grant_learned.get(i))
+        };
+        let ip = canonical(IpAddr::from(*addr));
+        let Some((_, ports, deadline)) = list.and_then(|l| l.iter().find(|(a, _, _)| *a == ip))
+        else {
+            return 0;
+        };
+        if ports.iter().any(|(lo, hi)| *lo <= port && port <= *hi) { *deadline } else { 0 }
     }
 
     /// The subject's taint list already holds its grants' subtree taint (the kernel record

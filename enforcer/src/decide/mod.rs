@@ -44,6 +44,23 @@ pub struct Taint {
     /// The secret's own destinations (empty: valid wherever a grant covering it is).
     pub destinations: Vec<(IpNet, u16, u16)>,
     pub on_violation: OnViolation,
+    /// Addresses the DNS stub answered for the secret's own destinations by name.
+    pub learned: Vec<LearnedAddr>,
+}
+
+/// An address the DNS stub answered for a destination given by name, as the kernel's
+/// LEARNED entry for (slot, address) stood at the time of the use.
+#[derive(Debug, Clone)]
+pub struct LearnedAddr {
+    pub ip: IpAddr,
+    /// Inclusive port ranges (of the destinations whose names the answer matched).
+    pub ports: Vec<(u16, u16)>,
+    /// Until when it is covered (wall clock, for decisions made now).
+    pub expires_at: DateTime<Utc>,
+    /// The kernel's deadline on the boot clock (0: unknown), for exact replays.
+    pub deadline_ns: u64,
+    /// The name the address was answered for.
+    pub name: String,
 }
 
 /// Who is using: what the kernel maps say about the process.
@@ -83,6 +100,8 @@ pub struct HeldGrant {
     /// The kernel's deadline on the boot clock (0: unknown). A replay of the judge at a
     /// kernel record's boot time compares exactly what the kernel compared.
     pub expires_ns: u64,
+    /// Addresses learned by name for this grant (only those a decision needs).
+    pub learned: Vec<LearnedAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

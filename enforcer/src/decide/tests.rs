@@ -120,6 +120,7 @@ fn enforce_actions_taint_and_agents() {
         secret: "key".into(),
         destinations: dests.iter().map(|d| (d.parse().unwrap(), 443, 443)).collect(),
         on_violation: on,
+        learned: vec![],
     };
     let subj = |held: Vec<HeldGrant>, taint: Vec<Taint>, agent: bool| SubjectState {
         known: true,
@@ -360,6 +361,7 @@ fn taint_names_the_first_invalid_secret() {
         secret: name.into(),
         destinations: vec![],
         on_violation: on,
+        learned: vec![],
     };
     let s = SubjectState {
         known: true,
@@ -393,6 +395,7 @@ fn overlapping_destinations_are_a_union() {
             ("10.0.0.0/8".parse().unwrap(), 443, 443),
         ],
         on_violation: OnViolation::Deny,
+        learned: vec![],
     };
     let s = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
         known: true,

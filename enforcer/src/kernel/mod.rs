@@ -34,8 +34,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// purpose: attaching one puts every syscall of every process on the slow tracing path.
 const RAW_TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_process_exit"];
 
-/// Connect programs, attached to `cgroup_root`.
-const SOCK_ADDR: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// Connect programs, attached to `cgroup_root`; the recvmsg ones give DNS replies steered
+/// through the stub the resolver's address as their source (enforcer-ebpf/src/dns.rs).
+const SOCK_ADDR: [&str; 6] =
+    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
 
 /// Socket-creation program, attached to `cgroup_root`: judged processes may not create
 /// sockets the connect hooks do not see (raw, ping, SCTP, ...).
@@ -94,6 +96,12 @@ pub struct Kernel {
 pub struct Rings {
     pub events: RingBuf<MapData>,
     pub alerts: RingBuf<MapData>,
+}
+
+/// The DNS stub's kernel maps.
+pub struct DnsMaps {
+    pub learned: aya::maps::HashMap<MapData, enforcer_common::LearnedKey, enforcer_common::Learned>,
+    pub steer: aya::maps::HashMap<MapData, u64, enforcer_common::DnsSteer>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -432,6 +440,19 @@ impl Kernel {
     /// Takes the grant maps out of the object, for the mint's registry.
     pub fn grant_maps(&mut self) -> Result<grants::GrantMaps> {
         grants::GrantMaps::take(&mut self.ebpf)
+    }
+
+    /// Takes the DNS stub's maps out of the object: LEARNED (addresses learned by name) and
+    /// DNS_STEER (who asked, by socket cookie).
+    pub fn dns_maps(&mut self) -> Result<DnsMaps> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        let learned = aya::maps::HashMap::try_from(take("LEARNED")?)?;
+        let steer = aya::maps::HashMap::try_from(take("DNS_STEER")?)?;
+        Ok(DnsMaps { learned, steer })
     }
 
     pub fn counters(&self) -> Counters {

@@ -176,6 +176,15 @@ impl PolicyMaps {
     }
 }
 
+impl PolicyMaps {
+    /// Where the connect/sendmsg hooks steer port-53 traffic of judged processes (the DNS
+    /// stub's port on 127.0.0.1; 0: not steered).
+    pub fn set_dns_stub_port(&mut self, port: u16) -> Result<()> {
+        self.config.set(config::DNS_STUB_PORT, port as u32, 0)?;
+        Ok(())
+    }
+}
+
 /// Makes a set map hold exactly `keys` (adds first, then removes the rest).
 fn replace<K: aya::Pod + PartialEq>(map: &mut HashMap<MapData, K, u8>, keys: &[K]) -> Result<()> {
     for k in keys {

@@ -8,7 +8,6 @@
 //! change publishes a new `GrantView` (`super::view`), and enforcement reports what it did
 //! to the kernel maps through `Notice`s that `apply` drains.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -75,6 +74,7 @@ impl Live {
             intent: self.grant.intent.clone(),
             secrets: self.grant.secrets.clone(),
             destinations: self.nets.clone(),
+            names: dns_names(&self.grant.destinations),
             expires_at: self.grant.expires_at,
             revoked: self.grant.state == GrantState::Revoked,
             revoked_at: self.revoked_at,
@@ -119,30 +119,28 @@ pub struct Registry {
     active_by_cgroup: HashMap<String, usize>,
 }
 
-/// Concrete networks of a grant's destinations (DNS names resolved now; wildcards cannot
-/// be resolved and are skipped with a warning). Blocking: call without the registry lock.
+/// Concrete networks of a grant's destinations. Names are not resolved here: a name covers
+/// only the addresses the DNS stub answers to the grant's holders (`crate::dns`), learned
+/// per grant with the answer's lifetime.
 pub fn resolve_destinations(dests: &[Destination]) -> Nets {
-    let mut out = Vec::new();
-    for d in dests {
-        match d {
-            Destination::Cidr { net, ports } => out.push((*net, ports.lo, ports.hi)),
-            Destination::Dns { name, ports } => {
-                if name.starts_with("*.") {
-                    tracing::warn!(destination = %d, "wildcard DNS destinations cannot be matched by address yet; skipped");
-                    continue;
-                }
-                match (name.as_str(), 0u16).to_socket_addrs() {
-                    Ok(addrs) => {
-                        for a in addrs {
-                            out.push((IpNet::from(a.ip()), ports.lo, ports.hi));
-                        }
-                    }
-                    Err(e) => tracing::warn!(destination = %d, "cannot resolve: {e}"),
-                }
-            }
-        }
-    }
-    out
+    dests
+        .iter()
+        .filter_map(|d| match d {
+            Destination::Cidr { net, ports } => Some((*net, ports.lo, ports.hi)),
+            Destination::Dns { .. } => None,
+        })
+        .collect()
+}
+
+/// The destinations given by name among a grant's destination strings, with their ports.
+pub fn dns_names(dests: &[String]) -> Vec<(String, u16, u16)> {
+    dests
+        .iter()
+        .filter_map(|d| match d.parse::<Destination>().ok()? {
+            Destination::Dns { name, ports } => Some((name, ports.lo, ports.hi)),
+            Destination::Cidr { .. } => None,
+        })
+        .collect()
 }
 
 /// Each secret's own destinations, resolved (blocking: call without the registry lock).

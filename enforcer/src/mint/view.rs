@@ -23,6 +23,9 @@ pub struct GrantFacts {
     pub intent: String,
     pub secrets: Vec<String>,
     pub destinations: Nets,
+    /// Destinations given by name (`name` or `*.zone`, inclusive ports): covered by the
+    /// addresses the DNS stub learns for the grant.
+    pub names: Vec<(String, u16, u16)>,
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
     /// When it was revoked, if known (a grant revoked before a restart: not known).
@@ -142,6 +145,7 @@ impl GrantView {
             .map(|name| Taint {
                 destinations: self.policy.secret_nets.get(&name).cloned().unwrap_or_default(),
                 on_violation: without_grant(&self.policy.config, &name),
+                learned: Vec::new(),
                 secret: name,
             })
             .collect();
@@ -217,6 +221,7 @@ fn held_grant(slot: u32, g: &GrantFacts, revoked: bool) -> HeldGrant {
         on_violation: g.on_violation,
         revoke_on_violation: g.revoke_on_violation,
         expires_ns: g.expires_ns,
+        learned: Vec::new(),
     }
 }
 

@@ -130,6 +130,9 @@ pub struct Config {
     pub spiffe: Option<super::spiffe::SpiffeConfig>,
     /// Resource bounds (`[limits]`).
     pub limits: super::limits::Limits,
+
+    /// The DNS stub (`[dns]`).
+    pub dns: super::dns::DnsConfig,
     pub secrets: Vec<Secret>,
     pub intents: Vec<Intent>,
     /// Processes whose connections are checked even before they hold any grant.

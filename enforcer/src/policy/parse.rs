@@ -47,6 +47,8 @@ struct RawConfig {
     /// Workload identity (`[spiffe]`): a daemon setting, so never in policy.d fragments.
     spiffe: Option<super::spiffe::RawSpiffe>,
     limits: Option<super::limits::RawLimits>,
+
+    dns: Option<super::dns::RawDns>,
 }
 
 /// A policy.d file: only policy tables, never daemon settings.
@@ -125,6 +127,8 @@ pub(crate) struct Settings {
     aws: super::aws::AwsSettings,
     spiffe: Option<super::spiffe::SpiffeConfig>,
     limits: super::limits::Limits,
+
+    dns: super::dns::DnsConfig,
 }
 
 impl Settings {
@@ -145,6 +149,8 @@ impl Settings {
             aws: Default::default(),
             spiffe: None,
             limits: Default::default(),
+
+            dns: Default::default(),
         }
     }
 }
@@ -295,6 +301,8 @@ impl Loader {
                 .as_ref()
                 .and_then(|r| super::spiffe::spiffe(&mut self.diags, file, r)),
             limits: super::limits::limits(&mut self.diags, file, raw.limits.as_ref()),
+
+            dns: super::dns::dns(&mut self.diags, file, raw.dns.as_ref()),
         }
     }
 
@@ -603,6 +611,8 @@ impl Loader {
                 outbox: s.outbox,
                 spiffe: s.spiffe,
                 limits: s.limits,
+
+                dns: s.dns,
                 secrets: self.secrets.into_iter().map(|d| d.value).collect(),
                 intents: self.intents.into_iter().map(|(d, _)| d.value).collect(),
                 agents: self.agents,

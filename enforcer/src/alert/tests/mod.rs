@@ -43,6 +43,7 @@ fn ev(i: u64) -> Event {
             ip: "127.0.0.1".into(),
             port: 443,
             protocol: "tcp".into(),
+            name: None,
         }),
         grant: None,
         socket: None,
