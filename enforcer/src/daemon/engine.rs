@@ -22,10 +22,10 @@ use crate::records::{Connect, IpcUse, Record, SocketUse};
 use crate::store::EventStore;
 use dns::learned_name;
 
-/// Addresses learned by name in connect decisions; the DNS stub's `dns` events.
-mod dns;
 /// Judged socket creations: names and the decision path.
 mod credential;
+/// Addresses learned by name in connect decisions; the DNS stub's `dns` events.
+mod dns;
 /// Executable hashes for alerts, off the decision path.
 pub mod exe_hash;
 /// Refused grant requests as events.

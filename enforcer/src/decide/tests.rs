@@ -767,6 +767,7 @@ fn sends_on_established_sockets_follow_the_taint_only() {
         secret: "key".into(),
         destinations: dests,
         on_violation: OnViolation::Deny,
+        learned: vec![],
     };
     let wide = grant("w", &["key"], &["127.0.0.0/8 1-65535"], 60, false, now);
     let expired = grant("w", &["key"], &["127.0.0.0/8 1-65535"], -1, false, now);
@@ -832,4 +833,145 @@ fn sends_on_established_sockets_follow_the_taint_only() {
         assert_eq!((j.verdict, j.reason, j.action), want, "{name}");
         assert!(!j.revoke, "{name}: a send never revokes");
     }
+}
+
+    }
+}
+
+fn learned(
+    ip: &str,
+    ports: &[(u16, u16)],
+    secs: i64,
+    deadline_ns: u64,
+    now: DateTime<Utc>,
+) -> LearnedAddr {
+    LearnedAddr {
+        ip: ip.parse().unwrap(),
+        ports: ports.to_vec(),
+        expires_at: now + Duration::seconds(secs),
+        deadline_ns,
+        name: "api.example.com".into(),
+    }
+}
+
+/// Destinations by name: an address covers a grant only while learned for that grant, on
+/// the learned ports, before its deadline; an address never answered is out_of_intent; an
+/// address learned for another grant covers only that grant; a learned address still needs
+/// a live grant (expired and revoked grants say so); a tainting secret whose own
+/// destinations name the host is valid at its learned addresses.
+#[test]
+fn learned_addresses_cover_names() {
+    let now = Utc::now();
+    use Verdict::*;
+    let c = |ip: &str, port: u16| Use::Connect { ip: ip.parse().unwrap(), port };
+    // A grant whose only destination is a name: no networks at all.
+    let named = |id: &str, secs: i64, l: Vec<LearnedAddr>| {
+        let mut g = grant(id, &["key"], &[], secs, false, now);
+        g.learned = l;
+        g
+    };
+    let s = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
+        known: true,
+        held,
+        taint,
+        agent: false,
+    };
+    let live = learned("192.0.2.7", &[(443, 443)], 30, 0, now);
+    let stale = learned("192.0.2.7", &[(443, 443)], -1, 0, now);
+    let mapped = learned("::ffff:192.0.2.8", &[(443, 443)], 30, 0, now);
+    let mut revoked = named("r", 60, vec![live.clone()]);
+    revoked.revoked = true;
+    let secret = |l: Vec<LearnedAddr>| Taint {
+        secret: "key".into(),
+        // The secret's own destinations by name: no networks, so only learned ones.
+        destinations: vec![],
+        on_violation: OnViolation::Deny,
+        learned: l,
+    };
+    let mut own = secret(vec![live.clone()]);
+    own.destinations = vec![("203.0.113.0/24".parse().unwrap(), 1, 1)];
+    let mut own_other = secret(vec![]);
+    own_other.destinations = vec![("203.0.113.0/24".parse().unwrap(), 1, 1)];
+    let cases: Vec<(&str, Use, SubjectState, Verdict)> = vec![
+        (
+            "learned, live",
+            c("192.0.2.7", 443),
+            s(vec![named("a", 60, vec![live.clone()])], vec![]),
+            Allowed,
+        ),
+        (
+            "learned, other port",
+            c("192.0.2.7", 80),
+            s(vec![named("a", 60, vec![live.clone()])], vec![]),
+            OutOfIntent,
+        ),
+        (
+            "never answered",
+            c("192.0.2.99", 443),
+            s(vec![named("a", 60, vec![live.clone()])], vec![]),
+            OutOfIntent,
+        ),
+        (
+            "past its TTL",
+            c("192.0.2.7", 443),
+            s(vec![named("a", 60, vec![stale.clone()])], vec![]),
+            OutOfIntent,
+        ),
+        (
+            "mapped v6 form learned, v4 used",
+            c("192.0.2.8", 443),
+            s(vec![named("a", 60, vec![mapped.clone()])], vec![]),
+            Allowed,
+        ),
+        (
+            "v4 learned, mapped used",
+            c("::ffff:192.0.2.7", 443),
+            s(vec![named("a", 60, vec![live.clone()])], vec![]),
+            Allowed,
+        ),
+        (
+            "learned for the other held grant",
+            c("192.0.2.7", 443),
+            s(vec![named("a", 60, vec![]), named("b", 60, vec![live.clone()])], vec![]),
+            Allowed,
+        ),
+        (
+            "grant expired",
+            c("192.0.2.7", 443),
+            s(vec![named("a", -1, vec![live.clone()])], vec![]),
+            Expired,
+        ),
+        ("grant revoked", c("192.0.2.7", 443), s(vec![revoked], vec![]), Revoked),
+        (
+            "tainted, secret valid at its learned address",
+            c("192.0.2.7", 443),
+            s(vec![named("a", 60, vec![live.clone()])], vec![own]),
+            Allowed,
+        ),
+        (
+            "tainted, secret's names never answered this address",
+            c("192.0.2.7", 443),
+            s(vec![named("a", 60, vec![live.clone()])], vec![own_other]),
+            OutOfIntent,
+        ),
+    ];
+    for (name, u, subject, verdict) in cases {
+        let d = decide(&u, &subject, Mode::Enforce, now);
+        assert_eq!(d.verdict, verdict, "{name}: {:?}", d.decision_path);
+    }
+}
+
+/// A replay judges a learned address on the kernel's deadline at the record's time: one
+/// nanosecond before allowed, at it out_of_intent (the grant itself is still live).
+#[test]
+fn replay_uses_the_learned_deadline() {
+    let now = Utc::now();
+    let ip = "192.0.2.7".parse().unwrap();
+    let mut g = grant("a", &["key"], &[], 60, false, now);
+    g.expires_ns = 1_000_000;
+    g.learned = vec![learned("192.0.2.7", &[(443, 443)], -3600, 5_000, now)];
+    let s = SubjectState { known: true, held: vec![g], ..Default::default() };
+    let at = |ns| judge_connect(ip, 443, &s, Mode::Enforce, now, Some(ns)).verdict;
+    assert_eq!(at(4_999), verdict::ALLOWED);
+    assert_eq!(at(5_000), verdict::OUT_OF_INTENT);
 }

@@ -74,8 +74,19 @@ fn union(a: &[(u16, u16)], b: &[(u16, u16)]) -> Option<Vec<(u16, u16)>> {
 }
 
 impl LearnedTable {
+    /// Entries already in the map (pins adopted from a previous daemon) are taken over as
+    /// held since boot, their names unknown.
     pub fn new(map: Option<BpfHashMap<MapData, LearnedKey, Learned>>) -> Self {
-        LearnedTable { inner: Mutex::new(Inner { map, entries: HashMap::new() }) }
+        let mut entries: HashMap<Key, Vec<Version>> = HashMap::new();
+        if let Some(m) = &map {
+            for (k, value) in m.iter().flatten() {
+                entries.insert(
+                    (k.slot, k.addr),
+                    vec![Version { since_ns: 0, value, name: String::new() }],
+                );
+            }
+        }
+        LearnedTable { inner: Mutex::new(Inner { map, entries }) }
     }
 
     /// Records that `ip` was answered for `name`, usable for `slot` on `ports` until
@@ -120,6 +131,7 @@ impl LearnedTable {
 
     /// The entry for (slot, ip) as the kernel held it at `at_ns` (boot clock), as the
     /// decision's `LearnedAddr` (wall-clock deadline relative to `now`/`now_ns`).
+    /// An adopted entry's name is unknown (empty).
     pub fn at(&self, slot: u32, ip: IpAddr, at_ns: u64) -> Option<LearnedAddr> {
         let inner = self.inner.lock_or_recover();
         let versions = inner.entries.get(&(slot, key_addr(ip)))?;

@@ -595,3 +595,25 @@ fn file_backend_key() {
     );
     assert_error("file_backend = 1\n", "1:16", "invalid type");
 }
+
+#[test]
+fn dns_section() {
+    let cfg = load_str(
+        "t.toml",
+        "[dns]\nupstream = [\"10.0.0.2:53\", \"[2001:db8::53]:5353\"]\nmin_ttl = \"30s\"\nrefuse = \"nxdomain\"\nlisten = \"127.0.0.1:5300\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.dns.upstream,
+        Some(vec!["10.0.0.2:53".parse().unwrap(), "[2001:db8::53]:5353".parse().unwrap()])
+    );
+    assert_eq!((cfg.dns.min_ttl, cfg.dns.refuse), (Duration::from_secs(30), Refuse::Nxdomain));
+    assert_eq!(cfg.dns.listen, "127.0.0.1:5300".parse().unwrap());
+    let d = load_str("t.toml", "").unwrap().dns;
+    assert_eq!((d.upstream, d.min_ttl, d.refuse), (None, DEFAULT_MIN_TTL, Refuse::Refused));
+    assert_error("[dns]\nupstream = [\"10.0.0.2\"]\n", "2:13", "not an `IP:port` address");
+    assert_error("[dns]\nrefuse = \"drop\"\n", "2:10", "not one of");
+    assert_error("[dns]\nmin_ttl = \"soon\"\n", "2:11", "dns min_ttl");
+    assert_error("[dns]\nlisten = \"0.0.0.0:53\"\n", "2:10", "must be 127.0.0.1:PORT");
+    assert_error("[dns]\nports = 1\n", "2:1", "unknown field");
+}

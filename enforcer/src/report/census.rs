@@ -121,7 +121,8 @@ pub struct JobReport {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DestinationUse {
-    /// As a policy destination: `ip/32:port` or `[ip6/128]:port`.
+    /// As a policy destination: `name:port` for an address the DNS stub answered for a name
+    /// (`destination.name`), else `ip/32:port` or `[ip6/128]:port`.
     pub destination: String,
     pub ip: String,
     /// DNS names this address was reached by (from `destination.name`), where known.
@@ -414,7 +415,15 @@ pub fn build(mut records: Vec<Record>, since: Option<DateTime<Utc>>, now: DateTi
             let acc = creds.get_mut(&cred).expect("held credential has an accumulator");
             let da = acc
                 .dests
-                .entry((policy_destination(&d.ip, d.port), d.protocol.clone()))
+                // An address learned from a name is reported (and proposed) by that name:
+                // the addresses behind a name change.
+                .entry((
+                    match &r.destination_name {
+                        Some(name) => format!("{name}:{}", d.port),
+                        None => policy_destination(&d.ip, d.port),
+                    },
+                    d.protocol.clone(),
+                ))
                 .or_insert_with(|| DestAcc {
                     ip: canonical_ip(&d.ip),
                     names: BTreeSet::new(),

@@ -501,7 +501,12 @@ fn a_jobs_later_connects_count_for_the_credential_it_read() {
     let dir = write_store(&lines);
     let c = census_from_store(dir.path(), None).unwrap();
     let cr = c.credentials.iter().find(|x| x.name == "aws-credentials").unwrap();
-    assert_eq!(cr.proposal.destinations, vec!["127.0.0.1/32:9001", "127.0.0.1/32:9002"], "{cr:#?}");
+    // The address learned from a name is proposed by the name (issue 15).
+    assert_eq!(
+        cr.proposal.destinations,
+        vec!["127.0.0.1/32:9001", "my-bucket.s3.us-west-2.amazonaws.com:9002"],
+        "{cr:#?}"
+    );
     let d = cr.destinations.iter().find(|d| d.port == 9002).unwrap();
     assert_eq!(d.names, vec!["my-bucket.s3.us-west-2.amazonaws.com"]);
     assert_eq!(d.executables, vec!["/usr/bin/aws"], "the sibling that connected");
@@ -550,4 +555,37 @@ fn other_credentials_become_daemon_held_secrets() {
     assert_eq!(env.proposal.credential_source.kind, "aws_role");
     assert!(env.proposal.credential_source.session_policy.is_none(), "addresses only");
     assert!(!env.proposal.credential_source.toml.lines().any(|l| l.starts_with("session_policy")));
+}
+
+/// Connects to addresses learned from a name are reported and proposed by the name: the
+/// addresses behind it change, the name does not.
+#[test]
+fn learned_addresses_are_reported_by_name() {
+    let named = |ip: &str| json!({ "destination": { "ip": ip, "port": 443, "protocol": "tcp", "name": "api.example.com" } });
+    let lines = vec![
+        ev(
+            1,
+            "file_open",
+            500,
+            1,
+            "/usr/bin/python3",
+            "/ci/job-n",
+            file("gh-token", "/home/r/.gh"),
+        ),
+        ev(2, "connect", 500, 1, "/usr/bin/python3", "/ci/job-n", named("192.0.2.7")),
+        ev(3, "connect", 500, 1, "/usr/bin/python3", "/ci/job-n", named("192.0.2.8")),
+        ev(4, "connect", 500, 1, "/usr/bin/python3", "/ci/job-n", dest("198.51.100.9", 22)),
+    ];
+    let dir = write_store(&lines);
+    let c = census_from_store(dir.path(), None).unwrap();
+    let r = cred(&c, "gh-token");
+    let dests: Vec<(&str, u64)> =
+        r.destinations.iter().map(|d| (d.destination.as_str(), d.connects)).collect();
+    assert_eq!(dests, vec![("198.51.100.9/32:22", 1), ("api.example.com:443", 2)], "{r:#?}");
+    assert!(r.proposal.destinations.contains(&"api.example.com:443".to_string()), "{r:#?}");
+    assert!(
+        r.proposal.intent_toml.contains("\"api.example.com:443\""),
+        "{}",
+        r.proposal.intent_toml
+    );
 }

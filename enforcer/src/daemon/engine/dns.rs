@@ -88,7 +88,7 @@ impl Engine {
 pub(super) fn learned_name(subject: &SubjectState, index: u32, ip: IpAddr) -> Option<String> {
     let ip = ip.to_canonical();
     let judged = (index as usize).checked_sub(1).and_then(|i| subject.held.get(i));
-    let hit = |l: &&crate::decide::LearnedAddr| l.ip.to_canonical() == ip;
+    let hit = |l: &&crate::decide::LearnedAddr| l.ip.to_canonical() == ip && !l.name.is_empty();
     judged
         .and_then(|g| g.learned.iter().find(hit))
         .or_else(|| subject.held.iter().flat_map(|g| g.learned.iter()).find(hit))
