@@ -293,7 +293,14 @@ conn(addrs[0])                          # re-resolved: allowed again
     assert_eq!((refused.verdict.as_str(), refused.action.as_str()), ("out_of_intent", "denied"));
     assert_eq!(refused.dest().name.as_deref(), Some("outside.test"));
     assert_eq!((refused.dest().ip.as_str(), refused.dest().port), ("127.0.0.1", 53));
-    let st = daemon.status_json();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let st = loop {
+        let st = daemon.status_json();
+        if st["dns"]["refused"].as_u64() >= Some(1) || std::time::Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(st["dns"]["refused"].as_u64() >= Some(1), "{st:#}");
     assert_eq!(st["dns"]["upstream"][0], format!("{}:53", a(2)));
     daemon.assert_no_decision_mismatches();
@@ -348,6 +355,14 @@ fn unsteered_queries_and_nxdomain() {
     // A granted process: names outside its grant get NXDOMAIN.
     let (_, lines) = run_granted(&cg, &daemon, "q('outside.test')");
     assert!(has(&lines, "q outside.test rcode=3 addrs= from=127.0.0.1:53"), "{lines:?}");
-    assert!(daemon.status_json()["dns"]["unattributed"].as_u64() >= Some(2));
-    let _ = Duration::from_secs(0);
+    // The status is refreshed once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = daemon.status_json();
+        if st["dns"]["unattributed"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "unattributed not counted: {st:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
