@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ConnectRecord, DestKey, GrantInfo, LearnedKey, MAX_PORT_RANGES, ProcGrants, SecretInfo, config,
-    counter, grant_state,
+    ConnectRecord, DestKey, GrantInfo, LearnedKey, MAX_PORT_RANGES, PortRanges, ProcGrants,
+    SecretInfo, config, counter, grant_state,
     judge::{Facts, Judgement, Settings, judge},
     kind, op, verdict,
 };
@@ -58,6 +58,22 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     record(&ctx, AF_INET6, op::SENDMSG)
 }
 
+/// 1 when one of `ranges` holds `port`, else 0. Arithmetic, not branches: the judge runs this
+/// inside its loops over held grants and tainting secrets, and every branch here multiplies
+/// the states the verifier walks (the egress program outgrew the verifier's 1M-instruction
+/// budget with the branchy form once learned addresses were judged too). `port - lo` and
+/// `hi - port` wrap to values with bit 31 set exactly when the port is outside the range.
+#[inline(always)]
+fn in_ranges(ranges: &PortRanges, port: u16) -> u64 {
+    let mut outside_all: u64 = 1;
+    for j in 0..MAX_PORT_RANGES {
+        let below = (port as u32).wrapping_sub(ranges.lo[j] as u32);
+        let above = (ranges.hi[j] as u32).wrapping_sub(port as u32);
+        outside_all &= ((below | above) >> 31) as u64;
+    }
+    outside_all ^ 1
+}
+
 /// The kernel maps as the shared judge's facts.
 pub(crate) struct Maps;
 
@@ -71,26 +87,15 @@ impl Facts for Maps {
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool {
         let key = Key::new(32 + 128, DestKey { slot_be: slot.to_be(), addr: *addr });
         let Some(ports) = GRANT_DESTS.get(&key) else { return false };
-        let mut ok = false;
-        for j in 0..MAX_PORT_RANGES {
-            if ports.lo[j] <= port && port <= ports.hi[j] {
-                ok = true;
-            }
-        }
-        ok
+        in_ranges(ports, port) != 0
     }
 
     #[inline(always)]
     fn learned(&self, slot: u32, addr: &[u8; 16], port: u16) -> u64 {
         let key = LearnedKey { slot, addr: *addr };
         let Some(l) = (unsafe { LEARNED.get(key) }) else { return 0 };
-        let mut ok = false;
-        for j in 0..MAX_PORT_RANGES {
-            if l.ports.lo[j] <= port && port <= l.ports.hi[j] {
-                ok = true;
-            }
-        }
-        if ok { l.deadline_ns } else { 0 }
+        // 0 or all ones: the deadline when a range holds the port, else 0, without a branch.
+        l.deadline_ns & in_ranges(&l.ports, port).wrapping_neg()
     }
 
     #[inline(always)]

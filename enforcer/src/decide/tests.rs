@@ -835,9 +835,6 @@ fn sends_on_established_sockets_follow_the_taint_only() {
     }
 }
 
-    }
-}
-
 fn learned(
     ip: &str,
     ports: &[(u16, u16)],
@@ -974,4 +971,37 @@ fn replay_uses_the_learned_deadline() {
     let at = |ns| judge_connect(ip, 443, &s, Mode::Enforce, now, Some(ns)).verdict;
     assert_eq!(at(4_999), verdict::ALLOWED);
     assert_eq!(at(5_000), verdict::OUT_OF_INTENT);
+}
+
+/// Data on an established socket to an address learned by name: covered while the learned
+/// entry exists, past its TTL too (the connection was judged inside it), while a new connect
+/// there after the TTL is out_of_intent; an address never answered stays a breach of the
+/// taint rule.
+#[test]
+fn sends_to_learned_addresses_outlive_the_ttl() {
+    let now = Utc::now();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let mut g = grant("a", &["key"], &[], 60, false, now);
+    g.learned = vec![learned("192.0.2.7", &[(443, 443)], -5, 0, now)];
+    let t = Taint {
+        secret: "key".into(),
+        destinations: vec![],
+        on_violation: OnViolation::Deny,
+        learned: vec![],
+    };
+    let s = SubjectState { known: true, held: vec![g], taint: vec![t], agent: false };
+    let j = judge_send(ip("192.0.2.7"), 443, &s, Mode::Enforce, now, None);
+    assert_eq!((j.verdict, j.action), (verdict::ALLOWED, action::ALLOWED));
+    let j = judge_send(ip("192.0.2.7"), 80, &s, Mode::Enforce, now, None);
+    assert_eq!(
+        (j.verdict, j.reason, j.action),
+        (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY)
+    );
+    let j = judge_send(ip("192.0.2.99"), 443, &s, Mode::Enforce, now, None);
+    assert_eq!(
+        (j.verdict, j.reason, j.action),
+        (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY)
+    );
+    let c = judge_connect(ip("192.0.2.7"), 443, &s, Mode::Enforce, now, None);
+    assert_eq!(c.verdict, verdict::OUT_OF_INTENT);
 }
