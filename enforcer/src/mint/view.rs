@@ -252,6 +252,7 @@ mod tests {
             intent: "deploy".into(),
             secrets: Vec::new(),
             destinations: Vec::new(),
+            names: Vec::new(),
             expires_at: Utc::now(),
             revoked: false,
             revoked_at: None,
