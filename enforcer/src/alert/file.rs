@@ -1,7 +1,7 @@
 //! File sink: JSON Lines, 0600, rotated by size keeping `max_backups`, and reopened on request
 //! (SIGHUP) so logrotate's move-and-signal works without copytruncate.
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,10 +38,19 @@ impl FileSink {
         let f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true) // to check the last byte, see below
             .mode(0o600)
             .open(&self.path)
             .with_context(|| format!("open {}", self.path.display()))?;
-        let size = f.metadata()?.len();
+        let mut size = f.metadata()?.len();
+        // A daemon killed while a batch was being written (a batch larger than the buffer
+        // goes out in several writes) leaves a torn last line. The batch was not
+        // acknowledged and is written again, so end the fragment here: otherwise the
+        // first redelivered record would be glued to it and a SIEM would lose both.
+        if size > 0 && !ends_with_newline(&f)? {
+            (&f).write_all(b"\n").with_context(|| format!("write {}", self.path.display()))?;
+            size += 1;
+        }
         self.out = Some((BufWriter::with_capacity(256 * 1024, f), size));
         Ok(())
     }
@@ -94,6 +103,14 @@ impl FileSink {
     pub fn reset(&mut self) {
         self.out = None;
     }
+}
+
+fn ends_with_newline(f: &File) -> Result<bool> {
+    let mut r = f.try_clone()?;
+    let mut last = [0u8; 1];
+    // O_APPEND writes ignore the offset, so moving it for this read is harmless.
+    r.seek(SeekFrom::End(-1))?;
+    Ok(r.read(&mut last)? == 1 && last[0] == b'\n')
 }
 
 fn numbered(path: &Path, i: u32) -> PathBuf {

@@ -77,6 +77,22 @@ fn ids_of_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Ids of the complete lines of a file a sink may be writing right now (the last line may
+/// still be partial), and the number of complete lines that are not JSON: the torn line a
+/// killed writer leaves, which the next open ends with a newline.
+fn ids_of_written_lines(text: &str) -> (Vec<String>, usize) {
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let mut torn = 0;
+    let mut ids = Vec::new();
+    for l in complete.lines().filter(|l| !l.is_empty()) {
+        match serde_json::from_str::<Value>(l) {
+            Ok(v) => ids.push(v["id"].as_str().unwrap().to_string()),
+            Err(_) => torn += 1,
+        }
+    }
+    (ids, torn)
+}
+
 /// Every id in `0..n` arrived, and the first arrival of each is in order.
 fn assert_all_in_order(got: &[String], n: u64) {
     let mut seen = HashSet::new();
@@ -295,15 +311,18 @@ fn daemon_killed_mid_stream_loses_nothing() {
     rt.block_on(async {
         let sinks = spawn(&cfg, &state, "h").unwrap();
         wait_for("every event after restart", 30, || {
-            ids_of_lines(&std::fs::read_to_string(&out).unwrap_or_default())
+            ids_of_written_lines(&std::fs::read_to_string(&out).unwrap_or_default())
+                .0
                 .iter()
                 .collect::<HashSet<_>>()
                 .len()
                 >= 20_000
         })
         .await;
-        assert_all_in_order(&ids_of_lines(&std::fs::read_to_string(&out).unwrap()), 20_000);
         sinks.shutdown().await;
+        let (ids, torn) = ids_of_written_lines(&std::fs::read_to_string(&out).unwrap());
+        assert!(torn <= 1, "{torn} torn lines: only the one kill may leave one");
+        assert_all_in_order(&ids, 20_000);
     });
 }
 
@@ -391,4 +410,20 @@ fn rotation_keeps_what_a_lagging_sink_needs_until_the_bound() {
     write_events(&mut s, 200..260);
     let notices = store::take_notices();
     assert!(notices.iter().any(|n| n.contains("sink(s) lag")), "{notices:?}");
+}
+
+#[test]
+fn torn_last_line_is_ended_before_new_records() {
+    // What a kill in the middle of a multi-write batch leaves: a fragment with no newline.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts.jsonl");
+    std::fs::write(&path, "{\"id\":\"t-0\"}\n{\"id\":\"t-").unwrap();
+    let cfg =
+        crate::policy::FileSinkConfig { path: path.clone(), max_bytes: 1 << 20, max_backups: 1 };
+    let mut sink = super::file::FileSink::new(&cfg);
+    let item = Item { event: ev(1), payload: "{\"id\":\"t-1\"}".into() };
+    sink.send(&[item]).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text, "{\"id\":\"t-0\"}\n{\"id\":\"t-\n{\"id\":\"t-1\"}\n");
+    assert_eq!(ids_of_written_lines(&text), (vec!["t-0".to_string(), "t-1".to_string()], 1));
 }
