@@ -10,6 +10,7 @@
 mod alerts;
 mod attack;
 mod aws;
+mod dns;
 mod grants;
 pub mod guest;
 mod harness;
@@ -66,11 +67,12 @@ struct Spec {
 
 /// `only = Some("mint")`: only the Mint API rows (grant issuance, connects with the grants
 /// live, JWT-SVID and AWS credential serving), with the daemon in monitor mode;
-/// `Some("attack")`: only the daemon-under-attack rows (attack.rs, about 2 min).
+/// `Some("attack")`: only the daemon-under-attack rows (attack.rs, about 2 min);
+/// `Some("dns")`: only the DNS stub rows (dns.rs, about 30 s a round).
 pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
-    if only.is_some_and(|o| o != "mint" && o != "attack") {
+    if only.is_some_and(|o| o != "mint" && o != "attack" && o != "dns") {
         bail!(
-            "bench: --only takes `mint` (the Mint API rows) or `attack` (the daemon under attack), not {:?}",
+            "bench: --only takes `mint` (the Mint API rows), `attack` (the daemon under attack) or `dns` (the DNS stub), not {:?}",
             only.unwrap_or_default()
         );
     }
@@ -92,17 +94,24 @@ pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
     let mut bench = Bench::new(built.enforcer)?;
     let rows = match only {
         Some("mint") => bench.measure_mint(iterations),
+        Some("dns") => bench.dns_rows(iterations),
         Some(_) => Ok(Vec::new()),
         None => bench.measure(iterations),
     };
-    let rows = rows.map(|mut r| {
+    let rows = rows.and_then(|mut r| {
+        if only == Some("dns") {
+            return Ok(r);
+        }
         if only != Some("attack") {
             r.extend(bench.identity_rows(iterations));
         }
         if only != Some("mint") {
             r.extend(attack::rows(&mut bench));
         }
-        r
+        if only.is_none() {
+            r.extend(bench.dns_rows(iterations)?);
+        }
+        Ok(r)
     });
     bench.cleanup();
     let rows = rows?;

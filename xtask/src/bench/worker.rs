@@ -42,6 +42,12 @@ pub struct WorkerArgs {
     /// Connect, open: time each call and print its median as `p50=<ns>`.
     #[arg(long)]
     pub per_op: bool,
+    /// Dns-connect: the resolver (`dns.rs`).
+    #[arg(long)]
+    pub dns: Option<String>,
+    /// Dns-connect: names resolved before the connect loop.
+    #[arg(long, default_value_t = 0)]
+    pub learn: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -64,6 +70,10 @@ pub enum Kind {
     /// GETs of the AWS container-credentials endpoint named on the go line (kept-alive, then
     /// a new connection each); `--n` kept-alive ones.
     Aws,
+    /// DNS lookups, each on a new UDP socket, to the resolver at `--target` (`dns.rs`).
+    Dns,
+    /// `--learn` DNS lookups through `--dns` (not timed), then the connect loop to `--target`.
+    DnsConnect,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
@@ -85,6 +95,9 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     }
     let mut fresh = Vec::new();
     let mut samples = if a.per_op { Vec::with_capacity(a.n as usize) } else { Vec::new() };
+    if a.kind == Kind::DnsConnect {
+        super::dns::learn(a)?;
+    }
     let t0 = Instant::now();
     let ops = match a.kind {
         Kind::Connect => {
@@ -106,6 +119,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         Kind::Svid => super::svid::fetch_loop(&a.target, a.n, &mut samples)?,
         Kind::Aws => {
             super::aws::get_loops(&go, a.n, super::aws::NEW_CONN, &mut samples, &mut fresh)?
+        }
+        Kind::Dns => super::dns::query_loop(a, &mut samples)?,
+        Kind::DnsConnect => {
+            let addr = a.target.parse().context("bench worker: bad address")?;
+            timed(a, &mut samples, |i| connect_one(addr, i, None))?
         }
     };
     let ns = t0.elapsed().as_nanos();
