@@ -4,7 +4,9 @@
 //! - `cargo fmt --all --check` (root workspace, stable) and `cargo +nightly fmt --check` in the
 //!   two nightly workspaces (enforcer-ebpf, fuzz);
 //! - `cargo clippy --workspace --all-targets -- -D warnings` (userspace, stable);
-//! - clippy for the eBPF crate with the same target and flags as `build::ebpf`.
+//! - clippy for the eBPF crate with the same target and flags as `build::ebpf`;
+//! - the fuzz workspace's Cargo.lock is current (its build runs `--locked` at the end of
+//!   `test`; a library dependency added without it failed CI there, 20 minutes in).
 //!
 //! Every gate runs even after one fails, so one run lists everything to fix.
 
@@ -49,6 +51,17 @@ pub fn run() -> Result<()> {
         "warnings",
     ]);
     gates.push(("lint: clippy (eBPF)", c));
+
+    let mut c = cmd("cargo");
+    c.current_dir(r.join("fuzz")).args([
+        "+nightly",
+        "metadata",
+        "--locked",
+        "--format-version",
+        "1",
+    ]);
+    c.stdout(std::process::Stdio::null());
+    gates.push(("lint: fuzz/Cargo.lock is current", c));
 
     let mut failed = Vec::new();
     for (step, mut c) in gates {
