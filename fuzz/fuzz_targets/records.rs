@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use enforcer::records::{Record, decode};
 use enforcer_common::{
     ARGS_LEN, ConnectRecord, ExecRecord, ExitRecord, FILENAME_LEN, FileOpenRecord, ForkRecord,
-    MAX_PROC_GRANTS, NAME_LEN, SocketRecord, kind,
+    IpcRecord, MAX_PROC_GRANTS, NAME_LEN, SocketRecord, UNIX_PATH_LEN, kind,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -48,6 +48,12 @@ fuzz_target!(|data: &[u8]| {
             // Lossy UTF-8 turns one byte into at most three.
             assert!(o.name.len() <= 3 * NAME_LEN && !o.name.contains('\0'));
         }
+        Record::Ipc(i) => {
+            assert!(k == Some(kind::IPC) && fits(size_of::<IpcRecord>()));
+            assert!(i.op == "connect" || i.op == "sendto");
+            // At most the sun_path bytes, lossy UTF-8 (three per byte), plus the '@'.
+            assert!(i.path.len() <= 3 * UNIX_PATH_LEN + 1 && !i.path.contains('\0'));
+        }
         Record::Malformed { len, kind: mk } => {
             assert_eq!(len, data.len());
             assert_eq!(mk, k.unwrap_or(0));
@@ -58,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
                 Some(kind::EXIT) => assert!(!fits(size_of::<ExitRecord>())),
                 Some(kind::SOCKET) => assert!(!fits(size_of::<SocketRecord>())),
                 Some(kind::FILE_OPEN) => assert!(!fits(size_of::<FileOpenRecord>())),
+                Some(kind::IPC) => assert!(!fits(size_of::<IpcRecord>())),
                 _ => {}
             }
         }

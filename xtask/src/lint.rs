@@ -5,8 +5,9 @@
 //!   two nightly workspaces (enforcer-ebpf, fuzz);
 //! - `cargo clippy --workspace --all-targets -- -D warnings` (userspace, stable);
 //! - clippy for the eBPF crate with the same target and flags as `build::ebpf`;
-//! - the fuzz workspace's Cargo.lock is current (its build runs `--locked` at the end of
-//!   `test`; a library dependency added without it failed CI there, 20 minutes in).
+//! - the fuzz workspace's Cargo.lock is current and its targets compile (its build runs
+//!   `--locked` at the end of `test`: a library dependency or a new `Record` variant without
+//!   them failed CI there, 20 minutes in).
 //!
 //! Every gate runs even after one fails, so one run lists everything to fix.
 
@@ -62,6 +63,9 @@ pub fn run() -> Result<()> {
     ]);
     c.stdout(std::process::Stdio::null());
     gates.push(("lint: fuzz/Cargo.lock is current", c));
+    let mut c = cmd("cargo");
+    c.current_dir(r.join("fuzz")).args(["+nightly", "check", "--bins", "--locked"]);
+    gates.push(("lint: fuzz targets compile", c));
 
     let mut failed = Vec::new();
     for (step, mut c) in gates {
