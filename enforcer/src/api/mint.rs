@@ -178,25 +178,17 @@ pub async fn issue(
         // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
         let subject = &grant.subject;
         let (by_uid, by_cgroup) = reg.held_by(subject.uid, &subject.cgroup);
-        if subject.uid != 0
-            && limits.mint_grants_per_uid != 0
-            && by_uid >= limits.mint_grants_per_uid as usize
-        {
-            return Err(MintError::QuotaExceeded(format!(
-                "uid {} already holds {by_uid} live grants (limits.mint_grants_per_uid = {})",
-                subject.uid, limits.mint_grants_per_uid
-            ))
-            .into());
-        }
-        if subject.uid != 0
-            && limits.mint_grants_per_cgroup != 0
-            && by_cgroup >= limits.mint_grants_per_cgroup as usize
-        {
-            return Err(MintError::QuotaExceeded(format!(
-                "cgroup {} already holds {by_cgroup} live grants (limits.mint_grants_per_cgroup = {})",
-                subject.cgroup, limits.mint_grants_per_cgroup
-            ))
-            .into());
+        if subject.uid != 0 {
+            let uid = subject.uid.to_string();
+            quota("uid", &uid, by_uid, limits.mint_grants_per_uid, "mint_grants_per_uid")?;
+            let cg = &subject.cgroup;
+            quota(
+                "cgroup",
+                cg,
+                by_cgroup,
+                limits.mint_grants_per_cgroup,
+                "mint_grants_per_cgroup",
+            )?;
         }
         reg.issue(grant, &intent, nets)?
     };
@@ -425,4 +417,14 @@ pub async fn revoke(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// A per-uid or per-cgroup grant quota (0 = no limit), checked before one more is issued.
+fn quota(what: &str, who: &str, held: usize, limit: u32, key: &str) -> Result<(), MintError> {
+    if limit != 0 && held >= limit as usize {
+        return Err(MintError::QuotaExceeded(format!(
+            "{what} {who} already holds {held} live grants (limits.{key} = {limit})"
+        )));
+    }
+    Ok(())
 }
