@@ -124,6 +124,121 @@ fn a_2tib_sparse_binary_opening_a_secret_does_not_stall_decisions() {
     assert_eq!(d.status_json()["file_decision_us"]["over_deadline"], 0);
 }
 
+/// The environment read, attacked. Exec records used to cost the daemon a read of
+/// `/proc/PID/environ` on its main loop. Attack: an exec storm whose every process carries a
+/// differently named variable and a credential-shaped one, while attackers whose environments
+/// are as large as exec allows (about 1.8 MB: the read copies the most pages a process can
+/// offer) open the watched secret in a loop and then stop themselves (SIGSTOP). Fixed: exec
+/// records cost no `/proc` read; environments are read by reader threads (processes still
+/// running after the batch, at most 500/s; an alert's process at once), so the opens of a
+/// prober are answered as promptly as ever, and every alert still carries its own process's
+/// job (the prober's, the attackers'), read while the alert waited off the main loop.
+#[test]
+fn an_exec_storm_and_huge_environments_do_not_delay_decisions_and_alerts_keep_their_job() {
+    if !root_or_skip(
+        "an_exec_storm_and_huge_environments_do_not_delay_decisions_and_alerts_keep_their_job",
+    ) {
+        return;
+    }
+    let (_sdir, secret) = secret_file("token", "s3cr3t-value\n");
+    let cg = TestCgroup::new("env-storm");
+    let d = Daemon::start(&cg, &secret_toml("token", &secret));
+    let mut storm = cg
+        .command("sh")
+        .args([
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); \
+             env STORM_$((i % 1000))=v$i STORM_API_TOKEN=t$i /bin/true; done",
+        ])
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "import os, signal\nfor i in range(50):\n    os.close(os.open({secret:?}, os.O_RDONLY))\n\
+         os.kill(os.getpid(), signal.SIGSTOP)\n"
+    );
+    let big = "x".repeat(120 * 1024);
+    let attackers: Vec<std::process::Child> = (0..3)
+        .map(|i| {
+            let mut c = cg.command(python());
+            c.args(["-c", &script]).env("ENFORCER_JOB_ID", format!("attacker-{i}"));
+            for v in 0..14 {
+                c.env(format!("HUGE_{v}"), &big);
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let script = format!(
+        r#"
+import os, time
+lat = []
+for i in range(200):
+    t = time.monotonic(); os.close(os.open({secret:?}, os.O_RDONLY)); lat.append(time.monotonic() - t)
+    time.sleep(0.002)
+lat.sort()
+print(round(lat[len(lat) // 2] * 1000, 3), round(lat[-1] * 1000, 3), flush=True)
+"#
+    );
+    let prober = cg
+        .command(python())
+        .args(["-c", &script])
+        .env("ENFORCER_JOB_ID", "probe-job")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prober_pid = prober.id();
+    let probe = wait_bounded(prober, Duration::from_secs(60), "the prober");
+    let _ = storm.kill();
+    let _ = storm.wait();
+    let fields: Vec<f64> = probe.split_whitespace().map(|f| f.parse().unwrap()).collect();
+    // The status is rendered once a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let st = d.status_json();
+    eprintln!(
+        "200 prober opens during the storm: p50 {} ms, max {} ms; file_decision_us {}; \
+         env_reads {}; env_wait {}; execs {}",
+        fields[0],
+        fields[1],
+        st["file_decision_us"],
+        st["env_reads"],
+        st["env_wait"],
+        st["counts"]["execs"]
+    );
+    // Loose bound (shared 2-core CI): an open never waits on the storm's reads.
+    assert!(fields[1] < 2000.0, "an open waited {} ms", fields[1]);
+    assert_eq!(st["file_decision_us"]["over_deadline"], 0);
+    let execs = st["counts"]["execs"].as_u64().unwrap();
+    let read = st["env_reads"]["read"].as_u64().unwrap();
+    assert!(execs > 1000, "the storm ran: {execs} execs");
+    assert!(read < execs / 4, "environments read for {read} of {execs} execs: not bounded");
+    let probes = d.wait_events("the prober's 200 alerts", |e| {
+        e.kind == "file_open" && e.process.pid == prober_pid
+    });
+    assert_eq!(probes.len(), 200);
+    for e in &probes {
+        assert_eq!(e.process.job.as_ref().map(|j| j.id.as_str()), Some("probe-job"), "{e:?}");
+        assert!(e.process.env_unknown.is_none(), "{e:?}");
+    }
+    for (i, a) in attackers.iter().enumerate() {
+        let alerts = d.wait_events("an attacker's 50 alerts", |e| {
+            e.kind == "file_open" && e.process.pid == a.id()
+        });
+        assert_eq!(alerts.len(), 50);
+        let job = format!("attacker-{i}");
+        let e = &alerts[alerts.len() - 1];
+        assert_eq!(e.process.job.as_ref().map(|j| j.id.as_str()), Some(job.as_str()), "{e:?}");
+        // Alerts of one process are written in the order they were made.
+        let ids: Vec<u64> =
+            alerts.iter().map(|e| e.id.rsplit('-').next().unwrap().parse().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+    for mut a in attackers {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    assert!(d.status_ok(), "daemon alive");
+}
+
 /// Case 1, the path swap. Attack: a copy of `cat` opens the secret and its path is at once
 /// replaced by a FIFO (the old code fell back to hashing the recorded path, and a FIFO
 /// blocks its reader forever). Fixed: the running image was pinned at event time; the path

@@ -75,6 +75,11 @@ pub struct ProcessRef {
     /// Static credentials in its environment at exec: names and fingerprints, never values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_credentials: Vec<crate::proc::env::EnvCredential>,
+    /// Alerts only: why `job` and `env_credentials` are not this image's own (its
+    /// environment was not read in time, or could not be read); they are then what the
+    /// process inherited at fork, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_unknown: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -26,6 +26,8 @@ use dns::learned_name;
 mod credential;
 /// Addresses learned by name in connect decisions; the DNS stub's `dns` events.
 mod dns;
+/// Alerts' environment facts, read off the main loop.
+pub mod env_facts;
 /// Executable hashes for alerts, off the decision path.
 pub mod exe_hash;
 /// Refused grant requests as events.
@@ -61,6 +63,8 @@ pub struct Engine {
     /// in its records.
     pub kernel_dirs: std::collections::HashMap<enforcer_common::InodeKey, std::path::PathBuf>,
     pub exe_hashes: ExeHasher,
+    /// Alerts waiting for their process's environment (after their exe hash).
+    pub env_stage: env_facts::EnvStage,
     /// pid -> (exe, parent chain, exe hash) for alerts; dropped when the process exits.
     alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, ExeHash)>,
     /// (job or cgroup, variable, fingerprint) already reported: one event each.
@@ -128,6 +132,7 @@ impl Engine {
             grants,
             kernel_dirs: Default::default(),
             exe_hashes: ExeHasher::new(exe_hash_max_bytes),
+            env_stage: Default::default(),
             alert_facts: Default::default(),
             env_seen: Default::default(),
             instance,
@@ -158,10 +163,8 @@ impl Engine {
             Record::Socket(s) => self.on_socket(s),
             Record::Ipc(i) => self.on_ipc(i),
             Record::FileOpen(o) => self.on_kernel_open(o),
-            Record::Exec { tgid, .. } => {
-                self.counts.execs += 1;
-                self.report_env_credentials(tgid);
-            }
+            // Its environment is read later, off the main loop (`env_pass`).
+            Record::Exec { .. } => self.counts.execs += 1,
             Record::Malformed { len, kind } => {
                 self.counts.malformed_records += 1;
                 if self.counts.malformed_records <= 10 {
@@ -639,6 +642,9 @@ impl Engine {
             self.grants.ledger.note_use(&g.id, &what);
         }
         if e.verdict != "allowed" && e.process.pid != 0 {
+            // Ask for the environment now (off the main loop), so it is read while the exe
+            // is hashed; `store_event` attaches it.
+            let _ = self.table.env_for_alert(e.process.pid);
             // Alerts carry the full picture: ancestry and what exactly ran.
             let (chain, hash) = self.alert_facts_of(e.process.pid, &e.process.exe);
             e.process.parent_chain = chain;
@@ -684,14 +690,45 @@ impl Engine {
         (chain, hash)
     }
 
-    /// Writes alerts whose executable hash is ready (or overdue); all of them when `all`.
+    /// The environment reads' turn (after each batch of records; never waits): applies
+    /// finished reads, reports the static keys they found, hands out reads for the batch's
+    /// execs, and writes alerts whose environment is in.
+    pub fn env_pass(&mut self) {
+        for pid in self.table.env_pass(&self.cgroup_scope) {
+            self.report_env_credentials(pid);
+        }
+        for e in self.env_stage.ready(&self.table, false) {
+            self.write_event(e);
+        }
+    }
+
+    /// Writes alerts whose executable hash and environment are in (or overdue); all of them
+    /// when `all`.
     pub fn release_alerts(&mut self, all: bool) {
         for e in self.exe_hashes.ready(all) {
             self.store_event(e);
         }
+        self.env_pass();
+        if all {
+            for e in self.env_stage.ready(&self.table, true) {
+                self.write_event(e);
+            }
+        }
     }
 
+    /// Alerts waiting for a hash or an environment read.
+    pub fn alerts_waiting(&self) -> usize {
+        self.exe_hashes.waiting() + self.env_stage.waiting()
+    }
+
+    /// To the outbox, through the environment stage for alerts.
     fn store_event(&mut self, e: Event) {
+        if let Some(e) = self.env_stage.admit(&mut self.table, e) {
+            self.write_event(e);
+        }
+    }
+
+    fn write_event(&mut self, e: Event) {
         self.counts.events_total += 1;
         if e.verdict != "allowed" {
             self.counts.alerts_total += 1;

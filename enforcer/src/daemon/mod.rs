@@ -539,9 +539,10 @@ async fn run_async(setup: Setup) -> Result<()> {
     let _ = std::fs::remove_file(&sock_path);
     drain_ring(ring.get_mut(), &mut engine);
     drain_ring(alert_ring.get_mut(), &mut engine);
-    // Alerts still waiting for an exe hash: a short grace, then written without it.
+    // Alerts still waiting for an exe hash or an environment read: a short grace, then
+    // written without them.
     let grace = Instant::now() + Duration::from_millis(500);
-    while engine.exe_hashes.waiting() > 0 && Instant::now() < grace {
+    while engine.alerts_waiting() > 0 && Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(10)).await;
         engine.release_alerts(false);
     }
@@ -688,6 +689,7 @@ fn drain_ring_max(
         drop(item);
         engine.on_record(rec);
     }
+    engine.env_pass();
 }
 
 /// Loads and validates the policy again, then applies it: kernel per-secret facts and

@@ -97,6 +97,8 @@ impl Context<'_> {
                 "taint_restored_at_start": self.rebuilt.taint_restored,
             },
             "exe_hash": engine.exe_hashes.counts,
+            "env_reads": engine.table.env_counts(),
+            "env_wait": engine.env_stage.counts,
 
             "dns": self.dns.status(),
             "fanotify_overflows": watch.overflows,

@@ -72,13 +72,14 @@ fn is_credential(name: &str) -> bool {
 
 /// Reads /proc/<pid>/environ; None when the process is gone or unreadable.
 pub fn read(pid: u32, key: &[u8]) -> Option<EnvInfo> {
+    read_path(Path::new(&format!("/proc/{pid}/environ")), key).ok()
+}
+
+/// Reads an environ file (at most `MAX_ENVIRON` bytes of it).
+pub fn read_path(path: &Path, key: &[u8]) -> std::io::Result<EnvInfo> {
     let mut buf = Vec::new();
-    std::fs::File::open(format!("/proc/{pid}/environ"))
-        .ok()?
-        .take(MAX_ENVIRON)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(parse(&buf, key))
+    std::fs::File::open(path)?.take(MAX_ENVIRON).read_to_end(&mut buf)?;
+    Ok(parse(&buf, key))
 }
 
 pub fn parse(environ: &[u8], key: &[u8]) -> EnvInfo {

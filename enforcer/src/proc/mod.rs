@@ -2,6 +2,7 @@
 //! processes keep their exe and cmdline after they exit), seeded from /proc at start for
 //! processes that were already running.
 pub mod env;
+pub mod env_reader;
 mod procfs;
 
 use std::collections::HashMap;
@@ -41,8 +42,41 @@ pub struct Process {
     pub job: Option<env::Job>,
     /// Static credentials in the environment at exec (names and fingerprints only).
     pub env_credentials: Vec<env::EnvCredential>,
+    /// Whether `job` and `env_credentials` were read for this image or are what it
+    /// inherited at fork (`env_reader`).
+    #[serde(skip)]
+    pub env: EnvState,
+    /// Which exec of this pid the table holds (0: seeded from /proc): environment reads
+    /// are applied only to the image they were asked for.
+    #[serde(skip)]
+    pub exec_seq: u64,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
+}
+
+/// Where a process's `job` and `env_credentials` come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EnvState {
+    /// Copied from the parent at fork (exact until the process execs) or not read yet.
+    #[default]
+    Inherited,
+    /// A read is queued or running (`env_reader`).
+    Reading,
+    /// Read from this image's environment.
+    Read,
+    /// The read failed or was refused; why.
+    Unknown(String),
+}
+
+/// An alert's view of its process's environment facts (`ProcessTable::env_for_alert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvFacts {
+    /// The table's `job` and `env_credentials` are this image's own.
+    Known,
+    /// A read is out for this exec generation: look again later.
+    Reading(u64),
+    /// They cannot be known; why (the table's inherited values stand).
+    Unknown(String),
 }
 
 pub struct ProcessTable {
@@ -59,6 +93,13 @@ pub struct ProcessTable {
     pub cgroups: CgroupResolver,
     /// exec'd filename -> canonical path; saves the path walk on every exec of the same file.
     exe_cache: HashMap<String, String>,
+    /// Environment reads, off the main loop; built on first use from `fingerprint_key`.
+    env_reader: Option<env_reader::EnvReader>,
+    /// Execs applied since the last `env_pass`: (pid, exec generation).
+    execs_since_pass: Vec<(u32, u64)>,
+    exec_seq: u64,
+    /// Where environments are read from (`/proc`; a directory of fixtures in tests).
+    proc_root: PathBuf,
 }
 
 /// Bound on the exe cache; it is simply cleared when full.
@@ -73,6 +114,10 @@ impl ProcessTable {
             literals: Vec::new(),
             cgroups: CgroupResolver::new(cgroup_mount),
             exe_cache: HashMap::new(),
+            env_reader: None,
+            execs_since_pass: Vec::new(),
+            exec_seq: 0,
+            proc_root: PathBuf::from("/proc"),
         }
     }
 
@@ -134,6 +179,7 @@ impl ProcessTable {
                 {
                     p.job = info.job;
                     p.env_credentials = info.credentials;
+                    p.env = EnvState::Read;
                 }
                 self.procs.insert(pid, p);
             }
@@ -153,6 +199,13 @@ impl ProcessTable {
                         start_ns: *boot_ns,
                         grants: grants.clone(),
                         exited_at: None,
+                        // The child's environment is the parent's until it execs: a read
+                        // of the parent stands for it, a pending one does not.
+                        env: match parent_proc.env {
+                            EnvState::Read => EnvState::Read,
+                            _ => EnvState::Inherited,
+                        },
+                        exec_seq: 0,
                         ..parent_proc
                     },
                     None => Process {
@@ -166,6 +219,8 @@ impl ProcessTable {
                         grants: grants.clone(),
                         job: None,
                         env_credentials: Vec::new(),
+                        env: EnvState::Inherited,
+                        exec_seq: 0,
                         exited_at: None,
                     },
                 };
@@ -174,24 +229,18 @@ impl ProcessTable {
             Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
                 let exe = self.resolve_exe(*tgid, filename);
                 let cmdline = self.redact_cmdline(argv, *argv_truncated);
-                let (ppid, start_ns, grants, mut job, mut env_credentials) =
-                    match self.procs.get(tgid) {
-                        Some(p) => (
-                            p.ppid,
-                            p.start_ns,
-                            p.grants.clone(),
-                            p.job.clone(),
-                            p.env_credentials.clone(),
-                        ),
-                        None => (procfs::ppid(*tgid).unwrap_or(0), 0, Vec::new(), None, Vec::new()),
-                    };
-                // The new image's environment (gone already for very short-lived processes:
-                // then what the parent had, copied at fork, stands).
-                if let Some(info) =
-                    self.fingerprint_key.as_deref().and_then(|k| env::read(*tgid, k))
-                {
-                    job = info.job.or(job);
-                    env_credentials = info.credentials;
+                // The fork record made the entry (it moves out: no clone per exec); a pid
+                // the table never saw (lineage attached after its fork) has ppid unknown (0)
+                // rather than a /proc read here.
+                let (ppid, start_ns, grants, job, env_credentials) = match self.procs.remove(tgid) {
+                    Some(p) => (p.ppid, p.start_ns, p.grants, p.job, p.env_credentials),
+                    None => (0, 0, Vec::new(), None, Vec::new()),
+                };
+                // The new image's environment is read later, off the main loop
+                // (`env_pass`); until then what it inherited at fork stands.
+                self.exec_seq += 1;
+                if self.fingerprint_key.is_some() {
+                    self.execs_since_pass.push((*tgid, self.exec_seq));
                 }
                 self.procs.insert(
                     *tgid,
@@ -206,6 +255,8 @@ impl ProcessTable {
                         grants,
                         job,
                         env_credentials,
+                        env: EnvState::Inherited,
+                        exec_seq: self.exec_seq,
                         exited_at: None,
                     },
                 );
@@ -242,6 +293,123 @@ impl ProcessTable {
             }
             Record::Malformed { .. } => {}
         }
+    }
+
+    /// The environment reader for the current fingerprint key (None without one).
+    fn env_reader(&mut self) -> Option<&mut env_reader::EnvReader> {
+        let key = self.fingerprint_key.as_ref()?;
+        if self.env_reader.as_ref().is_none_or(|r| r.key() != key.as_slice()) {
+            self.env_reader = Some(env_reader::EnvReader::new(key.clone(), self.proc_root.clone()));
+        }
+        self.env_reader.as_mut()
+    }
+
+    /// Where environments are read from (`/proc`); tests point it at fixtures.
+    #[cfg(test)]
+    pub fn set_proc_root(&mut self, root: PathBuf) {
+        self.proc_root = root;
+        self.env_reader = None;
+    }
+
+    /// Counts of the environment reads.
+    pub fn env_counts(&self) -> env_reader::EnvReadCounts {
+        self.env_reader.as_ref().map(|r| r.counts).unwrap_or_default()
+    }
+
+    /// The environment reads' turn, after each batch of records and on every tick; never
+    /// waits. Applies finished reads, then hands out a routine read for each exec since the
+    /// last pass whose process still runs that image inside `scope` (a storm's short-lived
+    /// processes have exited by then and cost nothing). Returns the pids whose environment
+    /// was applied (their static credentials may need reporting).
+    pub fn env_pass(&mut self, scope: &str) -> Vec<u32> {
+        if self.fingerprint_key.is_none() {
+            self.execs_since_pass.clear();
+            return Vec::new();
+        }
+        if self.env_reader().is_none() {
+            return Vec::new();
+        }
+        let reader = self.env_reader.as_mut().expect("built above");
+        let mut applied = Vec::new();
+        for ((pid, seq), r) in reader.replies() {
+            let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exec_seq == seq) else {
+                continue;
+            };
+            match r {
+                Ok(info) => {
+                    reader.counts.read += 1;
+                    p.job = info.job.or(p.job.take());
+                    p.env_credentials = info.credentials;
+                    p.env = EnvState::Read;
+                    applied.push(pid);
+                }
+                Err(e) => {
+                    reader.counts.failed += 1;
+                    p.env = EnvState::Unknown(format!(
+                        "the environment could not be read ({e}); the process may have exited"
+                    ));
+                }
+            }
+        }
+        for (pid, seq) in std::mem::take(&mut self.execs_since_pass) {
+            let cgroup_id = match self.procs.get(&pid) {
+                Some(p) if p.exec_seq == seq && p.exited_at.is_none() => match p.env {
+                    // Asked for already by an alert.
+                    EnvState::Inherited => p.cgroup_id,
+                    _ => continue,
+                },
+                _ => {
+                    reader.counts.exited_first += 1;
+                    continue;
+                }
+            };
+            if !self.cgroups.path(cgroup_id).is_some_and(|c| is_within(&c, scope)) {
+                reader.counts.out_of_scope += 1;
+                continue;
+            }
+            if reader.request((pid, seq), false)
+                && let Some(p) = self.procs.get_mut(&pid)
+            {
+                p.env = EnvState::Reading;
+            }
+        }
+        applied
+    }
+
+    /// For an alert about `pid`: whether its environment facts are its own, being read
+    /// (a read is asked for at once if none is out), or cannot be known. Never reads.
+    pub fn env_for_alert(&mut self, pid: u32) -> EnvFacts {
+        let Some(p) = self.procs.get(&pid) else {
+            return EnvFacts::Unknown("the process is not in the process table".into());
+        };
+        let seq = p.exec_seq;
+        match &p.env {
+            EnvState::Read => return EnvFacts::Known,
+            EnvState::Reading => return EnvFacts::Reading(seq),
+            EnvState::Unknown(why) => return EnvFacts::Unknown(why.clone()),
+            EnvState::Inherited if p.exited_at.is_some() => {
+                return EnvFacts::Unknown(
+                    "the process exited before its environment was read".into(),
+                );
+            }
+            EnvState::Inherited => {}
+        }
+        let Some(reader) = self.env_reader() else {
+            return EnvFacts::Unknown("no fingerprint key: environments are not read".into());
+        };
+        if !reader.request((pid, seq), true) {
+            return EnvFacts::Unknown("environment read queue full".into());
+        }
+        reader.counts.urgent += 1;
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.env = EnvState::Reading;
+        }
+        EnvFacts::Reading(seq)
+    }
+
+    /// The process if the table has it (no /proc read).
+    pub fn get(&self, pid: u32) -> Option<&Process> {
+        self.procs.get(&pid)
     }
 
     /// The process, from the table or (when lineage never saw it) from /proc.
@@ -363,6 +531,64 @@ mod tests {
         t.fingerprint_key = Some(vec![8; 32]);
         let out = exec(&mut t, 4_000_005, &["tool", token], false);
         assert_eq!(out[1], Redactor::new(&[8; 32]).marker(token.as_bytes()));
+    }
+
+    /// The environment is not read on the exec record: after the batch, by a reader thread,
+    /// only for a process still running that image in scope; never for one that exited
+    /// first. Static keys found are reported once applied.
+    #[test]
+    fn environments_are_read_after_the_batch_and_only_for_running_processes() {
+        let Ok(mount) = crate::kernel::cgroup2_mount() else {
+            eprintln!("skipped: no cgroup2 mount");
+            return;
+        };
+        let mut t = ProcessTable::new(mount);
+        t.fingerprint_key = Some(vec![7; 32]);
+        let cgroup_id = current_cgroup(std::process::id())
+            .and_then(|c| t.cgroups.id_of(&c))
+            .expect("this process's cgroup resolves");
+        let spawn = |secs: &str| {
+            std::process::Command::new("sleep")
+                .arg(secs)
+                .env("DEPLOY_API_KEY", "value-never-kept")
+                .env("ENFORCER_JOB_ID", "job-9")
+                .spawn()
+                .unwrap()
+        };
+        let (mut long, mut short) = (spawn("5"), spawn("0"));
+        for c in [&long, &short] {
+            t.apply(&Record::Exec {
+                tgid: c.id(),
+                uid: 0,
+                cgroup_id,
+                filename: "/bin/sleep".into(),
+                argv: vec!["sleep".into()],
+                argv_truncated: false,
+            });
+        }
+        // Not read on the record itself.
+        assert!(t.procs[&long.id()].env_credentials.is_empty());
+        assert_eq!(t.procs[&long.id()].env, EnvState::Inherited);
+        short.wait().unwrap();
+        t.apply(&Record::Exit { tgid: short.id(), grants: Vec::new() });
+        let t0 = std::time::Instant::now();
+        let mut applied = t.env_pass("/");
+        while applied.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+            applied = t.env_pass("/");
+        }
+        let _ = long.kill();
+        let _ = long.wait();
+        assert_eq!(applied, [long.id()]);
+        let p = &t.procs[&long.id()];
+        assert_eq!(p.env, EnvState::Read);
+        assert_eq!(p.job.as_ref().unwrap().id, "job-9");
+        assert_eq!(p.env_credentials.len(), 1, "{:?}", p.env_credentials);
+        assert_eq!(p.env_credentials[0].name, "DEPLOY_API_KEY");
+        let c = t.env_counts();
+        assert_eq!((c.read, c.exited_first, c.skipped, c.urgent), (1, 1, 0, 0), "{c:?}");
+        // The short one alerts after its exit: known at once to be unknowable.
+        assert!(matches!(t.env_for_alert(short.id()), EnvFacts::Unknown(_)));
     }
 
     #[test]

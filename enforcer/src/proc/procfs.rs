@@ -8,7 +8,7 @@ pub fn pids() -> Vec<u32> {
     rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
-pub fn ppid(pid: u32) -> Option<u32> {
+fn ppid(pid: u32) -> Option<u32> {
     status_field(pid, "PPid:")?.split_whitespace().next()?.parse().ok()
 }
 
@@ -56,6 +56,8 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<(Process, bool)> {
             grants: Vec::new(),
             job: None,
             env_credentials: Vec::new(),
+            env: Default::default(),
+            exec_seq: 0,
             exited_at: None,
         },
         truncated,
