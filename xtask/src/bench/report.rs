@@ -81,6 +81,18 @@ pub(super) fn enforce_rows(
         "-",
         None,
     ));
+    let op = med(ok.iter().map(|e| e.open_plain).collect());
+    rows.push(Row {
+        name: format!(
+            "secret-open cost, fanotify backend: open()+close() of the secret / of a plain file, both by a grant \
+             holder under the same enforce-mode daemon (per-call medians of N={SECRET_OPENS}); BPF-LSM: `bench --kernel`"
+        ),
+        without: format!("{:.2} us (plain)", op / 1e3),
+        with: format!("{:.2} us (secret)", oa / 1e3),
+        ratio: format!("{:.2}", oa / op),
+        target: "- (<= 1.5 is BPF-LSM's target)".into(),
+        pass: None,
+    });
     // `max` is the daemon's lifetime maximum: after the allowed opens it covers the denied
     // ones too.
     let decision_row = |what: &str, max_what: &str, d: Vec<Decisions>| {

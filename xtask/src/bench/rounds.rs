@@ -280,6 +280,12 @@ impl Bench {
             )?
             .p50()?;
         let allowed = self.file_decisions(denied.count + SECRET_OPENS)?;
+        // The same grant holder's open of a plain file under the same daemon: the secret-open
+        // cost of the fanotify backend is the ratio of the two.
+        let plain = self.tmp.join("plain.txt").display().to_string();
+        let open_plain = self
+            .bound_worker("plain open by a grant holder", "open", &plain, SECRET_OPENS, true, None)?
+            .p50()?;
         // Issue 13 case 1: the same denied opens while a sparse 2 TiB copy of cat opens the
         // secret in a loop (its alerts' exe hash is refused by size, off the decision path).
         let mut attacker = self.case1_attacker(&secret)?;
@@ -303,6 +309,7 @@ impl Bench {
             connect_denied,
             open_denied,
             open_allowed,
+            open_plain,
             denied,
             allowed,
         })
@@ -496,6 +503,8 @@ pub(super) struct EnforceRound {
     pub(super) connect_denied: u64,
     pub(super) open_denied: u64,
     pub(super) open_allowed: u64,
+    /// A plain file's open by a grant holder, same daemon.
+    pub(super) open_plain: u64,
     pub(super) denied: Decisions,
     pub(super) allowed: Decisions,
     /// Denied opens while the issue 13 case 1 attacker runs.
