@@ -22,6 +22,13 @@ pub const TIMED_OUT: i32 = 124;
 /// Seconds a guest may take to boot to its script and to power off.
 const BOOT_AND_SHUTDOWN_S: u64 = 150;
 
+/// `tsc=reliable`: under TCG the guest's TSC sync check fails ("TSCs unsynchronized") and
+/// the kernel falls back to the HPET, whose every read is an emulated MMIO access costing
+/// tens of microseconds: each `bpf_ktime_get_boot_ns` of a judged open or connect then
+/// dominates what the guest measures. Fleet machines (hardware, KVM) keep the TSC (or
+/// kvm-clock), so the guest keeps it too.
+const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init loglevel=4 tsc=reliable";
+
 const VCPUS: &str = "2";
 const MEMORY_MIB: &str = "1536";
 
@@ -153,7 +160,7 @@ pub fn run(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&kernel.initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=4"])
+        .args(["-append", KERNEL_CMDLINE])
         .args([
             "-fsdev",
             "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
