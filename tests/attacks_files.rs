@@ -5,6 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use enforcer_tests::enforce_fixture::file_attacks::{
+    READ_200, RENAME_AWAY, REPLACE_THEN_READ, rotate_until,
+};
 use enforcer_tests::enforce_fixture::{Fixture, fixture, py_run};
 use enforcer_tests::*;
 
@@ -44,14 +47,6 @@ fn assert_judged(f: &Fixture, pid: u32, path: &str, ino: u64, action: &str) -> E
 fn ino(path: &str) -> u64 {
     dev_ino(Path::new(path)).1
 }
-
-const RENAME_AWAY: &str = "
-away = os.path.join(os.path.dirname(SECRET), 'renamed.txt')
-os.rename(SECRET, away)
-report(lambda: open(away).read())
-os.rename(away, SECRET)
-print(os.getpid())
-";
 
 #[test]
 fn rename_away_then_read_is_denied() {
@@ -114,26 +109,6 @@ fn hard_link_made_after_start_is_denied() {
     }
 }
 
-/// A credential tool's rotation (temp file + rename over the path) followed at once by a
-/// read, 200 times in one process: prints how many reads failed with EPERM and how many
-/// returned the new content.
-const REPLACE_THEN_READ: &str = "
-d = os.path.dirname(SECRET)
-denied = read_new = 0
-for i in range(200):
-    tmp = os.path.join(d, '.key.json.tmp%d' % i)
-    with open(tmp, 'w') as t:
-        t.write('new-%d' % i)
-    os.rename(tmp, SECRET)
-    try:
-        if open(SECRET).read() == 'new-%d' % i:
-            read_new += 1
-    except PermissionError:
-        denied += 1
-print(denied, read_new)
-print(os.getpid())
-";
-
 #[test]
 fn atomic_replace_then_read_is_denied_every_time() {
     let Some(f) = fixture("af-replace", "enforce", "") else { return };
@@ -166,32 +141,8 @@ fn concurrent_rotation_never_leaves_a_window() {
     for mode in ["enforce", "monitor"] {
         let Some(f) = fixture(&format!("af-race-{mode}"), mode, "") else { return };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (stop, secret) = (stop.clone(), f.secret.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u32;
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
-                {
-                    let tmp = format!("{secret}.tmp");
-                    std::fs::write(&tmp, format!("rotated-{n}")).unwrap();
-                    std::fs::rename(&tmp, &secret).unwrap();
-                    n += 1;
-                }
-                n
-            })
-        };
-        let body = "
-ok = denied = 0
-for i in range(200):
-    try:
-        open(SECRET).read(); ok += 1
-    except PermissionError:
-        denied += 1
-print(ok, denied)
-print(os.getpid())
-";
-        let (pid, out) = with_pid(py_run(&f, None, body).1);
+        let writer = rotate_until(f.secret.clone(), stop.clone());
+        let (pid, out) = with_pid(py_run(&f, None, READ_200).1);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rotations = writer.join().unwrap();
         assert!(rotations > 0);

@@ -114,3 +114,71 @@ pub fn py_run(f: &Fixture, intent: Option<&str>, body: &str) -> (Option<i32>, Ve
 pub fn conn_events(f: &Fixture, port: u16) -> Vec<Event> {
     f.daemon.wait_events("connect", move |e: &Event| e.kind == "connect" && e.port() == Some(port))
 }
+
+/// Attacker procedures on secret files, shared by the fanotify backend's tests
+/// (attacks_files.rs) and the BPF-LSM backend's (lsm.rs, also in the guest kernels): python
+/// bodies for `py_run`, each printing its pid last.
+pub mod file_attacks {
+    /// `mv secret x; cat x; mv x secret`: prints the read's result.
+    pub const RENAME_AWAY: &str = "
+away = os.path.join(os.path.dirname(SECRET), 'renamed.txt')
+os.rename(SECRET, away)
+report(lambda: open(away).read())
+os.rename(away, SECRET)
+print(os.getpid())
+";
+
+    /// A credential tool's rotation (temp file + rename over the path) followed at once by a
+    /// read, 200 times in one process: prints how many reads failed with EPERM and how many
+    /// returned the new content.
+    pub const REPLACE_THEN_READ: &str = "
+d = os.path.dirname(SECRET)
+denied = read_new = 0
+for i in range(200):
+    tmp = os.path.join(d, '.key.json.tmp%d' % i)
+    with open(tmp, 'w') as t:
+        t.write('new-%d' % i)
+    os.rename(tmp, SECRET)
+    try:
+        if open(SECRET).read() == 'new-%d' % i:
+            read_new += 1
+    except PermissionError:
+        denied += 1
+print(denied, read_new)
+print(os.getpid())
+";
+
+    /// 200 reads of the secret (while another process rotates it): prints how many read
+    /// and how many failed with EPERM.
+    pub const READ_200: &str = "
+ok = denied = 0
+for i in range(200):
+    try:
+        open(SECRET).read(); ok += 1
+    except PermissionError:
+        denied += 1
+print(ok, denied)
+print(os.getpid())
+";
+
+    /// Rotates `secret` (temp file + rename, from this process) until `stop` or 30 s;
+    /// returns how many rotations it made.
+    pub fn rotate_until(
+        secret: String,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<u32> {
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                let tmp = format!("{secret}.tmp");
+                std::fs::write(&tmp, format!("rotated-{n}")).unwrap();
+                std::fs::rename(&tmp, &secret).unwrap();
+                n += 1;
+            }
+            n
+        })
+    }
+}
