@@ -80,6 +80,15 @@ fn doctor_reports_what_the_kernel_supports() {
     } else {
         assert!(backend.starts_with("fanotify"), "{doc:#}");
         assert!(note.contains("fails open"), "{doc:#}");
+        // The operator's hint: why BPF-LSM is refused, from the kernel's LSM list.
+        let why = if lsms.is_empty() {
+            "the active LSM list is unreadable"
+        } else if bpf_active {
+            "yet the load was refused"
+        } else {
+            "is not in the active LSM list"
+        };
+        assert!(note.contains(why), "{doc:#}");
     }
     println!("{release}: doctor: secret opens by {backend}");
 }

@@ -24,7 +24,7 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         "socket_create": if ok("cgroup_sock/sock_create") { "cgroup_sock sock_create (in-kernel, AF_INET/AF_INET6)" } else { "unavailable" },
         "file_open": if lsm { "bpf-lsm (lsm/file_open, decided in the kernel; with file_backend = \"auto\" or \"bpf-lsm\")" } else if ok("fanotify") { "fanotify (FAN_OPEN_PERM, decided by the daemon)" } else { "unavailable" },
         "egress": if exact("cgroup_skb/egress") { "cgroup_skb egress (judges the writer and the socket's owner)" } else if exact("cgroup_skb/egress_owner") { "cgroup_skb egress_owner (this kernel refuses the current task in cgroup_skb: judges the socket's judged creator and the taint it carried)" } else { "unavailable" },
-        "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer" } else { "BPF-LSM refused by this kernel (see lsm/file_open above); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded" },
+        "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer".to_string() } else { format!("BPF-LSM refused by this kernel (see lsm/file_open above; {}); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded", lsm_hint()) },
     });
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -55,4 +55,24 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Why BPF-LSM may be refused, for an operator: whether `bpf` is in the kernel's active LSM
+/// list (securityfs; doctor mounts nothing, so it may not be readable).
+fn lsm_hint() -> String {
+    match std::fs::read_to_string("/sys/kernel/security/lsm") {
+        Ok(l) if l.trim().split(',').any(|x| x == "bpf") => format!(
+            "`bpf` is in the active LSM list ({}) yet the load was refused: a platform policy (as on Firecracker hosts) or a locked-down kernel",
+            l.trim()
+        ),
+        Ok(l) => format!(
+            "`bpf` is not in the active LSM list ({}): a kernel built with CONFIG_BPF_LSM runs it once booted with lsm={},bpf",
+            l.trim(),
+            l.trim()
+        ),
+        Err(_) => {
+            "the active LSM list is unreadable (securityfs not mounted at /sys/kernel/security)"
+                .to_string()
+        }
+    }
 }
