@@ -8,7 +8,7 @@
 
 use super::harness::{Bench, parse_worker};
 use super::report::{Row, median};
-use super::{WorkerArgs, check_interrupted, grants};
+use super::{WorkerArgs, bpf_stats, check_interrupted, grants};
 use crate::show;
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -215,6 +215,8 @@ struct Timing {
     ns_per_op: f64,
     p50: u64,
     p99: u64,
+    /// With the daemon: the connect loop's kernel cost (bpf_stats) and the daemon's CPU.
+    costs: Option<String>,
 }
 
 impl Bench {
@@ -269,8 +271,26 @@ impl Bench {
                     .with_context(|| format!("bench: dns: cannot bind a grant to worker {pid}"))?;
             }
             child.stdin.take().expect("piped").write_all(b"go\n")?;
+            // The connect loop's kernel cost (program ns per run, daemon CPU), with the daemon.
+            // Opt-in (ENFORCER_BENCH_BPF_STATS=1): the kernel's accounting adds two clock
+            // reads to every program run, so it is off for the timed ratios.
+            let stats = (kind == "dns-connect").then(|| {
+                let mut l = String::new();
+                let _ = out.read_line(&mut l);
+                let pid =
+                    self.daemon.as_ref().map(|d| d.id()).filter(|_| {
+                        std::env::var("ENFORCER_BENCH_BPF_STATS").is_ok_and(|v| v == "1")
+                    });
+                (pid.map(|_| bpf_stats::Enabled::on()), pid.map(bpf_stats::snapshot), pid)
+            });
             let mut text = String::new();
             out.read_to_string(&mut text)?;
+            let costs = match stats {
+                Some((_on, Some(a), Some(pid))) => {
+                    Some(bpf_stats::report(&a, &bpf_stats::snapshot(pid), CONNECTS))
+                }
+                _ => None,
+            };
             let status = child.wait()?;
             check_interrupted()?;
             if !status.success() {
@@ -284,6 +304,7 @@ impl Bench {
                 ns_per_op: ns as f64 / ops.max(1) as f64,
                 p50: field("p50=").unwrap_or(0),
                 p99: field("p99=").unwrap_or(0),
+                costs,
             })
         };
         let r = run();
@@ -345,6 +366,12 @@ impl Bench {
                     lat.p99 as f64 / 1e3,
                     c.ns_per_op / 1e3,
                 );
+                if let Some(costs) = &c.costs {
+                    println!(
+                        "bench: dns round {}/{iterations}: connect loop costs: {costs}",
+                        round + 1
+                    );
+                }
             }
         }
         if let Some(st) = learned.last() {

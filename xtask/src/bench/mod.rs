@@ -10,6 +10,7 @@
 mod alerts;
 mod attack;
 mod aws;
+mod bpf_stats;
 mod dns;
 mod grants;
 pub mod guest;
