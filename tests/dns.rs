@@ -26,6 +26,9 @@ struct TestNet {
     host_if: String,
     /// The first three octets, e.g. "10.253.7".
     base: String,
+    /// The IPv6 network's first groups, e.g. "fd53:7" (the namespace has `fd53:7::10` and
+    /// `::11`, the host side `::1`).
+    base6: String,
     server: Child,
     log: tempfile::NamedTempFile,
 }
@@ -52,19 +55,26 @@ impl TestNet {
         for last in [2, 10, 11, 12, 13, 14, 15, 16, 17] {
             ip(&["-n", &ns, "addr", "add", &format!("{base}.{last}/24"), "dev", &ns_if]);
         }
+        let base6 = format!("fd53:{n}");
+        ip(&["-6", "addr", "add", &format!("{base6}::1/64"), "dev", &host_if, "nodad"]);
+        for last in [10, 11] {
+            let a = format!("{base6}::{last}/64");
+            ip(&["-6", "-n", &ns, "addr", "add", &a, "dev", &ns_if, "nodad"]);
+        }
         let log = tempfile::NamedTempFile::new().unwrap();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/dns_server.py");
         let mut server = Command::new("ip")
             .args(["netns", "exec", &ns, &python(), script, &format!("{base}.2"), &base])
             .arg(ECHO_PORT.to_string())
             .arg(log.path())
+            .arg(&base6)
             .stdout(Stdio::piped())
             .spawn()
             .expect("dns server");
         let mut line = String::new();
         BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "dns server did not start");
-        TestNet { ns, host_if, base, server, log }
+        TestNet { ns, host_if, base, base6, server, log }
     }
 
     fn addr(&self, last: u8) -> String {
@@ -88,11 +98,23 @@ impl Drop for TestNet {
 
 /// Config: `[dns]` toward the namespace's server, an intent naming hosts there.
 fn start(name: &str, mode: &str, net: &TestNet, dns_extra: &str) -> (TestCgroup, Daemon) {
+    start_with(name, mode, net, dns_extra, "", "")
+}
+
+/// `start` with `secrets` (TOML before the intent) and `intent_extra` (keys of the intent).
+fn start_with(
+    name: &str,
+    mode: &str,
+    net: &TestNet,
+    dns_extra: &str,
+    secrets: &str,
+    intent_extra: &str,
+) -> (TestCgroup, Daemon) {
     let p = ECHO_PORT;
     let policy = format!(
         "mode = \"{mode}\"\n\
-         [dns]\nupstream = [\"{}:53\"]\nmin_ttl = \"1s\"\n{dns_extra}\n\
-         [[intent]]\nname = \"names\"\nagents = [{{ uid = 0 }}]\n\
+         [dns]\nupstream = [\"{}:53\"]\nmin_ttl = \"1s\"\n{dns_extra}\n{secrets}\n\
+         [[intent]]\nname = \"names\"\nagents = [{{ uid = 0 }}]\n{intent_extra}\n\
          destinations = [\"api.dns.test:{p}\", \"rot.dns.test:{p}\", \"alias.dns.test:{p}\", \"*.wild.test:{p}\", \"short.dns.test:{p}\"]\n\
          max_ttl = \"10m\"\non_violation = \"deny\"\n",
         net.addr(2)
@@ -121,21 +143,25 @@ def skip_name(d, o):
         if n == 0: return o + 1
         if n & 0xC0 == 0xC0: return o + 2
         o += 1 + n
-def q(name, tcp=False, server=("127.0.0.1", 53)):
+def q(name, tcp=False, server=("127.0.0.1", 53), qtype=1, connected=False):
     qid = random.randint(0, 65535)
     pkt = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    pkt += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    pkt += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", qtype, 1)
+    fam = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
     try:
         if tcp:
             s = socket.create_connection(server, timeout=5)
             s.sendall(struct.pack(">H", len(pkt)) + pkt)
             data = recvn(s, struct.unpack(">H", recvn(s, 2))[0]); src = server
         else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-            s.sendto(pkt, server)
+            s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
+            if connected:
+                s.connect(server); s.send(pkt)
+            else:
+                s.sendto(pkt, server)
             data, src = s.recvfrom(4096)
     except OSError as e:
-        print(f"q {name} error {errno.errorcode.get(e.errno, e)}", flush=True); return (None, [], None)
+        print(f"q {name} error {errno.errorcode.get(e.errno, str(e.errno))}", flush=True); return (None, [], None)
     assert struct.unpack(">H", data[:2])[0] == qid
     rcode = data[3] & 15
     an = struct.unpack(">H", data[6:8])[0]
@@ -145,6 +171,7 @@ def q(name, tcp=False, server=("127.0.0.1", 53)):
         o = skip_name(data, o)
         t, _c, _ttl, ln = struct.unpack(">HHIH", data[o:o + 10]); o += 10
         if t == 1: addrs.append(socket.inet_ntoa(data[o:o + 4]))
+        if t == 28: addrs.append(socket.inet_ntop(socket.AF_INET6, data[o:o + 16]))
         o += ln
     print(f"q {name} rcode={rcode} addrs={','.join(addrs)} from={src[0]}:{src[1]}", flush=True)
     return (rcode, addrs, src)
@@ -365,4 +392,113 @@ fn unsteered_queries_and_nxdomain() {
         assert!(std::time::Instant::now() < deadline, "unattributed not counted: {st:#}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// One daemon (enforce, `refuse = "off"`) for the rest of the contract:
+/// - a secret whose own destinations are given by name: the process that read it resolves
+///   (its queries reach the stub), connects and sends where the name was learned, with no
+///   `send` violation (the false positive of issue 15's first landing);
+/// - resolver addresses other than 127.0.0.1:53: the namespace server's own address (UDP and
+///   TCP) and an address where nothing listens are answered by the stub;
+/// - IPv6: an AAAA query over connected UDP and TCP to [::1]:53 (connect6 steering) is
+///   answered by the stub, the answer is learned, a connection to it carries data, an
+///   address never answered is EPERM; an unconnected sendto on an IPv6 socket (sendmsg6)
+///   fails closed with the kernel's ENOTSUPP (it refuses a rewrite to an IPv4-mapped address);
+/// - `refuse = "off"`: a name outside the grant is forwarded and answered, alerted as a
+///   `dns` event naming it and the resolver asked, and its address is still not usable.
+#[test]
+fn secret_names_other_resolvers_ipv6_refuse_off() {
+    if !root_or_skip("secret_names_other_resolvers_ipv6_refuse_off") {
+        return;
+    }
+    let net = TestNet::new();
+    // The secret's directory is watched: keep it apart from everything the process runs.
+    let secret_dir = tempfile::tempdir().unwrap();
+    let key = secret_dir.path().join("key");
+    std::fs::write(&key, "named-secret-value\n").unwrap();
+    let secrets = format!(
+        "[[secret]]\nname = \"key\"\npaths = [\"{}\"]\ndestinations = [\"api.dns.test:{ECHO_PORT}\"]\n",
+        key.display()
+    );
+    let (cg, daemon) = start_with(
+        "dns-contract",
+        "enforce",
+        &net,
+        "refuse = \"off\"",
+        &secrets,
+        "secrets = [\"key\"]",
+    );
+    let a = |n: u8| net.addr(n);
+    let v6 = |last: u8| format!("{}::{last}", net.base6);
+    let body = format!(
+        r#"
+open("{key}").read()                    # tainted by the secret from here on
+r, addrs, _ = q("api.dns.test")
+s = conn(addrs[0]); echo(s)
+r, addrs, _ = q("api.dns.test", server=("{a2}", 53))
+r, addrs, _ = q("api.dns.test", tcp=True, server=("{a2}", 53))
+r, addrs, _ = q("api.dns.test", server=("{a99}", 53))
+r, addrs, _ = q("api.dns.test", server=("::1", 53), qtype=28, connected=True)
+s6 = conn(addrs[0]); echo(s6)
+conn("{v6_11}")                          # never answered
+r, addrs, _ = q("api.dns.test", tcp=True, server=("::1", 53), qtype=28)
+q("api.dns.test", server=("::1", 53), qtype=28)   # unconnected sendto on IPv6: the limit
+r, addrs, _ = q("outside.test", server=("{a2}", 53))
+conn(addrs[0])
+"#,
+        key = key.display(),
+        a2 = a(2),
+        a99 = a(99),
+        v6_11 = v6(11),
+    );
+    let (pid, lines) = run_granted(&cg, &daemon, &body);
+    let (a2, a10, a16) = (a(2), a(10), a(16));
+    let want = [
+        format!("q api.dns.test rcode=0 addrs={a10} from=127.0.0.1:53"),
+        format!("conn {a10} ok"),
+        "echo ping".to_string(),
+        format!("q api.dns.test rcode=0 addrs={a10} from={a2}:53"),
+        format!("q api.dns.test rcode=0 addrs={a10} from={}:53", a(99)),
+        format!("q api.dns.test rcode=0 addrs={} from=::1:53", v6(10)),
+        format!("conn {} ok", v6(10)),
+        format!("conn {} EPERM", v6(11)),
+        format!("q outside.test rcode=0 addrs={a16} from={a2}:53"),
+        format!("conn {a16} EPERM"),
+        // The kernel refuses a sendmsg6 program's rewrite to an IPv4-mapped address
+        // (ENOTSUPP, 524): unconnected IPv6 UDP queries fail closed (threat-model.md).
+        "q api.dns.test error 524".to_string(),
+    ];
+    for w in &want {
+        assert!(has(&lines, w), "missing {w:?} in {lines:#?}\nlog:\n{}", daemon.log());
+    }
+    assert_eq!(lines.iter().filter(|l| *l == "echo ping").count(), 2, "{lines:#?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("q api.dns.test rcode=0 addrs=") && l.contains("::1:53"))
+            .count(),
+        2,
+        "AAAA over UDP and TCP: {lines:#?}"
+    );
+    let seen = net.queries();
+    assert!(seen.iter().any(|l| l == "api.dns.test 28 udp"), "AAAA forwarded: {seen:?}");
+    assert!(seen.iter().any(|l| l == "outside.test 1 udp"), "refuse off forwards: {seen:?}");
+    // The name outside the grant: alerted (not refused), naming the resolver asked.
+    let e = daemon.one_event("dns alert", |e: &Event| e.kind == "dns" && e.process.pid == pid);
+    assert_eq!((e.verdict.as_str(), e.action.as_str()), ("out_of_intent", "alerted"));
+    assert_eq!(e.dest().name.as_deref(), Some("outside.test"));
+    assert_eq!((e.dest().ip.as_str(), e.dest().port), (a2.as_str(), 53));
+    // Connects to learned addresses name the DNS name, over IPv6 too.
+    let c6 = connects(&daemon, pid, v6(10));
+    assert_eq!(
+        (c6[0].verdict.as_str(), c6[0].dest().name.as_deref()),
+        ("allowed", Some("api.dns.test"))
+    );
+    // No send of the tainted process was judged a violation (the DNS queries and the data
+    // to the learned addresses), and the kernel and the daemon agree on every record.
+    std::thread::sleep(Duration::from_millis(500));
+    let sends: Vec<Event> =
+        daemon.events().into_iter().filter(|e| e.kind == "send" && e.process.pid == pid).collect();
+    assert!(sends.is_empty(), "send violations: {sends:#?}");
+    daemon.assert_no_decision_mismatches();
 }

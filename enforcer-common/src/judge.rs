@@ -23,16 +23,17 @@
 //!    tainting secret's (TAINT) or the agent action (AGENT); never "allowed" for a violation;
 //!    monitor mode only alerts.
 use crate::{
-    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SLOT_BASE, SecretInfo, action,
-    grant_flags, grant_state, proc_flags, reason, verdict,
+    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SEND_SLOT_BASE, SECRET_SLOT_BASE,
+    SecretInfo, action, grant_flags, grant_state, proc_flags, reason, verdict,
 };
 
 /// What the judge reads. Each lookup is a map read in the kernel.
 pub trait Facts {
     /// The grant in `slot` (None: no such grant).
     fn grant(&self, slot: u32) -> Option<GrantInfo>;
-    /// Whether the destinations stored under `slot` (a grant slot, or `SECRET_SLOT_BASE + i`
-    /// for secret i's own destinations) include `addr` (IPv6 form, IPv4 mapped) and `port`.
+    /// Whether the destinations stored under `slot` (a grant slot, `SECRET_SLOT_BASE + i`
+    /// for secret i's own destinations, or `SECRET_SEND_SLOT_BASE + i` for the same plus the
+    /// addresses learned for its names) include `addr` (IPv6 form, IPv4 mapped) and `port`.
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool;
     /// The deadline (boot clock) until which `addr` is covered for `slot` (a grant slot, or
     /// `SECRET_SLOT_BASE + i`) on `port` because the DNS stub answered it for one of the
@@ -45,6 +46,8 @@ pub trait Facts {
     fn grant_taint(&self, slot: u32) -> u64;
     /// Secrets read by any process of the `[[agent]]` tree `tree` (AGENT_TAINT).
     fn tree_taint(&self, tree: u32) -> u64;
+    /// The DNS stub's port on 127.0.0.1 (0: no stub; `config::DNS_STUB_PORT`).
+    fn dns_stub_port(&self) -> u16;
 }
 
 /// Host-wide settings (the kernel's CONFIG map).
@@ -220,14 +223,14 @@ fn taint_breach<F: Facts, const NAMES: bool>(
             continue;
         }
         let Some(info) = facts.secret(i as u32) else { continue };
-        let slot = SECRET_SLOT_BASE + i as u32;
-        // Sends (NAMES false) judge a secret's own destinations by network only: one more
-        // map lookup per secret puts the egress program past the verifier's budget.
+        // Sends (NAMES false) read the secret's send slot, where the addresses learned for
+        // its names are host entries beside its networks: one lookup (one more map lookup
+        // per secret puts the egress program past the verifier's budget).
         let own_ok = info.has_dests == 0
             || if NAMES {
-                covered(facts, slot, addr, port, now_ns)
+                covered(facts, SECRET_SLOT_BASE + i as u32, addr, port, now_ns)
             } else {
-                facts.covers(slot, addr, port)
+                facts.covers(SECRET_SEND_SLOT_BASE + i as u32, addr, port)
             };
         let granted = live_secrets & (1u64 << i) != 0;
         if !(own_ok && granted) {
@@ -285,7 +288,9 @@ pub fn judge_send<F: Facts>(
         revoke: false,
         taint,
     };
-    if taint == 0 {
+    // A tainted process's DNS queries reach the stub (steered there by the connect hooks):
+    // the stub judges each query's name against the asker's grants itself.
+    if taint == 0 || to_stub(facts, addr, port) {
         return j;
     }
     if let Some((secret, act)) =
@@ -297,6 +302,15 @@ pub fn judge_send<F: Facts>(
         j.action = if act == action::ALLOWED || !settings.enforce { action::ALERT } else { act };
     }
     j
+}
+
+/// `::ffff:127.0.0.1`, where the stub listens (IPv4 and IPv6 queries are steered there).
+const STUB_ADDR: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+
+/// Whether (addr, port) is the DNS stub.
+#[inline(always)]
+fn to_stub<F: Facts>(facts: &F, addr: &[u8; 16], port: u16) -> bool {
+    port != 0 && *addr == STUB_ADDR && port == facts.dns_stub_port()
 }
 
 /// The `now_ns` for `covered` under which any LEARNED entry still present counts (sends on

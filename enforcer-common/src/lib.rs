@@ -78,6 +78,13 @@ pub const MAX_SECRETS: usize = 64;
 /// secret i is stored under slot `SECRET_SLOT_BASE + i`.
 pub const SECRET_SLOT_BASE: u32 = 0xF000_0000;
 
+/// Where the send judge (`judge::judge_send`) finds secret i's own destinations, under slot
+/// `SECRET_SEND_SLOT_BASE + i` of the GRANT_DESTS trie: its networks, and each address the
+/// DNS stub learned for its names as a host entry (present as long as the LEARNED entry). One
+/// trie lookup per tainting secret covers both, so the egress program judges names without a
+/// second lookup in its loop over secrets (the verifier's budget).
+pub const SECRET_SEND_SLOT_BASE: u32 = 0xF100_0000;
+
 /// SECRETS value (array index = secret index).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

@@ -28,7 +28,7 @@ use enforcer_common::{
 
 use crate::maps::{
     AGENT_TAINT, ALERTS, EVENTS, GRANT_DESTS, GRANT_TAINT, GRANTS, LEARNED, PROC_GRANTS, SECRETS,
-    WAKEUP_NOW, config, count, proc_entry, submit_flags,
+    WAKEUP_NOW, config, count, inherited_entry, submit_flags,
 };
 
 const AF_INET: u32 = 2;
@@ -112,17 +112,24 @@ impl Facts for Maps {
     fn secret(&self, index: u32) -> Option<SecretInfo> {
         SECRETS.get(index).copied()
     }
+
+    #[inline(always)]
+    fn dns_stub_port(&self) -> u16 {
+        config(config::DNS_STUB_PORT) as u16
+    }
 }
 
-/// Decides a connect by `tgid` at `now` (boot clock) with the shared judge
-/// (enforcer_common::judge, the code decide.rs runs too) and applies a revoke-on-violation
-/// to the grant in the map. Returns the judgement, whether the grant was revoked now, and
-/// the map entry it was judged on.
+/// Decides a connect by the process with map entry `subject` at `now` (boot clock) with the
+/// shared judge (enforcer_common::judge, the code decide.rs runs too) and applies a
+/// revoke-on-violation to the grant in the map. Returns the judgement, whether the grant was
+/// revoked now, and the map entry it was judged on.
 #[inline(always)]
-fn judge_connect(tgid: u32, addr: &[u8; 16], port: u16, now: u64) -> (Judgement, u8, ProcGrants) {
-    let Some(subject) = proc_entry(tgid) else {
-        return (Judgement::default(), 0, ProcGrants::default());
-    };
+fn judge_connect(
+    subject: ProcGrants,
+    addr: &[u8; 16],
+    port: u16,
+    now: u64,
+) -> (Judgement, u8, ProcGrants) {
     let settings = Settings {
         enforce: config(config::ENFORCE) != 0,
         agent_action: config(config::AGENT_ACTION) as u8,
@@ -169,16 +176,22 @@ fn record(ctx: &SockAddrContext, family: u32, operation: u8) -> i32 {
     if family == AF_INET {
         v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]];
     }
+    // The one PROC_GRANTS lookup of this hook: a process that holds no grant, is not an
+    // agent and is not tainted (no entry) is recorded without judging.
+    let own = unsafe { PROC_GRANTS.get(tgid) }.copied();
     // DNS of a judged process goes to the daemon's stub, which judges the query itself.
-    if let Some(pg) = unsafe { PROC_GRANTS.get(tgid) }
-        && crate::dns::steer(ctx, family, pg, tgid, &v6, port)
+    if let Some(pg) = &own
+        && (crate::dns::steer(ctx, family, pg, tgid, &v6, port) || crate::dns::to_stub(&v6, port))
     {
         return ALLOW;
     }
     // One clock reading for the judgement and the record: the daemon replays the judge at
     // the record's time.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let (j, revoked_now, subject) = judge_connect(tgid, &v6, port, now);
+    let (j, revoked_now, subject) = match own.or_else(inherited_entry) {
+        Some(entry) => judge_connect(entry, &v6, port, now),
+        None => (Judgement::default(), 0, ProcGrants::default()),
+    };
     let deny = !j.lets_through();
     let ug = bpf_get_current_uid_gid();
     let rec = ConnectRecord {

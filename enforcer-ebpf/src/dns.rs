@@ -60,6 +60,22 @@ pub fn steer(
     true
 }
 
+/// `::ffff:127.0.0.1` as the judge's 16-byte address.
+const STUB_ADDR: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+
+/// Whether (`addr`, `port`) is the stub itself. A steered IPv6 UDP socket (connected to
+/// `::ffff:127.0.0.1`) reaches sendmsg4 on every send with the stub as the address (the
+/// kernel hands IPv4-mapped sends to the IPv4 path with an explicit address): those sends are
+/// the steered queries, let through unjudged like the steering itself (the stub judges them).
+#[inline(always)]
+pub fn to_stub(addr: &[u8; 16], port: u16) -> bool {
+    if *addr != STUB_ADDR {
+        return false;
+    }
+    let stub = config(config::DNS_STUB_PORT) as u16;
+    stub != 0 && port == stub
+}
+
 /// One 32-bit store into the context at a constant offset: the verifier refuses stores
 /// through a context pointer the compiler has moved (as a whole-array copy would).
 #[inline(always)]

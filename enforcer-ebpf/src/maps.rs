@@ -121,6 +121,14 @@ pub fn proc_entry(tgid: u32) -> Option<ProcGrants> {
     if let Some(pg) = unsafe { PROC_GRANTS.get(tgid) } {
         return Some(*pg);
     }
+    inherited_entry()
+}
+
+/// The degraded-mode half of `proc_entry`, for a caller that already looked up the current
+/// process's own entry and found none: the nearest ancestor's entry once an entry could not
+/// be written, else None (one CONFIG read).
+#[inline(always)]
+pub fn inherited_entry() -> Option<ProcGrants> {
     if config(config::STATE_LOST) == 0 {
         return None;
     }

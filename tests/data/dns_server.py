@@ -9,10 +9,11 @@ Zone (BASE = the first three octets of the namespace's network, e.g. 10.253.7):
   *.wild.test       A BASE.14                 TTL 60
   short.dns.test    A BASE.15                 TTL 1
   outside.test      A BASE.16                 TTL 60
+  api.dns.test      AAAA BASE6::10            TTL 60 (with BASE6 given)
   anything else     NXDOMAIN
 Every query is appended to LOG as "name type proto".
 
-usage: dns_server.py ADDR BASE ECHO_PORT LOG
+usage: dns_server.py ADDR BASE ECHO_PORT LOG [BASE6]
 """
 import socket
 import struct
@@ -20,6 +21,7 @@ import sys
 import threading
 
 ADDR, BASE, ECHO_PORT, LOG = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+BASE6 = sys.argv[5] if len(sys.argv) > 5 else None
 rot = [0]
 lock = threading.Lock()
 
@@ -43,6 +45,10 @@ def read_name(data, off):
 
 def rr_a(name, ip, ttl):
     return encode_name(name) + struct.pack(">HHIH", 1, 1, ttl, 4) + socket.inet_aton(ip)
+
+
+def rr_aaaa(name, ip, ttl):
+    return encode_name(name) + struct.pack(">HHIH", 28, 1, ttl, 16) + socket.inet_pton(socket.AF_INET6, ip)
 
 
 def rr_cname(name, target, ttl):
@@ -77,8 +83,10 @@ def answer(query, proto):
         answers = [rr_a(name, BASE + ".16", 60)]
     else:
         rcode = 3
-    if qtype != 1:
-        # Only A records here: other types get an empty answer.
+    if qtype == 28 and name == "api.dns.test" and BASE6:
+        answers = [rr_aaaa(name, BASE6 + "::10", 60)]
+    elif qtype != 1:
+        # Only A records here (and the one AAAA): other types get an empty answer.
         answers = [a for a in answers if a[len(encode_name(name)):][:2] == b"\x00\x05"]
     rd = flags & 0x0100
     header = struct.pack(">HHHHHH", qid, 0x8400 | rd | 0x0080 | rcode, 1, len(answers), 0, 0)
@@ -150,5 +158,12 @@ udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind((ADDR, 53))
 threading.Thread(target=serve_tcp, args=(tcp_listener(ADDR, 53),), daemon=True).start()
 threading.Thread(target=serve_echo, args=(tcp_listener("0.0.0.0", ECHO_PORT),), daemon=True).start()
+if BASE6:
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s6.bind(("::", ECHO_PORT))
+    s6.listen(64)
+    threading.Thread(target=serve_echo, args=(s6,), daemon=True).start()
 print("ready", flush=True)
 serve_udp(udp)

@@ -26,6 +26,19 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         "egress": if exact("cgroup_skb/egress") { "cgroup_skb egress (judges the writer and the socket's owner)" } else if exact("cgroup_skb/egress_owner") { "cgroup_skb egress_owner (this kernel refuses the current task in cgroup_skb: judges the socket's judged creator and the taint it carried)" } else { "unavailable" },
         "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer".to_string() } else { format!("BPF-LSM refused by this kernel (see lsm/file_open above; {}); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded", lsm_hint()) },
     });
+    // Destinations by name: what this host's resolution means for the DNS stub.
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let resolved_active = std::path::Path::new(crate::dns::RESOLVED_VARLINK).exists();
+    let dns_notes = crate::dns::host_notes(
+        &read("/etc/nsswitch.conf"),
+        &read("/etc/resolv.conf"),
+        resolved_active,
+    );
+    let dns = json!({
+        "systemd_resolved": resolved_active,
+        "nss_resolve": crate::dns::nss_resolve_in_use(&read("/etc/nsswitch.conf")),
+        "notes": dns_notes,
+    });
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -33,7 +46,7 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"kernel": kernel, "probes": probes, "backends": backends, "ready": missing.is_empty()})
+                &json!({"kernel": kernel, "probes": probes, "backends": backends, "dns": dns, "ready": missing.is_empty()})
             )?
         );
     } else {
@@ -49,6 +62,9 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
             ["process_lineage", "connect", "socket_create", "egress", "file_open", "file_open_note"]
         {
             println!("{k:<16} {}", backends[k].as_str().unwrap_or_default());
+        }
+        for n in &dns_notes {
+            println!("{:<16} warning: {n}", "dns");
         }
         if !missing.is_empty() {
             println!("\nnot usable on this host: {} (run as root?)", missing.join(", "));

@@ -579,7 +579,7 @@ async fn start_dns(
 )> {
     use crate::dns::{learned::LearnedTable, resolv, stub};
     let maps = kernel.dns_maps()?;
-    let learned = Arc::new(LearnedTable::new(Some(maps.learned)));
+    let learned = Arc::new(LearnedTable::new(Some(maps.learned)).with_send_dests(maps.dests));
     let upstream = resolv::upstream(
         cfg.dns.upstream.as_deref(),
         Path::new(resolv::RESOLV_CONF),

@@ -1,12 +1,13 @@
 //! Connections through the shared judge: the subject's state laid out as the kernel maps
 //! hold it, `enforcer_common::judge::judge` run on it, and the judgement explained in words.
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use chrono::{DateTime, Utc};
 use enforcer_common::judge::{Facts, Judgement, Settings, judge};
 use enforcer_common::{
-    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SLOT_BASE, SecretInfo, grant_flags,
-    grant_state, proc_flags, reason, verdict,
+    GrantInfo, MAX_PROC_GRANTS, MAX_SECRETS, ProcGrants, SECRET_SEND_SLOT_BASE, SECRET_SLOT_BASE,
+    SecretInfo, grant_flags, grant_state, proc_flags, reason, verdict,
 };
 
 use super::{
@@ -108,7 +109,7 @@ impl SubjectFacts {
             .iter()
             .map(|t| {
                 let info = SecretInfo {
-                    has_dests: !t.destinations.is_empty() as u32,
+                    has_dests: (!t.destinations.is_empty() || t.named) as u32,
                     action: t.on_violation.action_code() as u32,
                 };
                 (info, DestTable::compile(&t.destinations).ok())
@@ -132,7 +133,23 @@ impl Facts for SubjectFacts {
         self.grants.get((slot as usize).checked_sub(1)?).copied()
     }
 
+    /// A secret's send slot holds its networks and, as host entries, the addresses learned
+    /// for its names for as long as their LEARNED entries live (deadline or not).
     fn covers(&self, slot: u32, addr: &[u8; 16], port: u16) -> bool {
+        if let Some(i) = slot.checked_sub(SECRET_SEND_SLOT_BASE) {
+            let learned = self.secret_learned.get(i as usize).and_then(|l| {
+                let ip = canonical(IpAddr::from(*addr));
+                l.iter().find(|(a, _, _)| *a == ip)
+            });
+            return match learned {
+                // The host entry shadows the network's: it holds the union of both.
+                Some((_, ports, _)) => {
+                    ports.iter().any(|(lo, hi)| *lo <= port && port <= *hi)
+                        || self.covers(SECRET_SLOT_BASE + i, addr, port)
+                }
+                None => self.covers(SECRET_SLOT_BASE + i, addr, port),
+            };
+        }
         let ip = IpAddr::from(*addr);
         let table = if slot >= SECRET_SLOT_BASE {
             self.secrets.get((slot - SECRET_SLOT_BASE) as usize).and_then(|s| s.1.as_ref())
@@ -172,6 +189,18 @@ impl Facts for SubjectFacts {
     fn secret(&self, index: u32) -> Option<SecretInfo> {
         self.secrets.get(index as usize).map(|s| s.0)
     }
+
+    fn dns_stub_port(&self) -> u16 {
+        DNS_STUB_PORT.load(Ordering::Relaxed)
+    }
+}
+
+/// The DNS stub's port as the kernel's CONFIG map holds it (set with it: `set_dns_stub_port`).
+static DNS_STUB_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// Records the stub's port for the judge's replay (the kernel's `config::DNS_STUB_PORT`).
+pub fn set_dns_stub_port(port: u16) {
+    DNS_STUB_PORT.store(port, Ordering::Relaxed);
 }
 
 /// The IPv6 form the kernel judges (IPv4 as IPv4-mapped).

@@ -44,6 +44,9 @@ pub struct Taint {
     /// The secret's own destinations (empty: valid wherever a grant covering it is).
     pub destinations: Vec<(IpNet, u16, u16)>,
     pub on_violation: OnViolation,
+    /// The secret's own destinations include names (then it has destinations even when
+    /// `destinations`, its networks, is empty: the kernel's `has_dests`).
+    pub named: bool,
     /// Addresses the DNS stub answered for the secret's own destinations by name.
     pub learned: Vec<LearnedAddr>,
 }
@@ -270,6 +273,6 @@ mod open;
 mod tests;
 
 use connect::decide_connect;
-pub use connect::{explain, judge_connect, judge_send};
+pub use connect::{explain, judge_connect, judge_send, set_dns_stub_port};
 use open::decide_open;
 pub use open::{explain_open, judge_secret_open};

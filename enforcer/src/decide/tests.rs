@@ -120,6 +120,7 @@ fn enforce_actions_taint_and_agents() {
         secret: "key".into(),
         destinations: dests.iter().map(|d| (d.parse().unwrap(), 443, 443)).collect(),
         on_violation: on,
+        named: false,
         learned: vec![],
     };
     let subj = |held: Vec<HeldGrant>, taint: Vec<Taint>, agent: bool| SubjectState {
@@ -361,6 +362,7 @@ fn taint_names_the_first_invalid_secret() {
         secret: name.into(),
         destinations: vec![],
         on_violation: on,
+        named: false,
         learned: vec![],
     };
     let s = SubjectState {
@@ -395,6 +397,7 @@ fn overlapping_destinations_are_a_union() {
             ("10.0.0.0/8".parse().unwrap(), 443, 443),
         ],
         on_violation: OnViolation::Deny,
+        named: false,
         learned: vec![],
     };
     let s = |held: Vec<HeldGrant>, taint: Vec<Taint>| SubjectState {
@@ -767,6 +770,7 @@ fn sends_on_established_sockets_follow_the_taint_only() {
         secret: "key".into(),
         destinations: dests,
         on_violation: OnViolation::Deny,
+        named: false,
         learned: vec![],
     };
     let wide = grant("w", &["key"], &["127.0.0.0/8 1-65535"], 60, false, now);
@@ -883,6 +887,7 @@ fn learned_addresses_cover_names() {
         // The secret's own destinations by name: no networks, so only learned ones.
         destinations: vec![],
         on_violation: OnViolation::Deny,
+        named: true,
         learned: l,
     };
     let mut own = secret(vec![live.clone()]);
@@ -987,6 +992,7 @@ fn sends_to_learned_addresses_outlive_the_ttl() {
         secret: "key".into(),
         destinations: vec![],
         on_violation: OnViolation::Deny,
+        named: false,
         learned: vec![],
     };
     let s = SubjectState { known: true, held: vec![g], taint: vec![t], agent: false };
@@ -1004,4 +1010,62 @@ fn sends_to_learned_addresses_outlive_the_ttl() {
     );
     let c = judge_connect(ip("192.0.2.7"), 443, &s, Mode::Enforce, now, None);
     assert_eq!(c.verdict, verdict::OUT_OF_INTENT);
+}
+
+/// A secret whose own destinations are given by name (no networks): data sent where the stub
+/// learned the name for it is valid there (the send judge reads the secret's send slot, where
+/// learned addresses are host entries), past the TTL too while the entry lives; an address
+/// its names never answered is a breach; and the same secret with a network keeps the
+/// network's ports at a learned address (the host entry holds the union).
+#[test]
+fn sends_where_a_secrets_names_were_learned() {
+    let now = Utc::now();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let mut g = grant("a", &["key"], &[], 60, false, now);
+    g.learned = vec![
+        learned("192.0.2.7", &[(443, 443)], -5, 0, now),
+        learned("192.0.2.8", &[(443, 443)], 30, 0, now),
+    ];
+    let t = |nets: Vec<(IpNet, u16, u16)>, l: Vec<LearnedAddr>| Taint {
+        secret: "key".into(),
+        destinations: nets,
+        on_violation: OnViolation::Deny,
+        named: true,
+        learned: l,
+    };
+    let subject = |t: Taint| SubjectState {
+        known: true,
+        held: vec![g.clone()],
+        taint: vec![t],
+        agent: false,
+    };
+    let breach = (verdict::OUT_OF_INTENT, reason::TAINT, action::DENY);
+    let send = |s: &SubjectState, a: &str, port: u16| {
+        let j = judge_send(ip(a), port, s, Mode::Enforce, now, None);
+        (j.verdict, j.reason, j.action)
+    };
+    let named = subject(t(vec![], vec![learned("192.0.2.7", &[(443, 443)], -5, 0, now)]));
+    assert_eq!(send(&named, "192.0.2.7", 443).0, verdict::ALLOWED, "learned, past its TTL");
+    assert_eq!(send(&named, "192.0.2.8", 443), breach, "the secret's names never answered it");
+    assert_eq!(send(&named, "192.0.2.7", 80), breach, "learned on another port");
+    // A connect there after the TTL is judged on the deadline (the grant's and the secret's).
+    let c = judge_connect(ip("192.0.2.7"), 443, &named, Mode::Enforce, now, None);
+    assert_eq!(c.verdict, verdict::OUT_OF_INTENT);
+    // Before the fix, the same subject's secret counted as having no destination anywhere.
+    let unlearned = subject(t(vec![], vec![]));
+    assert_eq!(send(&unlearned, "192.0.2.7", 443), breach, "named secret, nothing learned");
+    // A network of the secret around the learned address: its ports stay valid there.
+    let mut both = subject(t(
+        vec![("192.0.2.0/24".parse().unwrap(), 80, 80)],
+        vec![learned("192.0.2.7", &[(443, 443)], 30, 0, now)],
+    ));
+    both.held[0].destinations = vec![("192.0.2.0/24".parse().unwrap(), 80, 80)];
+    assert_eq!(send(&both, "192.0.2.7", 443).0, verdict::ALLOWED, "learned port");
+    assert_eq!(send(&both, "192.0.2.7", 80).0, verdict::ALLOWED, "the network's port");
+    // The tainted process's DNS queries, steered to the stub: the stub judges their names.
+    super::set_dns_stub_port(45353);
+    assert_eq!(send(&unlearned, "127.0.0.1", 45353).0, verdict::ALLOWED, "query to the stub");
+    assert_eq!(send(&unlearned, "::ffff:127.0.0.1", 45353).0, verdict::ALLOWED, "mapped form");
+    assert_eq!(send(&unlearned, "127.0.0.1", 45354), breach, "another loopback port");
+    assert_eq!(send(&unlearned, "127.0.0.2", 45353), breach, "another loopback address");
 }

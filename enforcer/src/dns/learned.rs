@@ -3,14 +3,23 @@
 //! recent versions with the boot time from which the kernel held each one, so the replay of
 //! a kernel record judges on the entry exactly as the kernel's hook saw it, and events name
 //! the DNS name an address was learned from.
+//!
+//! An address learned for a secret's own destinations (slot `SECRET_SLOT_BASE + i`) is also
+//! a host entry of GRANT_DESTS under `SECRET_SEND_SLOT_BASE + i`, for as long as its LEARNED
+//! entry lives: the send judge reads it there (one trie lookup per secret; see
+//! `enforcer_common::SECRET_SEND_SLOT_BASE`).
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use aya::maps::lpm_trie::{Key as TrieKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use chrono::{DateTime, Utc};
-use enforcer_common::{Learned, LearnedKey, MAX_PORT_RANGES};
+use enforcer_common::{
+    DestKey, Learned, LearnedKey, MAX_PORT_RANGES, MAX_SECRETS, PortRanges, SECRET_SEND_SLOT_BASE,
+    SECRET_SLOT_BASE,
+};
 
 use crate::decide::LearnedAddr;
 use crate::dest_table::DestTable;
@@ -41,6 +50,8 @@ pub struct LearnedTable {
 struct Inner {
     /// None when there is no kernel (unit tests).
     map: Option<BpfHashMap<MapData, LearnedKey, Learned>>,
+    /// GRANT_DESTS, for secrets' send slots (None: unit tests).
+    send_dests: Option<LpmTrie<MapData, DestKey, PortRanges>>,
     entries: HashMap<Key, Vec<Version>>,
 }
 
@@ -73,6 +84,16 @@ fn union(a: &[(u16, u16)], b: &[(u16, u16)]) -> Option<Vec<(u16, u16)>> {
     (out.len() <= MAX_PORT_RANGES).then_some(out)
 }
 
+/// Secret i for a slot in the secrets' namespace.
+fn secret_index(slot: u32) -> Option<u32> {
+    slot.checked_sub(SECRET_SLOT_BASE).filter(|i| (*i as usize) < MAX_SECRETS)
+}
+
+/// The GRANT_DESTS host key of `addr` in secret i's send slot.
+fn send_key(i: u32, addr: [u8; 16]) -> TrieKey<DestKey> {
+    TrieKey::new(32 + 128, DestKey { slot_be: (SECRET_SEND_SLOT_BASE + i).to_be(), addr })
+}
+
 impl LearnedTable {
     /// Entries already in the map (pins adopted from a previous daemon) are taken over as
     /// held since boot, their names unknown.
@@ -86,18 +107,27 @@ impl LearnedTable {
                 );
             }
         }
-        LearnedTable { inner: Mutex::new(Inner { map, entries }) }
+        LearnedTable { inner: Mutex::new(Inner { map, send_dests: None, entries }) }
+    }
+
+    /// The table writing secrets' learned addresses into `dests` (GRANT_DESTS) too.
+    pub fn with_send_dests(self, dests: LpmTrie<MapData, DestKey, PortRanges>) -> Self {
+        self.inner.lock_or_recover().send_dests = Some(dests);
+        self
     }
 
     /// Records that `ip` was answered for `name`, usable for `slot` on `ports` until
     /// `deadline_ns` (boot clock). An entry still live keeps the later deadline and the union
     /// of both port sets (when it fits the kernel's form; else the new ports alone, never a
     /// widened range). The kernel map is written first; `Err` when it is full or refuses.
+    /// `net_ports`: for a secret's slot, the ports its own networks give `ip` (the longest
+    /// match's), kept in the send slot's host entry, which shadows the network's.
     pub fn learn(
         &self,
         slot: u32,
         ip: IpAddr,
         ports: &[(u16, u16)],
+        net_ports: &[(u16, u16)],
         deadline_ns: u64,
         name: &str,
     ) -> Result<()> {
@@ -116,6 +146,15 @@ impl LearnedTable {
             _ => (ports.to_vec(), deadline_ns),
         };
         let value = Learned { deadline_ns, ports: DestTable::port_ranges(&ports) };
+        if let (Some(i), Some(dests)) = (secret_index(slot), inner.send_dests.as_mut()) {
+            // Never wider than both: when the union does not fit the kernel's form, the
+            // learned ports alone (a send to the network's other ports is then judged
+            // outside: a false alarm, never a bypass).
+            let send = union(&ports, net_ports).unwrap_or_else(|| ports.clone());
+            dests
+                .insert(&send_key(i, addr), DestTable::port_ranges(&send), 0)
+                .with_context(|| format!("write GRANT_DESTS (secret {i} send slot, {ip})"))?;
+        }
         if let Some(map) = inner.map.as_mut() {
             map.insert(LearnedKey { slot, addr }, value, 0)
                 .with_context(|| format!("write LEARNED ({slot}, {ip})"))?;
@@ -174,6 +213,9 @@ impl LearnedTable {
             if let Some(map) = inner.map.as_mut() {
                 let _ = map.remove(&LearnedKey { slot: k.0, addr: k.1 });
             }
+            if let (Some(i), Some(dests)) = (secret_index(k.0), inner.send_dests.as_mut()) {
+                let _ = dests.remove(&send_key(i, k.1));
+            }
             inner.entries.remove(k);
         }
         gone.len()
@@ -190,7 +232,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         assert!(t.at(1, ip, u64::MAX).is_none());
         let now = boot_now_ns();
-        t.learn(1, ip, &[(443, 443)], now + 1_000_000_000, "api.example.com").unwrap();
+        t.learn(1, ip, &[(443, 443)], &[], now + 1_000_000_000, "api.example.com").unwrap();
         let first = t.at(1, ip, u64::MAX).unwrap();
         assert_eq!(first.ports, vec![(443, 443)]);
         assert_eq!(first.name, "api.example.com");
@@ -199,7 +241,7 @@ mod tests {
         // Re-learned while live: later deadline, union of ports; the older version stays
         // for replays of earlier records.
         let mid = boot_now_ns();
-        t.learn(1, ip, &[(80, 80)], now + 5_000_000_000, "api.example.com").unwrap();
+        t.learn(1, ip, &[(80, 80)], &[], now + 5_000_000_000, "api.example.com").unwrap();
         let second = t.at(1, ip, u64::MAX).unwrap();
         assert_eq!(second.ports, vec![(80, 80), (443, 443)]);
         assert_eq!(second.deadline_ns, now + 5_000_000_000);

@@ -53,7 +53,8 @@ struct LiveGrant {
 }
 
 /// Where an answer is learned: (slot, ports, cap on the deadline).
-type Target = (u32, Vec<(u16, u16)>, u64);
+/// (slot, ports, cap on the deadline, for a secret: its own networks compiled).
+type Target = (u32, Vec<(u16, u16)>, u64, Option<crate::dest_table::DestTable>);
 
 /// Who asked: what the connect/sendmsg hook recorded when it steered the socket.
 #[derive(Debug, Clone, Copy)]
@@ -333,12 +334,11 @@ impl Stub {
             return Ok(());
         }
         let floor = self.min_ttl.as_nanos() as u64;
-        // (slot, ports, cap on the deadline)
         let mut targets: Vec<Target> = grants
             .iter()
             .map(|g| {
                 let cap = if g.expires_ns == 0 { u64::MAX } else { g.expires_ns };
-                (g.slot, ports_for(&g.names, &chain), cap)
+                (g.slot, ports_for(&g.names, &chain), cap, None)
             })
             .filter(|t| !t.1.is_empty())
             .collect();
@@ -346,14 +346,17 @@ impl Stub {
             let Some(i) = view.policy.secret_bits.get(&s.name) else { continue };
             let ports = ports_for(&names_of_dests(&s.destinations), &chain);
             if !ports.is_empty() {
-                targets.push((SECRET_SLOT_BASE + i, ports, u64::MAX));
+                let nets = view.policy.secret_nets.get(&s.name);
+                let table = nets.and_then(|n| crate::dest_table::DestTable::compile(n).ok());
+                targets.push((SECRET_SLOT_BASE + i, ports, u64::MAX, table));
             }
         }
         for (ip, ttl) in addrs {
             let life = (ttl.min(chain_ttl) as u64 * 1_000_000_000).max(floor);
-            for (slot, ports, cap) in &targets {
+            for (slot, ports, cap, nets) in &targets {
                 let deadline = now_ns.saturating_add(life).min(*cap);
-                self.learned.learn(*slot, ip, ports, deadline, qname)?;
+                let net_ports = nets.as_ref().and_then(|t| t.longest_match(ip)).unwrap_or(&[]);
+                self.learned.learn(*slot, ip, ports, net_ports, deadline, qname)?;
                 self.stats.learned.fetch_add(1, Ordering::Relaxed);
             }
         }

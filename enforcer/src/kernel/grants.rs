@@ -13,7 +13,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    DestKey, GrantInfo, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SLOT_BASE, grant_state,
+    DestKey, GrantInfo, MAX_PROC_GRANTS, PortRanges, ProcGrants, SECRET_SEND_SLOT_BASE,
+    SECRET_SLOT_BASE, grant_state,
 };
 use ipnet::{IpNet, Ipv6Net};
 
@@ -321,9 +322,18 @@ impl GrantMaps {
         Ok(())
     }
 
-    /// A secret's own destinations (where it is valid at all), under its slot namespace.
+    /// A secret's own destinations (where it is valid at all), under its slot namespace and
+    /// its send namespace (`SECRET_SEND_SLOT_BASE`, where the DNS stub adds the addresses it
+    /// learns for the secret's names).
     pub fn put_secret_dests(&mut self, index: u32, dests: &[(IpNet, u16, u16)]) -> Result<()> {
-        self.put_dests(SECRET_SLOT_BASE + index, dests)
+        self.put_dests(SECRET_SLOT_BASE + index, dests)?;
+        self.put_dests(SECRET_SEND_SLOT_BASE + index, dests)
+    }
+
+    /// Removes networks of a secret's own destinations from both of its namespaces.
+    pub fn remove_secret_dests(&mut self, index: u32, nets: &[IpNet]) {
+        self.remove_dests(SECRET_SLOT_BASE + index, nets);
+        self.remove_dests(SECRET_SEND_SLOT_BASE + index, nets);
     }
 
     /// Destinations compiled to the kernel's form (`crate::dest_table`): nested networks

@@ -102,6 +102,8 @@ pub struct Rings {
 pub struct DnsMaps {
     pub learned: aya::maps::HashMap<MapData, enforcer_common::LearnedKey, enforcer_common::Learned>,
     pub steer: aya::maps::HashMap<MapData, u64, enforcer_common::DnsSteer>,
+    /// GRANT_DESTS, for the host entries of addresses learned for secrets' names.
+    pub dests: aya::maps::LpmTrie<MapData, enforcer_common::DestKey, enforcer_common::PortRanges>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -452,7 +454,12 @@ impl Kernel {
         };
         let learned = aya::maps::HashMap::try_from(take("LEARNED")?)?;
         let steer = aya::maps::HashMap::try_from(take("DNS_STEER")?)?;
-        Ok(DnsMaps { learned, steer })
+        // The grant registry holds GRANT_DESTS; the stub writes only secrets' send slots.
+        let pin = self.pin_dir.join("GRANT_DESTS");
+        let data = MapData::from_pin(&pin)
+            .with_context(|| format!("open the pinned map {}", pin.display()))?;
+        let dests = aya::maps::LpmTrie::try_from(aya::maps::Map::from_map_data(data)?)?;
+        Ok(DnsMaps { learned, steer, dests })
     }
 
     pub fn counters(&self) -> Counters {

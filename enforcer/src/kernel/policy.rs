@@ -181,6 +181,7 @@ impl PolicyMaps {
     /// stub's port on 127.0.0.1; 0: not steered).
     pub fn set_dns_stub_port(&mut self, port: u16) -> Result<()> {
         self.config.set(config::DNS_STUB_PORT, port as u32, 0)?;
+        crate::decide::set_dns_stub_port(port);
         Ok(())
     }
 }

@@ -287,7 +287,7 @@ impl Registry {
             let keep: Vec<IpNet> =
                 secret_nets.get(name).map(|v| v.iter().map(|n| n.0).collect()).unwrap_or_default();
             let stale: Vec<IpNet> = old.iter().map(|n| n.0).filter(|n| !keep.contains(n)).collect();
-            self.maps.remove_dests(enforcer_common::SECRET_SLOT_BASE + i, &stale);
+            self.maps.remove_secret_dests(i, &stale);
         }
         self.policy = PolicyFacts {
             config,

@@ -145,6 +145,12 @@ impl GrantView {
             .map(|name| Taint {
                 destinations: self.policy.secret_nets.get(&name).cloned().unwrap_or_default(),
                 on_violation: without_grant(&self.policy.config, &name),
+                named: self.policy.config.secrets.iter().any(|s| {
+                    s.name == name
+                        && s.destinations
+                            .iter()
+                            .any(|d| matches!(d, crate::policy::Destination::Dns { .. }))
+                }),
                 learned: Vec::new(),
                 secret: name,
             })
