@@ -24,6 +24,7 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
         "socket_create": if ok("cgroup_sock/sock_create") { "cgroup_sock sock_create (in-kernel, AF_INET/AF_INET6)" } else { "unavailable" },
         "file_open": if lsm { "bpf-lsm (lsm/file_open, decided in the kernel; with file_backend = \"auto\" or \"bpf-lsm\")" } else if ok("fanotify") { "fanotify (FAN_OPEN_PERM, decided by the daemon)" } else { "unavailable" },
         "egress": if exact("cgroup_skb/egress") { "cgroup_skb egress (judges the writer and the socket's owner)" } else if exact("cgroup_skb/egress_owner") { "cgroup_skb egress_owner (this kernel refuses the current task in cgroup_skb: judges the socket's judged creator and the taint it carried)" } else { "unavailable" },
+        "ipc": if ok("ipc cgroup_sock_addr") { "cgroup_sock_addr connect_unix + sendmsg_unix (only Unix connects and addressed sends in cgroup_root)" } else if ok("ipc lsm") { "lsm unix_stream_connect + unix_may_send" } else { "syscall tracepoints sys_enter_connect + sys_enter_sendto (last resort: every system call on the host takes the tracing path while the daemon runs)" },
         "file_open_note": if lsm { "fails closed: with no daemon the pinned program keeps judging secret opens (grants, expiry, deny, taint); fails open only for a new inode at a secret path whose file name is 64 bytes or longer".to_string() } else { format!("BPF-LSM refused by this kernel (see lsm/file_open above; {}); fanotify is the fallback, and it fails open: with no daemon, opens of secrets are allowed unrecorded", lsm_hint()) },
     });
     // Destinations by name: what this host's resolution means for the DNS stub.
@@ -58,9 +59,15 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
             println!("{name:<48} {res:<8} {info}");
         }
         println!();
-        for k in
-            ["process_lineage", "connect", "socket_create", "egress", "file_open", "file_open_note"]
-        {
+        for k in [
+            "process_lineage",
+            "connect",
+            "socket_create",
+            "egress",
+            "ipc",
+            "file_open",
+            "file_open_note",
+        ] {
             println!("{k:<16} {}", backends[k].as_str().unwrap_or_default());
         }
         for n in &dns_notes {

@@ -68,6 +68,7 @@ impl Context<'_> {
                 "socket_create": "cgroup_sock (sock_create: judged processes create only TCP, UDP, unix and netlink sockets)",
                 "egress": egress,
                 "file_open": file_open,
+                "ipc": self.kernel.ipc.as_ref().map_or("none".to_string(), |h| h.describe()),
             },
             "fail_open": [
                 file_fail_open,

@@ -2,6 +2,7 @@
 //! feature probes, the policy and grant maps. Ring-buffer records are decoded in `crate::records`.
 pub mod btf;
 pub mod grants;
+pub mod ipc;
 pub mod lsm;
 pub mod policy;
 pub mod probe;
@@ -19,7 +20,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        RawTracePoint, TracePoint,
+        RawTracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -51,27 +52,6 @@ const EGRESS: &str = "egress";
 const EGRESS_OWNER: &str = "egress_owner";
 const SOCK_RELEASE: &str = "sock_release";
 
-/// IPC alert programs and the syscall tracepoints they attach to. Not pinned: they only
-/// raise alerts, which need a daemon, and while attached every system call of every
-/// process takes the kernel's tracing path (docs/architecture.md: cost).
-const IPC: [(&str, &str); 2] =
-    [("sys_enter_connect", "ipc_connect"), ("sys_enter_sendto", "ipc_sendto")];
-
-/// Loads and attaches the IPC alert programs (owned by the loaded object: detached with
-/// the daemon).
-fn attach_ipc(ebpf: &mut Ebpf) -> Result<()> {
-    for (tp, prog) in IPC {
-        let p: &mut TracePoint = ebpf
-            .program_mut(prog)
-            .with_context(|| format!("program {prog} missing from the eBPF object"))?
-            .try_into()?;
-        p.load().with_context(|| format!("load program {prog} (tracepoint)"))?;
-        p.attach("syscalls", tp)
-            .with_context(|| format!("attach program {prog} to tracepoint syscalls/{tp}"))?;
-    }
-    Ok(())
-}
-
 pub struct Kernel {
     ebpf: Ebpf,
     /// Names of the programs attached, for `status`.
@@ -89,6 +69,8 @@ pub struct Kernel {
     pub missing: Vec<String>,
     /// Why egress runs as `egress_owner` (the kernel's answer to `egress`); empty otherwise.
     pub egress_note: String,
+    /// The IPC alert's hooks (their fds keep the cgroup variant attached); None if none loaded.
+    pub ipc: Option<ipc::IpcHooks>,
 }
 
 /// The kernel's two record rings: routine records (lineage, allowed connects) and
@@ -304,6 +286,7 @@ impl Kernel {
             ("SENDTO_ADDR_OFF", syscall_field("sys_enter_sendto", "addr")),
             ("SENDTO_ADDRLEN_OFF", syscall_field("sys_enter_sendto", "addr_len")),
         ];
+        let globals: Vec<(&str, u32)> = globals.into_iter().chain(ipc::lsm_globals(&btf)).collect();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         for (name, value) in &globals {
@@ -386,13 +369,21 @@ impl Kernel {
                 missing.push(format!("cgroup_skb/{EGRESS}: {e:#}"));
             }
         }
-        match attach_ipc(&mut ebpf) {
-            Ok(()) => attached.extend(IPC.iter().map(|(p, _)| format!("tracepoint/syscalls/{p}"))),
+        let ipc = match ipc::attach(&mut ebpf, object, &cgroup, &btf) {
+            Ok(h) => {
+                attached.extend(h.attached.iter().cloned());
+                if let Some(m) = h.missing() {
+                    tracing::warn!(backend = h.backend, "{m}");
+                    missing.push(m);
+                }
+                Some(h)
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "ipc alert not attached: Unix-socket use by tainted processes is not seen");
-                missing.push(format!("tracepoint/syscalls/sys_enter_connect: {e:#}"));
+                missing.push(format!("ipc alert: {e:#}"));
+                None
             }
-        }
+        };
         // The new programs run; the previous daemon's can go.
         for old in old_links {
             let _ = old.unpin();
@@ -419,6 +410,7 @@ impl Kernel {
                 file_backend_note,
                 missing,
                 egress_note,
+                ipc,
             },
             Rings { events, alerts },
         ))

@@ -160,6 +160,30 @@ fn probe_loads(
         ));
     }
 
+    // The IPC alert: the cgroup Unix-socket hooks, else BPF-LSM, else syscall tracepoints.
+    let (cgroup, lsm) = super::ipc::probe(&mut ebpf, object);
+    let cgroup_ok = cgroup.is_ok();
+    out.push(probe(
+        "ipc cgroup_sock_addr/connect_unix (6.7+)",
+        "IPC alert (Unix connect/send by processes holding secrets); no cost outside Unix sockets",
+        cgroup,
+    ));
+    if let Some(lsm) = lsm {
+        let lsm_ok = lsm.is_ok();
+        out.push(probe(
+            "ipc lsm/unix_stream_connect (BPF-LSM)",
+            "IPC alert fallback; no cost outside Unix sockets",
+            lsm,
+        ));
+        if !lsm_ok && !cgroup_ok {
+            out.push(probe(
+                "ipc tracepoint/syscalls/sys_enter_connect",
+                "last resort: every system call on the host takes the kernel's tracing path while the daemon runs",
+                Ok(()),
+            ));
+        }
+    }
+
     let btf = btf.ok();
     let with_btf = |f: &mut dyn FnMut(&Btf) -> anyhow::Result<()>| -> anyhow::Result<()> {
         match &btf {
