@@ -159,17 +159,12 @@ fn locked_by_process(sk: *mut bpf_sock) -> bool {
 }
 
 /// `BY_WRITER`: whether this kernel lets the program read the current task (the writer).
+///
+/// Cost: most packets belong to sockets no judged process wrote or owns. For them the
+/// program does two hash lookups (the socket's state by cookie, the current process's
+/// entry) and returns before it reads a packet header or reserves any record.
 #[inline(always)]
 fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
-    let skb = unsafe { &*ctx.skb.skb };
-    let sk = unsafe { skb.__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return None;
-    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
     let state = SOCK_STATE.get_ptr_mut(cookie);
     // Read the state into scalars at once: the verifier refuses arithmetic that mixes map
@@ -184,17 +179,30 @@ fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
     if st_flags & sock_flags::BLOCKED != 0 {
         return Some(DROP);
     }
+    // The current task's entry, if it has one: it may be the writer (checked below, once
+    // the packet is known to need judging).
+    let pid_tgid = if BY_WRITER { bpf_get_current_pid_tgid() } else { 0 };
+    let current = if BY_WRITER { proc_entry((pid_tgid >> 32) as u32) } else { None };
+    if current.is_none() && !has_state {
+        return None;
+    }
+    let skb = unsafe { &*ctx.skb.skb };
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
     let pkt = parse(ctx)?;
     // The writer: the current task, when it is provably the one sending.
-    let pid_tgid = if BY_WRITER { bpf_get_current_pid_tgid() } else { 0 };
-    let by_writer = BY_WRITER && (pkt.protocol == IPPROTO_UDP || locked_by_process(sk));
+    let by_writer = current.is_some() && (pkt.protocol == IPPROTO_UDP || locked_by_process(sk));
     let writer_tgid = if by_writer { (pid_tgid >> 32) as u32 } else { 0 };
     let mut subject = ProcGrants::default();
     let mut tgid = 0u32;
     let mut writer_start = 0u64;
-    if writer_tgid != 0
-        && let Some(w) = proc_entry(writer_tgid)
-    {
+    if by_writer && let Some(w) = current {
         subject = w;
         tgid = writer_tgid;
         writer_start = w.start_ns;
