@@ -99,7 +99,8 @@ fn sock_addr_seen(ctx: &SockAddrContext, op: u32) -> Option<()> {
 pub fn ipc_lsm_connect(ctx: LsmContext) -> i32 {
     let other: u64 = ctx.arg(1);
     let _ = lsm_seen(other, ipc_op::CONNECT, false);
-    0
+    // An alert only: the verdict of the BPF-LSM programs before this one stands.
+    ctx.arg::<i32>(3)
 }
 
 /// `lsm/unix_may_send(sock, other)`: a datagram connect or send to `other` (struct socket).
@@ -107,7 +108,7 @@ pub fn ipc_lsm_connect(ctx: LsmContext) -> i32 {
 pub fn ipc_lsm_send(ctx: LsmContext) -> i32 {
     let other: u64 = ctx.arg(1);
     let _ = lsm_seen(other, ipc_op::SENDTO, true);
-    0
+    ctx.arg::<i32>(2)
 }
 
 /// `other_is_socket`: `other` is a `struct socket` (its sock read first), else a `struct sock`.

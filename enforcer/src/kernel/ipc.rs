@@ -90,7 +90,11 @@ impl IpcHooks {
         match self.backend {
             "tracepoint" => Some(format!(
                 "{} (the IPC alert runs on syscall tracepoints instead: every system call on the host takes the kernel's tracing path)",
-                self.refused.join("; ")
+                if self.refused.is_empty() {
+                    format!("cgroup_sock_addr/connect_unix: not tried ({ENV}=tracepoint)")
+                } else {
+                    self.refused.join("; ")
+                }
             )),
             "off" => Some(format!("ipc alert: {}", self.refused.join("; "))),
             _ => None,
