@@ -33,6 +33,8 @@ pub(super) struct Bench {
     pub(super) specs: Vec<Spec>,
     /// Factor on the daemon's start and stop limits (an emulated guest is many times slower).
     pub(super) time_scale: u32,
+    /// Environment of the next daemons started (e.g. `ENFORCER_IPC_HOOKS`, kernel_costs.rs).
+    pub(super) daemon_env: Vec<(String, String)>,
 }
 
 impl Bench {
@@ -73,6 +75,7 @@ impl Bench {
             udp,
             specs: Vec::new(),
             time_scale: 1,
+            daemon_env: Vec::new(),
         };
         b.prepare().inspect_err(|_| b.cleanup())?;
         Ok(b)
@@ -298,6 +301,7 @@ impl Bench {
         c.arg("daemon")
             .arg("--config")
             .arg(config)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -15,6 +15,7 @@ mod dns;
 mod grants;
 pub mod guest;
 mod harness;
+mod kernel_costs;
 mod report;
 mod rounds;
 mod svid;
@@ -69,11 +70,12 @@ struct Spec {
 /// `only = Some("mint")`: only the Mint API rows (grant issuance, connects with the grants
 /// live, JWT-SVID and AWS credential serving), with the daemon in monitor mode;
 /// `Some("attack")`: only the daemon-under-attack rows (attack.rs, about 2 min);
-/// `Some("dns")`: only the DNS stub rows (dns.rs, about 30 s a round).
+/// `Some("dns")`: only the DNS stub rows (dns.rs, about 30 s a round);
+/// `Some("kernel")`: only the kernel programs' costs (kernel_costs.rs, about 1 min a round).
 pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
-    if only.is_some_and(|o| o != "mint" && o != "attack" && o != "dns") {
+    if only.is_some_and(|o| !["mint", "attack", "dns", "kernel"].contains(&o)) {
         bail!(
-            "bench: --only takes `mint` (the Mint API rows), `attack` (the daemon under attack) or `dns` (the DNS stub), not {:?}",
+            "bench: --only takes `mint` (the Mint API rows), `attack` (the daemon under attack), `dns` (the DNS stub) or `kernel` (the kernel programs' costs), not {:?}",
             only.unwrap_or_default()
         );
     }
@@ -96,11 +98,12 @@ pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
     let rows = match only {
         Some("mint") => bench.measure_mint(iterations),
         Some("dns") => bench.dns_rows(iterations),
+        Some("kernel") => bench.kernel_cost_rows(iterations),
         Some(_) => Ok(Vec::new()),
         None => bench.measure(iterations),
     };
     let rows = rows.and_then(|mut r| {
-        if only == Some("dns") {
+        if only == Some("dns") || only == Some("kernel") {
             return Ok(r);
         }
         if only != Some("attack") {
