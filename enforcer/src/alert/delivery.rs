@@ -189,7 +189,9 @@ impl Delivery {
 
     /// Reads and renders the next batch. None when nothing new is in the outbox.
     fn next_batch(&mut self) -> Result<Option<(Vec<Item>, Position)>> {
-        let lines = self.reader.read(&self.cfg.name, self.transport.max_batch(), 4 << 20)?;
+        // About 1 MB of lines per batch: each line is held as text and parsed at once, so the
+        // batch, not the backlog, is what a sink costs in memory.
+        let lines = self.reader.read(&self.cfg.name, self.transport.max_batch(), 1 << 20)?;
         let Some(last) = lines.last() else { return Ok(None) };
         let end = last.after.clone();
         let now = Instant::now();

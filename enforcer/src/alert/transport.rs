@@ -63,7 +63,7 @@ impl Transport {
 
     pub(super) fn max_batch(&self) -> usize {
         match self {
-            Transport::File(_) | Transport::Stdout => 4096,
+            Transport::File(_) | Transport::Stdout => 1024,
             Transport::Syslog(_) => 1000,
             Transport::Webhook(_) | Transport::Hec(_) => 500,
         }

@@ -197,6 +197,28 @@ fn growth_span(samples: &[Sample], from: usize, value: impl Fn(&Sample) -> u64) 
 impl Bench {
     /// One daemon in monitor mode with the bench cgroup as an `[[agent]]` and one sink; a paced
     /// UDP flood by an agent worker without a grant; measured until the sink caught up.
+    /// `--only alerts`: the alert-stream rounds alone (file, then HEC, per round).
+    pub(super) fn alert_rows(&mut self, iterations: usize) -> Result<Vec<Row>> {
+        let mut rounds = Vec::new();
+        for round in 0..iterations {
+            for kind in [SinkKind::File, SinkKind::Hec] {
+                let r = self.alert_round(kind, round);
+                check_interrupted()?;
+                match &r {
+                    Ok(a) => {
+                        println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary())
+                    }
+                    Err(e) => println!(
+                        "bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}",
+                        round + 1
+                    ),
+                }
+                rounds.push(r);
+            }
+        }
+        Ok(rows(&rounds))
+    }
+
     pub(super) fn alert_round(&mut self, kind: SinkKind, n: usize) -> Result<AlertRound> {
         let dir = self.tmp.join(format!("alerts-{}-{n}", kind.name()));
         std::fs::create_dir_all(&dir)

@@ -71,11 +71,13 @@ struct Spec {
 /// live, JWT-SVID and AWS credential serving), with the daemon in monitor mode;
 /// `Some("attack")`: only the daemon-under-attack rows (attack.rs, about 2 min);
 /// `Some("dns")`: only the DNS stub rows (dns.rs, about 30 s a round);
-/// `Some("kernel")`: only the kernel programs' costs (kernel_costs.rs, about 1 min a round).
+/// `Some("kernel")`: only the kernel programs' costs (kernel_costs.rs, about 1 min a round);
+/// `Some("alerts")`: only the alert-stream rows (alerts.rs: file and HEC sinks, daemon RSS
+/// under that load; about 1 min a round).
 pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
-    if only.is_some_and(|o| !["mint", "attack", "dns", "kernel"].contains(&o)) {
+    if only.is_some_and(|o| !["mint", "attack", "dns", "kernel", "alerts"].contains(&o)) {
         bail!(
-            "bench: --only takes `mint` (the Mint API rows), `attack` (the daemon under attack), `dns` (the DNS stub) or `kernel` (the kernel programs' costs), not {:?}",
+            "bench: --only takes `mint` (the Mint API rows), `attack` (the daemon under attack), `dns` (the DNS stub), `kernel` (the kernel programs' costs) or `alerts` (the alert stream), not {:?}",
             only.unwrap_or_default()
         );
     }
@@ -99,11 +101,12 @@ pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
         Some("mint") => bench.measure_mint(iterations),
         Some("dns") => bench.dns_rows(iterations),
         Some("kernel") => bench.kernel_cost_rows(iterations),
+        Some("alerts") => bench.alert_rows(iterations),
         Some(_) => Ok(Vec::new()),
         None => bench.measure(iterations),
     };
     let rows = rows.and_then(|mut r| {
-        if only == Some("dns") || only == Some("kernel") {
+        if only == Some("dns") || only == Some("kernel") || only == Some("alerts") {
             return Ok(r);
         }
         if only != Some("attack") {

@@ -12,8 +12,8 @@ use crate::proc::{EnvFacts, EnvState, ProcessTable};
 
 /// Longest an alert waits for its process's environment.
 pub const WAIT: Duration = Duration::from_millis(200);
-/// Alerts held at once; past it they are written without waiting.
-const MAX_HELD: usize = 4096;
+/// Alerts held at once (a few KB of heap each); past it they are written without waiting.
+const MAX_HELD: usize = 1024;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct HeldCounts {
