@@ -235,13 +235,33 @@ pub struct Issuance {
     pub failures: usize,
     /// The first few failures, verbatim.
     pub errors: Vec<String>,
+    /// CPU time (user + system) the daemon and the bench client (this process) spent during
+    /// the issuance: both share the host's cores, so the client's share is load the daemon
+    /// would not see in production.
+    pub daemon_cpu: Duration,
+    pub client_cpu: Duration,
+}
+
+/// User + system CPU time of process `pid` so far (/proc/<pid>/stat, clock ticks).
+pub fn cpu_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("bench: cannot read /proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos((ticks(14) + ticks(15)) * 1_000_000_000 / hz))
 }
 
 /// Issues `per_holder` grants to every pid in `pids` from `CLIENTS` threads, each on its own
 /// keep-alive connection, at `OFFERED_RATE` in all; holder `i` goes to client `i % CLIENTS`,
 /// one pass over the holders per grant.
-pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize) -> Result<Issuance> {
+/// `daemon`: the daemon's pid, for its CPU time.
+pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> Result<Issuance> {
     let clients = (0..CLIENTS).map(|_| Client::connect(sock)).collect::<Result<Vec<_>>>()?;
+    let (daemon0, client0) = (cpu_of(daemon)?, cpu_of(std::process::id())?);
     let start = Barrier::new(CLIENTS + 1);
     let (results, wall) = std::thread::scope(|s| {
         let handles: Vec<_> = clients
@@ -292,7 +312,15 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize) -> Result<Issuanc
         let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
         (results, t0.elapsed())
     });
-    let mut out = Issuance { latencies: Vec::new(), wall, ok: 0, failures: 0, errors: Vec::new() };
+    let mut out = Issuance {
+        latencies: Vec::new(),
+        wall,
+        ok: 0,
+        failures: 0,
+        errors: Vec::new(),
+        daemon_cpu: cpu_of(daemon)?.saturating_sub(daemon0),
+        client_cpu: cpu_of(std::process::id())?.saturating_sub(client0),
+    };
     for r in results {
         let (lat, failures, errors) =
             r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;

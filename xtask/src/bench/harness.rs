@@ -35,12 +35,15 @@ pub(super) struct Bench {
     pub(super) time_scale: u32,
     /// Environment of the next daemons started (e.g. `ENFORCER_IPC_HOOKS`, kernel_costs.rs).
     pub(super) daemon_env: Vec<(String, String)>,
+    /// Held for the bench's life: one bench per host at a time (see `host_lock`).
+    _host_lock: std::fs::File,
 }
 
 impl Bench {
     pub(super) fn new(enforcer: PathBuf) -> Result<Self> {
         let cgroup_mount = cgroup2_mount()?;
         let id = std::process::id();
+        let host_lock = host_lock()?;
         // Leftovers of an earlier bench killed before it could clean up.
         remove_pins();
         if let Ok(entries) = std::fs::read_dir(&cgroup_mount) {
@@ -76,6 +79,7 @@ impl Bench {
             specs: Vec::new(),
             time_scale: 1,
             daemon_env: Vec::new(),
+            _host_lock: host_lock,
         };
         b.prepare().inspect_err(|_| b.cleanup())?;
         Ok(b)
@@ -478,6 +482,39 @@ pub(super) fn remove_pins() {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         eprintln!("bench: cannot remove {PIN_DIR}: {e}");
+    }
+}
+
+/// Serialises benches on this host: they share the pin directory, remove each other's
+/// leftovers at start, and would measure each other's load. Waits (bounded) for a bench
+/// that holds it; the lock goes with the process, however it ends.
+fn host_lock() -> Result<std::fs::File> {
+    const LOCK: &str = "/run/enforcer-bench.lock";
+    const WAIT: Duration = Duration::from_secs(1800);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK)
+        .with_context(|| format!("bench: cannot open {LOCK}"))?;
+    let t0 = Instant::now();
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("bench: cannot lock {LOCK}"));
+        }
+        if t0.elapsed() > WAIT {
+            bail!("bench: another bench held {LOCK} for {} s", WAIT.as_secs());
+        }
+        if t0.elapsed() < Duration::from_secs(1) {
+            println!("bench: waiting for another bench on this host ({LOCK})");
+        }
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 

@@ -184,6 +184,28 @@ pub(super) fn grant_rows(
         target: format!(">= {ISSUE_RATE_MIN:.0}/s, 0 failures"),
         pass: Some(rate >= ISSUE_RATE_MIN && failures == 0),
     });
+    // The client runs on the same cores: its CPU is load the daemon would not have in use.
+    let per_grant = |cpu: fn(&grants::Issuance) -> std::time::Duration| {
+        median(
+            &ok.iter()
+                .map(|g| {
+                    cpu(&g.issuance).as_secs_f64() * 1e6 / g.issuance.latencies.len().max(1) as f64
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    rows.push(Row {
+        name: "grant issuance CPU per grant, user + system (median of rounds)".into(),
+        without: "-".into(),
+        with: format!(
+            "daemon {:.0} us, bench client {:.0} us (same cores)",
+            per_grant(|i| i.daemon_cpu),
+            per_grant(|i| i.client_cpu)
+        ),
+        ratio: "-".into(),
+        target: "-".into(),
+        pass: None,
+    });
     let compare =
         |a: &[f64], b: &[f64]| (!a.is_empty() && !b.is_empty()).then(|| (median(a), median(b)));
     let lives: Vec<u64> = ok.iter().map(|g| g.live).collect();

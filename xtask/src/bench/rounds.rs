@@ -385,7 +385,9 @@ impl Bench {
             "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients, {:.0}/s offered",
             grants::OFFERED_RATE
         );
-        let issuance = grants::issue_all(&sock, &pids, GRANTS_PER_HOLDER)?;
+        let daemon =
+            self.daemon.as_ref().map(Child::id).ok_or_else(|| anyhow!("bench: no daemon"))?;
+        let issuance = grants::issue_all(&sock, &pids, GRANTS_PER_HOLDER, daemon)?;
         check_interrupted()?;
         let mut sorted = issuance.latencies.clone();
         sorted.sort_unstable();
@@ -401,6 +403,14 @@ impl Bench {
             grants::fmt_ns(sorted.last().copied().unwrap_or(0)),
             sorted.iter().filter(|&&ns| ns as u128 > ISSUE_P99_MAX.as_nanos()).count(),
             ISSUE_P99_MAX.as_millis(),
+        );
+        let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / issuance.latencies.len().max(1) as f64;
+        println!(
+            "bench: grants: CPU per grant: daemon {:.0} us, bench client {:.0} us; both {:.0}% of 2 cores over the issuance",
+            per(issuance.daemon_cpu),
+            per(issuance.client_cpu),
+            (issuance.daemon_cpu + issuance.client_cpu).as_secs_f64() * 100.0
+                / (2.0 * issuance.wall.as_secs_f64()),
         );
         for e in &issuance.errors {
             println!("bench: grants: failure: {e}");
