@@ -32,6 +32,57 @@ pub struct ApiState {
     pub spiffe: Option<Arc<crate::spiffe::Spiffe>>,
 }
 
+/// Worker threads of the API's own runtime.
+const API_THREADS: usize = 2;
+
+/// The API server on a runtime of its own. The daemon's event loop runs long synchronous
+/// stretches (ring drains, event writes, the status document) on the main runtime's two
+/// workers; a request queued behind one waited for all of it (grant issuance p99 of tens of
+/// milliseconds at 5,000/s). The kernel preempts threads; tokio does not preempt tasks.
+pub struct Server {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Server {
+    /// Stops accepting and drops every connection (the thread ends on its own).
+    pub fn abort(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn serve_on_own_runtime(
+    listener: UnixListener,
+    state: Arc<ApiState>,
+) -> std::io::Result<Server> {
+    let listener = listener.into_std()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(API_THREADS)
+        .thread_name("api")
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name("api-accept".into()).spawn(move || {
+        rt.block_on(async move {
+            let listener = match UnixListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("mint.sock: cannot serve: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = serve(listener, state) => {}
+                _ = stopped => {}
+            }
+        });
+        // Connection tasks are dropped, not waited for.
+        rt.shutdown_background();
+    })?;
+    Ok(Server { stop: Some(stop) })
+}
+
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
     use super::conn::{self, Activity, InFlight, Slot, Tracked};
     loop {

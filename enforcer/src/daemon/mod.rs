@@ -360,7 +360,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     if let Some(group) = &cfg.socket_group {
         set_group(&sock_path, group)?;
     }
-    let server = tokio::spawn(api::server::serve(listener, api_state.clone()));
+    let mut server = api::server::serve_on_own_runtime(listener, api_state.clone())?;
 
     engine.agent_event(
         "agent_started",
