@@ -20,9 +20,12 @@ use crate::mint::request;
 use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 
-/// Blocking issue work running at once; more requests wait (up to ISSUE_WAIT).
+/// An executable's identity for the hash cache: (dev, ino, size, mtime ns).
+type ExeKey = (u64, u64, u64, i64);
+
+/// Issues hashing an executable (on the blocking pool) at once; more wait (up to ISSUE_WAIT).
 const ISSUING_AT_ONCE: usize = 8;
-/// Longest a request waits for its blocking work (attestation, exe hash, DNS, signing).
+/// Longest a request waits for its blocking work (hashing an executable not hashed before).
 const ISSUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A refused grant request or a failed attestation: recorded as a `mint_refused` event.
@@ -48,12 +51,12 @@ pub struct MintState {
     pub refusals: tokio::sync::mpsc::Sender<Refusal>,
     /// Refusals not recorded because the engine's queue was full.
     pub refusals_dropped: std::sync::atomic::AtomicU64,
-    /// Issues doing blocking work (attestation reads, exe hash, DNS, signing) at once, each
-    /// on the blocking pool, never on the two async workers.
+    /// Issues hashing an executable not hashed before, each on the blocking pool (the rest
+    /// of an issue runs on the API runtime's own workers).
     issuing: tokio::sync::Semaphore,
     /// exe sha256 by (dev, ino, size, mtime): hashing a large binary on every request
     /// would cost milliseconds.
-    exe_hashes: Mutex<HashMap<(u64, u64, u64, i64), String>>,
+    exe_hashes: Mutex<HashMap<ExeKey, String>>,
     jwks: Value,
     /// The AWS broker, set once the daemon has it: grants of `[intent.aws]` intents get a
     /// token for its endpoint (and may connect to it).
@@ -94,13 +97,23 @@ impl MintState {
         self.jwks.clone()
     }
 
-    fn exe_sha256(&self, r: &Requester) -> Result<String, MintError> {
+    /// The exe hash of `r` if it is cached (None: hashing is needed, which may be slow).
+    fn cached_exe_sha256(&self, r: &Requester) -> Result<(ExeKey, Option<String>), MintError> {
         let gone =
             || MintError::SubjectGone(format!("process {} exited during attestation", r.pid));
         let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
         let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
-        if let Some(h) = lock(&self.exe_hashes).get(&key) {
-            return Ok(h.clone());
+        let cached = lock(&self.exe_hashes).get(&key).cloned();
+        Ok((key, cached))
+    }
+
+    /// The exe hash of `r`, hashing (blocking; from the blocking pool) if not cached.
+    fn exe_sha256(&self, r: &Requester) -> Result<String, MintError> {
+        let gone =
+            || MintError::SubjectGone(format!("process {} exited during attestation", r.pid));
+        let (key, cached) = self.cached_exe_sha256(r)?;
+        if let Some(h) = cached {
+            return Ok(h);
         }
         let h = match r.exe_sha256() {
             Ok(h) => h,
@@ -146,8 +159,9 @@ pub fn grant_json(g: &Grant) -> Value {
     v
 }
 
-/// POST /v1/grants. The blocking work runs on the blocking pool (at most ISSUING_AT_ONCE at
-/// once, each waited for at most ISSUE_WAIT); the registry and the ledger outcome after it.
+/// POST /v1/grants. Hashing an executable seen for the first time runs on the blocking pool
+/// (at most ISSUING_AT_ONCE at once, each waited for at most ISSUE_WAIT); the registry and
+/// the ledger outcome after it.
 pub async fn issue(
     m: Arc<MintState>,
     peer: Arc<Requester>,
@@ -158,22 +172,32 @@ pub async fn issue(
         return Err(MintError::RateLimited { uid: peer.uid, retry }.into());
     }
     let req = request::parse(&body)?;
-    let busy = || ApiError::new(503, "mint_busy", "the mint is busy; retry later");
-    let _permit = tokio::time::timeout(ISSUE_WAIT, m.issuing.acquire())
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
-    let (m2, p2) = (m.clone(), peer.clone());
-    let prepared = tokio::time::timeout(
-        ISSUE_WAIT,
-        tokio::task::spawn_blocking(move || prepare(&m2, &p2, req, &sent)),
-    )
-    .await
-    .map_err(|_| busy())?
-    .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??;
+    // Attestation reads /proc (in memory: tens of microseconds) and signing takes tens of
+    // microseconds: both run here, on the API's own runtime (`serve_on_own_runtime`), with no
+    // hop to the blocking pool and back. Only hashing an executable not hashed before can
+    // take long; that request is prepared again on the blocking pool.
+    let prepared = match prepare(&m, &peer, &req, &sent, false)? {
+        Some(p) => p,
+        None => {
+            let busy = || ApiError::new(503, "mint_busy", "the mint is busy; retry later");
+            let _permit = tokio::time::timeout(ISSUE_WAIT, m.issuing.acquire())
+                .await
+                .map_err(|_| busy())?
+                .map_err(|_| busy())?;
+            let (m2, p2) = (m.clone(), peer.clone());
+            tokio::time::timeout(
+                ISSUE_WAIT,
+                tokio::task::spawn_blocking(move || prepare(&m2, &p2, &req, &sent, true)),
+            )
+            .await
+            .map_err(|_| busy())?
+            .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??
+            .ok_or_else(|| MintError::internal("exe hash unavailable after hashing"))?
+        }
+    };
     let Prepared { grant, intent, nets, target } = prepared;
     let limits = lock(&m.config).limits.clone();
-    let (grant, _slot, recorded) = {
+    let (grant, _slot) = {
         let mut reg = lock(&m.registry);
         // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
         let subject = &grant.subject;
@@ -192,17 +216,14 @@ pub async fn issue(
         }
         reg.issue(grant, &intent, nets)?
     };
-    // Kernel first, ledger second: a grant the ledger could not record is undone.
-    let recorded = recorded.await.unwrap_or_else(|_| Err("the ledger writer has stopped".into()));
-    if let Err(e) = recorded {
-        lock(&m.registry).abort(&grant.id, false);
-        return Err(MintError::internal(e).into());
-    }
+    // Kernel first, ledger second (in `issue`: a grant the ledger journal could not record
+    // was undone there); the record is durable from here, SQLite gets it with the writer's
+    // next group.
     // The pidfd still names the live process only if it did not exit meanwhile; if it did,
     // its pid may already belong to someone else, who must not inherit the grant.
     let target: &Requester = target.as_ref().unwrap_or(&peer);
     if target.is_gone() {
-        lock(&m.registry).abort(&grant.id, true);
+        lock(&m.registry).abort(&grant.id);
         return Err(MintError::SubjectGone(format!(
             "process {} exited before the grant was bound",
             target.pid
@@ -239,13 +260,16 @@ struct Prepared {
     target: Option<Requester>,
 }
 
-/// The blocking part of an issue: /proc reads, exe hash, DNS, signing.
+/// An issue up to the registry: attestation (/proc reads), the exe hash, signing. None if
+/// the target's executable is not hashed yet and `may_hash` is false (hashing a large binary
+/// takes milliseconds: the caller runs this again on the blocking pool with `may_hash`).
 fn prepare(
     m: &MintState,
     peer: &Requester,
-    req: request::GrantRequest,
+    req: &request::GrantRequest,
     sent: &Option<std::os::fd::OwnedFd>,
-) -> Result<Prepared, MintError> {
+    may_hash: bool,
+) -> Result<Option<Prepared>, MintError> {
     let config = lock(&m.config).clone();
     let mut intent = config
         .intent(&req.intent)
@@ -290,9 +314,17 @@ fn prepare(
     if let (Some(ticks), None) = (req.pid_start_time, &target_owned) {
         attest::check_start_time(target, ticks)?;
     }
-    attest::selector_allows(&intent, target)?;
+    let sha = if may_hash {
+        m.exe_sha256(target)?
+    } else {
+        match m.cached_exe_sha256(target)? {
+            (_, Some(h)) => h,
+            (_, None) => return Ok(None),
+        }
+    };
+    // Empty: too large to hash; no exe_sha256 selector matches it.
+    attest::selector_allows_with(&intent, target, || Some(sha.clone()).filter(|h| !h.is_empty()))?;
     let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
-    let sha = m.exe_sha256(target)?;
     let subject = target.subject(sha);
     let nets = resolve_destinations(&intent.destinations);
     let (signer, issuer) = {
@@ -300,7 +332,7 @@ fn prepare(
         (reg.signer.clone(), reg.issuer.clone())
     };
     let grant = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
-    Ok(Prepared { grant, intent, nets, target: target_owned })
+    Ok(Some(Prepared { grant, intent, nets, target: target_owned }))
 }
 
 /// Whether `peer` may read `g`'s token: root, or a process of the subject's uid inside the

@@ -264,6 +264,15 @@ pub(crate) fn is_descendant(ancestor: u32, ancestor_start_ns: u64, pid: u32) -> 
 /// Whether one of the intent's agent selectors matches `r`. The exe hash is only computed if a
 /// selector asks for it, and at most once. Messages name what did not match, never secrets.
 pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), MintError> {
+    selector_allows_with(intent, r, || r.exe_sha256().ok())
+}
+
+/// `selector_allows` with the exe hash from `exe_sha256` (a cache), asked for at most once.
+pub fn selector_allows_with(
+    intent: &Intent,
+    r: &Requester,
+    exe_sha256: impl Fn() -> Option<String>,
+) -> Result<(), MintError> {
     if intent.agents.is_empty() {
         return Err(MintError::NoAgents(format!(
             "intent {} names no agents; nobody may request it",
@@ -272,9 +281,11 @@ pub fn selector_allows(intent: &Intent, r: &Requester) -> Result<(), MintError> 
     }
     let sha: OnceCell<Option<String>> = OnceCell::new();
     let exe = Path::new(&r.exe);
-    if intent.agents.iter().any(|a| {
-        a.matches(exe, r.uid, &r.cgroup, || sha.get_or_init(|| r.exe_sha256().ok()).clone())
-    }) {
+    if intent
+        .agents
+        .iter()
+        .any(|a| a.matches(exe, r.uid, &r.cgroup, || sha.get_or_init(&exe_sha256).clone()))
+    {
         return Ok(());
     }
     let hash = match sha.get() {
