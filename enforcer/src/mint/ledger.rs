@@ -17,6 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::journal::Journal;
 use super::model::{Grant, GrantState};
 
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
@@ -76,6 +77,8 @@ pub struct ListFilter {
 
 pub struct Ledger {
     conn: Connection,
+    /// Issued grants not yet (known to be) in SQLite; see `super::journal`.
+    journal: std::sync::Arc<Journal>,
 }
 
 impl Ledger {
@@ -125,9 +128,38 @@ impl Ledger {
         // here: a background thread with its own connection checkpoints once a second.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         spawn_checkpointer(&path);
-        let mut ledger = Ledger { conn };
+        let journal = std::sync::Arc::new(Journal::open(state_dir)?);
+        let mut ledger = Ledger { conn, journal };
         ledger.migrate().with_context(|| format!("migrating ledger {}", path.display()))?;
+        ledger.replay_journal()?;
         Ok(ledger)
+    }
+
+    /// Grants the daemon answered 201 for but died before committing here (see
+    /// `super::journal`): inserted unless already present (a present one may have changed
+    /// since), then the journal is emptied. Before anything reads the ledger.
+    fn replay_journal(&mut self) -> anyhow::Result<usize> {
+        let pending = self.journal.pending()?;
+        let tx = self.conn.transaction()?;
+        let mut added = 0;
+        for g in &pending {
+            if insert_if_absent_on(&tx, g)? {
+                added += 1;
+            }
+        }
+        tx.commit()?;
+        self.journal.clear().context("emptying the ledger journal")?;
+        if added > 0 {
+            tracing::warn!(
+                "ledger: {added} issued grant(s) recovered from the journal (the daemon stopped before committing them)"
+            );
+        }
+        Ok(added)
+    }
+
+    /// The journal new grants are appended to before they are answered (the writer's).
+    pub fn journal(&self) -> std::sync::Arc<Journal> {
+        self.journal.clone()
     }
 
     fn migrate(&mut self) -> anyhow::Result<()> {
@@ -299,8 +331,23 @@ impl Batch<'_> {
 }
 
 fn insert_on(c: &Connection, g: &Grant) -> anyhow::Result<()> {
-    c.prepare_cached(&format!(
-        "INSERT INTO grants ({GRANT_COLS}, expires_at_unix_ns) \
+    insert_grant_on(c, g, "INSERT")?;
+    add_event(c, &g.id, g.issued_at, "issued", "")
+}
+
+/// Inserts `g` with its 'issued' event unless a grant with its id exists: whether it did.
+fn insert_if_absent_on(c: &Connection, g: &Grant) -> anyhow::Result<bool> {
+    if insert_grant_on(c, g, "INSERT OR IGNORE")? == 0 {
+        return Ok(false);
+    }
+    add_event(c, &g.id, g.issued_at, "issued", "")?;
+    Ok(true)
+}
+
+/// The grant row alone; rows changed.
+fn insert_grant_on(c: &Connection, g: &Grant, verb: &str) -> anyhow::Result<usize> {
+    Ok(c.prepare_cached(&format!(
+        "{verb} INTO grants ({GRANT_COLS}, expires_at_unix_ns) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?
     .execute(params![
@@ -316,8 +363,7 @@ fn insert_on(c: &Connection, g: &Grant) -> anyhow::Result<()> {
         g.ttl_clamped_from,
         unix_ns(g.expires_at),
     ])
-    .with_context(|| format!("inserting grant {:?}", g.id))?;
-    add_event(c, &g.id, g.issued_at, "issued", "")
+    .with_context(|| format!("inserting grant {:?}", g.id))?)
 }
 
 fn set_state_on(

@@ -1,6 +1,7 @@
 pub mod attest;
 pub mod error;
 pub mod holder;
+pub mod journal;
 pub mod ledger;
 pub mod model;
 pub mod ratelimit;

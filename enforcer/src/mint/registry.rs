@@ -13,7 +13,6 @@ use std::sync::Arc;
 use anyhow::Result;
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
-use tokio::sync::oneshot;
 
 use super::error::MintError;
 use super::ledger::{Ledger, ListFilter};
@@ -88,8 +87,8 @@ impl Live {
 /// How many ended grants the view keeps for late kernel records.
 const ENDED_KEPT: usize = 1024;
 
-/// An issued grant, its kernel slot, and the outcome of its ledger record (to await).
-pub type Issued = (Grant, u32, oneshot::Receiver<Result<(), String>>);
+/// An issued grant and its kernel slot.
+pub type Issued = (Grant, u32);
 
 pub struct Registry {
     maps: GrantMaps,
@@ -354,8 +353,9 @@ impl Registry {
     }
 
     /// Makes a prepared grant live: kernel maps first, ledger second (a grant is never
-    /// recorded as issued without being enforceable). The ledger record is written by the
-    /// writer; the receiver tells its outcome, and the caller `abort`s on failure.
+    /// recorded as issued without being enforceable). Once this returns, the grant's record
+    /// survives a crash of the daemon (the ledger journal); a grant that could not be
+    /// recorded is undone in the kernel and refused.
     pub fn issue(
         &mut self,
         grant: Grant,
@@ -378,7 +378,11 @@ impl Registry {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(MintError::TooManyGrants(format!("{e:#}")));
         }
-        let recorded = self.ledger.insert(grant.clone());
+        if let Err(e) = self.ledger.insert(grant.clone()) {
+            self.maps.unbind(grant.subject.pid, slot);
+            self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
+            return Err(MintError::internal(e));
+        }
         self.by_slot.insert(slot, grant.id.clone());
         self.count_active(&grant, true);
         self.dirty.push(slot);
@@ -398,12 +402,12 @@ impl Registry {
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
         self.publish();
-        Ok((grant, slot, recorded))
+        Ok((grant, slot))
     }
 
-    /// Undoes an issue: its subject vanished before binding completed (`recorded`: the
-    /// ledger has it), or the ledger could not record it.
-    pub fn abort(&mut self, id: &str, recorded: bool) {
+    /// Undoes an issue whose subject vanished before binding completed (the ledger has it:
+    /// it is recorded as revoked).
+    pub fn abort(&mut self, id: &str) {
         if let Some(l) = self.live.remove(id) {
             if l.grant.state == GrantState::Active {
                 self.count_active(&l.grant, false);
@@ -412,15 +416,13 @@ impl Registry {
             self.maps.unbind(l.grant.subject.pid, l.slot);
             self.maps.remove_grant(l.slot, &l.nets.iter().map(|n| n.0).collect::<Vec<_>>());
             self.by_slot.remove(&l.slot);
-            if recorded {
-                self.ledger.set_state(
-                    id,
-                    GrantState::Revoked,
-                    "subject exited before binding completed",
-                    Utc::now(),
-                    None,
-                );
-            }
+            self.ledger.set_state(
+                id,
+                GrantState::Revoked,
+                "subject exited before binding completed",
+                Utc::now(),
+                None,
+            );
             self.publish();
         }
     }

@@ -1,10 +1,13 @@
 //! The ledger's single writer: a thread that applies grant records in the order the registry
 //! made them, so no SQLite write (or its wait on the WAL) happens under the registry lock or
 //! on the decision path. A lifecycle change goes to the event stream once its ledger record
-//! is written, so events and ledger agree on order. Records that queue up while one group is
-//! being written go in the next group, in one transaction (group commit): under a burst of
-//! issues one WAL commit serves many grants, and each issuer still hears back only after its
-//! record is committed.
+//! is written, so events and ledger agree on order. Records go to SQLite in groups, one
+//! transaction each (group commit): what arrives within GROUP_WINDOW of a group's first
+//! record, or queued up while the previous group was written.
+//!
+//! A new grant is durable before it is answered without waiting for SQLite: `insert`
+//! appends it to the journal (`super::journal`, one write) and the issuer goes on; the
+//! journal is replayed into SQLite at the next start if the daemon dies first.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -13,13 +16,14 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
+use super::journal::Journal;
 use super::ledger::Ledger;
 use super::model::{Grant, GrantState};
 use super::registry::GrantChange;
 
 enum Op {
-    /// A new grant; the issuer waits for the outcome (no 201 for a grant not on record).
-    Insert(Grant, oneshot::Sender<Result<(), String>>),
+    /// A new grant, already in the journal under this sequence number.
+    Insert(Grant, u64),
     SetState {
         id: String,
         state: GrantState,
@@ -37,28 +41,33 @@ enum Op {
     Barrier(oneshot::Sender<()>),
 }
 
-/// Sends records to the writer; cheap to clone, never blocks.
+/// Sends records to the writer; cheap to clone; only `insert` writes (one small append).
 #[derive(Clone)]
-pub struct LedgerTx(mpsc::Sender<Op>);
+pub struct LedgerTx(mpsc::Sender<Op>, Arc<Journal>);
 
 impl LedgerTx {
     /// Starts the writer thread over the shared ledger (readers lock it briefly too).
     pub fn spawn(ledger: Arc<Mutex<Ledger>>, changes: UnboundedSender<GrantChange>) -> Self {
+        let journal = ledger.lock().unwrap_or_else(|e| e.into_inner()).journal();
         let (tx, rx) = mpsc::channel();
+        let j = journal.clone();
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(ledger, rx, changes))
+            .spawn(move || run(ledger, j, rx, changes))
             .expect("spawn the ledger writer");
-        LedgerTx(tx)
+        LedgerTx(tx, journal)
     }
 
-    /// Records a new grant; the receiver gets the outcome once written.
-    pub fn insert(&self, grant: Grant) -> oneshot::Receiver<Result<(), String>> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Op::Insert(_, reply))) = self.0.send(Op::Insert(grant, tx)) {
-            let _ = reply.send(Err("the ledger writer has stopped".into()));
-        }
-        rx
+    /// Records a new grant: once this returns Ok it survives a crash of the daemon (it is in
+    /// the journal); the writer copies it into SQLite with the next group.
+    pub fn insert(&self, grant: Grant) -> Result<(), String> {
+        self.1
+            .append(grant, |g, seq| {
+                // A stopped writer means the daemon is stopping: the journal has the record
+                // and the next start puts it into SQLite.
+                let _ = self.0.send(Op::Insert(g, seq));
+            })
+            .map_err(|e| format!("ledger journal: {e}"))
     }
 
     /// Records that an active grant ended, then announces `then`.
@@ -100,42 +109,60 @@ impl LedgerTx {
     }
 }
 
-/// Records applied in one transaction at most (a group commit: what queued up while the
-/// previous group was written goes in the next one).
-const MAX_GROUP: usize = 256;
+/// Records applied in one transaction at most.
+const MAX_GROUP: usize = 512;
+/// How long a group collects records after its first one. Nobody waits on a group but
+/// readers asking for a barrier (which close it at once) and the event stream; one WAL
+/// commit per grant was most of an issue's CPU.
+const GROUP_WINDOW: Duration = Duration::from_millis(5);
 
-fn run(ledger: Arc<Mutex<Ledger>>, rx: mpsc::Receiver<Op>, changes: UnboundedSender<GrantChange>) {
+fn run(
+    ledger: Arc<Mutex<Ledger>>,
+    journal: Arc<Journal>,
+    rx: mpsc::Receiver<Op>,
+    changes: UnboundedSender<GrantChange>,
+) {
     let mut last_use: HashMap<String, Instant> = HashMap::new();
     let mut group = Vec::with_capacity(MAX_GROUP);
     while let Ok(op) = rx.recv() {
+        let close = Instant::now() + GROUP_WINDOW;
+        let mut waited_for = matches!(op, Op::Barrier(_));
         group.push(op);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(op) => group.push(op),
+        while group.len() < MAX_GROUP && !waited_for {
+            let left = close.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(op) => {
+                    waited_for = matches!(op, Op::Barrier(_));
+                    group.push(op);
+                }
                 Err(_) => break,
             }
         }
-        apply(&ledger, &mut group, &mut last_use, &changes);
+        apply(&ledger, &journal, &mut group, &mut last_use, &changes);
     }
 }
 
 /// What to do once a group is committed, in the order the records came.
 enum After {
-    Reply(oneshot::Sender<Result<(), String>>, Result<(), String>, Option<Grant>),
+    Issued(Grant),
     Announce(GrantChange),
     Barrier(oneshot::Sender<()>),
 }
 
-/// Writes `group` in one transaction, then answers and announces in order. A record that
-/// fails is rolled back alone; if the commit itself fails, no record of the group is written
-/// and every issuer in it gets the error (its grant is undone).
+/// Writes `group` in one transaction, then announces in order. A record that fails is rolled
+/// back alone; if the commit itself fails, no record of the group is written. Either way the
+/// journal keeps the grants of the group (the next start replays them) and their issue is
+/// not announced.
 fn apply(
     ledger: &Mutex<Ledger>,
+    journal: &Journal,
     group: &mut Vec<Op>,
     last_use: &mut HashMap<String, Instant>,
     changes: &UnboundedSender<GrantChange>,
 ) {
     let mut after = Vec::with_capacity(group.len());
+    // The last journal record committed here, and whether every one in the group was.
+    let (mut inserted, mut all_inserted) = (0u64, true);
     let committed = {
         let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = match l.batch() {
@@ -147,12 +174,22 @@ fn apply(
         };
         for op in group.drain(..) {
             match op {
-                Op::Insert(grant, reply) => {
+                Op::Insert(grant, seq) => {
                     let r = match batch.as_mut() {
-                        Some(b) => b.insert(&grant).map_err(|e| format!("ledger: {e:#}")),
-                        None => Err("ledger: no transaction".into()),
+                        Some(b) => b.insert(&grant),
+                        None => Err(anyhow::anyhow!("no transaction")),
                     };
-                    after.push(After::Reply(reply, r, Some(grant)));
+                    match r {
+                        Ok(()) => {
+                            inserted = inserted.max(seq);
+                            after.push(After::Issued(grant));
+                        }
+                        Err(e) => {
+                            // Kept in the journal: replayed at the next start.
+                            tracing::error!("ledger: grant {}: {e:#}", grant.id);
+                            all_inserted = false;
+                        }
+                    }
                 }
                 Op::SetState { id, state, reason, at, then } => {
                     if let Some(b) = batch.as_mut()
@@ -187,24 +224,26 @@ fn apply(
             }
         }
         match batch.map(|b| b.commit()) {
-            Some(Ok(())) => Ok(()),
+            Some(Ok(())) => true,
             Some(Err(e)) => {
                 tracing::error!("ledger: commit: {e:#}");
-                Err(format!("ledger: commit: {e:#}"))
+                false
             }
-            None => Err("ledger: no transaction".into()),
+            None => false,
         }
     };
+    if !committed || !all_inserted {
+        // Some grant of the group is only in the journal: keep it until the next start.
+        journal.hold();
+    } else if inserted > 0 {
+        journal.applied(inserted);
+    }
     for a in after {
         match a {
-            After::Reply(reply, r, grant) => {
-                let r = r.and(committed.clone());
-                if r.is_ok()
-                    && let Some(g) = grant
-                {
+            After::Issued(g) => {
+                if committed {
                     let _ = changes.send(GrantChange::Issued(g));
                 }
-                let _ = reply.send(r);
             }
             After::Announce(c) => {
                 let _ = changes.send(c);
