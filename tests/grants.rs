@@ -519,7 +519,9 @@ print(gid, rows)
     let journal = std::fs::read_to_string(state.join("ledger.journal")).unwrap();
     assert!(journal.contains(id), "the 201 grant {id} is not in the journal");
     if in_sqlite != "0" {
-        eprintln!("note: the writer committed {id} before the kill (busy host); replay not exercised");
+        eprintln!(
+            "note: the writer committed {id} before the kill (busy host); replay not exercised"
+        );
     }
     f.daemon.relaunch();
     let v: Value =

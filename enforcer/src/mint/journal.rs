@@ -151,11 +151,6 @@ impl Journal {
         }
         i.held = true;
     }
-
-    /// Bytes in the journal (records not yet known to be in SQLite, or not yet emptied).
-    pub fn len(&self) -> u64 {
-        self.lock().len
-    }
 }
 
 #[cfg(test)]

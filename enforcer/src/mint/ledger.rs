@@ -346,7 +346,7 @@ fn insert_if_absent_on(c: &Connection, g: &Grant) -> anyhow::Result<bool> {
 
 /// The grant row alone; rows changed.
 fn insert_grant_on(c: &Connection, g: &Grant, verb: &str) -> anyhow::Result<usize> {
-    Ok(c.prepare_cached(&format!(
+    c.prepare_cached(&format!(
         "{verb} INTO grants ({GRANT_COLS}, expires_at_unix_ns) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?
@@ -363,7 +363,7 @@ fn insert_grant_on(c: &Connection, g: &Grant, verb: &str) -> anyhow::Result<usiz
         g.ttl_clamped_from,
         unix_ns(g.expires_at),
     ])
-    .with_context(|| format!("inserting grant {:?}", g.id))?)
+    .with_context(|| format!("inserting grant {:?}", g.id))
 }
 
 fn set_state_on(
