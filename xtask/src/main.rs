@@ -72,8 +72,9 @@ enum Cmd {
         /// Rounds with and without the daemon (each); default 7 on the host, 3 in a guest.
         #[arg(long)]
         iterations: Option<usize>,
-        /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving), or
-        /// `attack` (the daemon under attack: exec storm, RSS idle and through a soak).
+        /// Only these rows: `mint` (grant issuance, JWT-SVID and AWS credential serving),
+        /// `attack` (the daemon under attack: exec storm, RSS idle and through a soak), `dns`
+        /// (the DNS stub), `kernel` (each kernel program's cost) or `alerts` (the alert stream).
         #[arg(long)]
         only: Option<String>,
         /// Measure inside these guest kernels (`6.1`, `6.12`, `all`) instead of on the host.
