@@ -324,6 +324,7 @@ fn bad_requests_get_json_errors_and_change_nothing() {
     let (got, v) = f.daemon.curl("POST", "/v1/grants", Some(&big));
     assert_eq!(got, 413, "{v}");
     assert_eq!(v["error"]["code"], "body_too_large");
+    oversized_body_sent_slowly_still_gets_its_413(&f.daemon.runtime_dir().join("mint.sock"));
     let (got, _) = f.daemon.curl("PUT", "/v1/grants", Some("{}"));
     assert_eq!(got, 405);
     // Nothing but (at most) the pid-1 grant was issued.
@@ -533,4 +534,38 @@ print(gid, rows)
     let e = connect_event(&f, h.pid, f.ok_port);
     assert_eq!((e.verdict.as_str(), e.grant().id.as_str()), ("allowed", id), "{e:?}");
     assert_eq!(std::fs::metadata(state.join("ledger.journal")).unwrap().len(), 0);
+}
+
+/// A client still writing an oversized body when the 413 is ready must be able to finish
+/// writing and read it: a server that answered and closed with the body unread made the
+/// client's next write fail (EPIPE), so curl reported no answer at all (a flake on a loaded
+/// host). Writes the body in pauses, so the answer is always ready before the body ends.
+fn oversized_body_sent_slowly_still_gets_its_413(sock: &std::path::Path) {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to mint.sock");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let len = 70 * 1024;
+    write!(
+        s,
+        "POST /v1/grants HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; len / 8];
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(30));
+        if let Err(e) = s.write_all(&chunk) {
+            panic!("write {i} of the oversized body failed before the whole body was sent: {e}");
+        }
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 413"), "answer to a slow oversized body: {head:?}");
 }
