@@ -201,22 +201,34 @@ impl Bench {
     pub(super) fn alert_rows(&mut self, iterations: usize) -> Result<Vec<Row>> {
         let mut rounds = Vec::new();
         for round in 0..iterations {
-            for kind in [SinkKind::File, SinkKind::Hec] {
-                let r = self.alert_round(kind, round);
-                check_interrupted()?;
-                match &r {
-                    Ok(a) => {
-                        println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary())
-                    }
-                    Err(e) => println!(
-                        "bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}",
-                        round + 1
-                    ),
-                }
-                rounds.push(r);
-            }
+            self.alert_rounds_of(round, iterations, &mut rounds)?;
         }
         Ok(rows(&rounds))
+    }
+
+    /// Round `round` of the alert stream: a file-sink then a HEC-sink round, each logged and
+    /// pushed to `out` (a failed round is kept as its error).
+    pub(super) fn alert_rounds_of(
+        &mut self,
+        round: usize,
+        iterations: usize,
+        out: &mut Vec<Result<AlertRound>>,
+    ) -> Result<()> {
+        for kind in [SinkKind::File, SinkKind::Hec] {
+            let r = self.alert_round(kind, round);
+            check_interrupted()?;
+            match &r {
+                Ok(a) => {
+                    println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary())
+                }
+                Err(e) => println!(
+                    "bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}",
+                    round + 1
+                ),
+            }
+            out.push(r);
+        }
+        Ok(())
     }
 
     pub(super) fn alert_round(&mut self, kind: SinkKind, n: usize) -> Result<AlertRound> {

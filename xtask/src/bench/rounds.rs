@@ -164,20 +164,7 @@ impl Bench {
             }
             // Alert stream: its own daemons (an agent cgroup and one sink each), after the
             // round's phases.
-            for kind in [alerts::SinkKind::File, alerts::SinkKind::Hec] {
-                let r = self.alert_round(kind, round);
-                check_interrupted()?;
-                match &r {
-                    Ok(a) => {
-                        println!("bench: round {}/{iterations} alerts: {}", round + 1, a.summary())
-                    }
-                    Err(e) => println!(
-                        "bench: round {}/{iterations} alerts ({kind:?}): error: {e:#}",
-                        round + 1
-                    ),
-                }
-                alert_rounds.push(r);
-            }
+            self.alert_rounds_of(round, iterations, &mut alert_rounds)?;
         }
         let ratio_row = |s: &Spec, a: &[f64], b: &[f64], suffix: &str| {
             let (a, b) = (median(a), median(b));
