@@ -1,237 +1,26 @@
 //! Destinations by name (issue 15): the daemon's per-grant DNS stub. A real DNS server
-//! (tests/data/dns_server.py) on a host in a network namespace this test creates (veth pair,
-//! 10.253.N.0/24) answers names whose addresses change between queries, with short TTLs, a
-//! CNAME chain and a wildcard zone; a TCP echo listener there takes the connections. The
-//! daemon's `[dns] upstream` is that server. Granted processes (python, in the test cgroup,
+//! (tests/data/dns_server.py) on a host in a network namespace this test creates
+//! (`enforcer_tests::dns_net`) answers names whose addresses change between queries, with short
+//! TTLs, a CNAME chain and a wildcard zone; a TCP echo listener there takes the connections.
+//! The daemon's `[dns] upstream` is that server. Granted processes (python, in the test cgroup,
 //! under `enforcer run --intent`) query 127.0.0.1:53 (no resolver listens there: only the
 //! stub, through the kernel's steering, can answer) and connect.
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::Duration;
 
 use enforcer::event::Event;
-use enforcer_tests::cgroup::TestCgroup;
-use enforcer_tests::daemon::Daemon;
-use enforcer_tests::env::{enforcer_bin, python, root_or_skip};
+use enforcer_tests::dns_net::{
+    ECHO_PORT, PRELUDE, TestNet, connects, has, run_granted, start, start_with,
+};
+use enforcer_tests::env::{python, root_or_skip};
 use enforcer_tests::events::EventExt;
-
-/// The echo listener's port inside the namespace (this suite's range: 19700-19799).
-const ECHO_PORT: u16 = 19710;
-static NET_SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A network namespace with the DNS server and the echo listener; removed on drop.
-struct TestNet {
-    ns: String,
-    host_if: String,
-    /// The first three octets, e.g. "10.253.7".
-    base: String,
-    /// The IPv6 network's first groups, e.g. "fd53:7" (the namespace has `fd53:7::10` and
-    /// `::11`, the host side `::1`).
-    base6: String,
-    server: Child,
-    log: tempfile::NamedTempFile,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl TestNet {
-    fn new() -> TestNet {
-        let n = (std::process::id() % 200 + NET_SEQ.fetch_add(1, Ordering::SeqCst) * 7) % 250 + 1;
-        let ns = format!("enfdns{}-{n}", std::process::id());
-        let (host_if, ns_if) = (format!("edh{n}x{}", std::process::id() % 1000), format!("edn{n}"));
-        let base = format!("10.253.{n}");
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
-        ip(&["link", "set", &ns_if, "netns", &ns]);
-        ip(&["addr", "add", &format!("{base}.1/24"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
-        for last in [2, 10, 11, 12, 13, 14, 15, 16, 17] {
-            ip(&["-n", &ns, "addr", "add", &format!("{base}.{last}/24"), "dev", &ns_if]);
-        }
-        let base6 = format!("fd53:{n}");
-        ip(&["-6", "addr", "add", &format!("{base6}::1/64"), "dev", &host_if, "nodad"]);
-        for last in [10, 11] {
-            let a = format!("{base6}::{last}/64");
-            ip(&["-6", "-n", &ns, "addr", "add", &a, "dev", &ns_if, "nodad"]);
-        }
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/dns_server.py");
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &ns, &python(), script, &format!("{base}.2"), &base])
-            .arg(ECHO_PORT.to_string())
-            .arg(log.path())
-            .arg(&base6)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("dns server");
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "dns server did not start");
-        TestNet { ns, host_if, base, base6, server, log }
-    }
-
-    fn addr(&self, last: u8) -> String {
-        format!("{}.{last}", self.base)
-    }
-
-    /// Queries the server saw ("name type proto" lines).
-    fn queries(&self) -> Vec<String> {
-        std::fs::read_to_string(self.log.path()).unwrap().lines().map(String::from).collect()
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
-}
-
-/// Config: `[dns]` toward the namespace's server, an intent naming hosts there.
-fn start(name: &str, mode: &str, net: &TestNet, dns_extra: &str) -> (TestCgroup, Daemon) {
-    start_with(name, mode, net, dns_extra, "", "")
-}
-
-/// `start` with `secrets` (TOML before the intent) and `intent_extra` (keys of the intent).
-fn start_with(
-    name: &str,
-    mode: &str,
-    net: &TestNet,
-    dns_extra: &str,
-    secrets: &str,
-    intent_extra: &str,
-) -> (TestCgroup, Daemon) {
-    let p = ECHO_PORT;
-    let policy = format!(
-        "mode = \"{mode}\"\n\
-         [dns]\nupstream = [\"{}:53\"]\nmin_ttl = \"1s\"\n{dns_extra}\n{secrets}\n\
-         [[intent]]\nname = \"names\"\nagents = [{{ uid = 0 }}]\n{intent_extra}\n\
-         destinations = [\"api.dns.test:{p}\", \"rot.dns.test:{p}\", \"alias.dns.test:{p}\", \"*.wild.test:{p}\", \"short.dns.test:{p}\"]\n\
-         max_ttl = \"10m\"\non_violation = \"deny\"\n",
-        net.addr(2)
-    );
-    let cg = TestCgroup::new(name);
-    let daemon = Daemon::start(&cg, &policy);
-    (cg, daemon)
-}
-
-/// Python helpers for the granted process: `q(name, tcp=False)` prints and returns
-/// (rcode, [addresses], reply source); `conn(ip)` prints "ok" or the errno name and keeps
-/// the socket; `echo(sock)` proves a kept connection still carries data.
-const PRELUDE: &str = r#"
-import errno, random, socket, struct, sys, time
-PORT = int(sys.argv[1])
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: raise EOFError
-        b += c
-    return b
-def skip_name(d, o):
-    while True:
-        n = d[o]
-        if n == 0: return o + 1
-        if n & 0xC0 == 0xC0: return o + 2
-        o += 1 + n
-def q(name, tcp=False, server=("127.0.0.1", 53), qtype=1, connected=False):
-    qid = random.randint(0, 65535)
-    pkt = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    pkt += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", qtype, 1)
-    fam = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    try:
-        if tcp:
-            s = socket.create_connection(server, timeout=5)
-            s.sendall(struct.pack(">H", len(pkt)) + pkt)
-            data = recvn(s, struct.unpack(">H", recvn(s, 2))[0]); src = server
-        else:
-            s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
-            if connected:
-                s.connect(server); s.send(pkt)
-            else:
-                s.sendto(pkt, server)
-            data, src = s.recvfrom(4096)
-    except OSError as e:
-        print(f"q {name} error {errno.errorcode.get(e.errno, str(e.errno))}", flush=True); return (None, [], None)
-    assert struct.unpack(">H", data[:2])[0] == qid
-    rcode = data[3] & 15
-    an = struct.unpack(">H", data[6:8])[0]
-    o = skip_name(data, 12) + 4
-    addrs = []
-    for _ in range(an):
-        o = skip_name(data, o)
-        t, _c, _ttl, ln = struct.unpack(">HHIH", data[o:o + 10]); o += 10
-        if t == 1: addrs.append(socket.inet_ntoa(data[o:o + 4]))
-        if t == 28: addrs.append(socket.inet_ntop(socket.AF_INET6, data[o:o + 16]))
-        o += ln
-    print(f"q {name} rcode={rcode} addrs={','.join(addrs)} from={src[0]}:{src[1]}", flush=True)
-    return (rcode, addrs, src)
-kept = []
-def conn(ip):
-    try:
-        s = socket.create_connection((ip, PORT), timeout=3); kept.append(s); print(f"conn {ip} ok", flush=True); return s
-    except OSError as e:
-        print(f"conn {ip} {errno.errorcode.get(e.errno, str(e.errno))}", flush=True)
-def echo(s):
-    try:
-        s.sendall(b"ping"); print("echo " + recvn(s, 4).decode(), flush=True)
-    except OSError as e:
-        print(f"echo {errno.errorcode.get(e.errno, str(e.errno))}", flush=True)
-"#;
-
-/// Runs `body` under `enforcer run --intent names` in the cgroup: (pid, stdout lines).
-fn run_granted(cg: &TestCgroup, daemon: &Daemon, body: &str) -> (u32, Vec<String>) {
-    let script =
-        format!("{PRELUDE}\nprint('pid', __import__('os').getpid(), flush=True)\n{body}\n");
-    let out = cg
-        .command(enforcer_bin())
-        .args(["run", "--intent", "names", "--", &python(), "-c", &script])
-        .arg(ECHO_PORT.to_string())
-        .env("ENFORCER_RUNTIME_DIR", daemon.runtime_dir())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let lines: Vec<String> =
-        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
-    assert!(
-        out.status.success(),
-        "granted process failed: {lines:?}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pid = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("pid ").map(|p| p.parse().unwrap()))
-        .expect("pid line");
-    (pid, lines)
-}
-
-fn has(lines: &[String], want: &str) -> bool {
-    lines.iter().any(|l| l == want)
-}
-
-fn connects(daemon: &Daemon, pid: u32, ip: String) -> Vec<Event> {
-    daemon.wait_events("connect", move |e: &Event| {
-        e.kind == "connect"
-            && e.process.pid == pid
-            && e.destination.as_ref().is_some_and(|d| d.ip == ip)
-    })
-}
 
 #[test]
 fn names_learned_per_grant_enforce() {
     if !root_or_skip("names_learned_per_grant_enforce") {
         return;
     }
-    let net = TestNet::new();
+    let net = TestNet::create();
     let (cg, daemon) = start("dns-enforce", "enforce", &net, "");
     let a = |n: u8| net.addr(n);
     let body = format!(
@@ -338,7 +127,7 @@ fn names_outside_grants_alerted_in_monitor() {
     if !root_or_skip("names_outside_grants_alerted_in_monitor") {
         return;
     }
-    let net = TestNet::new();
+    let net = TestNet::create();
     let (cg, daemon) = start("dns-monitor", "monitor", &net, "");
     let (pid, lines) = run_granted(&cg, &daemon, "r, addrs, _ = q('outside.test')\nconn(addrs[0])");
     let a16 = net.addr(16);
@@ -361,7 +150,7 @@ fn unsteered_queries_and_nxdomain() {
     if !root_or_skip("unsteered_queries_and_nxdomain") {
         return;
     }
-    let net = TestNet::new();
+    let net = TestNet::create();
     let (cg, daemon) = start("dns-unsteered", "enforce", &net, "refuse = \"nxdomain\"");
     let listen = daemon.status_json()["dns"]["listen"].as_str().unwrap().to_string();
     let (host, port) = listen.rsplit_once(':').unwrap();
@@ -400,10 +189,10 @@ fn unsteered_queries_and_nxdomain() {
 ///   `send` violation (the false positive of issue 15's first landing);
 /// - resolver addresses other than 127.0.0.1:53: the namespace server's own address (UDP and
 ///   TCP) and an address where nothing listens are answered by the stub;
-/// - IPv6: an AAAA query over connected UDP and TCP to [::1]:53 (connect6 steering) is
-///   answered by the stub, the answer is learned, a connection to it carries data, an
-///   address never answered is EPERM; an unconnected sendto on an IPv6 socket (sendmsg6)
-///   fails closed with the kernel's ENOTSUPP (it refuses a rewrite to an IPv4-mapped address);
+/// - IPv6: AAAA queries to [::1]:53 over connected UDP, unconnected sendto (sendmsg6), an
+///   IPV6_V6ONLY socket and TCP, and to the namespace's IPv6 address, are answered by the
+///   stub on [::1] (the reply reads as coming from the resolver asked); the answer is
+///   learned, a connection to it carries data, an address never answered is EPERM;
 /// - `refuse = "off"`: a name outside the grant is forwarded and answered, alerted as a
 ///   `dns` event naming it and the resolver asked, and its address is still not usable.
 #[test]
@@ -411,7 +200,7 @@ fn secret_names_other_resolvers_ipv6_refuse_off() {
     if !root_or_skip("secret_names_other_resolvers_ipv6_refuse_off") {
         return;
     }
-    let net = TestNet::new();
+    let net = TestNet::create();
     // The secret's directory is watched: keep it apart from everything the process runs.
     let secret_dir = tempfile::tempdir().unwrap();
     let key = secret_dir.path().join("key");
@@ -442,7 +231,11 @@ r, addrs, _ = q("api.dns.test", server=("::1", 53), qtype=28, connected=True)
 s6 = conn(addrs[0]); echo(s6)
 conn("{v6_11}")                          # never answered
 r, addrs, _ = q("api.dns.test", tcp=True, server=("::1", 53), qtype=28)
-q("api.dns.test", server=("::1", 53), qtype=28)   # unconnected sendto on IPv6: the limit
+q("api.dns.test", server=("::1", 53), qtype=28)                 # unconnected sendto (sendmsg6)
+q("api.dns.test", server=("::1", 53), qtype=28, v6only=True)    # IPV6_V6ONLY
+q("api.dns.test", server=("{v6_53}", 53), qtype=28)              # an IPv6 resolver address
+q("api.dns.test", server=("{v6_53}", 53), qtype=28, connected=True, v6only=True)
+q("api.dns.test", tcp=True, server=("{v6_53}", 53), qtype=28)
 r, addrs, _ = q("outside.test", server=("{a2}", 53))
 conn(addrs[0])
 "#,
@@ -450,6 +243,7 @@ conn(addrs[0])
         a2 = a(2),
         a99 = a(99),
         v6_11 = v6(11),
+        v6_53 = v6(53),
     );
     let (pid, lines) = run_granted(&cg, &daemon, &body);
     let (a2, a10, a16) = (a(2), a(10), a(16));
@@ -464,22 +258,18 @@ conn(addrs[0])
         format!("conn {} EPERM", v6(11)),
         format!("q outside.test rcode=0 addrs={a16} from={a2}:53"),
         format!("conn {a16} EPERM"),
-        // The kernel refuses a sendmsg6 program's rewrite to an IPv4-mapped address
-        // (ENOTSUPP, 524): unconnected IPv6 UDP queries fail closed (threat-model.md).
-        "q api.dns.test error 524".to_string(),
     ];
     for w in &want {
         assert!(has(&lines, w), "missing {w:?} in {lines:#?}\nlog:\n{}", daemon.log());
     }
     assert_eq!(lines.iter().filter(|l| *l == "echo ping").count(), 2, "{lines:#?}");
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|l| l.starts_with("q api.dns.test rcode=0 addrs=") && l.contains("::1:53"))
-            .count(),
-        2,
-        "AAAA over UDP and TCP: {lines:#?}"
-    );
+    // AAAA to [::1]:53 over connected UDP, TCP, unconnected sendto and IPV6_V6ONLY; to the
+    // namespace's IPv6 address over unconnected and connected V6ONLY UDP and TCP.
+    let aaaa = |from: &str| format!("q api.dns.test rcode=0 addrs={} from={from}:53", v6(10));
+    let count = |want: String| lines.iter().filter(|l| **l == want).count();
+    assert_eq!(count(aaaa("::1")), 4, "AAAA to [::1]:53: {lines:#?}");
+    assert_eq!(count(aaaa(&v6(53))), 3, "AAAA to an IPv6 resolver: {lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains(" error ")), "{lines:#?}");
     let seen = net.queries();
     assert!(seen.iter().any(|l| l == "api.dns.test 28 udp"), "AAAA forwarded: {seen:?}");
     assert!(seen.iter().any(|l| l == "outside.test 1 udp"), "refuse off forwards: {seen:?}");

@@ -11,12 +11,15 @@
 //! - [`events`]: event predicates and accessors;
 //! - [`net`]: loopback listeners and the TLS receivers (syslog, Splunk HEC) sinks deliver to;
 //! - [`pki`]: a throw-away CA and a server certificate;
+//! - [`dns_net`]: the DNS tests' namespace (a real DNS server, an echo listener) and daemon;
 //! - [`enforce_fixture`]: the enforce-mode fixture shared by the enforcement tests;
 //! - [`env`]: binaries, files and programs the tests run.
 #[path = "support/cgroup.rs"]
 pub mod cgroup;
 #[path = "support/daemon.rs"]
 pub mod daemon;
+#[path = "support/dns_net.rs"]
+pub mod dns_net;
 #[path = "support/enforce_fixture.rs"]
 pub mod enforce_fixture;
 #[path = "support/env.rs"]

@@ -114,9 +114,25 @@ pub mod config {
     /// its nearest ancestor's entry (`maps::proc_entry`), so no child of a grant holder,
     /// agent or tainted process runs unjudged.
     pub const STATE_LOST: u32 = 2;
-    /// The daemon's DNS stub port on 127.0.0.1 (0: no stub, port 53 is not steered).
+    /// The daemon's DNS stub: its port on 127.0.0.1 in the low 16 bits (0: no stub, port 53
+    /// is not steered), `dns_stub::*` flags above.
     pub const DNS_STUB_PORT: u32 = 3;
     pub const COUNT: u32 = 4;
+}
+
+/// Flags in `CONFIG[DNS_STUB_PORT]` above the port.
+pub mod dns_stub {
+    /// The stub also serves on `[::1]` (same port): queries to IPv6 resolvers are steered
+    /// there (queries to IPv4-mapped ones still go to `::ffff:127.0.0.1`).
+    pub const V6: u32 = 1 << 16;
+    /// A judged process's connect to systemd-resolved's varlink socket fails (EPERM), so
+    /// glibc's nss-resolve reports UNAVAIL and the `dns` source asks port 53: the stub.
+    pub const NSS_RESOLVE_FALLBACK: u32 = 1 << 17;
+    /// The port in the CONFIG word.
+    #[inline(always)]
+    pub fn port(word: u32) -> u16 {
+        word as u16
+    }
 }
 
 /// AGENT_EXES key: the executable's inode, with the kernel's own device encoding.
@@ -154,6 +170,10 @@ pub struct GrantInfo {
 pub mod grant_flags {
     /// End the grant at the first violation (the kernel flips it to revoked itself).
     pub const REVOKE_ON_VIOLATION: u32 = 1;
+    /// The grant names no network (only names): the judge skips its GRANT_DESTS lookup.
+    pub const NO_NETWORKS: u32 = 2;
+    /// The grant names no host (only networks): the judge skips its LEARNED lookup.
+    pub const NO_NAMES: u32 = 4;
 }
 
 /// GRANT_DESTS key: an LPM-trie key over (slot, IPv6 address); IPv4 is stored as

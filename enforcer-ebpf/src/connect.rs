@@ -114,8 +114,8 @@ impl Facts for Maps {
     }
 
     #[inline(always)]
-    fn dns_stub_port(&self) -> u16 {
-        config(config::DNS_STUB_PORT) as u16
+    fn dns_stub(&self) -> u32 {
+        config(config::DNS_STUB_PORT)
     }
 }
 

@@ -63,6 +63,10 @@ static UNIX_ADDRESS_NAME_OFF: Global<u32> = Global::new(0);
 /// `cgroup/connect_unix` (loaded with BPF_CGROUP_UNIX_CONNECT).
 #[cgroup_sock_addr(connect4)]
 pub fn ipc_unix_connect(ctx: SockAddrContext) -> i32 {
+    // A judged process's nss-resolve is sent back to DNS through the stub (dns.rs).
+    if crate::dns::resolved_varlink(&ctx) {
+        return 0;
+    }
     sock_addr_seen(&ctx, ipc_op::CONNECT);
     PROCEED
 }
@@ -77,7 +81,7 @@ pub fn ipc_unix_sendmsg(ctx: SockAddrContext) -> i32 {
 /// The kernel's context of a cgroup sock_addr program, `struct bpf_sock_addr_kern`: sk,
 /// uaddr, tmp_reg, t_ctx, uaddrlen (u32). The loader checks these offsets (8 and 32) in
 /// kernel BTF before it loads the programs.
-type SockAddrKern = [u64; 5];
+pub(crate) type SockAddrKern = [u64; 5];
 
 #[inline(always)]
 fn sock_addr_seen(ctx: &SockAddrContext, op: u32) -> Option<()> {

@@ -20,6 +20,7 @@ pub mod event;
 pub mod file;
 pub mod kernel;
 pub mod mint;
+pub mod netlink;
 pub mod policy;
 pub mod proc;
 pub mod records;

@@ -1,11 +1,14 @@
-//! Who is at the other end of a loopback TCP connection: the kernel's socket table
-//! (`/proc/net/tcp`, `/proc/net/tcp6` of the daemon's network namespace, the only one that
-//! can reach its loopback listener) names the client socket's inode, and the processes
+//! Who is at the other end of a loopback TCP connection: the kernel's socket table of the
+//! daemon's network namespace, the only one that can reach its loopback listener (sock_diag,
+//! else `/proc/net/tcp`, `/proc/net/tcp6`), names the client socket's inode, and the processes
 //! holding that inode as an open file are its owners. The endpoint looks among the grant's
 //! holders first (`owners_among`: their fds only, so the answer costs the subtree, not the
 //! host); only a refusal walks every process, to name who asked.
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::netlink::sock_diag::{self, Proto, SockDiag};
 
 /// Bounds the /proc walk: processes looked at, fds per process.
 const MAX_PROCS: usize = 65_536;
@@ -13,8 +16,8 @@ const MAX_FDS: usize = 65_536;
 
 /// The inode of the client socket whose local address is `client` and whose peer is
 /// `server` (ESTABLISHED). None when no such socket exists. Asks sock_diag for exactly that
-/// socket (a hash lookup); `/proc/net/tcp` (which walks the whole TCP hash table, milliseconds
-/// on a large host) only if sock_diag is unavailable.
+/// socket (a hash lookup, `crate::netlink::sock_diag`); `/proc/net/tcp` (which walks the whole
+/// TCP hash table, milliseconds on a large host) only if sock_diag is unavailable.
 pub fn client_inode(server: SocketAddr, client: SocketAddr) -> io::Result<Option<u64>> {
     match diag_inode(server, client) {
         Ok(found) => Ok(found),
@@ -27,96 +30,11 @@ pub fn client_inode(server: SocketAddr, client: SocketAddr) -> io::Result<Option
     }
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const TCP_ESTABLISHED: u32 = 1;
-/// `struct nlmsghdr` + `struct inet_diag_req_v2`.
-const REQ_LEN: usize = 16 + 56;
-/// `struct nlmsghdr` + `struct inet_diag_msg`: the inode is the last u32.
-const MSG_LEN: usize = 16 + 72;
-
-/// `struct inet_diag_sockid` for the socket whose own end is `local`.
-fn sockid(local: SocketAddr, remote: SocketAddr) -> [u8; 48] {
-    let mut id = [0u8; 48];
-    id[0..2].copy_from_slice(&local.port().to_be_bytes());
-    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
-    let addr = |a: SocketAddr| -> [u8; 16] {
-        match a.ip() {
-            IpAddr::V4(v4) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&v4.octets());
-                b
-            }
-            IpAddr::V6(v6) => v6.octets(),
-        }
-    };
-    id[4..20].copy_from_slice(&addr(local));
-    id[20..36].copy_from_slice(&addr(remote));
-    // idiag_if 0; idiag_cookie INET_DIAG_NOCOOKIE (all ones): match by address only.
-    id[40..48].copy_from_slice(&[0xff; 8]);
-    id
-}
-
 /// One sock_diag exact lookup of the client end of the connection.
 fn diag_inode(server: SocketAddr, client: SocketAddr) -> io::Result<Option<u64>> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let fd = unsafe {
-        libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    let mut req = [0u8; REQ_LEN];
-    req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = if client.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
-    req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
-    req[24..72].copy_from_slice(&sockid(client, server));
-    let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr() as *const libc::c_void, REQ_LEN, 0) };
-    if n != REQ_LEN as isize {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = [0u8; 512];
-    let n =
-        unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-    if n < 16 {
-        return Err(io::Error::last_os_error());
-    }
-    let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-    if kind == NLMSG_ERROR {
-        let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        return match -errno {
-            libc::ENOENT => Ok(None),
-            e => Err(io::Error::from_raw_os_error(e)),
-        };
-    }
-    if kind != SOCK_DIAG_BY_FAMILY || (n as usize) < MSG_LEN {
-        return Err(io::Error::other(format!(
-            "unexpected sock_diag answer (type {kind}, {n} bytes)"
-        )));
-    }
-    // The answer must be the socket asked for.
-    if buf[20..68][..36] != sockid(client, server)[..36] {
-        return Err(io::Error::other("sock_diag answered about another socket"));
-    }
-    let inode = u32::from_ne_bytes([buf[84], buf[85], buf[86], buf[87]]);
-    Ok((inode != 0).then_some(inode as u64))
+    let mut diag = SockDiag::open(Duration::from_secs(1))?;
+    let found = diag.find(Proto::Tcp, sock_diag::ESTABLISHED, client, server)?;
+    Ok(found.map(|f| f.inode).filter(|i| *i != 0))
 }
 
 fn find_inode(table: &str, server: SocketAddr, client: SocketAddr) -> Option<u64> {

@@ -30,14 +30,18 @@ pub fn run(json_out: bool) -> anyhow::Result<ExitCode> {
     // Destinations by name: what this host's resolution means for the DNS stub.
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let resolved_active = std::path::Path::new(crate::dns::RESOLVED_VARLINK).exists();
+    // The default `[dns] nss_resolve = "fallback"` needs the cgroup connect_unix hook.
+    let fallback = ok("ipc cgroup_sock_addr");
     let dns_notes = crate::dns::host_notes(
         &read("/etc/nsswitch.conf"),
         &read("/etc/resolv.conf"),
         resolved_active,
+        fallback,
     );
     let dns = json!({
         "systemd_resolved": resolved_active,
         "nss_resolve": crate::dns::nss_resolve_in_use(&read("/etc/nsswitch.conf")),
+        "nss_resolve_fallback": fallback,
         "notes": dns_notes,
     });
     let kernel = nix::sys::utsname::uname()

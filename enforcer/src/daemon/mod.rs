@@ -280,7 +280,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     engine.table.set_secret_literals(literals::of(&cfg.secrets));
     sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
     engine.learned = stub.learned.clone();
-    policy_maps.set_dns_stub_port(stub.local.port())?;
+    policy_maps.set_dns_stub(stub.config_word())?;
 
     let limiter = match cfg.mint_rate_per_second {
         0 => RateLimiter::new(f64::INFINITY, u32::MAX),
@@ -542,7 +542,7 @@ async fn run_async(setup: Setup) -> Result<()> {
     inbox.abort();
     // No stub to answer: port 53 of judged processes is judged like any connect again
     // (a resolver outside the grants is out_of_intent) instead of steered to a closed port.
-    let _ = policy_maps.set_dns_stub_port(0);
+    let _ = policy_maps.set_dns_stub(0);
     stub_task.abort();
     sweeper.abort();
     let _ = std::fs::remove_file(&sock_path);
@@ -612,16 +612,30 @@ async fn start_dns(
         tx,
     );
     s.upstream_source = upstream.source.clone();
+    s.local6 = sockets.v6.as_ref().and_then(|(u, _)| u.local_addr().ok());
+    if let Some(e) = &sockets.v6_error {
+        s.notes.push(format!("the stub does not serve on [::1] ({e}): queries of judged processes to IPv6 resolvers are steered to ::ffff:127.0.0.1, which an IPV6_V6ONLY socket or an unconnected sendto on an IPv6 socket cannot reach (they fail closed)"));
+    }
+    // nss-resolve: judged processes' connects to resolved's varlink socket fail, so glibc
+    // asks `dns` (port 53: the stub). Needs the IPC hooks' cgroup/connect_unix program.
+    let ipc_backend = kernel.ipc.as_ref().map(|h| h.backend).unwrap_or("off");
+    (s.nss_fallback, s.nss_resolve) = match cfg.dns.nss_resolve {
+        crate::policy::NssResolve::Allow => (false, "allow".into()),
+        crate::policy::NssResolve::Fallback if ipc_backend == "cgroup" => (true, "fallback".into()),
+        crate::policy::NssResolve::Fallback => (
+            false,
+            format!(
+                "fallback unavailable: needs the cgroup/connect_unix hook (Linux 6.7+); the IPC hooks are `{ipc_backend}`"
+            ),
+        ),
+    };
     if upstream.servers.is_empty() {
         s.notes.push("no upstream resolver: [dns] upstream is empty and /etc/resolv.conf lists no nameserver; names in grants resolve to nothing (SERVFAIL)".into());
     }
-    if upstream.resolved {
-        s.notes.push("/etc/resolv.conf points at systemd-resolved (127.0.0.53): granted processes' queries to it are steered to this stub, which forwards to resolved's upstreams".into());
-    }
     let nss = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
-    if crate::dns::nss_resolve_in_use(&nss) {
-        s.notes.push("/etc/nsswitch.conf resolves hosts through nss-resolve (systemd-resolved's varlink socket): such lookups send no DNS packet, so their addresses are never learned and connections to them are out_of_intent; put `dns` before `resolve` for granted workloads (README, Destinations by name)".into());
-    }
+    let resolv_conf = std::fs::read_to_string(resolv::RESOLV_CONF).unwrap_or_default();
+    let resolved_active = Path::new(crate::dns::RESOLVED_VARLINK).exists();
+    s.notes.extend(crate::dns::host_notes(&nss, &resolv_conf, resolved_active, s.nss_fallback));
     for n in &s.notes {
         tracing::warn!("dns: {n}");
     }

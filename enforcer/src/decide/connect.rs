@@ -1,7 +1,7 @@
 //! Connections through the shared judge: the subject's state laid out as the kernel maps
 //! hold it, `enforcer_common::judge::judge` run on it, and the judgement explained in words.
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Utc};
 use enforcer_common::judge::{Facts, Judgement, Settings, judge};
@@ -190,17 +190,19 @@ impl Facts for SubjectFacts {
         self.secrets.get(index as usize).map(|s| s.0)
     }
 
-    fn dns_stub_port(&self) -> u16 {
-        DNS_STUB_PORT.load(Ordering::Relaxed)
+    fn dns_stub(&self) -> u32 {
+        DNS_STUB.load(Ordering::Relaxed)
     }
 }
 
-/// The DNS stub's port as the kernel's CONFIG map holds it (set with it: `set_dns_stub_port`).
-static DNS_STUB_PORT: AtomicU16 = AtomicU16::new(0);
+/// The DNS stub's CONFIG word (port and `dns_stub::*` flags) as the kernel's CONFIG map
+/// holds it (set with it: `set_dns_stub`).
+static DNS_STUB: AtomicU32 = AtomicU32::new(0);
 
-/// Records the stub's port for the judge's replay (the kernel's `config::DNS_STUB_PORT`).
-pub fn set_dns_stub_port(port: u16) {
-    DNS_STUB_PORT.store(port, Ordering::Relaxed);
+/// Records the stub's CONFIG word for the judge's replay (the kernel's
+/// `config::DNS_STUB_PORT`).
+pub fn set_dns_stub(word: u32) {
+    DNS_STUB.store(word, Ordering::Relaxed);
 }
 
 /// The IPv6 form the kernel judges (IPv4 as IPv4-mapped).

@@ -273,6 +273,6 @@ mod open;
 mod tests;
 
 use connect::decide_connect;
-pub use connect::{explain, judge_connect, judge_send, set_dns_stub_port};
+pub use connect::{explain, judge_connect, judge_send, set_dns_stub};
 use open::decide_open;
 pub use open::{explain_open, judge_secret_open};

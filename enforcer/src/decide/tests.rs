@@ -1063,9 +1063,16 @@ fn sends_where_a_secrets_names_were_learned() {
     assert_eq!(send(&both, "192.0.2.7", 443).0, verdict::ALLOWED, "learned port");
     assert_eq!(send(&both, "192.0.2.7", 80).0, verdict::ALLOWED, "the network's port");
     // The tainted process's DNS queries, steered to the stub: the stub judges their names.
-    super::set_dns_stub_port(45353);
+    super::set_dns_stub(45353);
     assert_eq!(send(&unlearned, "127.0.0.1", 45353).0, verdict::ALLOWED, "query to the stub");
     assert_eq!(send(&unlearned, "::ffff:127.0.0.1", 45353).0, verdict::ALLOWED, "mapped form");
     assert_eq!(send(&unlearned, "127.0.0.1", 45354), breach, "another loopback port");
     assert_eq!(send(&unlearned, "127.0.0.2", 45353), breach, "another loopback address");
+    // `[::1]` is the stub only while it serves there (dns_stub::V6): otherwise another
+    // process may hold that port.
+    assert_eq!(send(&unlearned, "::1", 45353), breach, "::1 without the IPv6 stub");
+    super::set_dns_stub(45353 | enforcer_common::dns_stub::V6);
+    assert_eq!(send(&unlearned, "::1", 45353).0, verdict::ALLOWED, "the IPv6 stub");
+    assert_eq!(send(&unlearned, "127.0.0.1", 45353).0, verdict::ALLOWED, "flags keep the port");
+    assert_eq!(send(&unlearned, "::2", 45353), breach, "another IPv6 address");
 }

@@ -14,16 +14,18 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::timeout;
 
 use super::DnsNotice;
-use super::diag::{Diag, Proto};
 use super::learned::LearnedTable;
 use super::names::{matches, normalize, ports_for};
 use crate::kernel::grants::{ActMaps, boot_now_ns};
 use crate::mint::view::ViewCell;
+use crate::netlink::sock_diag::{self, Proto, SockDiag};
 use crate::policy::{Destination, Refuse};
 use enforcer_common::{DnsSteer, ProcGrants, SECRET_SLOT_BASE};
 
 /// How long one upstream may take before the next is asked.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a sock_diag answer may take (attribution).
+const DIAG_TIMEOUT: Duration = Duration::from_millis(200);
 /// Queries served on one TCP connection, and how long it may idle.
 const TCP_QUERIES: usize = 32;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -69,12 +71,20 @@ pub struct Stub {
     pub upstream_source: String,
     /// What the operator should know (systemd-resolved, nss-resolve).
     pub notes: Vec<String>,
+    /// Judged processes' connects to systemd-resolved's varlink socket fail, so glibc falls
+    /// back to `dns` (`[dns] nss_resolve = "fallback"` with the cgroup connect_unix hook).
+    pub nss_fallback: bool,
+    /// `status.dns.nss_resolve`: "fallback", "allow", or why the fallback is not in force.
+    pub nss_resolve: String,
     pub min_ttl: Duration,
     pub refuse: Refuse,
     /// Mode in force (changes with a policy reload).
     pub enforce: AtomicBool,
-    /// The address the stub serves on (the kernel steers to it).
+    /// The address the stub serves on (the kernel steers IPv4 and IPv4-mapped queries to it).
     pub local: SocketAddr,
+    /// `[::1]` on the same port, when this host has it: the kernel steers queries to IPv6
+    /// resolvers there (`config::STUB_V6`).
+    pub local6: Option<SocketAddr>,
     pub stats: Stats,
     pub learned: Arc<LearnedTable>,
     view: Arc<ViewCell>,
@@ -83,23 +93,45 @@ pub struct Stub {
     notices: UnboundedSender<DnsNotice>,
 }
 
-/// The bound sockets (UDP and TCP on one port), before the tasks run.
+/// The bound sockets (UDP and TCP on one port, on `listen` and on `[::1]`), before the
+/// tasks run.
 pub struct Sockets {
     pub udp: UdpSocket,
     pub tcp: TcpListener,
+    /// UDP and TCP on `[::1]` at the same port; None when this host has no IPv6 loopback.
+    pub v6: Option<(UdpSocket, TcpListener)>,
+    /// Why there is no IPv6 pair (for `status.dns.notes`).
+    pub v6_error: Option<String>,
 }
 
-/// Binds UDP and TCP on `listen`; with port 0, a port free for both.
+/// Binds UDP and TCP on `listen` and on `[::1]` at the same port; with port 0, a port free
+/// for all four. A host without an IPv6 loopback gets the IPv4 pair only.
 pub async fn bind(listen: SocketAddr) -> std::io::Result<Sockets> {
     let mut last = None;
     for _ in 0..16 {
         let udp = UdpSocket::bind(listen).await?;
         let addr = udp.local_addr()?;
-        match TcpListener::bind(addr).await {
-            Ok(tcp) => return Ok(Sockets { udp, tcp }),
-            Err(e) if listen.port() == 0 => last = Some(e),
+        let tcp = match TcpListener::bind(addr).await {
+            Ok(tcp) => tcp,
+            Err(e) if listen.port() == 0 => {
+                last = Some(e);
+                continue;
+            }
             Err(e) => return Err(e),
-        }
+        };
+        let at6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port());
+        let v6 = match UdpSocket::bind(at6).await {
+            Ok(u) => TcpListener::bind(at6).await.map(|t| (u, t)),
+            Err(e) => Err(e),
+        };
+        return match v6 {
+            Ok(pair) => Ok(Sockets { udp, tcp, v6: Some(pair), v6_error: None }),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && listen.port() == 0 => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => Ok(Sockets { udp, tcp, v6: None, v6_error: Some(format!("{at6}: {e}")) }),
+        };
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
@@ -121,10 +153,13 @@ impl Stub {
             upstream,
             upstream_source: String::new(),
             notes: Vec::new(),
+            nss_fallback: false,
+            nss_resolve: String::new(),
             min_ttl: cfg.min_ttl,
             refuse: cfg.refuse,
             enforce: AtomicBool::new(enforce),
             local,
+            local6: None,
             stats: Stats::default(),
             learned,
             view,
@@ -140,6 +175,7 @@ impl Stub {
         let s = &self.stats;
         serde_json::json!({
             "listen": self.local.to_string(),
+            "listen_v6": self.local6.map(|a| a.to_string()),
             "upstream": self.upstream.iter().map(|u| u.to_string()).collect::<Vec<_>>(),
             "upstream_source": self.upstream_source,
             "min_ttl_s": self.min_ttl.as_secs_f64(),
@@ -152,31 +188,50 @@ impl Stub {
             "learn_failures": n(&s.learn_failures),
             "addresses_learned": n(&s.learned),
             "learned_entries": self.learned.len(),
+            "nss_resolve": self.nss_resolve,
             "notes": self.notes,
         })
     }
 
-    /// Serves both sockets until the task is aborted.
+    /// The kernel's CONFIG word for the stub: its port and `dns_stub::*` flags.
+    pub fn config_word(&self) -> u32 {
+        let mut w = self.local.port() as u32;
+        if self.local6.is_some() {
+            w |= enforcer_common::dns_stub::V6;
+        }
+        if self.nss_fallback {
+            w |= enforcer_common::dns_stub::NSS_RESOLVE_FALLBACK;
+        }
+        w
+    }
+
+    /// Serves every socket until the task is aborted.
     pub async fn serve(self: Arc<Self>, sockets: Sockets) {
-        let udp = Arc::new(sockets.udp);
-        let tcp = tokio::spawn(self.clone().serve_tcp(sockets.tcp));
-        self.serve_udp(udp).await;
-        tcp.abort();
+        let mut tasks = vec![tokio::spawn(self.clone().serve_tcp(sockets.tcp))];
+        if let Some((udp6, tcp6)) = sockets.v6 {
+            tasks.push(tokio::spawn(self.clone().serve_tcp(tcp6)));
+            tasks.push(tokio::spawn(self.clone().serve_udp(Arc::new(udp6))));
+        }
+        self.serve_udp(Arc::new(sockets.udp)).await;
+        for t in tasks {
+            t.abort();
+        }
     }
 
     async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
-        let mut diag = match Diag::open() {
+        let mut diag = match SockDiag::open(DIAG_TIMEOUT) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("dns stub: sock_diag unavailable, every query is refused: {e}");
                 return;
             }
         };
+        let Ok(local) = sock.local_addr() else { return };
         let mut buf = vec![0u8; 4096];
         loop {
             let Ok((n, peer)) = sock.recv_from(&mut buf).await else { continue };
             // Attribute now: the asking socket may be gone once the answer is ready.
-            let who = self.attribute(&mut diag, Proto::Udp, peer);
+            let who = self.attribute(&mut diag, Proto::Udp, peer, local);
             let query = buf[..n].to_vec();
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
@@ -188,16 +243,22 @@ impl Stub {
     }
 
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let Ok(local) = listener.local_addr() else { return };
         loop {
             let Ok((stream, peer)) = listener.accept().await else { continue };
             let me = self.clone();
-            tokio::spawn(async move { me.serve_conn(stream, peer).await });
+            tokio::spawn(async move { me.serve_conn(stream, peer, local).await });
         }
     }
 
-    async fn serve_conn(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
-        let who = match Diag::open() {
-            Ok(mut d) => self.attribute(&mut d, Proto::Tcp, peer),
+    async fn serve_conn(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) {
+        let who = match SockDiag::open(DIAG_TIMEOUT) {
+            Ok(mut d) => self.attribute(&mut d, Proto::Tcp, peer, local),
             Err(_) => None,
         };
         for _ in 0..TCP_QUERIES {
@@ -219,11 +280,17 @@ impl Stub {
         }
     }
 
-    /// The process behind the socket at `peer`, by the kernel's facts: the socket's cookie
-    /// (sock_diag), the steering record under it, and that process's PROC_GRANTS entry
-    /// (same start time: not a successor reusing the pid).
-    fn attribute(&self, diag: &mut Diag, proto: Proto, peer: SocketAddr) -> Option<Asker> {
-        let cookie = diag.cookie_of(proto, peer, self.local)?;
+    /// The process behind the socket at `peer` (which sent to the stub's `local`), by the
+    /// kernel's facts: the socket's cookie (sock_diag), the steering record under it, and
+    /// that process's PROC_GRANTS entry (same start time: not a successor reusing the pid).
+    fn attribute(
+        &self,
+        diag: &mut SockDiag,
+        proto: Proto,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Asker> {
+        let cookie = diag.find(proto, sock_diag::ANY_STATE, peer, local).ok()??.cookie;
         let steer = self.steer.get(&cookie, 0).ok()?;
         let pg = self.procs.state_of(steer.tgid)?;
         if pg.start_ns != steer.start_ns {

@@ -179,9 +179,10 @@ impl PolicyMaps {
 impl PolicyMaps {
     /// Where the connect/sendmsg hooks steer port-53 traffic of judged processes (the DNS
     /// stub's port on 127.0.0.1; 0: not steered).
-    pub fn set_dns_stub_port(&mut self, port: u16) -> Result<()> {
-        self.config.set(config::DNS_STUB_PORT, port as u32, 0)?;
-        crate::decide::set_dns_stub_port(port);
+    /// The DNS stub's CONFIG word: its port (0: none) and `dns_stub::*` flags.
+    pub fn set_dns_stub(&mut self, word: u32) -> Result<()> {
+        self.config.set(config::DNS_STUB_PORT, word, 0)?;
+        crate::decide::set_dns_stub(word);
         Ok(())
     }
 }

@@ -162,6 +162,19 @@ pub fn new_grant_id() -> String {
     format!("g_{s}")
 }
 
+/// The judge's lookup hints (`grant_flags::NO_NETWORKS`, `NO_NAMES`) for a grant with
+/// networks `nets` (as written to GRANT_DESTS) and `destinations` (names learned by the stub).
+fn dest_flags(nets: &Nets, destinations: &[String]) -> u32 {
+    let mut f = 0;
+    if nets.is_empty() {
+        f |= grant_flags::NO_NETWORKS;
+    }
+    if dns_names(destinations).is_empty() {
+        f |= grant_flags::NO_NAMES;
+    }
+    f
+}
+
 fn bits_of(by_name: &BTreeMap<String, u32>, names: &[String]) -> u64 {
     names.iter().filter_map(|n| by_name.get(n)).fold(0, |acc, i| acc | (1u64 << i))
 }
@@ -368,7 +381,8 @@ impl Registry {
         let k = GrantKernel {
             secrets: bits_of(&self.policy.secret_bits, &intent.secrets),
             action: action_code(intent.on_violation),
-            flags: if intent.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 },
+            flags: if intent.revoke_on_violation { grant_flags::REVOKE_ON_VIOLATION } else { 0 }
+                | dest_flags(&nets, &grant.destinations),
             id_hash: id_hash(&grant.id),
         };
         self.maps
@@ -648,7 +662,7 @@ impl Registry {
                     grant_flags::REVOKE_ON_VIOLATION
                 } else {
                     0
-                },
+                } | dest_flags(&n, &grant.destinations),
                 id_hash: id_hash(&grant.id),
             };
             self.maps.put_grant(slot, boot_deadline(grant.expires_at), &n, k)?;

@@ -8,6 +8,7 @@
 //! min_ttl = "5s"               # floor of a learned address's lifetime (default 5s)
 //! refuse = "refused"           # names outside the asker's grants: "refused" | "nxdomain" | "off"
 //! listen = "127.0.0.1:0"       # the stub's own address (port 0: any free port)
+//! nss_resolve = "fallback"     # judged processes' glibc skips systemd-resolved's varlink
 //! ```
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -41,6 +42,28 @@ impl Refuse {
     }
 }
 
+/// What a judged process's connect to systemd-resolved's varlink socket (glibc's
+/// nss-resolve) meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NssResolve {
+    /// Fails with EPERM (both modes): nss-resolve answers UNAVAIL and glibc's next source,
+    /// `dns`, asks port 53, which the kernel steers to the stub. The process resolves as
+    /// before; the answers are learned.
+    #[default]
+    Fallback,
+    /// Let through: those lookups send no DNS packet and are never learned.
+    Allow,
+}
+
+impl NssResolve {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NssResolve::Fallback => "fallback",
+            NssResolve::Allow => "allow",
+        }
+    }
+}
+
 /// The default floor of a learned address's lifetime: an answer with TTL 0 would otherwise
 /// be unusable by the time the process connects.
 pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(5);
@@ -53,8 +76,10 @@ pub struct DnsConfig {
     pub upstream: Option<Vec<SocketAddr>>,
     pub min_ttl: Duration,
     pub refuse: Refuse,
-    /// The stub's UDP and TCP address: loopback IPv4 only (the kernel steers to 127.0.0.1).
+    /// The stub's UDP and TCP address: loopback IPv4 only (the kernel steers to 127.0.0.1;
+    /// the stub also serves `[::1]` on the same port).
     pub listen: SocketAddr,
+    pub nss_resolve: NssResolve,
 }
 
 impl Default for DnsConfig {
@@ -64,6 +89,7 @@ impl Default for DnsConfig {
             min_ttl: DEFAULT_MIN_TTL,
             refuse: Refuse::default(),
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            nss_resolve: NssResolve::default(),
         }
     }
 }
@@ -75,6 +101,7 @@ pub(crate) struct RawDns {
     min_ttl: Option<Spanned<String>>,
     refuse: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
+    nss_resolve: Option<Spanned<String>>,
 }
 
 pub(crate) fn dns(diags: &mut Collector, file: usize, raw: Option<&RawDns>) -> DnsConfig {
@@ -126,6 +153,17 @@ pub(crate) fn dns(diags: &mut Collector, file: usize, raw: Option<&RawDns>) -> D
                     "dns listen `{}` must be 127.0.0.1:PORT (the kernel steers DNS queries to 127.0.0.1; port 0 picks a free one)",
                     v.get_ref()
                 ),
+            ),
+        }
+    }
+    if let Some(v) = &raw.nss_resolve {
+        match v.get_ref().as_str() {
+            "fallback" => d.nss_resolve = NssResolve::Fallback,
+            "allow" => d.nss_resolve = NssResolve::Allow,
+            other => diags.error(
+                file,
+                v.span(),
+                format!("dns nss_resolve `{other}` is not one of \"fallback\", \"allow\""),
             ),
         }
     }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 pub use aws::{AwsIntent, AwsSettings, StsEndpoint, parse_endpoint};
 pub use destination::{Destination, PortRange};
 pub use diag::{Diagnostic, Diagnostics};
-pub use dns::{DEFAULT_MIN_TTL, DnsConfig, Refuse};
+pub use dns::{DEFAULT_MIN_TTL, DnsConfig, NssResolve, Refuse};
 pub use duration::{format_duration, parse_duration};
 pub use limits::Limits;
 pub use model::{

@@ -609,8 +609,12 @@ fn dns_section() {
     );
     assert_eq!((cfg.dns.min_ttl, cfg.dns.refuse), (Duration::from_secs(30), Refuse::Nxdomain));
     assert_eq!(cfg.dns.listen, "127.0.0.1:5300".parse().unwrap());
+    assert_eq!(cfg.dns.nss_resolve, crate::policy::NssResolve::Fallback);
     let d = load_str("t.toml", "").unwrap().dns;
     assert_eq!((d.upstream, d.min_ttl, d.refuse), (None, DEFAULT_MIN_TTL, Refuse::Refused));
+    let d = load_str("t.toml", "[dns]\nnss_resolve = \"allow\"\n").unwrap().dns;
+    assert_eq!(d.nss_resolve, crate::policy::NssResolve::Allow);
+    assert_error("[dns]\nnss_resolve = \"deny\"\n", "2:15", "dns nss_resolve `deny` is not one of");
     assert_error("[dns]\nupstream = [\"10.0.0.2\"]\n", "2:13", "not an `IP:port` address");
     assert_error("[dns]\nrefuse = \"drop\"\n", "2:10", "not one of");
     assert_error("[dns]\nmin_ttl = \"soon\"\n", "2:11", "dns min_ttl");

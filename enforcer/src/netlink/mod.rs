@@ -1,0 +1,2 @@
+//! Netlink clients of the daemon.
+pub mod sock_diag;
