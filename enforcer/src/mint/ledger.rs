@@ -188,7 +188,15 @@ impl Ledger {
     /// applies what queued up meanwhile this way. Each record runs in its own savepoint, so
     /// one that fails leaves the others; nothing is written until `Batch::commit`.
     pub fn batch(&mut self) -> anyhow::Result<Batch<'_>> {
-        Ok(Batch(self.conn.transaction()?))
+        Ok(Batch { tx: self.conn.transaction()?, guarded: true })
+    }
+
+    /// `batch` without a savepoint per record (two statements fewer to parse and run per
+    /// record, and no statement sub-journal): a record that fails may leave part of itself
+    /// written, so the caller must drop the batch (rolling all of it back) after any error
+    /// and write the group again with `batch`. The writer's fast path.
+    pub fn batch_unguarded(&mut self) -> anyhow::Result<Batch<'_>> {
+        Ok(Batch { tx: self.conn.transaction()?, guarded: false })
     }
 
     /// Moves an active grant to `state` (expired, revoked, ended), with its event, atomically.
@@ -294,13 +302,21 @@ impl Ledger {
     }
 }
 
-/// Records in one transaction; see `Ledger::batch`.
-pub struct Batch<'a>(rusqlite::Transaction<'a>);
+/// Records in one transaction; see `Ledger::batch` and `Ledger::batch_unguarded`.
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+    /// Each record in its own savepoint.
+    guarded: bool,
+}
 
 impl Batch<'_> {
-    /// `f` inside a savepoint: kept if it succeeds, rolled back if not.
+    /// `f` inside a savepoint (guarded: kept if it succeeds, rolled back if not), or
+    /// directly on the transaction (unguarded).
     fn each<T>(&mut self, f: impl FnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let sp = self.0.savepoint()?;
+        if !self.guarded {
+            return f(&self.tx);
+        }
+        let sp = self.tx.savepoint()?;
         let r = f(&sp)?;
         sp.commit()?;
         Ok(r)
@@ -326,7 +342,7 @@ impl Batch<'_> {
 
     /// Writes every record kept; on error none of them is written.
     pub fn commit(self) -> anyhow::Result<()> {
-        Ok(self.0.commit()?)
+        Ok(self.tx.commit()?)
     }
 }
 

@@ -9,6 +9,7 @@
 //! appends it to the journal (`super::journal`, one write) and the issuer goes on; the
 //! journal is replayed into SQLite at the next start if the daemon dies first.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
 use super::journal::Journal;
-use super::ledger::Ledger;
+use super::ledger::{Batch, Ledger};
 use super::model::{Grant, GrantState};
 use super::registry::GrantChange;
 
@@ -43,7 +44,13 @@ enum Op {
 
 /// Sends records to the writer; cheap to clone; only `insert` writes (one small append).
 #[derive(Clone)]
-pub struct LedgerTx(mpsc::Sender<Op>, Arc<Journal>);
+pub struct LedgerTx(mpsc::Sender<Op>, Arc<Journal>, Arc<Urgent>);
+
+/// Wakes a writer collecting a group for a record somebody waits for (a barrier).
+struct Urgent {
+    flag: AtomicBool,
+    writer: std::thread::Thread,
+}
 
 impl LedgerTx {
     /// Starts the writer thread over the shared ledger (readers lock it briefly too).
@@ -51,11 +58,18 @@ impl LedgerTx {
         let journal = ledger.lock().unwrap_or_else(|e| e.into_inner()).journal();
         let (tx, rx) = mpsc::channel();
         let j = journal.clone();
-        std::thread::Builder::new()
+        let (urgent_tx, urgent_rx) = mpsc::channel::<Arc<Urgent>>();
+        let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(ledger, j, rx, changes))
+            .spawn(move || {
+                let Ok(urgent) = urgent_rx.recv() else { return };
+                run(ledger, j, rx, &urgent, changes)
+            })
             .expect("spawn the ledger writer");
-        LedgerTx(tx, journal)
+        let urgent =
+            Arc::new(Urgent { flag: AtomicBool::new(false), writer: handle.thread().clone() });
+        let _ = urgent_tx.send(urgent.clone());
+        LedgerTx(tx, journal, urgent)
     }
 
     /// Records a new grant: once this returns Ok it survives a crash of the daemon (it is in
@@ -104,6 +118,9 @@ impl LedgerTx {
     pub async fn barrier(&self) {
         let (tx, rx) = oneshot::channel();
         if self.0.send(Op::Barrier(tx)).is_ok() {
+            // A writer collecting a group closes it now instead of at the window's end.
+            self.2.flag.store(true, Ordering::Release);
+            self.2.writer.unpark();
             let _ = rx.await;
         }
     }
@@ -114,12 +131,17 @@ const MAX_GROUP: usize = 512;
 /// How long a group collects records after its first one. Nobody waits on a group but
 /// readers asking for a barrier (which close it at once) and the event stream; one WAL
 /// commit per grant was most of an issue's CPU.
-const GROUP_WINDOW: Duration = Duration::from_millis(5);
+const GROUP_WINDOW: Duration = Duration::from_millis(10);
 
+/// Collects groups and writes them. The writer sleeps through a group's window instead of
+/// waiting on the channel: a sender then finds no receiver to wake, so a group of n records
+/// costs the writer one wake-up, not n (each was a futex wake and a context switch on the
+/// issuing thread's CPU). A barrier sets `urgent` and unparks it.
 fn run(
     ledger: Arc<Mutex<Ledger>>,
     journal: Arc<Journal>,
     rx: mpsc::Receiver<Op>,
+    urgent: &Urgent,
     changes: UnboundedSender<GrantChange>,
 ) {
     let mut last_use: HashMap<String, Instant> = HashMap::new();
@@ -128,16 +150,27 @@ fn run(
         let close = Instant::now() + GROUP_WINDOW;
         let mut waited_for = matches!(op, Op::Barrier(_));
         group.push(op);
-        while group.len() < MAX_GROUP && !waited_for {
-            let left = close.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(op) => {
-                    waited_for = matches!(op, Op::Barrier(_));
-                    group.push(op);
+        loop {
+            while group.len() < MAX_GROUP && !waited_for {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        waited_for = matches!(op, Op::Barrier(_));
+                        group.push(op);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
+            let now = Instant::now();
+            if group.len() >= MAX_GROUP || waited_for || now >= close {
+                break;
+            }
+            if urgent.flag.swap(false, Ordering::AcqRel) {
+                // A barrier is on its way (sent before the flag was set): take it next.
+                continue;
+            }
+            std::thread::park_timeout(close - now);
         }
+        urgent.flag.store(false, Ordering::Release);
         apply(&ledger, &journal, &mut group, &mut last_use, &changes);
     }
 }
@@ -149,10 +182,12 @@ enum After {
     Barrier(oneshot::Sender<()>),
 }
 
-/// Writes `group` in one transaction, then announces in order. A record that fails is rolled
-/// back alone; if the commit itself fails, no record of the group is written. Either way the
-/// journal keeps the grants of the group (the next start replays them) and their issue is
-/// not announced.
+/// Writes `group` in one transaction, then announces in order. First without a savepoint
+/// per record (the common case: every record goes in); if any record fails, that attempt is
+/// rolled back whole and the group is written again with one savepoint per record, so a
+/// failing record is rolled back alone. If the commit itself fails, no record of the group
+/// is written. Either way the journal keeps the grants of the group (the next start replays
+/// them) and their issue is not announced.
 fn apply(
     ledger: &Mutex<Ledger>,
     journal: &Journal,
@@ -160,78 +195,51 @@ fn apply(
     last_use: &mut HashMap<String, Instant>,
     changes: &UnboundedSender<GrantChange>,
 ) {
-    let mut after = Vec::with_capacity(group.len());
-    // The last journal record committed here, and whether every one in the group was.
-    let (mut inserted, mut all_inserted) = (0u64, true);
-    let committed = {
-        let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
-        let mut batch = match l.batch() {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::error!("ledger: cannot begin a transaction: {e:#}");
-                None
-            }
-        };
-        for op in group.drain(..) {
-            match op {
-                Op::Insert(grant, seq) => {
-                    let r = match batch.as_mut() {
-                        Some(b) => b.insert(&grant),
-                        None => Err(anyhow::anyhow!("no transaction")),
-                    };
-                    match r {
-                        Ok(()) => {
-                            inserted = inserted.max(seq);
-                            after.push(After::Issued(grant));
-                        }
-                        Err(e) => {
-                            // Kept in the journal: replayed at the next start.
-                            tracing::error!("ledger: grant {}: {e:#}", grant.id);
-                            all_inserted = false;
-                        }
-                    }
-                }
-                Op::SetState { id, state, reason, at, then } => {
-                    if let Some(b) = batch.as_mut()
-                        && let Err(e) = b.set_state(&id, state, &reason, at)
-                    {
-                        tracing::error!("ledger: {} {id}: {e:#}", state.as_str());
-                    }
-                    if let Some(c) = then {
-                        after.push(After::Announce(c));
-                    }
-                }
-                Op::Announce(c) => after.push(After::Announce(c)),
-                Op::Use { id, detail } => {
-                    let now = Instant::now();
-                    if last_use
-                        .get(&id)
-                        .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
-                    {
-                        continue;
-                    }
-                    if last_use.len() > 20_000 {
-                        last_use.clear();
-                    }
-                    if let Some(b) = batch.as_mut()
-                        && let Err(e) = b.record_use(&id, &detail)
-                    {
-                        tracing::warn!("ledger: record use of {id}: {e:#}");
-                    }
-                    last_use.insert(id, now);
-                }
-                Op::Barrier(done) => after.push(After::Barrier(done)),
-            }
+    // Uses are throttled to one a second per grant: decided once, before any attempt.
+    let now = Instant::now();
+    group.retain(|op| {
+        let Op::Use { id, .. } = op else { return true };
+        if last_use.get(id).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1)) {
+            return false;
         }
-        match batch.map(|b| b.commit()) {
-            Some(Ok(())) => true,
-            Some(Err(e)) => {
-                tracing::error!("ledger: commit: {e:#}");
-                false
+        if last_use.len() > 20_000 {
+            last_use.clear();
+        }
+        last_use.insert(id.clone(), now);
+        true
+    });
+    let (committed, ok) = {
+        let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
+        match write_unguarded(&mut l, group) {
+            Ok(()) => (true, vec![true; group.len()]),
+            Err(e) => {
+                tracing::debug!(
+                    "ledger: group of {} rewritten record by record: {e:#}",
+                    group.len()
+                );
+                write_guarded(&mut l, group)
             }
-            None => false,
         }
     };
+    // The last journal record committed here, and whether every one in the group was.
+    let (mut inserted, mut all_inserted) = (0u64, true);
+    let mut after = Vec::with_capacity(group.len());
+    for (op, ok) in group.drain(..).zip(ok) {
+        match op {
+            Op::Insert(grant, seq) => {
+                if ok {
+                    inserted = inserted.max(seq);
+                    after.push(After::Issued(grant));
+                } else {
+                    all_inserted = false;
+                }
+            }
+            Op::SetState { then: Some(c), .. } => after.push(After::Announce(c)),
+            Op::Announce(c) => after.push(After::Announce(c)),
+            Op::Barrier(done) => after.push(After::Barrier(done)),
+            Op::SetState { then: None, .. } | Op::Use { .. } => {}
+        }
+    }
     if !committed || !all_inserted {
         // Some grant of the group is only in the journal: keep it until the next start.
         journal.hold();
@@ -251,6 +259,60 @@ fn apply(
             After::Barrier(done) => {
                 let _ = done.send(());
             }
+        }
+    }
+}
+
+/// One record on `b`.
+fn write_one(b: &mut Batch<'_>, op: &Op) -> anyhow::Result<()> {
+    match op {
+        Op::Insert(grant, _) => b.insert(grant),
+        Op::SetState { id, state, reason, at, .. } => {
+            b.set_state(id, *state, reason, *at).map(drop)
+        }
+        Op::Use { id, detail } => b.record_use(id, detail),
+        Op::Announce(_) | Op::Barrier(_) => Ok(()),
+    }
+}
+
+/// The whole group in one transaction with no savepoints; any error rolls all of it back.
+fn write_unguarded(l: &mut Ledger, group: &[Op]) -> anyhow::Result<()> {
+    let mut b = l.batch_unguarded()?;
+    for op in group {
+        write_one(&mut b, op)?;
+    }
+    b.commit()
+}
+
+/// The group record by record, each in its own savepoint: (committed, written per record).
+fn write_guarded(l: &mut Ledger, group: &[Op]) -> (bool, Vec<bool>) {
+    let mut b = match l.batch() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("ledger: cannot begin a transaction: {e:#}");
+            return (false, vec![false; group.len()]);
+        }
+    };
+    let mut ok = Vec::with_capacity(group.len());
+    for op in group {
+        let r = write_one(&mut b, op);
+        if let Err(e) = &r {
+            match op {
+                Op::Insert(g, _) => tracing::error!("ledger: grant {}: {e:#}", g.id),
+                Op::SetState { id, state, .. } => {
+                    tracing::error!("ledger: {} {id}: {e:#}", state.as_str())
+                }
+                Op::Use { id, .. } => tracing::warn!("ledger: record use of {id}: {e:#}"),
+                Op::Announce(_) | Op::Barrier(_) => {}
+            }
+        }
+        ok.push(r.is_ok());
+    }
+    match b.commit() {
+        Ok(()) => (true, ok),
+        Err(e) => {
+            tracing::error!("ledger: commit: {e:#}");
+            (false, vec![false; group.len()])
         }
     }
 }
