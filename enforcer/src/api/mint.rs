@@ -20,8 +20,7 @@ use crate::mint::request;
 use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 
-/// An executable's identity for the hash cache: (dev, ino, size, mtime ns).
-type ExeKey = (u64, u64, u64, i64);
+use crate::mint::procdir::ExeKey;
 
 /// Issues hashing an executable (on the blocking pool) at once; more wait (up to ISSUE_WAIT).
 const ISSUING_AT_ONCE: usize = 8;
@@ -101,8 +100,13 @@ impl MintState {
     fn cached_exe_sha256(&self, r: &Requester) -> Result<(ExeKey, Option<String>), MintError> {
         let gone =
             || MintError::SubjectGone(format!("process {} exited during attestation", r.pid));
-        let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
-        let key = (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000);
+        let key = match r.exe_key {
+            Some(k) => k,
+            None => {
+                let md = std::fs::metadata(format!("/proc/{}/exe", r.pid)).map_err(|_| gone())?;
+                (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000)
+            }
+        };
         let cached = lock(&self.exe_hashes).get(&key).cloned();
         Ok((key, cached))
     }

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::MintError;
 use super::model::Subject;
+use super::procdir::{self, ExeKey, ProcDir};
 use crate::policy::Intent;
 
 /// Executables larger than this are not hashed (`limits.exe_hash_max_bytes`, set by the
@@ -46,6 +47,9 @@ pub struct Requester {
     /// The cgroup v2 path (`0::` line of /proc/<pid>/cgroup); empty on a v1-only host.
     pub cgroup: String,
     pub pidfd: OwnedFd,
+    /// The executable's identity (dev, ino, size, mtime) read during attestation, for the
+    /// exe hash cache; None if it could not be read (then it is read again when needed).
+    pub exe_key: Option<ExeKey>,
 }
 
 impl Requester {
@@ -181,34 +185,45 @@ pub fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
 }
 
 fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester, MintError> {
-    let read = || -> io::Result<(String, u64, u32, u32, String)> {
-        let exe = read_exe(pid)?;
-        let start_ns = read_start_ns(pid)?;
-        let (uid, gid) = match ids {
+    let read = || -> io::Result<(String, Option<ExeKey>, u64, u32, u32, String)> {
+        let dir = ProcDir::open(pid)?;
+        let exe = dir.readlink(c"exe")?;
+        let exe_key = dir.exe_key(c"exe").ok();
+        let stat = dir.read(c"stat")?;
+        let start_ns = ticks_to_ns(stat_start_ticks(&stat).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<pid>/stat")
+        })?);
+        let (uid, gid) = match ids.or_else(|| procdir::pidfd_ids(&pidfd)) {
             Some(ids) => ids,
-            None => status_ids(pid)?,
+            None => {
+                let status = dir.read(c"status")?;
+                (status_field(&status, "Uid:")?, status_field(&status, "Gid:")?)
+            }
         };
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?
+        let cgroup = dir
+            .read(c"cgroup")?
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
             .unwrap_or_default()
             .to_string();
         // An exec between the first readlink and here would mix two images' facts.
-        if read_exe(pid)? != exe {
+        if dir.readlink(c"exe")? != exe {
             return Err(io::Error::new(io::ErrorKind::NotFound, "exec during attestation"));
         }
-        Ok((exe, start_ns, uid, gid, cgroup))
+        Ok((exe, exe_key, start_ns, uid, gid, cgroup))
     };
     let result = read();
     // Last, after every read: only a still-live process proves the reads were about it.
     if exited(&pidfd) {
         return Err(gone(pid));
     }
-    let (exe, start_ns, uid, gid, cgroup) = result.map_err(|e| match e.kind() {
+    let (exe, exe_key, start_ns, uid, gid, cgroup) = result.map_err(|e| match e.kind() {
+        // ESRCH: the directory handle outlived its process.
         io::ErrorKind::NotFound => gone(pid),
+        _ if e.raw_os_error() == Some(libc::ESRCH) => gone(pid),
         _ => MintError::AttestationFailed(format!("reading /proc/{pid}: {e}")),
     })?;
-    Ok(Requester { pid, start_ns, exe, uid, gid, cgroup, pidfd })
+    Ok(Requester { pid, start_ns, exe, uid, gid, cgroup, pidfd, exe_key })
 }
 
 fn gone(pid: u32) -> MintError {
@@ -412,13 +427,6 @@ fn stat_start_ticks(stat: &str) -> Option<u64> {
 fn status_id(pid: u32, key: &str) -> io::Result<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status_field(&status, key)
-}
-
-/// The effective uid and gid from one read of `/proc/<pid>/status` (rendering it is the
-/// costliest read of an attestation; two reads also could see two different states).
-fn status_ids(pid: u32) -> io::Result<(u32, u32)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok((status_field(&status, "Uid:")?, status_field(&status, "Gid:")?))
 }
 
 fn status_field(status: &str, key: &str) -> io::Result<u32> {

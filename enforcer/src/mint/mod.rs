@@ -4,6 +4,7 @@ pub mod holder;
 pub mod journal;
 pub mod ledger;
 pub mod model;
+pub mod procdir;
 pub mod ratelimit;
 pub mod registry;
 pub mod request;
