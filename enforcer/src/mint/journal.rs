@@ -259,4 +259,45 @@ mod tests {
         assert!(len < EMPTY_AT, "journal still {len} bytes");
         assert!(n as u64 * 400 > EMPTY_AT, "the test must write past EMPTY_AT");
     }
+
+    /// A group in which one record fails (a duplicate id) is written again record by
+    /// record: the others are committed and announced, the failed one is not, and the
+    /// journal is kept for the next start. A barrier answers without waiting out the
+    /// writer's group window.
+    #[tokio::test]
+    async fn a_failing_record_fails_alone_and_barriers_close_the_group() {
+        let dir = scratch();
+        let ledger = Arc::new(Mutex::new(Ledger::open(dir.path()).unwrap()));
+        ledger.lock().unwrap().insert(&grant("g_old")).unwrap();
+        let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let writer = LedgerTx::spawn(ledger.clone(), tx);
+        for id in ["g_a", "g_old", "g_b"] {
+            writer.insert(grant(id)).unwrap();
+        }
+        writer.set_state("g_a", GrantState::Revoked, "revoked by test", Utc::now(), None);
+        writer.barrier().await;
+        {
+            let l = ledger.lock().unwrap();
+            assert_eq!(l.get("g_a").unwrap().unwrap().state, GrantState::Revoked);
+            assert_eq!(l.get("g_b").unwrap().unwrap().state, GrantState::Active);
+            assert_eq!(l.events("g_old").unwrap().len(), 1, "the duplicate added nothing");
+        }
+        let mut announced = Vec::new();
+        while let Ok(crate::mint::registry::GrantChange::Issued(g)) = changes.try_recv() {
+            announced.push(g.id);
+        }
+        assert_eq!(announced, ["g_a", "g_b"]);
+        // Held: the journal keeps every record until the next start.
+        let held = Journal::open(dir.path()).unwrap().pending().unwrap();
+        assert_eq!(held.len(), 3);
+        // A barrier right after a record: answered once that record is written, long before
+        // a writer that waited out its window for each of 20 groups would be.
+        let t0 = std::time::Instant::now();
+        for i in 0..20 {
+            writer.insert(grant(&format!("g_next_{i}"))).unwrap();
+            writer.barrier().await;
+            assert!(ledger.lock().unwrap().get(&format!("g_next_{i}")).unwrap().is_some());
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_millis(180), "{:?}", t0.elapsed());
+    }
 }

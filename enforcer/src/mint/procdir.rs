@@ -129,3 +129,60 @@ pub fn pidfd_ids(pidfd: &OwnedFd) -> Option<(u32, u32)> {
     let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
     (rc == 0 && info.mask & PIDFD_INFO_CREDS != 0).then_some((info.euid, info.egid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// A process running as another uid/gid: the pidfd's ids are its effective ids, as
+    /// /proc/<pid>/status shows them; a file longer than one read comes back whole.
+    #[test]
+    fn ids_and_reads_match_proc() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP ids_and_reads_match_proc: needs root (a child of another uid)");
+            return;
+        }
+        let mut c =
+            std::process::Command::new("sleep").arg("30").uid(65534).gid(65533).spawn().unwrap();
+        let pid = c.id();
+        // SAFETY: plain syscall; the fd returned is ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let dir = ProcDir::open(pid).unwrap();
+        let status = dir.read(c"status").unwrap();
+        assert!(status.len() > SMALL, "status must exercise the long read");
+        assert_eq!(status, std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+        let col = |k: &str| -> u32 {
+            let l = status.lines().find_map(|l| l.strip_prefix(k)).unwrap();
+            l.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        assert_eq!((col("Uid:"), col("Gid:")), (65534, 65533));
+        match pidfd_ids(&pidfd) {
+            Some(ids) => assert_eq!(ids, (65534, 65533)),
+            // Before Linux 6.13: attestation reads /proc/<pid>/status instead.
+            None => eprintln!("PIDFD_GET_INFO not supported by this kernel"),
+        }
+        assert_eq!(
+            dir.read(c"stat").unwrap(),
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap()
+        );
+        assert_eq!(
+            dir.readlink(c"exe").unwrap(),
+            std::fs::read_link(format!("/proc/{pid}/exe")).unwrap().to_string_lossy()
+        );
+        let md = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            dir.exe_key(c"exe").unwrap(),
+            (md.dev(), md.ino(), md.size(), md.mtime_nsec() + md.mtime() * 1_000_000_000)
+        );
+        c.kill().unwrap();
+        c.wait().unwrap();
+        // Reaped: the handle no longer reads, and the pidfd has no ids to give.
+        assert!(dir.read(c"stat").is_err());
+        assert_eq!(pidfd_ids(&pidfd), None);
+    }
+}
