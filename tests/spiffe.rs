@@ -465,3 +465,128 @@ fn bundle_rotation_keeps_old_tokens_valid_until_exp() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(keyfile).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// A free loopback port in this test file's range (19450-19499 of the `spiffe` helper's
+/// 19400-19599): the daemon's config names the port, so it is found here first.
+fn free_port() -> u16 {
+    (19450..19500)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 19450-19499")
+}
+
+/// GET `url` with curl (a real HTTP client over TCP): (status, content type, body).
+fn http_get(method: &str, url: &str) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code} %{content_type}", "-X", method])
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (code, ctype) = tail.split_once(' ').unwrap_or((tail, ""));
+    (code.parse().unwrap_or(0), ctype.to_string(), body.to_string())
+}
+
+/// The optional OIDC discovery listener (`[spiffe] oidc_listen`, loopback, plain HTTP): curl
+/// gets the discovery document and the JWKS over TCP, both exactly as specified, with the
+/// issuer defaulting to `http://<oidc_listen>`; the JWKS is the Workload API's bundle (the
+/// same kids py-spiffe fetches) and holds public keys only; a JWT-SVID fetched by py-spiffe
+/// over the Workload API verifies against it with PyJWT (signature, `iss` = the discovery
+/// issuer, `aud`), and a token altered after signing does not; only GET is served.
+#[test]
+fn oidc_listener_serves_discovery_and_a_jwks_that_verifies_svids() {
+    if !root_or_skip("oidc_listener_serves_discovery_and_a_jwks_that_verifies_svids")
+        || !have_py_spiffe("oidc_listener_serves_discovery_and_a_jwks_that_verifies_svids")
+    {
+        return;
+    }
+    let cg = TestCgroup::new("spiffe-oidc");
+    let port = free_port();
+    let d = Daemon::start(
+        &cg,
+        &format!(
+            "[spiffe]\ntrust_domain = \"example.org\"\noidc_listen = \"127.0.0.1:{port}\"\n{POLICY}"
+        ),
+    );
+    let iss = format!("http://127.0.0.1:{port}");
+
+    let (code, ctype, body) = http_get("GET", &format!("{iss}/.well-known/openid-configuration"));
+    assert_eq!((code, ctype.as_str()), (200, "application/json"), "{body}");
+    let disco: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        disco,
+        json!({
+            "issuer": iss,
+            "jwks_uri": format!("{iss}/keys"),
+            "authorization_endpoint": format!("{iss}/authorize"),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "claims_supported": ["sub", "aud", "exp", "iat", "iss", "jti", "grant_id", "intent"],
+        })
+    );
+    // The mint socket serves the same document.
+    assert_eq!(d.curl("GET", "/.well-known/openid-configuration", None), (200, disco.clone()));
+
+    let (code, ctype, body) = http_get("GET", disco["jwks_uri"].as_str().unwrap());
+    assert_eq!((code, ctype.as_str()), (200, "application/json"), "{body}");
+    let jwks: Value = serde_json::from_str(&body).unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{jwks}");
+    let k = keys[0].as_object().unwrap();
+    let mut fields: Vec<&str> = k.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["alg", "crv", "kid", "kty", "use", "x", "y"], "public members only");
+    assert_eq!(
+        (k["kty"].as_str(), k["crv"].as_str(), k["alg"].as_str(), k["use"].as_str()),
+        (Some("EC"), Some("P-256"), Some("ES256"), Some("jwt-svid"))
+    );
+    for c in ["x", "y"] {
+        assert_eq!(B64.decode(k[c].as_str().unwrap()).unwrap().len(), 32, "{c}");
+    }
+    assert_eq!(d.curl("GET", "/keys", None), (200, jwks.clone()));
+
+    // A JWT-SVID from the Workload API, with the bundle the client sees.
+    let mut c = Client::start(&cg, &d.runtime_dir().join("spiffe.sock"));
+    let b = c.ask("bundle");
+    assert_eq!(b["kids"], json!([k["kid"]]), "{b}");
+    let g = grant(&d, "deploy", c.pid, "1m");
+    let r = c.ask("fetch sts.example.test");
+    let token = svids(&r)[0]["token"].as_str().unwrap().to_string();
+    assert_eq!(header(&token)["kid"], k["kid"]);
+    assert_eq!(claims(&token)["iss"], iss.as_str());
+    let verify = |token: &str, aud: &str| {
+        std::process::Command::new(python())
+            .args(["-c", OIDC_VERIFY, &disco.to_string(), &jwks.to_string(), token, aud])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&token, "sts.example.test");
+    assert!(out.status.success(), "PyJWT: {}", String::from_utf8_lossy(&out.stderr));
+    let verified: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verified["grant_id"], g["id"]);
+    assert_eq!(verified["sub"], "spiffe://example.org/intent/deploy");
+    assert_eq!(verified["iss"], iss.as_str());
+    // Wrong audience, and a payload altered after signing: refused by the same verifier.
+    let out = verify(&token, "vault.example.test");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidAudienceError"));
+    let mut cl = claims(&token);
+    cl["sub"] = json!("spiffe://example.org/intent/admin");
+    let parts: Vec<&str> = token.split('.').collect();
+    let forged = format!("{}.{}.{}", parts[0], B64.encode(cl.to_string()), parts[2]);
+    let out = verify(&forged, "sts.example.test");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidSignatureError"));
+
+    // GET only; nothing else is routed.
+    let (code, _, body) = http_get("POST", &format!("{iss}/keys"));
+    assert_eq!(code, 405, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
+    let (code, _, body) = http_get("GET", &format!("{iss}/v1/grants"));
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "not_found");
+}

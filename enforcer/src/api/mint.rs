@@ -57,6 +57,10 @@ pub struct MintState {
     /// would cost milliseconds.
     exe_hashes: Mutex<HashMap<ExeKey, String>>,
     jwks: Value,
+    /// The registry's token signer and issuer (fixed for the daemon's life), so signing
+    /// takes no registry lock.
+    signer: Arc<crate::mint::token::Signer>,
+    issuer: String,
     /// The AWS broker, set once the daemon has it: grants of `[intent.aws]` intents get a
     /// token for its endpoint (and may connect to it).
     pub aws: std::sync::OnceLock<Arc<crate::aws::Broker>>,
@@ -76,7 +80,10 @@ impl MintState {
         limiter: RateLimiter<u32>,
         refusals: tokio::sync::mpsc::Sender<Refusal>,
     ) -> Self {
-        let jwks = lock(&registry).signer.jwks();
+        let (jwks, signer, issuer) = {
+            let reg = lock(&registry);
+            (reg.signer.jwks(), reg.signer.clone(), reg.issuer.clone())
+        };
         MintState {
             registry,
             ledger,
@@ -88,6 +95,8 @@ impl MintState {
             issuing: tokio::sync::Semaphore::new(ISSUING_AT_ONCE),
             exe_hashes: Mutex::new(HashMap::new()),
             jwks,
+            signer,
+            issuer,
             aws: Default::default(),
         }
     }
@@ -199,8 +208,8 @@ pub async fn issue(
             .ok_or_else(|| MintError::internal("exe hash unavailable after hashing"))?
         }
     };
-    let Prepared { grant, intent, nets, target } = prepared;
-    let limits = lock(&m.config).limits.clone();
+    let Prepared { grant, intent, nets, target, config } = prepared;
+    let limits = &config.limits;
     let (grant, _slot) = {
         let mut reg = lock(&m.registry);
         // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
@@ -262,6 +271,8 @@ struct Prepared {
     nets: crate::mint::view::Nets,
     /// The process named by `pid`, if not the caller.
     target: Option<Requester>,
+    /// The policy the request was prepared under (its limits apply to it).
+    config: Arc<Config>,
 }
 
 /// An issue up to the registry: attestation (/proc reads), the exe hash, signing. None if
@@ -331,12 +342,8 @@ fn prepare(
     let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
     let subject = target.subject(sha);
     let nets = resolve_destinations(&intent.destinations);
-    let (signer, issuer) = {
-        let reg = lock(&m.registry);
-        (reg.signer.clone(), reg.issuer.clone())
-    };
-    let grant = Registry::prepare(&signer, &issuer, &intent, subject, ttl, clamped)?;
-    Ok(Some(Prepared { grant, intent, nets, target: target_owned }))
+    let grant = Registry::prepare(&m.signer, &m.issuer, &intent, subject, ttl, clamped)?;
+    Ok(Some(Prepared { grant, intent, nets, target: target_owned, config }))
 }
 
 /// Whether `peer` may read `g`'s token: root, or a process of the subject's uid inside the
