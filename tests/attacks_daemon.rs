@@ -239,6 +239,112 @@ print(round(lat[len(lat) // 2] * 1000, 3), round(lat[-1] * 1000, 3), flush=True)
     assert!(d.status_ok(), "daemon alive");
 }
 
+/// Reads of another process's memory, attacked. A process the lineage records never showed
+/// the daemon (one running before the daemon starts; one whose fork and exec records were
+/// lost) had its `/proc/PID/cmdline` (and environment) read on the daemon's main loop, at
+/// start for every process. Attack: a process holds its own `mmap_lock` through a FUSE file
+/// whose reads are never answered (`support/fuse_stall.rs`), so a read of its command line or
+/// environment never returns; it is running when the daemon starts, then opens the secret and
+/// connects while another process opens the secret 200 times. Before: the daemon never got
+/// ready. Fixed: the main loop reads no process's memory; what cannot block (`status`, the
+/// exe link, the cgroup) is read at start, the rest by reader threads; the hostage's alert
+/// waits at most 200 ms and says what is missing; nobody else's decisions or events wait.
+#[test]
+fn a_process_holding_its_mmap_lock_does_not_stall_the_daemon() {
+    if !root_or_skip("a_process_holding_its_mmap_lock_does_not_stall_the_daemon") {
+        return;
+    }
+    use enforcer_tests::fuse_stall::{KillOnDrop, StallFs, hostage_script};
+    // Dropped last, even on a failure: the file system is released first, then it is killed.
+    let mut guard = KillOnDrop::default();
+    let Some(fs) = StallFs::mount() else { return };
+    let (_sdir, secret) = secret_file("token", "s3cr3t-value\n");
+    let cg = TestCgroup::new("mmap-lock");
+    let port = tcp_listener();
+    let script = hostage_script(&fs.file(), &secret, port);
+    let errors = tempfile::NamedTempFile::new().unwrap();
+    let mut hostage = cg
+        .command(python())
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(errors.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let pid = hostage.id();
+    let mut to_hostage = hostage.stdin.take().unwrap();
+    let out = hostage.stdout.take().unwrap();
+    guard.0 = Some(hostage);
+    let lines = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = std::io::BufReader::new(out);
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(out).map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        rx
+    };
+    let line = lines.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let stderr = std::fs::read_to_string(errors.path()).unwrap_or_default();
+    assert_eq!(line, "stalled", "the hostage set up its hold: {stderr}");
+    // The hold is real: a read of its command line does not return.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| b.len()));
+    });
+    let read = rx.recv_timeout(Duration::from_millis(500));
+    assert!(read.is_err(), "reading the hostage's command line returned: {read:?}");
+
+    let t0 = Instant::now();
+    let d = Daemon::start(&cg, &secret_toml("token", &secret));
+    let ready = t0.elapsed();
+    use std::io::Write as _;
+    writeln!(to_hostage, "go").unwrap();
+    let prober = open_prober(&cg, &secret, 200);
+    let probe = wait_bounded(prober, Duration::from_secs(60), "the open prober");
+    let used = lines.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    assert_eq!(used, "open:ok connect:ok", "the hostage's own uses (monitor mode)");
+    let fields: Vec<&str> = probe.split_whitespace().collect();
+    assert_eq!(fields[0], "ok", "every probe open answered (monitor mode): {probe}");
+    let (p50, max): (f64, f64) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    std::thread::sleep(Duration::from_millis(1200));
+    let st = d.status_json();
+    eprintln!(
+        "daemon ready in {ready:?} with the hostage running; 200 opens meanwhile: p50 {p50} ms, \
+         max {max} ms; file_decision_us {}; env_reads {}",
+        st["file_decision_us"], st["env_reads"]
+    );
+    assert!(max < 2000.0, "an open waited {max} ms");
+    assert_eq!(st["file_decision_us"]["over_deadline"], 0);
+    // The hostage's alert: written after at most 200 ms, with what could be read.
+    let e = d.one_event("file_open by the hostage", by("file_open", pid));
+    assert_eq!(e.verdict, "no_grant");
+    let why = e.process.facts_unknown.clone().unwrap_or_default();
+    assert!(why.contains("not read within 200 ms"), "facts_unknown: {why:?}");
+    assert!(e.process.exe.contains("python"), "exe read without its memory: {e:?}");
+    assert_eq!(e.process.cmdline, "", "its command line was never read");
+    assert!(e.process.env_unknown.is_some(), "{e:?}");
+    let c = d.wait_events("the hostage's connect", by("connect", pid));
+    assert_eq!(c[0].process.uid, 0, "the record's facts: {:?}", c[0].process);
+    // Everyone else's events, complete.
+    let probes = d.wait_events("probe opens", |e| {
+        e.kind == "file_open" && e.verdict == "no_grant" && e.process.pid != pid
+    });
+    assert_eq!(probes.len(), 200, "every probe open recorded");
+    assert!(
+        probes
+            .iter()
+            .all(|e| e.process.facts_unknown.is_none() && e.process.exe.contains("python"))
+    );
+    // Released, the hostage's command line is read after all.
+    fs.release();
+    drop(to_hostage);
+    let hostage = guard.0.take().unwrap();
+    let _ = wait_bounded(hostage, Duration::from_secs(20), "the released hostage");
+    assert!(d.status_ok(), "daemon alive");
+}
+
 /// Case 1, the path swap. Attack: a copy of `cat` opens the secret and its path is at once
 /// replaced by a FIFO (the old code fell back to hashing the recorded path, and a FIFO
 /// blocks its reader forever). Fixed: the running image was pinned at event time; the path

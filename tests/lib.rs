@@ -13,7 +13,8 @@
 //! - [`pki`]: a throw-away CA and a server certificate;
 //! - [`dns_net`]: the DNS tests' namespace (a real DNS server, an echo listener) and daemon;
 //! - [`enforce_fixture`]: the enforce-mode fixture shared by the enforcement tests;
-//! - [`env`]: binaries, files and programs the tests run.
+//! - [`env`]: binaries, files and programs the tests run;
+//! - [`fuse_stall`]: a FUSE file system whose reads wait, to hold a process's `mmap_lock`.
 #[path = "support/cgroup.rs"]
 pub mod cgroup;
 #[path = "support/daemon.rs"]
@@ -26,6 +27,8 @@ pub mod enforce_fixture;
 pub mod env;
 #[path = "support/events.rs"]
 pub mod events;
+#[path = "support/fuse_stall.rs"]
+pub mod fuse_stall;
 #[path = "support/net.rs"]
 pub mod net;
 #[path = "support/pki.rs"]

@@ -80,6 +80,12 @@ pub struct ProcessRef {
     /// process inherited at fork, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_unknown: Option<String>,
+    /// Why `ppid`, `exe` or `cmdline` are missing: the lineage records never showed this
+    /// process (it ran before the daemon started, or its records were lost), so they are read
+    /// from /proc off the main loop, and that read had not landed (alerts wait for it at
+    /// most 200 ms) or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts_unknown: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

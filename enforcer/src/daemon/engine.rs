@@ -177,8 +177,6 @@ impl Engine {
 
     fn on_connect(&mut self, c: Connect) {
         self.counts.connects += 1;
-        // An egress record from softirq carries no cgroup: the process's own is used.
-        let (process, known) = self.process_ref(c.tgid, Some(c.cgroup_id).filter(|id| *id != 0));
         let when = wall_time_of(c.boot_ns);
         let view = self.grants.view.load();
         // Replay the kernel's judgement on the facts it judged: the PROC_GRANTS entry the
@@ -189,7 +187,6 @@ impl Engine {
         } else {
             view.subject_state(Some(c.subject), self.grants.act.revoked(&view), when)
         };
-        subject.known = known;
         self.fill_learned(&mut subject, &view, c.ip, c.boot_ns);
         let ours = if c.send {
             decide::judge_send(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns))
@@ -197,15 +194,31 @@ impl Engine {
             decide::judge_connect(c.ip, c.port, &subject, self.mode, when, Some(c.boot_ns))
         };
         let theirs = kernel_judgement(&c, &subject, &view);
+        let agree = same_judgement(&ours, &theirs);
+        if !agree {
+            self.counts.decision_mismatches += 1;
+            tracing::warn!(pid = c.tgid, kernel = ?theirs, userspace = ?ours, "connect judgement mismatch");
+        }
+        // Routine (allowed, nothing ended by it): counted, summarised once a second, and
+        // nothing more is done for it (no attribution, no decision path).
+        if decide::verdict_of(theirs.verdict) == Some(Verdict::Allowed)
+            && c.revoked_now == 0
+            && !self.routine.admit(c.tgid)
+        {
+            self.counts.connects_folded += 1;
+            return;
+        }
+        // An egress record from softirq carries no cgroup: the process's own is used.
+        let cgroup = Some(c.cgroup_id).filter(|id| *id != 0);
+        let (process, known) = self.process_ref_with(c.tgid, Some(c.uid), cgroup);
+        subject.known = known;
         let mut d = decide::explain(&theirs, c.ip, c.port, &subject, self.mode, when);
         let name = learned_name(&subject, theirs.slot, c.ip);
         if let Some(name) = &name {
             d.decision_path.push(format!("address learned from DNS name {name} (stub answer)"));
         }
-        if !same_judgement(&ours, &theirs) {
+        if !agree {
             // The kernel's judgement is what happened; say where the two disagreed.
-            self.counts.decision_mismatches += 1;
-            tracing::warn!(pid = c.tgid, kernel = ?theirs, userspace = ?ours, "connect judgement mismatch");
             d.decision_path.push(format!(
                 "kernel judged {} (slot {}, action {}); the daemon's replay: {} (slot {}, action {})",
                 d.verdict.as_str(),
@@ -232,15 +245,6 @@ impl Engine {
         if kill_failed.is_some() {
             // Denied (the kernel or fanotify already refused the use), not killed.
             d.action = Action::Denied;
-        }
-        if d.verdict == Verdict::Allowed
-            && kill_failed.is_none()
-            && c.revoked_now == 0
-            && !self.routine.admit(c.tgid)
-        {
-            // Routine: counted, summarised once a second.
-            self.counts.connects_folded += 1;
-            return;
         }
         let dest =
             DestinationRef { ip: ip_string(c.ip), port: c.port, protocol: c.protocol.name(), name };
@@ -293,7 +297,7 @@ impl Engine {
     /// A socket() the kernel judged (denied in enforce mode, alerted in monitor mode).
     fn on_socket(&mut self, s: SocketUse) {
         self.counts.sockets += 1;
-        let (process, _) = self.process_ref(s.tgid, Some(s.cgroup_id));
+        let (process, _) = self.process_ref_with(s.tgid, Some(s.uid), Some(s.cgroup_id));
         let taint = socket::taint_names(&self.grants.view.load(), s.subject.taint);
         let (d, sref, message) = socket::explain(&s, self.mode, &taint);
         let mut e = self.event("socket", &d, process);
@@ -306,7 +310,7 @@ impl Engine {
 
     /// A process holding secrets named a Unix socket: an alert in every mode.
     fn on_ipc(&mut self, i: IpcUse) {
-        let (process, _) = self.process_ref(i.tgid, Some(i.cgroup_id));
+        let (process, _) = self.process_ref_with(i.tgid, Some(i.uid), Some(i.cgroup_id));
         let secrets = socket::taint_names(&self.grants.view.load(), i.taint);
         let (d, iref, message) = ipc::explain(&i, self.mode, &secrets);
         if iref.peer.as_ref().is_some_and(|p| p.pid == std::process::id()) {
@@ -356,7 +360,7 @@ impl Engine {
         let allow = !act::denies(d.action);
         if allow {
             // Taint before the open returns: the opener cannot connect before this lands.
-            let start = self.table.get_or_load(f.pid).map(|p| p.start_ns).unwrap_or(0);
+            let start = self.table.get(f.pid).map(|p| p.start_ns).unwrap_or(0);
             let bits = view.secret_bits(&f.secret);
             if let Err(e) = self.grants.act.taint(f.pid, start, bits) {
                 tracing::error!("taint pid {}: {e:#}", f.pid);
@@ -434,9 +438,7 @@ impl Engine {
     /// carry): one event per job (or cgroup), variable and value fingerprint.
     fn report_env_credentials(&mut self, pid: u32) {
         // Per exec: look before cloning anything; most processes carry no static key.
-        let Some(p) =
-            self.table.get_or_load(pid).filter(|p| !p.env_credentials.is_empty()).cloned()
-        else {
+        let Some(p) = self.table.get(pid).filter(|p| !p.env_credentials.is_empty()).cloned() else {
             return;
         };
         let cgroup = self.table.cgroup_path(p.cgroup_id);
@@ -570,31 +572,36 @@ impl Engine {
         self.emit(e);
     }
 
+    /// The event's view of `pid`, and whether it is resolved. Never reads /proc: a process
+    /// the table has not seen gets what the record says (`uid`, `cgroup_id`) and
+    /// `facts_unknown`, and its facts are read off the main loop.
     fn process_ref(&mut self, pid: u32, cgroup_id: Option<u64>) -> (ProcessRef, bool) {
-        match self.table.get_or_load(pid).cloned() {
-            Some(p) => {
-                let cgroup = self.table.cgroup_path(cgroup_id.unwrap_or(p.cgroup_id));
-                let (unit, container_id) = event::cgroup_facts(&cgroup);
-                let r = ProcessRef {
-                    pid,
-                    ppid: p.ppid,
-                    uid: p.uid,
-                    exe: p.exe,
-                    cmdline: event::join_cmdline(&p.cmdline),
-                    cgroup,
-                    unit,
-                    container_id,
-                    job: p.job,
-                    env_credentials: p.env_credentials,
-                    ..Default::default()
-                };
-                (r, true)
-            }
-            None => {
-                let cgroup = cgroup_id.map(|id| self.table.cgroup_path(id)).unwrap_or_default();
-                (ProcessRef { pid, cgroup, ..Default::default() }, false)
-            }
-        }
+        self.process_ref_with(pid, None, cgroup_id)
+    }
+
+    fn process_ref_with(
+        &mut self,
+        pid: u32,
+        uid: Option<u32>,
+        cgroup_id: Option<u64>,
+    ) -> (ProcessRef, bool) {
+        let p = self.table.get_or_request(pid, uid, cgroup_id);
+        let known = !matches!(p.facts, crate::proc::Facts::Unknown(_));
+        let mut r = ProcessRef {
+            pid,
+            ppid: p.ppid,
+            uid: p.uid,
+            exe: p.exe.clone(),
+            cmdline: event::join_cmdline(&p.cmdline),
+            job: p.job.clone(),
+            env_credentials: p.env_credentials.clone(),
+            facts_unknown: p.facts_unknown(),
+            ..Default::default()
+        };
+        let id = cgroup_id.unwrap_or(p.cgroup_id);
+        r.cgroup = self.table.cgroup_path(id);
+        (r.unit, r.container_id) = event::cgroup_facts(&r.cgroup);
+        (r, known)
     }
 
     pub(super) fn event(&mut self, kind: &str, d: &Decision, process: ProcessRef) -> Event {

@@ -1,12 +1,16 @@
-//! Environment reads off the main loop. Reading `/proc/PID/environ` walks a `/proc` path and
-//! copies pages out of the target's memory: cheap for most processes, but the pages are the
-//! target's own and can be made slow to fault in (for example by mapping a FUSE file over
-//! them), and an exec storm makes it a per-exec cost. So the main loop only queues reads; a
-//! small pool of threads does them and the main loop takes the results when it next looks
-//! (`replies`), never waiting for one.
+//! Reads of other processes' memory, off the main loop: environments
+//! (`/proc/PID/environ`) and, for a process the lineage records never showed the daemon
+//! (it predates the daemon, or its records were lost), its `/proc` facts and command line.
+//! Reading `environ` or `cmdline` copies pages out of the target's memory under its
+//! `mmap_lock`, and the target can hold that lock for as long as it likes (a thread stuck in
+//! `mmap()` of a FUSE file whose pages another thread's FUSE read keeps locked: the read
+//! then never returns); an exec storm makes it a per-exec cost besides. So the main loop only
+//! queues reads; a small pool of threads does them and the main loop takes the results when
+//! it next looks (`replies`), never waiting for one.
 //!
-//! Two queues: alerts' reads (`urgent`, taken first) and the routine read after an exec
-//! (`routine`, at most `ROUTINE_PER_SEC` a second). A read stuck in the kernel holds one
+//! Three queues, taken in this order: alerts' reads (`urgent`), the start's reads of the
+//! processes already running (`seed`, as long as `/proc` is), and the routine read after an
+//! exec (`routine`, at most `ROUTINE_PER_SEC` a second). A read stuck in the kernel holds one
 //! thread; the others go on, and when every thread is stuck the queues fill and further
 //! requests are refused at once (the caller marks the facts unknown).
 use std::collections::{HashMap, VecDeque};
@@ -16,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::env::{self, EnvInfo};
+use super::procfs::{self, Basics};
 
 /// Reader threads: a stuck read holds one of them.
 const THREADS: usize = 3;
@@ -40,17 +45,54 @@ pub struct EnvReadCounts {
     pub skipped: u64,
     /// The read failed (the process was gone by then, or its memory unreadable).
     pub failed: u64,
+    /// Processes the lineage records had not shown (running before the daemon started,
+    /// or their records lost) whose command line was read off the main loop.
+    pub processes_read: u64,
+    /// Of those, ones whose command line could not be read (gone, or unreadable).
+    pub processes_failed: u64,
 }
 
 /// (pid, exec generation in the table): a result is applied only to the image it was asked
 /// for, so a reused pid or a later exec never receives another image's environment.
 pub type Ticket = (u32, u64);
-pub type Reply = (Ticket, Result<EnvInfo, String>);
+pub type Reply = (Ticket, Got);
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The environment only.
+    Environ,
+    /// A process the daemon learns from `/proc`: with `basics`, first its `Basics` (a reply
+    /// of their own, since they cannot block), then its command line and environment.
+    Process { basics: bool },
+}
+
+/// A read's result.
+#[derive(Debug)]
+pub enum Got {
+    Environ(Result<EnvInfo, String>),
+    /// `Want::Process { basics: true }`'s first reply (None: gone, or not a process).
+    Basics(Option<Basics>),
+    /// `Want::Process`'s last reply: argv (and whether it was cut) and, with a key, the
+    /// environment.
+    Memory {
+        argv: Result<(Vec<String>, bool), String>,
+        env: Option<Result<EnvInfo, String>>,
+    },
+}
+
+impl Got {
+    /// Whether this is the last reply to its request.
+    fn is_last(&self) -> bool {
+        !matches!(self, Got::Basics(_))
+    }
+}
 
 #[derive(Default)]
 struct Queues {
-    urgent: VecDeque<Ticket>,
-    routine: VecDeque<Ticket>,
+    urgent: VecDeque<(Ticket, Want)>,
+    seed: VecDeque<(Ticket, Want)>,
+    routine: VecDeque<(Ticket, Want)>,
     closed: bool,
 }
 
@@ -64,7 +106,7 @@ pub struct EnvReader {
     replies: Receiver<Reply>,
     /// Kept so `spawn` can hand new threads a sender.
     reply_tx: Sender<Reply>,
-    key: Arc<Vec<u8>>,
+    key: Option<Arc<Vec<u8>>>,
     proc_root: PathBuf,
     started: bool,
     /// Tickets queued or being read.
@@ -75,14 +117,15 @@ pub struct EnvReader {
 }
 
 impl EnvReader {
-    /// Threads start on the first request. `proc_root` is `/proc` but in tests.
-    pub fn new(key: Vec<u8>, proc_root: PathBuf) -> Self {
+    /// Threads start on the first request. `proc_root` is `/proc` but in tests. Without a
+    /// fingerprint key no environment is read.
+    pub fn new(key: Option<Vec<u8>>, proc_root: PathBuf) -> Self {
         let (reply_tx, replies) = channel();
         EnvReader {
             shared: Arc::new(Shared { queues: Mutex::default(), ready: Condvar::new() }),
             replies,
             reply_tx,
-            key: Arc::new(key),
+            key: key.map(Arc::new),
             proc_root,
             started: false,
             in_flight: HashMap::new(),
@@ -91,8 +134,8 @@ impl EnvReader {
         }
     }
 
-    pub fn key(&self) -> &[u8] {
-        &self.key
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref().map(Vec::as_slice)
     }
 
     /// True while `ticket` is queued or being read.
@@ -100,12 +143,20 @@ impl EnvReader {
         self.in_flight.get(&ticket.0) == Some(&ticket.1)
     }
 
-    /// Queues a read; false (and counted as skipped) when refused: a queue is full, the
-    /// routine rate is spent, or no thread could be started.
+    /// Queues an environment read; false (and counted as skipped) when refused: a queue is
+    /// full, the routine rate is spent, or no thread could be started.
     pub fn request(&mut self, ticket: Ticket, urgent: bool) -> bool {
+        let queue = if urgent { Queue::Urgent } else { Queue::Routine };
+        self.ask(ticket, Want::Environ, queue)
+    }
+
+    /// Queues `want` for `ticket` on `queue`; false when refused (as `request`). The seed
+    /// queue has no bound but `/proc`'s.
+    pub fn ask(&mut self, ticket: Ticket, want: Want, queue: Queue) -> bool {
         if self.in_flight(ticket) {
             return true;
         }
+        let urgent = queue != Queue::Routine;
         if !urgent {
             let now = Instant::now();
             if now.duration_since(self.bucket.0) >= Duration::from_secs(1) {
@@ -121,16 +172,17 @@ impl EnvReader {
             return false;
         }
         let mut q = lock(&self.shared.queues);
-        let (queue, cap) = match urgent {
-            true => (&mut q.urgent, URGENT_QUEUE),
-            false => (&mut q.routine, ROUTINE_QUEUE),
+        let (queue, cap) = match queue {
+            Queue::Urgent => (&mut q.urgent, URGENT_QUEUE),
+            Queue::Seed => (&mut q.seed, usize::MAX),
+            Queue::Routine => (&mut q.routine, ROUTINE_QUEUE),
         };
         if queue.len() >= cap {
             drop(q);
             self.counts.skipped += 1;
             return false;
         }
-        queue.push_back(ticket);
+        queue.push_back((ticket, want));
         drop(q);
         self.shared.ready.notify_one();
         if !urgent {
@@ -145,7 +197,7 @@ impl EnvReader {
         let mut out = Vec::new();
         // The sender is held here too: never disconnected.
         while let Ok(r) = self.replies.try_recv() {
-            if self.in_flight.get(&r.0.0) == Some(&r.0.1) {
+            if r.1.is_last() && self.in_flight.get(&r.0.0) == Some(&r.0.1) {
                 self.in_flight.remove(&r.0.0);
             }
             out.push(r);
@@ -158,10 +210,10 @@ impl EnvReader {
             let (shared, tx) = (self.shared.clone(), self.reply_tx.clone());
             let (key, root) = (self.key.clone(), self.proc_root.clone());
             let spawned = std::thread::Builder::new()
-                .name(format!("env-read-{i}"))
+                .name(format!("proc-read-{i}"))
                 // Reads are bounded (`env::MAX_ENVIRON`, on the heap); a small stack is enough.
                 .stack_size(128 * 1024)
-                .spawn(move || worker(&shared, &tx, &key, &root));
+                .spawn(move || worker(&shared, &tx, key.as_deref().map(Vec::as_slice), &root));
             if let Err(e) = spawned {
                 tracing::warn!("cannot start an environment reader thread: {e}");
                 if i == 0 {
@@ -182,23 +234,61 @@ impl Drop for EnvReader {
     }
 }
 
-fn worker(shared: &Shared, tx: &Sender<Reply>, key: &[u8], root: &std::path::Path) {
+/// Which queue a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Urgent,
+    Seed,
+    Routine,
+}
+
+fn worker(shared: &Shared, tx: &Sender<Reply>, key: Option<&[u8]>, root: &std::path::Path) {
     loop {
-        let ticket = {
+        let (ticket, want) = {
             let mut q = lock(&shared.queues);
             loop {
                 if q.closed {
                     return;
                 }
-                if let Some(t) = q.urgent.pop_front().or_else(|| q.routine.pop_front()) {
+                if let Some(t) = q
+                    .urgent
+                    .pop_front()
+                    .or_else(|| q.seed.pop_front())
+                    .or_else(|| q.routine.pop_front())
+                {
                     break t;
                 }
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let path = root.join(ticket.0.to_string()).join("environ");
-        let r = env::read_path(&path, key).map_err(|e| e.to_string());
-        if tx.send((ticket, r)).is_err() {
+        let environ = |key: &[u8]| {
+            let path = root.join(ticket.0.to_string()).join("environ");
+            env::read_path(&path, key).map_err(|e| e.to_string())
+        };
+        let got = match want {
+            Want::Environ => Got::Environ(match key {
+                Some(k) => environ(k),
+                None => Err("no fingerprint key".into()),
+            }),
+            Want::Process { basics } => {
+                if basics {
+                    let b = procfs::basics_at(root, ticket.0);
+                    let gone = b.is_none();
+                    if tx.send((ticket, Got::Basics(b))).is_err() {
+                        return;
+                    }
+                    if gone {
+                        let why = "the process is gone (or is not a process)".to_string();
+                        let _ = tx.send((ticket, Got::Memory { argv: Err(why), env: None }));
+                        continue;
+                    }
+                }
+                // These two can block for as long as the target wants (module doc).
+                let argv = procfs::argv_at(root, ticket.0).map_err(|e| e.to_string());
+                Got::Memory { argv, env: key.map(environ) }
+            }
+        };
+        if tx.send((ticket, got)).is_err() {
             return;
         }
     }
@@ -211,6 +301,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn environ(g: &Got) -> &Result<EnvInfo, String> {
+        match g {
+            Got::Environ(r) => r,
+            other => panic!("not an environment read: {other:?}"),
+        }
+    }
 
     fn wait_replies(r: &mut EnvReader, n: usize) -> Vec<Reply> {
         let t0 = Instant::now();
@@ -235,7 +332,7 @@ mod tests {
             std::fs::create_dir(dir.path().join(pid.to_string())).unwrap();
             std::fs::write(dir.path().join(pid.to_string()).join("environ"), env).unwrap();
         }
-        let mut r = EnvReader::new(vec![1; 32], dir.path().to_path_buf());
+        let mut r = EnvReader::new(Some(vec![1; 32]), dir.path().to_path_buf());
         let t0 = Instant::now();
         assert!(r.request((10, 1), true));
         assert!(r.request((11, 1), false));
@@ -246,10 +343,10 @@ mod tests {
         let mut got = wait_replies(&mut r, 3);
         got.sort_by_key(|x| x.0);
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [(11, 1), (12, 3), (13, 1)]);
-        assert_eq!(got[0].1.as_ref().unwrap().job.as_ref().unwrap().id, "j11");
-        let twelve = got[1].1.as_ref().unwrap();
+        assert_eq!(environ(&got[0].1).as_ref().unwrap().job.as_ref().unwrap().id, "j11");
+        let twelve = environ(&got[1].1).as_ref().unwrap();
         assert_eq!(twelve.credentials[0].name, "DEPLOY_TOKEN");
-        assert!(got[2].1.is_err());
+        assert!(environ(&got[2].1).is_err());
         assert!(r.in_flight((10, 1)), "the stuck read is still out");
         // Unblock the stuck read: its answer arrives too.
         let w = std::fs::OpenOptions::new().write(true).open(stuck.join("environ")).unwrap();
@@ -268,7 +365,7 @@ mod tests {
             std::fs::create_dir(&d).unwrap();
             nix::unistd::mkfifo(&d.join("environ"), nix::sys::stat::Mode::S_IRUSR).unwrap();
         }
-        let mut r = EnvReader::new(vec![1; 32], dir.path().to_path_buf());
+        let mut r = EnvReader::new(Some(vec![1; 32]), dir.path().to_path_buf());
         for pid in 1..=THREADS as u32 {
             assert!(r.request((pid, 1), true));
         }

@@ -1,6 +1,9 @@
 //! The daemon's view of processes: fed by the kernel's lineage records (so short-lived
 //! processes keep their exe and cmdline after they exit), seeded from /proc at start for
-//! processes that were already running.
+//! processes that were already running. The main loop never reads another process's memory
+//! (`cmdline`, `environ`): a process the table has not seen gets an entry at once from what
+//! the kernel record says (pid, uid, cgroup), and the rest is read off the main loop
+//! (`env_reader`).
 pub mod env;
 pub mod env_reader;
 mod procfs;
@@ -10,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use crate::cgroup::is_within;
-pub use procfs::{current_cgroup, start_ns, subtree_since};
+pub use procfs::{Basics, current_cgroup, start_ns, subtree_since};
 
 use crate::cgroup::CgroupResolver;
 use crate::records::Record;
@@ -46,12 +49,66 @@ pub struct Process {
     /// inherited at fork (`env_reader`).
     #[serde(skip)]
     pub env: EnvState,
-    /// Which exec of this pid the table holds (0: seeded from /proc): environment reads
-    /// are applied only to the image they were asked for.
+    /// Which entry for this pid the table holds (every exec, fork and entry made from
+    /// `/proc` gets a new one): reads are applied only to the entry they were asked for.
     #[serde(skip)]
     pub exec_seq: u64,
+    /// Whether `ppid`, `exe` and `cmdline` are known or still being read.
+    #[serde(skip)]
+    pub facts: Facts,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
+}
+
+/// Whether a process's `ppid`, `exe` and `cmdline` are known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Facts {
+    /// From the lineage records, or read from `/proc`.
+    #[default]
+    Known,
+    /// Not known and no read is out (a fork of a process the table did not know).
+    Missing,
+    /// A read is out (`env_reader`); `Basics` may have landed already.
+    Reading,
+    /// Could not be read; why.
+    Unknown(String),
+}
+
+impl Process {
+    /// Why `ppid`, `exe` and `cmdline` are not known (None when they are), for events.
+    pub fn facts_unknown(&self) -> Option<String> {
+        match &self.facts {
+            Facts::Known => None,
+            Facts::Reading => Some(
+                "not read yet: the process was not in the lineage records (running before the \
+                 daemon started, or its records were lost); /proc is read off the main loop"
+                    .into(),
+            ),
+            Facts::Missing => Some("not read: the /proc read queue is full".into()),
+            Facts::Unknown(why) => Some(why.clone()),
+        }
+    }
+
+    /// An entry for a process the table has not seen: what a kernel record says (pid, uid,
+    /// cgroup); the rest is to be read (`Facts::Missing`).
+    fn unseen(pid: u32, seq: u64, uid: u32, cgroup_id: u64) -> Process {
+        Process {
+            pid,
+            ppid: 0,
+            uid,
+            exe: String::new(),
+            cmdline: Vec::new(),
+            cgroup_id,
+            start_ns: 0,
+            grants: Vec::new(),
+            job: None,
+            env_credentials: Vec::new(),
+            env: EnvState::Inherited,
+            exec_seq: seq,
+            facts: Facts::Missing,
+            exited_at: None,
+        }
+    }
 }
 
 /// Where a process's `job` and `env_credentials` come from.
@@ -93,7 +150,8 @@ pub struct ProcessTable {
     pub cgroups: CgroupResolver,
     /// exec'd filename -> canonical path; saves the path walk on every exec of the same file.
     exe_cache: HashMap<String, String>,
-    /// Environment reads, off the main loop; built on first use from `fingerprint_key`.
+    /// Reads of other processes' memory, off the main loop; built on first use, rebuilt
+    /// when `fingerprint_key` changes.
     env_reader: Option<env_reader::EnvReader>,
     /// Execs applied since the last `env_pass`: (pid, exec generation).
     execs_since_pass: Vec<(u32, u64)>,
@@ -162,34 +220,61 @@ impl ProcessTable {
         out
     }
 
-    /// A process read from /proc, its command line redacted.
-    fn load(&mut self, pid: u32) -> Option<Process> {
-        let (mut p, truncated) = procfs::read(pid, &mut self.cgroups)?;
-        p.cmdline = self.redact_cmdline(&p.cmdline, truncated);
-        Some(p)
+    /// A new entry generation (`Process::exec_seq`).
+    fn next_seq(&mut self) -> u64 {
+        self.exec_seq += 1;
+        self.exec_seq
     }
 
-    /// Adds every process in /proc that the lineage records have not told us about.
+    /// Adds every process in /proc that the lineage records have not told us about: what
+    /// cannot block now (`Basics`), its command line and environment by the reader threads.
     pub fn seed_from_proc(&mut self) {
         for pid in procfs::pids() {
-            if !self.procs.contains_key(&pid)
-                && let Some(mut p) = self.load(pid)
-            {
-                if let Some(info) = self.fingerprint_key.as_deref().and_then(|k| env::read(pid, k))
-                {
-                    p.job = info.job;
-                    p.env_credentials = info.credentials;
-                    p.env = EnvState::Read;
+            if self.procs.contains_key(&pid) {
+                continue;
+            }
+            let Some(b) = procfs::basics_at(&self.proc_root, pid) else { continue };
+            let seq = self.next_seq();
+            let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
+            let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
+            (p.ppid, p.exe) = (b.ppid, b.exe);
+            self.procs.insert(pid, p);
+            let want = env_reader::Want::Process { basics: false };
+            self.ask_process(pid, seq, want, env_reader::Queue::Seed);
+        }
+    }
+
+    /// Asks the reader threads for `pid`'s facts (entry generation `seq`); marks the entry
+    /// `Reading` when the request is taken (it stays `Missing` when refused, so a later
+    /// lookup asks again). Returns whether it was taken.
+    fn ask_process(
+        &mut self,
+        pid: u32,
+        seq: u64,
+        want: env_reader::Want,
+        queue: env_reader::Queue,
+    ) -> bool {
+        let with_env = self.fingerprint_key.is_some();
+        let taken = self.reader().ask((pid, seq), want, queue);
+        if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exec_seq == seq) {
+            if taken {
+                p.facts = Facts::Reading;
+                if with_env {
+                    p.env = EnvState::Reading;
                 }
-                self.procs.insert(pid, p);
+            } else {
+                p.facts = Facts::Missing;
             }
         }
+        taken
     }
 
     pub fn apply(&mut self, rec: &Record) {
         match rec {
             Record::Fork { parent, child, uid, cgroup_id, boot_ns, grants } => {
-                let base = self.get_or_load(*parent).cloned();
+                // A parent the table does not know is not read here (see the module doc).
+                let seq = self.next_seq();
+                let base = self.procs.get(parent).cloned();
                 let p = match base {
                     Some(parent_proc) => Process {
                         pid: *child,
@@ -205,23 +290,21 @@ impl ProcessTable {
                             EnvState::Read => EnvState::Read,
                             _ => EnvState::Inherited,
                         },
-                        exec_seq: 0,
+                        exec_seq: seq,
+                        // The parent's facts are the child's; a read out for the parent is
+                        // not one for the child.
+                        facts: match parent_proc.facts {
+                            Facts::Known => Facts::Known,
+                            Facts::Unknown(why) => Facts::Unknown(why),
+                            Facts::Missing | Facts::Reading => Facts::Missing,
+                        },
                         ..parent_proc
                     },
                     None => Process {
-                        pid: *child,
                         ppid: *parent,
-                        uid: *uid,
-                        exe: String::new(),
-                        cmdline: Vec::new(),
-                        cgroup_id: *cgroup_id,
                         start_ns: *boot_ns,
                         grants: grants.clone(),
-                        job: None,
-                        env_credentials: Vec::new(),
-                        env: EnvState::Inherited,
-                        exec_seq: 0,
-                        exited_at: None,
+                        ..Process::unseen(*child, seq, *uid, *cgroup_id)
                     },
                 };
                 self.procs.insert(*child, p);
@@ -257,6 +340,7 @@ impl ProcessTable {
                         env_credentials,
                         env: EnvState::Inherited,
                         exec_seq: self.exec_seq,
+                        facts: Facts::Known,
                         exited_at: None,
                     },
                 );
@@ -295,13 +379,14 @@ impl ProcessTable {
         }
     }
 
-    /// The environment reader for the current fingerprint key (None without one).
-    fn env_reader(&mut self) -> Option<&mut env_reader::EnvReader> {
-        let key = self.fingerprint_key.as_ref()?;
-        if self.env_reader.as_ref().is_none_or(|r| r.key() != key.as_slice()) {
-            self.env_reader = Some(env_reader::EnvReader::new(key.clone(), self.proc_root.clone()));
+    /// The reader for the current fingerprint key (without one it reads no environment).
+    fn reader(&mut self) -> &mut env_reader::EnvReader {
+        let key = self.fingerprint_key.as_deref();
+        if self.env_reader.as_ref().is_none_or(|r| r.key() != key) {
+            let r = env_reader::EnvReader::new(key.map(<[u8]>::to_vec), self.proc_root.clone());
+            self.env_reader = Some(r);
         }
-        self.env_reader.as_mut()
+        self.env_reader.as_mut().expect("built above")
     }
 
     /// Where environments are read from (`/proc`); tests point it at fixtures.
@@ -316,42 +401,19 @@ impl ProcessTable {
         self.env_reader.as_ref().map(|r| r.counts).unwrap_or_default()
     }
 
-    /// The environment reads' turn, after each batch of records and on every tick; never
-    /// waits. Applies finished reads, then hands out a routine read for each exec since the
-    /// last pass whose process still runs that image inside `scope` (a storm's short-lived
-    /// processes have exited by then and cost nothing). Returns the pids whose environment
-    /// was applied (their static credentials may need reporting).
+    /// The reads' turn, after each batch of records and on every tick; never waits.
+    /// Applies finished reads, then hands out a routine environment read for each exec since
+    /// the last pass whose process still runs that image inside `scope` (a storm's
+    /// short-lived processes have exited by then and cost nothing). Returns the pids whose
+    /// environment was applied (their static credentials may need reporting).
     pub fn env_pass(&mut self, scope: &str) -> Vec<u32> {
+        let applied = self.apply_reads();
         if self.fingerprint_key.is_none() {
             self.execs_since_pass.clear();
-            return Vec::new();
-        }
-        if self.env_reader().is_none() {
-            return Vec::new();
-        }
-        let reader = self.env_reader.as_mut().expect("built above");
-        let mut applied = Vec::new();
-        for ((pid, seq), r) in reader.replies() {
-            let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exec_seq == seq) else {
-                continue;
-            };
-            match r {
-                Ok(info) => {
-                    reader.counts.read += 1;
-                    p.job = info.job.or(p.job.take());
-                    p.env_credentials = info.credentials;
-                    p.env = EnvState::Read;
-                    applied.push(pid);
-                }
-                Err(e) => {
-                    reader.counts.failed += 1;
-                    p.env = EnvState::Unknown(format!(
-                        "the environment could not be read ({e}); the process may have exited"
-                    ));
-                }
-            }
+            return applied;
         }
         for (pid, seq) in std::mem::take(&mut self.execs_since_pass) {
+            let reader = self.env_reader.as_mut().expect("built by apply_reads");
             let cgroup_id = match self.procs.get(&pid) {
                 Some(p) if p.exec_seq == seq && p.exited_at.is_none() => match p.env {
                     // Asked for already by an alert.
@@ -364,10 +426,10 @@ impl ProcessTable {
                 }
             };
             if !self.cgroups.path(cgroup_id).is_some_and(|c| is_within(&c, scope)) {
-                reader.counts.out_of_scope += 1;
+                self.reader().counts.out_of_scope += 1;
                 continue;
             }
-            if reader.request((pid, seq), false)
+            if self.reader().request((pid, seq), false)
                 && let Some(p) = self.procs.get_mut(&pid)
             {
                 p.env = EnvState::Reading;
@@ -376,13 +438,114 @@ impl ProcessTable {
         applied
     }
 
-    /// For an alert about `pid`: whether its environment facts are its own, being read
-    /// (a read is asked for at once if none is out), or cannot be known. Never reads.
+    /// Applies the reads that finished, to the entries they were asked for; returns the pids
+    /// whose environment was applied.
+    fn apply_reads(&mut self) -> Vec<u32> {
+        let mut applied = Vec::new();
+        for ((pid, seq), got) in self.reader().replies() {
+            if self.procs.get(&pid).is_none_or(|p| p.exec_seq != seq) {
+                continue;
+            }
+            match got {
+                env_reader::Got::Environ(r) => {
+                    if self.apply_env(pid, r) {
+                        applied.push(pid);
+                    }
+                }
+                env_reader::Got::Basics(b) => self.apply_basics(pid, b),
+                env_reader::Got::Memory { argv, env } => {
+                    let cmdline = argv.map(|(argv, cut)| self.redact_cmdline(&argv, cut));
+                    let counts = &mut self.reader().counts;
+                    match &cmdline {
+                        Ok(_) => counts.processes_read += 1,
+                        Err(_) => counts.processes_failed += 1,
+                    }
+                    let p = self.procs.get_mut(&pid).expect("checked above");
+                    match cmdline {
+                        Ok(c) => (p.cmdline, p.facts) = (c, Facts::Known),
+                        Err(e) => {
+                            p.facts = Facts::Unknown(format!(
+                                "its command line could not be read ({e}); the process may have exited"
+                            ))
+                        }
+                    }
+                    if p.env == EnvState::Reading && env.is_none() {
+                        p.env = EnvState::Inherited;
+                    }
+                    if let Some(r) = env
+                        && self.apply_env(pid, r)
+                    {
+                        applied.push(pid);
+                    }
+                }
+            }
+        }
+        applied
+    }
+
+    /// An environment read's result; true when it was applied.
+    fn apply_env(&mut self, pid: u32, r: Result<env::EnvInfo, String>) -> bool {
+        let Some(p) = self.procs.get_mut(&pid) else { return false };
+        let ok = match r {
+            Ok(info) => {
+                p.job = info.job.or(p.job.take());
+                p.env_credentials = info.credentials;
+                p.env = EnvState::Read;
+                true
+            }
+            Err(e) => {
+                p.env = EnvState::Unknown(format!(
+                    "the environment could not be read ({e}); the process may have exited"
+                ));
+                false
+            }
+        };
+        let counts = &mut self.reader().counts;
+        match ok {
+            true => counts.read += 1,
+            false => counts.failed += 1,
+        }
+        ok
+    }
+
+    /// What /proc said without touching the process's memory: fills what the record left
+    /// open; a process that is gone is marked exited.
+    fn apply_basics(&mut self, pid: u32, b: Option<Basics>) {
+        let cgroup_id =
+            b.as_ref().and_then(|b| b.cgroup.as_deref()).and_then(|c| self.cgroups.id_of(c));
+        let Some(p) = self.procs.get_mut(&pid) else { return };
+        let Some(b) = b else {
+            p.exited_at.get_or_insert_with(Instant::now);
+            return;
+        };
+        if p.ppid == 0 {
+            p.ppid = b.ppid;
+        }
+        if p.exe.is_empty() {
+            p.exe = b.exe;
+        }
+        p.uid = b.uid;
+        if p.cgroup_id == 0 {
+            p.cgroup_id = cgroup_id.unwrap_or(0);
+        }
+    }
+
+    /// For an alert about `pid`: whether its facts (environment; exe and command line of a
+    /// process learned from /proc) are its own, being read (a read is asked for at once if
+    /// none is out), or cannot be known. Never reads.
     pub fn env_for_alert(&mut self, pid: u32) -> EnvFacts {
         let Some(p) = self.procs.get(&pid) else {
             return EnvFacts::Unknown("the process is not in the process table".into());
         };
         let seq = p.exec_seq;
+        if p.facts == Facts::Missing {
+            let want = env_reader::Want::Process { basics: true };
+            self.ask_process(pid, seq, want, env_reader::Queue::Urgent);
+        }
+        let p = &self.procs[&pid];
+        if p.facts == Facts::Reading {
+            return EnvFacts::Reading(seq);
+        }
         match &p.env {
             EnvState::Read => return EnvFacts::Known,
             EnvState::Reading => return EnvFacts::Reading(seq),
@@ -394,9 +557,10 @@ impl ProcessTable {
             }
             EnvState::Inherited => {}
         }
-        let Some(reader) = self.env_reader() else {
+        if self.fingerprint_key.is_none() {
             return EnvFacts::Unknown("no fingerprint key: environments are not read".into());
-        };
+        }
+        let reader = self.reader();
         if !reader.request((pid, seq), true) {
             return EnvFacts::Unknown("environment read queue full".into());
         }
@@ -412,13 +576,27 @@ impl ProcessTable {
         self.procs.get(&pid)
     }
 
-    /// The process, from the table or (when lineage never saw it) from /proc.
-    pub fn get_or_load(&mut self, pid: u32) -> Option<&Process> {
+    /// The process; one the table has not seen gets an entry at once from what the kernel
+    /// record says (`uid`, `cgroup_id`, 0 when it says nothing) and its other facts are read
+    /// off the main loop (`Facts::Reading`; `Missing` while the read queue refuses).
+    pub fn get_or_request(
+        &mut self,
+        pid: u32,
+        uid: Option<u32>,
+        cgroup_id: Option<u64>,
+    ) -> &Process {
         if !self.procs.contains_key(&pid) {
-            let p = self.load(pid)?;
+            let seq = self.next_seq();
+            let p = Process::unseen(pid, seq, uid.unwrap_or(0), cgroup_id.unwrap_or(0));
             self.procs.insert(pid, p);
         }
-        self.procs.get(&pid)
+        let p = &self.procs[&pid];
+        if p.facts == Facts::Missing {
+            let seq = p.exec_seq;
+            let want = env_reader::Want::Process { basics: true };
+            self.ask_process(pid, seq, want, env_reader::Queue::Urgent);
+        }
+        &self.procs[&pid]
     }
 
     /// Cgroup path of a process, relative to the cgroup2 mount ("/a/b").
@@ -441,12 +619,13 @@ impl ProcessTable {
         exe
     }
 
-    /// The ancestors of `pid` (parent first), up to `max`, as (pid, exe).
-    pub fn parent_chain(&mut self, pid: u32, max: usize) -> Vec<(u32, String)> {
+    /// The ancestors of `pid` (parent first), up to `max`, as (pid, exe), as far as the
+    /// table knows them (never read from /proc here).
+    pub fn parent_chain(&self, pid: u32, max: usize) -> Vec<(u32, String)> {
         let mut out = Vec::new();
         let mut cur = self.procs.get(&pid).map(|p| p.ppid).unwrap_or(0);
         while cur > 1 && out.len() < max {
-            let Some(p) = self.get_or_load(cur) else { break };
+            let Some(p) = self.procs.get(&cur) else { break };
             out.push((cur, p.exe.clone()));
             let next = p.ppid;
             if next == cur {
@@ -589,6 +768,77 @@ mod tests {
         assert_eq!((c.read, c.exited_first, c.skipped, c.urgent), (1, 1, 0, 0), "{c:?}");
         // The short one alerts after its exit: known at once to be unknowable.
         assert!(matches!(t.env_for_alert(short.id()), EnvFacts::Unknown(_)));
+    }
+
+    /// A process the table has not seen (its records lost, or running before the daemon):
+    /// the lookup reads nothing and returns at once with what the record said; what cannot
+    /// block (`status`, the exe link) lands first; a command line that never comes (a FIFO
+    /// stands for a process holding its `mmap_lock`) holds one reader thread, while another
+    /// unseen process's facts land in full, redacted, with its environment.
+    #[test]
+    fn unseen_processes_are_read_off_the_main_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A";
+        for pid in [20u32, 21] {
+            let d = dir.path().join(pid.to_string());
+            std::fs::create_dir(&d).unwrap();
+            let status =
+                format!("Name:\tx\nTgid:\t{pid}\nPPid:\t7\nUid:\t1000\t1000\t1000\t1000\n");
+            std::fs::write(d.join("status"), status).unwrap();
+            std::os::unix::fs::symlink(format!("/usr/bin/tool{pid}"), d.join("exe")).unwrap();
+            std::fs::write(d.join("environ"), format!("ENFORCER_JOB_ID=j{pid}\0")).unwrap();
+        }
+        let stuck = dir.path().join("20/cmdline");
+        nix::unistd::mkfifo(&stuck, nix::sys::stat::Mode::S_IRUSR).unwrap();
+        std::fs::write(dir.path().join("21/cmdline"), format!("tool\0--token\0{token}\0")).unwrap();
+        let mut t = ProcessTable::new("/sys/fs/cgroup".into());
+        t.fingerprint_key = Some(vec![5; 32]);
+        t.set_proc_root(dir.path().to_path_buf());
+        let t0 = Instant::now();
+        let p = t.get_or_request(20, Some(1000), Some(3)).clone();
+        assert_eq!((p.uid, p.cgroup_id, p.exe.as_str(), &p.facts), (1000, 3, "", &Facts::Reading));
+        assert!(p.facts_unknown().unwrap().contains("not read yet"));
+        t.get_or_request(21, None, None);
+        assert!(t0.elapsed() < Duration::from_millis(50), "lookups never wait");
+        while t.get(21).unwrap().facts != Facts::Known && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+            t.env_pass("/");
+        }
+        let done = t.get(21).unwrap();
+        assert_eq!((done.ppid, done.uid, done.exe.as_str()), (7, 1000, "/usr/bin/tool21"));
+        let marker = Redactor::new(&[5; 32]).marker(token.as_bytes());
+        assert_eq!(done.cmdline, ["tool", "--token", &marker]);
+        assert_eq!(
+            (done.env.clone(), done.job.as_ref().unwrap().id.as_str()),
+            (EnvState::Read, "j21")
+        );
+        assert!(done.facts_unknown().is_none());
+        // The stuck one: its basics are in, its command line is not, and asking again for an
+        // alert neither waits nor asks twice.
+        let held = t.get(20).unwrap();
+        assert_eq!(
+            (held.ppid, held.exe.as_str(), &held.facts),
+            (7, "/usr/bin/tool20", &Facts::Reading)
+        );
+        assert!(matches!(t.env_for_alert(20), EnvFacts::Reading(_)));
+        assert_eq!(t.env_counts().processes_read, 1);
+        // Released: the read lands.
+        drop(std::fs::OpenOptions::new().write(true).open(&stuck).unwrap());
+        while t.get(20).unwrap().facts == Facts::Reading && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+            t.env_pass("/");
+        }
+        assert_eq!(t.get(20).unwrap().facts, Facts::Known);
+        assert_eq!(t.get(20).unwrap().job.as_ref().unwrap().id, "j20");
+        // A pid that does not exist: marked gone, purged with the exited.
+        t.get_or_request(4_000_000, None, None);
+        while t.get(4_000_000).unwrap().exited_at.is_none() && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+            t.env_pass("/");
+        }
+        assert!(matches!(t.get(4_000_000).unwrap().facts, Facts::Unknown(_) | Facts::Reading));
+        assert!(t.get(4_000_000).unwrap().exited_at.is_some());
     }
 
     #[test]

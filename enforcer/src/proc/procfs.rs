@@ -1,7 +1,7 @@
 //! Reading one process from /proc. Every field can vanish mid-read (the process exits);
 //! missing pieces become empty rather than errors.
-use super::Process;
-use crate::cgroup::CgroupResolver;
+use std::io::Read;
+use std::path::Path;
 
 pub fn pids() -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -20,11 +20,25 @@ fn status_field(pid: u32, key: &str) -> Option<String> {
 /// At most this many bytes of argv are kept, as the kernel's exec record does.
 pub const ARGV_MAX: usize = 2048;
 
-/// The process, and whether its argv was cut off at `ARGV_MAX` bytes (the caller redacts the
-/// command line and marks the cut).
-pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<(Process, bool)> {
-    // One read of status for all three fields. Only thread-group leaders are processes.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// What `/proc` says of a process without touching its memory: `status` (ppid, uid), the
+/// `exe` link and the cgroup. None of these reads takes the target's `mmap_lock` or faults in
+/// its pages, so a hostile process cannot make them wait (its command line and environment
+/// are another matter: `argv_at`, `env::read_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Basics {
+    pub ppid: u32,
+    pub uid: u32,
+    pub exe: String,
+    /// cgroup v2 path (`0::` line), when readable.
+    pub cgroup: Option<String>,
+}
+
+/// `Basics` of `pid` under `root` (`/proc`; fixtures in tests); None when it is gone or not
+/// a thread-group leader (only those are processes).
+pub fn basics_at(root: &Path, pid: u32) -> Option<Basics> {
+    let dir = root.join(pid.to_string());
+    // One read of status for all three fields.
+    let status = std::fs::read_to_string(dir.join("status")).ok()?;
     let field = |key: &str| {
         status.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
     };
@@ -32,36 +46,25 @@ pub fn read(pid: u32, cgroups: &mut CgroupResolver) -> Option<(Process, bool)> {
     if tgid != pid {
         return None;
     }
-    let ppid = field("PPid:").unwrap_or(0);
-    let uid = field("Uid:").unwrap_or(0);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+    let exe = std::fs::read_link(dir.join("exe"))
         .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string())
         .unwrap_or_default();
-    let (cmdline, truncated) =
-        std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| split_argv(&b)).unwrap_or_default();
-    let cgroup_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
-        .and_then(|path| cgroups.id_of(&path))
-        .unwrap_or(0);
-    Some((
-        Process {
-            pid,
-            ppid,
-            uid,
-            exe,
-            cmdline,
-            cgroup_id,
-            start_ns: 0,
-            grants: Vec::new(),
-            job: None,
-            env_credentials: Vec::new(),
-            env: Default::default(),
-            exec_seq: 0,
-            exited_at: None,
-        },
-        truncated,
-    ))
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string())));
+    Some(Basics { ppid: field("PPid:").unwrap_or(0), uid: field("Uid:").unwrap_or(0), exe, cgroup })
+}
+
+/// argv of `pid` (at most `ARGV_MAX` bytes; true when cut off). Reading
+/// `/proc/PID/cmdline` copies the target's own pages under its `mmap_lock`, which the target
+/// can hold for as long as it likes (a thread stuck in `mmap()` of a FUSE file while another
+/// waits for a FUSE read the server never answers): call it only off the main loop.
+pub fn argv_at(root: &Path, pid: u32) -> std::io::Result<(Vec<String>, bool)> {
+    let mut buf = Vec::new();
+    std::fs::File::open(root.join(pid.to_string()).join("cmdline"))?
+        .take(ARGV_MAX as u64 + 1)
+        .read_to_end(&mut buf)?;
+    Ok(split_argv(&buf))
 }
 
 /// NUL-separated argv, at most `ARGV_MAX` bytes of it; true when cut off.

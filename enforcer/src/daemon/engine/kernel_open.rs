@@ -14,7 +14,7 @@ use crate::records::KernelOpen;
 impl Engine {
     pub(super) fn on_kernel_open(&mut self, o: KernelOpen) {
         self.counts.file_opens += 1;
-        let (process, known) = self.process_ref(o.tgid, Some(o.cgroup_id));
+        let (process, known) = self.process_ref_with(o.tgid, Some(o.uid), Some(o.cgroup_id));
         let when = wall_time_of(o.boot_ns);
         let view = self.grants.view.load();
         let secret = view
