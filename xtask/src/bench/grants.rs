@@ -29,6 +29,9 @@ pub const INTENT: &str = "bench";
 const TTL: &str = "10m";
 /// Per-request socket timeout: a hung daemon fails the request instead of the bench.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Factor on IO_TIMEOUT: the guest bench (`guest.rs`) runs under emulation, where a daemon
+/// busy with the records of the previous loop answers a grant request in tens of seconds.
+pub static IO_TIMEOUT_SCALE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Spawns `n` `sleep 3600` processes, each placed in `cgroup` before it execs. Spawned children
 /// are pushed to `out` as they start, so the caller can reap them even if this fails midway.
@@ -109,8 +112,9 @@ impl Client {
         self.conn = None;
         let s = UnixStream::connect(&self.path)
             .with_context(|| format!("bench: cannot connect to {}", self.path.display()))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let timeout = IO_TIMEOUT * IO_TIMEOUT_SCALE.load(std::sync::atomic::Ordering::Relaxed);
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         self.conn = Some(BufReader::new(s));
         Ok(())
     }

@@ -195,11 +195,27 @@ impl Bench {
         grant: bool,
         expect_errno: Option<i32>,
     ) -> Result<WorkerOut> {
+        self.bound_worker_with(name, kind, target, n, grant, expect_errno, &[])
+    }
+
+    /// `bound_worker` with more worker arguments (`extra`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bound_worker_with(
+        &self,
+        name: &str,
+        kind: &str,
+        target: &str,
+        n: u64,
+        grant: bool,
+        expect_errno: Option<i32>,
+        extra: &[String],
+    ) -> Result<WorkerOut> {
         let mut c = self.worker_cmd()?;
         c.arg("bench-worker")
             .arg("--cgroup")
             .arg(&self.cgroup)
             .args(["--kind", kind, "--target", target, "--n", &n.to_string(), "--wait-stdin"])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -240,7 +256,7 @@ impl Bench {
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("p50="))
                 .and_then(|v| v.parse().ok());
-            Ok(WorkerOut { name: name.to_string(), ns, ops, p50 })
+            Ok(WorkerOut { name: name.to_string(), ns, ops, p50, text })
         };
         let r = run();
         if r.is_err() {
@@ -431,6 +447,8 @@ pub(super) struct WorkerOut {
     pub(super) ops: u64,
     /// Median ns of one call (`--per-op`).
     pub(super) p50: Option<u64>,
+    /// Everything the worker printed after its pid line.
+    pub(super) text: String,
 }
 
 impl WorkerOut {

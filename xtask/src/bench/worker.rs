@@ -48,6 +48,17 @@ pub struct WorkerArgs {
     /// Dns-connect: names resolved before the connect loop.
     #[arg(long, default_value_t = 0)]
     pub learn: u64,
+    /// Open-pairs (guest.rs): the second file, opened in blocks of `--n` alternating with
+    /// `--target`'s.
+    #[arg(long)]
+    pub pair_with: Option<String>,
+    /// Open-pairs: blocks of each file.
+    #[arg(long, default_value_t = 0)]
+    pub blocks: u64,
+    /// Open-pairs: then the same blocks with `kernel.bpf_stats_enabled`, reading the run time
+    /// of the programs this process (the daemon) holds.
+    #[arg(long)]
+    pub bpf_stats_pid: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -74,6 +85,10 @@ pub enum Kind {
     Dns,
     /// `--learn` DNS lookups through `--dns` (not timed), then the connect loop to `--target`.
     DnsConnect,
+    /// open + close of `--target` and of `--pair-with` in alternating blocks: wall and CPU
+    /// time per block, per-call times, and with `--bpf-stats-pid` the programs' own time
+    /// (`guest.rs`).
+    OpenPairs,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
@@ -130,6 +145,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             let addr = a.target.parse().context("bench worker: bad address")?;
             timed(a, &mut samples, |i| connect_one(addr, i, None))?
         }
+        Kind::OpenPairs => super::guest_pairs::open_pairs(a)?,
     };
     let ns = t0.elapsed().as_nanos();
     if a.per_op && !samples.is_empty() {
