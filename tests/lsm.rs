@@ -46,10 +46,12 @@ fn lsm_backend(f: &Fixture, test: &str) -> bool {
     let backend = status["file_backend"].as_str().unwrap_or_default().to_string();
     if kernel_has_bpf_lsm() {
         assert_eq!(backend, "bpf-lsm", "BPF-LSM is active here: {status:#}");
-        assert!(
-            status["programs"].as_array().unwrap().iter().any(|p| p == "lsm/file_open"),
-            "{status:#}"
-        );
+        for prog in ["lsm/file_open", "lsm/inode_free"] {
+            assert!(
+                status["programs"].as_array().unwrap().iter().any(|p| p == prog),
+                "{prog}: {status:#}"
+            );
+        }
         assert!(status["fail_open"][0].as_str().unwrap().contains("fails closed"), "{status:#}");
         return true;
     }
@@ -137,11 +139,20 @@ fn lsm_fixture(name: &str) -> Option<Fixture> {
     let (dir, secret) = secret_file("key.json", "{\"k\": 1}");
     let (ok_port, bad_port) = (tcp_listener(), tcp_listener());
     let forced = if kernel_has_bpf_lsm() { "file_backend = \"bpf-lsm\"\n" } else { "" };
+    // `recycled_inode_is_not_the_secret`'s secret, next to the first.
+    let reuse = dir.path().join(REUSE_NAME);
+    std::fs::write(&reuse, "reuse").unwrap();
+    let reuse = format!(
+        "[[secret]]\nname = \"reuse\"\npaths = [\"{}\"]\n\
+         [[intent]]\nname = \"reuse\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"reuse\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"deny\"\n",
+        reuse.display()
+    );
     let policy = format!(
         "mode = \"enforce\"\n{forced}[[secret]]\nname = \"key\"\npaths = [\"{secret}\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\n\
          [[secret]]\nname = \"other\"\npaths = [\"{secret}.other\"]\n\
          [[intent]]\nname = \"wide\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"key\"]\ndestinations = [\"127.0.0.0/8:1-65535\"]\nmax_ttl = \"10m\"\non_violation = \"deny\"\n\
-         [[intent]]\nname = \"killer\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"other\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"kill\"\n"
+         [[intent]]\nname = \"killer\"\nagents = [{{ uid = 0 }}]\nsecrets = [\"other\"]\ndestinations = [\"127.0.0.1/32:{ok_port}\"]\nmax_ttl = \"10m\"\non_violation = \"kill\"\n{}",
+        reuse
     );
     let cg = TestCgroup::new(name);
     let daemon = Daemon::start(&cg, &policy);
@@ -297,6 +308,7 @@ fn secret_opens_are_decided_in_the_kernel() {
     assert_eq!(conn(&mut fresh, f.bad_port), "ok", "untainted: the grant covers it");
     assert_eq!(ask(&mut fresh), "ok");
     assert_eq!(conn(&mut fresh, f.bad_port), "EPERM", "tainted in the kernel, no daemon running");
+    recycled_inode_is_not_the_secret(&f);
     println!("SIGKILL: deny, live grant, expiry and taint kept by the pinned program");
 
     f.daemon.relaunch();
@@ -339,6 +351,56 @@ fn secret_opens_are_decided_in_the_kernel() {
     let e = opens_of(&f, pid, 1).pop().expect("alert for the moved secret");
     assert_eq!((e.file().secret.as_str(), e.action.as_str()), ("key", "alerted"), "{e:?}");
     println!("monitor mode: allowed, alerted; a secret moved away stays one across the reload");
+}
+
+/// The `reuse` secret's file name, in the fixture's directory.
+const REUSE_NAME: &str = "reuse.key";
+
+/// With no daemon (SIGKILLed): inode reuse. A secret moved to a name no policy watches is
+/// judged by its inode alone; deleted, its SECRET_INODES entry goes when the kernel frees the
+/// inode (`lsm/inode_free`), so a new file given the same inode number is not judged as the
+/// secret (before: a false denial until the daemon noticed). An inode freed with links left
+/// (evicted from the cache: the file still exists) keeps its entry; that half is what 9p
+/// without a cache does on every open, not what the test directory (tmpfs in the guests)
+/// does. tmpfs never reuses an inode number, so a reuse is asserted only where one happens.
+fn recycled_inode_is_not_the_secret(f: &Fixture) {
+    use std::os::fd::AsFd;
+    let path = f.dir.path().join(REUSE_NAME);
+    let moved = f.dir.path().join("reuse.moved");
+    std::fs::rename(&path, &moved).unwrap();
+    let key = {
+        let fd = std::fs::File::open(&moved).unwrap(); // the test is outside cgroup_root
+        enforcer::kernel::lsm::kernel_key(fd.as_fd()).unwrap()
+    };
+    let is_secret = || enforcer::kernel::lsm::pinned_secret_inode(&f.daemon.pin_dir, key).unwrap();
+    assert!(is_secret(), "{key:?} in SECRET_INODES");
+    assert!(denied(&cat(f, &moved)), "the moved secret: judged by its inode");
+    std::fs::remove_file(&moved).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5) * time_scale();
+    while is_secret() {
+        assert!(Instant::now() < deadline, "{key:?} still in SECRET_INODES after the delete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut recycled = None;
+    for i in 0..50 {
+        let p = f.dir.path().join(format!("new-{i}"));
+        std::fs::write(&p, "not a secret").unwrap();
+        if dev_ino(&p).1 == key.ino {
+            recycled = Some(p);
+            break;
+        }
+    }
+    match &recycled {
+        Some(p) => {
+            let out = cat(f, p);
+            assert!(out.status.success(), "recycled inode {}: {out:?}", key.ino);
+            println!("inode reuse: {} got the deleted secret's inode: opens freely", p.display());
+        }
+        None => println!(
+            "inode reuse: the deleted secret's inode {} left SECRET_INODES when freed (this file system gave its number to none of 50 new files)",
+            key.ino
+        ),
+    }
 }
 
 /// The file attacks of attacks_files.rs, attacks.rs and file_open.rs that lsm.rs did not

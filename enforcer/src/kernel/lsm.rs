@@ -23,24 +23,42 @@ use enforcer_common::{InodeKey, NAME_LEN, NameKey, SecretRef, lsm_config};
 
 /// The program's name in the object (and its link's pin name).
 pub const PROGRAM: &str = "file_open";
+/// The program that drops a deleted secret's inode from SECRET_INODES when the kernel frees
+/// the inode (`lsm/inode_free_security`), so a recycled inode number is not the secret.
+pub const FREE_PROGRAM: &str = "inode_free";
 
-/// Loads and attaches `lsm/file_open`; the link to pin. Fails where the kernel refuses
-/// BPF-LSM (no `bpf` in the active LSM list, no BTF, ...), with the kernel's answer.
-pub fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
+/// Loads and attaches `lsm/file_open`, then `lsm/inode_free_security`; the links to pin
+/// (program name, link). Fails where the kernel refuses BPF-LSM (no `bpf` in the active LSM
+/// list, no BTF, ...), with the kernel's answer. A kernel that takes `file_open` but refuses
+/// the free hook keeps the first (logged: a recycled inode number of a deleted secret then
+/// stays judged as the secret until the daemon notices the inode is gone).
+pub fn attach(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, FdLink)>> {
     let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
+    let mut links = vec![(PROGRAM, attach_one(ebpf, PROGRAM, "file_open", &btf)?)];
+    match attach_one(ebpf, FREE_PROGRAM, "inode_free_security", &btf) {
+        Ok(link) => links.push((FREE_PROGRAM, link)),
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "lsm/inode_free_security refused: a deleted secret's inode number stays judged as the secret until the daemon notices"
+        ),
+    }
+    Ok(links)
+}
+
+fn attach_one(ebpf: &mut Ebpf, prog: &str, hook: &str, btf: &Btf) -> Result<FdLink> {
     let p: &mut Lsm = ebpf
-        .program_mut(PROGRAM)
-        .with_context(|| format!("program {PROGRAM} missing from the eBPF object"))?
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the eBPF object"))?
         .try_into()?;
     let start = std::time::Instant::now();
-    p.load("file_open", &btf).context("load lsm/file_open")?;
+    p.load(hook, btf).with_context(|| format!("load lsm/{hook}"))?;
     let insns = p.info().ok().and_then(|i| i.verified_instruction_count());
     tracing::info!(
         verified_instructions = insns.unwrap_or(0),
         ms = start.elapsed().as_millis() as u64,
-        "lsm/file_open loaded"
+        "lsm/{hook} loaded"
     );
-    let id = p.attach().context("attach lsm/file_open")?;
+    let id = p.attach().with_context(|| format!("attach lsm/{hook}"))?;
     Ok(p.take_link(id)?.into())
 }
 
@@ -191,6 +209,20 @@ impl LsmMaps {
     /// Every inode the kernel judges as a secret now (status, tests).
     pub fn inode_count(&self) -> usize {
         self.inodes.keys().count()
+    }
+}
+
+/// Whether the pinned SECRET_INODES under `pin_dir` names `key` (tests, and an operator's
+/// check with no daemon running).
+pub fn pinned_secret_inode(pin_dir: &Path, key: InodeKey) -> Result<bool> {
+    let path = pin_dir.join("SECRET_INODES");
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    let map: BpfHashMap<MapData, InodeKey, SecretRef> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(data))?;
+    match map.get(&key, 0) {
+        Ok(_) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(e).context("read SECRET_INODES"),
     }
 }
 

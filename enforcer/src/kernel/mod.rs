@@ -273,6 +273,7 @@ impl Kernel {
             ("LSM_INODE_INO_OFF", btf.offset("inode", "i_ino")?),
             ("LSM_INODE_SB_OFF", btf.offset("inode", "i_sb")?),
             ("LSM_SB_DEV_OFF", btf.offset("super_block", "s_dev")?),
+            ("LSM_INODE_NLINK_OFF", btf.offset("inode", "i_nlink")?),
             ("FILE_DENTRY_OFF", btf.offset("file", "f_path")? + btf.offset("path", "dentry")?),
             ("DENTRY_PARENT_OFF", btf.offset("dentry", "d_parent")?),
             ("DENTRY_NAME_OFF", btf.offset("dentry", "d_name")? + btf.offset("qstr", "name")?),
@@ -339,9 +340,11 @@ impl Kernel {
         let (file_backend, file_backend_note) = match file_backend {
             FileBackend::Fanotify => ("fanotify", "file_backend = \"fanotify\"".to_string()),
             _ => match lsm::attach(&mut ebpf) {
-                Ok(link) => {
-                    links.push((lsm::PROGRAM, pin_link(link, pin_dir, lsm::PROGRAM)?));
-                    attached.push(format!("lsm/{}", lsm::PROGRAM));
+                Ok(lsm_links) => {
+                    for (prog, link) in lsm_links {
+                        links.push((prog, pin_link(link, pin_dir, prog)?));
+                        attached.push(format!("lsm/{prog}"));
+                    }
                     ("bpf-lsm", String::new())
                 }
                 Err(e) if file_backend == FileBackend::BpfLsm => {
