@@ -213,9 +213,15 @@ fn passer(f: &Fx, unix: &std::path::Path, kind: &str, port: u16) -> Child {
          send(s, b'passer-after;')\n",
         path = unix.display()
     );
+    start_ready(f, &script)
+}
+
+/// Starts a python script in the cgroup (a process nobody judges) and waits until it prints
+/// "ready".
+fn start_ready(f: &Fx, script: &str) -> Child {
     let mut child =
         f.cg.command(python())
-            .args(["-c", &script, &f.secret])
+            .args(["-c", script, &f.secret])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -230,7 +236,7 @@ fn passer(f: &Fx, unix: &std::path::Path, kind: &str, port: u16) -> Child {
             Ok(n) => buf.extend_from_slice(&b[..n]),
         }
     }
-    assert!(String::from_utf8_lossy(&buf).contains("ready"), "passer did not start: {buf:?}");
+    assert!(String::from_utf8_lossy(&buf).contains("ready"), "helper did not start: {buf:?}");
     // Its later output is not needed; the pipe stays open until it exits.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     child
@@ -314,4 +320,181 @@ fn monitor_mode_alerts_once_per_socket() {
     std::thread::sleep(Duration::from_millis(500));
     let n = f.daemon.events().iter().filter(|e| e.kind == "send" && e.process.pid == pid).count();
     assert_eq!(n, 1, "one alert per socket");
+}
+
+/// A process nobody judges that receives sockets (one or two) over `unix` and writes
+/// `clean-writer;` on each, then acknowledges.
+fn clean_writer(f: &Fx, unix: &std::path::Path) -> Child {
+    start_ready(
+        f,
+        &format!(
+            "{PRELUDE}\n\
+             u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             u.bind('{path}'); u.listen(1); u.settimeout(60)\n\
+             print('ready', flush=True)\n\
+             c, _ = u.accept()\n\
+             _, fds, _, _ = socket.recv_fds(c, 1, 2)\n\
+             for fd in fds: send(socket.socket(fileno=fd), b'clean-writer;')\n\
+             time.sleep(0.5)\n\
+             c.send(b'k')\n",
+            path = unix.display()
+        ),
+    )
+}
+
+/// Sockets the attacker creates to push a blocked socket's state out of a bounded map keyed
+/// by socket cookie (the egress hook's state was an LRU map of 65,536 sockets): twice that.
+const FLOOD: usize = 131_072;
+
+/// Python: children of the attacker (they inherit its grant and taint) create and hold
+/// `{FLOOD}` UDP sockets between them (one process may hold only the file limit), report
+/// how many on `ready_r` ("n," each), and exit when `hold_w` closes.
+const HOLD_SOCKETS: &str = r#"
+ready_r, ready_w = os.pipe(); hold_r, hold_w = os.pipe()
+kids = 0; left = FLOOD
+while left > 0:
+    n = min(per, left); left -= n; kids += 1
+    if os.fork() == 0:
+        os.close(hold_w)
+        held = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+        os.write(ready_w, b'%d,' % len(held))
+        os.read(hold_r, 1)
+        os._exit(0)
+os.close(hold_r)
+got = b''
+while got.count(b',') < kids:
+    got += os.read(ready_r, 4096)
+"#;
+
+/// The attacker's next move against a blocked socket: it writes the secret into a connected
+/// TCP socket (blocked: the data stays queued), creates twice as many sockets as a bounded
+/// socket map holds (each one a judged creator's socket, so each one gets state), writes
+/// again, and hands the socket to a process nobody judges, which writes too: with the blocked
+/// socket's state evicted, that clean write (or the next retransmit) would carry the queued
+/// secret out. The state lives in the socket: nothing of it leaves, and the one `send` event
+/// is the first block.
+#[test]
+fn a_flood_of_sockets_does_not_unblock_a_blocked_one() {
+    let Some(f) = fx("egress_evict", "enforce") else { return };
+    let (sink, got) = tcp_sink();
+    let (udp, udp_got) = udp_sink();
+    let unix = f.daemon.runtime_dir().join("evict.sock");
+    let mut clean = clean_writer(&f, &unix);
+    let t0 = Instant::now();
+    let lines = granted(
+        &f,
+        &format!(
+            "import resource\n\
+             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+             per = hard - 64\n\
+             s = socket.create_connection(('127.0.0.1', {sink}), timeout=5)\n\
+             d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             d.connect(('127.0.0.1', {udp}))\n\
+             send(s, b'before-read;')\n\
+             send(d, b'before-read;')\n\
+             time.sleep(0.3)\n\
+             secret = open(SECRET).read().encode()\n\
+             send(s, secret)\n\
+             send(d, secret)\n\
+             time.sleep(0.3)\n\
+             {HOLD_SOCKETS}\n\
+             print('flooded', sum(int(x) for x in got.split(b',') if x), flush=True)\n\
+             send(s, b'after-flood;')\n\
+             u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             u.connect('{path}')\n\
+             socket.send_fds(u, [b'x'], [s.fileno(), d.fileno()])\n\
+             u.recv(1)\n\
+             os.close(hold_w)\n",
+            path = unix.display(),
+            HOLD_SOCKETS = HOLD_SOCKETS.replace("FLOOD", &FLOOD.to_string()),
+        ),
+    );
+    let _ = clean.wait();
+    println!("attacker and clean writer done in {:.1}s", t0.elapsed().as_secs_f64());
+    assert!(lines.iter().any(|l| *l == format!("flooded {FLOOD}")), "{lines:?}");
+    let pid = pid_of(&lines);
+    assert!(wait_for(&got, "before-read;"), "the clean connection must work: {}", text(&got));
+    assert!(wait_for(&udp_got, "before-read;"), "{}", text(&udp_got));
+    // The UDP socket sees no retransmit (nothing touches its state during the flood): a
+    // clean datagram after it shows whether the block outlived the flood. The TCP socket's
+    // queued secret would leave with the next retransmit (3 s after the block at the latest).
+    let received = text(&udp_got);
+    assert!(
+        !received.contains("clean-writer;"),
+        "the flood unblocked the UDP socket: {received:?}"
+    );
+    assert!(!received.contains("s3cr3t"), "{received:?}");
+    std::thread::sleep(Duration::from_millis(3000).saturating_sub(t0.elapsed()));
+    std::thread::sleep(Duration::from_millis(1000));
+    let received = text(&got);
+    assert!(!received.contains("s3cr3t"), "the secret left after the flood: {received:?}");
+    assert!(!received.contains("after-flood;"), "the blocked socket carried more: {received:?}");
+    assert!(!received.contains("clean-writer;"), "a clean writer unblocked it: {received:?}");
+    let e = send_events(&f, pid);
+    assert!(e.iter().any(|e| e.destination.as_ref().is_some_and(|d| d.port == sink)), "{e:?}");
+    assert!(e.iter().any(|e| e.destination.as_ref().is_some_and(|d| d.port == udp)), "{e:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let n = f.daemon.events().iter().filter(|e| e.kind == "send" && e.process.pid == pid).count();
+    assert_eq!(n, 2, "each socket stayed blocked: no second judgement, no second event");
+}
+
+/// The socket state is pinned with the maps: a daemon stopped (SIGTERM, as for an upgrade)
+/// and started again adopts it, so a socket blocked before the restart stays blocked after
+/// it, also for a writer nobody judges (the queued secret never leaves).
+#[test]
+fn a_blocked_socket_stays_blocked_across_a_daemon_restart() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(mut f) = fx("egress_restart", "enforce") else { return };
+    let (sink, got) = tcp_sink();
+    let unix = f.daemon.runtime_dir().join("restart.sock");
+    let mut clean = clean_writer(&f, &unix);
+    let script = format!(
+        "{PRELUDE}\n\
+         s = socket.create_connection(('127.0.0.1', {sink}), timeout=5)\n\
+         send(s, b'before-read;')\n\
+         time.sleep(0.3)\n\
+         send(s, open(SECRET).read().encode())\n\
+         print('blocked', flush=True)\n\
+         sys.stdin.readline()\n\
+         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         u.connect('{path}')\n\
+         socket.send_fds(u, [b'x'], [s.fileno()])\n\
+         u.recv(1)\n",
+        path = unix.display()
+    );
+    let mut attacker =
+        f.cg.command(enforcer_bin())
+            .args(["run", "--intent", "wide", "--", &python(), "-c", &script, &f.secret])
+            .env("ENFORCER_RUNTIME_DIR", f.daemon.runtime_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+    let mut out = BufReader::new(attacker.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end && !lines.iter().any(|l: &String| l == "blocked") {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap_or(0) == 0 {
+            break;
+        }
+        lines.push(l.trim_end().to_string());
+    }
+    assert!(lines.iter().any(|l| l == "blocked"), "attacker did not get to its send: {lines:?}");
+    let pid = pid_of(&lines);
+    let e = send_events(&f, pid);
+    assert_blocked_send(&e[0], sink);
+    assert!(f.daemon.stop().success());
+    f.daemon.relaunch();
+    assert!(f.daemon.log().contains("adopted the previous daemon's pinned maps"));
+    attacker.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let _ = attacker.wait();
+    let _ = clean.wait();
+    assert!(wait_for(&got, "before-read;"), "{}", text(&got));
+    std::thread::sleep(Duration::from_millis(1000));
+    let received = text(&got);
+    assert!(!received.contains("s3cr3t"), "the secret left after the restart: {received:?}");
+    assert!(!received.contains("clean-writer;"), "unblocked by the restart: {received:?}");
 }

@@ -71,9 +71,9 @@ fn sigterm_detaches_cleanly_and_events_stay_readable() {
     assert_eq!(status["mode"], "monitor");
     assert_eq!(status["cgroup_root"], cg.path.display().to_string());
     // 10 always (3 lineage, connect4/6, sendmsg4/6, recvmsg4/6 for DNS replies, sock_create);
-    // the egress pair (egress or egress_owner) and the two IPC tracepoints.
+    // egress (or egress_owner) and the two IPC hooks.
     assert_eq!(status["programs_missing"].as_array().map(|m| m.len()), Some(0), "{status}");
-    assert_eq!(status["programs"].as_array().unwrap().len(), 14, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 13, "{status}");
     for prog in ["cgroup_sock/sock_create", "cgroup_sock_addr/recvmsg4"] {
         assert!(status["programs"].as_array().unwrap().iter().any(|p| p == prog), "{status}");
     }

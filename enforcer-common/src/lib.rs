@@ -281,9 +281,9 @@ pub mod op {
     pub const SEND: u8 = 3;
 }
 
-/// SOCK_STATE value, keyed by socket cookie: what the egress hook knows about a socket that
-/// a judged process (grant holder, agent, tainted) wrote to. Removed when the socket is
-/// released.
+/// SOCK_STORAGE value, in the socket's own storage: what the egress hook knows about a socket
+/// that a judged process (grant holder, agent, tainted) created or wrote to. Freed with the
+/// socket. Its layout is also described in BTF by `enforcer/src/kernel/sock_storage.rs`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {

@@ -1,5 +1,4 @@
-//! Data leaving on established sockets: a cgroup `skb/egress` hook on `cgroup_root`, and a
-//! `sock_release` hook that forgets a socket's state.
+//! Data leaving on established sockets: a cgroup `skb/egress` hook on `cgroup_root`.
 //!
 //! The connect hooks judge a connection once, when it is made. Data written later can still
 //! carry a secret where it is not valid: a socket connected before its process read the
@@ -16,22 +15,29 @@
 //! In enforce mode a violating socket is blocked: this packet and every later one are
 //! dropped (the writer's send fails with EPERM when it transmits itself), so queued data
 //! never leaves. The record goes to ALERTS, once per blocked socket.
+//!
+//! What the hook knows about a socket lives in the socket itself (socket-local storage,
+//! `SOCK_STORAGE`): it cannot be evicted by other sockets (a bounded map keyed by cookie
+//! could: a process holding a blocked socket opened 65,536 others and the blocked one
+//! started afresh), it lives as long as the kernel still sends for the socket (after
+//! close() too, while queued data and retransmits remain), and it is freed with the socket,
+//! so no hook has to forget it at release.
 use aya_ebpf::{
     Global,
-    bindings::bpf_sock,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel,
-        generated::{bpf_sk_fullsock, bpf_skc_to_tcp_sock},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_def, bpf_map_type, bpf_sock,
     },
-    macros::{cgroup_skb, cgroup_sock, map},
-    maps::LruHashMap,
-    programs::{SkBuffContext, SockContext},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+    },
+    macros::{cgroup_skb, map},
+    programs::SkBuffContext,
 };
-use core::ffi::c_void;
+use core::{cell::UnsafeCell, ffi::c_void};
 use enforcer_common::{
-    ConnectRecord, ProcGrants, SockState, config, counter,
-    judge::{Settings, judge_send},
+    ConnectRecord, MAX_PROC_GRANTS, ProcGrants, SockState, config, counter,
+    judge::{Facts, Settings, judge_send},
     kind, op, reason, sock_flags, verdict,
 };
 
@@ -51,12 +57,40 @@ const IPPROTO_UDP: u8 = 17;
 #[unsafe(no_mangle)]
 static SK_LOCK_OWNED_OFF: Global<u32> = Global::new(0);
 
-/// socket cookie -> state of a socket a judged process sent on. LRU: a socket's kernel
-/// life ends after close (FIN, retransmits of queued data), after its release hook, so
-/// blocked and tainted sockets keep their state past release and the oldest are evicted
-/// when the map is full.
+/// A map definition aya-ebpf has no legacy type for: socket-local storage.
+#[repr(transparent)]
+pub struct SockStorage(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read, by the loader; programs pass its address to helpers.
+unsafe impl Sync for SockStorage {}
+
+/// Where the pin of this map is looked up: by name under the pin dir (aya's ByName).
+const PIN_BY_NAME: u32 = 1;
+
+/// socket -> `SockState`, in the socket's own storage (BPF_MAP_TYPE_SK_STORAGE). The kernel
+/// creates such maps only with BTF naming key and value, which this object does not carry:
+/// the daemon creates and pins it (enforcer/src/kernel/sock_storage.rs) before aya loads the
+/// object, and aya reuses the pin like every other pinned map.
 #[map]
-pub static SOCK_STATE: LruHashMap<u64, SockState> = LruHashMap::pinned(65_536, 0);
+pub static SOCK_STORAGE: SockStorage = SockStorage(UnsafeCell::new(bpf_map_def {
+    type_: bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+    key_size: 4,
+    value_size: size_of::<SockState>() as u32,
+    max_entries: 0,
+    map_flags: BPF_F_NO_PREALLOC,
+    id: 0,
+    pinning: PIN_BY_NAME,
+}));
+
+/// The socket's state (null if it has none; with `create`, a zeroed one is made unless the
+/// kernel cannot charge it to the socket's option memory). `sk`: a full socket (from
+/// `bpf_sk_fullsock`) or a cgroup_sock program's context.
+#[inline(always)]
+fn sock_state(sk: *mut c_void, create: bool) -> *mut SockState {
+    let flags = if create { BPF_SK_STORAGE_GET_F_CREATE as u64 } else { 0 };
+    let map = SOCK_STORAGE.0.get() as *mut c_void;
+    unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) as *mut SockState }
+}
 
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
@@ -72,29 +106,53 @@ pub fn egress_owner(ctx: SkBuffContext) -> i32 {
     try_egress::<false>(&ctx).unwrap_or(PASS)
 }
 
-/// Forgets a released clean socket's state. A blocked or tainted socket keeps it: the
-/// kernel may still retransmit its queued data after close.
-#[cgroup_sock(sock_release)]
-pub fn sock_release(ctx: SockContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut c_void) };
-    if let Some(st) = unsafe { SOCK_STATE.get(cookie) }
-        && st.flags == 0
-        && st.taint == 0
-    {
-        let _ = SOCK_STATE.remove(cookie);
-    }
-    PASS
-}
-
 /// Records a judged process as the owner of the socket it creates (from `sock_create`), so
 /// the owner-only variant judges its packets, and softirq packets of the full one are
-/// judged before the owner's first locked send. Only judged creators pay (one insert).
+/// judged before the owner's first locked send. Only judged creators pay (the storage is
+/// allocated now, while the socket's option memory is still empty).
 #[inline(always)]
 pub fn record_owner(sk: *mut bpf_sock, tgid: u32, start_ns: u64) {
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    let st = SockState { owner: tgid, flags: 0, owner_start_ns: start_ns, taint: 0 };
-    if SOCK_STATE.insert(cookie, st, 0).is_err() {
+    let st = sock_state(sk as *mut c_void, true);
+    if st.is_null() {
         count(counter::STATE_FULL);
+        return;
+    }
+    let st = unsafe { &mut *st };
+    st.owner = tgid;
+    st.owner_start_ns = start_ns;
+}
+
+/// Whether anything taints `p`: its own taint (with the socket's, ORed in by the caller),
+/// its `[[agent]]` tree's, or its grants' subtrees'. The same lookups the judge starts with,
+/// a superset of its taint (a slot's taint counts here even if its grant is gone): when
+/// this is false the judge's taint is 0 and no send can be a violation.
+#[inline(always)]
+fn possibly_tainted(p: &ProcGrants) -> bool {
+    let mut taint = p.taint;
+    if p.tree != 0 {
+        taint |= Maps.tree_taint(p.tree);
+    }
+    for i in 0..MAX_PROC_GRANTS {
+        let slot = p.grants[i];
+        if slot != 0 {
+            taint |= Maps.grant_taint(slot);
+        }
+    }
+    taint != 0
+}
+
+/// Records the first judged writer of a socket as its owner (state made if needed).
+#[inline(always)]
+fn remember_owner(sk: *mut c_void, tgid: u32, start_ns: u64) {
+    let st = sock_state(sk, true);
+    if st.is_null() {
+        count(counter::STATE_FULL);
+        return;
+    }
+    let st = unsafe { &mut *st };
+    if st.owner == 0 {
+        st.owner = tgid;
+        st.owner_start_ns = start_ns;
     }
 }
 
@@ -161,20 +219,28 @@ fn locked_by_process(sk: *mut bpf_sock) -> bool {
 /// `BY_WRITER`: whether this kernel lets the program read the current task (the writer).
 ///
 /// Cost: most packets belong to sockets no judged process wrote or owns. For them the
-/// program does two hash lookups (the socket's state by cookie, the current process's
-/// entry) and returns before it reads a packet header or reserves any record.
+/// program reads the socket's own storage (a pointer walk, no hash) and the current
+/// process's entry (one hash lookup; none in `egress_owner`), and returns before it reads a
+/// packet header or reserves any record.
 #[inline(always)]
 fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let state = SOCK_STATE.get_ptr_mut(cookie);
+    let skb = unsafe { &*ctx.skb.skb };
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let state = sock_state(sk as *mut c_void, false);
     // Read the state into scalars at once: the verifier refuses arithmetic that mixes map
     // pointers (which the optimizer may emit for combined null checks).
-    let (has_state, st_flags, st_owner, st_start, st_taint) = match state {
-        Some(st) => {
-            let st = unsafe { &*st };
-            (true, st.flags, st.owner, st.owner_start_ns, st.taint)
-        }
-        None => (false, 0, 0, 0, 0),
+    let (has_state, st_flags, st_owner, st_start, st_taint) = if state.is_null() {
+        (false, 0, 0, 0, 0)
+    } else {
+        let st = unsafe { &*state };
+        (true, st.flags, st.owner, st.owner_start_ns, st.taint)
     };
     if st_flags & sock_flags::BLOCKED != 0 {
         return Some(DROP);
@@ -184,15 +250,6 @@ fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
     let pid_tgid = if BY_WRITER { bpf_get_current_pid_tgid() } else { 0 };
     let current = if BY_WRITER { proc_entry((pid_tgid >> 32) as u32) } else { None };
     if current.is_none() && !has_state {
-        return None;
-    }
-    let skb = unsafe { &*ctx.skb.skb };
-    let sk = unsafe { skb.__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
         return None;
     }
     let pkt = parse(ctx)?;
@@ -225,26 +282,38 @@ fn try_egress<const BY_WRITER: bool>(ctx: &SkBuffContext) -> Option<i32> {
         }
     }
     subject.taint |= st_taint;
+    if !possibly_tainted(&subject) {
+        // Nothing tainted the writer, its subtree or the socket: no send can breach a
+        // secret's validity, and the judge's lookups (grants, destination tries, learned
+        // addresses) are skipped. A new socket is remembered with its writer as owner, so
+        // packets sent for it later from softirq are judged by the owner's state.
+        if !has_state {
+            remember_owner(sk as *mut c_void, writer_tgid, writer_start);
+        }
+        return None;
+    }
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let settings = Settings {
         enforce: config(config::ENFORCE) != 0,
         agent_action: config(config::AGENT_ACTION) as u8,
     };
     let j = judge_send(&Maps, &subject, &pkt.v6, pkt.port, now, settings);
-    // Remember who sent and what it carried, so packets sent later from softirq (queued
-    // data, retransmits) are judged too.
-    if !has_state {
-        let fresh =
-            SockState { owner: writer_tgid, flags: 0, owner_start_ns: writer_start, taint: 0 };
-        if SOCK_STATE.insert(cookie, fresh, 0).is_err() {
-            count(counter::STATE_FULL);
-        }
-    }
     let violation = j.verdict == verdict::OUT_OF_INTENT && j.reason == reason::TAINT;
     let deny = violation && !j.lets_through();
     let mut report = violation;
-    if let Some(st) = SOCK_STATE.get_ptr_mut(cookie) {
+    // Remember who sent and what it carried, so packets sent later from softirq (queued
+    // data, retransmits) are judged too: the state is made on the first judged packet.
+    let st = sock_state(sk as *mut c_void, true);
+    if st.is_null() {
+        // The kernel could not charge the state to the socket (its option memory is full):
+        // this packet is still judged; later ones by an unjudged sender are not (Known limits).
+        count(counter::STATE_FULL);
+    } else {
         let st = unsafe { &mut *st };
+        if !has_state {
+            st.owner = writer_tgid;
+            st.owner_start_ns = writer_start;
+        }
         st.taint |= j.taint;
         if violation {
             if !deny && st.flags & sock_flags::ALERTED != 0 {

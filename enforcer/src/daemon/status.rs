@@ -45,10 +45,10 @@ impl Context<'_> {
             "file_open: fails open: with no daemon the kernel answers pending and new opens of secrets with allow, unrecorded (connect deny, expiry and taint of earlier reads keep working in the kernel)".to_string()
         };
         let egress = if self.kernel.egress_note.is_empty() {
-            "cgroup_skb (egress: data of tainted writers and owners on established sockets; sock_release forgets socket state)".to_string()
+            "cgroup_skb (egress: data of tainted writers and owners on established sockets; state in socket-local storage)".to_string()
         } else {
             format!(
-                "cgroup_skb (egress_owner: data on established sockets judged by the socket's judged creator and the taint it carried, not the writer: this kernel refuses egress: {}; sock_release forgets socket state)",
+                "cgroup_skb (egress_owner: data on established sockets judged by the socket's judged creator and the taint it carried, not the writer: this kernel refuses egress: {}; state in socket-local storage)",
                 self.kernel.egress_note
             )
         };

@@ -282,7 +282,8 @@ fn map_fd(name: &str, m: &Map) -> Result<RawFd> {
     Ok(d.fd().as_fd().as_raw_fd())
 }
 
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+/// The bpf(2) system call with a full `bpf_attr` (zero beyond what `cmd` reads); the new fd.
+pub(super) fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     // SAFETY: attr is a fully initialised bpf_attr of the size passed; the kernel reads (and
     // for the log, writes into buffers that outlive the call) only what `cmd` defines.
     let r = unsafe {

@@ -6,6 +6,7 @@ pub mod ipc;
 pub mod lsm;
 pub mod policy;
 pub mod probe;
+pub mod sock_storage;
 pub mod tracefs;
 
 use std::os::unix::fs::DirBuilderExt;
@@ -44,13 +45,12 @@ const SOCK_ADDR: [&str; 6] =
 /// sockets the connect hooks do not see (raw, ping, SCTP, ...).
 const SOCK_CREATE: &str = "sock_create";
 
-/// Data on established sockets (egress) and the cleanup of their state (sock_release),
-/// attached to `cgroup_root`. Optional: a kernel that refuses them (no current task in
-/// cgroup_skb: Debian's 6.1 and 6.12 do) runs without, and `status` names what is missing.
+/// Data on established sockets (egress), attached to `cgroup_root`. Optional: a kernel that
+/// refuses both variants runs without, and `status` names what is missing. Its per-socket
+/// state is socket-local storage (`sock_storage.rs`), freed with the socket.
 const EGRESS: &str = "egress";
 /// The egress variant for kernels that refuse the current task in cgroup_skb.
 const EGRESS_OWNER: &str = "egress_owner";
-const SOCK_RELEASE: &str = "sock_release";
 
 pub struct Kernel {
     ebpf: Ebpf,
@@ -152,20 +152,15 @@ where
     pin_link(fd, pin_dir, prog)
 }
 
-/// What `attach_egress` attached: the pinned links, the egress program's name and, for the
+/// What `attach_egress` attached: the pinned link, the egress program's name and, for the
 /// fallback, the kernel's answer to the full program.
 type Egress = (Vec<(&'static str, PinnedLink)>, &'static str, String);
 
-/// Loads and attaches the egress pair (sock_release first, so no state outlives a socket).
-/// The egress program judging the writer (the current task) is tried first; a kernel whose
-/// cgroup_skb programs may not read the current task gets the owner-only variant. Returns
-/// the links, the program attached and, for the fallback, the kernel's answer to the first.
+/// Loads and attaches the egress program. The one judging the writer (the current task) is
+/// tried first; a kernel whose cgroup_skb programs may not read the current task gets the
+/// owner-only variant. Returns the link, the program attached and, for the fallback, the
+/// kernel's answer to the first.
 fn attach_egress(ebpf: &mut Ebpf, cgroup: &File, pin_dir: &Path) -> Result<Egress> {
-    let p: &mut CgroupSock = ebpf
-        .program_mut(SOCK_RELEASE)
-        .with_context(|| format!("program {SOCK_RELEASE} missing from the eBPF object"))?
-        .try_into()?;
-    p.load().with_context(|| format!("load program {SOCK_RELEASE} (cgroup_sock)"))?;
     let load = |ebpf: &mut Ebpf, prog: &str| -> Result<()> {
         let p: &mut CgroupSkb = ebpf
             .program_mut(prog)
@@ -181,15 +176,10 @@ fn attach_egress(ebpf: &mut Ebpf, cgroup: &File, pin_dir: &Path) -> Result<Egres
             (EGRESS_OWNER, verifier_answer(&format!("{e:#}")))
         }
     };
-    // Attach only once both are loaded: an error leaves no link pinned behind.
-    let mut links = Vec::new();
-    let p: &mut CgroupSock = ebpf.program_mut(SOCK_RELEASE).expect("loaded above").try_into()?;
-    let id = p.attach(cgroup, CgroupAttachMode::Single)?;
-    links.push((SOCK_RELEASE, pin_cgroup_link(p.take_link(id)?, pin_dir, SOCK_RELEASE)?));
     let p: &mut CgroupSkb = ebpf.program_mut(egress).expect("loaded above").try_into()?;
     let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
-    links.push((egress, pin_cgroup_link(p.take_link(id)?, pin_dir, egress)?));
-    Ok((links, egress, note))
+    let link = pin_cgroup_link(p.take_link(id)?, pin_dir, egress)?;
+    Ok((vec![(egress, link)], egress, note))
 }
 
 /// The verifier's last words (e.g. "unknown func bpf_get_current_pid_tgid#14") out of an
@@ -288,6 +278,9 @@ impl Kernel {
             ("SENDTO_ADDRLEN_OFF", syscall_field("sys_enter_sendto", "addr_len")),
         ];
         let globals: Vec<(&str, u32)> = globals.into_iter().chain(ipc::lsm_globals(&btf)).collect();
+        // Socket-local storage needs BTF the object lacks: created and pinned first, then
+        // found by aya like every pinned map.
+        sock_storage::ensure_pinned(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         for (name, value) in &globals {
@@ -364,7 +357,6 @@ impl Kernel {
                 }
                 egress_note = note;
                 attached.push(format!("cgroup_skb/{egress}"));
-                attached.push(format!("cgroup_sock/{SOCK_RELEASE}"));
                 links.append(&mut l);
             }
             Err(e) => {
@@ -391,6 +383,8 @@ impl Kernel {
         for old in old_links {
             let _ = old.unpin();
         }
+        // A previous version's evictable socket map (its programs are gone now).
+        let _ = std::fs::remove_file(pin_dir.join(sock_storage::OLD_NAME));
         let mut pinned = Vec::new();
         for (prog, link) in links {
             let fd = link.unpin().context("re-pin link")?;

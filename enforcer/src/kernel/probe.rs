@@ -79,6 +79,14 @@ fn probe_loads(
     btf: anyhow::Result<Btf>,
     mut out: Vec<Probe>,
 ) -> Vec<Probe> {
+    if let Err(e) = super::sock_storage::ensure_pinned(pin_dir) {
+        out.push(probe(
+            "socket-local storage (BPF_MAP_TYPE_SK_STORAGE)",
+            "per-socket state of the egress hook",
+            Err(e),
+        ));
+        return out;
+    }
     let mut ebpf = match EbpfLoader::new().default_map_pin_directory(pin_dir).load(object) {
         Ok(e) => e,
         Err(e) => {

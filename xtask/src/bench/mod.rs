@@ -118,6 +118,8 @@ pub fn run(iterations: usize, only: Option<&str>) -> Result<()> {
         }
         if only.is_none() {
             r.extend(bench.dns_rows(iterations)?);
+            // The kernel programs' per-call ratios and their own time (bpf_stats).
+            r.extend(bench.kernel_cost_rows(iterations)?);
         }
         Ok(r)
     });
