@@ -40,7 +40,7 @@ use enforcer_common::{
 
 use crate::maps::{
     AGENT_TAINT, ALERTS, EVENTS, GRANT_TAINT, GRANTS, PROC_GRANTS, SECRETS, WAKEUP_NOW, config,
-    count, inherited_entry,
+    count, inherited_entry, submit_flags,
 };
 
 const EPERM: i32 = 1;
@@ -263,7 +263,7 @@ fn judge_file(file: u64) -> i32 {
     // The record, written in place: allowed opens to EVENTS (batched wakeups), violations to
     // ALERTS (the daemon is woken now).
     let (reserved, wake, drops) = if j.verdict == verdict::ALLOWED {
-        (EVENTS.reserve::<FileOpenRecord>(0), events_wakeup(), counter::RINGBUF_DROPS)
+        (EVENTS.reserve::<FileOpenRecord>(0), submit_flags(), counter::RINGBUF_DROPS)
     } else {
         (ALERTS.reserve::<FileOpenRecord>(0), WAKEUP_NOW, counter::ALERT_DROPS)
     };
@@ -306,30 +306,6 @@ fn judge_file(file: u64) -> i32 {
         None => count(drops),
     }
     if j.lets_through() { 0 } else { -EPERM }
-}
-
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// `maps::WAKEUP_BYTES`: below it the daemon reads EVENTS on its 20 ms drain timer.
-const WAKEUP_BYTES: u64 = 256 * 1024;
-/// Past WAKEUP_BYTES, the records that wake the daemon: the first ones only.
-const WAKEUP_WINDOW: u64 = 8 * 1024;
-
-/// The wakeup of an allowed open's record: the daemon is woken when the pending data crosses
-/// WAKEUP_BYTES, not by every record past it. A wakeup is an irq_work (a self-IPI) in the
-/// opener's open() and may preempt it for the daemon; once the daemon is behind, a wakeup per
-/// granted open added about 100 us per open under emulation (the guest bench's wall ratio
-/// 7.2x with the opener's CPU time at 1.3x), while one wakeup (or the 20 ms drain) is all
-/// the daemon needs. Records from other CPUs can skip the window: the drain timer remains.
-#[inline(always)]
-fn events_wakeup() -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if (WAKEUP_BYTES..WAKEUP_BYTES + WAKEUP_WINDOW).contains(&pending) {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
 }
 
 /// The judgement's state changes, before the open returns: a revoke-on-violation flips the
