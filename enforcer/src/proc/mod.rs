@@ -599,6 +599,25 @@ impl ProcessTable {
         &self.procs[&pid]
     }
 
+    /// `get_or_request` for a process the API just served (pidfd-attested, alive): one it has
+    /// not seen gets its `Basics` at once (status, the exe link and cgroup, which never wait
+    /// on the process's memory), the rest off the main loop. Its exec record may still be in
+    /// the ring buffer's batch, so the table alone would leave the event without an exe.
+    pub fn get_or_read_basics(&mut self, pid: u32) -> &Process {
+        if !self.procs.contains_key(&pid)
+            && let Some(b) = procfs::basics_at(&self.proc_root, pid)
+        {
+            let seq = self.next_seq();
+            let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
+            let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
+            (p.ppid, p.exe) = (b.ppid, b.exe);
+            self.procs.insert(pid, p);
+            let want = env_reader::Want::Process { basics: false };
+            self.ask_process(pid, seq, want, env_reader::Queue::Urgent);
+        }
+        self.get_or_request(pid, None, None)
+    }
+
     /// Cgroup path of a process, relative to the cgroup2 mount ("/a/b").
     pub fn cgroup_path(&mut self, cgroup_id: u64) -> String {
         self.cgroups.path(cgroup_id).unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"))

@@ -7,11 +7,11 @@ use crate::decide::Decision;
 
 impl Engine {
     pub fn on_credential_notice(&mut self, n: CredentialNotice) {
-        let process = if n.pid != 0 {
-            self.process_ref(n.pid, None).0
-        } else {
-            self.process_ref(std::process::id(), None).0
-        };
+        let pid = if n.pid != 0 { n.pid } else { std::process::id() };
+        // The API attested this process a moment ago: its basics are read now if the
+        // lineage records have not brought it yet.
+        self.table.get_or_read_basics(pid);
+        let process = self.process_ref(pid, None).0;
         let mut e = self.event(n.kind, &Decision::informational(), process);
         e.verdict = n.verdict.into();
         e.action = n.action.into();
