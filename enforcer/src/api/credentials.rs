@@ -230,6 +230,7 @@ pub async fn secret(
     d.notify(CredentialNotice {
         kind: "secret_delivered",
         pid: peer.pid,
+        exe: Some(peer.exe.trim_end_matches(" (deleted)").to_string()),
         verdict: "allowed",
         action: "allowed",
         severity: "info",

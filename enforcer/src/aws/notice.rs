@@ -12,6 +12,9 @@ pub struct CredentialNotice {
     pub kind: &'static str,
     /// The process served or refused (0 when unknown).
     pub pid: u32,
+    /// The executable the API attested for `pid` (readlink of /proc/PID/exe while serving it),
+    /// when known: the process may have exited before the engine writes the event.
+    pub exe: Option<String>,
     pub verdict: &'static str,
     pub action: &'static str,
     pub severity: &'static str,
@@ -51,6 +54,7 @@ impl CredentialNotice {
             ));
         }
         CredentialNotice {
+            exe: None,
             kind: "aws_credentials_issued",
             pid,
             verdict: "allowed",
@@ -78,6 +82,7 @@ impl CredentialNotice {
         why: String,
     ) -> Self {
         CredentialNotice {
+            exe: None,
             kind,
             pid,
             verdict,
@@ -101,6 +106,7 @@ impl CredentialNotice {
         let ids: Vec<String> =
             creds.iter().map(|c| format!("{} until {}", c.access_key_id, c.expires_at)).collect();
         CredentialNotice {
+            exe: None,
             kind: "aws_credentials_outstanding",
             pid: 0,
             verdict: match how {

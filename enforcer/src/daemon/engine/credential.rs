@@ -11,7 +11,13 @@ impl Engine {
         // The API attested this process a moment ago: its basics are read now if the
         // lineage records have not brought it yet.
         self.table.get_or_read_basics(pid);
-        let process = self.process_ref(pid, None).0;
+        let mut process = self.process_ref(pid, None).0;
+        if process.exe.is_empty()
+            && let Some(exe) = n.exe.filter(|_| n.pid != 0)
+        {
+            // It may have exited (no exe link left) before this event is written.
+            process.exe = exe;
+        }
         let mut e = self.event(n.kind, &Decision::informational(), process);
         e.verdict = n.verdict.into();
         e.action = n.action.into();
