@@ -230,18 +230,22 @@ impl ProcessTable {
     /// cannot block now (`Basics`), its command line and environment by the reader threads.
     pub fn seed_from_proc(&mut self) {
         for pid in procfs::pids() {
-            if self.procs.contains_key(&pid) {
-                continue;
+            if !self.procs.contains_key(&pid) {
+                self.add_from_basics(pid, env_reader::Queue::Seed);
             }
-            let Some(b) = procfs::basics_at(&self.proc_root, pid) else { continue };
-            let seq = self.next_seq();
-            let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
-            let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
-            (p.ppid, p.exe) = (b.ppid, b.exe);
-            self.procs.insert(pid, p);
-            let want = env_reader::Want::Process { basics: false };
-            self.ask_process(pid, seq, want, env_reader::Queue::Seed);
         }
+    }
+
+    /// Enters an unseen `pid` from its `Basics` (read now: they never wait on the process's
+    /// memory) and asks the reader threads, on `queue`, for its command line and environment.
+    fn add_from_basics(&mut self, pid: u32, queue: env_reader::Queue) {
+        let Some(b) = procfs::basics_at(&self.proc_root, pid) else { return };
+        let seq = self.next_seq();
+        let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
+        let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
+        (p.ppid, p.exe) = (b.ppid, b.exe);
+        self.procs.insert(pid, p);
+        self.ask_process(pid, seq, env_reader::Want::Process { basics: false }, queue);
     }
 
     /// Asks the reader threads for `pid`'s facts (entry generation `seq`); marks the entry
@@ -604,16 +608,8 @@ impl ProcessTable {
     /// on the process's memory), the rest off the main loop. Its exec record may still be in
     /// the ring buffer's batch, so the table alone would leave the event without an exe.
     pub fn get_or_read_basics(&mut self, pid: u32) -> &Process {
-        if !self.procs.contains_key(&pid)
-            && let Some(b) = procfs::basics_at(&self.proc_root, pid)
-        {
-            let seq = self.next_seq();
-            let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
-            let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
-            (p.ppid, p.exe) = (b.ppid, b.exe);
-            self.procs.insert(pid, p);
-            let want = env_reader::Want::Process { basics: false };
-            self.ask_process(pid, seq, want, env_reader::Queue::Urgent);
+        if !self.procs.contains_key(&pid) {
+            self.add_from_basics(pid, env_reader::Queue::Urgent);
         }
         self.get_or_request(pid, None, None)
     }
