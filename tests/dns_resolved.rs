@@ -14,11 +14,11 @@
 //!    EPERM while an unjudged one's succeeds, and the judged process still resolves (glibc
 //!    without the module goes on to `dns`, steered to the stub) and connects.
 //! 2. The real thing: systemd-resolved and libnss-resolve of this host's systemd version
-//!    (Debian packages fetched once with `apt-get download` and unpacked under
-//!    /var/cache/enforcer-tests, never installed), resolved running as `nobody` with the
+//!    (Debian packages fetched by `cargo xtask setup` with `apt-get download` and unpacked
+//!    under /var/cache/enforcer-tests, never installed), resolved running as `nobody` with the
 //!    namespace's DNS server as its upstream. The unjudged process resolves through resolved;
 //!    the granted one falls back to the stub, its answer is learned and its connect carries
-//!    `destination.name`. Skipped (with the reason) when the packages cannot be fetched.
+//!    `destination.name`. Skipped (with the reason) when setup could not fetch the packages.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -82,8 +82,9 @@ kill $BG 2>/dev/null || true
 "#;
 
 /// systemd-resolved and libnss-resolve of the installed systemd's version, unpacked (never
-/// installed): (the resolved binary, the directory holding libnss_resolve.so.2). None, with
-/// the reason printed, when they cannot be fetched.
+/// installed) by `cargo xtask setup` under /var/cache/enforcer-tests: (the resolved binary, the
+/// directory holding libnss_resolve.so.2). None, with the reason printed, when setup could not
+/// fetch them (not a Debian systemd, or the archive no longer carries that version).
 fn resolved_packages() -> Option<(PathBuf, PathBuf)> {
     let out = Command::new("dpkg-query").args(["-W", "-f=${Version}", "systemd"]).output().ok()?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -92,34 +93,19 @@ fn resolved_packages() -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     let dir = PathBuf::from(format!("/var/cache/enforcer-tests/resolved-{version}"));
+    if !dir.join(".complete").exists() {
+        eprintln!(
+            "SKIP part 2: {} is missing: `CI=1 cargo xtask setup` fetches systemd-resolved={version} and libnss-resolve={version} (see its output for why it could not)",
+            dir.display()
+        );
+        return None;
+    }
     // The binary is in lib/systemd (bookworm) or usr/lib/systemd (merged /usr).
     let find = |pattern: &str| -> Option<PathBuf> {
         let out = Command::new("find").arg(&dir).args(["-path", pattern, "-type", "f"]).output();
         let path = String::from_utf8_lossy(&out.ok()?.stdout).lines().next()?.to_string();
         Some(PathBuf::from(path))
     };
-    if find("*/lib/systemd/systemd-resolved").is_none() {
-        let dl = tempfile::tempdir().ok()?;
-        let got = Command::new("apt-get")
-            .current_dir(dl.path())
-            .args(["download", "-q"])
-            .arg(format!("systemd-resolved={version}"))
-            .arg(format!("libnss-resolve={version}"))
-            .output()
-            .ok()?;
-        if !got.status.success() {
-            eprintln!(
-                "SKIP part 2: apt-get download systemd-resolved={version} libnss-resolve={version}: {}",
-                String::from_utf8_lossy(&got.stderr).trim()
-            );
-            return None;
-        }
-        std::fs::create_dir_all(&dir).ok()?;
-        for deb in std::fs::read_dir(dl.path()).ok()?.flatten() {
-            let x = Command::new("dpkg-deb").arg("-x").arg(deb.path()).arg(&dir).status().ok()?;
-            assert!(x.success(), "dpkg-deb -x {}", deb.path().display());
-        }
-    }
     let lib = find("*/libnss_resolve.so.2").and_then(|l| Some(l.parent()?.to_path_buf()));
     match (find("*/lib/systemd/systemd-resolved"), lib) {
         (Some(bin), Some(lib)) => Some((bin, lib)),

@@ -37,6 +37,7 @@ pub fn run() -> Result<Setup> {
     test_tools()?;
     python_test_packages()?;
     python_clients()?;
+    resolved_test_packages()?;
     println!("setup: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(Setup { linker_bin })
 }
@@ -289,4 +290,61 @@ fn python_clients() -> Result<()> {
         "setup: install python test clients",
         cmd("python3").args(["-m", "pip", "install", "--quiet"]).args(&missing),
     )
+}
+
+/// Where tests/dns_resolved.rs finds systemd-resolved and libnss-resolve of this host's systemd
+/// version, unpacked (never installed: the host keeps its own resolver configuration).
+pub const RESOLVED_CACHE: &str = "/var/cache/enforcer-tests";
+
+/// systemd-resolved and libnss-resolve of the installed systemd's version, fetched with
+/// `apt-get download` and unpacked under [`RESOLVED_CACHE`] for tests/dns_resolved.rs's second
+/// part (a real resolved in a private mount namespace). Fetched only in CI, otherwise reported;
+/// an archive that no longer carries that version is reported and the test says why it skips.
+fn resolved_test_packages() -> Result<()> {
+    let Ok(out) = cmd("dpkg-query").args(["-W", "-f=${Version}", "systemd"]).output() else {
+        println!("setup: no dpkg-query: systemd-resolved test packages not fetched");
+        return Ok(());
+    };
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || version.is_empty() {
+        println!("setup: systemd is not a Debian package here: systemd-resolved test packages not fetched");
+        return Ok(());
+    }
+    let dir = Path::new(RESOLVED_CACHE).join(format!("resolved-{version}"));
+    if dir.join(".complete").exists() {
+        println!("setup: systemd-resolved {version} test packages present ({})", dir.display());
+        return Ok(());
+    }
+    let pkgs = [format!("systemd-resolved={version}"), format!("libnss-resolve={version}")];
+    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
+        println!(
+            "setup: systemd-resolved test packages missing (CI=1 cargo xtask setup fetches {}); tests/dns_resolved.rs part 2 will skip",
+            pkgs.join(" ")
+        );
+        return Ok(());
+    }
+    let dl = Path::new(RESOLVED_CACHE).join(format!("download-{}", std::process::id()));
+    std::fs::create_dir_all(&dl).with_context(|| format!("setup: create {}", dl.display()))?;
+    let got = cmd("apt-get").current_dir(&dl).args(["download", "-q"]).args(&pkgs).output();
+    match got {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            println!(
+                "setup: apt-get download {} failed ({}); tests/dns_resolved.rs part 2 will skip",
+                pkgs.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            let _ = std::fs::remove_dir_all(&dl);
+            return Ok(());
+        }
+        Err(e) => bail!("setup: apt-get download: {e}"),
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("setup: create {}", dir.display()))?;
+    for deb in std::fs::read_dir(&dl)?.flatten() {
+        run_step("setup: unpack", cmd("dpkg-deb").arg("-x").arg(deb.path()).arg(&dir))?;
+    }
+    std::fs::remove_dir_all(&dl)?;
+    std::fs::write(dir.join(".complete"), &version)?;
+    println!("setup: systemd-resolved {version} test packages unpacked in {}", dir.display());
+    Ok(())
 }
