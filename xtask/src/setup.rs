@@ -307,7 +307,9 @@ fn resolved_test_packages() -> Result<()> {
     };
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || version.is_empty() {
-        println!("setup: systemd is not a Debian package here: systemd-resolved test packages not fetched");
+        println!(
+            "setup: systemd is not a Debian package here: systemd-resolved test packages not fetched"
+        );
         return Ok(());
     }
     let dir = Path::new(RESOLVED_CACHE).join(format!("resolved-{version}"));
