@@ -291,4 +291,59 @@ conn(addrs[0])
         daemon.events().into_iter().filter(|e| e.kind == "send" && e.process.pid == pid).collect();
     assert!(sends.is_empty(), "send violations: {sends:#?}");
     daemon.assert_no_decision_mismatches();
+    named_in_ocsf_and_census(&daemon, pid, &a10, &v6(11));
+}
+
+/// What a SIEM and a platform team read of the same run: the OCSF rendering of the connect to
+/// the learned address carries the name as `dst_endpoint.hostname` (the unanswered address
+/// none), and the census reports and proposes the secret's destination by name, not address.
+fn named_in_ocsf_and_census(
+    daemon: &enforcer_tests::daemon::Daemon,
+    pid: u32,
+    learned: &str,
+    unnamed: &str,
+) {
+    let state = daemon.state_dir();
+    let state = state.to_str().unwrap();
+    let out = daemon.cli(&["events", "--format", "ocsf", "--state-dir", state]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ocsf: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Network Activity (an allowed connect) carries `dst_endpoint`; a Detection Finding (the
+    // denied one) carries it in its evidence.
+    let endpoint = |o: &serde_json::Value| -> serde_json::Value {
+        match &o["dst_endpoint"] {
+            serde_json::Value::Null => o["evidences"][0]["dst_endpoint"].clone(),
+            d => d.clone(),
+        }
+    };
+    let to = |ip: &str| -> Vec<serde_json::Value> {
+        ocsf.iter()
+            .filter(|o| o["unmapped"]["kind"] == "connect" && o["actor"]["process"]["pid"] == pid)
+            .map(endpoint)
+            .filter(|d| d["ip"] == ip)
+            .collect()
+    };
+    let named = to(learned);
+    assert!(!named.is_empty(), "no OCSF connect to {learned}: {ocsf:#?}");
+    assert!(named.iter().all(|d| d["hostname"] == "api.dns.test"), "{named:#?}");
+    let bare = to(unnamed);
+    assert!(!bare.is_empty(), "no OCSF connect to {unnamed}: {ocsf:#?}");
+    assert!(bare.iter().all(|d| d["hostname"].is_null()), "{bare:#?}");
+
+    let out = daemon.cli(&["report", "census", "--format", "json", "--state-dir", state]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = c["credentials"].as_array().unwrap().iter().find(|x| x["name"] == "key");
+    let key = key.unwrap_or_else(|| panic!("no secret `key` in the census: {c:#}"));
+    let by_name = format!("api.dns.test:{ECHO_PORT}");
+    let d = key["destinations"].as_array().unwrap().iter().find(|d| d["ip"] == learned);
+    let d = d.unwrap_or_else(|| panic!("no destination {learned}: {key:#}"));
+    assert_eq!(d["destination"], by_name.as_str(), "{key:#}");
+    assert_eq!(d["names"], serde_json::json!(["api.dns.test"]), "{key:#}");
+    let proposed = key["proposal"]["destinations"].as_array().unwrap();
+    assert!(proposed.iter().any(|p| p == by_name.as_str()), "{key:#}");
+    assert!(!proposed.iter().any(|p| p.as_str().is_some_and(|p| p.contains(learned))), "{key:#}");
 }
