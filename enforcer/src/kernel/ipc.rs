@@ -126,7 +126,7 @@ pub fn attach(ebpf: &mut Ebpf, object: &[u8], cgroup: &File, btf: &KernelBtf) ->
             "cgroup" => attach_cgroup(ebpf, object, cgroup, btf).map(|fds| {
                 (CGROUP.iter().map(|c| format!("cgroup_sock_addr/{}", c.2)).collect(), fds)
             }),
-            "lsm" => attach_lsm(ebpf)
+            "lsm" => attach_lsm(ebpf, btf)
                 .map(|()| (LSM.iter().map(|l| format!("lsm/{}", l.1)).collect(), Vec::new())),
             _ => attach_tracepoints(ebpf).map(|()| {
                 (
@@ -171,15 +171,15 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-fn attach_lsm(ebpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
+fn attach_lsm(ebpf: &mut Ebpf, btf: &KernelBtf) -> Result<()> {
+    let btf = btf.aya()?;
     // Load both before attaching either: a refusal leaves nothing attached.
     for (prog, hook) in LSM {
         let p: &mut Lsm = ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing from the eBPF object"))?
             .try_into()?;
-        p.load(hook, &btf).with_context(|| format!("load lsm/{hook}"))?;
+        p.load(hook, btf).with_context(|| format!("load lsm/{hook}"))?;
     }
     for (prog, hook) in LSM {
         let p: &mut Lsm = ebpf.program_mut(prog).expect("loaded above").try_into()?;

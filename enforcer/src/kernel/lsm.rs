@@ -21,6 +21,8 @@ use aya::{
 };
 use enforcer_common::{InodeKey, NAME_LEN, NameKey, SecretRef, lsm_config};
 
+use super::btf::KernelBtf;
+
 /// The program's name in the object (and its link's pin name).
 pub const PROGRAM: &str = "file_open";
 /// The program that drops a deleted secret's inode from SECRET_INODES when the kernel frees
@@ -32,10 +34,10 @@ pub const FREE_PROGRAM: &str = "inode_free";
 /// list, no BTF, ...), with the kernel's answer. A kernel that takes `file_open` but refuses
 /// the free hook keeps the first (logged: a recycled inode number of a deleted secret then
 /// stays judged as the secret until the daemon notices the inode is gone).
-pub fn attach(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, FdLink)>> {
-    let btf = Btf::from_sys_fs().context("kernel BTF (/sys/kernel/btf/vmlinux)")?;
-    let mut links = vec![(PROGRAM, attach_one(ebpf, PROGRAM, "file_open", &btf)?)];
-    match attach_one(ebpf, FREE_PROGRAM, "inode_free_security", &btf) {
+pub fn attach(ebpf: &mut Ebpf, btf: &KernelBtf) -> Result<Vec<(&'static str, FdLink)>> {
+    let btf = btf.aya()?;
+    let mut links = vec![(PROGRAM, attach_one(ebpf, PROGRAM, "file_open", btf)?)];
+    match attach_one(ebpf, FREE_PROGRAM, "inode_free_security", btf) {
         Ok(link) => links.push((FREE_PROGRAM, link)),
         Err(e) => tracing::warn!(
             error = %format!("{e:#}"),

@@ -223,6 +223,12 @@ impl Kernel {
         file_backend: FileBackend,
     ) -> Result<(Kernel, Rings)> {
         let object = object()?;
+        // aya's loader parses the kernel's whole BTF when it is made (for CO-RE relocations,
+        // which this object has none of: rustc emits none), tens of MB of heap at the
+        // daemon's start-up peak: dropped at once; `KernelBtf` answers offsets from the raw
+        // bytes, and BPF-LSM loads get aya's parse from it (one, dropped with it).
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         ensure_pin_dir(pin_dir)?;
         let adopted = pin_dir.join("GRANTS").exists();
         let old_links: Vec<PinnedLink> = std::fs::read_dir(pin_dir)?
@@ -281,7 +287,6 @@ impl Kernel {
         // Socket-local storage needs BTF the object lacks: created and pinned first, then
         // found by aya like every pinned map.
         sock_storage::ensure_pinned(pin_dir)?;
-        let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         for (name, value) in &globals {
             loader.override_global(name, value, true);
@@ -332,7 +337,7 @@ impl Kernel {
         // Secret opens: BPF-LSM where this kernel loads it, else fanotify (in the daemon).
         let (file_backend, file_backend_note) = match file_backend {
             FileBackend::Fanotify => ("fanotify", "file_backend = \"fanotify\"".to_string()),
-            _ => match lsm::attach(&mut ebpf) {
+            _ => match lsm::attach(&mut ebpf, &btf) {
                 Ok(lsm_links) => {
                     for (prog, link) in lsm_links {
                         links.push((prog, pin_link(link, pin_dir, prog)?));
@@ -379,6 +384,8 @@ impl Kernel {
                 None
             }
         };
+        // Everything that needed the kernel's BTF is loaded.
+        drop(btf);
         // The new programs run; the previous daemon's can go.
         for old in old_links {
             let _ = old.unpin();
