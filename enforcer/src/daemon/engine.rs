@@ -67,8 +67,11 @@ pub struct Engine {
     pub env_stage: env_facts::EnvStage,
     /// pid -> (exe, parent chain, exe hash) for alerts; dropped when the process exits.
     alert_facts: std::collections::HashMap<u32, (String, Vec<event::Ancestor>, ExeHash)>,
-    /// (job or cgroup, variable, fingerprint) already reported: one event each.
-    env_seen: std::collections::HashSet<(String, String, String)>,
+    /// (job or cgroup, variable, fingerprint) already reported: one event each. Kept as a
+    /// 64-bit hash under a per-daemon random key (8 bytes an entry instead of three
+    /// strings: an exec storm with changing values fills it at the environment read rate).
+    env_seen: std::collections::HashSet<u64>,
+    env_seen_key: std::hash::RandomState,
     instance: String,
     seq: u64,
     pub counts: Counts,
@@ -135,6 +138,7 @@ impl Engine {
             env_stage: Default::default(),
             alert_facts: Default::default(),
             env_seen: Default::default(),
+            env_seen_key: Default::default(),
             instance,
             seq: 0,
             counts: Counts::default(),
@@ -450,7 +454,11 @@ impl Engine {
             if self.env_seen.len() >= MAX_ENV_SEEN {
                 self.env_seen.clear();
             }
-            if !self.env_seen.insert((scope.clone(), c.name.clone(), c.fingerprint.clone())) {
+            let seen = std::hash::BuildHasher::hash_one(
+                &self.env_seen_key,
+                (scope.as_str(), c.name.as_str(), c.fingerprint.as_str()),
+            );
+            if !self.env_seen.insert(seen) {
                 continue;
             }
             let (process, known) = self.process_ref(pid, None);
@@ -676,6 +684,20 @@ impl Engine {
         self.store_event(e);
     }
 
+    /// Sizes of the engine's tables and queues (`status` `memory`): every one is bounded.
+    pub fn memory(&self) -> serde_json::Value {
+        let (capacity, exe_paths) = self.table.capacities();
+        serde_json::json!({
+            "processes_tracked": self.table.len(),
+            "process_table_capacity": capacity,
+            "exe_paths_cached": exe_paths,
+            "alert_facts": self.alert_facts.len(),
+            "env_credentials_seen": self.env_seen.len(),
+            "alerts_waiting_hash": self.exe_hashes.waiting(),
+            "alerts_waiting_env": self.env_stage.waiting(),
+        })
+    }
+
     /// (ancestry, exe hash) of a process for its alerts; cached per (pid, exe), so a flood
     /// of alerts from one process costs one lookup and one hash.
     fn alert_facts_of(&mut self, pid: u32, exe: &str) -> (Vec<event::Ancestor>, ExeHash) {
@@ -690,11 +712,23 @@ impl Engine {
             .map(|(pid, exe)| event::Ancestor { pid, exe })
             .collect();
         let hash = self.exe_hashes.start(pid);
-        if self.alert_facts.len() >= MAX_ALERT_FACTS {
-            self.alert_facts.clear();
+        // Kept only for a running process: its exit record drops the entry, and one written
+        // after that (an environment read applied after the exit) would stay until `purge`.
+        if self.table.get(pid).is_some_and(|p| p.exited_at.is_none()) {
+            if self.alert_facts.len() >= MAX_ALERT_FACTS {
+                self.alert_facts.clear();
+            }
+            self.alert_facts.insert(pid, (exe.to_string(), chain.clone(), hash.clone()));
         }
-        self.alert_facts.insert(pid, (exe.to_string(), chain.clone(), hash.clone()));
         (chain, hash)
+    }
+
+    /// Once a second: drops exited processes past their grace period and alert facts of
+    /// processes the table no longer holds.
+    pub fn purge(&mut self) {
+        self.table.purge();
+        let table = &self.table;
+        self.alert_facts.retain(|pid, _| table.get(*pid).is_some_and(|p| p.exited_at.is_none()));
     }
 
     /// The environment reads' turn (after each batch of records; never waits): applies

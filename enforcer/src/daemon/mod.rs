@@ -496,7 +496,7 @@ async fn run_async(setup: Setup) -> Result<()> {
                 }
                 watch.refresh();
                 sync_lsm(&mut lsm_maps, &watch, &index, Some(&mut engine));
-                engine.table.purge();
+                engine.purge();
                 stub.learned.prune(crate::kernel::grants::boot_now_ns());
                 notify_watchdog();
                 for n in crate::alert::take_notices() {

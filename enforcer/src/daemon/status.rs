@@ -97,6 +97,7 @@ impl Context<'_> {
                 "agents_marked_at_start": self.rebuilt.agents_marked,
                 "taint_restored_at_start": self.rebuilt.taint_restored,
             },
+            "memory": memory(engine),
             "exe_hash": engine.exe_hashes.counts,
             "env_reads": engine.table.env_counts(),
             "env_wait": engine.env_stage.counts,
@@ -113,4 +114,16 @@ impl Context<'_> {
             },
         })
     }
+}
+
+/// The daemon's resident and peak memory (VmRSS, VmHWM in KiB) with the sizes of its tables.
+fn memory(engine: &Engine) -> Value {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |k: &str| -> Option<u64> {
+        status.lines().find_map(|l| l.strip_prefix(k)?.split_whitespace().next()?.parse().ok())
+    };
+    let mut m = engine.memory();
+    m["rss_kb"] = json!(kb("VmRSS:"));
+    m["hwm_kb"] = json!(kb("VmHWM:"));
+    m
 }

@@ -137,7 +137,9 @@ pub enum EnvFacts {
 }
 
 pub struct ProcessTable {
-    procs: HashMap<u32, Process>,
+    /// Boxed: the buckets stay small (16 bytes), so the capacity steps a storm's peak
+    /// leaves behind cost little, and the entries' memory is reused as they come and go.
+    procs: HashMap<u32, Box<Process>>,
     /// Key for environment-credential fingerprints (None: environments are not read).
     /// Also keys the command-line redaction fingerprints, so `[redacted:H]` is the prefix of
     /// the `env_credentials` fingerprint of the same value.
@@ -181,6 +183,11 @@ impl ProcessTable {
 
     pub fn len(&self) -> usize {
         self.procs.len()
+    }
+
+    /// (entries the table's buckets can hold, executable paths cached), for `status`.
+    pub fn capacities(&self) -> (usize, usize) {
+        (self.procs.capacity(), self.exe_cache.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -244,7 +251,7 @@ impl ProcessTable {
         let cgroup_id = b.cgroup.as_deref().and_then(|c| self.cgroups.id_of(c)).unwrap_or(0);
         let mut p = Process::unseen(pid, seq, b.uid, cgroup_id);
         (p.ppid, p.exe) = (b.ppid, b.exe);
-        self.procs.insert(pid, p);
+        self.procs.insert(pid, Box::new(p));
         self.ask_process(pid, seq, env_reader::Want::Process { basics: false }, queue);
     }
 
@@ -278,7 +285,7 @@ impl ProcessTable {
             Record::Fork { parent, child, uid, cgroup_id, boot_ns, grants } => {
                 // A parent the table does not know is not read here (see the module doc).
                 let seq = self.next_seq();
-                let base = self.procs.get(parent).cloned();
+                let base = self.procs.get(parent).map(|p| Process::clone(p));
                 let p = match base {
                     Some(parent_proc) => Process {
                         pid: *child,
@@ -311,7 +318,7 @@ impl ProcessTable {
                         ..Process::unseen(*child, seq, *uid, *cgroup_id)
                     },
                 };
-                self.procs.insert(*child, p);
+                self.procs.insert(*child, Box::new(p));
             }
             Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
                 let exe = self.resolve_exe(*tgid, filename);
@@ -319,10 +326,11 @@ impl ProcessTable {
                 // The fork record made the entry (it moves out: no clone per exec); a pid
                 // the table never saw (lineage attached after its fork) has ppid unknown (0)
                 // rather than a /proc read here.
-                let (ppid, start_ns, grants, job, env_credentials) = match self.procs.remove(tgid) {
-                    Some(p) => (p.ppid, p.start_ns, p.grants, p.job, p.env_credentials),
-                    None => (0, 0, Vec::new(), None, Vec::new()),
-                };
+                let (ppid, start_ns, grants, job, env_credentials) =
+                    match self.procs.remove(tgid).map(|p| *p) {
+                        Some(p) => (p.ppid, p.start_ns, p.grants, p.job, p.env_credentials),
+                        None => (0, 0, Vec::new(), None, Vec::new()),
+                    };
                 // The new image's environment is read later, off the main loop
                 // (`env_pass`); until then what it inherited at fork stands.
                 self.exec_seq += 1;
@@ -331,7 +339,7 @@ impl ProcessTable {
                 }
                 self.procs.insert(
                     *tgid,
-                    Process {
+                    Box::new(Process {
                         pid: *tgid,
                         ppid,
                         uid: *uid,
@@ -346,7 +354,7 @@ impl ProcessTable {
                         exec_seq: self.exec_seq,
                         facts: Facts::Known,
                         exited_at: None,
-                    },
+                    }),
                 );
             }
             Record::Exit { tgid, grants } => {
@@ -577,7 +585,7 @@ impl ProcessTable {
 
     /// The process if the table has it (no /proc read).
     pub fn get(&self, pid: u32) -> Option<&Process> {
-        self.procs.get(&pid)
+        self.procs.get(&pid).map(|p| &**p)
     }
 
     /// The process; one the table has not seen gets an entry at once from what the kernel
@@ -592,7 +600,7 @@ impl ProcessTable {
         if !self.procs.contains_key(&pid) {
             let seq = self.next_seq();
             let p = Process::unseen(pid, seq, uid.unwrap_or(0), cgroup_id.unwrap_or(0));
-            self.procs.insert(pid, p);
+            self.procs.insert(pid, Box::new(p));
         }
         let p = &self.procs[&pid];
         if p.facts == Facts::Missing {
