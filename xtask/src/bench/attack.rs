@@ -2,14 +2,16 @@
 //! changing environments runs in the bench cgroup, with and without the daemon (interleaved),
 //! and the daemon's own CPU per exec record; the daemon's RSS idle and during and after a
 //! soak (exec storm whose processes open the secret, API flood on fresh connections),
-//! broken down from /proc/PID/smaps. Decision latency under the 2 TiB attacker (case 1) is
-//! measured in the enforce rounds (`rounds.rs`). About 75 s.
+//! broken down from /proc/PID/smaps, with the daemon's table sizes (`status` `memory`) and its
+//! start-up peak (VmHWM). Decision latency under the 2 TiB attacker (case 1) is measured in
+//! the enforce rounds (`rounds.rs`). About 2 minutes. `ENFORCER_BENCH_SOAK_SECS` sets the
+//! soak's length (default 60 s), `ENFORCER_BENCH_ATTACK=soak` skips the exec-storm rows.
 
 use super::grants;
 use super::harness::Bench;
 use super::report::{Row, median};
 use super::{Kind, check_interrupted};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -19,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Interleaved storm rounds (each: with the daemon, without it).
-const STORM_ROUNDS: usize = 5;
+const STORM_ROUNDS: usize = 7;
 /// fork+exec of /bin/true per probe.
 const PROBE_EXECS: u64 = 600;
 const RATIO_MAX: f64 = 1.05;
@@ -112,7 +114,7 @@ impl Rss {
                 let kb: u64 = v.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 if name == "[heap]" {
                     r.heap += kb;
-                } else if name.is_empty() && start % (64 << 20) == 0 {
+                } else if name.is_empty() && start.is_multiple_of(64 << 20) {
                     r.arenas += kb;
                 } else if name.is_empty() {
                     r.other_anon += kb;
@@ -204,23 +206,40 @@ impl Bench {
     }
 
     /// fork+exec /bin/true while the storm runs: rounds alternating which phase comes first.
+    /// Each round's figure is the median of its per-call times (a preempted call moves a
+    /// round's mean by percents, its median hardly); the row's ratio is the median of the
+    /// with-rounds over the median of the without-rounds, the means' ratio beside it.
     fn exec_storm(&mut self) -> Result<Vec<Row>> {
         let spec = self.exec_spec()?;
         let mut storm = self.storm("/bin/true")?;
         let r = self.exec_storm_rounds(spec);
         stop_storm(&mut storm);
-        let (without, with, cpu_per_exec, env_reads) = r?;
-        let (a, b) = (median(&without), median(&with));
+        let rounds = r?;
+        let p50 = |with: bool| -> Vec<f64> {
+            rounds.iter().filter(|r| r.with == with).map(|r| r.p50_ns).collect()
+        };
+        let mean = |with: bool| -> Vec<f64> {
+            rounds.iter().filter(|r| r.with == with).map(|r| r.mean_ns).collect()
+        };
+        let us = |v: &[f64]| v.iter().map(|x| (x / 1e3) as u64).collect::<Vec<_>>();
+        let (a, b) = (median(&p50(false)), median(&p50(true)));
         let ratio = b / a;
+        let wall_ratio = median(&mean(true)) / median(&mean(false));
+        let cpu: Vec<f64> = rounds.iter().filter_map(|r| r.cpu_us_per_exec).collect();
+        let env_reads = rounds.iter().rev().find_map(|r| r.env_reads.clone()).unwrap_or_default();
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let load = load.split_whitespace().next().unwrap_or("?").to_string();
         Ok(vec![
             Row {
                 name: format!(
                     "fork+exec /bin/true while an exec storm with changing environments runs in the cgroup \
-                     (N={PROBE_EXECS}, {STORM_ROUNDS} interleaved rounds; rounds without {:?} us, with {:?} us; load {load})",
-                    without.iter().map(|x| (x / 1e3) as u64).collect::<Vec<_>>(),
-                    with.iter().map(|x| (x / 1e3) as u64).collect::<Vec<_>>(),
+                     (per-call median of N={PROBE_EXECS} per round, {STORM_ROUNDS} interleaved rounds; \
+                     round medians without {:?} us, with {:?} us; means' ratio {wall_ratio:.3}, \
+                     round means without {:?} us, with {:?} us; load {load})",
+                    us(&p50(false)),
+                    us(&p50(true)),
+                    us(&mean(false)),
+                    us(&mean(true)),
                 ),
                 without: format!("{:.1} us", a / 1e3),
                 with: format!("{:.1} us", b / 1e3),
@@ -234,8 +253,8 @@ impl Bench {
                 without: "-".into(),
                 with: format!(
                     "{:.1} us per exec (rounds {:?}); environment reads: {env_reads}",
-                    median(&cpu_per_exec),
-                    cpu_per_exec.iter().map(|x| *x as u64).collect::<Vec<_>>()
+                    median(&cpu),
+                    cpu.iter().map(|x| *x as u64).collect::<Vec<_>>()
                 ),
                 ratio: "-".into(),
                 target: "-".into(),
@@ -244,45 +263,80 @@ impl Bench {
         ])
     }
 
-    #[allow(clippy::type_complexity)]
-    fn exec_storm_rounds(&mut self, spec: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, String)> {
-        let (mut without, mut with, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
-        let mut env_reads = String::new();
+    /// One probe: `n` fork+exec of the spec's target timed call by call.
+    fn exec_probe(&self, spec: usize, n: u64) -> Result<(f64, f64)> {
+        let s = &self.specs[spec];
+        let mut c = self.worker_cmd()?;
+        c.arg("bench-worker")
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--kind", "exec", "--target", &s.target, "--n", &n.to_string(), "--per-op"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        let out = c.output().context("bench: cannot start the exec probe")?;
+        check_interrupted()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        match (out.status.success(), field("ns="), field("ops="), field("p50=")) {
+            (true, Some(ns), Some(ops), Some(p50)) if ops > 0.0 => Ok((ns / ops, p50)),
+            _ => bail!("bench: exec probe failed ({}): {text:?}", out.status),
+        }
+    }
+
+    fn exec_storm_rounds(&mut self, spec: usize) -> Result<Vec<StormRound>> {
+        let mut rounds = Vec::new();
         // Warm-up of the probe and the storm.
-        self.worker(spec, Some(PROBE_EXECS / 4))?;
+        self.exec_probe(spec, PROBE_EXECS / 4)?;
         for round in 0..STORM_ROUNDS {
             for daemon_first in [round % 2 == 0, round % 2 != 0] {
                 check_interrupted()?;
                 if !daemon_first {
-                    without
-                        .push(self.worker(spec, Some(PROBE_EXECS))?.0 as f64 / PROBE_EXECS as f64);
+                    let (mean_ns, p50_ns) = self.exec_probe(spec, PROBE_EXECS)?;
+                    rounds.push(StormRound {
+                        with: false,
+                        mean_ns,
+                        p50_ns,
+                        cpu_us_per_exec: None,
+                        env_reads: None,
+                    });
                     continue;
                 }
                 self.start_daemon(false)?;
                 let pid = self.daemon_pid()?;
                 let (e0, c0) = (self.execs_seen()?, cpu_ns(pid));
-                with.push(self.worker(spec, Some(PROBE_EXECS))?.0 as f64 / PROBE_EXECS as f64);
+                let (mean_ns, p50_ns) = self.exec_probe(spec, PROBE_EXECS)?;
                 let c1 = cpu_ns(pid);
                 // The status is refreshed about once a second: wait for the counts to cover
                 // the probe.
                 std::thread::sleep(Duration::from_millis(1200));
                 let st = self.status_json()?;
                 let e1 = st.pointer("/counts/execs").and_then(|v| v.as_u64()).unwrap_or(e0);
-                env_reads = st.pointer("/env_reads").map(|v| v.to_string()).unwrap_or_default();
-                if e1 > e0 {
-                    cpu.push((c1 - c0) as f64 / 1e3 / (e1 - e0) as f64);
-                }
+                rounds.push(StormRound {
+                    with: true,
+                    mean_ns,
+                    p50_ns,
+                    cpu_us_per_exec: (e1 > e0).then(|| (c1 - c0) as f64 / 1e3 / (e1 - e0) as f64),
+                    env_reads: st.pointer("/env_reads").map(|v| v.to_string()),
+                });
                 self.stop_daemon()?;
             }
+            let last = |with: bool| rounds.iter().rev().find(|r| r.with == with);
+            let (w, wo) = (last(true), last(false));
             println!(
-                "bench: attack: exec storm round {}/{STORM_ROUNDS}: fork+exec without {:.1}us, with {:.1}us; daemon CPU per exec {}",
+                "bench: attack: exec storm round {}/{STORM_ROUNDS}: fork+exec per-call median without {:.1}us, with {:.1}us (means {:.1} / {:.1}); daemon CPU per exec {}",
                 round + 1,
-                without[round] / 1e3,
-                with[round] / 1e3,
-                cpu.last().map_or("?".into(), |c| format!("{c:.1}us")),
+                wo.map_or(0.0, |r| r.p50_ns / 1e3),
+                w.map_or(0.0, |r| r.p50_ns / 1e3),
+                wo.map_or(0.0, |r| r.mean_ns / 1e3),
+                w.map_or(0.0, |r| r.mean_ns / 1e3),
+                w.and_then(|r| r.cpu_us_per_exec).map_or("?".into(), |c| format!("{c:.1}us")),
             );
         }
-        Ok((without, with, cpu, env_reads))
+        Ok(rounds)
     }
 
     /// Idle RSS, then the soak with RSS samples, then RSS after it.
@@ -399,6 +453,17 @@ impl Bench {
             },
         ])
     }
+}
+
+/// One probe of the exec-storm rows.
+struct StormRound {
+    with: bool,
+    /// Mean and per-call median of one fork+exec, ns.
+    mean_ns: f64,
+    p50_ns: f64,
+    /// Daemon CPU per exec record (with-rounds).
+    cpu_us_per_exec: Option<f64>,
+    env_reads: Option<String>,
 }
 
 fn soak_length() -> Duration {

@@ -125,7 +125,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             timed(a, &mut samples, |i| connect_one(addr, i, a.expect_errno))?
         }
         Kind::Open => timed(a, &mut samples, |i| open_one(&a.target, i, a.expect_errno))?,
-        Kind::Exec => exec(&a.target, a.n)?,
+        Kind::Exec => exec(&a.target, a.n, a.per_op.then_some(&mut samples))?,
         Kind::Flood => flood(a.target.parse().context("bench worker: bad address")?, a)?,
         Kind::Socket => timed(a, &mut samples, socket_one)?,
         Kind::Send => {
@@ -239,10 +239,12 @@ fn socket_one(i: u64) -> Result<()> {
     Ok(())
 }
 
-fn exec(prog: &str, n: u64) -> Result<u64> {
+/// `n` fork+exec+wait of `prog`; with `samples`, each one timed.
+fn exec(prog: &str, n: u64, mut samples: Option<&mut Vec<u64>>) -> Result<u64> {
     let prog = CString::new(prog)?;
     let argv = [prog.as_ptr(), std::ptr::null()];
     for i in 0..n {
+        let t = Instant::now();
         // SAFETY: the child only calls async-signal-safe execv/_exit; this process is single-threaded.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -258,6 +260,9 @@ fn exec(prog: &str, n: u64) -> Result<u64> {
         // SAFETY: waiting for our own child.
         if unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
             bail!("bench worker: exec #{i} of {prog:?} failed (wait status {status})");
+        }
+        if let Some(s) = samples.as_deref_mut() {
+            s.push(t.elapsed().as_nanos() as u64);
         }
     }
     Ok(n)
