@@ -19,7 +19,7 @@ use std::time::Instant;
 
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// `prog_type` of BPF-LSM programs in fdinfo.
-const BPF_PROG_TYPE_LSM: u64 = 29;
+pub(super) const BPF_PROG_TYPE_LSM: u64 = 29;
 
 /// This thread's CPU time, ns.
 fn thread_cpu_ns() -> u64 {

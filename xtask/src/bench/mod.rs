@@ -14,6 +14,7 @@ mod bpf_stats;
 mod dns;
 mod grants;
 pub mod guest;
+mod guest_loops;
 mod guest_pairs;
 mod harness;
 mod kernel_costs;

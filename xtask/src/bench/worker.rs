@@ -59,6 +59,9 @@ pub struct WorkerArgs {
     /// of the programs this process (the daemon) holds.
     #[arg(long)]
     pub bpf_stats_pid: Option<u32>,
+    /// Loop-blocks (guest_loops.rs): fork+execs of `--pair-with` per block.
+    #[arg(long, default_value_t = 0)]
+    pub execs: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -89,6 +92,10 @@ pub enum Kind {
     /// time per block, per-call times, and with `--bpf-stats-pid` the programs' own time
     /// (`guest.rs`).
     OpenPairs,
+    /// Blocks of connects to `--target`, of fork+execs of `--pair-with` and of a reference
+    /// computation, rotating: CPU time per op, and with `--bpf-stats-pid` every daemon
+    /// program's time per op (`guest_loops.rs`).
+    LoopBlocks,
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
@@ -146,6 +153,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             timed(a, &mut samples, |i| connect_one(addr, i, None))?
         }
         Kind::OpenPairs => super::guest_pairs::open_pairs(a)?,
+        Kind::LoopBlocks => super::guest_loops::loop_blocks(a)?,
     };
     let ns = t0.elapsed().as_nanos();
     if a.per_op && !samples.is_empty() {
@@ -203,7 +211,7 @@ fn check(r: std::io::Result<()>, what: impl Fn() -> String, expect: Option<i32>)
     }
 }
 
-fn connect_one(addr: SocketAddr, i: u64, expect: Option<i32>) -> Result<()> {
+pub(super) fn connect_one(addr: SocketAddr, i: u64, expect: Option<i32>) -> Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     let r = TcpStream::connect(addr).map(|s| {
         // SAFETY: valid socket fd and a correctly sized option value.
