@@ -1,6 +1,7 @@
 //! `cargo xtask bench --kernel 6.1|6.12|all`: the secret-open cost of each file backend,
 //! measured inside Debian's guest kernels (QEMU/TCG, booted by the kernel matrix's code) where
-//! BPF-LSM loads. The host boots each guest with this xtask binary as the guest's program
+//! BPF-LSM loads. The host boots each guest on one vCPU whose clock counts the instructions
+//! it executed (`qemu::Clock::Instructions`), with this xtask binary as the guest's program
 //! (`bench-guest-inner`); inside, interleaved rounds (order rotating per round) run with no
 //! daemon, with a daemon on the BPF-LSM backend and with one on the fanotify backend: one
 //! process holding a grant opens a plain file and the watched secret in alternating blocks
@@ -9,8 +10,8 @@
 //! fork+execs rotating with a reference computation (`guest_loops.rs`: the worker's CPU per
 //! op over the reference, ratios to the no-daemon phase and bpf-lsm / fanotify, and every
 //! daemon program's time per op from bpf_stats). The headline is the secret/plain ratio of
-//! the opener's CPU time over adjacent block pairs, which a loaded host moves far less than
-//! wall time; the wall ratio is reported next to it. Emulation makes absolute times
+//! the opener's CPU time over adjacent block pairs: an instruction count, which a loaded host
+//! does not move; the wall ratio is reported next to it. Emulation makes absolute times
 //! meaningless: only ratios within one guest are reported. Prints a table per kernel and
 //! writes target/bench-guest.md.
 
@@ -56,9 +57,11 @@ pub struct InnerArgs {
     pub iterations: usize,
 }
 
-/// Rounds per guest unless `--iterations` says otherwise: each costs two daemon starts, tens
-/// of seconds each under emulation (the verifier).
-pub const DEFAULT_ITERATIONS: usize = 3;
+/// Rounds per guest unless `--iterations` says otherwise. Each costs two daemon starts (the
+/// verifier: 16-17 s of guest time on 6.1, a minute or more of the host's on one emulated
+/// vCPU). One: on the instruction clock the rounds agree within 1-2% (3-round runs), and
+/// `bench --kernel all` stays within about 6 minutes.
+pub const DEFAULT_ITERATIONS: usize = 1;
 /// Target: a granted secret open judged by BPF-LSM costs at most this times a plain open.
 const LSM_TARGET: f64 = 1.5;
 /// The guest program's time limit (seconds).
@@ -86,21 +89,22 @@ pub fn run(kernel: GuestKernel, iterations: usize) -> Result<()> {
     let qemu_bin = host::qemu().context("bench: qemu-system-x86_64 not found")?;
     let exe = std::env::current_exe().context("bench: where is this xtask binary")?;
     let mut md = String::from(
-        "# enforcer bench inside guest kernels\n\nEach kernel boots under QEMU with TCG (emulation, no KVM): absolute times are many \
-         times the hardware's, so only ratios measured within one guest mean anything. Rounds interleave no daemon, a \
-         daemon on the BPF-LSM backend and one on the fanotify backend (order rotating). \
-         The secret-open cost is a granted process's open of the watched secret / its open of a plain file under the \
-         same daemon, in alternating blocks: the opener's CPU time per adjacent block pair (the headline, robust to \
-         host load: it excludes the vCPU threads waiting for the host and the daemon reading records on the other \
-         vCPU, but not a vCPU descheduled inside a call), and the wall clock (per-call medians). bpf_stats rows are the \
-         kernel's own accounting of the programs' run time, in blocks of their own. Connect and fork+exec \
-         (`guest_loops.rs`) are timed by the worker's own CPU time (a fork+exec: the parent's plus the reaped \
-         child's), in blocks rotating with a fixed userspace computation, the reference; each block is divided by \
-         its reference, so phases minutes apart compare in the same units. \"Unchanged\" is judged by the \
-         BPF-LSM backend's CPU/reference over the fanotify backend's: within 1.05x, a bound TCG still resolves \
-         (the rounds' spread), next to the kernel's own accounting of what the BPF-LSM backend's programs \
-         (file_open, inode_free) cost per op, counted over every process during the blocks (the daemon's \
-         /proc reads included).\n",
+        "# enforcer bench inside guest kernels\n\nEach kernel boots under QEMU with TCG (emulation, no KVM) on one vCPU \
+         whose clock counts the instructions it executed (`-icount shift=0,sleep=off`: 1 ns per guest instruction; \
+         an idle guest skips to its next timer): every CPU time below is a count of the measured process's own \
+         instructions, which the host's load does not move, and says nothing of cache misses or of what an \
+         instruction costs on hardware. Wall times also count idle skips (a wait for 9p I/O ends at the next \
+         timer), so only CPU-time ratios are judged. Rounds interleave no daemon, a daemon on the BPF-LSM backend \
+         and one on the fanotify backend (order rotating). The secret-open cost is a granted process's open of the \
+         watched secret / its open of a plain file under the same daemon, in alternating blocks: the opener's CPU \
+         time per adjacent block pair (the headline), and the wall clock (per-call medians). bpf_stats rows are the \
+         kernel's own accounting of the programs' run time, in blocks of their own (it adds two clock reads per \
+         run). Connect and fork+exec (`guest_loops.rs`) are timed by the worker's own CPU time (a fork+exec: the \
+         parent's plus the reaped child's), in blocks rotating with a fixed userspace computation, the reference, \
+         by which each block is divided. \"Unchanged\" is judged by the BPF-LSM backend's CPU/reference over the \
+         fanotify backend's: within 1.05x; beside it the kernel's own accounting of what the BPF-LSM backend's \
+         programs (file_open, inode_free) cost per op, counted over every process during the blocks (the \
+         daemon's /proc reads included), as a share of the op.\n",
     );
     let mut failed = Vec::new();
     for series in kernel.series() {
@@ -120,7 +124,16 @@ pub fn run(kernel: GuestKernel, iterations: usize) -> Result<()> {
         println!("bench: kernel {} = {} {}: booting the guest", series.name, k.package, k.version);
         let out_dir = root().join("target").join("bench-guest").join(&k.release);
         let load_start = loadavg();
-        let g = qemu::run(&qemu_bin, &k, std::slice::from_ref(&prog), &[], &out_dir)?;
+        // The instruction clock: every time the guest measures is a count of its own
+        // instructions, which a loaded host does not move (see `qemu::Clock`).
+        let g = qemu::run_with(
+            &qemu_bin,
+            &k,
+            std::slice::from_ref(&prog),
+            &[],
+            &out_dir,
+            qemu::Clock::Instructions,
+        )?;
         let load_end = loadavg();
         let r = &g.runs[0];
         let result = r

@@ -1,17 +1,18 @@
 //! Worker `loop-blocks` of the guest bench (`guest.rs`): what a daemon adds to connect() and
-//! fork+exec, measured so that TCG and a loaded host do not decide it. Under TCG the guest's
-//! vCPUs are host threads competing with every other build on the host: one loop's wall time
-//! moves by 1.3x between runs, more than any program of ours costs. So this worker times by
-//! its own CPU time: a connect by the thread's CPU time (CLOCK_THREAD_CPUTIME_ID: the
-//! syscalls, the cgroup hooks and the loopback softirq that run in its context; not the
-//! daemon reading records on the other vCPU), a fork+exec by the parent's CPU time plus the
-//! child's (its rusage from wait4: exec, the dynamic loader's opens, exit). Blocks of
-//! connects, blocks of fork+execs and blocks of a fixed userspace computation (the
-//! reference: how fast the vCPU runs right now) rotate; each loop's block is divided by the
-//! adjacent reference block, so the phases of a round, minutes apart, are compared in the
-//! same units even when the host's load changed meanwhile. Then, with `--bpf-stats-pid`,
-//! blocks with `kernel.bpf_stats_enabled`: every daemon program's run time and run count per
-//! connect and per fork+exec (the kernel's own accounting). Prints `loops=<json>`.
+//! fork+exec. Wall time under TCG is noise (a guest loop's mean moved by 1.3x between runs,
+//! more than any program of ours costs), so this worker times by its own CPU time: a connect
+//! by the thread's CPU time (CLOCK_THREAD_CPUTIME_ID: the syscalls, the cgroup hooks and the
+//! loopback softirq that run in its context; not the daemon reading records), a fork+exec by
+//! the parent's CPU time plus the child's (its rusage from wait4: exec, the dynamic loader's
+//! opens, exit). On the bench's instruction-clocked guest (`qemu::Clock::Instructions`) these
+//! are counts of the worker's own instructions. Blocks of connects, blocks of fork+execs and
+//! blocks of a fixed userspace computation (the reference) rotate; each loop's block is
+//! divided by the same block's reference, so phases minutes apart compare in the same units
+//! even if the vCPU's speed changed meanwhile (it does on a host clock; on the instruction
+//! clock the reference stays put, a check). Then, with `--bpf-stats-pid` (the daemon), its
+//! CPU ticks during each loop's blocks, and blocks with `kernel.bpf_stats_enabled`: every
+//! daemon program's run time and run count per connect and per fork+exec (the kernel's own
+//! accounting). Prints `loops=<json>`.
 
 use super::worker::{WorkerArgs, connect_one};
 use anyhow::{Context, Result, bail};
@@ -371,6 +372,18 @@ pub(super) fn summary(l: &Value) -> String {
                 g[0], g[3], g[1], g[2]
             );
         }
+        // Every program that ran: runs per op, ns per run.
+        for p in l["stats"].as_array().into_iter().flatten() {
+            let runs = p[format!("{key}_runs")].as_f64().unwrap_or(0.0);
+            if runs > 0.0 {
+                let ns = p[format!("{key}_ns")].as_f64().unwrap_or(0.0);
+                s += &format!(
+                    " [{} {runs:.2} runs/op {:.0} ns/run]",
+                    p["name"].as_str().unwrap_or("?"),
+                    ns / runs
+                );
+            }
+        }
         parts.push(s);
     }
     parts.join("; ")
@@ -489,14 +502,12 @@ pub(super) fn rows(f: &Value) -> Vec<(String, [String; 3])> {
         }
         rows.push((
             format!(
-                "{name}: wall per op, median of blocks (ratio to no daemon; host load included)"
+                "{name}: wall per op, median of blocks (ratio to no daemon; counts idle skips to the next timer: not judged)"
             ),
             [us("wall_ns", 0), us("wall_ns", 1), us("wall_ns", 2)],
         ));
         rows.push((
-            format!(
-                "the daemon's CPU per {unit} (its records; on the other vCPU, not the worker's)"
-            ),
+            format!("the daemon's CPU per {unit} (its records and timers; not in the worker's)"),
             [0, 1, 2].map(|p| match l["daemon_cpu_ns"][p].as_f64() {
                 Some(d) => format!("{:.1} us", d / 1e3),
                 None => "-".into(),

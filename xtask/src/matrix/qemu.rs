@@ -129,6 +129,18 @@ cd {cwd_q}
     s
 }
 
+/// How the guest's CPU and clock are emulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// Two vCPUs (multi-threaded TCG), the guest's clock following the host's: the test suite.
+    Host,
+    /// One vCPU whose clock counts the instructions it executed (`-icount shift=0,sleep=off`:
+    /// 1 ns per guest instruction; an idle guest skips to its next timer). Every time the guest
+    /// measures is then a count of its own instructions, whatever else the host runs: the
+    /// bench. One vCPU, because with two the clock also advances while the other vCPU runs.
+    Instructions,
+}
+
 /// Boots `kernel`, runs `tests` (with `env`), collects the results in `out_dir` (emptied
 /// first).
 pub fn run(
@@ -137,6 +149,18 @@ pub fn run(
     tests: &[GuestTest],
     env: &[(String, String)],
     out_dir: &Path,
+) -> Result<GuestRun> {
+    run_with(qemu, kernel, tests, env, out_dir, Clock::Host)
+}
+
+/// `run` with the guest's clock chosen.
+pub fn run_with(
+    qemu: &Path,
+    kernel: &Kernel,
+    tests: &[GuestTest],
+    env: &[(String, String)],
+    out_dir: &Path,
+    clock: Clock,
 ) -> Result<GuestRun> {
     let _ = std::fs::remove_dir_all(out_dir);
     let results = out_dir.join("share");
@@ -152,7 +176,14 @@ pub fn run(
     let console = out_dir.join("console.log");
     let qemu_log = out_dir.join("qemu.log");
     let mut c = Command::new(qemu);
-    c.args(["-accel", "tcg", "-cpu", "max", "-smp", VCPUS, "-m", MEMORY_MIB])
+    let vcpus = match clock {
+        Clock::Host => VCPUS,
+        Clock::Instructions => {
+            c.args(["-icount", "shift=0,sleep=off"]);
+            "1"
+        }
+    };
+    c.args(["-accel", "tcg", "-cpu", "max", "-smp", vcpus, "-m", MEMORY_MIB])
         .args(["-nographic", "-nodefaults", "-no-reboot", "-nic", "none", "-monitor", "none"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
