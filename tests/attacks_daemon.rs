@@ -1116,6 +1116,12 @@ print(n)
         assert!(*rss <= warm.0 + 3072, "RSS grew: {samples:?}");
         assert!(*fds <= warm.1 + 16, "fds grew: {samples:?}");
     }
+    // Alert facts (ancestry, exe hash) are kept for running processes only: the storm's
+    // thousands of alerting processes have exited (an entry written after a process's exit
+    // record once stayed until the table's cap).
+    let memory = d.status_json()["memory"].clone();
+    let alert_facts = memory["alert_facts"].as_u64().unwrap();
+    assert!(alert_facts <= 16, "alert facts of exited processes kept: {memory}");
     assert!(after.1 <= warm.1 + 16, "fds after the soak: {after:?} vs {warm:?}");
     assert!(after.0 <= warm.0 + 3072, "RSS after the soak: {after:?} vs {warm:?}");
 }
