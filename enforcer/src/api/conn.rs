@@ -104,6 +104,10 @@ pub struct Activity {
     pub in_flight: AtomicU64,
     /// Requests started on this connection.
     pub requests: AtomicU64,
+    /// With `mint::timing` on: CLOCK_MONOTONIC ns of the last read that brought bytes, and
+    /// of the last write (the previous answer leaving), for the request's stamps.
+    pub last_read_ns: AtomicU64,
+    pub last_write_ns: AtomicU64,
 }
 
 /// A request in progress; the connection is not idle while one exists.
@@ -141,6 +145,10 @@ impl AsyncRead for Tracked {
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             let ms = self.epoch.elapsed().as_millis() as u64;
             self.activity.last_read_ms.store(ms, Ordering::Relaxed);
+            if crate::mint::timing::enabled() {
+                let ns = crate::mint::timing::now_ns();
+                self.activity.last_read_ns.store(ns, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -152,7 +160,12 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if crate::mint::timing::enabled() && matches!(r, Poll::Ready(Ok(_))) {
+            let ns = crate::mint::timing::now_ns();
+            self.activity.last_write_ns.store(ns, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)

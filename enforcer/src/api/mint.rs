@@ -17,6 +17,7 @@ use crate::mint::model::{Grant, GrantState};
 use crate::mint::ratelimit::RateLimiter;
 use crate::mint::registry::{Registry, resolve_destinations};
 use crate::mint::request;
+use crate::mint::timing::Stamps;
 use crate::mint::writer::LedgerTx;
 use crate::policy::Config;
 
@@ -180,16 +181,18 @@ pub async fn issue(
     peer: Arc<Requester>,
     body: bytes::Bytes,
     sent: Arc<Option<std::os::fd::OwnedFd>>,
+    stamps: &mut Stamps,
 ) -> Result<(StatusCode, Value), ApiError> {
     if let Err(retry) = lock(&m.limiter).check(peer.uid, Instant::now()) {
         return Err(MintError::RateLimited { uid: peer.uid, retry }.into());
     }
     let req = request::parse(&body)?;
+    stamps.mark("parse");
     // Attestation reads /proc (in memory: tens of microseconds) and signing takes tens of
     // microseconds: both run here, on the API's own runtime (`serve_on_own_runtime`), with no
     // hop to the blocking pool and back. Only hashing an executable not hashed before can
     // take long; that request is prepared again on the blocking pool.
-    let prepared = match prepare(&m, &peer, &req, &sent, false)? {
+    let prepared = match prepare(&m, &peer, &req, &sent, false, stamps)? {
         Some(p) => p,
         None => {
             let busy = || ApiError::new(503, "mint_busy", "the mint is busy; retry later");
@@ -200,7 +203,9 @@ pub async fn issue(
             let (m2, p2) = (m.clone(), peer.clone());
             tokio::time::timeout(
                 ISSUE_WAIT,
-                tokio::task::spawn_blocking(move || prepare(&m2, &p2, &req, &sent, true)),
+                tokio::task::spawn_blocking(move || {
+                    prepare(&m2, &p2, &req, &sent, true, &mut Stamps::off())
+                }),
             )
             .await
             .map_err(|_| busy())?
@@ -212,6 +217,7 @@ pub async fn issue(
     let limits = &config.limits;
     let (grant, _slot) = {
         let mut reg = lock(&m.registry);
+        stamps.mark("lock");
         // Quotas are checked and taken under one lock: concurrent requests cannot overshoot.
         let subject = &grant.subject;
         let (by_uid, by_cgroup) = reg.held_by(subject.uid, &subject.cgroup);
@@ -227,8 +233,9 @@ pub async fn issue(
                 "mint_grants_per_cgroup",
             )?;
         }
-        reg.issue(grant, &intent, nets)?
+        reg.issue(grant, &intent, nets, stamps)?
     };
+    stamps.mark("unlock");
     // Kernel first, ledger second (in `issue`: a grant the ledger journal could not record
     // was undone there); the record is durable from here, SQLite gets it with the writer's
     // next group.
@@ -243,7 +250,9 @@ pub async fn issue(
         ))
         .into());
     }
+    stamps.mark("alive");
     let mut v = grant_json(&grant);
+    stamps.mark("json");
     if let Some(b) = m.aws.get().filter(|_| intent.aws.is_some()).cloned() {
         // The token file is written on the blocking pool, not on an async worker.
         let g = grant.clone();
@@ -284,6 +293,7 @@ fn prepare(
     req: &request::GrantRequest,
     sent: &Option<std::os::fd::OwnedFd>,
     may_hash: bool,
+    stamps: &mut Stamps,
 ) -> Result<Option<Prepared>, MintError> {
     let config = lock(&m.config).clone();
     let mut intent = config
@@ -329,6 +339,7 @@ fn prepare(
     if let (Some(ticks), None) = (req.pid_start_time, &target_owned) {
         attest::check_start_time(target, ticks)?;
     }
+    stamps.mark("attest");
     let sha = if may_hash {
         m.exe_sha256(target)?
     } else {
@@ -342,7 +353,9 @@ fn prepare(
     let (ttl, clamped) = request::resolve_ttl(&intent, req.ttl);
     let subject = target.subject(sha);
     let nets = resolve_destinations(&intent.destinations);
+    stamps.mark("select");
     let grant = Registry::prepare(&m.signer, &m.issuer, &intent, subject, ttl, clamped)?;
+    stamps.mark("sign");
     Ok(Some(Prepared { grant, intent, nets, target: target_owned, config }))
 }
 

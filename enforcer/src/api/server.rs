@@ -16,6 +16,7 @@ use tokio::net::UnixListener;
 use super::error::ApiError;
 use super::mint::{self, MintState};
 use crate::mint::attest::{self, Requester};
+use crate::mint::timing::Stamps;
 
 /// What the API serves, kept current by the daemon.
 pub struct ApiState {
@@ -52,14 +53,34 @@ impl Server {
     }
 }
 
+/// The workers' nice value: `mint::sched::API_NICE`, or ENFORCER_API_NICE (measurements).
+fn api_nice() -> i32 {
+    std::env::var("ENFORCER_API_NICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(crate::mint::sched::API_NICE)
+}
+
 pub fn serve_on_own_runtime(
     listener: UnixListener,
     state: Arc<ApiState>,
 ) -> std::io::Result<Server> {
     let listener = listener.into_std()?;
+    // The workers are the runtime's first API_THREADS threads (tokio starts them when the
+    // runtime is built); later ones are its blocking pool (hashing a new executable), which
+    // keeps the normal priority.
+    let started = std::sync::atomic::AtomicUsize::new(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(API_THREADS)
-        .thread_name("api")
+        .thread_name_fn(move || {
+            let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < API_THREADS { "api".into() } else { "api-blocking".into() }
+        })
+        .on_thread_start(|| {
+            if std::thread::current().name() == Some("api") {
+                crate::mint::sched::set_thread_nice(api_nice());
+            }
+        })
         .enable_all()
         .build()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -133,10 +154,21 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>) {
             let svc = {
                 let activity = activity.clone();
                 service_fn(move |req| {
+                    let mut stamps = Stamps::new();
+                    if stamps.on() {
+                        let read = activity.last_read_ns.load(std::sync::atomic::Ordering::Relaxed);
+                        let wrote =
+                            activity.last_write_ns.load(std::sync::atomic::Ordering::Relaxed);
+                        // The previous answer's last write on this connection, then this
+                        // request's last read.
+                        stamps.mark_at("prev_write", wrote);
+                        stamps.mark_at("read", read);
+                        stamps.mark("handler");
+                    }
                     let busy = InFlight::new(&activity);
                     let (state, peer, sent) = (state.clone(), peer.clone(), sent.clone());
                     async move {
-                        let r = handle(req, state, peer, sent).await;
+                        let r = handle(req, state, peer, sent, stamps).await;
                         drop(busy);
                         r
                     }
@@ -167,6 +199,7 @@ async fn handle(
     state: Arc<ApiState>,
     peer: Arc<Requester>,
     sent: Arc<Option<std::os::fd::OwnedFd>>,
+    mut stamps: Stamps,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -175,6 +208,7 @@ async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(api_error(&e)),
     };
+    stamps.mark("body");
     let result: Result<(StatusCode, Value), ApiError> = match route(&method, &path) {
         Route::Health => Ok((StatusCode::OK, json!({"status": "ok"}))),
         Route::Status => {
@@ -190,7 +224,8 @@ async fn handle(
         Route::Keys => Ok((StatusCode::OK, state.mint.jwks())),
         Route::Metrics => return Ok(metrics(&state)),
         Route::Issue => {
-            let r = mint::issue(state.mint.clone(), peer.clone(), body.clone(), sent).await;
+            let r = mint::issue(state.mint.clone(), peer.clone(), body.clone(), sent, &mut stamps)
+                .await;
             if let Err(e) = &r
                 && matches!(e.status, 403 | 404 | 409 | 429 | 503)
             {
@@ -218,10 +253,15 @@ async fn handle(
         },
         Route::Refused(e) => Err(e),
     };
-    Ok(match result {
+    let mut resp = match result {
         Ok((status, v)) => json_response(status, v),
         Err(e) => api_error(&e),
-    })
+    };
+    stamps.mark("respond");
+    if let Some(h) = stamps.header().and_then(|h| hyper::header::HeaderValue::from_str(&h).ok()) {
+        resp.headers_mut().insert(crate::mint::timing::HEADER, h);
+    }
+    Ok(resp)
 }
 
 /// What a request asks for, from its method and path alone.

@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{Context, bail};
 
 use super::model::Grant;
+use super::timing::Stamps;
 
 pub const JOURNAL_FILE: &str = "ledger.journal";
 /// The journal is emptied once it holds this much and all of it is in SQLite: a truncate
@@ -111,10 +112,24 @@ impl Journal {
     /// the journal's lock, so records reach `then` in journal order. An error writes nothing
     /// further (a short write is cut off again) and does not call `then`.
     pub fn append<T>(&self, g: Grant, then: impl FnOnce(Grant, u64) -> T) -> io::Result<T> {
+        self.append_stamped(g, &mut Stamps::off(), then)
+    }
+
+    /// `append`, marking its stages in `stamps`.
+    pub fn append_stamped<T>(
+        &self,
+        g: Grant,
+        stamps: &mut Stamps,
+        then: impl FnOnce(Grant, u64) -> T,
+    ) -> io::Result<T> {
         let mut line = serde_json::to_vec(&g).map_err(io::Error::other)?;
         line.push(b'\n');
+        stamps.mark("journal_json");
         let mut i = self.lock();
-        if let Err(e) = i.file.write_all(&line) {
+        stamps.mark("journal_lock");
+        let written = i.file.write_all(&line);
+        stamps.mark("journal_write");
+        if let Err(e) = written {
             // A partial line would make every later record unreadable.
             let len = i.len;
             let _ = i.file.set_len(len);

@@ -476,6 +476,7 @@ fn grant_from_row(r: &Row) -> rusqlite::Result<Grant> {
 fn spawn_checkpointer(path: &Path) {
     let path = path.to_path_buf();
     let _ = std::thread::Builder::new().name("ledger-checkpoint".into()).spawn(move || {
+        super::sched::set_thread_nice(super::sched::BACKGROUND_NICE);
         let Ok(conn) = Connection::open(&path) else { return };
         let _ = conn.busy_timeout(Duration::from_millis(100));
         loop {

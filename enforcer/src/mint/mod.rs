@@ -8,6 +8,8 @@ pub mod procdir;
 pub mod ratelimit;
 pub mod registry;
 pub mod request;
+pub mod sched;
+pub mod timing;
 pub mod token;
 pub mod view;
 pub mod writer;

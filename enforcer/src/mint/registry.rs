@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::error::MintError;
 use super::ledger::{Ledger, ListFilter};
 use super::model::{Grant, GrantState, Subject};
+use super::timing::Stamps;
 use super::token::Signer;
 use super::view::{GrantFacts, GrantView, Nets, PolicyFacts, SlotMap, ViewCell};
 use super::writer::LedgerTx;
@@ -374,6 +375,7 @@ impl Registry {
         grant: Grant,
         intent: &Intent,
         nets: Nets,
+        stamps: &mut Stamps,
     ) -> Result<Issued, MintError> {
         let expires_at = grant.expires_at;
         let expires_ns = boot_deadline(expires_at);
@@ -388,11 +390,13 @@ impl Registry {
         self.maps
             .put_grant(slot, expires_ns, &nets, k)
             .map_err(|e| MintError::internal(format!("{e:#}")))?;
+        stamps.mark("kernel_grant");
         if let Err(e) = self.maps.bind(grant.subject.pid, grant.subject.start_ns, slot) {
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(MintError::TooManyGrants(format!("{e:#}")));
         }
-        if let Err(e) = self.ledger.insert(grant.clone()) {
+        stamps.mark("kernel_bind");
+        if let Err(e) = self.ledger.insert_stamped(grant.clone(), stamps) {
             self.maps.unbind(grant.subject.pid, slot);
             self.maps.remove_grant(slot, &nets.iter().map(|n| n.0).collect::<Vec<_>>());
             return Err(MintError::internal(e));
@@ -415,7 +419,9 @@ impl Registry {
             },
         );
         self.next_deadline = Some(self.next_deadline.map_or(expires_at, |d| d.min(expires_at)));
+        stamps.mark("live");
         self.publish();
+        stamps.mark("publish");
         Ok((grant, slot))
     }
 

@@ -21,6 +21,7 @@ use super::journal::Journal;
 use super::ledger::{Batch, Ledger};
 use super::model::{Grant, GrantState};
 use super::registry::GrantChange;
+use super::timing::Stamps;
 
 enum Op {
     /// A new grant, already in the journal under this sequence number.
@@ -62,6 +63,7 @@ impl LedgerTx {
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
+                super::sched::set_thread_nice(super::sched::BACKGROUND_NICE);
                 let Ok(urgent) = urgent_rx.recv() else { return };
                 run(ledger, j, rx, &urgent, changes)
             })
@@ -75,8 +77,13 @@ impl LedgerTx {
     /// Records a new grant: once this returns Ok it survives a crash of the daemon (it is in
     /// the journal); the writer copies it into SQLite with the next group.
     pub fn insert(&self, grant: Grant) -> Result<(), String> {
+        self.insert_stamped(grant, &mut Stamps::off())
+    }
+
+    /// `insert`, marking the journal's stages in `stamps`.
+    pub fn insert_stamped(&self, grant: Grant, stamps: &mut Stamps) -> Result<(), String> {
         self.1
-            .append(grant, |g, seq| {
+            .append_stamped(grant, stamps, |g, seq| {
                 // A stopped writer means the daemon is stopping: the journal has the record
                 // and the next start puts it into SQLite.
                 let _ = self.0.send(Op::Insert(g, seq));

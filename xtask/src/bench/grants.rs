@@ -99,6 +99,8 @@ pub struct Client {
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// The daemon's `x-enforcer-timing` header (stage=monotonic ns,...), when it sends one.
+    pub timing: Option<String>,
 }
 
 impl Client {
@@ -157,7 +159,7 @@ impl Client {
             .and_then(|r| r.get(..3))
             .and_then(|c| c.parse::<u16>().ok())
             .ok_or_else(|| anyhow!("bad status line {:?}", line.trim_end()))?;
-        let (mut length, mut close) = (None, false);
+        let (mut length, mut close, mut timing) = (None, false, None);
         loop {
             line.clear();
             if conn.read_line(&mut line).context("read header")? == 0 {
@@ -176,19 +178,38 @@ impl Client {
                 close = true;
             } else if k.eq_ignore_ascii_case("transfer-encoding") {
                 bail!("unsupported transfer-encoding {v:?}");
+            } else if k.eq_ignore_ascii_case(TIMING_HEADER) {
+                timing = Some(v.to_string());
             }
         }
         let length =
             length.ok_or_else(|| anyhow!("response without content-length (status {status})"))?;
         let mut body = vec![0; length];
         conn.read_exact(&mut body).context("read body")?;
-        Ok((Response { status, body }, close))
+        Ok((Response { status, body, timing }, close))
     }
 
     /// POST /v1/grants binding a grant to `pid`: the grant id, or why not.
     pub fn issue(&mut self, pid: u32) -> Result<String> {
         let v = self.issue_json(INTENT, pid)?;
         v["id"].as_str().map(String::from).ok_or_else(|| anyhow!("201 without an id: {v}"))
+    }
+
+    /// `issue` for the timed loop: the status is checked, the body is not parsed (the
+    /// client's CPU is taken from the daemon's two cores). With the daemon's stamps on, the
+    /// request's client and server timestamps.
+    fn issue_timed(&mut self, pid: u32, timed: bool) -> Result<Option<Stamped>> {
+        let body = format!(r#"{{"intent": "{INTENT}", "ttl": "{TTL}", "pid": {pid}}}"#);
+        let sent = mono_ns();
+        let r = self.request("POST", "/v1/grants", Some(body.as_bytes()))?;
+        let recv = mono_ns();
+        if r.status != 201 {
+            bail!("status {}: {}", r.status, String::from_utf8_lossy(&r.body).trim());
+        }
+        if !r.body.windows(8).any(|w| w == br#""id":"g_"#) {
+            bail!("201 without an id: {}", String::from_utf8_lossy(&r.body).trim());
+        }
+        Ok(timed.then(|| Stamped { from: 0, sent, recv, server: r.timing.unwrap_or_default() }))
     }
 
     /// POST /v1/grants binding a grant of `intent` to `pid`: the answer, or why not.
@@ -230,6 +251,28 @@ pub fn wait_live(sock: &Path, timeout: Duration, want: impl Fn(u64) -> bool) -> 
     }
 }
 
+/// The daemon's per-stage timestamps of a grant request (`enforcer::mint::timing`).
+pub const TIMING_HEADER: &str = "x-enforcer-timing";
+/// The daemon environment variable that turns them on.
+pub const TIMING_ENV: &str = "ENFORCER_MINT_TIMING";
+
+/// CLOCK_MONOTONIC ns, the clock of the daemon's stamps.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One timed request: when its latency clock started (`from`: sent, or due when the client
+/// was behind), when the client wrote it and had the whole answer, and the daemon's stamps.
+pub struct Stamped {
+    pub from: u64,
+    pub sent: u64,
+    pub recv: u64,
+    pub server: String,
+}
+
 pub struct Issuance {
     /// Per-request latency of every request, successful or not (ns), from the time it was
     /// due (so a client that fell behind counts its wait: no coordinated omission).
@@ -244,6 +287,10 @@ pub struct Issuance {
     /// would not see in production.
     pub daemon_cpu: Duration,
     pub client_cpu: Duration,
+    /// Per client, its requests in order (empty unless the daemon's stamps are on).
+    pub stamped: Vec<Vec<Stamped>>,
+    /// Per-thread CPU and run-queue wait over the issuance: the daemon's, then the bench's.
+    pub threads: String,
 }
 
 /// User + system CPU time of process `pid` so far (/proc/<pid>/stat, clock ticks).
@@ -265,6 +312,8 @@ pub fn cpu_of(pid: u32) -> Result<Duration> {
 /// `daemon`: the daemon's pid, for its CPU time.
 pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> Result<Issuance> {
     let clients = (0..CLIENTS).map(|_| Client::connect(sock)).collect::<Result<Vec<_>>>()?;
+    let timed = daemon_env_has(daemon, TIMING_ENV, "1");
+    let threads0 = (thread_stats(daemon), thread_stats(std::process::id()));
     let (daemon0, client0) = (cpu_of(daemon)?, cpu_of(std::process::id())?);
     let start = Barrier::new(CLIENTS + 1);
     let (results, wall) = std::thread::scope(|s| {
@@ -276,6 +325,7 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
                 let start = &start;
                 s.spawn(move || {
                     let mut lat = Vec::with_capacity(mine.len() * per_holder);
+                    let mut stamped = Vec::with_capacity(if timed { lat.capacity() } else { 0 });
                     let mut errors = Vec::new();
                     let mut failures = 0;
                     start.wait();
@@ -297,17 +347,28 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
                             } else {
                                 due
                             };
-                            let r = client.issue(pid);
+                            // `from` on the clock of the daemon's stamps.
+                            let from_ns = mono_ns().saturating_sub(
+                                Instant::now().saturating_duration_since(from).as_nanos() as u64,
+                            );
+                            let r = client.issue_timed(pid, timed);
                             lat.push(from.elapsed().as_nanos() as u64);
-                            if let Err(e) = r {
-                                failures += 1;
-                                if errors.len() < 5 {
-                                    errors.push(format!("pid {pid}: {e:#}"));
+                            match r {
+                                Ok(Some(mut st)) => {
+                                    st.from = from_ns;
+                                    stamped.push(st);
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    failures += 1;
+                                    if errors.len() < 5 {
+                                        errors.push(format!("pid {pid}: {e:#}"));
+                                    }
                                 }
                             }
                         }
                     }
-                    (lat, failures, errors)
+                    (lat, failures, errors, stamped)
                 })
             })
             .collect();
@@ -316,24 +377,42 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
         let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
         (results, t0.elapsed())
     });
+    let (daemon_cpu, client_cpu) = (
+        cpu_of(daemon)?.saturating_sub(daemon0),
+        cpu_of(std::process::id())?.saturating_sub(client0),
+    );
+    let threads = format!(
+        "daemon threads: {}\nbench threads: {}",
+        thread_delta(&threads0.0, &thread_stats(daemon)),
+        thread_delta(&threads0.1, &thread_stats(std::process::id()))
+    );
     let mut out = Issuance {
         latencies: Vec::new(),
         wall,
         ok: 0,
         failures: 0,
         errors: Vec::new(),
-        daemon_cpu: cpu_of(daemon)?.saturating_sub(daemon0),
-        client_cpu: cpu_of(std::process::id())?.saturating_sub(client0),
+        daemon_cpu,
+        client_cpu,
+        stamped: Vec::new(),
+        threads,
     };
     for r in results {
-        let (lat, failures, errors) =
+        let (lat, failures, errors, stamped) =
             r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;
         out.ok += lat.len() - failures;
         out.failures += failures;
         out.latencies.extend(lat);
         out.errors.extend(errors);
+        out.stamped.push(stamped);
     }
     out.errors.truncate(5);
+    for line in out.threads.lines() {
+        println!("bench: grants: {line}");
+    }
+    if let Some(b) = breakdown(&out.stamped) {
+        print!("{b}");
+    }
     Ok(out)
 }
 
@@ -362,6 +441,13 @@ impl super::harness::Bench {
         let mut rounds = Vec::new();
         let mut loaded = [Vec::new(), Vec::new()];
         let mut holder = [Vec::new(), Vec::new()];
+        // The daemon stamps each grant request's stages (`x-enforcer-timing`), for the
+        // breakdown of the slowest requests; ENFORCER_BENCH_MINT_TIMING=0 leaves them off.
+        let timed = std::env::var("ENFORCER_BENCH_MINT_TIMING").map_or(true, |v| v != "0");
+        self.daemon_env.retain(|(k, _)| k != TIMING_ENV);
+        if timed {
+            self.daemon_env.push((TIMING_ENV.into(), "1".into()));
+        }
         for round in 0..iterations {
             self.start_daemon(false)?;
             let r = self.grant_round();
@@ -377,6 +463,174 @@ impl super::harness::Bench {
             }
             rounds.push(r);
         }
+        self.daemon_env.retain(|(k, _)| k != TIMING_ENV);
         Ok(super::report::grant_rows(&rounds, &loaded, &holder, self.specs[0].n))
     }
+}
+
+/// Whether process `pid` was started with `key=value` in its environment.
+fn daemon_env_has(pid: u32, key: &str, value: &str) -> bool {
+    let want = format!("{key}={value}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+}
+
+/// Per thread of `pid`: (tid, name, CPU ns, run-queue wait ns, time slices), from
+/// /proc/<pid>/task/<tid>/schedstat.
+type ThreadStat = (u32, String, u64, u64, u64);
+
+fn thread_stats(pid: u32) -> Vec<ThreadStat> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let sched = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        let f: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        if f.len() == 3 {
+            out.push((tid, comm.trim().to_string(), f[0], f[1], f[2]));
+        }
+    }
+    out
+}
+
+/// CPU and run-queue wait per thread name between two samples (threads that ran).
+fn thread_delta(before: &[ThreadStat], after: &[ThreadStat]) -> String {
+    let mut by_name: std::collections::BTreeMap<&str, (u32, u64, u64, u64)> = Default::default();
+    for (tid, name, cpu, wait, slices) in after {
+        let (c0, w0, s0) =
+            before.iter().find(|b| b.0 == *tid).map_or((0, 0, 0), |b| (b.2, b.3, b.4));
+        if cpu.saturating_sub(c0) == 0 {
+            continue;
+        }
+        let e = by_name.entry(name).or_default();
+        e.0 += 1;
+        e.1 += cpu.saturating_sub(c0);
+        e.2 += wait.saturating_sub(w0);
+        e.3 += slices.saturating_sub(s0);
+    }
+    by_name
+        .iter()
+        .map(|(name, (n, cpu, wait, slices))| {
+            format!(
+                "{name} x{n} cpu {:.0} ms, runqueue wait {:.0} ms, {slices} slices",
+                *cpu as f64 / 1e6,
+                *wait as f64 / 1e6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One request's intervals, in order: (name, ns).
+fn intervals(reqs: &[Stamped], i: usize) -> Option<Vec<(String, u64)>> {
+    let r = &reqs[i];
+    let stamps: Vec<(&str, u64)> = r
+        .server
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    let read = stamps.iter().find(|(k, _)| *k == "read")?.1;
+    // The answer's last write is stamped into the next request on the connection.
+    let written = reqs.get(i + 1).and_then(|n| {
+        n.server.split(',').find_map(|kv| kv.strip_prefix("prev_write=")?.parse::<u64>().ok())
+    });
+    let d = |a: u64, b: u64| b.saturating_sub(a);
+    let mut out = vec![
+        ("client: behind schedule".to_string(), d(r.from, r.sent)),
+        ("sent -> daemon read it".to_string(), d(r.sent, read)),
+    ];
+    let mut prev = read;
+    for (k, v) in stamps.iter().filter(|(k, _)| *k != "prev_write" && *k != "read") {
+        out.push((format!("daemon: {k}"), d(prev, *v)));
+        prev = *v;
+    }
+    match written {
+        Some(w) if w >= prev => {
+            out.push(("daemon: response written".into(), d(prev, w)));
+            out.push(("written -> client has it".into(), d(w, r.recv)));
+        }
+        _ => out.push(("respond -> client has it".into(), d(prev, r.recv))),
+    }
+    Some(out)
+}
+
+/// A timed request: client-observed, own and server-side latency (ns), and its intervals.
+type Timed = (u64, u64, u64, Vec<(String, u64)>);
+
+/// Where the time of the slowest requests went: per interval, the median over all requests
+/// and the mean over the slowest 1%, and the server-side latency (daemon read to answer
+/// written) beside the client-observed one. Ranked twice: by client-observed latency (from
+/// when the request was due: a client still waiting for an earlier slow answer counts its
+/// wait, so one stall makes the next few requests of that client slow too), and by the
+/// request's own time (client write to client read), which shows what made the first of
+/// them slow.
+pub fn breakdown(stamped: &[Vec<Stamped>]) -> Option<String> {
+    let mut rows: Vec<Timed> = Vec::new();
+    for reqs in stamped {
+        for i in 0..reqs.len() {
+            let Some(iv) = intervals(reqs, i) else { continue };
+            let r = &reqs[i];
+            // Server side: from the read of the request to the answer's write (or its being
+            // ready, for the last request of a connection).
+            let server: u64 =
+                iv.iter().filter(|(k, _)| k.starts_with("daemon:")).map(|(_, v)| *v).sum();
+            rows.push((r.recv.saturating_sub(r.from), r.recv.saturating_sub(r.sent), server, iv));
+        }
+    }
+    if rows.len() < 100 {
+        return None;
+    }
+    let n = rows.len();
+    let sorted = |f: fn(&Timed) -> u64| {
+        let mut v: Vec<u64> = rows.iter().map(f).collect();
+        v.sort_unstable();
+        v
+    };
+    let (total, own, server) = (sorted(|r| r.0), sorted(|r| r.1), sorted(|r| r.2));
+    let q = |v: &[u64]| {
+        format!(
+            "p50 {}, p99 {}, max {}",
+            fmt_ns(quantile(v, 0.5)),
+            fmt_ns(quantile(v, 0.99)),
+            fmt_ns(*v.last().unwrap_or(&0))
+        )
+    };
+    let mut out = format!(
+        "bench: grants: timing of {n} requests: client-observed {}; own (client write to client read) {}; daemon (read to answer written) {}\n",
+        q(&total),
+        q(&own),
+        q(&server)
+    );
+    let names: Vec<String> = rows[0].3.iter().map(|(k, _)| k.clone()).collect();
+    for (label, key) in [("client-observed", 0usize), ("own", 1)] {
+        rows.sort_by_key(|r| if key == 0 { r.0 } else { r.1 });
+        let slow = &rows[n - n / 100..];
+        let first = if key == 0 { slow[0].0 } else { slow[0].1 };
+        out += &format!(
+            "bench: grants: interval: median of all | mean of the slowest 1% by {label} latency ({} requests, >= {}) | of those, where it is the largest interval\n",
+            slow.len(),
+            fmt_ns(first)
+        );
+        for name in &names {
+            let get =
+                |iv: &[(String, u64)]| iv.iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v);
+            let mut all: Vec<u64> = rows.iter().map(|r| get(&r.3)).collect();
+            all.sort_unstable();
+            let mean = slow.iter().map(|r| get(&r.3)).sum::<u64>() / slow.len() as u64;
+            let largest = slow
+                .iter()
+                .filter(|r| r.3.iter().max_by_key(|(_, v)| *v).is_some_and(|(k, _)| k == name))
+                .count();
+            out += &format!(
+                "bench: grants:   {name:<28} {:>9} | {:>9} | {largest}\n",
+                fmt_ns(quantile(&all, 0.5)),
+                fmt_ns(mean)
+            );
+        }
+    }
+    Some(out)
 }
