@@ -569,3 +569,91 @@ fn oversized_body_sent_slowly_still_gets_its_413(sock: &std::path::Path) {
     let head = String::from_utf8_lossy(&answer);
     assert!(head.starts_with("HTTP/1.1 413"), "answer to a slow oversized body: {head:?}");
 }
+
+/// Nice value (field 19 of /proc/PID/task/TID/stat) of each thread of `pid`, by name.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        if let Some(nice) = rest.split_whitespace().nth(19 - 3).and_then(|v| v.parse().ok()) {
+            out.push((comm.trim().to_string(), nice));
+        }
+    }
+    out
+}
+
+/// One POST /v1/grants on a fresh connection: the status line and the raw header block.
+fn post_grant_raw(f: &Fixture) -> (String, String) {
+    use std::io::Read;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(f.daemon.runtime_dir().join("mint.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"intent": "deploy", "ttl": "1m"}"#;
+    write!(
+        s,
+        "POST /v1/grants HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let head = resp.split("\r\n\r\n").next().unwrap_or_default().to_string();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, head)
+}
+
+/// The mint API's workers run at nice -10 and the ledger's writer and checkpointer at +10
+/// (the slowest grants waited in the run queue behind the writer's group commits); the
+/// per-stage timestamps are off unless ENFORCER_MINT_TIMING=1, and then name every stage of
+/// an issue in time order.
+#[test]
+fn api_workers_outrank_ledger_threads_and_timing_stamps_are_opt_in() {
+    let Some(f) = fixture("prio", "") else { return };
+    let pid = f.daemon.child.as_ref().unwrap().id();
+    let nices = thread_nices(pid);
+    let of = |name: &str| -> Vec<i64> {
+        nices.iter().filter(|(n, _)| n == name).map(|(_, v)| *v).collect()
+    };
+    assert_eq!(of("api"), [-10, -10], "{nices:?}");
+    assert_eq!(of("ledger-writer"), [10], "{nices:?}");
+    assert_eq!(of("ledger-checkpoi"), [10], "{nices:?}");
+    // Everything else (the daemon loop, decisions, the blocking pools) keeps the default.
+    let others = nices.iter().filter(|(n, _)| n != "api" && !n.starts_with("ledger-"));
+    assert!(others.clone().count() > 0 && others.clone().all(|(_, v)| *v == 0), "{nices:?}");
+    let (status, head) = post_grant_raw(&f);
+    assert!(status.contains(" 201 "), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("x-enforcer-timing"), "{head}");
+    drop(f);
+
+    let Some(mut f) = fixture("timing", "") else { return };
+    // Restarted under `env`, which execs the daemon with the variable set.
+    f.daemon.stop();
+    f.daemon.wrapper = vec!["env".into(), "ENFORCER_MINT_TIMING=1".into()];
+    f.daemon.relaunch();
+    let (status, head) = post_grant_raw(&f);
+    assert!(status.contains(" 201 "), "{head}");
+    let stamps = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-enforcer-timing:").map(String::from))
+        .unwrap_or_else(|| panic!("no timing header: {head}"));
+    let stages: Vec<(String, u64)> = stamps
+        .trim()
+        .split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|(k, _)| k.as_str()).collect();
+    for want in
+        ["read", "attest", "sign", "lock", "kernel_bind", "journal_write", "publish", "respond"]
+    {
+        assert!(names.contains(&want), "{want} missing: {names:?}");
+    }
+    // From the request's read on, in time order.
+    let from_read: Vec<u64> =
+        stages.iter().skip_while(|(k, _)| k != "read").map(|(_, v)| *v).collect();
+    assert!(from_read.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
+}

@@ -200,17 +200,20 @@ pub async fn issue(
                 .await
                 .map_err(|_| busy())?
                 .map_err(|_| busy())?;
+            stamps.mark("hash_permit");
             let (m2, p2) = (m.clone(), peer.clone());
-            tokio::time::timeout(
+            let mut on_pool = Stamps::new();
+            let (prepared, on_pool) = tokio::time::timeout(
                 ISSUE_WAIT,
                 tokio::task::spawn_blocking(move || {
-                    prepare(&m2, &p2, &req, &sent, true, &mut Stamps::off())
+                    (prepare(&m2, &p2, &req, &sent, true, &mut on_pool), on_pool)
                 }),
             )
             .await
             .map_err(|_| busy())?
-            .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))??
-            .ok_or_else(|| MintError::internal("exe hash unavailable after hashing"))?
+            .map_err(|e| ApiError::from(MintError::internal(format!("issue task: {e}"))))?;
+            stamps.extend(&on_pool);
+            prepared?.ok_or_else(|| MintError::internal("exe hash unavailable after hashing"))?
         }
     };
     let Prepared { grant, intent, nets, target, config } = prepared;

@@ -71,6 +71,13 @@ impl Stamps {
         }
     }
 
+    /// Appends `other`'s stamps (taken on another thread, e.g. the blocking pool).
+    pub fn extend(&mut self, other: &Stamps) {
+        for (name, ns) in &other.marks[..other.n] {
+            self.mark_at(name, *ns);
+        }
+    }
+
     /// `stage=ns,...` for the response header, or None when off.
     pub fn header(&self) -> Option<String> {
         if !self.on {
