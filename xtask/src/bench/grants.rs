@@ -313,7 +313,7 @@ pub fn cpu_of(pid: u32) -> Result<Duration> {
 pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> Result<Issuance> {
     let clients = (0..CLIENTS).map(|_| Client::connect(sock)).collect::<Result<Vec<_>>>()?;
     let timed = daemon_env_has(daemon, TIMING_ENV, "1");
-    let threads0 = (thread_stats(daemon), thread_stats(std::process::id()));
+    let threads0 = thread_stats(daemon);
     let (daemon0, client0) = (cpu_of(daemon)?, cpu_of(std::process::id())?);
     let start = Barrier::new(CLIENTS + 1);
     let (results, wall) = std::thread::scope(|s| {
@@ -329,6 +329,7 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
                     let mut errors = Vec::new();
                     let mut failures = 0;
                     start.wait();
+                    let sched0 = own_schedstat();
                     let t0 = Instant::now();
                     let mut j = 0u64;
                     for _ in 0..per_holder {
@@ -368,7 +369,10 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
                             }
                         }
                     }
-                    (lat, failures, errors, stamped)
+                    let sched1 = own_schedstat();
+                    let sched =
+                        (sched1.0.saturating_sub(sched0.0), sched1.1.saturating_sub(sched0.1));
+                    (lat, failures, errors, stamped, sched)
                 })
             })
             .collect();
@@ -381,11 +385,7 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
         cpu_of(daemon)?.saturating_sub(daemon0),
         cpu_of(std::process::id())?.saturating_sub(client0),
     );
-    let threads = format!(
-        "daemon threads: {}\nbench threads: {}",
-        thread_delta(&threads0.0, &thread_stats(daemon)),
-        thread_delta(&threads0.1, &thread_stats(std::process::id()))
-    );
+    let threads = format!("daemon threads: {}", thread_delta(&threads0, &thread_stats(daemon)),);
     let mut out = Issuance {
         latencies: Vec::new(),
         wall,
@@ -397,9 +397,12 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
         stamped: Vec::new(),
         threads,
     };
+    let (mut client_run, mut client_wait) = (0u64, 0u64);
     for r in results {
-        let (lat, failures, errors, stamped) =
+        let (lat, failures, errors, stamped, sched) =
             r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;
+        client_run += sched.0;
+        client_wait += sched.1;
         out.ok += lat.len() - failures;
         out.failures += failures;
         out.latencies.extend(lat);
@@ -407,6 +410,11 @@ pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> R
         out.stamped.push(stamped);
     }
     out.errors.truncate(5);
+    out.threads += &format!(
+        "\nbench client threads x{CLIENTS} cpu {:.0} ms, runqueue wait {:.0} ms",
+        client_run as f64 / 1e6,
+        client_wait as f64 / 1e6
+    );
     for line in out.threads.lines() {
         println!("bench: grants: {line}");
     }
@@ -466,6 +474,13 @@ impl super::harness::Bench {
         self.daemon_env.retain(|(k, _)| k != TIMING_ENV);
         Ok(super::report::grant_rows(&rounds, &loaded, &holder, self.specs[0].n))
     }
+}
+
+/// The calling thread's (CPU ns, run-queue wait ns) so far.
+fn own_schedstat() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let f: Vec<u64> = s.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    (f.first().copied().unwrap_or(0), f.get(1).copied().unwrap_or(0))
 }
 
 /// Whether process `pid` was started with `key=value` in its environment.
@@ -605,7 +620,16 @@ pub fn breakdown(stamped: &[Vec<Stamped>]) -> Option<String> {
         q(&own),
         q(&server)
     );
-    let names: Vec<String> = rows[0].3.iter().map(|(k, _)| k.clone()).collect();
+    // Every stage name, in order of first appearance (a first issue for an executable has
+    // extra stages, and `attest` twice).
+    let mut names: Vec<String> = Vec::new();
+    for r in &rows {
+        for (k, _) in &r.3 {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+    }
     for (label, key) in [("client-observed", 0usize), ("own", 1)] {
         rows.sort_by_key(|r| if key == 0 { r.0 } else { r.1 });
         let slow = &rows[n - n / 100..];
