@@ -14,8 +14,8 @@
 //! daemon program's run time and run count per connect and per fork+exec (the kernel's own
 //! accounting). Prints `loops=<json>`.
 
-use super::worker::{WorkerArgs, connect_one};
-use anyhow::{Context, Result, bail};
+use super::worker::{WorkerArgs, connect_one, fork_exec_wait};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -63,28 +63,10 @@ fn connects(addr: SocketAddr, n: u64) -> Result<(f64, f64)> {
 /// `n` fork+execs of `prog`, each reaped with its rusage: (wall ns, parent + child CPU ns,
 /// child CPU ns) per fork+exec.
 fn execs(prog: &CString, n: u64) -> Result<(f64, f64, f64)> {
-    let argv = [prog.as_ptr(), std::ptr::null()];
     let (c0, t0) = (thread_cpu_ns(), Instant::now());
     let mut children = 0u64;
     for i in 0..n {
-        // SAFETY: the child only calls async-signal-safe execv/_exit; this worker is
-        // single-threaded.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            bail!("bench worker: fork #{i}: {}", std::io::Error::last_os_error());
-        }
-        if pid == 0 {
-            unsafe {
-                libc::execv(prog.as_ptr(), argv.as_ptr());
-                libc::_exit(127);
-            }
-        }
-        let mut status = 0;
-        // SAFETY: zeroed rusage is a valid value; wait4 for our own child fills it.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid || status != 0 {
-            bail!("bench worker: exec #{i} of {prog:?} failed (wait status {status})");
-        }
+        let ru = fork_exec_wait(prog, i)?;
         let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
         children += (us(ru.ru_utime) + us(ru.ru_stime)) * 1_000;
     }

@@ -250,30 +250,39 @@ fn socket_one(i: u64) -> Result<()> {
 /// `n` fork+exec+wait of `prog`; with `samples`, each one timed.
 fn exec(prog: &str, n: u64, mut samples: Option<&mut Vec<u64>>) -> Result<u64> {
     let prog = CString::new(prog)?;
-    let argv = [prog.as_ptr(), std::ptr::null()];
     for i in 0..n {
         let t = Instant::now();
-        // SAFETY: the child only calls async-signal-safe execv/_exit; this process is single-threaded.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            bail!("bench worker: fork #{i}: {}", std::io::Error::last_os_error());
-        }
-        if pid == 0 {
-            unsafe {
-                libc::execv(prog.as_ptr(), argv.as_ptr());
-                libc::_exit(127);
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
-            bail!("bench worker: exec #{i} of {prog:?} failed (wait status {status})");
-        }
+        fork_exec_wait(&prog, i)?;
         if let Some(s) = samples.as_deref_mut() {
             s.push(t.elapsed().as_nanos() as u64);
         }
     }
     Ok(n)
+}
+
+/// One fork+exec of `prog` (no arguments) and the wait for it: the child's resource usage.
+/// Fails unless the child exits 0. `i` numbers the call in errors. The caller must be
+/// single-threaded (the child only calls async-signal-safe execv/_exit).
+pub fn fork_exec_wait(prog: &CString, i: u64) -> Result<libc::rusage> {
+    let argv = [prog.as_ptr(), std::ptr::null()];
+    // SAFETY: see above; the child calls only execv and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("bench worker: fork #{i}: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            libc::execv(prog.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid value; wait4 for our own child fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid || status != 0 {
+        bail!("bench worker: exec #{i} of {prog:?} failed (wait status {status})");
+    }
+    Ok(ru)
 }
 
 fn flood(addr: SocketAddr, a: &WorkerArgs) -> Result<u64> {
