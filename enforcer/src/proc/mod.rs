@@ -323,39 +323,50 @@ impl ProcessTable {
             Record::Exec { tgid, uid, cgroup_id, filename, argv, argv_truncated, .. } => {
                 let exe = self.resolve_exe(*tgid, filename);
                 let cmdline = self.redact_cmdline(argv, *argv_truncated);
-                // The fork record made the entry (it moves out: no clone per exec); a pid
-                // the table never saw (lineage attached after its fork) has ppid unknown (0)
-                // rather than a /proc read here.
-                let (ppid, start_ns, grants, job, env_credentials) =
-                    match self.procs.remove(tgid).map(|p| *p) {
-                        Some(p) => (p.ppid, p.start_ns, p.grants, p.job, p.env_credentials),
-                        None => (0, 0, Vec::new(), None, Vec::new()),
-                    };
+                // The fork record made the entry (its fields move out and its box is reused:
+                // no clone or allocation per exec); a pid the table never saw (lineage
+                // attached after its fork) has ppid unknown (0) rather than a /proc read here.
+                let mut slot = self.procs.remove(tgid);
+                let (ppid, start_ns, grants, job, env_credentials) = match slot.as_deref_mut() {
+                    Some(p) => (
+                        p.ppid,
+                        p.start_ns,
+                        std::mem::take(&mut p.grants),
+                        p.job.take(),
+                        std::mem::take(&mut p.env_credentials),
+                    ),
+                    None => (0, 0, Vec::new(), None, Vec::new()),
+                };
                 // The new image's environment is read later, off the main loop
                 // (`env_pass`); until then what it inherited at fork stands.
                 self.exec_seq += 1;
                 if self.fingerprint_key.is_some() {
                     self.execs_since_pass.push((*tgid, self.exec_seq));
                 }
-                self.procs.insert(
-                    *tgid,
-                    Box::new(Process {
-                        pid: *tgid,
-                        ppid,
-                        uid: *uid,
-                        exe,
-                        cmdline,
-                        cgroup_id: *cgroup_id,
-                        start_ns,
-                        grants,
-                        job,
-                        env_credentials,
-                        env: EnvState::Inherited,
-                        exec_seq: self.exec_seq,
-                        facts: Facts::Known,
-                        exited_at: None,
-                    }),
-                );
+                let process = Process {
+                    pid: *tgid,
+                    ppid,
+                    uid: *uid,
+                    exe,
+                    cmdline,
+                    cgroup_id: *cgroup_id,
+                    start_ns,
+                    grants,
+                    job,
+                    env_credentials,
+                    env: EnvState::Inherited,
+                    exec_seq: self.exec_seq,
+                    facts: Facts::Known,
+                    exited_at: None,
+                };
+                let entry = match slot {
+                    Some(mut b) => {
+                        *b = process;
+                        b
+                    }
+                    None => Box::new(process),
+                };
+                self.procs.insert(*tgid, entry);
             }
             Record::Exit { tgid, grants } => {
                 if let Some(p) = self.procs.get_mut(tgid) {
