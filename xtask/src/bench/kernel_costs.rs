@@ -93,40 +93,21 @@ impl Bench {
             ipc_programs.iter().find(|(ph, _)| *ph == p).map_or("?".into(), |(_, s)| s.clone())
         };
         let mut rows = Vec::new();
-        // The per-call medians first: a loaded host's preemptions land in a minority of calls,
-        // so these move less between rounds than the whole-loop means below.
-        for (k, &i) in specs.iter().enumerate() {
-            let s = &self.specs[i];
-            rows.push(ratio_row(
-                s,
-                per_call_n(s),
-                &p50[k][0],
-                &p50[k][1],
-                s.limit,
-                "median call, default hooks",
-            ));
-        }
-        for (k, &i) in specs.iter().enumerate() {
-            let s = &self.specs[i];
-            rows.push(ratio_row(
-                s,
-                s.n,
-                &per_op[k][0],
-                &per_op[k][1],
-                s.limit,
-                "loop mean, default hooks",
-            ));
-        }
-        for (k, &i) in specs.iter().enumerate() {
-            let s = &self.specs[i];
-            rows.push(ratio_row(
-                s,
-                s.n,
-                &per_op[k][0],
-                &per_op[k][2],
-                None,
-                "IPC alert forced onto the syscall tracepoints",
-            ));
+        // Blocks of rows (figures, per-call, the "with" column, judged against the target,
+        // label): the per-call medians first, since a loaded host's preemptions land in a
+        // minority of calls, so these move less between rounds than the whole-loop means.
+        let blocks = [
+            (&p50, true, 1, true, "median call, default hooks"),
+            (&per_op, false, 1, true, "loop mean, default hooks"),
+            (&per_op, false, 2, false, "IPC alert forced onto the syscall tracepoints"),
+        ];
+        for (data, per_call, with, judged, label) in blocks {
+            for (k, &i) in specs.iter().enumerate() {
+                let s = &self.specs[i];
+                let n = if per_call { per_call_n(s) } else { s.n };
+                let limit = if judged { s.limit } else { None };
+                rows.push(ratio_row(s, n, &data[k][0], &data[k][with], limit, label));
+            }
         }
         rows.push(Row {
             name: "IPC alert hooks in the two daemons (status backends.ipc)".into(),
