@@ -10,8 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
+
+pub use super::grant_load::{Issuance, issue_all};
 
 /// Long-lived processes that grants are bound to.
 pub const N_HOLDERS: usize = 2_500;
@@ -19,16 +20,17 @@ pub const N_HOLDERS: usize = 2_500;
 pub const GRANTS_PER_HOLDER: usize = 4;
 /// Grants issued per round.
 pub const N_GRANTS: usize = N_HOLDERS * GRANTS_PER_HOLDER;
-/// Client threads, each with one keep-alive connection and at most one request in flight.
+/// Keep-alive connections, each with at most one request in flight (all driven by one
+/// thread: `super::grant_load`).
 pub const CLIENTS: usize = 8;
-/// Requests per second offered over all clients (open loop: client `k` sends request `j` at
-/// `(j * CLIENTS + k) / OFFERED_RATE` s, or at once when it is behind).
+/// Requests per second offered over all connections (open loop: connection `k` sends request
+/// `j` at `(j * CLIENTS + k) / OFFERED_RATE` s, or at once when it is behind).
 pub const OFFERED_RATE: f64 = 5_500.0;
 /// The intent in the bench config.
 pub const INTENT: &str = "bench";
-const TTL: &str = "10m";
+pub(super) const TTL: &str = "10m";
 /// Per-request socket timeout: a hung daemon fails the request instead of the bench.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Factor on IO_TIMEOUT: the guest bench (`guest.rs`) runs under emulation, where a daemon
 /// busy with the records of the previous loop answers a grant request in tens of seconds.
 pub static IO_TIMEOUT_SCALE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
@@ -99,8 +101,6 @@ pub struct Client {
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
-    /// The daemon's `x-enforcer-timing` header (stage=monotonic ns,...), when it sends one.
-    pub timing: Option<String>,
 }
 
 impl Client {
@@ -159,7 +159,7 @@ impl Client {
             .and_then(|r| r.get(..3))
             .and_then(|c| c.parse::<u16>().ok())
             .ok_or_else(|| anyhow!("bad status line {:?}", line.trim_end()))?;
-        let (mut length, mut close, mut timing) = (None, false, None);
+        let (mut length, mut close) = (None, false);
         loop {
             line.clear();
             if conn.read_line(&mut line).context("read header")? == 0 {
@@ -178,38 +178,19 @@ impl Client {
                 close = true;
             } else if k.eq_ignore_ascii_case("transfer-encoding") {
                 bail!("unsupported transfer-encoding {v:?}");
-            } else if k.eq_ignore_ascii_case(TIMING_HEADER) {
-                timing = Some(v.to_string());
             }
         }
         let length =
             length.ok_or_else(|| anyhow!("response without content-length (status {status})"))?;
         let mut body = vec![0; length];
         conn.read_exact(&mut body).context("read body")?;
-        Ok((Response { status, body, timing }, close))
+        Ok((Response { status, body }, close))
     }
 
     /// POST /v1/grants binding a grant to `pid`: the grant id, or why not.
     pub fn issue(&mut self, pid: u32) -> Result<String> {
         let v = self.issue_json(INTENT, pid)?;
         v["id"].as_str().map(String::from).ok_or_else(|| anyhow!("201 without an id: {v}"))
-    }
-
-    /// `issue` for the timed loop: the status is checked, the body is not parsed (the
-    /// client's CPU is taken from the daemon's two cores). With the daemon's stamps on, the
-    /// request's client and server timestamps.
-    fn issue_timed(&mut self, pid: u32, timed: bool) -> Result<Option<Stamped>> {
-        let body = format!(r#"{{"intent": "{INTENT}", "ttl": "{TTL}", "pid": {pid}}}"#);
-        let sent = mono_ns();
-        let r = self.request("POST", "/v1/grants", Some(body.as_bytes()))?;
-        let recv = mono_ns();
-        if r.status != 201 {
-            bail!("status {}: {}", r.status, String::from_utf8_lossy(&r.body).trim());
-        }
-        if !r.body.windows(8).any(|w| w == br#""id":"g_"#) {
-            bail!("201 without an id: {}", String::from_utf8_lossy(&r.body).trim());
-        }
-        Ok(timed.then(|| Stamped { from: 0, sent, recv, server: r.timing.unwrap_or_default() }))
     }
 
     /// POST /v1/grants binding a grant of `intent` to `pid`: the answer, or why not.
@@ -273,26 +254,6 @@ pub struct Stamped {
     pub server: String,
 }
 
-pub struct Issuance {
-    /// Per-request latency of every request, successful or not (ns), from the time it was
-    /// due (so a client that fell behind counts its wait: no coordinated omission).
-    pub latencies: Vec<u64>,
-    pub wall: Duration,
-    pub ok: usize,
-    pub failures: usize,
-    /// The first few failures, verbatim.
-    pub errors: Vec<String>,
-    /// CPU time (user + system) the daemon and the bench client (this process) spent during
-    /// the issuance: both share the host's cores, so the client's share is load the daemon
-    /// would not see in production.
-    pub daemon_cpu: Duration,
-    pub client_cpu: Duration,
-    /// Per client, its requests in order (empty unless the daemon's stamps are on).
-    pub stamped: Vec<Vec<Stamped>>,
-    /// Per-thread CPU and run-queue wait over the issuance: the daemon's, then the bench's.
-    pub threads: String,
-}
-
 /// User + system CPU time of process `pid` so far (/proc/<pid>/stat, clock ticks).
 pub fn cpu_of(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -304,124 +265,6 @@ pub fn cpu_of(pid: u32) -> Result<Duration> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(Duration::from_nanos((ticks(14) + ticks(15)) * 1_000_000_000 / hz))
-}
-
-/// Issues `per_holder` grants to every pid in `pids` from `CLIENTS` threads, each on its own
-/// keep-alive connection, at `OFFERED_RATE` in all; holder `i` goes to client `i % CLIENTS`,
-/// one pass over the holders per grant.
-/// `daemon`: the daemon's pid, for its CPU time.
-pub fn issue_all(sock: &Path, pids: &[u32], per_holder: usize, daemon: u32) -> Result<Issuance> {
-    let clients = (0..CLIENTS).map(|_| Client::connect(sock)).collect::<Result<Vec<_>>>()?;
-    let timed = daemon_env_has(daemon, TIMING_ENV, "1");
-    let threads0 = thread_stats(daemon);
-    let (daemon0, client0) = (cpu_of(daemon)?, cpu_of(std::process::id())?);
-    let start = Barrier::new(CLIENTS + 1);
-    let (results, wall) = std::thread::scope(|s| {
-        let handles: Vec<_> = clients
-            .into_iter()
-            .enumerate()
-            .map(|(k, mut client)| {
-                let mine: Vec<u32> = pids.iter().skip(k).step_by(CLIENTS).copied().collect();
-                let start = &start;
-                s.spawn(move || {
-                    let mut lat = Vec::with_capacity(mine.len() * per_holder);
-                    let mut stamped = Vec::with_capacity(if timed { lat.capacity() } else { 0 });
-                    let mut errors = Vec::new();
-                    let mut failures = 0;
-                    start.wait();
-                    let sched0 = own_schedstat();
-                    let t0 = Instant::now();
-                    let mut j = 0u64;
-                    for _ in 0..per_holder {
-                        for &pid in &mine {
-                            let due = t0
-                                + Duration::from_secs_f64(
-                                    (j as f64 * CLIENTS as f64 + k as f64) / OFFERED_RATE,
-                                );
-                            j += 1;
-                            let now = Instant::now();
-                            // On time: the clock starts when the request goes out (after the
-                            // sleep's own slack); behind: when it was due.
-                            let from = if due > now {
-                                std::thread::sleep(due - now);
-                                Instant::now()
-                            } else {
-                                due
-                            };
-                            // `from` on the clock of the daemon's stamps.
-                            let from_ns = mono_ns().saturating_sub(
-                                Instant::now().saturating_duration_since(from).as_nanos() as u64,
-                            );
-                            let r = client.issue_timed(pid, timed);
-                            lat.push(from.elapsed().as_nanos() as u64);
-                            match r {
-                                Ok(Some(mut st)) => {
-                                    st.from = from_ns;
-                                    stamped.push(st);
-                                }
-                                Ok(None) => {}
-                                Err(e) => {
-                                    failures += 1;
-                                    if errors.len() < 5 {
-                                        errors.push(format!("pid {pid}: {e:#}"));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let sched1 = own_schedstat();
-                    let sched =
-                        (sched1.0.saturating_sub(sched0.0), sched1.1.saturating_sub(sched0.1));
-                    (lat, failures, errors, stamped, sched)
-                })
-            })
-            .collect();
-        start.wait();
-        let t0 = Instant::now();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-        (results, t0.elapsed())
-    });
-    let (daemon_cpu, client_cpu) = (
-        cpu_of(daemon)?.saturating_sub(daemon0),
-        cpu_of(std::process::id())?.saturating_sub(client0),
-    );
-    let threads = format!("daemon threads: {}", thread_delta(&threads0, &thread_stats(daemon)),);
-    let mut out = Issuance {
-        latencies: Vec::new(),
-        wall,
-        ok: 0,
-        failures: 0,
-        errors: Vec::new(),
-        daemon_cpu,
-        client_cpu,
-        stamped: Vec::new(),
-        threads,
-    };
-    let (mut client_run, mut client_wait) = (0u64, 0u64);
-    for r in results {
-        let (lat, failures, errors, stamped, sched) =
-            r.map_err(|_| anyhow!("bench: grant client thread panicked"))?;
-        client_run += sched.0;
-        client_wait += sched.1;
-        out.ok += lat.len() - failures;
-        out.failures += failures;
-        out.latencies.extend(lat);
-        out.errors.extend(errors);
-        out.stamped.push(stamped);
-    }
-    out.errors.truncate(5);
-    out.threads += &format!(
-        "\nbench client threads x{CLIENTS} cpu {:.0} ms, runqueue wait {:.0} ms",
-        client_run as f64 / 1e6,
-        client_wait as f64 / 1e6
-    );
-    for line in out.threads.lines() {
-        println!("bench: grants: {line}");
-    }
-    if let Some(b) = breakdown(&out.stamped) {
-        print!("{b}");
-    }
-    Ok(out)
 }
 
 /// The `q` quantile (nearest rank) of sorted values.
@@ -474,69 +317,6 @@ impl super::harness::Bench {
         self.daemon_env.retain(|(k, _)| k != TIMING_ENV);
         Ok(super::report::grant_rows(&rounds, &loaded, &holder, self.specs[0].n))
     }
-}
-
-/// The calling thread's (CPU ns, run-queue wait ns) so far.
-fn own_schedstat() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let f: Vec<u64> = s.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    (f.first().copied().unwrap_or(0), f.get(1).copied().unwrap_or(0))
-}
-
-/// Whether process `pid` was started with `key=value` in its environment.
-fn daemon_env_has(pid: u32, key: &str, value: &str) -> bool {
-    let want = format!("{key}={value}");
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
-}
-
-/// Per thread of `pid`: (tid, name, CPU ns, run-queue wait ns, time slices), from
-/// /proc/<pid>/task/<tid>/schedstat.
-type ThreadStat = (u32, String, u64, u64, u64);
-
-fn thread_stats(pid: u32) -> Vec<ThreadStat> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        let sched = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
-        let f: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        if f.len() == 3 {
-            out.push((tid, comm.trim().to_string(), f[0], f[1], f[2]));
-        }
-    }
-    out
-}
-
-/// CPU and run-queue wait per thread name between two samples (threads that ran).
-fn thread_delta(before: &[ThreadStat], after: &[ThreadStat]) -> String {
-    let mut by_name: std::collections::BTreeMap<&str, (u32, u64, u64, u64)> = Default::default();
-    for (tid, name, cpu, wait, slices) in after {
-        let (c0, w0, s0) =
-            before.iter().find(|b| b.0 == *tid).map_or((0, 0, 0), |b| (b.2, b.3, b.4));
-        if cpu.saturating_sub(c0) == 0 {
-            continue;
-        }
-        let e = by_name.entry(name).or_default();
-        e.0 += 1;
-        e.1 += cpu.saturating_sub(c0);
-        e.2 += wait.saturating_sub(w0);
-        e.3 += slices.saturating_sub(s0);
-    }
-    by_name
-        .iter()
-        .map(|(name, (n, cpu, wait, slices))| {
-            format!(
-                "{name} x{n} cpu {:.0} ms, runqueue wait {:.0} ms, {slices} slices",
-                *cpu as f64 / 1e6,
-                *wait as f64 / 1e6
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// One request's intervals, in order: (name, ns).

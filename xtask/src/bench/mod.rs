@@ -12,6 +12,7 @@ mod attack;
 mod aws;
 mod bpf_stats;
 mod dns;
+mod grant_load;
 mod grants;
 pub mod guest;
 mod guest_loops;

@@ -164,7 +164,7 @@ pub(super) fn grant_rows(
     );
     rows.push(Row {
         name: format!(
-            "grant issuance latency, POST /v1/grants ({N_GRANTS} per round on {N_HOLDERS} holders, {CLIENTS} keep-alive clients, {:.0}/s offered, timed from when each was due; {} rounds pooled)",
+            "grant issuance latency, POST /v1/grants ({N_GRANTS} per round on {N_HOLDERS} holders, {CLIENTS} keep-alive connections from one client thread, {:.0}/s offered, timed from when each was due; {} rounds pooled)",
             grants::OFFERED_RATE,
             ok.len()
         ),

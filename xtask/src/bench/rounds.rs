@@ -369,7 +369,7 @@ impl Bench {
         let pids: Vec<u32> = self.holders.iter().map(Child::id).collect();
         let sock = self.mint_sock();
         println!(
-            "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) from {CLIENTS} keep-alive clients, {:.0}/s offered",
+            "bench: grants: issuing {N_GRANTS} ({GRANTS_PER_HOLDER} per holder) over {CLIENTS} keep-alive connections from one thread, {:.0}/s offered",
             grants::OFFERED_RATE
         );
         let daemon =
