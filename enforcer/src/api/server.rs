@@ -53,6 +53,15 @@ impl Server {
     }
 }
 
+/// The number of workers: API_THREADS, or ENFORCER_API_THREADS (1-8; measurements).
+fn api_threads() -> usize {
+    std::env::var("ENFORCER_API_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=8).contains(n))
+        .unwrap_or(API_THREADS)
+}
+
 /// The workers' nice value: `mint::sched::API_NICE`, or ENFORCER_API_NICE (measurements).
 fn api_nice() -> i32 {
     std::env::var("ENFORCER_API_NICE")
@@ -66,15 +75,16 @@ pub fn serve_on_own_runtime(
     state: Arc<ApiState>,
 ) -> std::io::Result<Server> {
     let listener = listener.into_std()?;
-    // The workers are the runtime's first API_THREADS threads (tokio starts them when the
+    // The workers are the runtime's first `workers` threads (tokio starts them when the
     // runtime is built); later ones are its blocking pool (hashing a new executable), which
     // keeps the normal priority.
     let started = std::sync::atomic::AtomicUsize::new(0);
+    let workers = api_threads();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(API_THREADS)
+        .worker_threads(workers)
         .thread_name_fn(move || {
             let n = started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n < API_THREADS { "api".into() } else { "api-blocking".into() }
+            if n < workers { "api".into() } else { "api-blocking".into() }
         })
         .on_thread_start(|| {
             if std::thread::current().name() == Some("api") {

@@ -185,7 +185,10 @@ pub fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
 }
 
 fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester, MintError> {
-    let read = || -> io::Result<(String, Option<ExeKey>, u64, u32, u32, String)> {
+    // The reads, and whether they proved on their own that the process was alive after
+    // every one of them (see `pinned` below).
+    type Facts = (String, Option<ExeKey>, u64, u32, u32, String, bool);
+    let read = || -> io::Result<Facts> {
         let dir = ProcDir::open(pid)?;
         let exe = dir.readlink(c"exe")?;
         let exe_key = dir.exe_key(c"exe").ok();
@@ -193,31 +196,50 @@ fn attest(pid: u32, pidfd: OwnedFd, ids: Option<(u32, u32)>) -> Result<Requester
         let start_ns = ticks_to_ns(stat_start_ticks(&stat).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<pid>/stat")
         })?);
-        let (uid, gid) = match ids.or_else(|| procdir::pidfd_ids(&pidfd)) {
+        // The kernel's record through the pidfd (Linux 6.13+): ids and cgroup id. It fails
+        // with ESRCH once the process is reaped, and a pid is only given to another process
+        // after that: an answer proves that the directory, opened after the pidfd, is the
+        // pinned process's.
+        let info = match procdir::pidfd_info(&pidfd) {
+            Ok(i) => Some(i),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(e),
+            Err(_) => None,
+        };
+        let (uid, gid) = match ids.or(info.map(|i| (i.euid, i.egid))) {
             Some(ids) => ids,
             None => {
                 let status = dir.read(c"status")?;
                 (status_field(&status, "Uid:")?, status_field(&status, "Gid:")?)
             }
         };
-        let cgroup = dir
-            .read(c"cgroup")?
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or_default()
-            .to_string();
-        // An exec between the first readlink and here would mix two images' facts.
+        let read_cgroup = || -> io::Result<String> {
+            Ok(dir
+                .read(c"cgroup")?
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or_default()
+                .to_string())
+        };
+        let cgroup = match info.and_then(|i| i.cgroupid) {
+            Some(id) => procdir::cgroup_path(id, read_cgroup)?,
+            None => read_cgroup()?,
+        };
+        // An exec between the first readlink and here would mix two images' facts. The link
+        // reads only while the process has its memory (it fails from the start of its exit
+        // on): after the pidfd's answer, this last read also proves the process alive.
         if dir.readlink(c"exe")? != exe {
             return Err(io::Error::new(io::ErrorKind::NotFound, "exec during attestation"));
         }
-        Ok((exe, exe_key, start_ns, uid, gid, cgroup))
+        let pinned = info.is_some();
+        Ok((exe, exe_key, start_ns, uid, gid, cgroup, pinned))
     };
     let result = read();
-    // Last, after every read: only a still-live process proves the reads were about it.
-    if exited(&pidfd) {
+    // Last, after every read: only a still-live process proves the reads were about it
+    // (already proven when the pidfd answered and the last readlink succeeded).
+    if !result.as_ref().is_ok_and(|r| r.6) && exited(&pidfd) {
         return Err(gone(pid));
     }
-    let (exe, exe_key, start_ns, uid, gid, cgroup) = result.map_err(|e| match e.kind() {
+    let (exe, exe_key, start_ns, uid, gid, cgroup, _) = result.map_err(|e| match e.kind() {
         // ESRCH: the directory handle outlived its process.
         io::ErrorKind::NotFound => gone(pid),
         _ if e.raw_os_error() == Some(libc::ESRCH) => gone(pid),

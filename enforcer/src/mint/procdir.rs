@@ -116,18 +116,77 @@ struct PidfdInfo {
 }
 
 const PIDFD_INFO_CREDS: u64 = 1 << 1;
+const PIDFD_INFO_CGROUPID: u64 = 1 << 2;
 /// `_IOWR(PIDFS_IOCTL_MAGIC = 0xFF, 11, struct pidfd_info)`.
 const PIDFD_GET_INFO: libc::c_ulong = 0xC040_FF0B;
+
+/// What the kernel records about the process a pidfd names (`PIDFD_GET_INFO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidInfo {
+    /// Effective ids (the second `Uid:`/`Gid:` column of `/proc/<pid>/status`).
+    pub euid: u32,
+    pub egid: u32,
+    /// The id of its cgroup v2 cgroup (the inode number of the cgroup's directory).
+    pub cgroupid: Option<u64>,
+}
+
+/// The process's ids and cgroup id. Fails with ESRCH once the process has been reaped (a
+/// zombie still answers), and with another error (ENOTTY, EINVAL) where the kernel has no
+/// `PIDFD_GET_INFO` (before 6.13).
+pub fn pidfd_info(pidfd: &OwnedFd) -> io::Result<PidInfo> {
+    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
+    let mut info = PidfdInfo { mask: PIDFD_INFO_CREDS | PIDFD_INFO_CGROUPID, ..Default::default() };
+    // SAFETY: `info` is a valid, writable 64-byte pidfd_info as the ioctl's size says.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if info.mask & PIDFD_INFO_CREDS == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    Ok(PidInfo {
+        euid: info.euid,
+        egid: info.egid,
+        cgroupid: (info.mask & PIDFD_INFO_CGROUPID != 0).then_some(info.cgroupid),
+    })
+}
 
 /// The effective uid and gid of the process `pidfd` names, from the kernel's own record of
 /// it (what `/proc/<pid>/status` shows as the second `Uid:`/`Gid:` column), or None where the
 /// kernel has no `PIDFD_GET_INFO` (before 6.13) or the process has exited.
 pub fn pidfd_ids(pidfd: &OwnedFd) -> Option<(u32, u32)> {
-    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
-    let mut info = PidfdInfo { mask: PIDFD_INFO_CREDS, ..Default::default() };
-    // SAFETY: `info` is a valid, writable 64-byte pidfd_info as the ioctl's size says.
-    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
-    (rc == 0 && info.mask & PIDFD_INFO_CREDS != 0).then_some((info.euid, info.egid))
+    pidfd_info(pidfd).ok().map(|i| (i.euid, i.egid))
+}
+
+/// Cgroup paths (as `/proc/<pid>/cgroup` shows them, relative to the cgroup2 mount) by
+/// cgroup id. Reading `/proc/<pid>/cgroup` takes the kernel's css_set lock with interrupts
+/// off and renders the path: after `stat`, the costliest read of an attestation. An id's
+/// path cannot change: cgroup v2 has no rename (rename(2) in the hierarchy fails with EPERM;
+/// `cgroup_path_follows_the_process` checks that this kernel still refuses it), cgroup ids
+/// are 64-bit and never reused within a boot, and the cgroup of a live process exists.
+static CGROUP_PATHS: std::sync::Mutex<Option<std::collections::HashMap<u64, String>>> =
+    std::sync::Mutex::new(None);
+
+/// Cached paths at most; then the cache starts again.
+const CGROUP_PATHS_MAX: usize = 4096;
+
+/// The path of cgroup `id`: cached, or from `read` (the process's `/proc/<pid>/cgroup`).
+pub fn cgroup_path(id: u64, read: impl FnOnce() -> io::Result<String>) -> io::Result<String> {
+    let lock = || CGROUP_PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = lock().as_ref().and_then(|m| m.get(&id)) {
+        return Ok(p.clone());
+    }
+    let p = read()?;
+    // Empty: no cgroup v2 line (a v1-only host); not cached, so not taken for an answer.
+    if !p.is_empty() {
+        let mut g = lock();
+        let m = g.get_or_insert_with(Default::default);
+        if m.len() >= CGROUP_PATHS_MAX {
+            m.clear();
+        }
+        m.insert(id, p.clone());
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -184,5 +243,62 @@ mod tests {
         // Reaped: the handle no longer reads, and the pidfd has no ids to give.
         assert!(dir.read(c"stat").is_err());
         assert_eq!(pidfd_ids(&pidfd), None);
+    }
+
+    /// The cgroup path of an attestation is the process's cgroup as it moves between
+    /// cgroups, cached or not; and cgroup v2 still refuses rename(2), which the cache of
+    /// paths by cgroup id relies on.
+    #[test]
+    fn cgroup_path_follows_the_process() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP cgroup_path_follows_the_process: needs root (creates cgroups)");
+            return;
+        }
+        let Ok(mount) = crate::kernel::cgroup2_mount() else {
+            eprintln!("SKIP cgroup_path_follows_the_process: no cgroup2 mount");
+            return;
+        };
+        let name = |n: &str| format!("enforcer-unit-cgpath-{}-{n}", std::process::id());
+        let (a, b) = (mount.join(name("a")), mount.join(name("b")));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let mut c = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let attest = || super::super::attest::attest_pid(c.id()).unwrap().cgroup;
+        let mut seen = Vec::new();
+        for dir in [&a, &b, &a] {
+            std::fs::write(dir.join("cgroup.procs"), c.id().to_string()).unwrap();
+            // First read (fills the cache), then from the cache.
+            seen.push((attest(), attest()));
+        }
+        let renamed = std::fs::rename(&a, mount.join(name("c")));
+        let r = super::super::attest::attest_pid(c.id()).unwrap();
+        let has_id = procdir_info(&r.pidfd).and_then(|i| i.cgroupid).is_some();
+        c.kill().unwrap();
+        c.wait().unwrap();
+        for _ in 0..100 {
+            let gone = [&a, &b, &mount.join(name("c"))]
+                .iter()
+                .all(|d| std::fs::remove_dir(d).is_ok() || !d.exists());
+            if gone {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (pa, pb) = (format!("/{}", name("a")), format!("/{}", name("b")));
+        assert_eq!(seen, [(pa.clone(), pa.clone()), (pb.clone(), pb), (pa.clone(), pa)]);
+        assert_eq!(
+            renamed.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EPERM)),
+            "cgroup v2 renamed a cgroup: the cache of paths by cgroup id would go stale"
+        );
+        if !has_id {
+            eprintln!(
+                "PIDFD_GET_INFO gives no cgroup id here: /proc/<pid>/cgroup is read each time"
+            );
+        }
+    }
+
+    fn procdir_info(fd: &OwnedFd) -> Option<PidInfo> {
+        pidfd_info(fd).ok()
     }
 }
