@@ -110,6 +110,9 @@ struct HeaderIn {
 /// The host's token signing key.
 pub struct Signer {
     key: SigningKey,
+    /// The signing scalar and nonce prefix, derived from the seed once (a `SigningKey`
+    /// derives them again, a SHA-512 and a scalar reduction, for every signature).
+    expanded: ed25519_dalek::hazmat::ExpandedSecretKey,
     kid: String,
 }
 
@@ -212,7 +215,8 @@ impl Signer {
     fn from_seed(seed: &[u8; 32]) -> Signer {
         let key = SigningKey::from_bytes(seed);
         let kid = kid_of(&key.verifying_key());
-        Signer { key, kid }
+        let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(seed);
+        Signer { key, expanded, kid }
     }
 
     pub fn kid(&self) -> String {
@@ -237,7 +241,6 @@ impl Signer {
 
     /// `issuer` is "enforcer@<host>".
     pub fn sign(&self, grant: &Grant, issuer: &str) -> anyhow::Result<String> {
-        use ed25519_dalek::Signer as _;
         let claims = Claims {
             iss: issuer.to_owned(),
             sub: format!("pid:{}@{}", grant.subject.pid, grant.subject.start_ns),
@@ -253,7 +256,12 @@ impl Signer {
         let mut out = B64.encode(serde_json::to_vec(&header)?);
         out.push('.');
         out.push_str(&B64.encode(serde_json::to_vec(&claims)?));
-        let sig = self.key.sign(out.as_bytes());
+        // What `SigningKey::sign` computes, with the expanded key kept (RFC 8032 5.1.6).
+        let sig = ed25519_dalek::hazmat::raw_sign::<sha2::Sha512>(
+            &self.expanded,
+            out.as_bytes(),
+            &self.key.verifying_key(),
+        );
         out.push('.');
         out.push_str(&B64.encode(sig.to_bytes()));
         if out.len() > MAX_TOKEN_BYTES {
@@ -418,6 +426,21 @@ mod tests {
 
     fn b64json(v: &serde_json::Value) -> String {
         B64.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    /// The kept expanded key signs exactly as `SigningKey::sign` (Ed25519 is deterministic).
+    #[test]
+    fn expanded_key_signs_as_the_signing_key() {
+        use ed25519_dalek::Signer as _;
+        let s = Signer::from_seed(&[7u8; 32]);
+        for msg in [&b""[..], b"a", &[0x5a; 1500]] {
+            let ours = ed25519_dalek::hazmat::raw_sign::<sha2::Sha512>(
+                &s.expanded,
+                msg,
+                &s.key.verifying_key(),
+            );
+            assert_eq!(ours, s.key.sign(msg));
+        }
     }
 
     #[test]
