@@ -211,7 +211,16 @@ mod tests {
         // SAFETY: a fresh fd.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let dir = ProcDir::open(pid).unwrap();
-        let status = dir.read(c"status").unwrap();
+        // The child may still be starting (its counters change between two reads): compare
+        // once two reads in a row agree.
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = dir.read(c"status").unwrap();
+            if status == std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(status.len() > SMALL, "status must exercise the long read");
         assert_eq!(status, std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
         let col = |k: &str| -> u32 {
