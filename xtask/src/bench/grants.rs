@@ -400,6 +400,20 @@ pub fn breakdown(stamped: &[Vec<Stamped>]) -> Option<String> {
         q(&own),
         q(&server)
     );
+    // The slowest request on the daemon's side, stage by stage (a stall shows where it was).
+    if let Some(worst) = rows.iter().max_by_key(|r| r.2) {
+        let stages: Vec<String> = worst
+            .3
+            .iter()
+            .filter(|(_, v)| *v >= 20_000)
+            .map(|(k, v)| format!("{k} {}", fmt_ns(*v)))
+            .collect();
+        out += &format!(
+            "bench: grants: slowest on the daemon's side ({}): intervals >= 20 us: {}\n",
+            fmt_ns(worst.2),
+            stages.join(", ")
+        );
+    }
     // Every stage name, in order of first appearance (a first issue for an executable has
     // extra stages, and `attest` twice).
     let mut names: Vec<String> = Vec::new();
