@@ -81,6 +81,15 @@ fn api_event_interval() -> u32 {
         .unwrap_or(API_EVENT_INTERVAL)
 }
 
+/// The workers' time slice: `mint::sched::API_SLICE_NS`, or ENFORCER_API_SLICE_US
+/// (measurements; 0: the kernel's default).
+fn api_slice_ns() -> u64 {
+    std::env::var("ENFORCER_API_SLICE_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(crate::mint::sched::API_SLICE_NS, |us| us * 1000)
+}
+
 /// The workers' nice value: `mint::sched::API_NICE`, or ENFORCER_API_NICE (measurements).
 fn api_nice() -> i32 {
     std::env::var("ENFORCER_API_NICE")
@@ -107,7 +116,7 @@ pub fn serve_on_own_runtime(
         })
         .on_thread_start(|| {
             if std::thread::current().name() == Some("api") {
-                crate::mint::sched::set_thread_nice(api_nice());
+                crate::mint::sched::set_thread_nice_and_slice(api_nice(), api_slice_ns());
             }
         })
         .event_interval(api_event_interval())
