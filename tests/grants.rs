@@ -280,14 +280,9 @@ fn grant_via_curl_and_token_verifies() {
 }
 
 fn chrono_secs(v: &Value) -> f64 {
-    // RFC 3339 "YYYY-MM-DDTHH:MM:SS.fffffffffZ" -> seconds of the day (same day in tests).
-    let t = v.as_str().unwrap();
-    let hms = &t[11..t.len() - 1];
-    let mut it = hms.split(':');
-    let h: f64 = it.next().unwrap().parse().unwrap();
-    let m: f64 = it.next().unwrap().parse().unwrap();
-    let s: f64 = it.next().unwrap().parse().unwrap();
-    h * 3600.0 + m * 60.0 + s
+    // RFC 3339 -> seconds since the epoch (a grant issued before midnight expires after it).
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9
 }
 
 #[test]
