@@ -65,20 +65,20 @@ impl Server {
 
 /// The number of workers: API_THREADS, or ENFORCER_API_THREADS (1-8; measurements).
 fn api_threads() -> usize {
-    std::env::var("ENFORCER_API_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| (1..=8).contains(n))
-        .unwrap_or(API_THREADS)
+    env_in(std::env::var("ENFORCER_API_THREADS"), 1..=8).unwrap_or(API_THREADS)
 }
 
 /// API_EVENT_INTERVAL, or ENFORCER_API_EVENT_INTERVAL (1-255; measurements).
 fn api_event_interval() -> u32 {
-    std::env::var("ENFORCER_API_EVENT_INTERVAL")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| (1..=255).contains(n))
-        .unwrap_or(API_EVENT_INTERVAL)
+    env_in(std::env::var("ENFORCER_API_EVENT_INTERVAL"), 1..=255).unwrap_or(API_EVENT_INTERVAL)
+}
+
+/// A measurement override read from the environment, if it parses and lies in `range`.
+fn env_in<T: std::str::FromStr + PartialOrd>(
+    var: Result<String, std::env::VarError>,
+    range: std::ops::RangeInclusive<T>,
+) -> Option<T> {
+    var.ok().and_then(|v| v.parse().ok()).filter(|n| range.contains(n))
 }
 
 /// The workers' time slice: `mint::sched::API_SLICE_NS`, or ENFORCER_API_SLICE_US

@@ -401,11 +401,6 @@ impl Bench {
         let (a50, b50) = (median(&p50[0]), median(&p50[1]));
         let (a99, b99) = (median(&p99[0]), median(&p99[1]));
         let added99 = b99 - a99;
-        let (ca, cb) = (median(&conn[0]), median(&conn[1]));
-        let (pa, pb) = (median(&conn_p50[0]), median(&conn_p50[1]));
-        let (qa, qb) = (median(&plain_p50[0]), median(&plain_p50[1]));
-        let rounds =
-            |v: &[f64]| v.iter().map(|x| format!("{:.2}", x / 1e3)).collect::<Vec<_>>().join(", ");
         Ok(vec![
             Row {
                 name: format!(
@@ -425,43 +420,42 @@ impl Bench {
                 target: format!("added p99 <= {} ms", ADDED_P99_MAX.as_millis()),
                 pass: Some(added99 <= ADDED_P99_MAX.as_nanos() as f64),
             },
-            Row {
-                name: format!(
-                    "connect() loopback TCP to an address learned by name by a grant holder, {LEARN} learned addresses loaded, enforce mode (N={CONNECTS} per round, median call; rounds without [{}] us, with [{}] us)",
-                    rounds(&conn_p50[0]),
-                    rounds(&conn_p50[1]),
+            connect_row(
+                format!(
+                    "connect() loopback TCP to an address learned by name by a grant holder, {LEARN} learned addresses loaded, enforce mode (N={CONNECTS} per round, median call"
                 ),
-                without: format!("{:.2} us", pa / 1e3),
-                with: format!("{:.2} us", pb / 1e3),
-                ratio: format!("{:.3}", pb / pa),
-                target: format!("<= {CONNECT_LIMIT:.2}"),
-                pass: Some(pb / pa <= CONNECT_LIMIT),
-            },
-            Row {
-                name: format!(
-                    "the same, loop mean (every call, preemptions and deferred frees included; rounds without [{}] us, with [{}] us)",
-                    rounds(&conn[0]),
-                    rounds(&conn[1]),
+                &conn_p50,
+            ),
+            connect_row(
+                "the same, loop mean (every call, preemptions and deferred frees included".into(),
+                &conn,
+            ),
+            connect_row(
+                format!(
+                    "connect() loopback TCP by a process nobody judges (no grant, not an agent), the {LEARN} learned addresses loaded (N={CONNECTS} per round, median call"
                 ),
-                without: format!("{:.2} us", ca / 1e3),
-                with: format!("{:.2} us", cb / 1e3),
-                ratio: format!("{:.3}", cb / ca),
-                target: format!("<= {CONNECT_LIMIT:.2}"),
-                pass: Some(cb / ca <= CONNECT_LIMIT),
-            },
-            Row {
-                name: format!(
-                    "connect() loopback TCP by a process nobody judges (no grant, not an agent), the {LEARN} learned addresses loaded (N={CONNECTS} per round, median call; rounds without [{}] us, with [{}] us)",
-                    rounds(&plain_p50[0]),
-                    rounds(&plain_p50[1]),
-                ),
-                without: format!("{:.2} us", qa / 1e3),
-                with: format!("{:.2} us", qb / 1e3),
-                ratio: format!("{:.3}", qb / qa),
-                target: format!("<= {CONNECT_LIMIT:.2}"),
-                pass: Some(qb / qa <= CONNECT_LIMIT),
-            },
+                &plain_p50,
+            ),
         ])
+    }
+}
+
+/// A connect row judged against CONNECT_LIMIT: the medians over rounds of `per_round`
+/// ([without, with], ns) and every round's figure; `name` is completed with the rounds.
+fn connect_row(name: String, per_round: &[Vec<f64>; 2]) -> Row {
+    let rounds = |v: &[f64]| v.iter().map(|x| format!("{:.2}", x / 1e3)).collect::<Vec<_>>();
+    let (a, b) = (median(&per_round[0]), median(&per_round[1]));
+    Row {
+        name: format!(
+            "{name}; rounds without [{}] us, with [{}] us)",
+            rounds(&per_round[0]).join(", "),
+            rounds(&per_round[1]).join(", ")
+        ),
+        without: format!("{:.2} us", a / 1e3),
+        with: format!("{:.2} us", b / 1e3),
+        ratio: format!("{:.3}", b / a),
+        target: format!("<= {CONNECT_LIMIT:.2}"),
+        pass: Some(b / a <= CONNECT_LIMIT),
     }
 }
 
