@@ -255,11 +255,13 @@ fn a_process_holding_its_mmap_lock_does_not_stall_the_daemon() {
         return;
     }
     use enforcer_tests::fuse_stall::{KillOnDrop, StallFs, hostage_script};
+    // Declared first, so dropped last: a failed assertion leaves the hostage stuck on the
+    // file system, and the cgroup can only be removed once it is released and killed.
+    let cg = TestCgroup::new("mmap-lock");
     // Dropped last, even on a failure: the file system is released first, then it is killed.
     let mut guard = KillOnDrop::default();
     let Some(fs) = StallFs::mount() else { return };
     let (_sdir, secret) = secret_file("token", "s3cr3t-value\n");
-    let cg = TestCgroup::new("mmap-lock");
     let port = tcp_listener();
     let script = hostage_script(&fs.file(), &secret, port);
     let errors = tempfile::NamedTempFile::new().unwrap();
